@@ -1,0 +1,341 @@
+"""Certificate requests and the inventory: creating rows (validated, de-duplicated), importing
+externally issued certificates, storing issuances with their encrypted keys, and reading them back.
+
+Owns the creation of ``certificates`` rows and ``issuances`` rows. State changes go through
+``certqueue.lifecycle.states``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from certqueue import crypto, validation
+from certqueue.config import Settings, get_settings
+from certqueue.errors import InvalidInput, NotFound
+from certqueue.keystore import KeyStore
+from certqueue.lifecycle import renewal, states
+from certqueue.models import LIVE_STATES, Certificate, Issuance, State, utcnow
+
+CHALLENGE_TYPES = ("http-01", "dns-01")
+
+_ks_lock = threading.Lock()
+_keystores: dict[str, KeyStore] = {}
+
+
+def keystore(settings: Settings | None = None) -> KeyStore:
+    """The process's key store (loaded once per key file path; PBKDF2 is slow on purpose)."""
+    settings = settings or get_settings()
+    path = str(Path(settings.storage.encryption_key_path).resolve())
+    ks = _keystores.get(path)
+    if ks is None:
+        with _ks_lock:
+            ks = _keystores.get(path)
+            if ks is None:
+                ks = KeyStore.from_file(path)
+                _keystores[path] = ks
+    return ks
+
+
+def forget_keystores() -> None:
+    with _ks_lock:
+        _keystores.clear()
+
+
+def issuance_aad(certificate_id: str, fingerprint: str) -> bytes:
+    return f"issuances:{certificate_id}:{fingerprint}:key".encode()
+
+
+@dataclass
+class CertificateRequest:
+    """A validated request for a certificate (from the API, the CLI, a client task, the manager)."""
+
+    domains: list[str]
+    email: str | None = None
+    key_type: str = "ec256"
+    key_size: int | None = None
+    challenge_type: str = "http-01"
+    challenge_map: dict[str, str] = field(default_factory=dict)
+    dns_provider: str | None = None
+    profile: str | None = None
+    preferred_chain: str | None = None
+    directory_url: str | None = None
+    targets: list[str] = field(default_factory=list)
+    auto_renew: bool = True
+    reuse_key: bool = False
+    organization: str | None = None
+    country: str | None = None
+    state: str | None = None
+    locality: str | None = None
+
+    @classmethod
+    def build(cls, settings: Settings | None = None, **kw: Any) -> CertificateRequest:
+        """Validate everything before anything is written; bad input raises InvalidInput."""
+        settings = settings or get_settings()
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(kw) - known - {"force_new_key", "staging"})
+        if unknown:
+            raise InvalidInput(f"unknown parameter(s): {', '.join(unknown)}", field=unknown[0])
+        domains = validation.normalize_domains(kw.get("domains") or [])
+        email = kw.get("email") or settings.acme.email
+        email = validation.validate_email(email) if email else None
+        key_size = kw.get("key_size")
+        if key_size is not None:
+            validation.validate_key_size(int(key_size))
+        try:
+            key_type = crypto.key_type_from(key_size=key_size, key_type=kw.get("key_type")) \
+                if (key_size or kw.get("key_type")) else settings.acme.key_type
+        except (ValueError, InvalidInput) as exc:
+            raise InvalidInput(str(exc), field="key_type") from None
+        challenge_type = kw.get("challenge_type") or settings.challenges.default_type
+        if challenge_type not in CHALLENGE_TYPES:
+            raise InvalidInput(f"challenge_type must be one of {', '.join(CHALLENGE_TYPES)}",
+                               field="challenge_type")
+        cmap_in = kw.get("challenge_map") or {}
+        if not isinstance(cmap_in, dict):
+            raise InvalidInput("challenge_map must map names to challenge types", field="challenge_map")
+        cmap: dict[str, str] = {}
+        for name, typ in cmap_in.items():
+            norm = validation.normalize_domains([name])[0]
+            if norm not in domains:
+                raise InvalidInput(f"challenge_map names {norm}, which is not requested", field="challenge_map")
+            if typ not in CHALLENGE_TYPES:
+                raise InvalidInput(f"unknown challenge type {typ!r}", field="challenge_map")
+            cmap[norm] = typ
+        for d in domains:
+            if d.startswith("*.") and cmap.get(d, challenge_type) != "dns-01":
+                raise InvalidInput(f"{d}: wildcard names can only be validated with dns-01",
+                                   field="challenge_type")
+        dns_provider = kw.get("dns_provider") or settings.challenges.dns_provider
+        needs_dns = challenge_type == "dns-01" or "dns-01" in cmap.values()
+        if needs_dns and not dns_provider:
+            raise InvalidInput("dns-01 needs a dns_provider (argument or challenges.dns_provider)",
+                               field="dns_provider")
+        targets = list(kw.get("targets") or [])
+        known_regions = {r.name for r in settings.multi_region.regions}
+        for t in targets:
+            if t not in known_regions:
+                raise InvalidInput(f"unknown region {t!r}", field="targets")
+        country = kw.get("country")
+        if country:
+            country = validation.validate_country(country)
+        for fname in ("organization", "state", "locality", "profile", "preferred_chain"):
+            v = kw.get(fname)
+            if v is not None and (not isinstance(v, str) or len(v) > 128 or any(ord(c) < 32 for c in v)):
+                raise InvalidInput(f"{fname} must be a short printable string", field=fname)
+        directory_url = kw.get("directory_url") or settings.acme.directory
+        if not str(directory_url).startswith(("https://", "http://")):
+            raise InvalidInput("directory_url must be an http(s) URL", field="directory_url")
+        return cls(domains=domains, email=email, key_type=key_type, key_size=key_size,
+                   challenge_type=challenge_type, challenge_map=cmap, dns_provider=dns_provider,
+                   profile=kw.get("profile") or settings.acme.profile,
+                   preferred_chain=kw.get("preferred_chain") or settings.acme.preferred_chain,
+                   directory_url=directory_url, targets=targets,
+                   auto_renew=bool(kw.get("auto_renew", settings.automation.auto_renew)),
+                   reuse_key=bool(kw.get("reuse_key", False)), organization=kw.get("organization"),
+                   country=country, state=kw.get("state"), locality=kw.get("locality"))
+
+    @property
+    def dedupe_key(self) -> str:
+        material = "\n".join([*sorted(self.domains), self.key_type, self.directory_url or ""])
+        return hashlib.sha256(material.encode()).hexdigest()
+
+
+def create_certificate(session: Session, req: CertificateRequest, *, actor: str = "certqueue",
+                       certificate_id: str | None = None) -> tuple[Certificate, bool]:
+    """Insert a REQUESTED certificate, or return the live one for the same names (created=False).
+
+    Two requests for the same names at once give one row: the partial unique index on
+    ``dedupe_key`` decides, and the loser reads the winner's row.
+    """
+    existing = find_live(session, req.dedupe_key)
+    if existing is not None:
+        return existing, False
+    cert = Certificate(
+        id=certificate_id or validation.new_certificate_id(), domains=req.domains, dedupe_key=req.dedupe_key,
+        state=State.REQUESTED, key_type=req.key_type, key_size=req.key_size,
+        challenge_type=req.challenge_type, challenge_map=req.challenge_map, dns_provider=req.dns_provider,
+        profile=req.profile, preferred_chain=req.preferred_chain, directory_url=req.directory_url or "",
+        email=req.email, targets=req.targets, auto_renew=req.auto_renew, reuse_key=req.reuse_key,
+        organization=req.organization, country=req.country, state_province=req.state,
+        locality=req.locality,
+    )
+    nested = session.begin_nested()
+    try:
+        session.add(cert)
+        session.flush()
+        nested.commit()
+    except IntegrityError:
+        nested.rollback()
+        existing = find_live(session, req.dedupe_key)
+        if existing is None:
+            raise
+        return existing, False
+    states.record(session, cert.id, "requested", actor=actor,
+                  data={"domains": len(req.domains), "challenge_type": req.challenge_type})
+    return cert, True
+
+
+def find_live(session: Session, dedupe_key: str) -> Certificate | None:
+    return session.execute(
+        select(Certificate).where(Certificate.dedupe_key == dedupe_key,
+                                  Certificate.state.in_([s.value for s in LIVE_STATES]))
+    ).scalar_one_or_none()
+
+
+def get(session: Session, certificate_id: str) -> Certificate:
+    validation.validate_certificate_id(certificate_id)
+    cert = session.get(Certificate, certificate_id)
+    if cert is None:
+        raise NotFound(f"no certificate {certificate_id}")
+    return cert
+
+
+def store_issuance(session: Session, cert: Certificate, fullchain_pem: str, key_pem: bytes | None, *,
+                   order_url: str | None = None, settings: Settings | None = None) -> Issuance:
+    """Parse, check and store an issued certificate with its private key encrypted."""
+    pems = crypto.split_pem_chain(fullchain_pem)
+    if not pems:
+        raise InvalidInput("no certificate in the chain", field="certificate_pem")
+    leaf_pem, chain = pems[0], "".join(pems[1:])
+    info = crypto.cert_info(leaf_pem)
+    if key_pem is not None and not crypto.key_matches_certificate(key_pem, leaf_pem):
+        raise InvalidInput("the private key does not match the certificate", field="private_key_pem")
+    key_enc = keystore(settings).encrypt(key_pem, issuance_aad(cert.id, info.fingerprint_sha256)) \
+        if key_pem is not None else None
+    iss = Issuance(
+        certificate_id=cert.id, serial=info.serial, not_before=info.not_before, not_after=info.not_after,
+        cert_pem=leaf_pem, chain_pem=chain, key_enc=key_enc, key_type=info.key_type,
+        fingerprint=info.fingerprint_sha256, issuer=info.issuer, order_url=order_url,
+        ari_cert_id=_ari_cert_id(info),
+    )
+    session.add(iss)
+    session.flush()
+    return iss
+
+
+def _ari_cert_id(info: crypto.CertInfo) -> str | None:
+    """RFC 9773 certificate identifier: base64url(AKI keyIdentifier) "." base64url(serial DER)."""
+    import base64
+
+    if not info.authority_key_id:
+        return None
+    aki = bytes.fromhex(info.authority_key_id)
+    serial = int(info.serial, 16)
+    sbytes = serial.to_bytes((serial.bit_length() + 8) // 8 or 1, "big")
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    return f"{b64(aki)}.{b64(sbytes)}"
+
+
+def decrypt_key(iss: Issuance, settings: Settings | None = None) -> bytes:
+    if iss.key_enc is None:
+        raise NotFound(f"no private key stored for issuance {iss.id}")
+    return keystore(settings).decrypt(iss.key_enc, issuance_aad(iss.certificate_id, iss.fingerprint))
+
+
+def activate(session: Session, cert: Certificate, iss: Issuance, *, reason: str,
+             settings: Settings | None = None, now: dt.datetime | None = None) -> None:
+    """Make ``iss`` the served issuance and move the certificate to ACTIVE, scheduling renewal."""
+    settings = settings or get_settings()
+    cert.current_issuance_id = iss.id
+    cert.pending_issuance_id = None
+    cert.attempts = 0
+    cert.last_error = None
+    cert.next_attempt_at = None
+    cert.work_deadline = None
+    cert.force_new_key = False
+    if cert.auto_renew and not cert.external:
+        cert.renew_at = renewal.renew_at(iss.not_before, iss.not_after,
+                                         settings.automation.renewal_threshold_days,
+                                         jitter=settings.automation.renewal_jitter)
+    else:
+        cert.renew_at = None
+    states.transition(session, cert, State.ACTIVE, reason=reason, data={"serial": iss.serial})
+
+
+def import_certificate(session: Session, *, certificate_pem: str, private_key_pem: str | None,
+                       chain_pem: str | None = None, targets: Sequence[str] = (),
+                       actor: str = "certqueue", settings: Settings | None = None) -> Certificate:
+    """Import an externally issued certificate (the guide's manual EV case).
+
+    It is monitored and propagated like any other, never renewed (there is no order to repeat); the
+    expiry alerts cover it. State goes REQUESTED -> ISSUING -> ISSUED at once, then ACTIVE after
+    propagation (or at once with no regions).
+    """
+    settings = settings or get_settings()
+    leaf = validation.validate_pem(certificate_pem, "certificate")
+    key = validation.validate_pem(private_key_pem, "private_key") if private_key_pem else None
+    chain = validation.validate_pem(chain_pem, "chain") if chain_pem else ""
+    info = crypto.cert_info(leaf)
+    if key and not crypto.key_matches_certificate(key, leaf):
+        raise InvalidInput("the private key does not match the certificate", field="private_key_pem")
+    if info.not_after <= utcnow():
+        raise InvalidInput("the certificate has already expired", field="certificate_pem")
+    names = [n for n in info.names if not _is_ip(n)] or ([info.common_name] if info.common_name else [])
+    domains = validation.normalize_domains(names) if names else []
+    if not domains:
+        raise InvalidInput("the certificate names no DNS names", field="certificate_pem")
+    known_regions = {r.name for r in settings.multi_region.regions}
+    for t in targets:
+        if t not in known_regions:
+            raise InvalidInput(f"unknown region {t!r}", field="targets")
+    cert = Certificate(
+        id=validation.new_certificate_id(), domains=domains,
+        dedupe_key=hashlib.sha256(f"import:{info.fingerprint_sha256}".encode()).hexdigest(),
+        state=State.REQUESTED, key_type=info.key_type, challenge_type="none", directory_url="",
+        targets=list(targets), auto_renew=False, external=True,
+    )
+    session.add(cert)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise InvalidInput("this certificate is already imported", field="certificate_pem") from None
+    states.record(session, cert.id, "imported", actor=actor, data={"serial": info.serial})
+    states.transition(session, cert, State.ISSUING, reason="imported", actor=actor)
+    iss = store_issuance(session, cert, leaf + chain, key.encode() if key else None, settings=settings)
+    states.transition(session, cert, State.ISSUED, reason="imported", actor=actor)
+    cert.pending_issuance_id = iss.id
+    return cert
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def regions_for(cert: Certificate, settings: Settings | None = None) -> list[str]:
+    """The regions this certificate deploys to: its own list, else every configured region when
+    multi-region is enabled, else none."""
+    settings = settings or get_settings()
+    if cert.targets:
+        return list(cert.targets)
+    if settings.multi_region.enabled:
+        return [r.name for r in settings.multi_region.regions]
+    return []
+
+
+def list_certificates(session: Session, *, states_in: Iterable[str] | None = None,
+                      domain: str | None = None, limit: int = 100, offset: int = 0) -> list[Certificate]:
+    stmt = select(Certificate).order_by(Certificate.created_at, Certificate.id)
+    if states_in:
+        stmt = stmt.where(Certificate.state.in_(list(states_in)))
+    rows = list(session.execute(stmt.offset(offset).limit(limit if not domain else None)).scalars())
+    if domain:
+        d = domain.lower().rstrip(".")
+        rows = [c for c in rows if d in c.domains][:limit]
+    return rows

@@ -1,0 +1,522 @@
+"""The ``certqueue`` command line.
+
+Exit codes scripts can rely on: 0 success, 1 operation failed (a certificate ended FAILED, a server
+is unreachable), 2 bad input or configuration (nothing was written), 3 not found, 4 timed out while
+waiting. Errors print one line on stderr, never a traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from certqueue import __version__
+from certqueue.config import load_settings, masked_dump, set_settings
+from certqueue.errors import CertqueueError, ConfigError, InvalidInput, KeyStoreError, NotFound
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_FAILED, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TIMEOUT = 1, 2, 3, 4
+
+
+def _fail(msg: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, InvalidInput | ConfigError | KeyStoreError):
+        return EXIT_INPUT
+    if isinstance(exc, NotFound):
+        return EXIT_NOT_FOUND
+    return EXIT_FAILED
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except CertqueueError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            _fail(exc.message, _exit_code(exc))
+        except Exception as exc:  # noqa: BLE001
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+
+
+def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
+    loaded = load_settings(overrides=overrides or None)
+    set_settings(loaded.settings)
+    ctx.obj["loaded"] = loaded
+    level = loaded.settings.logging.level
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from certqueue.logsafe import install
+
+    install()
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--database", "database_url", help="Database URL (overrides database.url).")
+@click.option("--broker", "broker_url", help="Broker URL (overrides broker.url).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a setting, e.g. acme.staging=true.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(__version__, prog_name="certqueue")
+@click.pass_context
+def main(ctx: click.Context, database_url: str | None, broker_url: str | None, sets: Sequence[str],
+         debug: bool) -> None:
+    """certqueue: keep a fleet of TLS certificates issued, renewed and deployed."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    overrides: dict[str, Any] = {}
+    if database_url:
+        overrides["database.url"] = database_url
+    if broker_url:
+        overrides["broker.url"] = broker_url
+    for s in sets:
+        if "=" not in s:
+            raise click.BadParameter(f"{s!r} is not KEY=VALUE", param_hint="--set")
+        k, v = s.split("=", 1)
+        overrides[k.strip()] = _parse_value(v)
+    try:
+        _setup(ctx, overrides)
+    except CertqueueError as exc:
+        if debug:
+            raise
+        _fail(exc.message, _exit_code(exc))
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str, sort_keys=True))
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+@main.group()
+def config() -> None:
+    """Settings."""
+
+
+@config.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def config_show(ctx: click.Context, as_json: bool) -> None:
+    """The merged settings, secrets masked, with the layer each value came from."""
+    dump = masked_dump(ctx.obj["loaded"])
+    if as_json:
+        _print_json(dump)
+        return
+    table = Table(title="certqueue settings", show_lines=False)
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    table.add_column("source", style="dim")
+    for key, item in dump.items():
+        table.add_row(key, json.dumps(item["value"], default=str), item["source"])
+    console.print(table)
+
+
+# --- database and keys ------------------------------------------------------------------------------
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the schema (a no-op when current)."""
+    from certqueue.migrate import upgrade
+
+    rev = upgrade()
+    console.print(f"database at revision [bold]{rev}[/]")
+
+
+@main.group()
+def keys() -> None:
+    """The master key that encrypts private keys at rest."""
+
+
+@keys.command("generate")
+@click.option("--path", type=click.Path(path_type=Path), help="Key file (default storage.encryption_key_path).")
+@click.option("--passphrase-env", metavar="VAR", help="Derive the key from the passphrase in this variable.")
+@click.option("--force", is_flag=True, help="Overwrite an existing key file (old ciphertexts become unreadable).")
+@click.option("--if-missing", is_flag=True, help="Do nothing when the file exists.")
+@click.pass_context
+def keys_generate(ctx: click.Context, path: Path | None, passphrase_env: str | None, force: bool,
+                  if_missing: bool) -> None:
+    """Write a new key file, mode 0600."""
+    from certqueue.keystore import generate_key_file
+
+    path = path or ctx.obj["loaded"].settings.storage.encryption_key_path
+    assert path is not None
+    if if_missing and path.exists():
+        console.print(f"key file {path} exists")
+        return
+    passphrase = os.environ.get(passphrase_env) if passphrase_env else None
+    if passphrase_env and not passphrase:
+        raise InvalidInput(f"environment variable {passphrase_env} is empty", field="passphrase")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kid = generate_key_file(path, passphrase=passphrase, overwrite=force)
+    console.print(f"wrote key file {path} (key id {kid}, mode 0600)")
+
+
+@keys.command("rotate")
+@click.option("--resume", is_flag=True, help="Finish an interrupted rotation without adding a key.")
+def keys_rotate(resume: bool) -> None:
+    """Add a new key, re-encrypt every stored key under it, retire unused keys."""
+    from certqueue.keyrotation import rotate
+
+    rep = rotate(resume_only=resume)
+    console.print(f"active key {rep.new_kid or '(unchanged)'}; re-encrypted {rep.reencrypted} records; "
+                  f"retired {', '.join(rep.retired) or 'none'}")
+
+
+# --- certificates -----------------------------------------------------------------------------------
+
+def _cert_row(c: Any) -> dict[str, Any]:
+    iss = c.current_issuance
+    return {
+        "id": c.id, "domains": c.domains, "state": c.state,
+        "not_after": iss.not_after.isoformat() if iss else None,
+        "issuer": iss.issuer if iss else None, "serial": iss.serial if iss else None,
+        "renew_at": c.renew_at.isoformat() if c.renew_at else None,
+        "challenge_type": c.challenge_type, "last_error": c.last_error, "external": c.external,
+    }
+
+
+def _short_issuer(issuer: str | None) -> str:
+    if not issuer:
+        return ""
+    for part in issuer.split(","):
+        if part.strip().startswith("CN="):
+            return part.strip()[3:]
+    return issuer
+
+
+def print_inventory(rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"certificates ({len(rows)})")
+    for col in ("id", "names", "state", "expires", "issuer"):
+        table.add_column(col, overflow="fold")
+    styles = {"ACTIVE": "green", "FAILED": "red", "REVOKED": "magenta", "EXPIRED": "red"}
+    for r in rows:
+        names = ", ".join(r["domains"][:3]) + (f" (+{len(r['domains']) - 3})" if len(r["domains"]) > 3 else "")
+        st = r["state"]
+        table.add_row(r["id"], names, f"[{styles.get(st, 'yellow')}]{st}[/]",
+                      (r["not_after"] or "")[:19].replace("T", " "), _short_issuer(r["issuer"]))
+    console.print(table)
+
+
+@main.command("list")
+@click.option("--state", "states_in", multiple=True, help="Only these states.")
+@click.option("--domain", help="Only certificates naming this domain.")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--offset", default=0)
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(states_in: Sequence[str], domain: str | None, limit: int, offset: int, as_json: bool) -> None:
+    """The inventory."""
+    from certqueue import certificates
+    from certqueue.db import session_scope
+
+    with session_scope(write=False) as s:
+        rows = [_cert_row(c) for c in certificates.list_certificates(
+            s, states_in=[x.upper() for x in states_in] or None, domain=domain, limit=limit, offset=offset)]
+    if as_json:
+        _print_json(rows)
+    else:
+        print_inventory(rows)
+
+
+@main.command("show")
+@click.argument("certificate_id")
+@click.option("--json", "as_json", is_flag=True)
+def show_cmd(certificate_id: str, as_json: bool) -> None:
+    """One certificate with its issuances, deployments and recent events."""
+    from sqlalchemy import select
+
+    from certqueue import certificates
+    from certqueue.db import session_scope
+    from certqueue.models import Deployment, Event, Issuance
+
+    with session_scope(write=False) as s:
+        c = certificates.get(s, certificate_id)
+        data = _cert_row(c)
+        data["issuances"] = [
+            {"id": i.id, "serial": i.serial, "not_before": i.not_before.isoformat(),
+             "not_after": i.not_after.isoformat(), "fingerprint": i.fingerprint,
+             "revoked": i.revocation_reason}
+            for i in s.execute(select(Issuance).where(Issuance.certificate_id == c.id).order_by(Issuance.id)).scalars()]
+        data["deployments"] = [
+            {"region": d.region, "status": d.status, "ref": d.remote_ref, "attempts": d.attempts,
+             "error": d.last_error}
+            for d in s.execute(select(Deployment).where(Deployment.certificate_id == c.id)).scalars()]
+        data["events"] = [
+            {"at": e.at.isoformat(), "kind": e.kind, "from": e.from_state, "to": e.to_state, "reason": e.reason}
+            for e in s.execute(select(Event).where(Event.certificate_id == c.id).order_by(Event.id.desc())
+                               .limit(20)).scalars()]
+    if as_json:
+        _print_json(data)
+        return
+    console.print_json(json.dumps(data, default=str))
+
+
+def _wait_states(ids: list[str], done: Callable[[str], bool], timeout: float, label: str) -> dict[str, str]:
+    from rich.progress import Progress
+
+    from certqueue.db import session_scope
+    from certqueue.models import Certificate
+
+    deadline = time.monotonic() + timeout
+    result: dict[str, str] = {}
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task(label, total=len(ids))
+        while True:
+            with session_scope(write=False) as s:
+                for cid in ids:
+                    c = s.get(Certificate, cid)
+                    result[cid] = c.state if c else "MISSING"
+            finished = sum(1 for v in result.values() if done(v))
+            progress.update(task, completed=finished)
+            if finished == len(ids) or time.monotonic() > deadline:
+                return result
+            time.sleep(0.2)
+
+
+def _send(task: str, payload: dict[str, Any], queue: str = "acme") -> str:
+    from certqueue.client import send
+
+    return send(task, payload, queue=queue)
+
+
+@main.command("issue")
+@click.argument("domains", nargs=-1, required=True)
+@click.option("--email")
+@click.option("--challenge", "challenge_type", type=click.Choice(["http-01", "dns-01"]))
+@click.option("--dns-provider")
+@click.option("--key-type", type=click.Choice(["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]))
+@click.option("--profile")
+@click.option("--region", "targets", multiple=True, help="Deploy to this region (repeatable).")
+@click.option("--no-auto-renew", is_flag=True)
+@click.option("--wait/--no-wait", default=False, help="Wait until ACTIVE or FAILED.")
+@click.option("--timeout", default=300.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def issue_cmd(domains: Sequence[str], email: str | None, challenge_type: str | None, dns_provider: str | None,
+              key_type: str | None, profile: str | None, targets: Sequence[str], no_auto_renew: bool,
+              wait: bool, timeout: float, as_json: bool) -> None:
+    """Request a certificate for DOMAINS (one certificate, all names)."""
+    from certqueue import certificates
+    from certqueue.db import session_scope
+
+    req = certificates.CertificateRequest.build(
+        domains=list(domains), email=email, challenge_type=challenge_type, dns_provider=dns_provider,
+        key_type=key_type, profile=profile, targets=list(targets), auto_renew=not no_auto_renew)
+    with session_scope() as s:
+        cert, created = certificates.create_certificate(s, req, actor="cli")
+        cid = cert.id
+    _send("certqueue.issue", {"v": 1, "certificate_id": cid})
+    out: dict[str, Any] = {"certificate_id": cid, "created": created}
+    if wait:
+        res = _wait_states([cid], lambda st: st in ("ACTIVE", "FAILED", "REVOKED"), timeout, "issuing")
+        out["state"] = res[cid]
+    if as_json:
+        _print_json(out)
+    else:
+        console.print(f"{cid} {'requested' if created else 'already requested'}"
+                      + (f": {out['state']}" if "state" in out else ""))
+    if wait and out.get("state") == "FAILED":
+        sys.exit(EXIT_FAILED)
+    if wait and out.get("state") not in ("ACTIVE", "FAILED", "REVOKED"):
+        sys.exit(EXIT_TIMEOUT)
+
+
+@main.command("renew")
+@click.argument("certificate_ids", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Renew even if not due.")
+@click.option("--wait/--no-wait", default=False)
+@click.option("--timeout", default=300.0)
+def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: float) -> None:
+    """Renew certificates (due ones only unless --force)."""
+    from sqlalchemy import func, select
+
+    from certqueue import certificates, validation
+    from certqueue.db import session_scope
+    from certqueue.models import Issuance
+
+    before: dict[str, int] = {}
+    with session_scope(write=False) as s:
+        for cid in certificate_ids:
+            validation.validate_certificate_id(cid)
+            certificates.get(s, cid)
+            before[cid] = s.execute(select(func.count()).where(Issuance.certificate_id == cid)).scalar_one()
+    for cid in certificate_ids:
+        _send("certqueue.renew", {"v": 1, "certificate_id": cid, "force": force})
+    if not wait:
+        console.print(f"renewal requested for {len(certificate_ids)} certificate(s)")
+        return
+
+    def renewed(cid: str) -> bool:
+        with session_scope(write=False) as s:
+            c = certificates.get(s, cid)
+            n = s.execute(select(func.count()).where(Issuance.certificate_id == cid)).scalar_one()
+            return bool(c.state == "ACTIVE" and n > before[cid]) or c.state in ("FAILED", "REVOKED")
+
+    deadline = time.monotonic() + timeout
+    pending = set(certificate_ids)
+    while pending and time.monotonic() < deadline:
+        pending = {c for c in pending if not renewed(c)}
+        time.sleep(0.3)
+    if pending:
+        _fail(f"timed out waiting for {', '.join(sorted(pending))}", EXIT_TIMEOUT)
+    console.print(f"renewed {len(certificate_ids)} certificate(s)")
+
+
+@main.command("revoke")
+@click.argument("certificate_id")
+@click.option("--reason", default="unspecified", show_default=True)
+@click.option("--wait/--no-wait", default=False)
+@click.option("--timeout", default=120.0)
+def revoke_cmd(certificate_id: str, reason: str, wait: bool, timeout: float) -> None:
+    """Revoke a certificate at its CA (RFC 5280 reason name)."""
+    from certqueue import certificates
+    from certqueue.db import session_scope
+    from certqueue.tasks.acme import check_revocation_reason
+
+    check_revocation_reason(reason)
+    with session_scope(write=False) as s:
+        certificates.get(s, certificate_id)
+    _send("certqueue.revoke", {"v": 1, "certificate_id": certificate_id, "reason": reason})
+    if wait:
+        res = _wait_states([certificate_id], lambda st: st == "REVOKED", timeout, "revoking")
+        if res[certificate_id] != "REVOKED":
+            _fail(f"{certificate_id} is {res[certificate_id]}", EXIT_TIMEOUT)
+    console.print(f"revocation of {certificate_id} requested ({reason})")
+
+
+@main.command("propagate")
+@click.argument("certificate_id")
+@click.option("--region", "regions", multiple=True)
+def propagate_cmd(certificate_id: str, regions: Sequence[str]) -> None:
+    """Deploy a certificate's current issuance to its regions."""
+    payload: dict[str, Any] = {"v": 1, "certificate_id": certificate_id}
+    if regions:
+        payload["regions"] = list(regions)
+    task_id = _send("certqueue.propagate", payload)
+    console.print(f"propagation queued (task {task_id})")
+
+
+@main.command("import")
+@click.option("--cert", "cert_file", type=click.File("r"), required=True)
+@click.option("--key", "key_file", type=click.File("r"), required=True)
+@click.option("--chain", "chain_file", type=click.File("r"))
+@click.option("--region", "targets", multiple=True)
+def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence[str]) -> None:
+    """Import an externally issued certificate: monitored and propagated, never renewed."""
+    from certqueue import certificates
+    from certqueue.db import session_scope
+
+    with session_scope() as s:
+        cert = certificates.import_certificate(
+            s, certificate_pem=cert_file.read(), private_key_pem=key_file.read(),
+            chain_pem=chain_file.read() if chain_file else None, targets=list(targets), actor="cli")
+        cid = cert.id
+        regions = certificates.regions_for(cert)
+        if not regions:
+            iss = s.get(certificates.Issuance, cert.pending_issuance_id)
+            assert iss is not None
+            certificates.activate(s, cert, iss, reason="imported")
+    if regions:
+        _send("certqueue.propagate", {"v": 1, "certificate_id": cid})
+    console.print(f"imported {cid}")
+
+
+@main.command("scan")
+@click.option("--limit", type=int)
+def scan_cmd(limit: int | None) -> None:
+    """Claim due renewals now and enqueue them (what beat does periodically)."""
+    payload = [limit] if limit else []
+    from certqueue.client import app_for_sending
+
+    app_for_sending().send_task("certqueue.scan.due", args=payload, queue="scan")
+    app_for_sending().send_task("certqueue.scan.expire", queue="scan")
+    console.print("scan queued")
+
+
+# --- processes --------------------------------------------------------------------------------------
+
+@main.command("worker")
+@click.option("--pool", type=click.Choice(["acme", "dns", "propagate", "all"]), required=True)
+@click.option("--region", "regions", multiple=True, help="propagate pool: the region(s) served.")
+@click.option("--concurrency", "-c", type=int)
+@click.option("--loglevel", default=None)
+@click.option("--hostname", "-n", default=None)
+def worker_cmd(pool: str, regions: Sequence[str], concurrency: int | None, loglevel: str | None,
+               hostname: str | None) -> None:
+    """Run a worker pool."""
+    from certqueue.workers import run_worker
+
+    run_worker(pool, list(regions), concurrency=concurrency, loglevel=loglevel, hostname=hostname)
+
+
+@main.command("beat")
+@click.option("--loglevel", default=None)
+def beat_cmd(loglevel: str | None) -> None:
+    """Run the periodic scheduler (one active beat; a Redis lock with RedBeat)."""
+    from certqueue.workers import run_beat
+
+    run_beat(loglevel=loglevel)
+
+
+@main.command("http01")
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+@click.pass_context
+def http01_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve HTTP-01 challenge tokens from the database."""
+    from certqueue.http01 import serve
+
+    c = ctx.obj["loaded"].settings.challenges
+    srv = serve(host or c.http_host, port or c.http_port)
+    err_console.print(f"http01 responder on {srv.server_address[0]}:{srv.server_address[1]}")
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command("demo")
+@click.option("--keep", is_flag=True, help="Leave the stack running (Ctrl-C to stop).")
+def demo_cmd(keep: bool) -> None:
+    """Start a local stack (Pebble, responder, workers, beat), issue, renew and revoke real certificates."""
+    from certqueue.demo import run_demo
+
+    code = run_demo(keep=keep)
+    sys.exit(code)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+if __name__ == "__main__":
+    main()

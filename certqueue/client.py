@@ -1,0 +1,91 @@
+"""Enqueue certqueue jobs from another service. Needs only celery and the broker URL.
+
+    from certqueue.client import CertqueueClient
+    cq = CertqueueClient("redis://broker:6379/0")
+    job = cq.issue(["example.com", "www.example.com"], email="admin@example.com")
+    cq.wait(job.certificate_id or job.task_id)
+
+Payloads are versioned JSON (``{"v": 1, ...}``), validated here and again by the workers: a bad
+payload is a clear failed job, never a half-created certificate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+PAYLOAD_VERSION = 1
+TERMINAL = {"ACTIVE", "FAILED", "REVOKED", "EXPIRED"}
+
+
+@dataclass
+class Job:
+    task_id: str
+    task: str
+    certificate_id: str | None = None
+
+
+class CertqueueClient:
+    def __init__(self, broker_url: str, result_backend: str | None = None) -> None:
+        self.app = Celery("certqueue-client", broker=broker_url,
+                          backend=result_backend or (broker_url if broker_url.startswith("redis") else None),
+                          set_as_current=False)
+        self.app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
+                             broker_connection_retry_on_startup=True)
+
+    def _send(self, task: str, payload: dict[str, Any], queue: str = "acme") -> Job:
+        res = self.app.send_task(task, args=[{"v": PAYLOAD_VERSION, **payload}], queue=queue)
+        return Job(task_id=res.id, task=task, certificate_id=payload.get("certificate_id"))
+
+    def issue(self, domains: list[str], **params: Any) -> Job:
+        from certqueue.validation import new_certificate_id, normalize_domains
+
+        cid = params.pop("certificate_id", None) or new_certificate_id()
+        request = {"domains": normalize_domains(domains), **params}
+        return self._send("certqueue.issue", {"certificate_id": cid, "request": request})
+
+    def renew(self, certificate_id: str, force: bool = False) -> Job:
+        return self._send("certqueue.renew", {"certificate_id": certificate_id, "force": force})
+
+    def revoke(self, certificate_id: str, reason: str = "unspecified") -> Job:
+        return self._send("certqueue.revoke", {"certificate_id": certificate_id, "reason": reason})
+
+    def propagate(self, certificate_id: str, regions: list[str] | None = None) -> Job:
+        payload: dict[str, Any] = {"certificate_id": certificate_id}
+        if regions:
+            payload["regions"] = regions
+        return self._send("certqueue.propagate", payload)
+
+    def status(self, certificate_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The certificate's state, answered by a worker (``certqueue.status``)."""
+        res = self.app.send_task("certqueue.status", args=[{"v": PAYLOAD_VERSION, "certificate_id": certificate_id}],
+                                 queue="acme")
+        return dict(res.get(timeout=timeout))
+
+    def job(self, task_id: str, timeout: float | None = None) -> Any:
+        """The result of one task (its first step); raises the job's error if it failed."""
+        return self.app.AsyncResult(task_id).get(timeout=timeout, propagate=True)
+
+    def wait(self, certificate_id: str, timeout: float = 300.0, interval: float = 0.5) -> dict[str, Any]:
+        """Poll until the certificate reaches a terminal state (ACTIVE, FAILED, REVOKED, EXPIRED)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(certificate_id)
+            if st.get("state") in TERMINAL or time.monotonic() > deadline:
+                return st
+            time.sleep(interval)
+
+
+def app_for_sending() -> Celery:
+    """Inside certqueue (CLI, API, manager): the fully configured app."""
+    from certqueue.celery_app import lazy_app
+
+    return lazy_app.get()
+
+
+def send(task: str, payload: dict[str, Any], *, queue: str = "acme", countdown: float | None = None) -> str:
+    res = app_for_sending().send_task(task, args=[payload], queue=queue, countdown=countdown)
+    return str(res.id)

@@ -1,0 +1,138 @@
+"""Engines and sessions, for PostgreSQL (psycopg 3) and the embedded SQLite default.
+
+* One engine per process and URL, re-created after ``fork`` (Celery prefork children must not share
+  the parent's connections): ``os.register_at_fork`` drops the cached engines in the child.
+* SQLite runs in WAL mode with a busy timeout, and write transactions start with ``BEGIN IMMEDIATE``
+  so two workers never deadlock upgrading a read lock; reads are never blocked by a writer.
+* ``session_scope()`` commits once at the end or rolls back on error (warehouse's pattern).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from certqueue.config import get_settings
+from certqueue.models import Certificate
+
+_lock = threading.Lock()
+_engines: dict[tuple[str, bool], Engine] = {}
+_makers: dict[tuple[str, bool], sessionmaker[Session]] = {}
+
+
+def _reset_after_fork() -> None:
+    global _engines, _makers
+    # never close the parent's connections from the child: just forget them
+    for eng in _engines.values():
+        eng.dispose(close=False)
+    _engines = {}
+    _makers = {}
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def database_url() -> str:
+    return get_settings().database.url
+
+
+def _ensure_sqlite_dir(url: str) -> None:
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def get_engine(url: str | None = None, *, write: bool = True) -> Engine:
+    url = url or database_url()
+    if not url.startswith("sqlite"):
+        write = True  # one engine serves both on PostgreSQL
+    key = (url, write)
+    eng = _engines.get(key)
+    if eng is not None:
+        return eng
+    with _lock:
+        eng = _engines.get(key)
+        if eng is None:
+            eng = _make_engine(url, write)
+            _engines[key] = eng
+        return eng
+
+
+def _make_engine(url: str, write: bool) -> Engine:
+    settings = get_settings()
+    kwargs: dict[str, Any] = {"echo": settings.database.echo}
+    if url.startswith("sqlite"):
+        _ensure_sqlite_dir(url)
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        eng = create_engine(url, **kwargs)
+
+        @event.listens_for(eng, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _rec: Any) -> None:
+            # let SQLAlchemy, not pysqlite, decide when transactions begin
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        @event.listens_for(eng, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return eng
+    kwargs.update(pool_size=settings.database.pool_size, pool_pre_ping=True, max_overflow=10)
+    return create_engine(url, **kwargs)
+
+
+def sessionmaker_for(url: str | None = None, *, write: bool = True) -> sessionmaker[Session]:
+    url = url or database_url()
+    maker = _makers.get((url, write))
+    if maker is None:
+        maker = sessionmaker(bind=get_engine(url, write=write), expire_on_commit=False)
+        _makers[(url, write)] = maker
+    return maker
+
+
+@contextmanager
+def session_scope(url: str | None = None, *, write: bool = True) -> Iterator[Session]:
+    """A session that commits once at the end, or rolls back. ``write=False`` for read-only work
+    (on SQLite it does not take the write lock)."""
+    session = sessionmaker_for(url, write=write)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def lock_certificate(session: Session, certificate_id: str) -> Certificate | None:
+    """Load and lock one certificate row for this transaction (SELECT ... FOR UPDATE on PostgreSQL;
+    on SQLite the transaction already holds the database's write lock)."""
+    stmt = select(Certificate).where(Certificate.id == certificate_id)
+    if is_postgres(session):
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def dispose_all() -> None:
+    with _lock:
+        for eng in _engines.values():
+            eng.dispose()
+        _engines.clear()
+        _makers.clear()

@@ -1,0 +1,260 @@
+"""DNS-01 through RFC 2136 dynamic updates signed with TSIG (BIND, Knot, PowerDNS, Windows DNS...).
+
+Owns the TXT values it adds at ``_acme-challenge`` names on one primary nameserver. ``present`` adds
+one value to the TXT rrset (the other values stay: a wildcard and its base name share one name);
+``cleanup`` deletes that one value, and nothing else. Both are idempotent at the protocol level.
+
+Credentials: a TSIG key (name, base64 secret, algorithm ``hmac-sha256`` or ``hmac-sha512``; also
+``hmac-sha384`` and ``hmac-sha224``). Generate one with ``tsig-keygen -a hmac-sha256 certqueue``.
+
+Permissions on the server: the key may update TXT records under the zone, nothing more. BIND::
+
+    zone "example.com" { type primary; file "..."; update-policy { grant certqueue zonesub TXT; }; };
+
+Settings (``nameserver`` is the primary's address, ``ip[:port]`` or ``host[:port]``; ``zone`` is
+optional, found by an SOA query to that server when absent)::
+
+    rfc2136:
+      nameserver: "192.0.2.53:53"
+      tsig_key_name: certqueue
+      tsig_secret: "<base64>"          # SecretStr or str; env CERTQUEUE_..._TSIG_SECRET
+      tsig_algorithm: hmac-sha256
+      zone: example.com                # optional
+      ttl: 60
+      timeout: 10                      # seconds per DNS exchange
+      propagation_timeout: 120
+      polling_interval: 2
+
+Errors: bad key or signature -> ``rfc2136:auth``; REFUSED / NOTAUTH / NOTZONE -> ``rfc2136:refused``
+(permanent: the key may not change that name); timeouts and SERVFAIL -> ``rfc2136:network`` /
+``rfc2136:servfail`` (retryable).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import socket
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.TXT
+import dns.tsig
+import dns.tsigkeyring
+import dns.update
+
+from certqueue.dns.base import DNSProvider, Handle
+from certqueue.dns.zones import parse_hostport
+from certqueue.errors import ConfigError, ProviderError
+
+NAME = "rfc2136"
+
+_ALGORITHMS = {
+    "hmac-sha224": dns.tsig.HMAC_SHA224,
+    "hmac-sha256": dns.tsig.HMAC_SHA256,
+    "hmac-sha384": dns.tsig.HMAC_SHA384,
+    "hmac-sha512": dns.tsig.HMAC_SHA512,
+}
+_COMMON_KEYS = {"propagation_timeout", "polling_interval", "ttl"}
+_KEYS = _COMMON_KEYS | {"nameserver", "tsig_key_name", "tsig_secret", "tsig_algorithm", "zone", "timeout"}
+_REQUIRED = ("nameserver", "tsig_key_name", "tsig_secret")
+
+
+def _secret(value: Any) -> str:
+    return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
+
+
+def _check_settings(config: Mapping[str, Any]) -> None:
+    for key in sorted(config):
+        if key not in _KEYS:
+            raise ConfigError(f"dns provider {NAME}: unknown setting {key!r}", key=f"{NAME}.{key}")
+    for key in _REQUIRED:
+        if config.get(key) in (None, "") or not _secret(config[key]):
+            raise ConfigError(f"dns provider {NAME}: missing {key}", key=f"{NAME}.{key}")
+
+
+class RFC2136Provider(DNSProvider):
+    name: ClassVar[str] = NAME
+    default_timeout: ClassVar[tuple[float, float]] = (120.0, 2.0)
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        _check_settings(config)
+        try:
+            host, self._port = _split_nameserver(str(config["nameserver"]))
+        except ValueError as exc:
+            raise ConfigError(
+                f"dns provider {NAME}: nameserver must be host[:port]", key=f"{NAME}.nameserver"
+            ) from exc
+        self._host = host
+        algorithm = str(config.get("tsig_algorithm") or "hmac-sha256").lower()
+        if algorithm not in _ALGORITHMS:
+            raise ConfigError(
+                f"dns provider {NAME}: tsig_algorithm must be one of {', '.join(_ALGORITHMS)}",
+                key=f"{NAME}.tsig_algorithm",
+            )
+        secret = _secret(config["tsig_secret"])
+        try:
+            raw = base64.b64decode(secret, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigError(
+                f"dns provider {NAME}: tsig_secret is not base64", key=f"{NAME}.tsig_secret"
+            ) from exc
+        if not raw:
+            raise ConfigError(f"dns provider {NAME}: tsig_secret is empty", key=f"{NAME}.tsig_secret")
+        self._key = dns.tsig.Key(str(config["tsig_key_name"]), raw, _ALGORITHMS[algorithm])
+        self._zone = str(config["zone"]).rstrip(".").lower() if config.get("zone") else None
+        self._ttl = int(config.get("ttl") or 60)
+        self._timeout = float(config.get("timeout") or 10.0)
+        # the secret now lives only in the key object: drop it from the generic settings copy
+        self.config.pop("tsig_secret", None)
+
+    def __repr__(self) -> str:
+        return f"RFC2136Provider(nameserver={self._host}:{self._port}, key={self._key.name})"
+
+    # -- interface ---------------------------------------------------------------------------
+
+    def present(self, fqdn: str, value: str) -> Handle:
+        name = _absolute(fqdn)
+        zone = self._zone or self._find_zone(name)
+        update = self._update(zone)
+        update.add(name, self._ttl, _txt(value))
+        self._send(update, fqdn)
+        return {"provider": NAME, "zone": zone, "fqdn": name.to_text(omit_final_dot=True)}
+
+    def cleanup(self, fqdn: str, value: str, handle: Handle | None) -> None:
+        name = _absolute(fqdn)
+        zone = (handle or {}).get("zone") or self._zone or self._find_zone(name)
+        update = self._update(zone)
+        update.delete(name, _txt(value))  # one rdata; deleting an absent one is a no-op (RFC 2136 3.4.2.4)
+        self._send(update, fqdn)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _address(self) -> str:
+        try:
+            parse_hostport(self._host)
+            return self._host
+        except ValueError:
+            pass
+        try:
+            return str(socket.getaddrinfo(self._host, self._port, proto=socket.IPPROTO_TCP)[0][4][0])
+        except OSError as exc:
+            raise ProviderError(
+                NAME, f"cannot resolve nameserver {self._host}", retryable=True, reason=f"{NAME}:network"
+            ) from exc
+
+    def _update(self, zone: str) -> dns.update.UpdateMessage:
+        return dns.update.UpdateMessage(
+            zone + ".", keyring=self._key, keyname=self._key.name, keyalgorithm=self._key.algorithm
+        )
+
+    def _send(self, update: dns.update.UpdateMessage, fqdn: str) -> None:
+        address = self._address()
+        try:
+            response = dns.query.tcp(update, address, port=self._port, timeout=self._timeout)
+        except dns.tsig.PeerError as exc:  # BADSIG, BADKEY, BADTIME
+            raise ProviderError(
+                NAME, f"TSIG key {self._key.name} rejected by {self._host}: {exc}", reason=f"{NAME}:auth"
+            ) from exc
+        except dns.exception.Timeout as exc:
+            raise ProviderError(
+                NAME,
+                f"no answer from {self._host}:{self._port} within {self._timeout:g}s",
+                retryable=True,
+                reason=f"{NAME}:network",
+            ) from exc
+        except (OSError, EOFError) as exc:
+            raise ProviderError(
+                NAME,
+                f"cannot reach {self._host}:{self._port}: {type(exc).__name__}",
+                retryable=True,
+                reason=f"{NAME}:network",
+            ) from exc
+        except dns.exception.DNSException as exc:
+            raise ProviderError(
+                NAME,
+                f"bad response from {self._host}: {type(exc).__name__}",
+                retryable=True,
+                reason=f"{NAME}:bad_response",
+            ) from exc
+        rcode = response.rcode()
+        if rcode == dns.rcode.NOERROR:
+            return
+        text = dns.rcode.to_text(rcode)
+        if rcode in (dns.rcode.SERVFAIL,):
+            raise ProviderError(
+                NAME, f"update of {fqdn} failed: {text}", retryable=True, reason=f"{NAME}:servfail"
+            )
+        raise ProviderError(
+            NAME, f"update of {fqdn} in zone {update.origin} refused: {text}", reason=f"{NAME}:refused"
+        )
+
+    def _find_zone(self, name: dns.name.Name) -> str:
+        """The zone the configured server is authoritative for, by SOA queries to it directly."""
+        address = self._address()
+        candidate = name
+        while len(candidate) > 1:
+            query = dns.message.make_query(candidate, dns.rdatatype.SOA)
+            try:
+                response = dns.query.udp_with_fallback(
+                    query, address, port=self._port, timeout=self._timeout
+                )[0]
+            except dns.exception.Timeout as exc:
+                raise ProviderError(
+                    NAME,
+                    f"SOA query to {self._host}:{self._port} timed out",
+                    retryable=True,
+                    reason=f"{NAME}:network",
+                ) from exc
+            except (OSError, dns.exception.DNSException) as exc:
+                raise ProviderError(
+                    NAME,
+                    f"SOA query to {self._host}:{self._port} failed: {type(exc).__name__}",
+                    retryable=True,
+                    reason=f"{NAME}:network",
+                ) from exc
+            if response.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                # The apex answers SOA itself; a name below it carries the zone's SOA in authority.
+                for section in (response.answer, response.authority):
+                    for rrset in section:
+                        if rrset.rdtype == dns.rdatatype.SOA and candidate.is_subdomain(rrset.name):
+                            return rrset.name.to_text(omit_final_dot=True).lower()  # type: ignore[no-any-return]
+            candidate = candidate.parent()
+        raise ProviderError(
+            NAME,
+            f"{self._host} is not authoritative for any zone holding "
+            f"{name.to_text(omit_final_dot=True)}; set 'zone'",
+            reason=f"{NAME}:zone_not_found",
+        )
+
+
+def _split_nameserver(text: str) -> tuple[str, int]:
+    text = text.strip()
+    if not text:
+        raise ValueError("empty")
+    try:
+        return parse_hostport(text)
+    except ValueError:
+        pass
+    host, sep, port = text.rpartition(":")
+    if sep and host and ":" not in host:
+        return host, int(port)
+    if ":" in text:
+        raise ValueError(text)
+    return text, 53
+
+
+def _absolute(fqdn: str) -> dns.name.Name:
+    return dns.name.from_text(fqdn.rstrip(".") + ".")
+
+
+def _txt(value: str) -> dns.rdtypes.ANY.TXT.TXT:
+    return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [value.encode()])

@@ -1,0 +1,85 @@
+"""The HTTP-01 responder: serves ``/.well-known/acme-challenge/<token>`` from the database.
+
+Any number of replicas can run (behind port 80 or the fleet's load balancer): tokens written by any
+acme worker are visible to all of them, because the database is the only place they live. Answers
+only well-formed tokens that exist and have not expired; everything else is 404.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from sqlalchemy import select
+
+from certqueue.db import session_scope
+from certqueue.models import Http01Token, utcnow
+
+log = logging.getLogger("certqueue.http01")
+
+PREFIX = "/.well-known/acme-challenge/"
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,256}$")
+
+
+def lookup(token: str) -> str | None:
+    if not TOKEN_RE.match(token):
+        return None
+    with session_scope(write=False) as s:
+        row = s.execute(select(Http01Token.key_authorization, Http01Token.expires_at)
+                        .where(Http01Token.token == token)).first()
+    if row is None or row.expires_at <= utcnow():
+        return None
+    return str(row.key_authorization)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "certqueue-http01"
+    sys_version = ""
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
+            self._send(200, b"ok\n")
+            return
+        if not path.startswith(PREFIX):
+            self._send(404, b"not found\n")
+            return
+        try:
+            body = lookup(path[len(PREFIX):])
+        except Exception:  # noqa: BLE001  (a database hiccup is a 503, never a crash)
+            log.exception("token lookup failed")
+            self._send(503, b"unavailable\n")
+            return
+        if body is None:
+            self._send(404, b"not found\n")
+            return
+        self._send(200, body.encode())
+
+    def _send(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/octet-stream" if code == 200 else "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+
+class Http01Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+
+def serve(host: str, port: int) -> Http01Server:
+    return Http01Server((host, port), _Handler)
+
+
+def start_in_thread(host: str, port: int) -> tuple[Http01Server, threading.Thread]:
+    srv = serve(host, port)
+    t = threading.Thread(target=srv.serve_forever, name="http01", daemon=True)
+    t.start()
+    return srv, t

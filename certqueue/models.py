@@ -1,0 +1,305 @@
+"""The data model (SQLAlchemy 2, typed). PostgreSQL in production, SQLite embedded.
+
+The database is the truth; the broker is not. Every piece of state another worker needs (the ACME
+order, challenge handles, deployment references) lives here, never in process memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# BIGINT primary keys on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY autoincrements)
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on both backends (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use timezone-aware UTC datetimes")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class State(enum.StrEnum):
+    """The guide's lifecycle states."""
+
+    REQUESTED = "REQUESTED"
+    ISSUING = "ISSUING"
+    ISSUED = "ISSUED"
+    ACTIVE = "ACTIVE"
+    RENEWING = "RENEWING"
+    REVOKED = "REVOKED"
+    EXPIRED = "EXPIRED"
+    FAILED = "FAILED"
+
+
+#: states in which a certificate row is "live" for de-duplication of requests
+LIVE_STATES = (State.REQUESTED, State.ISSUING, State.ISSUED, State.ACTIVE, State.RENEWING)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dt.datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    __table_args__ = (UniqueConstraint("directory_url", "contact", name="uq_accounts_directory_contact"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    directory_url: Mapped[str] = mapped_column(String(512))
+    contact: Mapped[str] = mapped_column(String(320), default="")
+    key_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    key_type: Mapped[str] = mapped_column(String(16))
+    account_url: Mapped[str | None] = mapped_column(String(512))
+    eab_kid: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Certificate(Base):
+    __tablename__ = "certificates"
+    __table_args__ = (
+        # the due-renewal scan: WHERE state='ACTIVE' AND renew_at <= now  -> a range scan
+        Index("ix_certificates_state_renew_at", "state", "renew_at"),
+        Index("ix_certificates_state_updated_at", "state", "updated_at"),
+        # two requests for the same names (same key type, same CA) give one live certificate
+        Index(
+            "uq_certificates_live_dedupe",
+            "dedupe_key",
+            unique=True,
+            postgresql_where=text("state IN ('REQUESTED','ISSUING','ISSUED','ACTIVE','RENEWING')"),
+            sqlite_where=text("state IN ('REQUESTED','ISSUING','ISSUED','ACTIVE','RENEWING')"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    domains: Mapped[list[Any]] = mapped_column(JSON)
+    dedupe_key: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=State.REQUESTED)
+    key_type: Mapped[str] = mapped_column(String(16), default="ec256")
+    challenge_type: Mapped[str] = mapped_column(String(16), default="http-01")
+    #: per-name challenge type overrides, e.g. {"*.example.com": "dns-01"}
+    challenge_map: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    dns_provider: Mapped[str | None] = mapped_column(String(64))
+    profile: Mapped[str | None] = mapped_column(String(64))
+    preferred_chain: Mapped[str | None] = mapped_column(String(256))
+    directory_url: Mapped[str] = mapped_column(String(512))
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"))
+    email: Mapped[str | None] = mapped_column(String(320))
+    #: region names to deploy to (empty: every configured region)
+    targets: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    auto_renew: Mapped[bool] = mapped_column(Boolean, default=True)
+    reuse_key: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: imported from elsewhere (the guide's manual EV case): monitored and propagated, never renewed
+    external: Mapped[bool] = mapped_column(Boolean, default=False)
+    renew_at: Mapped[dt.datetime | None] = mapped_column()
+    current_issuance_id: Mapped[int | None] = mapped_column(ForeignKey("issuances.id", use_alter=True))
+    #: the issuance being propagated (first issue or renewal); becomes current at ACTIVE
+    pending_issuance_id: Mapped[int | None] = mapped_column(ForeignKey("issuances.id", use_alter=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(String(512))
+    #: set when work is handed to the queue; the reconciler re-enqueues work past its deadline
+    work_deadline: Mapped[dt.datetime | None] = mapped_column()
+    force_new_key: Mapped[bool] = mapped_column(Boolean, default=False)
+    # the guide's CertificateMetadata subject fields
+    organization: Mapped[str | None] = mapped_column(String(64))
+    country: Mapped[str | None] = mapped_column(String(2))
+    state_province: Mapped[str | None] = mapped_column(String(128))
+    locality: Mapped[str | None] = mapped_column(String(128))
+    key_size: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    current_issuance: Mapped[Issuance | None] = relationship(
+        foreign_keys=[current_issuance_id], post_update=True, lazy="joined"
+    )
+
+
+class Issuance(Base):
+    __tablename__ = "issuances"
+    __table_args__ = (Index("ix_issuances_certificate", "certificate_id"),
+                      Index("ix_issuances_serial", "serial"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    certificate_id: Mapped[str] = mapped_column(ForeignKey("certificates.id", ondelete="CASCADE"))
+    serial: Mapped[str] = mapped_column(String(64))
+    not_before: Mapped[dt.datetime] = mapped_column()
+    not_after: Mapped[dt.datetime] = mapped_column()
+    cert_pem: Mapped[str] = mapped_column(Text)
+    chain_pem: Mapped[str] = mapped_column(Text, default="")
+    key_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    key_type: Mapped[str] = mapped_column(String(16))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    issuer: Mapped[str] = mapped_column(String(512), default="")
+    order_url: Mapped[str | None] = mapped_column(String(512))
+    ari_cert_id: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column()
+    revocation_reason: Mapped[str | None] = mapped_column(String(32))
+
+
+class Order(Base):
+    """The in-flight ACME order; what another worker needs to resume it."""
+
+    __tablename__ = "orders"
+    __table_args__ = (Index("ix_orders_certificate", "certificate_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    certificate_id: Mapped[str] = mapped_column(ForeignKey("certificates.id", ondelete="CASCADE"))
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"))
+    purpose: Mapped[str] = mapped_column(String(16), default="issue")  # issue | renew
+    order_url: Mapped[str | None] = mapped_column(String(512), unique=True)
+    order_json: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    csr_pem: Mapped[str] = mapped_column(Text)
+    key_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    #: creating | pending | ready | processing | valid | invalid | abandoned
+    status: Mapped[str] = mapped_column(String(16), default="creating")
+    polls: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class Challenge(Base):
+    __tablename__ = "challenges"
+    __table_args__ = (Index("ix_challenges_order", "order_id"),
+                      Index("ix_challenges_status", "status"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    order_id: Mapped[int] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"))
+    certificate_id: Mapped[str] = mapped_column(String(40))
+    identifier: Mapped[str] = mapped_column(String(255))
+    authz_url: Mapped[str] = mapped_column(String(512))
+    type: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(String(512))
+    token: Mapped[str | None] = mapped_column(String(256))
+    dns_name: Mapped[str | None] = mapped_column(String(255))
+    dns_value: Mapped[str | None] = mapped_column(String(128))
+    provider: Mapped[str | None] = mapped_column(String(64))
+    handle: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: pending | presented | visible | answered | valid | invalid | cleaned
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    cleaned_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+    __table_args__ = (UniqueConstraint("certificate_id", "region", name="uq_deployments_cert_region"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    certificate_id: Mapped[str] = mapped_column(ForeignKey("certificates.id", ondelete="CASCADE"))
+    region: Mapped[str] = mapped_column(String(64))
+    provider: Mapped[str] = mapped_column(String(32))
+    remote_ref: Mapped[str | None] = mapped_column(String(1024))
+    issuance_id: Mapped[int | None] = mapped_column(ForeignKey("issuances.id"))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    #: pending | deployed | failed
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(512))
+    deployed_at: Mapped[dt.datetime | None] = mapped_column()
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Event(Base):
+    """The audit log, and the source of the Prometheus counters (they survive restarts)."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_certificate", "certificate_id"),
+                      Index("ix_events_kind_at", "kind", "at"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    certificate_id: Mapped[str | None] = mapped_column(String(40))
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128), default="certqueue")
+    #: transition | renewal | validation_error | propagation | order | revocation | ...
+    kind: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(512))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Http01Token(Base):
+    __tablename__ = "http01_tokens"
+    __table_args__ = (Index("ix_http01_tokens_expires", "expires_at"),)
+
+    token: Mapped[str] = mapped_column(String(256), primary_key=True)
+    key_authorization: Mapped[str] = mapped_column(String(512))
+    certificate_id: Mapped[str] = mapped_column(String(40))
+    challenge_id: Mapped[int | None] = mapped_column(BigId)
+    expires_at: Mapped[dt.datetime] = mapped_column()
+
+
+class RuntimeSetting(Base):
+    """Runtime overrides (the guide's ``update_config``), seen by every worker."""
+
+    __tablename__ = "runtime_settings"
+
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    scopes: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column()
+    last_used_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class RateBudget(Base):
+    """Shared rate-limit counters on the embedded default (Redis holds them when it is the broker)."""
+
+    __tablename__ = "rate_budgets"
+
+    key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    window_start: Mapped[dt.datetime] = mapped_column()
+    used: Mapped[int] = mapped_column(Integer, default=0)
+    blocked_until: Mapped[dt.datetime | None] = mapped_column()
+    limit: Mapped[float] = mapped_column(Float, default=0)

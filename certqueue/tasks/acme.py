@@ -1,0 +1,472 @@
+"""The ``acme`` pool: orders, HTTP-01 presentation, answering, finalize, download, revoke.
+
+Owns ``orders``, ``challenges`` (their ACME side), ``http01_tokens`` and the ISSUING/RENEWING ->
+ISSUED/FAILED/ACTIVE transitions of the issuance pipeline. Every task takes ids, reloads, locks the
+certificate row, checks that the work is still needed, acts, commits, and only then enqueues what
+follows. A redelivered task resumes the stored ACME order; it never opens a second one.
+
+The graph for one certificate::
+
+    certqueue.issue / certqueue.renew  [acme]  create or resume the order; HTTP-01 tokens written
+      -> HTTP-01 only:  certqueue.acme.validate                            [acme]
+      -> with DNS-01:   chord([certqueue.dns.present | certqueue.dns.wait_visible] per name  [dns],
+                              certqueue.acme.validate)                     [acme]
+    certqueue.acme.validate: answer challenges, poll the order (retry with countdown, never sleep),
+      finalize with the order's CSR, download, store encrypted -> ISSUED, clean up challenges, then
+      certqueue.propagate (chord over regions) or straight to ACTIVE when there are none.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from typing import Any
+
+from celery import chain, chord, shared_task
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from certqueue import certificates, crypto, validation
+from certqueue.acme.accounts import client_for
+from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
+from certqueue.config import get_settings
+from certqueue.db import lock_certificate
+from certqueue.errors import CertqueueError, InvalidInput, NotFound, PermanentError
+from certqueue.lifecycle import states
+from certqueue.lifecycle.backoff import backoff
+from certqueue.models import Certificate, Challenge, Http01Token, Order, State, utcnow
+from certqueue.tasks.base import CertqueueTask, StepContext, Wait
+
+log = logging.getLogger("certqueue.acme")
+
+OPEN_ORDER = ("creating", "pending", "ready", "processing")
+PAYLOAD_VERSION = 1
+
+
+# --- payloads -----------------------------------------------------------------------------------
+
+def parse_payload(payload: Any, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    """Validate a public task's versioned JSON payload; a bad one is InvalidInput (nothing written)."""
+    if not isinstance(payload, dict):
+        raise InvalidInput("payload must be a JSON object", field="payload")
+    if payload.get("v") != PAYLOAD_VERSION:
+        raise InvalidInput(f"unsupported payload version {payload.get('v')!r}; expected {PAYLOAD_VERSION}",
+                           field="v")
+    unknown = sorted(set(payload) - allowed - {"v"})
+    if unknown:
+        raise InvalidInput(f"unknown payload field(s): {', '.join(unknown)}", field=unknown[0])
+    missing = sorted(required - set(payload))
+    if missing:
+        raise InvalidInput(f"missing payload field(s): {', '.join(missing)}", field=missing[0])
+    if "certificate_id" in payload:
+        validation.validate_certificate_id(payload["certificate_id"])
+    return payload
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _status_name(status: Any) -> str:
+    """acme's Status constants print as ``Status(pending)``; the name is what we store."""
+    return str(getattr(status, "name", status))
+
+
+def order_key_aad(certificate_id: str, csr_pem: str) -> bytes:
+    return f"orders:{certificate_id}:{hashlib.sha256(csr_pem.encode()).hexdigest()}:key".encode()
+
+
+def open_order(session: Session, certificate_id: str) -> Order | None:
+    return session.execute(
+        select(Order).where(Order.certificate_id == certificate_id, Order.status.in_(OPEN_ORDER))
+        .order_by(Order.id.desc()).limit(1)
+    ).scalar_one_or_none()
+
+
+def _touch(cert: Certificate) -> None:
+    cert.work_deadline = utcnow() + dt.timedelta(seconds=get_settings().automation.stuck_after_seconds)
+
+
+def _client(session: Session, cert: Certificate) -> tuple[AcmeClient, int]:
+    return client_for(session, cert.directory_url, cert.email)
+
+
+def _challenge_type_for(cert: Certificate, name: str) -> str:
+    return str((cert.challenge_map or {}).get(name, cert.challenge_type))
+
+
+def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, Any]:
+    """Create or resume the certificate's ACME order and present its challenges."""
+    session = ctx.session
+    settings = get_settings()
+    order = open_order(session, cert.id)
+    client, account_id = _client(session, cert)
+    if order is None:
+        key_pem = _order_key(session, cert)
+        csr = crypto.make_csr(key_pem, cert.domains, organization=cert.organization, country=cert.country,
+                              state=cert.state_province, locality=cert.locality).decode()
+        order = Order(certificate_id=cert.id, account_id=account_id, purpose=purpose, csr_pem=csr,
+                      key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)))
+        session.add(order)
+        session.flush()
+        # The order URL is stored in the same commit as the row: a redelivered task finds it and
+        # resumes instead of ordering again.
+        res = client.new_order(csr.encode(), profile=cert.profile)
+        order.order_url = res.uri
+        order.order_json = order_to_json(res)
+        order.status = _status_name(res.body.status)
+        states.record(session, cert.id, "order", reason=purpose, data={"order": order.id})
+    else:
+        res = order_from_json(order.order_json or {})
+    existing = session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars().all()
+    if not existing:
+        expires = utcnow() + dt.timedelta(seconds=settings.automation.order_timeout_seconds + 600)
+        for authz in res.authorizations:
+            if _status_name(authz.body.status) == "valid":
+                continue  # reused authorization: nothing to prove
+            ident = authz.body.identifier.value
+            name = f"*.{ident}" if authz.body.wildcard else ident
+            ctype = _challenge_type_for(cert, name)
+            info = client.challenge_for(authz, ctype)
+            ch = Challenge(order_id=order.id, certificate_id=cert.id, identifier=name, authz_url=authz.uri,
+                           type=ctype, url=info.url, token=info.token, dns_name=info.dns_name,
+                           dns_value=info.dns_value, provider=cert.dns_provider if ctype == "dns-01" else None,
+                           status="pending")
+            session.add(ch)
+            session.flush()
+            if ctype == "http-01":
+                session.add(Http01Token(token=info.token, key_authorization=info.key_authorization,
+                                        certificate_id=cert.id, challenge_id=ch.id, expires_at=expires))
+                ch.status = "presented"
+            existing.append(ch)  # type: ignore[attr-defined]
+    _touch(cert)
+    dns = [c for c in existing if c.type == "dns-01" and c.status in ("pending", "presented")]
+    if dns:
+        from certqueue.tasks import dns as dns_tasks
+
+        header = [chain(dns_tasks.present.si(cert.id, c.id), dns_tasks.wait_visible.si(cert.id, c.id))
+                  for c in dns]
+        ctx.replace(chord(header, validate.si(cert.id)))
+    else:
+        ctx.then(validate.si(cert.id))
+    return {"certificate_id": cert.id, "order": order.id, "status": "ordered"}
+
+
+def _order_key(session: Session, cert: Certificate) -> bytes:
+    """A fresh key for the new order; the current one only when the certificate asks to reuse it."""
+    if cert.reuse_key and not cert.force_new_key and cert.current_issuance_id:
+        iss = cert.current_issuance
+        if iss is not None and iss.key_enc is not None:
+            return certificates.decrypt_key(iss)
+    return crypto.new_private_key_pem(cert.key_type)
+
+
+def cleanup_challenges(ctx: StepContext, order: Order) -> None:
+    """Remove HTTP-01 tokens now and send DNS-01 cleanups to the dns pool; success or failure."""
+    session = ctx.session
+    session.execute(delete(Http01Token).where(
+        Http01Token.challenge_id.in_(select(Challenge.id).where(Challenge.order_id == order.id))))
+    now = utcnow()
+    from certqueue.tasks import dns as dns_tasks
+
+    for ch in session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars():
+        if ch.status == "cleaned":
+            continue
+        if ch.type == "http-01" or ch.handle is None:
+            if ch.type == "dns-01" and ch.status == "pending":
+                ch.status = "cleaned"  # never presented
+                ch.cleaned_at = now
+                continue
+            if ch.type == "http-01":
+                ch.status = "cleaned"
+                ch.cleaned_at = now
+                continue
+        ctx.then(dns_tasks.cleanup.si(order.certificate_id, ch.id))
+
+
+def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError) -> dict[str, Any]:
+    """A permanent failure of the pipeline: the order is abandoned, challenges cleaned up, and the
+    certificate goes FAILED (first issuance) or back to ACTIVE with the next attempt scheduled
+    (renewal: the old certificate keeps serving)."""
+    session = ctx.session
+    settings = get_settings()
+    cert = lock_certificate(session, certificate_id)
+    if cert is None:
+        return {"status": "failed", "reason": exc.reason}
+    order = open_order(session, cert.id)
+    if order is not None:
+        order.status = "invalid"
+        order.error = exc.reason
+        order.finished_at = utcnow()
+        cleanup_challenges(ctx, order)
+    if exc.reason.startswith("acme:") or exc.reason.startswith("dns:"):
+        types = sorted({c.type for c in session.execute(
+            select(Challenge).where(Challenge.order_id == order.id)).scalars()}) if order else []
+        states.record(session, cert.id, "validation_error", reason=exc.reason,
+                      data={"type": types[0] if len(types) == 1 else ",".join(types) or "unknown"})
+    cert.last_error = exc.reason
+    cert.work_deadline = None
+    if cert.state == State.ISSUING:
+        states.record(session, cert.id, "issuance", reason="failure", data={"reason": exc.reason})
+        states.transition(session, cert, State.FAILED, reason=exc.reason)
+    elif cert.state == State.RENEWING:
+        cert.attempts += 1
+        delay = backoff(cert.attempts, initial=settings.automation.retry_delay_seconds,
+                        cap=max(settings.automation.retry_delay_seconds, 6 * 3600))
+        cert.renew_at = utcnow() + dt.timedelta(seconds=delay)
+        cert.next_attempt_at = cert.renew_at
+        cert.pending_issuance_id = None
+        states.record(session, cert.id, "renewal", reason="failure", data={"reason": exc.reason})
+        states.transition(session, cert, State.ACTIVE, reason=f"renewal failed: {exc.reason}")
+    return {"certificate_id": cert.id, "status": "failed", "reason": exc.reason}
+
+
+# --- tasks --------------------------------------------------------------------------------------
+
+class PipelineTask(CertqueueTask):
+    abstract = True
+
+    def on_permanent(self, ctx: StepContext, exc: CertqueueError, *args: Any) -> Any:
+        cid = args[0]["certificate_id"] if args and isinstance(args[0], dict) else (args[0] if args else None)
+        if not isinstance(cid, str):
+            return None
+        return fail_certificate(ctx, cid, exc)
+
+
+def _issue_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
+    payload = parse_payload(payload, {"certificate_id", "request"}, set())
+    session = ctx.session
+    if "request" in payload:
+        req = certificates.CertificateRequest.build(**(payload["request"] or {}))
+        cert, _created = certificates.create_certificate(session, req, actor="task",
+                                                         certificate_id=payload.get("certificate_id"))
+        session.flush()
+        cid = cert.id
+        payload["certificate_id"] = cid
+    elif "certificate_id" in payload:
+        cid = payload["certificate_id"]
+    else:
+        raise InvalidInput("payload needs certificate_id or request", field="certificate_id")
+    cert = lock_certificate(session, cid)
+    if cert is None:
+        raise InvalidInput(f"no certificate {cid}", field="certificate_id")
+    if cert.state == State.FAILED:
+        states.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
+    if cert.state == State.REQUESTED:
+        states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
+    if cert.state in (State.ISSUING, State.RENEWING):
+        return start_order(ctx, cert, "issue" if cert.state == State.ISSUING else "renew")
+    if cert.state == State.ISSUED:
+        from certqueue.tasks.propagate import propagate
+
+        ctx.then(propagate.si({"v": 1, "certificate_id": cert.id}))
+        return {"certificate_id": cert.id, "status": "propagating"}
+    return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
+
+
+@shared_task(bind=True, base=PipelineTask, name="certqueue.issue")
+def issue(self: PipelineTask, payload: Any, _transient: int = 0) -> Any:
+    """Public: ``{"v": 1, "certificate_id": ...}`` or ``{"v": 1, "request": {...}}``."""
+    return self.run_step(_issue_step, payload)
+
+
+def _renew_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
+    payload = parse_payload(payload, {"certificate_id", "force", "reason"}, {"certificate_id"})
+    session = ctx.session
+    cert = lock_certificate(session, payload["certificate_id"])
+    if cert is None:
+        raise InvalidInput(f"no certificate {payload['certificate_id']}", field="certificate_id")
+    if cert.external:
+        raise InvalidInput("an imported certificate cannot be renewed by certqueue", field="certificate_id")
+    force = bool(payload.get("force"))
+    if cert.state == State.FAILED:
+        states.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
+        states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
+        return start_order(ctx, cert, "issue")
+    if cert.state == State.ACTIVE:
+        if not force and (cert.renew_at is None or cert.renew_at > utcnow()):
+            return {"certificate_id": cert.id, "status": "not_due",
+                    "renew_at": cert.renew_at.isoformat() if cert.renew_at else None}
+        states.transition(session, cert, State.RENEWING, reason=payload.get("reason") or
+                          ("forced" if force else "due"), actor="task")
+    if cert.state in (State.RENEWING, State.ISSUING):
+        return start_order(ctx, cert, "renew" if cert.state == State.RENEWING else "issue")
+    return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
+
+
+@shared_task(bind=True, base=PipelineTask, name="certqueue.renew")
+def renew(self: PipelineTask, payload: Any, _transient: int = 0) -> Any:
+    """Public: ``{"v": 1, "certificate_id": ..., "force": false}``."""
+    return self.run_step(_renew_step, payload)
+
+
+def _order_status(client: AcmeClient, res: Any) -> tuple[Any, float | None]:
+    """One POST-as-GET of the order (not its authorizations): its status and Retry-After."""
+    body, response = client._fetch_order_body(res)
+    retry_after: float | None = None
+    raw = response.headers.get("Retry-After")
+    if raw:
+        try:
+            retry_after = min(float(raw), 300.0)
+        except ValueError:
+            retry_after = None
+    return body, retry_after
+
+
+def _poll_countdown(polls: int) -> float:
+    a = get_settings().automation
+    return backoff(polls + 1, initial=a.poll_initial_seconds, cap=a.poll_max_seconds, jitter=0.1)
+
+
+def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
+    session = ctx.session
+    settings = get_settings()
+    cert = lock_certificate(session, certificate_id)
+    if cert is None or cert.state not in (State.ISSUING, State.RENEWING):
+        return {"certificate_id": certificate_id, "status": "noop"}
+    order = open_order(session, cert.id)
+    if order is None:
+        return {"certificate_id": cert.id, "status": "noop"}
+    client, _ = _client(session, cert)
+    res = order_from_json(order.order_json or {})
+    chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
+    for ch in chs:
+        if ch.status in ("presented", "visible"):
+            if ch.type == "dns-01" and ch.status != "visible":
+                continue  # the chord's header has not proven it visible (a resumed order)
+            client.answer_challenge(ChallengeInfo(
+                type=ch.type, url=ch.url, authz_url=ch.authz_url, identifier=ch.identifier.removeprefix("*."),
+                wildcard=ch.identifier.startswith("*."), status="pending", token=ch.token or "",
+                key_authorization="", dns_name=ch.dns_name, dns_value=ch.dns_value))
+            ch.status = "answered"
+    _touch(cert)
+    body, retry_after = _order_status(client, res)
+    status = _status_name(body.status)
+    order.polls += 1
+    if status == "pending":
+        if order.created_at and (utcnow() - order.created_at).total_seconds() > \
+                settings.automation.order_timeout_seconds:
+            raise PermanentError("the CA did not validate the order in time", reason="acme:timeout")
+        if any(c.type == "dns-01" and c.status in ("pending", "presented") for c in chs):
+            # a resumed order whose DNS challenges are not proven visible: run the chord again
+            start_order(ctx, cert, order.purpose)
+            return {"certificate_id": cert.id, "status": "presenting"}
+        raise Wait(max(_poll_countdown(order.polls), retry_after or 0))
+    if status == "invalid":
+        authz = client.poll_authorizations(res)
+        for ch in chs:
+            ident_status = authz.identifiers.get(ch.identifier)
+            if ident_status in ("valid", "invalid"):
+                ch.status = ident_status
+        raise PermanentError("the CA rejected the order", reason=authz.reason or "acme:orderInvalid")
+    res = res.update(body=body)
+    if status == "ready":
+        res = client.finalize(res, order.csr_pem.encode())
+        status = _status_name(res.body.status)
+    order.order_json = order_to_json(res)
+    order.status = status
+    if status == "processing" or status == "ready":
+        raise Wait(max(_poll_countdown(0), retry_after or 0))
+    if status != "valid":
+        raise PermanentError(f"unexpected order status {status}", reason="acme:orderStatus")
+    fullchain, _alternatives = client.fetch_certificate(res, cert.preferred_chain)
+    key_pem = certificates.keystore().decrypt(order.key_enc, order_key_aad(cert.id, order.csr_pem))
+    iss = certificates.store_issuance(session, cert, fullchain, key_pem, order_url=order.order_url)
+    order.finished_at = utcnow()
+    for ch in chs:
+        if ch.status == "answered":
+            ch.status = "valid"
+    cleanup_challenges(ctx, order)
+    renewing = cert.state == State.RENEWING
+    states.record(session, cert.id, "renewal" if renewing else "issuance", reason="success",
+                  data={"serial": iss.serial})
+    if not renewing:
+        states.transition(session, cert, State.ISSUED, reason="issued", data={"serial": iss.serial})
+    cert.pending_issuance_id = iss.id
+    if certificates.regions_for(cert):
+        from certqueue.tasks.propagate import propagate
+
+        ctx.then(propagate.si({"v": 1, "certificate_id": cert.id}))
+        return {"certificate_id": cert.id, "status": "issued", "serial": iss.serial}
+    certificates.activate(session, cert, iss, reason="renewed" if renewing else "issued")
+    return {"certificate_id": cert.id, "status": "active", "serial": iss.serial}
+
+
+@shared_task(bind=True, base=PipelineTask, name="certqueue.acme.validate")
+def validate(self: PipelineTask, certificate_id: str, _transient: int = 0) -> Any:
+    return self.run_step(_validate_step, certificate_id)
+
+
+def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
+    payload = parse_payload(payload, {"certificate_id", "reason"}, {"certificate_id"})
+    reason = payload.get("reason") or "unspecified"
+    code = check_revocation_reason(reason)
+    session = ctx.session
+    cert = lock_certificate(session, payload["certificate_id"])
+    if cert is None:
+        raise InvalidInput(f"no certificate {payload['certificate_id']}", field="certificate_id")
+    if cert.state == State.REVOKED:
+        return {"certificate_id": cert.id, "status": "revoked"}
+    if cert.state == State.RENEWING:
+        order = open_order(session, cert.id)
+        if order is not None:
+            order.status = "abandoned"
+            order.finished_at = utcnow()
+            cleanup_challenges(ctx, order)
+        cert.pending_issuance_id = None
+        states.transition(session, cert, State.ACTIVE, reason="renewal abandoned for revocation")
+    if cert.state != State.ACTIVE or cert.current_issuance is None:
+        raise InvalidInput(f"{cert.id} is {cert.state}; only an ACTIVE certificate can be revoked",
+                           field="certificate_id")
+    iss = cert.current_issuance
+    if cert.external:
+        raise InvalidInput("an imported certificate must be revoked through the CA that issued it",
+                           field="certificate_id")
+    client, _ = _client(session, cert)
+    client.revoke(iss.cert_pem, code)
+    iss.revoked_at = utcnow()
+    iss.revocation_reason = reason
+    cert.renew_at = None
+    cert.work_deadline = None
+    states.record(session, cert.id, "revocation", reason=reason, data={"serial": iss.serial})
+    states.transition(session, cert, State.REVOKED, reason=reason)
+    return {"certificate_id": cert.id, "status": "revoked", "serial": iss.serial}
+
+
+def check_revocation_reason(reason: str) -> int:
+    """The RFC 5280 code of ``reason``, refused before anything is sent when the CA does not take it."""
+    code = validation.revocation_reason_code(reason)
+    accepted = get_settings().acme.revocation_reasons
+    if reason not in accepted:
+        raise InvalidInput(f"the CA does not accept revocation reason {reason!r}; accepted: "
+                           f"{', '.join(accepted)}", field="reason")
+    return code
+
+
+class RevokeTask(CertqueueTask):
+    abstract = True
+
+
+@shared_task(bind=True, base=RevokeTask, name="certqueue.revoke")
+def revoke(self: RevokeTask, payload: Any, _transient: int = 0) -> Any:
+    """Public: ``{"v": 1, "certificate_id": ..., "reason": "keyCompromise"}``."""
+    return self.run_step(_revoke_step, payload)
+
+
+__all__ = ["issue", "renew", "revoke", "validate", "start_order", "fail_certificate", "NotFound"]
+
+
+def _status_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
+    payload = parse_payload(payload, {"certificate_id"}, {"certificate_id"})
+    cert = ctx.session.get(Certificate, payload["certificate_id"])
+    if cert is None:
+        raise InvalidInput(f"no certificate {payload['certificate_id']}", field="certificate_id")
+    iss = cert.current_issuance
+    return {"certificate_id": cert.id, "state": cert.state, "domains": cert.domains,
+            "last_error": cert.last_error, "serial": iss.serial if iss else None,
+            "not_after": iss.not_after.isoformat() if iss else None}
+
+
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.status")
+def status(self: CertqueueTask, payload: Any, _transient: int = 0) -> Any:
+    """Public, read-only: the certificate's state, for clients that have only the broker."""
+    return self.run_step(_status_step, payload)

@@ -1,0 +1,424 @@
+"""certqueue.keystore: blob format, AEAD failures, key files on disk, rotation across a crash."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from certqueue.errors import KeyStoreError
+from certqueue.keystore import (
+    KEYRING_MAGIC,
+    NONCE_BYTES,
+    PBKDF2_ITERATIONS,
+    KeyStore,
+    generate_key_file,
+    raw_kid,
+    read_private_file,
+    reencrypt,
+    retire_keys,
+    rotate_key_file,
+)
+
+SECRET = b"-----BEGIN PRIVATE KEY-----\nnot really a key but treated as one\n-----END PRIVATE KEY-----\n"
+AAD = b"issuances:42:key"
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "master.key"
+    generate_key_file(path)
+    return path
+
+
+@pytest.fixture
+def store(key_file: Path) -> KeyStore:
+    return KeyStore.from_file(key_file)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _split(blob: bytes) -> tuple[bytes, bytes, bytes]:
+    """(header, nonce, ciphertext+tag) per the documented format."""
+    end = 2 + blob[1]
+    return blob[:end], blob[end : end + NONCE_BYTES], blob[end + NONCE_BYTES :]
+
+
+# --- blobs --------------------------------------------------------------------------------------
+
+
+def test_round_trip_and_documented_layout(store: KeyStore, key_file: Path) -> None:
+    blob = store.encrypt(SECRET, AAD)
+    assert store.decrypt(blob, AAD) == SECRET
+    assert SECRET not in blob
+    header, nonce, body = _split(blob)
+    assert header == bytes([1, len(store.active_kid)]) + store.active_kid.encode()
+    assert len(nonce) == 12 and len(body) == len(SECRET) + 16
+    # independent decryption from the documented format: AES-256-GCM, AAD = header || row aad
+    line = next(ln for ln in key_file.read_text().splitlines() if ln.startswith(f"key {store.active_kid} "))
+    raw = base64.b64decode(line.split()[3])
+    assert AESGCM(raw).decrypt(nonce, body, header + AAD) == SECRET
+    assert store.kid_of(blob) == store.active_kid
+    assert not store.needs_rotation(blob)
+
+
+def test_empty_plaintext(store: KeyStore) -> None:
+    assert store.decrypt(store.encrypt(b"", AAD), AAD) == b""
+
+
+def test_nonces_are_unique(store: KeyStore) -> None:
+    blobs = [store.encrypt(SECRET, AAD) for _ in range(5000)]
+    nonces = {_split(b)[1] for b in blobs}
+    assert len(nonces) == 5000
+    assert len(set(blobs)) == 5000
+
+
+@pytest.mark.parametrize("part", ["version", "kid_len", "kid", "nonce", "ciphertext", "tag"])
+def test_tampering_with_any_part_is_detected(store: KeyStore, part: str) -> None:
+    blob = bytearray(store.encrypt(SECRET, AAD))
+    end = 2 + blob[1]
+    index = {
+        "version": 0,
+        "kid_len": 1,
+        "kid": 3,
+        "nonce": end + 5,
+        "ciphertext": end + NONCE_BYTES + 3,
+        "tag": len(blob) - 1,
+    }[part]
+    blob[index] ^= 0x01
+    with pytest.raises(KeyStoreError) as err:
+        store.decrypt(bytes(blob), AAD)
+    assert err.value.reason in {"keystore:auth_failed", "keystore:malformed", "keystore:unknown_kid"}
+    assert SECRET.decode()[:20] not in str(err.value)
+
+
+def test_truncated_and_foreign_blobs(store: KeyStore) -> None:
+    blob = store.encrypt(SECRET, AAD)
+    for bad in (b"", b"\x01", blob[:20], b"\x02" + blob[1:], SECRET):
+        with pytest.raises(KeyStoreError) as err:
+            store.decrypt(bad, AAD)
+        assert err.value.reason in {"keystore:malformed", "keystore:auth_failed"}
+    with pytest.raises(KeyStoreError, match="must be bytes"):
+        store.decrypt("not bytes", AAD)  # type: ignore[arg-type]
+
+
+def test_wrong_aad_is_refused(store: KeyStore) -> None:
+    blob = store.encrypt(SECRET, AAD)
+    for other in (b"issuances:43:key", b"accounts:42:key", b"", AAD + b"\x00"):
+        with pytest.raises(KeyStoreError, match="another row") as err:
+            store.decrypt(blob, other)
+        assert err.value.reason == "keystore:auth_failed"
+
+
+def test_kid_rewritten_to_another_known_key_is_refused(key_file: Path) -> None:
+    old = KeyStore.from_file(key_file)
+    blob = old.encrypt(SECRET, AAD)
+    new_kid = rotate_key_file(key_file)
+    both = KeyStore.from_file(key_file)
+    assert len(new_kid) == len(old.active_kid)
+    forged = blob.replace(old.active_kid.encode(), new_kid.encode(), 1)
+    with pytest.raises(KeyStoreError) as err:
+        both.decrypt(forged, AAD)
+    assert err.value.reason == "keystore:auth_failed"
+
+
+def test_wrong_key_file(tmp_path: Path, store: KeyStore) -> None:
+    blob = store.encrypt(SECRET, AAD)
+    other_path = tmp_path / "other.key"
+    generate_key_file(other_path)
+    other = KeyStore.from_file(other_path)
+    with pytest.raises(KeyStoreError, match="not in the keyring") as err:
+        other.decrypt(blob, AAD)
+    assert err.value.reason == "keystore:unknown_kid"
+    # same kid, different key material (e.g. a key file regenerated by hand): authentication fails
+    impostor = KeyStore({store.active_kid: os.urandom(32)}, store.active_kid)
+    with pytest.raises(KeyStoreError, match="wrong key file") as err:
+        impostor.decrypt(blob, AAD)
+    assert err.value.reason == "keystore:auth_failed"
+
+
+def test_repr_shows_no_key_material(key_file: Path, store: KeyStore) -> None:
+    text = repr(store)
+    assert store.active_kid in text
+    for line in key_file.read_text().splitlines():
+        if line.startswith("key "):
+            assert line.split()[3] not in text
+
+
+# --- key files ----------------------------------------------------------------------------------
+
+
+def test_generated_file_is_0600_even_with_a_permissive_umask(tmp_path: Path) -> None:
+    old = os.umask(0o000)
+    try:
+        path = tmp_path / "k.key"
+        generate_key_file(path)
+    finally:
+        os.umask(old)
+    assert _mode(path) == 0o600
+    assert path.read_text().splitlines()[0] == KEYRING_MAGIC
+    assert [p.name for p in tmp_path.iterdir()] == ["k.key"]  # no temporary left behind
+
+
+def test_generate_refuses_to_overwrite(key_file: Path) -> None:
+    before = key_file.read_bytes()
+    with pytest.raises(KeyStoreError, match="already exists") as err:
+        generate_key_file(key_file)
+    assert err.value.reason == "keystore:exists"
+    assert key_file.read_bytes() == before
+    kid = generate_key_file(key_file, overwrite=True)
+    assert KeyStore.from_file(key_file).active_kid == kid
+    assert key_file.read_bytes() != before
+    assert _mode(key_file) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602, 0o660, 0o666])
+def test_loose_permissions_are_refused(key_file: Path, mode: int) -> None:
+    key_file.chmod(mode)
+    with pytest.raises(KeyStoreError, match="chmod 600") as err:
+        KeyStore.from_file(key_file)
+    assert err.value.reason == "keystore:permissions"
+    assert f"{mode:04o}" in str(err.value)
+
+
+def test_read_only_owner_mode_is_accepted(key_file: Path) -> None:
+    key_file.chmod(0o400)
+    assert KeyStore.from_file(key_file).active_kid
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(
+        KeyStoreError, match="does not exist; create one with `certqueue keys generate`"
+    ) as err:
+        KeyStore.from_file(tmp_path / "nope.key")
+    assert err.value.reason == "keystore:missing"
+
+
+def test_read_private_file_for_other_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "account.pem"
+    path.write_bytes(b"secret pem")
+    path.chmod(0o600)
+    assert read_private_file(str(path)) == b"secret pem"
+    path.chmod(0o644)
+    with pytest.raises(KeyStoreError, match="chmod 600"):
+        read_private_file(path)
+    with pytest.raises(KeyStoreError, match=r"does not exist$"):
+        read_private_file(tmp_path / "none.pem")
+
+
+def test_a_directory_is_not_a_key_file(tmp_path: Path) -> None:
+    d = tmp_path / "dir"
+    d.mkdir(mode=0o700)
+    with pytest.raises(KeyStoreError, match="regular file"):
+        KeyStore.from_file(d)
+
+
+def test_raw_32_byte_file(tmp_path: Path) -> None:
+    path = tmp_path / "raw.key"
+    key = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, key)
+    os.close(fd)
+    store = KeyStore.from_file(path)
+    assert store.active_kid == raw_kid(key)
+    assert KeyStore.from_file(path).active_kid == store.active_kid  # stable across loads
+    blob = store.encrypt(SECRET, AAD)
+    header, nonce, body = _split(blob)
+    assert AESGCM(key).decrypt(nonce, body, header + AAD) == SECRET
+    assert key.hex()[:10] not in store.active_kid
+
+    # rotating turns it into a keyring that still holds the raw key
+    new_kid = rotate_key_file(path)
+    assert path.read_text().startswith(KEYRING_MAGIC)
+    assert _mode(path) == 0o600
+    rotated = KeyStore.from_file(path)
+    assert rotated.active_kid == new_kid and rotated.kids == {new_kid, raw_kid(key)}
+    assert rotated.decrypt(blob, AAD) == SECRET
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"x" * 31,
+        b"x" * 33,
+        base64.b64encode(os.urandom(32)),  # base64 text instead of raw bytes
+        b"certqueue-keyring 2\n",
+        f"{KEYRING_MAGIC}\nkey k1 raw {base64.b64encode(os.urandom(32)).decode()}\n".encode(),  # no active
+        f"{KEYRING_MAGIC}\nactive k1\n".encode(),  # active not present
+        f"{KEYRING_MAGIC}\nkey k1 raw {base64.b64encode(os.urandom(16)).decode()}\nactive k1\n".encode(),
+        f"{KEYRING_MAGIC}\nkey k1 raw not-base64!!\nactive k1\n".encode(),
+        f"{KEYRING_MAGIC}\nkey K1 raw {base64.b64encode(os.urandom(32)).decode()}\nactive K1\n".encode(),
+        f"{KEYRING_MAGIC}\nkey k1 aes {base64.b64encode(os.urandom(32)).decode()}\nactive k1\n".encode(),
+        f"{KEYRING_MAGIC}\nkey k1 pbkdf2-sha256 1000 {base64.b64encode(os.urandom(16)).decode()} "
+        f"{base64.b64encode(b'passphrase').decode()}\nactive k1\n".encode(),  # too few iterations
+        f"{KEYRING_MAGIC}\nkey k1 raw {base64.b64encode(b'a' * 32).decode()}\n"
+        f"key k1 raw {base64.b64encode(b'b' * 32).decode()}\nactive k1\n".encode(),  # duplicate kid
+        f"{KEYRING_MAGIC}\nsecret-ish garbage line\n".encode(),
+        b"\xff\xfe" * 40,
+    ],
+)
+def test_malformed_key_files(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.key"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    with pytest.raises(KeyStoreError) as err:
+        KeyStore.from_file(path)
+    assert err.value.reason == "keystore:bad_key_file"
+    for line in content.split(b"\n"):  # never echo key material from the file
+        for field in line.split()[3:]:
+            if len(field) >= 12:
+                assert field.decode(errors="replace") not in str(err.value)
+
+
+def test_comments_and_blank_lines_are_ignored(tmp_path: Path) -> None:
+    key = os.urandom(32)
+    path = tmp_path / "hand.key"
+    path.write_text(
+        f"{KEYRING_MAGIC}\n\n# written by hand\nkey khand raw {base64.b64encode(key).decode()}\n"
+        "  active khand  \n"
+    )
+    path.chmod(0o600)
+    store = KeyStore.from_file(path)
+    assert store.active_kid == "khand"
+    header, nonce, body = _split(store.encrypt(b"x", AAD))
+    assert AESGCM(key).decrypt(nonce, body, header + AAD) == b"x"
+
+
+# --- passphrase mode ----------------------------------------------------------------------------
+
+
+def test_passphrase_mode(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "pass.key"
+    kid = generate_key_file(path, passphrase="correct horse battery staple")
+    assert _mode(path) == 0o600
+    line = next(ln for ln in path.read_text().splitlines() if ln.startswith("key "))
+    _, file_kid, kind, iterations, salt_b64, _pass_b64 = line.split()
+    assert (file_kid, kind, int(iterations)) == (kid, "pbkdf2-sha256", PBKDF2_ITERATIONS)
+    salt = base64.b64decode(salt_b64)
+    assert len(salt) == 16
+    store = KeyStore.from_file(path)
+    blob = store.encrypt(SECRET, AAD)
+    # the key is PBKDF2-HMAC-SHA256(passphrase, stored salt, stored iterations)
+    derived = hashlib.pbkdf2_hmac("sha256", b"correct horse battery staple", salt, PBKDF2_ITERATIONS, 32)
+    header, nonce, body = _split(blob)
+    assert AESGCM(derived).decrypt(nonce, body, header + AAD) == SECRET
+    assert KeyStore.from_file(path).decrypt(blob, AAD) == SECRET
+
+    # same passphrase, new file: new salt, so a different key
+    path2 = tmp_path / "pass2.key"
+    generate_key_file(path2, passphrase="correct horse battery staple")
+    other = KeyStore.from_file(path2)
+    with pytest.raises(KeyStoreError):
+        other.decrypt(blob, AAD)
+    assert KeyStore.from_file(path2).active_kid != kid
+
+
+def test_short_passphrase_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(KeyStoreError, match="at least 8"):
+        generate_key_file(tmp_path / "p.key", passphrase="short")
+    assert not (tmp_path / "p.key").exists()
+
+
+# --- rotation -----------------------------------------------------------------------------------
+
+
+def test_rotate_and_retire(key_file: Path) -> None:
+    first = KeyStore.from_file(key_file)
+    old_blob = first.encrypt(SECRET, AAD)
+    new_kid = rotate_key_file(key_file)
+    assert _mode(key_file) == 0o600
+    store = KeyStore.from_file(key_file)
+    assert store.active_kid == new_kid != first.active_kid
+    assert store.needs_rotation(old_blob)
+    assert store.decrypt(old_blob, AAD) == SECRET
+
+    new_blob = reencrypt(store, old_blob, AAD)
+    assert new_blob is not None and store.kid_of(new_blob) == new_kid
+    assert reencrypt(store, new_blob, AAD) is None
+    assert store.decrypt(new_blob, AAD) == SECRET
+
+    assert retire_keys(key_file, {new_kid}) == [first.active_kid]
+    assert _mode(key_file) == 0o600
+    retired = KeyStore.from_file(key_file)
+    assert retired.kids == {new_kid}
+    assert retired.decrypt(new_blob, AAD) == SECRET
+    with pytest.raises(KeyStoreError, match="retired too early"):
+        retired.decrypt(old_blob, AAD)
+    assert retire_keys(key_file, set()) == []  # the active key is always kept
+
+
+def test_rotate_with_passphrase(key_file: Path) -> None:
+    blob = KeyStore.from_file(key_file).encrypt(SECRET, AAD)
+    kid = rotate_key_file(key_file, passphrase="a new long passphrase")
+    store = KeyStore.from_file(key_file)
+    assert store.active_kid == kid
+    assert "pbkdf2-sha256" in key_file.read_text()
+    assert store.decrypt(blob, AAD) == SECRET
+
+
+def test_crash_halfway_through_rotation_loses_nothing(key_file: Path) -> None:
+    """The protocol of ``certqueue keys rotate``: add key, re-encrypt in batches, retire.
+
+    A "crash" (reloading the store from the file, as a restarted process does) at any point
+    leaves every row readable.
+    """
+    store = KeyStore.from_file(key_file)
+    old_kid = store.active_kid
+    rows = {i: os.urandom(48) for i in range(3000)}
+    table = {i: store.encrypt(pt, f"issuances:{i}:key".encode()) for i, pt in rows.items()}
+
+    def check_all(s: KeyStore) -> None:
+        for i, blob in table.items():
+            assert s.decrypt(blob, f"issuances:{i}:key".encode()) == rows[i]
+
+    # (a) add the new key
+    new_kid = rotate_key_file(key_file)
+    store = KeyStore.from_file(key_file)
+    check_all(store)
+    # (b) re-encrypt half, in batches, then crash
+    ids = sorted(table)
+    for start in range(0, 1500, 500):
+        for i in ids[start : start + 500]:
+            out = reencrypt(store, table[i], f"issuances:{i}:key".encode())
+            if out is not None:
+                table[i] = out
+    del store
+    store = KeyStore.from_file(key_file)  # restarted process
+    kids = {store.kid_of(b) for b in table.values()}
+    assert kids == {old_kid, new_kid}
+    check_all(store)
+    # resume: only the rest needs work
+    changed = 0
+    for i in ids:
+        out = reencrypt(store, table[i], f"issuances:{i}:key".encode())
+        if out is not None:
+            table[i] = out
+            changed += 1
+    assert changed == 1500
+    # (c) nothing left under the old kid: retire it
+    assert not any(store.needs_rotation(b) for b in table.values())
+    assert retire_keys(key_file, {b_kid for b_kid in (store.kid_of(b) for b in table.values())}) == [old_kid]
+    check_all(KeyStore.from_file(key_file))
+
+
+def test_failed_write_leaves_the_old_file(key_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = key_file.read_bytes()
+
+    def boom(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        rotate_key_file(key_file)
+    monkeypatch.undo()
+    assert key_file.read_bytes() == before
+    assert [p.name for p in key_file.parent.iterdir()] == [key_file.name]
