@@ -35,18 +35,17 @@ TASK_TIME_LIMIT = 300
 
 def broker_urls(settings: Settings) -> tuple[str, str, dict[str, Any]]:
     """(broker url, result backend url, broker transport options)."""
-    var = Path("var").resolve()
     url = settings.broker.url
     opts: dict[str, Any] = {}
     if not url or url.startswith("filesystem"):
-        data = var / "broker"
+        data = Path(settings.broker.filesystem_path).resolve()
         for sub in ("out", "processed"):
             (data / sub).mkdir(parents=True, exist_ok=True)
         url = url or "filesystem://"
         opts = {"data_folder_in": str(data / "out"), "data_folder_out": str(data / "out"),
                 "processed_folder": str(data / "processed"), "store_processed": False,
                 "polling_interval": 0.1}
-        backend = settings.broker.result_backend or f"db+sqlite:///{var / 'celery-results.db'}"
+        backend = settings.broker.result_backend or f"db+sqlite:///{data.parent / 'celery-results.db'}"
     else:
         opts = {"visibility_timeout": settings.broker.visibility_timeout}
         if url.startswith(("redis", "rediss")):

@@ -90,12 +90,12 @@ class CertificateRequest:
         email = validation.validate_email(email) if email else None
         key_size = kw.get("key_size")
         if key_size is not None:
-            validation.validate_key_size(int(key_size))
+            validation.validate_key_size(key_size)  # not int(): "abc" must be InvalidInput, not ValueError
         try:
             key_type = crypto.key_type_from(key_size=key_size, key_type=kw.get("key_type")) \
                 if (key_size or kw.get("key_type")) else settings.acme.key_type
         except (ValueError, InvalidInput) as exc:
-            raise InvalidInput(str(exc), field="key_type") from None
+            raise InvalidInput(str(exc), field=getattr(exc, "field", None) or "key_type") from None
         challenge_type = kw.get("challenge_type") or settings.challenges.default_type
         if challenge_type not in CHALLENGE_TYPES:
             raise InvalidInput(f"challenge_type must be one of {', '.join(CHALLENGE_TYPES)}",
@@ -107,7 +107,8 @@ class CertificateRequest:
         for name, typ in cmap_in.items():
             norm = validation.normalize_domains([name])[0]
             if norm not in domains:
-                raise InvalidInput(f"challenge_map names {norm}, which is not requested", field="challenge_map")
+                raise InvalidInput(f"challenge_map names {norm}, which is not requested",
+                                   field="challenge_map")
             if typ not in CHALLENGE_TYPES:
                 raise InvalidInput(f"unknown challenge type {typ!r}", field="challenge_map")
             cmap[norm] = typ

@@ -30,14 +30,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from certqueue.errors import ConfigError
 
 ENV_PREFIX = "CERTQUEUE_"
 #: environment variables with this prefix that are not settings keys
-ENV_RESERVED = {"CERTQUEUE_SETTINGS_DIR", "CERTQUEUE_HOME"}
+ENV_RESERVED = {"CERTQUEUE_SETTINGS_DIR", "CERTQUEUE_HOME", "CERTQUEUE_FAILPOINTS",
+                "CERTQUEUE_REQUIRE_POSTGRES"}
 
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -187,7 +196,7 @@ class DatabaseSettings(Section):
     @field_validator("url")
     @classmethod
     def _known_driver(cls, v: str) -> str:
-        if not v.startswith(("sqlite", "postgresql")):
+        if not v.startswith(("sqlite", "postgresql", "postgres://")):
             raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
         if v.startswith("postgresql://") or v.startswith("postgres://"):
             v = "postgresql+psycopg://" + v.split("://", 1)[1]
@@ -195,8 +204,10 @@ class DatabaseSettings(Section):
 
 
 class BrokerSettings(Section):
-    #: empty: the embedded default (kombu filesystem transport under var/broker)
+    #: empty: the embedded default (kombu filesystem transport under ``filesystem_path``)
     url: str = ""
+    #: where the embedded default's filesystem broker keeps messages (and its SQLite results)
+    filesystem_path: Path = Path("var/broker")
     #: empty: Redis when the broker is Redis, else SQLite under var/
     result_backend: str = ""
     #: seconds; must exceed the longest retry countdown and task time limit
@@ -370,12 +381,16 @@ def load_settings(overrides: Mapping[str, Any] | None = None, *, directory: Path
     for name, data in layers:
         merged = _deep_merge(merged, data)
         for key in _leaves(data):
-            sources[key] = env_names.get(key, name) if name == "env" else name
+            # re-insert so that insertion order follows the layers (highest last; see _error_source)
+            sources.pop(key, None)
+            # a JSON object in one variable sets several leaves: each names that variable
+            sources[key] = _source_for(key, env_names) if name == "env" else name
     try:
         settings = Settings(**merged)
     except ValidationError as exc:
         raise _config_error(exc, sources) from None
-    full = _leaves(settings.model_dump(mode="json"))
+    # by alias: the keys a user writes (logging.json), so each matches the layer that set it
+    full = _leaves(settings.model_dump(mode="json", by_alias=True))
     resolved = {k: _source_for(k, sources) for k in full}
     return LoadedSettings(settings=settings, sources=resolved)
 
@@ -406,13 +421,25 @@ def _config_error(exc: ValidationError, sources: dict[str, str]) -> ConfigError:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    return ConfigError(msg, source=_source_for(key, sources), key=key)
+    return ConfigError(msg, source=_error_source(key, sources), key=key)
+
+
+def _error_source(key: str, sources: dict[str, str]) -> str:
+    """The layer to blame for an error at ``key``: the one that set it or a parent, else the highest
+    layer that set something below it (an unknown section, a whole-list check such as unique region
+    names)."""
+    source = _source_for(key, sources)
+    if source == "default":
+        below = [s for k, s in sources.items() if k.startswith(key + ".")]
+        if below:
+            return below[-1]
+    return source
 
 
 def masked_dump(loaded: LoadedSettings) -> dict[str, dict[str, Any]]:
     """key -> {"value": ..., "source": ...} with secrets masked; for ``config show``."""
     out: dict[str, dict[str, Any]] = {}
-    dumped = _leaves(loaded.settings.model_dump(mode="python"))
+    dumped = _leaves(loaded.settings.model_dump(mode="python", by_alias=True))
     for key, value in sorted(dumped.items()):
         if isinstance(value, SecretStr) or _looks_secret(key):
             shown: Any = "**********" if value else value

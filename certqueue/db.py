@@ -126,7 +126,9 @@ def lock_certificate(session: Session, certificate_id: str) -> Certificate | Non
     on SQLite the transaction already holds the database's write lock)."""
     stmt = select(Certificate).where(Certificate.id == certificate_id)
     if is_postgres(session):
-        stmt = stmt.with_for_update()
+        # OF certificates: the joined-eager current_issuance is an outer join, and PostgreSQL
+        # refuses FOR UPDATE on the nullable side of one
+        stmt = stmt.with_for_update(of=Certificate)
     return session.execute(stmt).scalar_one_or_none()
 
 

@@ -147,7 +147,7 @@ class Certificate(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     current_issuance: Mapped[Issuance | None] = relationship(
-        foreign_keys=[current_issuance_id], post_update=True, lazy="joined"
+        foreign_keys=[current_issuance_id], post_update=True, lazy="select"
     )
 
 

@@ -115,16 +115,16 @@ class BindServer:
                 raise BindError(f"{tool} not found: install bind9 and bind9-utils")
         # Not under pytest's tmp_path: that is 0700 root, which ``nobody`` cannot traverse.
         self.workdir = Path(tempfile.mkdtemp(prefix="certqueue-bind-"))
-        self.secret = self._make_key()
-        self.port = free_tcp_udp_port()
-        self._write_config()
-        self._check()
-        self._chown()
-        self._spawn()
         try:
+            self.secret = self._make_key()
+            self.port = free_tcp_udp_port()
+            self._write_config()
+            self._check()
+            self._chown()
+            self._spawn()
             self._wait_ready()
         except BaseException:
-            self.stop()
+            self.stop()  # kills named if it started and removes the work folder
             raise
         return self
 

@@ -82,6 +82,11 @@ def _secret(value: Any) -> str:
     return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
 
 
+def _int(value: Any, default: int) -> int:
+    """A count from settings; None or "" means the default (0 is a real value: no retries)."""
+    return default if value is None or value == "" else int(value)
+
+
 class AzureDNSProvider(DNSProvider):
     name: ClassVar[str] = NAME
     default_timeout: ClassVar[tuple[float, float]] = (180.0, 5.0)
@@ -107,7 +112,7 @@ class AzureDNSProvider(DNSProvider):
             transport["connection_verify"] = config["connection_verify"]
         if credential is None:
             credential = _build_credential(config, transport)
-        client_kwargs: dict[str, Any] = {"retry_total": int(config.get("max_retries", 3)), **transport}
+        client_kwargs: dict[str, Any] = {"retry_total": _int(config.get("max_retries"), 3), **transport}
         if config.get("base_url"):
             client_kwargs["base_url"] = str(config["base_url"])
         self._client = DnsManagementClient(credential, str(config["subscription_id"]), **client_kwargs)

@@ -56,6 +56,11 @@ def _secret(value: Any) -> str:
     return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
 
 
+def _int(value: Any, default: int) -> int:
+    """A count from settings; None or "" means the default (0 is a real value: no retries)."""
+    return default if value is None or value == "" else int(value)
+
+
 class CloudflareProvider(DNSProvider):
     name: ClassVar[str] = NAME
     default_timeout: ClassVar[tuple[float, float]] = (120.0, 2.0)
@@ -73,7 +78,7 @@ class CloudflareProvider(DNSProvider):
         kwargs: dict[str, Any] = {
             "api_token": token,
             "timeout": float(config.get("timeout") or 30.0),
-            "max_retries": int(config.get("max_retries", 2)),
+            "max_retries": _int(config.get("max_retries"), 2),
         }
         if config.get("base_url"):
             kwargs["base_url"] = str(config["base_url"])

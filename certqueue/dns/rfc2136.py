@@ -67,6 +67,13 @@ _KEYS = _COMMON_KEYS | {"nameserver", "tsig_key_name", "tsig_secret", "tsig_algo
 _REQUIRED = ("nameserver", "tsig_key_name", "tsig_secret")
 
 
+class _TSIGKey(dns.tsig.Key):
+    """dnspython's Key prints its secret in repr(); this one does not (tracebacks, debuggers)."""
+
+    def __repr__(self) -> str:
+        return f"<TSIG key {self.name} {self.algorithm} secret=***>"
+
+
 def _secret(value: Any) -> str:
     return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
 
@@ -109,7 +116,7 @@ class RFC2136Provider(DNSProvider):
             ) from exc
         if not raw:
             raise ConfigError(f"dns provider {NAME}: tsig_secret is empty", key=f"{NAME}.tsig_secret")
-        self._key = dns.tsig.Key(str(config["tsig_key_name"]), raw, _ALGORITHMS[algorithm])
+        self._key = _TSIGKey(str(config["tsig_key_name"]), raw, _ALGORITHMS[algorithm])
         self._zone = str(config["zone"]).rstrip(".").lower() if config.get("zone") else None
         self._ttl = int(config.get("ttl") or 60)
         self._timeout = float(config.get("timeout") or 10.0)

@@ -90,6 +90,11 @@ def _secret(value: Any) -> str:
     return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
 
 
+def _int(value: Any, default: int) -> int:
+    """A count from settings; None or "" means the default (0 is a real value: no retries)."""
+    return default if value is None or value == "" else int(value)
+
+
 def _decode_txt(value: str) -> str:
     """``"abc" "def"`` -> ``abcdef`` (Route 53 returns TXT data in zone-file quoting)."""
     parts = _TXT_STRING.findall(value)
@@ -127,14 +132,15 @@ class Route53Provider(DNSProvider):
         kwargs["config"] = botocore.config.Config(
             connect_timeout=timeout,
             read_timeout=timeout,
-            retries={"mode": "standard", "max_attempts": 1 + int(config.get("max_retries", 3))},
+            retries={"mode": "standard", "max_attempts": 1 + _int(config.get("max_retries"), 3)},
         )
         if config.get("endpoint_url"):
             kwargs["endpoint_url"] = str(config["endpoint_url"])
         self._client = boto3.session.Session().client("route53", **kwargs)
         self._zone_id = _zone_id(str(config["hosted_zone_id"])) if config.get("hosted_zone_id") else None
         self._ttl = int(config.get("ttl") or 60)
-        self._insync_timeout = float(config.get("insync_timeout", 60.0))
+        insync = config.get("insync_timeout")
+        self._insync_timeout = 60.0 if insync is None or insync == "" else float(insync)
         for key in ("secret_access_key", "session_token"):
             self.config.pop(key, None)
 

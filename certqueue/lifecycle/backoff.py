@@ -13,7 +13,9 @@ def backoff(attempt: int, *, initial: float, cap: float, jitter: float = 0.2,
     """
     if attempt < 1:
         attempt = 1
-    base = min(cap, initial * (2 ** (attempt - 1)))
+    # float power with a bounded exponent: a huge attempt count must neither build a huge int
+    # nor overflow its conversion to float (2.0**1000 is finite; the product may be inf, then cap)
+    base = min(cap, initial * 2.0 ** min(attempt - 1, 1000))
     if jitter > 0:
         base *= 1 + jitter * (2 * (rng or random).random() - 1)
     base = min(max(base, 0.0), cap)

@@ -160,8 +160,7 @@ class AzureKeyVaultTarget(Target):
 
     def deploy(self, bundle: Bundle, previous_ref: str | None) -> str:
         parsed = check_bundle(NAME, bundle)
-        name = self._name_from_ref(previous_ref) if previous_ref else None
-        name = name or certificate_name_for(self.name_template, bundle.certificate_id)
+        name = self._own_name(previous_ref) or certificate_name_for(self.name_template, bundle.certificate_id)
         tags = {**self.tags, "certqueue-certificate-id": bundle.certificate_id}
         self.import_parsed(name, parsed, bundle.cert_pem, bundle.chain_pem, tags)
         return f"{self.vault_url}/certificates/{name}"
@@ -232,6 +231,13 @@ class AzureKeyVaultTarget(Target):
                 raise
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _own_name(self, ref: str | None) -> str | None:
+        """The name in ``ref`` if it is a certificate of this vault (the vault may have been changed)."""
+        try:
+            return self._name_from_ref(ref) if ref else None
+        except TargetError:
+            return None
 
     def _name_from_ref(self, ref: str) -> str:
         """The certificate name in a (versioned or versionless) id of this vault."""

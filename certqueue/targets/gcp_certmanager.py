@@ -124,8 +124,8 @@ class GCPCertManagerTarget(Target):
     def deploy(self, bundle: Bundle, previous_ref: str | None) -> str:
         check_bundle(NAME, bundle)
         labels = {**self.labels, LABEL_CERTIFICATE_ID: _label_value(bundle.certificate_id)}
-        if previous_ref:
-            self._check_ref(previous_ref)
+        if previous_ref and not self._is_ours(previous_ref):
+            previous_ref = None  # project or location changed: create here
         return self.upsert(
             gcp_certificate_id(bundle.certificate_id),
             bundle.fullchain_pem,
@@ -208,8 +208,11 @@ class GCPCertManagerTarget(Target):
         )
         return name
 
+    def _is_ours(self, ref: str) -> bool:
+        return re.fullmatch(rf"{re.escape(self.parent)}/certificates/[a-z][a-z0-9-]{{0,62}}", ref) is not None
+
     def _check_ref(self, ref: str) -> None:
-        if not re.fullmatch(rf"{re.escape(self.parent)}/certificates/[a-z][a-z0-9-]{{0,62}}", ref):
+        if not self._is_ours(ref):
             raise error(NAME, "invalid", f"{ref!r} is not a certificate of {self.parent}", retryable=False)
 
     def _opts(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from celery import chain, chord, shared_task
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, crypto, validation
+from certqueue import certificates, crypto, failpoints, validation
 from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
 from certqueue.config import get_settings
@@ -359,6 +359,7 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
                 ch.status = ident_status
         raise PermanentError("the CA rejected the order", reason=authz.reason or "acme:orderInvalid")
     res = res.update(body=body)
+    failpoints.hit("validate.before_finalize")
     if status == "ready":
         res = client.finalize(res, order.csr_pem.encode())
         status = _status_name(res.body.status)

@@ -25,12 +25,13 @@ from typing import Any
 from celery import Task
 from celery.canvas import Signature
 from celery.exceptions import Retry
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from certqueue.db import session_scope
 from certqueue.errors import CertqueueError, InvalidInput, PermanentError, PluginError, RetryableError
 from certqueue.lifecycle.backoff import backoff
+from certqueue.logsafe import scrub
 
 log = logging.getLogger("certqueue.tasks")
 
@@ -67,7 +68,8 @@ def classify(exc: BaseException) -> CertqueueError:
         return PermanentError(exc.message, reason=exc.reason)
     if isinstance(exc, CertqueueError):
         return exc
-    if isinstance(exc, OperationalError | DBAPIError):
+    if isinstance(exc, OperationalError | InterfaceError) or (
+            isinstance(exc, DBAPIError) and exc.connection_invalidated):
         return RetryableError("database unavailable", reason="database")
     if isinstance(exc, ConnectionError | TimeoutError | OSError):
         return RetryableError(f"network error: {type(exc).__name__}", reason="network")
@@ -104,6 +106,9 @@ class CertqueueTask(Task):  # type: ignore[misc]
             raise
         except BaseException as exc:  # noqa: BLE001  (mapped to the two kinds)
             kind = classify(exc)
+            if kind is not exc:
+                log.info("%s: %s mapped to %s: %s", self.name, type(exc).__name__, kind.reason,
+                         scrub(str(exc).splitlines()[0] if str(exc) else ""))
             if isinstance(kind, RetryableError):
                 if transient < self.max_transient_retries:
                     countdown = backoff(transient + 1, initial=self.retry_initial, cap=self.retry_cap,

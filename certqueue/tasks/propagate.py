@@ -18,7 +18,7 @@ from typing import Any
 from celery import chord, shared_task
 from sqlalchemy import select
 
-from certqueue import certificates
+from certqueue import certificates, failpoints
 from certqueue.celery_app import region_queue
 from certqueue.config import get_settings
 from certqueue.db import lock_certificate
@@ -109,6 +109,7 @@ def _deploy_step(ctx: StepContext, certificate_id: str, region: str, issuance_id
         return {"region": region, "status": "failed", "reason": "missing"}
     if d.status == "deployed" and d.fingerprint == iss.fingerprint:
         return {"region": region, "status": "success", "skipped": True}
+    failpoints.hit(f"deploy.{region}")
     reg = settings.region(region)
     target = load_target(reg.target, reg.target_settings())
     key_pem = certificates.decrypt_key(iss) if iss.key_enc is not None else b""

@@ -14,6 +14,7 @@ Run: .venv/bin/python -m pytest tests/contract/test_dns_providers.py -q -p tests
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -335,15 +336,21 @@ def test_unknown_setting_is_a_config_error(case: Case) -> None:
     assert case.name in str(info.value) and "api_tokne" in str(info.value)
 
 
-def test_secret_str_accepted_and_never_shown(case: Case, challenge_name: str) -> None:
+def test_secret_str_accepted_and_never_shown(
+    case: Case, challenge_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # SDK debug logging included
     secret = case.config[case.secret_key]
     provider = case.provider(**{case.secret_key: SecretStr(secret)})
-    assert secret not in repr(provider)
+    assert secret not in repr(provider) and secret not in repr(vars(provider))
     value = _value()
     handle = provider.present(challenge_name, value)
     assert case.read_values(challenge_name) == {value}
     assert secret not in json.dumps(handle)
     provider.cleanup(challenge_name, value, handle)
+    if case.name != "rfc2136":  # dnspython does not log
+        assert caplog.records  # the SDKs did log at debug level...
+    assert secret not in caplog.text  # ...but never the secret
 
 
 def test_timeout_defaults_and_override(case: Case) -> None:

@@ -455,3 +455,22 @@ def test_certmanager_fake_lists_by_label_and_pages(gcp_harness: TargetHarness, i
     )
     assert [c.name for c in one] == [f"{target.parent}/certificates/cert-1"]
     assert all(not c.self_managed.pem_private_key for c in everything)
+
+
+def test_a_ref_from_elsewhere_is_not_touched(target_harness: TargetHarness, issue_bundle: Issue) -> None:
+    """fingerprint/remove refuse a ref that is not this target's; deploy starts afresh here instead."""
+    target = target_harness.make()
+    foreign = {
+        "local": "/var/lib/elsewhere/cert_abc123",
+        "aws_acm": None,  # ACM judges ARNs itself: see test_deploy_after_the_previous_ref_was_removed
+        "azure_keyvault": "https://other-vault.vault.azure.net/certificates/cert-abc123",
+        "gcp_certmanager": "projects/other/locations/global/certificates/cert-abc123",
+    }[target_harness.name]
+    if foreign is None:
+        pytest.skip("ACM answers for foreign ARNs itself")
+    with pytest.raises(TargetError) as info:
+        target.remove(foreign)
+    assert info.value.reason == f"{target_harness.name}:invalid"
+    bundle = issue_bundle()
+    ref = target.deploy(bundle, foreign)
+    assert ref != foreign and target_harness.live(ref) == bundle.fingerprint

@@ -1,0 +1,3 @@
+from certqueue.cli import main
+
+main()

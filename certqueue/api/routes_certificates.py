@@ -1,0 +1,346 @@
+"""``/v1/certificates``: create, list, show, renew, revoke, propagate, delete, import.
+
+Every write is one transaction that commits only when everything succeeded; the Celery message is
+sent only after the commit (a task must find the row it names). Requests are validated before
+anything is written, so a refused request leaves no trace. If the broker is down after the commit,
+the answer says ``job_id: null`` and the reconciler (beat) enqueues the work later: the database,
+not the broker, is the truth.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response, status
+from kombu.exceptions import KombuError
+from sqlalchemy import Select, cast, delete, func, literal, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+
+from certqueue import certificates, validation
+from certqueue.api.auth import Principal, require
+from certqueue.api.schemas import (
+    CertificateAccepted,
+    CertificateCreate,
+    CertificateDetail,
+    CertificateOut,
+    CertificatePage,
+    DeploymentOut,
+    ImportRequest,
+    JobQueued,
+    PropagateRequest,
+    RenewRequest,
+    RevokeRequest,
+)
+from certqueue.config import get_settings
+from certqueue.db import session_scope
+from certqueue.errors import InvalidInput
+from certqueue.lifecycle import states
+from certqueue.models import Certificate, Deployment, State, utcnow
+
+log = logging.getLogger("certqueue.api")
+
+router = APIRouter(prefix="/v1/certificates", tags=["certificates"])
+
+MAX_PAGE = 500
+#: states in which a certificate may be deleted without ?force=true
+DELETABLE = (State.REVOKED, State.EXPIRED, State.FAILED)
+RENEWABLE = (State.ACTIVE, State.RENEWING, State.ISSUING, State.FAILED)
+REVOCABLE = (State.ACTIVE, State.RENEWING)
+_IMPORT_FIELDS = {"certificate": "certificate_pem", "private_key": "private_key_pem", "chain": "chain_pem"}
+
+Read = Annotated[Principal, Depends(require("read"))]
+Write = Annotated[Principal, Depends(require("write"))]
+
+
+def enqueue(task: str, payload: dict[str, Any]) -> str | None:
+    """Send a public task after the commit; None if the broker refused (the reconciler catches up)."""
+    from certqueue.client import send
+
+    try:
+        return send(task, payload, queue="acme")
+    except (KombuError, OSError) as exc:
+        log.warning(
+            "could not enqueue %s for %s (%s); the reconciler will resume it",
+            task,
+            payload.get("certificate_id"),
+            type(exc).__name__,
+        )
+        return None
+
+
+def _conflict(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_409_CONFLICT, detail=detail)
+
+
+# --- create / import --------------------------------------------------------------------------------
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=CertificateAccepted,
+    responses={
+        200: {
+            "model": CertificateAccepted,
+            "description": "A live certificate for the same names exists; nothing queued",
+        }
+    },
+)
+def create_certificate(body: CertificateCreate, response: Response, principal: Write) -> CertificateAccepted:
+    """Request a certificate; its issuance is queued (``certqueue.issue``)."""
+    settings = get_settings()
+    req = certificates.CertificateRequest.build(settings, **body.model_dump(exclude_none=True))
+    now = utcnow()
+    with session_scope() as session:
+        cert, created = certificates.create_certificate(session, req, actor=principal.actor)
+        out = CertificateOut.of(cert, now)
+    job_id = None
+    if created:
+        job_id = enqueue("certqueue.issue", {"v": 1, "certificate_id": out.id})
+    else:
+        response.status_code = status.HTTP_200_OK
+    return CertificateAccepted(certificate=out, created=created, job_id=job_id)
+
+
+@router.post("/import", status_code=status.HTTP_201_CREATED, response_model=CertificateAccepted)
+def import_certificate(body: ImportRequest, principal: Write) -> CertificateAccepted:
+    """Import an externally issued certificate (PEM): monitored and propagated, never renewed."""
+    settings = get_settings()
+    now = utcnow()
+    try:
+        with session_scope() as session:
+            cert = certificates.import_certificate(
+                session,
+                certificate_pem=body.certificate_pem,
+                private_key_pem=body.private_key_pem,
+                chain_pem=body.chain_pem,
+                targets=body.targets,
+                actor=principal.actor,
+                settings=settings,
+            )
+            regions = certificates.regions_for(cert, settings)
+            if not regions:
+                iss = session.get(certificates.Issuance, cert.pending_issuance_id)
+                if iss is None:  # import_certificate always sets it
+                    raise RuntimeError("imported certificate has no issuance")
+                certificates.activate(session, cert, iss, reason="imported", settings=settings, now=now)
+            session.flush()
+            out = CertificateOut.of(cert, now)
+    except InvalidInput as exc:
+        if exc.field in _IMPORT_FIELDS:
+            raise InvalidInput(exc.message, field=_IMPORT_FIELDS[exc.field]) from None
+        raise
+    job_id = enqueue("certqueue.propagate", {"v": 1, "certificate_id": out.id}) if regions else None
+    return CertificateAccepted(certificate=out, created=True, job_id=job_id)
+
+
+# --- read -------------------------------------------------------------------------------------------
+
+
+def _encode_cursor(created_at: dt.datetime, cid: str) -> str:
+    raw = json.dumps([created_at.isoformat(), cid]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, cid = json.loads(raw)
+        when = dt.datetime.fromisoformat(created)
+        if when.tzinfo is None or not isinstance(cid, str):
+            raise ValueError("bad cursor")
+        validation.validate_certificate_id(cid)
+        return when, cid
+    except (ValueError, TypeError, binascii.Error, InvalidInput, UnicodeDecodeError):
+        raise InvalidInput("not a cursor returned by this API", field="cursor") from None
+
+
+def _domain_filter(session: Session, stmt: Select[Any], domain: str) -> Select[Any]:
+    if session.get_bind().dialect.name == "postgresql":
+        return stmt.where(cast(Certificate.domains, JSONB).contains([domain]))
+    names = func.json_each(Certificate.domains).table_valued("value")
+    return stmt.where(select(literal(1)).select_from(names).where(names.c.value == domain).exists())
+
+
+@router.get("", response_model=CertificatePage)
+def list_certificates(
+    principal: Read,
+    state: Annotated[list[State] | None, Query(description="Only these states (repeatable)")] = None,
+    domain: Annotated[
+        str | None, Query(max_length=300, description="Only certificates naming this domain")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="From next_cursor (keyset paging)")
+    ] = None,
+) -> CertificatePage:
+    """List certificates, oldest first; ``total`` counts every match of the filters."""
+    where_domain = None
+    if domain is not None:
+        try:
+            where_domain = validation.normalize_domain(domain)
+        except InvalidInput as exc:
+            raise InvalidInput(exc.message, field="domain") from None
+    after = _decode_cursor(cursor) if cursor else None
+    if after is not None and offset:
+        raise InvalidInput("use either offset or cursor, not both", field="offset")
+    now = utcnow()
+    with session_scope(write=False) as session:
+        base = select(Certificate)
+        if state:
+            base = base.where(Certificate.state.in_([s.value for s in state]))
+        if where_domain:
+            base = _domain_filter(session, base, where_domain)
+        total = session.execute(select(func.count()).select_from(base.subquery())).scalar_one()
+        page = base.order_by(Certificate.created_at, Certificate.id)
+        if after is not None:
+            page = page.where(
+                (Certificate.created_at > after[0])
+                | ((Certificate.created_at == after[0]) & (Certificate.id > after[1]))
+            )
+        else:
+            page = page.offset(offset)
+        rows = list(session.execute(page.limit(limit + 1)).unique().scalars())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        items = [CertificateOut.of(c, now) for c in rows]
+    next_cursor = _encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None
+    return CertificatePage(items=items, total=total, limit=limit, offset=offset, next_cursor=next_cursor)
+
+
+@router.get("/{certificate_id}", response_model=CertificateDetail)
+def get_certificate(certificate_id: str, principal: Read) -> CertificateDetail:
+    """One certificate with its current issuance's metadata and its deployments (never its key)."""
+    now = utcnow()
+    with session_scope(write=False) as session:
+        cert = certificates.get(session, certificate_id)
+        deps = session.execute(
+            select(Deployment).where(Deployment.certificate_id == cert.id).order_by(Deployment.region)
+        ).scalars()
+        detail: CertificateDetail = CertificateDetail.of(
+            cert,
+            now,
+            deployments=[DeploymentOut.of(d) for d in deps],
+            pending_issuance_id=cert.pending_issuance_id,
+        )
+    return detail
+
+
+# --- actions ----------------------------------------------------------------------------------------
+
+
+@router.post("/{certificate_id}/renew", status_code=status.HTTP_202_ACCEPTED, response_model=JobQueued)
+def renew_certificate(
+    certificate_id: str, principal: Write, body: Annotated[RenewRequest | None, Body()] = None
+) -> JobQueued:
+    """Queue a renewal (``certqueue.renew``); ``force`` renews even when not due."""
+    force = body.force if body else False
+    with session_scope(write=False) as session:
+        cert = certificates.get(session, certificate_id)
+        if cert.external:
+            raise InvalidInput(
+                "an imported certificate cannot be renewed by certqueue", field="certificate_id"
+            )
+        if cert.state not in RENEWABLE:
+            raise _conflict(f"{cert.id} is {cert.state}; renewable states: {', '.join(RENEWABLE)}")
+    job_id = enqueue("certqueue.renew", {"v": 1, "certificate_id": certificate_id, "force": force})
+    return JobQueued(certificate_id=certificate_id, task="certqueue.renew", job_id=job_id)
+
+
+@router.post(
+    "/{certificate_id}/revoke",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobQueued,
+    responses={200: {"model": JobQueued, "description": "Already revoked; nothing queued"}},
+)
+def revoke_certificate(
+    certificate_id: str,
+    principal: Write,
+    response: Response,
+    body: Annotated[RevokeRequest | None, Body()] = None,
+) -> JobQueued:
+    """Queue a revocation at the CA (``certqueue.revoke``). The reason is checked first: a reason
+    the CA does not accept is refused here, before anything is queued."""
+    from certqueue.tasks.acme import check_revocation_reason
+
+    reason = body.reason if body else "unspecified"
+    check_revocation_reason(reason)
+    with session_scope(write=False) as session:
+        cert = certificates.get(session, certificate_id)
+        if cert.state == State.REVOKED:
+            response.status_code = status.HTTP_200_OK
+            return JobQueued(certificate_id=cert.id, task="certqueue.revoke", job_id=None)
+        if cert.external:
+            raise InvalidInput(
+                "an imported certificate must be revoked through the CA that issued it",
+                field="certificate_id",
+            )
+        if cert.state not in REVOCABLE or cert.current_issuance_id is None:
+            raise _conflict(f"{cert.id} is {cert.state}; only an ACTIVE certificate can be revoked")
+    job_id = enqueue("certqueue.revoke", {"v": 1, "certificate_id": certificate_id, "reason": reason})
+    return JobQueued(certificate_id=certificate_id, task="certqueue.revoke", job_id=job_id)
+
+
+@router.post("/{certificate_id}/propagate", status_code=status.HTTP_202_ACCEPTED, response_model=JobQueued)
+def propagate_certificate(
+    certificate_id: str, principal: Write, body: Annotated[PropagateRequest | None, Body()] = None
+) -> JobQueued:
+    """Queue deployment of the certificate to its regions (or the given subset)."""
+    settings = get_settings()
+    regions = list(body.regions) if body and body.regions else []
+    known = {r.name for r in settings.multi_region.regions}
+    for r in regions:
+        if r not in known:
+            raise InvalidInput(f"unknown region {r!r}", field="regions")
+    with session_scope(write=False) as session:
+        cert = certificates.get(session, certificate_id)
+        if cert.state in (State.REVOKED, State.EXPIRED, State.FAILED) or (
+            cert.current_issuance_id is None and cert.pending_issuance_id is None
+        ):
+            raise _conflict(f"{cert.id} is {cert.state} and has nothing to deploy")
+    payload: dict[str, Any] = {"v": 1, "certificate_id": certificate_id}
+    if regions:
+        payload["regions"] = regions
+    job_id = enqueue("certqueue.propagate", payload)
+    return JobQueued(certificate_id=certificate_id, task="certqueue.propagate", job_id=job_id)
+
+
+@router.delete("/{certificate_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
+def delete_certificate(
+    certificate_id: str,
+    principal: Write,
+    force: Annotated[bool, Query(description="Delete in any state (admin)")] = False,
+) -> Response:
+    """Remove a REVOKED, EXPIRED or FAILED certificate from the inventory, with its issuances, orders
+    and deployment records (``?force=true`` with an admin token: any state). Copies already deployed
+    to targets are not removed; the audit log keeps the certificate's events."""
+    if force and not principal.can("admin"):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="force-deletion needs the 'admin' scope")
+    with session_scope() as session:
+        cert = certificates.get(session, certificate_id)
+        if cert.state not in DELETABLE and not force:
+            raise _conflict(
+                f"{cert.id} is {cert.state}; only {', '.join(DELETABLE)} certificates can be "
+                "deleted (or ?force=true with an admin token)"
+            )
+        cid, was = cert.id, cert.state
+        session.expunge(cert)
+        states.record(
+            session,
+            cid,
+            "deleted",
+            actor=principal.actor,
+            reason="forced" if force else None,
+            data={"state": was},
+        )
+        session.execute(
+            delete(Certificate).where(Certificate.id == cid).execution_options(synchronize_session=False)
+        )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Generate docs/configuration.md from the settings models in certqueue.config.
+
+Keys, types, defaults, limits and environment variable names come from the pydantic models; each
+key's one-line description is its comment in settings/certqueue.yaml (the committed file that holds
+every key), so the reference and the file cannot drift apart: a key missing from the file stops the
+generator, and tests/unit/test_config.py checks that the committed document is current.
+
+    .venv/bin/python scripts/gen_config_docs.py           # rewrite docs/configuration.md
+    .venv/bin/python scripts/gen_config_docs.py --check   # exit 1 when it is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from certqueue.config import _SECRET_WORDS, ENV_PREFIX, RegionSettings, Settings  # noqa: E402
+
+SETTINGS_YAML = ROOT / "settings" / "certqueue.yaml"
+DOC = ROOT / "docs" / "configuration.md"
+
+_KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][A-Za-z0-9_]*):(?P<rest>.*)$")
+
+
+class DocError(Exception):
+    pass
+
+
+def yaml_comments(text: str) -> dict[str, str]:
+    """Dotted key -> the inline comment on its line (``key: value  # comment``) in a block-style
+    YAML file. Comment-only lines (examples) and list items are skipped."""
+    out: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    for line in text.splitlines():
+        m = _KEY_LINE.match(line)
+        if not m:
+            continue
+        indent = len(m["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m["key"]))
+        _, sep, comment = m["rest"].partition(" # ")
+        if sep:
+            out[".".join(k for _, k in stack)] = comment.strip()
+    return out
+
+
+def _key(name: str, info: FieldInfo) -> str:
+    return info.alias or name
+
+
+def type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (Union, types.UnionType):
+        parts = [a for a in args if a is not type(None)]
+        shown = " or ".join(type_name(a) for a in parts)
+        return f"{shown} or null" if len(parts) < len(args) else shown
+    if origin is list:
+        return f"list of {type_name(args[0])}s" if args else "list"
+    names = {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        Path: "path",
+        SecretStr: "secret string",
+        RegionSettings: "region",
+    }
+    if annotation in names:
+        return names[annotation]
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def limits(info: FieldInfo) -> str:
+    shown = []
+    for m in info.metadata:
+        for attr, sym in (
+            ("gt", ">"),
+            ("ge", ">="),
+            ("lt", "<"),
+            ("le", "<="),
+            ("min_length", "length >="),
+            ("max_length", "length <="),
+        ):
+            value = getattr(m, attr, None)
+            if value is not None:
+                shown.append(f"{sym} {value}")
+        pattern = getattr(m, "pattern", None)
+        if pattern:
+            shown.append(f"matches `{pattern}`")
+    return ", ".join(dict.fromkeys(shown))
+
+
+def default_of(info: FieldInfo) -> str:
+    if info.default_factory is not None:
+        value = info.default_factory()  # type: ignore[call-arg]
+    elif info.default is PydanticUndefined:
+        return "(required)"
+    else:
+        value = info.default
+    if isinstance(value, Path):
+        value = str(value)
+    return f"`{json.dumps(value)}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    header = ["key", "type", "default", "limits", "environment", "description"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _row(
+    path: list[str], name: str, info: FieldInfo, comments: dict[str, str], env: bool = True
+) -> list[str]:
+    key = ".".join([*path, _key(name, info)])
+    if key not in comments:
+        raise DocError(f"{SETTINGS_YAML.relative_to(ROOT)}: no `{key}: ...  # description` line")
+    env_name = f"`{ENV_PREFIX}{'__'.join(p.upper() for p in key.split('.'))}`" if env else ""
+    return [f"`{key}`", type_name(info.annotation), default_of(info), limits(info), env_name, comments[key]]
+
+
+INTRO = """\
+# Configuration reference
+
+<!-- Generated by scripts/gen_config_docs.py from certqueue/config.py and the comments of
+settings/certqueue.yaml. Do not edit by hand: edit those, then run the script. -->
+
+certqueue reads its settings in layers; each one overrides the one before, key by key:
+
+1. the defaults below (the pydantic models in `certqueue/config.py`);
+2. `settings/certqueue.yaml`: committed, every key present with its default and a comment;
+3. `settings/local.yaml`: gitignored, for one machine (start from `settings/local.yaml.example`);
+4. runtime overrides stored in the database (the guide's `update_config`), seen by every worker;
+5. environment variables `CERTQUEUE_<SECTION>__<KEY>`;
+6. command-line flags (`--database`, `--broker`, `--set KEY=VALUE`).
+
+`CERTQUEUE_SETTINGS_DIR` names the directory holding the two YAML files (default `settings`).
+
+YAML layers merge deeply: a `local.yaml` that sets `acme.staging` keeps every other `acme` key. The
+guide's file shape is accepted as written: a `certificate_management:` wrapper around everything, and
+`lets_encrypt:` as the name of the `acme:` section (also `CERTQUEUE_LETS_ENCRYPT__STAGING`).
+
+**Environment variables use a double underscore between levels**
+(`CERTQUEUE_AUTOMATION__RENEWAL_THRESHOLD_DAYS=45`). The guide's single-underscore names
+(`..._LETS_ENCRYPT_STAGING`) cannot be split unambiguously (`lets_encrypt.staging` or
+`lets.encrypt_staging`?), so certqueue refuses them with a hint instead of guessing. A value that
+starts with `[` or `{` is read as JSON (lists, region entries).
+
+An unknown key, a wrong type or an impossible value stops the program with a `ConfigError` naming the
+layer (the file, or the variable) and the key. `certqueue config show [--json]` prints the merged
+settings with secrets masked and, for every key, the layer it came from.
+
+Secrets are never printed: `acme.eab_hmac_key`, provider tokens and client secrets, and any key
+whose name contains one of these words:
+{secret_words}.
+Keep them in `local.yaml` or the environment, not in the committed file.
+"""
+
+CHALLENGE_PROVIDERS = """\
+### Provider sections: `challenges.<provider>`
+
+Each DNS-01 provider reads a section of its own under `challenges`, named after it: `cloudflare`,
+`route53`, `azure`, `rfc2136` (or any provider installed through the `certqueue.dns_providers` entry
+point). The provider validates its keys when it is loaded; every key is listed in
+[dns-providers.md](dns-providers.md). Environment example:
+`CERTQUEUE_CHALLENGES__CLOUDFLARE__API_TOKEN`.
+
+```yaml
+challenges:
+  dns_provider: cloudflare
+  cloudflare:
+    api_token: "<token>"
+```
+"""
+
+REGIONS = """\
+### Region entries: `multi_region.regions[]`
+
+Each entry is one deployment target. `provider` picks the target plugin (`aws` is `aws_acm`, `azure`
+is `azure_keyvault`, `gcp` is `gcp_certmanager`); every other key belongs to that plugin and is checked
+by it ([targets.md](targets.md)). Region names must be unique. From the environment the whole list is
+one JSON value: `CERTQUEUE_MULTI_REGION__REGIONS='[{"name": "web1", "provider": "local", ...}]'`.
+
+| key | type | default | limits | description |
+|---|---|---|---|---|
+"""
+
+REGION_DESCRIPTIONS = {
+    "name": "the region's name, used by `--region`, certificate `targets` and worker queues",
+    "provider": "the target plugin",
+    "required": "a certificate becomes ACTIVE only when every required region has it",
+}
+
+
+def render() -> str:
+    comments = yaml_comments(SETTINGS_YAML.read_text())
+    words = [f"`{w}`" for w in _SECRET_WORDS]
+    out = [INTRO.replace("{secret_words}", ", ".join(words[:-1]) + f" or {words[-1]}")]
+    top = [[*_row([], n, f, comments)] for n, f in Settings.model_fields.items() if not _is_section(f)]
+    out += ["## Top level", "", *_table(top), ""]
+    for name, info in Settings.model_fields.items():
+        if not _is_section(info):
+            continue
+        model = info.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        out += [f"## `{name}`", ""]
+        if name in comments:
+            out += [comments[name][:1].upper() + comments[name][1:] + ".", ""]
+        rows = [_row([name], n, f, comments) for n, f in model.model_fields.items()]
+        out += [*_table(rows), ""]
+        if name == "challenges":
+            out += [CHALLENGE_PROVIDERS]
+        if name == "multi_region":
+            lines = [REGIONS.rstrip("\n")]
+            for n, f in RegionSettings.model_fields.items():
+                desc = REGION_DESCRIPTIONS[n]
+                lines.append(
+                    "| "
+                    + " | ".join(
+                        _cell(c) for c in [f"`{n}`", type_name(f.annotation), default_of(f), limits(f), desc]
+                    )
+                    + " |"
+                )
+            lines.append("| *(other keys)* | | | | the target plugin's settings |")
+            out += [*lines, ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _is_section(info: FieldInfo) -> bool:
+    return isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--check", action="store_true", help="exit 1 if the committed document is stale")
+    args = parser.parse_args(argv)
+    try:
+        text = render()
+    except DocError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        current = DOC.read_text() if DOC.exists() else ""
+        if current != text:
+            print(f"{DOC.relative_to(ROOT)} is out of date: run scripts/gen_config_docs.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(text)
+    print(f"wrote {DOC.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The issuance pipeline end to end: Pebble, PostgreSQL, Redis, real worker processes."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from certqueue import certificates, crypto
+from certqueue.db import session_scope
+from certqueue.models import Certificate, Challenge, Event, Http01Token, Issuance, Order
+
+pytestmark = pytest.mark.integration
+
+
+def _issuance(cid: str) -> Issuance:
+    with session_scope(write=False) as s:
+        c = s.get(Certificate, cid)
+        assert c is not None and c.current_issuance_id is not None
+        iss = s.get(Issuance, c.current_issuance_id)
+        assert iss is not None
+        return iss
+
+
+def _verify(pipeline, cid: str, names: list[str]) -> Issuance:
+    iss = _issuance(cid)
+    info = crypto.cert_info(iss.cert_pem)
+    assert sorted(info.names) == sorted(names)
+    chain = crypto.split_pem_chain(iss.chain_pem)
+    crypto.verify_chain(iss.cert_pem, chain, [pipeline.pebble.roots_pem()], name=names[0])
+    with session_scope(write=False) as s:
+        key = certificates.decrypt_key(s.get(Issuance, iss.id))
+    assert crypto.key_matches_certificate(key, iss.cert_pem)
+    assert b"PRIVATE KEY" not in iss.key_enc
+    return iss
+
+
+def test_single_name_certificate(pg_pipeline):
+    cid = pg_pipeline.request(["single.example.test"])
+    pg_pipeline.wait_state(cid, "ACTIVE")
+    _verify(pg_pipeline, cid, ["single.example.test"])
+    with session_scope(write=False) as s:
+        transitions = [(e.from_state, e.to_state) for e in s.execute(
+            select(Event).where(Event.certificate_id == cid, Event.kind == "transition").order_by(Event.id)).scalars()]
+        c = s.get(Certificate, cid)
+        assert c.renew_at is not None
+    assert transitions == [("REQUESTED", "ISSUING"), ("ISSUING", "ISSUED"), ("ISSUED", "ACTIVE")]
+    # tokens are gone after validation, the challenge rows say cleaned
+    assert pg_pipeline.count(Http01Token, Http01Token.certificate_id == cid) == 0
+    assert pg_pipeline.count(Challenge, Challenge.certificate_id == cid, Challenge.status != "cleaned") == 0
+
+
+def test_fifty_names(pg_pipeline):
+    names = [f"n{i:02d}.fifty.example.test" for i in range(50)]
+    cid = pg_pipeline.request(names)
+    pg_pipeline.wait_state(cid, "ACTIVE", timeout=120)
+    _verify(pg_pipeline, cid, names)
+    assert len(pg_pipeline.orders(cid)) == 1
+
+
+def test_renewal_keeps_old_issuance_and_rotates_key(pg_pipeline):
+    cid = pg_pipeline.request(["renew.example.test"])
+    pg_pipeline.wait_state(cid, "ACTIVE")
+    first = _issuance(cid)
+    pg_pipeline.send("certqueue.renew", {"v": 1, "certificate_id": cid, "force": True})
+    pg_pipeline.wait_for(lambda: _issuance(cid).id != first.id and pg_pipeline.state(cid) == "ACTIVE",
+                         what="renewal")
+    second = _verify(pg_pipeline, cid, ["renew.example.test"])
+    assert second.serial != first.serial
+    assert crypto.cert_info(second.cert_pem).fingerprint_sha256 != first.fingerprint
+    with session_scope(write=False) as s:
+        old = s.get(Issuance, first.id)
+        assert old is not None  # kept for audit and revocation
+        k1 = certificates.decrypt_key(old)
+        k2 = certificates.decrypt_key(s.get(Issuance, second.id))
+    assert k1 != k2  # a fresh key on renewal
+    assert [o.purpose for o in pg_pipeline.orders(cid)] == ["issue", "renew"]
+    assert pg_pipeline.count(Event, Event.certificate_id == cid, Event.kind == "renewal",
+                             Event.reason == "success") == 1
+
+
+def test_renew_not_due_does_nothing(pg_pipeline):
+    cid = pg_pipeline.request(["notdue.example.test"])
+    pg_pipeline.wait_state(cid, "ACTIVE")
+    task_id = pg_pipeline.send("certqueue.renew", {"v": 1, "certificate_id": cid})
+    from certqueue.celery_app import lazy_app
+
+    assert lazy_app.get().AsyncResult(task_id).get(timeout=30)["status"] == "not_due"
+    assert len(pg_pipeline.orders(cid)) == 1
+
+
+def test_revocation_reaches_the_ca(pg_pipeline):
+    cid = pg_pipeline.request(["revoke.example.test"])
+    pg_pipeline.wait_state(cid, "ACTIVE")
+    iss = _issuance(cid)
+    pg_pipeline.send("certqueue.revoke", {"v": 1, "certificate_id": cid, "reason": "keyCompromise"})
+    pg_pipeline.wait_state(cid, "REVOKED")
+    status = pg_pipeline.pebble.cert_status(iss.serial)
+    assert status["Status"].lower() == "revoked"
+    assert int(status.get("Reason", -1)) == 1
+
+
+def test_revocation_reason_the_ca_refuses_sends_nothing(pg_pipeline):
+    cid = pg_pipeline.request(["badreason.example.test"])
+    pg_pipeline.wait_state(cid, "ACTIVE")
+    task_id = pg_pipeline.send("certqueue.revoke", {"v": 1, "certificate_id": cid, "reason": "affiliationChanged"})
+    from certqueue.celery_app import lazy_app
+
+    with pytest.raises(Exception, match="does not accept revocation reason"):
+        lazy_app.get().AsyncResult(task_id).get(timeout=30)
+    assert pg_pipeline.state(cid) == "ACTIVE"
+    iss = _issuance(cid)
+    assert pg_pipeline.pebble.cert_status(iss.serial)["Status"].lower() == "valid"
+
+
+def test_redelivered_issue_message_gives_one_order(pg_pipeline):
+    with session_scope() as s:
+        req = certificates.CertificateRequest.build(domains=["twice.example.test"])
+        cert, _ = certificates.create_certificate(s, req)
+        cid = cert.id
+    for _ in range(3):
+        pg_pipeline.send("certqueue.issue", {"v": 1, "certificate_id": cid})
+    pg_pipeline.wait_state(cid, "ACTIVE")
+    orders = pg_pipeline.orders(cid)
+    assert len(orders) == 1
+    assert pg_pipeline.count(Issuance, Issuance.certificate_id == cid) == 1
+
+
+def test_concurrent_duplicate_requests_give_one_certificate(pg_pipeline):
+    payload = {"v": 1, "request": {"domains": ["dup.example.test", "www.dup.example.test"]}}
+    ids = [pg_pipeline.send("certqueue.issue", payload) for _ in range(4)]
+    from certqueue.celery_app import lazy_app
+
+    results = [lazy_app.get().AsyncResult(i).get(timeout=60) for i in ids]
+    cids = {r["certificate_id"] for r in results if isinstance(r, dict) and "certificate_id" in r}
+    assert len(cids) == 1, results
+    cid = cids.pop()
+    pg_pipeline.wait_state(cid, "ACTIVE")
+    assert len(pg_pipeline.orders(cid)) == 1
+    with session_scope(write=False) as s:
+        rows = s.execute(select(Certificate).where(Certificate.domains.is_not(None))).scalars().all()
+        assert sum(1 for c in rows if sorted(c.domains) == ["dup.example.test", "www.dup.example.test"]) == 1
+
+
+def test_bad_payload_is_a_failed_job_that_writes_nothing(pg_pipeline):
+    from certqueue.celery_app import lazy_app
+
+    before = pg_pipeline.count(Certificate)
+    for payload in ({"v": 1, "request": {"domains": ["bad..example.test"]}},
+                    {"v": 2, "certificate_id": "cert_aaaaaaaaaaaaaaaaaaaa"},
+                    {"v": 1, "request": {"domains": ["ok.example.test"], "bogus": 1}},
+                    "not a dict"):
+        task_id = pg_pipeline.send("certqueue.issue", payload)
+        with pytest.raises(Exception):  # noqa: B017  (the job's own error, re-raised by get())
+            lazy_app.get().AsyncResult(task_id).get(timeout=30)
+        assert lazy_app.get().AsyncResult(task_id).state == "FAILURE"
+    assert pg_pipeline.count(Certificate) == before
+
+
+def test_rejected_challenge_fails_with_stable_reason_and_cleans_up(pg_pipeline):
+    # the CA resolves this name to an address where nothing listens: validation fails
+    pg_pipeline.dns._post("/add-a", {"host": "unreachable.example.test", "addresses": ["127.0.0.3"]})
+    cid = pg_pipeline.request(["unreachable.example.test"])
+    pg_pipeline.wait_state(cid, "FAILED", timeout=90)
+    with session_scope(write=False) as s:
+        c = s.get(Certificate, cid)
+        assert c.last_error in ("acme:connection", "acme:unauthorized")
+        ev = s.execute(select(Event).where(Event.certificate_id == cid, Event.kind == "validation_error")).scalars().one()
+        assert ev.data["type"] == "http-01"
+    assert pg_pipeline.count(Http01Token, Http01Token.certificate_id == cid) == 0
+    assert pg_pipeline.count(Challenge, Challenge.certificate_id == cid, Challenge.status != "cleaned") == 0
+    assert pg_pipeline.orders(cid)[0].status == "invalid"
+
+
+def test_sigkill_of_acme_worker_mid_order_resumes_same_order(pg_pipeline):
+    stack = pg_pipeline.stack
+    stack.stop("worker-acme")
+    stack.start_worker("acme", name="worker-acme-slow",
+                       extra_env={"CERTQUEUE_FAILPOINTS": "validate.before_finalize=sleep:30"})
+    try:
+        cid = pg_pipeline.request(["killed.example.test"])
+        pg_pipeline.wait_for(lambda: "validate.before_finalize" in "" or
+                             any(o.status in ("ready", "pending") and o.polls > 0 for o in pg_pipeline.orders(cid))
+                             or _in_failpoint(stack), timeout=60, what="worker inside the failpoint")
+        pg_pipeline.wait_for(lambda: _in_failpoint(stack), timeout=60, what="failpoint reached")
+        order_url = pg_pipeline.orders(cid)[0].order_url
+        killed = stack.kill_children("worker-acme-slow")
+        assert killed
+        stack.stop("worker-acme-slow")
+    finally:
+        stack.stop("worker-acme-slow")
+    stack.start_worker("acme")
+    pg_pipeline.wait_state(cid, "ACTIVE", timeout=90)
+    orders = pg_pipeline.orders(cid)
+    assert [o.order_url for o in orders] == [order_url]
+
+
+def _in_failpoint(stack) -> bool:
+    # the worker logs the task as received; the failpoint holds it inside validate before finalize
+    from certqueue.db import session_scope as ss
+
+    with ss(write=False) as s:
+        return bool(s.execute(select(Order).where(Order.status == "ready")).first()) or \
+            "validate" in stack.log("worker-acme-slow") and _ready_or_polled(s)
+
+
+def _ready_or_polled(s) -> bool:
+    return bool(s.execute(select(Order).where(Order.polls >= 1, Order.finished_at.is_(None))).first())
+
+
+def private_fragments(key_pem: bytes) -> list[str]:
+    """Encodings of the private scalar (never the public key, which CSRs carry legitimately)."""
+    import base64
+
+    key = crypto.load_private_key(key_pem)
+    numbers = key.private_numbers()
+    secret = getattr(numbers, "private_value", None) or getattr(numbers, "d")
+    raw = secret.to_bytes((secret.bit_length() + 7) // 8, "big")
+    return [raw.hex()[:32], base64.b64encode(raw).decode()[:24], base64.urlsafe_b64encode(raw).decode().rstrip("=")[:24]]
+
+
+def test_no_private_key_in_logs(pg_pipeline):
+    cid = pg_pipeline.request(["logs.example.test"])
+    pg_pipeline.wait_state(cid, "ACTIVE")
+    logs = pg_pipeline.stack.all_logs()
+    assert "PRIVATE KEY" not in logs
+    checked = 0
+    with session_scope(write=False) as s:
+        for iss in s.execute(select(Issuance)).scalars():
+            for frag in private_fragments(certificates.decrypt_key(iss)):
+                assert frag not in logs, f"private key material of issuance {iss.id} in logs"
+            checked += 1
+    assert checked >= 1
+    # the logs are DEBUG and did record the pipeline (so the scan above looked at something)
+    assert re.search(r"certqueue\.acme\.validate\[.*\] succeeded", logs)
+    assert "JWS payload" in logs
+
+
+def test_parallel_requests_all_complete(pg_pipeline):
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        cid = pg_pipeline.request([f"p{i}.parallel.example.test"])
+        with lock:
+            ids.append(cid)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for cid in ids:
+        pg_pipeline.wait_state(cid, "ACTIVE", timeout=120)
+
+
+def test_embedded_default_pipeline(embedded_pipeline):
+    cid = embedded_pipeline.request(["embedded.example.test", "www.embedded.example.test"])
+    embedded_pipeline.wait_state(cid, "ACTIVE", timeout=90)
+    _verify(embedded_pipeline, cid, ["embedded.example.test", "www.embedded.example.test"])
+    embedded_pipeline.send("certqueue.renew", {"v": 1, "certificate_id": cid, "force": True})
+    embedded_pipeline.wait_for(lambda: embedded_pipeline.count(Issuance, Issuance.certificate_id == cid) == 2
+                               and embedded_pipeline.state(cid) == "ACTIVE", timeout=90, what="renewal")
+    embedded_pipeline.send("certqueue.revoke", {"v": 1, "certificate_id": cid, "reason": "superseded"})
+    embedded_pipeline.wait_state(cid, "REVOKED", timeout=60)
