@@ -42,15 +42,25 @@ def broker_urls(settings: Settings) -> tuple[str, str, dict[str, Any]]:
         for sub in ("out", "processed"):
             (data / sub).mkdir(parents=True, exist_ok=True)
         url = url or "filesystem://"
-        opts = {"data_folder_in": str(data / "out"), "data_folder_out": str(data / "out"),
-                "processed_folder": str(data / "processed"), "store_processed": False,
-                "polling_interval": 0.1}
+        opts = {
+            "data_folder_in": str(data / "out"),
+            "data_folder_out": str(data / "out"),
+            "processed_folder": str(data / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
         backend = settings.broker.result_backend or f"db+sqlite:///{data.parent / 'celery-results.db'}"
     else:
         opts = {"visibility_timeout": settings.broker.visibility_timeout}
         if url.startswith(("redis", "rediss")):
-            opts.update({"socket_timeout": 15, "socket_connect_timeout": 5, "retry_on_timeout": True,
-                         "health_check_interval": 30})
+            opts.update(
+                {
+                    "socket_timeout": 15,
+                    "socket_connect_timeout": 5,
+                    "retry_on_timeout": True,
+                    "health_check_interval": 30,
+                }
+            )
         backend = settings.broker.result_backend or (url if url.startswith(("redis", "rediss")) else "")
     return url, backend, opts
 
@@ -113,9 +123,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("certqueue", set_as_current=True)
     configure(app, settings)
-    import certqueue.tasks.acme  # noqa: F401  (register tasks)
-    import certqueue.tasks.dns  # noqa: F401
-    import certqueue.tasks.propagate  # noqa: F401
+    import certqueue.tasks.acme
+    import certqueue.tasks.dns
+    import certqueue.tasks.propagate
     import certqueue.tasks.scan  # noqa: F401
 
     return app

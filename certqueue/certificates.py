@@ -92,14 +92,18 @@ class CertificateRequest:
         if key_size is not None:
             validation.validate_key_size(key_size)  # not int(): "abc" must be InvalidInput, not ValueError
         try:
-            key_type = crypto.key_type_from(key_size=key_size, key_type=kw.get("key_type")) \
-                if (key_size or kw.get("key_type")) else settings.acme.key_type
+            key_type = (
+                crypto.key_type_from(key_size=key_size, key_type=kw.get("key_type"))
+                if (key_size or kw.get("key_type"))
+                else settings.acme.key_type
+            )
         except (ValueError, InvalidInput) as exc:
             raise InvalidInput(str(exc), field=getattr(exc, "field", None) or "key_type") from None
         challenge_type = kw.get("challenge_type") or settings.challenges.default_type
         if challenge_type not in CHALLENGE_TYPES:
-            raise InvalidInput(f"challenge_type must be one of {', '.join(CHALLENGE_TYPES)}",
-                               field="challenge_type")
+            raise InvalidInput(
+                f"challenge_type must be one of {', '.join(CHALLENGE_TYPES)}", field="challenge_type"
+            )
         cmap_in = kw.get("challenge_map") or {}
         if not isinstance(cmap_in, dict):
             raise InvalidInput("challenge_map must map names to challenge types", field="challenge_map")
@@ -107,20 +111,23 @@ class CertificateRequest:
         for name, typ in cmap_in.items():
             norm = validation.normalize_domains([name])[0]
             if norm not in domains:
-                raise InvalidInput(f"challenge_map names {norm}, which is not requested",
-                                   field="challenge_map")
+                raise InvalidInput(
+                    f"challenge_map names {norm}, which is not requested", field="challenge_map"
+                )
             if typ not in CHALLENGE_TYPES:
                 raise InvalidInput(f"unknown challenge type {typ!r}", field="challenge_map")
             cmap[norm] = typ
         for d in domains:
             if d.startswith("*.") and cmap.get(d, challenge_type) != "dns-01":
-                raise InvalidInput(f"{d}: wildcard names can only be validated with dns-01",
-                                   field="challenge_type")
+                raise InvalidInput(
+                    f"{d}: wildcard names can only be validated with dns-01", field="challenge_type"
+                )
         dns_provider = kw.get("dns_provider") or settings.challenges.dns_provider
         needs_dns = challenge_type == "dns-01" or "dns-01" in cmap.values()
         if needs_dns and not dns_provider:
-            raise InvalidInput("dns-01 needs a dns_provider (argument or challenges.dns_provider)",
-                               field="dns_provider")
+            raise InvalidInput(
+                "dns-01 needs a dns_provider (argument or challenges.dns_provider)", field="dns_provider"
+            )
         targets = list(kw.get("targets") or [])
         known_regions = {r.name for r in settings.multi_region.regions}
         for t in targets:
@@ -136,14 +143,25 @@ class CertificateRequest:
         directory_url = kw.get("directory_url") or settings.acme.directory
         if not str(directory_url).startswith(("https://", "http://")):
             raise InvalidInput("directory_url must be an http(s) URL", field="directory_url")
-        return cls(domains=domains, email=email, key_type=key_type, key_size=key_size,
-                   challenge_type=challenge_type, challenge_map=cmap, dns_provider=dns_provider,
-                   profile=kw.get("profile") or settings.acme.profile,
-                   preferred_chain=kw.get("preferred_chain") or settings.acme.preferred_chain,
-                   directory_url=directory_url, targets=targets,
-                   auto_renew=bool(kw.get("auto_renew", settings.automation.auto_renew)),
-                   reuse_key=bool(kw.get("reuse_key", False)), organization=kw.get("organization"),
-                   country=country, state=kw.get("state"), locality=kw.get("locality"))
+        return cls(
+            domains=domains,
+            email=email,
+            key_type=key_type,
+            key_size=key_size,
+            challenge_type=challenge_type,
+            challenge_map=cmap,
+            dns_provider=dns_provider,
+            profile=kw.get("profile") or settings.acme.profile,
+            preferred_chain=kw.get("preferred_chain") or settings.acme.preferred_chain,
+            directory_url=directory_url,
+            targets=targets,
+            auto_renew=bool(kw.get("auto_renew", settings.automation.auto_renew)),
+            reuse_key=bool(kw.get("reuse_key", False)),
+            organization=kw.get("organization"),
+            country=country,
+            state=kw.get("state"),
+            locality=kw.get("locality"),
+        )
 
     @property
     def dedupe_key(self) -> str:
@@ -151,8 +169,9 @@ class CertificateRequest:
         return hashlib.sha256(material.encode()).hexdigest()
 
 
-def create_certificate(session: Session, req: CertificateRequest, *, actor: str = "certqueue",
-                       certificate_id: str | None = None) -> tuple[Certificate, bool]:
+def create_certificate(
+    session: Session, req: CertificateRequest, *, actor: str = "certqueue", certificate_id: str | None = None
+) -> tuple[Certificate, bool]:
     """Insert a REQUESTED certificate, or return the live one for the same names (created=False).
 
     Two requests for the same names at once give one row: the partial unique index on
@@ -162,12 +181,25 @@ def create_certificate(session: Session, req: CertificateRequest, *, actor: str 
     if existing is not None:
         return existing, False
     cert = Certificate(
-        id=certificate_id or validation.new_certificate_id(), domains=req.domains, dedupe_key=req.dedupe_key,
-        state=State.REQUESTED, key_type=req.key_type, key_size=req.key_size,
-        challenge_type=req.challenge_type, challenge_map=req.challenge_map, dns_provider=req.dns_provider,
-        profile=req.profile, preferred_chain=req.preferred_chain, directory_url=req.directory_url or "",
-        email=req.email, targets=req.targets, auto_renew=req.auto_renew, reuse_key=req.reuse_key,
-        organization=req.organization, country=req.country, state_province=req.state,
+        id=certificate_id or validation.new_certificate_id(),
+        domains=req.domains,
+        dedupe_key=req.dedupe_key,
+        state=State.REQUESTED,
+        key_type=req.key_type,
+        key_size=req.key_size,
+        challenge_type=req.challenge_type,
+        challenge_map=req.challenge_map,
+        dns_provider=req.dns_provider,
+        profile=req.profile,
+        preferred_chain=req.preferred_chain,
+        directory_url=req.directory_url or "",
+        email=req.email,
+        targets=req.targets,
+        auto_renew=req.auto_renew,
+        reuse_key=req.reuse_key,
+        organization=req.organization,
+        country=req.country,
+        state_province=req.state,
         locality=req.locality,
     )
     nested = session.begin_nested()
@@ -181,15 +213,21 @@ def create_certificate(session: Session, req: CertificateRequest, *, actor: str 
         if existing is None:
             raise
         return existing, False
-    states.record(session, cert.id, "requested", actor=actor,
-                  data={"domains": len(req.domains), "challenge_type": req.challenge_type})
+    states.record(
+        session,
+        cert.id,
+        "requested",
+        actor=actor,
+        data={"domains": len(req.domains), "challenge_type": req.challenge_type},
+    )
     return cert, True
 
 
 def find_live(session: Session, dedupe_key: str) -> Certificate | None:
     return session.execute(
-        select(Certificate).where(Certificate.dedupe_key == dedupe_key,
-                                  Certificate.state.in_([s.value for s in LIVE_STATES]))
+        select(Certificate).where(
+            Certificate.dedupe_key == dedupe_key, Certificate.state.in_([s.value for s in LIVE_STATES])
+        )
     ).scalar_one_or_none()
 
 
@@ -201,8 +239,15 @@ def get(session: Session, certificate_id: str) -> Certificate:
     return cert
 
 
-def store_issuance(session: Session, cert: Certificate, fullchain_pem: str, key_pem: bytes | None, *,
-                   order_url: str | None = None, settings: Settings | None = None) -> Issuance:
+def store_issuance(
+    session: Session,
+    cert: Certificate,
+    fullchain_pem: str,
+    key_pem: bytes | None,
+    *,
+    order_url: str | None = None,
+    settings: Settings | None = None,
+) -> Issuance:
     """Parse, check and store an issued certificate with its private key encrypted."""
     pems = crypto.split_pem_chain(fullchain_pem)
     if not pems:
@@ -211,12 +256,23 @@ def store_issuance(session: Session, cert: Certificate, fullchain_pem: str, key_
     info = crypto.cert_info(leaf_pem)
     if key_pem is not None and not crypto.key_matches_certificate(key_pem, leaf_pem):
         raise InvalidInput("the private key does not match the certificate", field="private_key_pem")
-    key_enc = keystore(settings).encrypt(key_pem, issuance_aad(cert.id, info.fingerprint_sha256)) \
-        if key_pem is not None else None
+    key_enc = (
+        keystore(settings).encrypt(key_pem, issuance_aad(cert.id, info.fingerprint_sha256))
+        if key_pem is not None
+        else None
+    )
     iss = Issuance(
-        certificate_id=cert.id, serial=info.serial, not_before=info.not_before, not_after=info.not_after,
-        cert_pem=leaf_pem, chain_pem=chain, key_enc=key_enc, key_type=info.key_type,
-        fingerprint=info.fingerprint_sha256, issuer=info.issuer, order_url=order_url,
+        certificate_id=cert.id,
+        serial=info.serial,
+        not_before=info.not_before,
+        not_after=info.not_after,
+        cert_pem=leaf_pem,
+        chain_pem=chain,
+        key_enc=key_enc,
+        key_type=info.key_type,
+        fingerprint=info.fingerprint_sha256,
+        issuer=info.issuer,
+        order_url=order_url,
         ari_cert_id=_ari_cert_id(info),
     )
     session.add(iss)
@@ -233,8 +289,10 @@ def _ari_cert_id(info: crypto.CertInfo) -> str | None:
     aki = bytes.fromhex(info.authority_key_id)
     serial = int(info.serial, 16)
     sbytes = serial.to_bytes((serial.bit_length() + 8) // 8 or 1, "big")
+
     def b64(b: bytes) -> str:
         return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
     return f"{b64(aki)}.{b64(sbytes)}"
 
 
@@ -244,8 +302,15 @@ def decrypt_key(iss: Issuance, settings: Settings | None = None) -> bytes:
     return keystore(settings).decrypt(iss.key_enc, issuance_aad(iss.certificate_id, iss.fingerprint))
 
 
-def activate(session: Session, cert: Certificate, iss: Issuance, *, reason: str,
-             settings: Settings | None = None, now: dt.datetime | None = None) -> None:
+def activate(
+    session: Session,
+    cert: Certificate,
+    iss: Issuance,
+    *,
+    reason: str,
+    settings: Settings | None = None,
+    now: dt.datetime | None = None,
+) -> None:
     """Make ``iss`` the served issuance and move the certificate to ACTIVE, scheduling renewal."""
     settings = settings or get_settings()
     cert.current_issuance_id = iss.id
@@ -256,17 +321,27 @@ def activate(session: Session, cert: Certificate, iss: Issuance, *, reason: str,
     cert.work_deadline = None
     cert.force_new_key = False
     if cert.auto_renew and not cert.external:
-        cert.renew_at = renewal.renew_at(iss.not_before, iss.not_after,
-                                         settings.automation.renewal_threshold_days,
-                                         jitter=settings.automation.renewal_jitter)
+        cert.renew_at = renewal.renew_at(
+            iss.not_before,
+            iss.not_after,
+            settings.automation.renewal_threshold_days,
+            jitter=settings.automation.renewal_jitter,
+        )
     else:
         cert.renew_at = None
     states.transition(session, cert, State.ACTIVE, reason=reason, data={"serial": iss.serial})
 
 
-def import_certificate(session: Session, *, certificate_pem: str, private_key_pem: str | None,
-                       chain_pem: str | None = None, targets: Sequence[str] = (),
-                       actor: str = "certqueue", settings: Settings | None = None) -> Certificate:
+def import_certificate(
+    session: Session,
+    *,
+    certificate_pem: str,
+    private_key_pem: str | None,
+    chain_pem: str | None = None,
+    targets: Sequence[str] = (),
+    actor: str = "certqueue",
+    settings: Settings | None = None,
+) -> Certificate:
     """Import an externally issued certificate (the guide's manual EV case).
 
     It is monitored and propagated like any other, never renewed (there is no order to repeat); the
@@ -291,10 +366,16 @@ def import_certificate(session: Session, *, certificate_pem: str, private_key_pe
         if t not in known_regions:
             raise InvalidInput(f"unknown region {t!r}", field="targets")
     cert = Certificate(
-        id=validation.new_certificate_id(), domains=domains,
+        id=validation.new_certificate_id(),
+        domains=domains,
         dedupe_key=hashlib.sha256(f"import:{info.fingerprint_sha256}".encode()).hexdigest(),
-        state=State.REQUESTED, key_type=info.key_type, challenge_type="none", directory_url="",
-        targets=list(targets), auto_renew=False, external=True,
+        state=State.REQUESTED,
+        key_type=info.key_type,
+        challenge_type="none",
+        directory_url="",
+        targets=list(targets),
+        auto_renew=False,
+        external=True,
     )
     session.add(cert)
     try:
@@ -330,8 +411,14 @@ def regions_for(cert: Certificate, settings: Settings | None = None) -> list[str
     return []
 
 
-def list_certificates(session: Session, *, states_in: Iterable[str] | None = None,
-                      domain: str | None = None, limit: int = 100, offset: int = 0) -> list[Certificate]:
+def list_certificates(
+    session: Session,
+    *,
+    states_in: Iterable[str] | None = None,
+    domain: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[Certificate]:
     stmt = select(Certificate).order_by(Certificate.created_at, Certificate.id)
     if states_in:
         stmt = stmt.where(Certificate.state.in_(list(states_in)))

@@ -54,7 +54,7 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             _fail(exc.message, _exit_code(exc))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
@@ -65,7 +65,9 @@ def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
     set_settings(loaded.settings)
     ctx.obj["loaded"] = loaded
     level = loaded.settings.logging.level
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from certqueue.logsafe import install
 
     install()
@@ -74,12 +76,15 @@ def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--database", "database_url", help="Database URL (overrides database.url).")
 @click.option("--broker", "broker_url", help="Broker URL (overrides broker.url).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a setting, e.g. acme.staging=true.")
+@click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a setting, e.g. acme.staging=true."
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(__version__, prog_name="certqueue")
 @click.pass_context
-def main(ctx: click.Context, database_url: str | None, broker_url: str | None, sets: Sequence[str],
-         debug: bool) -> None:
+def main(
+    ctx: click.Context, database_url: str | None, broker_url: str | None, sets: Sequence[str], debug: bool
+) -> None:
     """certqueue: keep a fleet of TLS certificates issued, renewed and deployed."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -114,6 +119,7 @@ def _print_json(data: Any) -> None:
 
 # --- config ---------------------------------------------------------------------------------------
 
+
 @main.group()
 def config() -> None:
     """Settings."""
@@ -139,6 +145,7 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 
 # --- database and keys ------------------------------------------------------------------------------
 
+
 @main.group()
 def db() -> None:
     """Database schema."""
@@ -159,13 +166,18 @@ def keys() -> None:
 
 
 @keys.command("generate")
-@click.option("--path", type=click.Path(path_type=Path), help="Key file (default storage.encryption_key_path).")
+@click.option(
+    "--path", type=click.Path(path_type=Path), help="Key file (default storage.encryption_key_path)."
+)
 @click.option("--passphrase-env", metavar="VAR", help="Derive the key from the passphrase in this variable.")
-@click.option("--force", is_flag=True, help="Overwrite an existing key file (old ciphertexts become unreadable).")
+@click.option(
+    "--force", is_flag=True, help="Overwrite an existing key file (old ciphertexts become unreadable)."
+)
 @click.option("--if-missing", is_flag=True, help="Do nothing when the file exists.")
 @click.pass_context
-def keys_generate(ctx: click.Context, path: Path | None, passphrase_env: str | None, force: bool,
-                  if_missing: bool) -> None:
+def keys_generate(
+    ctx: click.Context, path: Path | None, passphrase_env: str | None, force: bool, if_missing: bool
+) -> None:
     """Write a new key file, mode 0600."""
     from certqueue.keystore import generate_key_file
 
@@ -189,20 +201,28 @@ def keys_rotate(resume: bool) -> None:
     from certqueue.keyrotation import rotate
 
     rep = rotate(resume_only=resume)
-    console.print(f"active key {rep.new_kid or '(unchanged)'}; re-encrypted {rep.reencrypted} records; "
-                  f"retired {', '.join(rep.retired) or 'none'}")
+    console.print(
+        f"active key {rep.new_kid or '(unchanged)'}; re-encrypted {rep.reencrypted} records; "
+        f"retired {', '.join(rep.retired) or 'none'}"
+    )
 
 
 # --- certificates -----------------------------------------------------------------------------------
 
+
 def _cert_row(c: Any) -> dict[str, Any]:
     iss = c.current_issuance
     return {
-        "id": c.id, "domains": c.domains, "state": c.state,
+        "id": c.id,
+        "domains": c.domains,
+        "state": c.state,
         "not_after": iss.not_after.isoformat() if iss else None,
-        "issuer": iss.issuer if iss else None, "serial": iss.serial if iss else None,
+        "issuer": iss.issuer if iss else None,
+        "serial": iss.serial if iss else None,
         "renew_at": c.renew_at.isoformat() if c.renew_at else None,
-        "challenge_type": c.challenge_type, "last_error": c.last_error, "external": c.external,
+        "challenge_type": c.challenge_type,
+        "last_error": c.last_error,
+        "external": c.external,
     }
 
 
@@ -221,10 +241,17 @@ def print_inventory(rows: list[dict[str, Any]]) -> None:
         table.add_column(col, overflow="fold")
     styles = {"ACTIVE": "green", "FAILED": "red", "REVOKED": "magenta", "EXPIRED": "red"}
     for r in rows:
-        names = ", ".join(r["domains"][:3]) + (f" (+{len(r['domains']) - 3})" if len(r["domains"]) > 3 else "")
+        names = ", ".join(r["domains"][:3]) + (
+            f" (+{len(r['domains']) - 3})" if len(r["domains"]) > 3 else ""
+        )
         st = r["state"]
-        table.add_row(r["id"], names, f"[{styles.get(st, 'yellow')}]{st}[/]",
-                      (r["not_after"] or "")[:19].replace("T", " "), _short_issuer(r["issuer"]))
+        table.add_row(
+            r["id"],
+            names,
+            f"[{styles.get(st, 'yellow')}]{st}[/]",
+            (r["not_after"] or "")[:19].replace("T", " "),
+            _short_issuer(r["issuer"]),
+        )
     console.print(table)
 
 
@@ -240,8 +267,12 @@ def list_cmd(states_in: Sequence[str], domain: str | None, limit: int, offset: i
     from certqueue.db import session_scope
 
     with session_scope(write=False) as s:
-        rows = [_cert_row(c) for c in certificates.list_certificates(
-            s, states_in=[x.upper() for x in states_in] or None, domain=domain, limit=limit, offset=offset)]
+        rows = [
+            _cert_row(c)
+            for c in certificates.list_certificates(
+                s, states_in=[x.upper() for x in states_in] or None, domain=domain, limit=limit, offset=offset
+            )
+        ]
     if as_json:
         _print_json(rows)
     else:
@@ -263,18 +294,40 @@ def show_cmd(certificate_id: str, as_json: bool) -> None:
         c = certificates.get(s, certificate_id)
         data = _cert_row(c)
         data["issuances"] = [
-            {"id": i.id, "serial": i.serial, "not_before": i.not_before.isoformat(),
-             "not_after": i.not_after.isoformat(), "fingerprint": i.fingerprint,
-             "revoked": i.revocation_reason}
-            for i in s.execute(select(Issuance).where(Issuance.certificate_id == c.id).order_by(Issuance.id)).scalars()]
+            {
+                "id": i.id,
+                "serial": i.serial,
+                "not_before": i.not_before.isoformat(),
+                "not_after": i.not_after.isoformat(),
+                "fingerprint": i.fingerprint,
+                "revoked": i.revocation_reason,
+            }
+            for i in s.execute(
+                select(Issuance).where(Issuance.certificate_id == c.id).order_by(Issuance.id)
+            ).scalars()
+        ]
         data["deployments"] = [
-            {"region": d.region, "status": d.status, "ref": d.remote_ref, "attempts": d.attempts,
-             "error": d.last_error}
-            for d in s.execute(select(Deployment).where(Deployment.certificate_id == c.id)).scalars()]
+            {
+                "region": d.region,
+                "status": d.status,
+                "ref": d.remote_ref,
+                "attempts": d.attempts,
+                "error": d.last_error,
+            }
+            for d in s.execute(select(Deployment).where(Deployment.certificate_id == c.id)).scalars()
+        ]
         data["events"] = [
-            {"at": e.at.isoformat(), "kind": e.kind, "from": e.from_state, "to": e.to_state, "reason": e.reason}
-            for e in s.execute(select(Event).where(Event.certificate_id == c.id).order_by(Event.id.desc())
-                               .limit(20)).scalars()]
+            {
+                "at": e.at.isoformat(),
+                "kind": e.kind,
+                "from": e.from_state,
+                "to": e.to_state,
+                "reason": e.reason,
+            }
+            for e in s.execute(
+                select(Event).where(Event.certificate_id == c.id).order_by(Event.id.desc()).limit(20)
+            ).scalars()
+        ]
     if as_json:
         _print_json(data)
         return
@@ -321,16 +374,33 @@ def _send(task: str, payload: dict[str, Any], queue: str = "acme") -> str:
 @click.option("--wait/--no-wait", default=False, help="Wait until ACTIVE or FAILED.")
 @click.option("--timeout", default=300.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def issue_cmd(domains: Sequence[str], email: str | None, challenge_type: str | None, dns_provider: str | None,
-              key_type: str | None, profile: str | None, targets: Sequence[str], no_auto_renew: bool,
-              wait: bool, timeout: float, as_json: bool) -> None:
+def issue_cmd(
+    domains: Sequence[str],
+    email: str | None,
+    challenge_type: str | None,
+    dns_provider: str | None,
+    key_type: str | None,
+    profile: str | None,
+    targets: Sequence[str],
+    no_auto_renew: bool,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """Request a certificate for DOMAINS (one certificate, all names)."""
     from certqueue import certificates
     from certqueue.db import session_scope
 
     req = certificates.CertificateRequest.build(
-        domains=list(domains), email=email, challenge_type=challenge_type, dns_provider=dns_provider,
-        key_type=key_type, profile=profile, targets=list(targets), auto_renew=not no_auto_renew)
+        domains=list(domains),
+        email=email,
+        challenge_type=challenge_type,
+        dns_provider=dns_provider,
+        key_type=key_type,
+        profile=profile,
+        targets=list(targets),
+        auto_renew=not no_auto_renew,
+    )
     with session_scope() as s:
         cert, created = certificates.create_certificate(s, req, actor="cli")
         cid = cert.id
@@ -342,8 +412,10 @@ def issue_cmd(domains: Sequence[str], email: str | None, challenge_type: str | N
     if as_json:
         _print_json(out)
     else:
-        console.print(f"{cid} {'requested' if created else 'already requested'}"
-                      + (f": {out['state']}" if "state" in out else ""))
+        console.print(
+            f"{cid} {'requested' if created else 'already requested'}"
+            + (f": {out['state']}" if "state" in out else "")
+        )
     if wait and out.get("state") == "FAILED":
         sys.exit(EXIT_FAILED)
     if wait and out.get("state") not in ("ACTIVE", "FAILED", "REVOKED"):
@@ -437,8 +509,13 @@ def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence
 
     with session_scope() as s:
         cert = certificates.import_certificate(
-            s, certificate_pem=cert_file.read(), private_key_pem=key_file.read(),
-            chain_pem=chain_file.read() if chain_file else None, targets=list(targets), actor="cli")
+            s,
+            certificate_pem=cert_file.read(),
+            private_key_pem=key_file.read(),
+            chain_pem=chain_file.read() if chain_file else None,
+            targets=list(targets),
+            actor="cli",
+        )
         cid = cert.id
         regions = certificates.regions_for(cert)
         if not regions:
@@ -464,14 +541,16 @@ def scan_cmd(limit: int | None) -> None:
 
 # --- processes --------------------------------------------------------------------------------------
 
+
 @main.command("worker")
 @click.option("--pool", type=click.Choice(["acme", "dns", "propagate", "all"]), required=True)
 @click.option("--region", "regions", multiple=True, help="propagate pool: the region(s) served.")
 @click.option("--concurrency", "-c", type=int)
 @click.option("--loglevel", default=None)
 @click.option("--hostname", "-n", default=None)
-def worker_cmd(pool: str, regions: Sequence[str], concurrency: int | None, loglevel: str | None,
-               hostname: str | None) -> None:
+def worker_cmd(
+    pool: str, regions: Sequence[str], concurrency: int | None, loglevel: str | None, hostname: str | None
+) -> None:
     """Run a worker pool."""
     from certqueue.workers import run_worker
 
@@ -497,7 +576,8 @@ def http01_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
 
     c = ctx.obj["loaded"].settings.challenges
     srv = serve(host or c.http_host, port or c.http_port)
-    err_console.print(f"http01 responder on {srv.server_address[0]}:{srv.server_address[1]}")
+    bound_host, bound_port = srv.server_address[0], srv.server_address[1]
+    err_console.print(f"http01 responder on {bound_host!s}:{bound_port}")
     try:
         srv.serve_forever()
     except KeyboardInterrupt:

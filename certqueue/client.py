@@ -30,11 +30,18 @@ class Job:
 
 class CertqueueClient:
     def __init__(self, broker_url: str, result_backend: str | None = None) -> None:
-        self.app = Celery("certqueue-client", broker=broker_url,
-                          backend=result_backend or (broker_url if broker_url.startswith("redis") else None),
-                          set_as_current=False)
-        self.app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
-                             broker_connection_retry_on_startup=True)
+        self.app = Celery(
+            "certqueue-client",
+            broker=broker_url,
+            backend=result_backend or (broker_url if broker_url.startswith("redis") else None),
+            set_as_current=False,
+        )
+        self.app.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            result_serializer="json",
+            broker_connection_retry_on_startup=True,
+        )
 
     def _send(self, task: str, payload: dict[str, Any], queue: str = "acme") -> Job:
         res = self.app.send_task(task, args=[{"v": PAYLOAD_VERSION, **payload}], queue=queue)
@@ -61,8 +68,9 @@ class CertqueueClient:
 
     def status(self, certificate_id: str, timeout: float = 10.0) -> dict[str, Any]:
         """The certificate's state, answered by a worker (``certqueue.status``)."""
-        res = self.app.send_task("certqueue.status", args=[{"v": PAYLOAD_VERSION, "certificate_id": certificate_id}],
-                                 queue="acme")
+        res = self.app.send_task(
+            "certqueue.status", args=[{"v": PAYLOAD_VERSION, "certificate_id": certificate_id}], queue="acme"
+        )
         return dict(res.get(timeout=timeout))
 
     def job(self, task_id: str, timeout: float | None = None) -> Any:

@@ -45,8 +45,12 @@ from certqueue.errors import ConfigError
 
 ENV_PREFIX = "CERTQUEUE_"
 #: environment variables with this prefix that are not settings keys
-ENV_RESERVED = {"CERTQUEUE_SETTINGS_DIR", "CERTQUEUE_HOME", "CERTQUEUE_FAILPOINTS",
-                "CERTQUEUE_REQUIRE_POSTGRES"}
+ENV_RESERVED = {
+    "CERTQUEUE_SETTINGS_DIR",
+    "CERTQUEUE_HOME",
+    "CERTQUEUE_FAILPOINTS",
+    "CERTQUEUE_REQUIRE_POSTGRES",
+}
 
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -235,20 +239,21 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__")
 
     enabled: bool = True
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    acme: AcmeSettings = Field(default_factory=AcmeSettings)
-    challenges: ChallengeSettings = Field(default_factory=ChallengeSettings)
-    automation: AutomationSettings = Field(default_factory=AutomationSettings)
-    multi_region: MultiRegionSettings = Field(default_factory=MultiRegionSettings)
-    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
-    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
-    broker: BrokerSettings = Field(default_factory=BrokerSettings)
-    logging: LoggingSettings = Field(default_factory=LoggingSettings)
-    api: ApiSettings = Field(default_factory=ApiSettings)
+    storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
+    acme: AcmeSettings = Field(default_factory=lambda: AcmeSettings())
+    challenges: ChallengeSettings = Field(default_factory=lambda: ChallengeSettings())
+    automation: AutomationSettings = Field(default_factory=lambda: AutomationSettings())
+    multi_region: MultiRegionSettings = Field(default_factory=lambda: MultiRegionSettings())
+    monitoring: MonitoringSettings = Field(default_factory=lambda: MonitoringSettings())
+    database: DatabaseSettings = Field(default_factory=lambda: DatabaseSettings())
+    broker: BrokerSettings = Field(default_factory=lambda: BrokerSettings())
+    logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
+    api: ApiSettings = Field(default_factory=lambda: ApiSettings())
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):  # type: ignore[no-untyped-def, override]
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):  # type: ignore[no-untyped-def, override]
         # load_settings() merges every layer itself (to remember where each value came from) and
         # passes the result as init arguments; no other source may add values behind its back.
         return (init_settings,)
@@ -261,6 +266,7 @@ class Settings(BaseSettings):
 
 
 # --- layering ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class LoadedSettings:
@@ -341,7 +347,7 @@ def read_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]
     for var, raw in environ.items():
         if not var.startswith(ENV_PREFIX) or var in ENV_RESERVED:
             continue
-        path = [p.lower() for p in var[len(ENV_PREFIX):].split("__")]
+        path = [p.lower() for p in var[len(ENV_PREFIX) :].split("__")]
         if path[0] == "lets_encrypt":
             path[0] = "acme"
         if path[0] not in sections or any(not p for p in path):
@@ -359,9 +365,13 @@ def read_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]
     return data, names
 
 
-def load_settings(overrides: Mapping[str, Any] | None = None, *, directory: Path | None = None,
-                  environ: Mapping[str, str] | None = None,
-                  runtime: Mapping[str, Any] | None = None) -> LoadedSettings:
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    directory: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    runtime: Mapping[str, Any] | None = None,
+) -> LoadedSettings:
     """Merge every layer and validate. ``overrides`` may be nested or use dotted keys."""
     directory = directory if directory is not None else settings_dir()
     environ = os.environ if environ is None else environ

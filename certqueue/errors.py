@@ -97,8 +97,15 @@ class PluginError(CertqueueError):
 
     kind = "plugin"
 
-    def __init__(self, plugin: str, message: str, *, retryable: bool = False, reason: str | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        plugin: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        reason: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{self.kind} {plugin}: {message}", reason=reason or f"{plugin}:error")
         self.plugin = plugin
         self.retryable = retryable

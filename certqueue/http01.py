@@ -27,8 +27,9 @@ def lookup(token: str) -> str | None:
     if not TOKEN_RE.match(token):
         return None
     with session_scope(write=False) as s:
-        row = s.execute(select(Http01Token.key_authorization, Http01Token.expires_at)
-                        .where(Http01Token.token == token)).first()
+        row = s.execute(
+            select(Http01Token.key_authorization, Http01Token.expires_at).where(Http01Token.token == token)
+        ).first()
     if row is None or row.expires_at <= utcnow():
         return None
     return str(row.key_authorization)
@@ -38,7 +39,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "certqueue-http01"
     sys_version = ""
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/health":
             self._send(200, b"ok\n")
@@ -47,8 +48,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found\n")
             return
         try:
-            body = lookup(path[len(PREFIX):])
-        except Exception:  # noqa: BLE001  (a database hiccup is a 503, never a crash)
+            body = lookup(path[len(PREFIX) :])
+        except Exception:
             log.exception("token lookup failed")
             self._send(503, b"unavailable\n")
             return

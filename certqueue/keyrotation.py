@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -32,7 +33,7 @@ class RotationReport:
     retired: list[str]
 
 
-def _tables() -> list[tuple[type, Callable[[object], bytes]]]:
+def _tables() -> list[tuple[Any, Callable[[Any], bytes]]]:
     return [
         (Issuance, lambda r: certificates.issuance_aad(r.certificate_id, r.fingerprint)),  # type: ignore[attr-defined]
         (Account, lambda r: account_aad(r.directory_url, r.contact)),  # type: ignore[attr-defined]
@@ -47,8 +48,16 @@ def reencrypt_all(store: KeyStore, *, batch: int = BATCH, stop_after: int | None
         last = 0
         while True:
             with session_scope() as s:
-                rows = s.execute(select(model).where(model.id > last, model.key_enc.is_not(None))  # type: ignore[attr-defined]
-                                 .order_by(model.id).limit(batch)).scalars().all()  # type: ignore[attr-defined]
+                rows = (
+                    s.execute(
+                        select(model)
+                        .where(model.id > last, model.key_enc.is_not(None))  # type: ignore[attr-defined]
+                        .order_by(model.id)
+                        .limit(batch)
+                    )
+                    .scalars()
+                    .all()
+                )  # type: ignore[attr-defined]
                 if not rows:
                     break
                 for row in rows:

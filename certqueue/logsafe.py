@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 import re
 
-_PEM_KEY = re.compile(r"-----BEGIN (?:[A-Z ]+ )?PRIVATE KEY-----.*?(?:-----END (?:[A-Z ]+ )?PRIVATE KEY-----|$)",
-                      re.DOTALL)
-_SECRETS = re.compile(r"(?i)(authorization:\s*bearer\s+|\"?(?:api_token|client_secret|secret_access_key|"
-                      r"tsig_secret|hmac_key|password)\"?\s*[:=]\s*\"?)([^\s\"',}]+)")
+_PEM_KEY = re.compile(
+    r"-----BEGIN (?:[A-Z ]+ )?PRIVATE KEY-----.*?(?:-----END (?:[A-Z ]+ )?PRIVATE KEY-----|$)", re.DOTALL
+)
+_SECRETS = re.compile(
+    r"(?i)(authorization:\s*bearer\s+|\"?(?:api_token|client_secret|secret_access_key|"
+    r"tsig_secret|hmac_key|password)\"?\s*[:=]\s*\"?)([^\s\"',}]+)"
+)
 
 
 def scrub(text: str) -> str:

@@ -153,8 +153,10 @@ class Certificate(Base):
 
 class Issuance(Base):
     __tablename__ = "issuances"
-    __table_args__ = (Index("ix_issuances_certificate", "certificate_id"),
-                      Index("ix_issuances_serial", "serial"))
+    __table_args__ = (
+        Index("ix_issuances_certificate", "certificate_id"),
+        Index("ix_issuances_serial", "serial"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     certificate_id: Mapped[str] = mapped_column(ForeignKey("certificates.id", ondelete="CASCADE"))
@@ -199,8 +201,7 @@ class Order(Base):
 
 class Challenge(Base):
     __tablename__ = "challenges"
-    __table_args__ = (Index("ix_challenges_order", "order_id"),
-                      Index("ix_challenges_status", "status"))
+    __table_args__ = (Index("ix_challenges_order", "order_id"), Index("ix_challenges_status", "status"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     order_id: Mapped[int] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"))
@@ -245,8 +246,10 @@ class Event(Base):
     """The audit log, and the source of the Prometheus counters (they survive restarts)."""
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_certificate", "certificate_id"),
-                      Index("ix_events_kind_at", "kind", "at"))
+    __table_args__ = (
+        Index("ix_events_certificate", "certificate_id"),
+        Index("ix_events_kind_at", "kind", "at"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     certificate_id: Mapped[str | None] = mapped_column(String(40))

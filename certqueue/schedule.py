@@ -12,9 +12,15 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     scan_every = min(a.scan_interval_seconds, a.check_interval_hours * 3600)
     return {
         "scan-due": {"task": "certqueue.scan.due", "schedule": scan_every, "options": {"queue": "scan"}},
-        "scan-expire": {"task": "certqueue.scan.expire", "schedule": max(scan_every, 300.0),
-                        "options": {"queue": "scan"}},
-        "reconcile": {"task": "certqueue.scan.reconcile", "schedule": max(min(a.stuck_after_seconds / 3, 300), 1),
-                      "options": {"queue": "scan"}},
+        "scan-expire": {
+            "task": "certqueue.scan.expire",
+            "schedule": max(scan_every, 300.0),
+            "options": {"queue": "scan"},
+        },
+        "reconcile": {
+            "task": "certqueue.scan.reconcile",
+            "schedule": max(min(a.stuck_after_seconds / 3, 300), 1),
+            "options": {"queue": "scan"},
+        },
         "drift": {"task": "certqueue.scan.drift", "schedule": 3600.0, "options": {"queue": "scan"}},
     }

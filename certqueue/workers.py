@@ -40,14 +40,33 @@ def pool_spec(pool: str, regions: list[str]) -> PoolSpec:
     raise ConfigError(f"unknown pool {pool!r}", key="--pool")
 
 
-def run_worker(pool: str, regions: list[str], *, concurrency: int | None = None, loglevel: str | None = None,
-               hostname: str | None = None) -> None:
+def run_worker(
+    pool: str,
+    regions: list[str],
+    *,
+    concurrency: int | None = None,
+    loglevel: str | None = None,
+    hostname: str | None = None,
+) -> None:
     spec = pool_spec(pool, regions)
     app = lazy_app.get()
     name = hostname or f"{pool}{'-' + '-'.join(regions) if regions else ''}@%h"
-    argv = ["worker", "-Q", ",".join(spec.queues), "-c", str(concurrency or spec.concurrency),
-            "-P", spec.pool, "-n", name, "--loglevel", loglevel or get_settings().logging.level,
-            "--without-mingle", "--without-gossip", "-E"]
+    argv = [
+        "worker",
+        "-Q",
+        ",".join(spec.queues),
+        "-c",
+        str(concurrency or spec.concurrency),
+        "-P",
+        spec.pool,
+        "-n",
+        name,
+        "--loglevel",
+        loglevel or get_settings().logging.level,
+        "--without-mingle",
+        "--without-gossip",
+        "-E",
+    ]
     app.worker_main(argv)
 
 

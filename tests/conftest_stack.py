@@ -27,6 +27,17 @@ from certqueue.models import Certificate, Order
 
 PG_ADMIN = os.environ.get("CERTQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST = "127.0.0.1"
+#: Redis databases for pipelines (15 is the API tests'); each live pipeline gets its own
+_REDIS_DBS = list(range(1, 15))
+_redis_in_use: set[int] = set()
+
+
+def _take_redis_db() -> int:
+    for db in _REDIS_DBS:
+        if db not in _redis_in_use:
+            _redis_in_use.add(db)
+            return db
+    raise RuntimeError("no free Redis database for another pipeline")
 
 
 def create_pg_database() -> tuple[str, Callable[[], None]]:
@@ -50,11 +61,11 @@ def services_available() -> str | None:
         import psycopg
 
         psycopg.connect(PG_ADMIN, connect_timeout=3).close()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"PostgreSQL unreachable: {exc}"
     try:
         redis_lib.Redis(host=REDIS_HOST, socket_timeout=3).ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"Redis unreachable: {exc}"
     return None
 
@@ -101,8 +112,10 @@ class Pipeline:
             if st in want:
                 return st
             time.sleep(0.1)
-        raise AssertionError(f"{cid} is {st}, wanted {sorted(want)} within {timeout}s\n"
-                             f"--- logs ---\n{self.stack.all_logs()[-6000:]}")
+        raise AssertionError(
+            f"{cid} is {st}, wanted {sorted(want)} within {timeout}s\n"
+            f"--- logs ---\n{self.stack.all_logs()[-6000:]}"
+        )
 
     def wait_for(self, check: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
@@ -114,16 +127,25 @@ class Pipeline:
 
     def orders(self, cid: str) -> list[Order]:
         with session_scope(write=False) as s:
-            return list(s.execute(select(Order).where(Order.certificate_id == cid).order_by(Order.id)).scalars())
+            return list(
+                s.execute(select(Order).where(Order.certificate_id == cid).order_by(Order.id)).scalars()
+            )
 
     def count(self, model: Any, *where: Any) -> int:
         with session_scope(write=False) as s:
             return int(s.execute(select(func.count()).select_from(model).where(*where)).scalar_one())
 
 
-def build_pipeline(tmp: Path, *, backend: str, extra_env: dict[str, str] | None = None,
-                   pools: tuple[str, ...] = ("acme", "dns"), pebble_env: dict[str, str] | None = None,
-                   regions: list[dict[str, Any]] | None = None, dns_server: str | None = None) -> Pipeline:
+def build_pipeline(
+    tmp: Path,
+    *,
+    backend: str,
+    extra_env: dict[str, str] | None = None,
+    pools: tuple[str, ...] = ("acme", "dns"),
+    pebble_env: dict[str, str] | None = None,
+    regions: list[dict[str, Any]] | None = None,
+    dns_server: str | None = None,
+) -> Pipeline:
     """Start everything; the caller must call ``teardown_pipeline``."""
     cleanups: list[Callable[[], None]] = []
     (tmp / "settings").mkdir(parents=True, exist_ok=True)
@@ -132,8 +154,9 @@ def build_pipeline(tmp: Path, *, backend: str, extra_env: dict[str, str] | None 
     dns = ChallTestSrv().start()
     cleanups.append(dns.stop)
     http_port = free_port()
-    peb = PebbleServer(http_port=http_port, dns_server=dns_server or dns.dns_address,
-                       env=pebble_env or {}).start()
+    peb = PebbleServer(
+        http_port=http_port, dns_server=dns_server or dns.dns_address, env=pebble_env or {}
+    ).start()
     cleanups.append(peb.stop)
     env = {
         "CERTQUEUE_SETTINGS_DIR": str(tmp / "settings"),
@@ -151,7 +174,8 @@ def build_pipeline(tmp: Path, *, backend: str, extra_env: dict[str, str] | None 
     if backend == "postgres":
         url, drop = create_pg_database()
         cleanups.append(drop)
-        redis_db = 11
+        redis_db = _take_redis_db()
+        cleanups.append(lambda: _redis_in_use.discard(redis_db))
         r = redis_lib.Redis(host=REDIS_HOST, db=redis_db)
         r.flushdb()
         env["CERTQUEUE_DATABASE__URL"] = url
@@ -167,8 +191,9 @@ def build_pipeline(tmp: Path, *, backend: str, extra_env: dict[str, str] | None 
     env.update(extra_env or {})
     stack = Stack(workdir=tmp, env=env)
     cleanups.append(stack.stop_all)
-    p = Pipeline(stack=stack, pebble=peb, dns=dns, env=env, http_port=http_port, redis_db=redis_db,
-                 cleanups=cleanups)
+    p = Pipeline(
+        stack=stack, pebble=peb, dns=dns, env=env, http_port=http_port, redis_db=redis_db, cleanups=cleanups
+    )
     try:
         stack.cli("db", "upgrade")
         p.install_settings()
@@ -185,7 +210,7 @@ def teardown_pipeline(p: Pipeline) -> None:
     for fn in reversed(p.cleanups):
         try:
             fn()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
     set_settings(None)
     dispose_all()

@@ -33,19 +33,39 @@ class Stack:
         return {**base, "PYTHONUNBUFFERED": "1", **self.env, **(extra or {})}
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.python, "-m", "certqueue", *args], cwd=self.workdir, env=self.full_env(),
-                              capture_output=True, text=True, check=check, timeout=timeout)
+        return subprocess.run(
+            [self.python, "-m", "certqueue", *args],
+            cwd=self.workdir,
+            env=self.full_env(),
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
 
-    def start(self, name: str, args: list[str], *, extra_env: dict[str, str] | None = None,
-              ready: str | None = None, timeout: float = 60.0) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        extra_env: dict[str, str] | None = None,
+        ready: str | None = None,
+        timeout: float = 60.0,
+    ) -> subprocess.Popen[bytes]:
         if name in self.procs and self.procs[name].poll() is None:
             raise RuntimeError(f"{name} is already running")
         log_path = self.workdir / "logs" / f"{name}.log"
-        log = open(log_path, "ab")  # noqa: SIM115  (owned by the child's lifetime)
+        log = open(log_path, "ab")
         mark = log_path.stat().st_size
-        proc = subprocess.Popen([self.python, "-m", "certqueue", *args], cwd=self.workdir,
-                                env=self.full_env(extra_env), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [self.python, "-m", "certqueue", *args],
+            cwd=self.workdir,
+            env=self.full_env(extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         self.procs[name] = proc
         if ready:
@@ -69,8 +89,15 @@ class Stack:
             time.sleep(0.1)
         raise TimeoutError(f"{name} did not log {text!r} in {timeout}s:\n{self.log(name)[-3000:]}")
 
-    def start_worker(self, pool: str, *, regions: tuple[str, ...] = (), concurrency: int | None = None,
-                     name: str | None = None, extra_env: dict[str, str] | None = None) -> str:
+    def start_worker(
+        self,
+        pool: str,
+        *,
+        regions: tuple[str, ...] = (),
+        concurrency: int | None = None,
+        name: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> str:
         name = name or (f"worker-{pool}" + "".join(f"-{r}" for r in regions))
         args = ["worker", "--pool", pool, "-n", f"{name}@%h"]
         for r in regions:

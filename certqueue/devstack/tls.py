@@ -24,8 +24,9 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def make_server_tls(directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1"),
-                    label: str = "certqueue test") -> TLSFiles:
+def make_server_tls(
+    directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1"), label: str = "certqueue test"
+) -> TLSFiles:
     """Write a CA and a server certificate for ``names`` into ``directory``.
 
     Includes AuthorityKeyIdentifier, SubjectKeyIdentifier and CA key usage: strict X.509 checks
@@ -44,10 +45,20 @@ def make_server_tls(directory: Path, names: tuple[str, ...] = ("localhost", "127
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(ca_ski, critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .sign(ca_key, hashes.SHA256())
@@ -69,10 +80,20 @@ def make_server_tls(directory: Path, names: tuple[str, ...] = ("localhost", "127
         .not_valid_after(now + dt.timedelta(days=29))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, key_cert_sign=False,
-                                     crl_sign=False, content_commitment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False),
-                       critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
@@ -82,7 +103,8 @@ def make_server_tls(directory: Path, names: tuple[str, ...] = ("localhost", "127
     files = TLSFiles(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
     files.ca_cert.write_bytes(ca.public_bytes(pem))
     files.cert.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
-    files.key.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
+    files.key.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     files.key.chmod(0o600)
     return files

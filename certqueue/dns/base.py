@@ -59,5 +59,6 @@ def load_provider(name: str, config: Mapping[str, Any]) -> DNSProvider:
         if ep.name == name:
             cls = ep.load()
             return cls(config)  # type: ignore[no-any-return]
-    raise ConfigError(f"unknown DNS provider {name!r}; known: {', '.join(provider_names())}",
-                      key="challenges.dns_provider")
+    raise ConfigError(
+        f"unknown DNS provider {name!r}; known: {', '.join(provider_names())}", key="challenges.dns_provider"
+    )

@@ -5,8 +5,15 @@ from __future__ import annotations
 import random
 
 
-def backoff(attempt: int, *, initial: float, cap: float, jitter: float = 0.2,
-            rng: random.Random | None = None, retry_after: float | None = None) -> float:
+def backoff(
+    attempt: int,
+    *,
+    initial: float,
+    cap: float,
+    jitter: float = 0.2,
+    rng: random.Random | None = None,
+    retry_after: float | None = None,
+) -> float:
     """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1).
 
     A remote ``retry_after`` is a floor: never retry sooner than the other side asked.

@@ -31,8 +31,14 @@ def renewal_window(not_before: dt.datetime, not_after: dt.datetime, threshold_da
     return lifetime / 3
 
 
-def renew_at(not_before: dt.datetime, not_after: dt.datetime, threshold_days: float, *,
-             jitter: float = 0.1, rng: random.Random | None = None) -> dt.datetime:
+def renew_at(
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    threshold_days: float,
+    *,
+    jitter: float = 0.1,
+    rng: random.Random | None = None,
+) -> dt.datetime:
     """The moment renewal becomes due, with jitter in ``[0, jitter * window)`` taken off."""
     window = renewal_window(not_before, not_after, threshold_days)
     start = not_after - window

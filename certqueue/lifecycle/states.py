@@ -34,23 +34,45 @@ def can_transition(src: str | State, dst: str | State) -> bool:
     return State(dst) in TRANSITIONS[State(src)]
 
 
-def transition(session: Session, cert: Certificate, dst: State, *, reason: str | None = None,
-               actor: str = "certqueue", data: dict[str, Any] | None = None) -> Event:
+def transition(
+    session: Session,
+    cert: Certificate,
+    dst: State,
+    *,
+    reason: str | None = None,
+    actor: str = "certqueue",
+    data: dict[str, Any] | None = None,
+) -> Event:
     """Move ``cert`` to ``dst`` and record the event, in the caller's transaction."""
     src = State(cert.state)
     if not can_transition(src, dst):
-        raise InvalidTransition(f"{cert.id}: {src} -> {dst} is not allowed",
-                                reason=f"transition:{src}->{dst}")
+        raise InvalidTransition(
+            f"{cert.id}: {src} -> {dst} is not allowed", reason=f"transition:{src}->{dst}"
+        )
     cert.state = dst
     cert.updated_at = utcnow()
-    ev = Event(certificate_id=cert.id, kind="transition", from_state=src, to_state=dst,
-               reason=reason, actor=actor, data=data)
+    ev = Event(
+        certificate_id=cert.id,
+        kind="transition",
+        from_state=src,
+        to_state=dst,
+        reason=reason,
+        actor=actor,
+        data=data,
+    )
     session.add(ev)
     return ev
 
 
-def record(session: Session, certificate_id: str | None, kind: str, *, reason: str | None = None,
-           actor: str = "certqueue", data: dict[str, Any] | None = None) -> Event:
+def record(
+    session: Session,
+    certificate_id: str | None,
+    kind: str,
+    *,
+    reason: str | None = None,
+    actor: str = "certqueue",
+    data: dict[str, Any] | None = None,
+) -> Event:
     """An event that is not a state change (renewal outcome, validation error, propagation)."""
     ev = Event(certificate_id=certificate_id, kind=kind, reason=reason, actor=actor, data=data)
     session.add(ev)

@@ -36,7 +36,11 @@ class Bundle:
 
     @property
     def fullchain_pem(self) -> str:
-        return self.cert_pem.rstrip("\n") + "\n" + self.chain_pem.lstrip("\n") if self.chain_pem else self.cert_pem
+        return (
+            self.cert_pem.rstrip("\n") + "\n" + self.chain_pem.lstrip("\n")
+            if self.chain_pem
+            else self.cert_pem
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -90,5 +94,7 @@ def load_target(name: str, config: Mapping[str, Any]) -> Target:
         if ep.name == name:
             cls = ep.load()
             return cls(config)  # type: ignore[no-any-return]
-    raise ConfigError(f"unknown target provider {name!r}; known: {', '.join(target_names())}",
-                      key="multi_region.regions[].provider")
+    raise ConfigError(
+        f"unknown target provider {name!r}; known: {', '.join(target_names())}",
+        key="multi_region.regions[].provider",
+    )

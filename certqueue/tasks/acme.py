@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-from typing import Any
+from typing import Any, Literal, cast
 
 from celery import chain, chord, shared_task
 from sqlalchemy import delete, select
@@ -46,13 +46,15 @@ PAYLOAD_VERSION = 1
 
 # --- payloads -----------------------------------------------------------------------------------
 
+
 def parse_payload(payload: Any, allowed: set[str], required: set[str]) -> dict[str, Any]:
     """Validate a public task's versioned JSON payload; a bad one is InvalidInput (nothing written)."""
     if not isinstance(payload, dict):
         raise InvalidInput("payload must be a JSON object", field="payload")
     if payload.get("v") != PAYLOAD_VERSION:
-        raise InvalidInput(f"unsupported payload version {payload.get('v')!r}; expected {PAYLOAD_VERSION}",
-                           field="v")
+        raise InvalidInput(
+            f"unsupported payload version {payload.get('v')!r}; expected {PAYLOAD_VERSION}", field="v"
+        )
     unknown = sorted(set(payload) - allowed - {"v"})
     if unknown:
         raise InvalidInput(f"unknown payload field(s): {', '.join(unknown)}", field=unknown[0])
@@ -66,6 +68,7 @@ def parse_payload(payload: Any, allowed: set[str], required: set[str]) -> dict[s
 
 # --- helpers ------------------------------------------------------------------------------------
 
+
 def _status_name(status: Any) -> str:
     """acme's Status constants print as ``Status(pending)``; the name is what we store."""
     return str(getattr(status, "name", status))
@@ -77,8 +80,10 @@ def order_key_aad(certificate_id: str, csr_pem: str) -> bytes:
 
 def open_order(session: Session, certificate_id: str) -> Order | None:
     return session.execute(
-        select(Order).where(Order.certificate_id == certificate_id, Order.status.in_(OPEN_ORDER))
-        .order_by(Order.id.desc()).limit(1)
+        select(Order)
+        .where(Order.certificate_id == certificate_id, Order.status.in_(OPEN_ORDER))
+        .order_by(Order.id.desc())
+        .limit(1)
     ).scalar_one_or_none()
 
 
@@ -102,10 +107,21 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     client, account_id = _client(session, cert)
     if order is None:
         key_pem = _order_key(session, cert)
-        csr = crypto.make_csr(key_pem, cert.domains, organization=cert.organization, country=cert.country,
-                              state=cert.state_province, locality=cert.locality).decode()
-        order = Order(certificate_id=cert.id, account_id=account_id, purpose=purpose, csr_pem=csr,
-                      key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)))
+        csr = crypto.make_csr(
+            key_pem,
+            cert.domains,
+            organization=cert.organization,
+            country=cert.country,
+            state=cert.state_province,
+            locality=cert.locality,
+        ).decode()
+        order = Order(
+            certificate_id=cert.id,
+            account_id=account_id,
+            purpose=purpose,
+            csr_pem=csr,
+            key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)),
+        )
         session.add(order)
         session.flush()
         # The order URL is stored in the same commit as the row: a redelivered task finds it and
@@ -126,16 +142,32 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
             ident = authz.body.identifier.value
             name = f"*.{ident}" if authz.body.wildcard else ident
             ctype = _challenge_type_for(cert, name)
-            info = client.challenge_for(authz, ctype)
-            ch = Challenge(order_id=order.id, certificate_id=cert.id, identifier=name, authz_url=authz.uri,
-                           type=ctype, url=info.url, token=info.token, dns_name=info.dns_name,
-                           dns_value=info.dns_value, provider=cert.dns_provider if ctype == "dns-01" else None,
-                           status="pending")
+            info = client.challenge_for(authz, cast(Literal["http-01", "dns-01"], ctype))
+            ch = Challenge(
+                order_id=order.id,
+                certificate_id=cert.id,
+                identifier=name,
+                authz_url=authz.uri,
+                type=ctype,
+                url=info.url,
+                token=info.token,
+                dns_name=info.dns_name,
+                dns_value=info.dns_value,
+                provider=cert.dns_provider if ctype == "dns-01" else None,
+                status="pending",
+            )
             session.add(ch)
             session.flush()
             if ctype == "http-01":
-                session.add(Http01Token(token=info.token, key_authorization=info.key_authorization,
-                                        certificate_id=cert.id, challenge_id=ch.id, expires_at=expires))
+                session.add(
+                    Http01Token(
+                        token=info.token,
+                        key_authorization=info.key_authorization,
+                        certificate_id=cert.id,
+                        challenge_id=ch.id,
+                        expires_at=expires,
+                    )
+                )
                 ch.status = "presented"
             existing.append(ch)  # type: ignore[attr-defined]
     _touch(cert)
@@ -143,8 +175,9 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     if dns:
         from certqueue.tasks import dns as dns_tasks
 
-        header = [chain(dns_tasks.present.si(cert.id, c.id), dns_tasks.wait_visible.si(cert.id, c.id))
-                  for c in dns]
+        header = [
+            chain(dns_tasks.present.si(cert.id, c.id), dns_tasks.wait_visible.si(cert.id, c.id)) for c in dns
+        ]
         ctx.replace(chord(header, validate.si(cert.id)))
     else:
         ctx.then(validate.si(cert.id))
@@ -163,8 +196,11 @@ def _order_key(session: Session, cert: Certificate) -> bytes:
 def cleanup_challenges(ctx: StepContext, order: Order) -> None:
     """Remove HTTP-01 tokens now and send DNS-01 cleanups to the dns pool; success or failure."""
     session = ctx.session
-    session.execute(delete(Http01Token).where(
-        Http01Token.challenge_id.in_(select(Challenge.id).where(Challenge.order_id == order.id))))
+    session.execute(
+        delete(Http01Token).where(
+            Http01Token.challenge_id.in_(select(Challenge.id).where(Challenge.order_id == order.id))
+        )
+    )
     now = utcnow()
     from certqueue.tasks import dns as dns_tasks
 
@@ -199,10 +235,25 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         order.finished_at = utcnow()
         cleanup_challenges(ctx, order)
     if exc.reason.startswith("acme:") or exc.reason.startswith("dns:"):
-        types = sorted({c.type for c in session.execute(
-            select(Challenge).where(Challenge.order_id == order.id)).scalars()}) if order else []
-        states.record(session, cert.id, "validation_error", reason=exc.reason,
-                      data={"type": types[0] if len(types) == 1 else ",".join(types) or "unknown"})
+        types = (
+            sorted(
+                {
+                    c.type
+                    for c in session.execute(
+                        select(Challenge).where(Challenge.order_id == order.id)
+                    ).scalars()
+                }
+            )
+            if order
+            else []
+        )
+        states.record(
+            session,
+            cert.id,
+            "validation_error",
+            reason=exc.reason,
+            data={"type": types[0] if len(types) == 1 else ",".join(types) or "unknown"},
+        )
     cert.last_error = exc.reason
     cert.work_deadline = None
     if cert.state == State.ISSUING:
@@ -210,8 +261,11 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         states.transition(session, cert, State.FAILED, reason=exc.reason)
     elif cert.state == State.RENEWING:
         cert.attempts += 1
-        delay = backoff(cert.attempts, initial=settings.automation.retry_delay_seconds,
-                        cap=max(settings.automation.retry_delay_seconds, 6 * 3600))
+        delay = backoff(
+            cert.attempts,
+            initial=settings.automation.retry_delay_seconds,
+            cap=max(settings.automation.retry_delay_seconds, 6 * 3600),
+        )
         cert.renew_at = utcnow() + dt.timedelta(seconds=delay)
         cert.next_attempt_at = cert.renew_at
         cert.pending_issuance_id = None
@@ -221,6 +275,7 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
 
 
 # --- tasks --------------------------------------------------------------------------------------
+
 
 class PipelineTask(CertqueueTask):
     abstract = True
@@ -237,8 +292,9 @@ def _issue_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     session = ctx.session
     if "request" in payload:
         req = certificates.CertificateRequest.build(**(payload["request"] or {}))
-        cert, _created = certificates.create_certificate(session, req, actor="task",
-                                                         certificate_id=payload.get("certificate_id"))
+        cert, _created = certificates.create_certificate(
+            session, req, actor="task", certificate_id=payload.get("certificate_id")
+        )
         session.flush()
         cid = cert.id
         payload["certificate_id"] = cid
@@ -246,9 +302,10 @@ def _issue_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
         cid = payload["certificate_id"]
     else:
         raise InvalidInput("payload needs certificate_id or request", field="certificate_id")
-    cert = lock_certificate(session, cid)
-    if cert is None:
+    locked = lock_certificate(session, cid)
+    if locked is None:
         raise InvalidInput(f"no certificate {cid}", field="certificate_id")
+    cert = locked
     if cert.state == State.FAILED:
         states.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
     if cert.state == State.REQUESTED:
@@ -284,10 +341,18 @@ def _renew_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
         return start_order(ctx, cert, "issue")
     if cert.state == State.ACTIVE:
         if not force and (cert.renew_at is None or cert.renew_at > utcnow()):
-            return {"certificate_id": cert.id, "status": "not_due",
-                    "renew_at": cert.renew_at.isoformat() if cert.renew_at else None}
-        states.transition(session, cert, State.RENEWING, reason=payload.get("reason") or
-                          ("forced" if force else "due"), actor="task")
+            return {
+                "certificate_id": cert.id,
+                "status": "not_due",
+                "renew_at": cert.renew_at.isoformat() if cert.renew_at else None,
+            }
+        states.transition(
+            session,
+            cert,
+            State.RENEWING,
+            reason=payload.get("reason") or ("forced" if force else "due"),
+            actor="task",
+        )
     if cert.state in (State.RENEWING, State.ISSUING):
         return start_order(ctx, cert, "renew" if cert.state == State.RENEWING else "issue")
     return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
@@ -333,18 +398,30 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
         if ch.status in ("presented", "visible"):
             if ch.type == "dns-01" and ch.status != "visible":
                 continue  # the chord's header has not proven it visible (a resumed order)
-            client.answer_challenge(ChallengeInfo(
-                type=ch.type, url=ch.url, authz_url=ch.authz_url, identifier=ch.identifier.removeprefix("*."),
-                wildcard=ch.identifier.startswith("*."), status="pending", token=ch.token or "",
-                key_authorization="", dns_name=ch.dns_name, dns_value=ch.dns_value))
+            client.answer_challenge(
+                ChallengeInfo(
+                    type=ch.type,
+                    url=ch.url,
+                    authz_url=ch.authz_url,
+                    identifier=ch.identifier.removeprefix("*."),
+                    wildcard=ch.identifier.startswith("*."),
+                    status="pending",
+                    token=ch.token or "",
+                    key_authorization="",
+                    dns_name=ch.dns_name,
+                    dns_value=ch.dns_value,
+                )
+            )
             ch.status = "answered"
     _touch(cert)
     body, retry_after = _order_status(client, res)
     status = _status_name(body.status)
     order.polls += 1
     if status == "pending":
-        if order.created_at and (utcnow() - order.created_at).total_seconds() > \
-                settings.automation.order_timeout_seconds:
+        if (
+            order.created_at
+            and (utcnow() - order.created_at).total_seconds() > settings.automation.order_timeout_seconds
+        ):
             raise PermanentError("the CA did not validate the order in time", reason="acme:timeout")
         if any(c.type == "dns-01" and c.status in ("pending", "presented") for c in chs):
             # a resumed order whose DNS challenges are not proven visible: run the chord again
@@ -378,8 +455,9 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
             ch.status = "valid"
     cleanup_challenges(ctx, order)
     renewing = cert.state == State.RENEWING
-    states.record(session, cert.id, "renewal" if renewing else "issuance", reason="success",
-                  data={"serial": iss.serial})
+    states.record(
+        session, cert.id, "renewal" if renewing else "issuance", reason="success", data={"serial": iss.serial}
+    )
     if not renewing:
         states.transition(session, cert, State.ISSUED, reason="issued", data={"serial": iss.serial})
     cert.pending_issuance_id = iss.id
@@ -416,12 +494,14 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
         cert.pending_issuance_id = None
         states.transition(session, cert, State.ACTIVE, reason="renewal abandoned for revocation")
     if cert.state != State.ACTIVE or cert.current_issuance is None:
-        raise InvalidInput(f"{cert.id} is {cert.state}; only an ACTIVE certificate can be revoked",
-                           field="certificate_id")
+        raise InvalidInput(
+            f"{cert.id} is {cert.state}; only an ACTIVE certificate can be revoked", field="certificate_id"
+        )
     iss = cert.current_issuance
     if cert.external:
-        raise InvalidInput("an imported certificate must be revoked through the CA that issued it",
-                           field="certificate_id")
+        raise InvalidInput(
+            "an imported certificate must be revoked through the CA that issued it", field="certificate_id"
+        )
     client, _ = _client(session, cert)
     client.revoke(iss.cert_pem, code)
     iss.revoked_at = utcnow()
@@ -438,8 +518,10 @@ def check_revocation_reason(reason: str) -> int:
     code = validation.revocation_reason_code(reason)
     accepted = get_settings().acme.revocation_reasons
     if reason not in accepted:
-        raise InvalidInput(f"the CA does not accept revocation reason {reason!r}; accepted: "
-                           f"{', '.join(accepted)}", field="reason")
+        raise InvalidInput(
+            f"the CA does not accept revocation reason {reason!r}; accepted: {', '.join(accepted)}",
+            field="reason",
+        )
     return code
 
 
@@ -453,7 +535,7 @@ def revoke(self: RevokeTask, payload: Any, _transient: int = 0) -> Any:
     return self.run_step(_revoke_step, payload)
 
 
-__all__ = ["issue", "renew", "revoke", "validate", "start_order", "fail_certificate", "NotFound"]
+__all__ = ["NotFound", "fail_certificate", "issue", "renew", "revoke", "start_order", "validate"]
 
 
 def _status_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
@@ -462,9 +544,14 @@ def _status_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     if cert is None:
         raise InvalidInput(f"no certificate {payload['certificate_id']}", field="certificate_id")
     iss = cert.current_issuance
-    return {"certificate_id": cert.id, "state": cert.state, "domains": cert.domains,
-            "last_error": cert.last_error, "serial": iss.serial if iss else None,
-            "not_after": iss.not_after.isoformat() if iss else None}
+    return {
+        "certificate_id": cert.id,
+        "state": cert.state,
+        "domains": cert.domains,
+        "last_error": cert.last_error,
+        "serial": iss.serial if iss else None,
+        "not_after": iss.not_after.isoformat() if iss else None,
+    }
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.status")

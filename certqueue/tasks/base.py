@@ -36,7 +36,7 @@ from certqueue.logsafe import scrub
 log = logging.getLogger("certqueue.tasks")
 
 
-class Wait(Exception):  # noqa: N818  (control flow, not an error)
+class Wait(Exception):
     """Commit, then retry this task after ``countdown`` seconds."""
 
     def __init__(self, countdown: float) -> None:
@@ -69,7 +69,8 @@ def classify(exc: BaseException) -> CertqueueError:
     if isinstance(exc, CertqueueError):
         return exc
     if isinstance(exc, OperationalError | InterfaceError) or (
-            isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
         return RetryableError("database unavailable", reason="database")
     if isinstance(exc, ConnectionError | TimeoutError | OSError):
         return RetryableError(f"network error: {type(exc).__name__}", reason="network")
@@ -107,18 +108,35 @@ class CertqueueTask(Task):  # type: ignore[misc]
         except BaseException as exc:  # noqa: BLE001  (mapped to the two kinds)
             kind = classify(exc)
             if kind is not exc:
-                log.info("%s: %s mapped to %s: %s", self.name, type(exc).__name__, kind.reason,
-                         scrub(str(exc).splitlines()[0] if str(exc) else ""))
+                log.info(
+                    "%s: %s mapped to %s: %s",
+                    self.name,
+                    type(exc).__name__,
+                    kind.reason,
+                    scrub(str(exc).splitlines()[0] if str(exc) else ""),
+                )
             if isinstance(kind, RetryableError):
                 if transient < self.max_transient_retries:
-                    countdown = backoff(transient + 1, initial=self.retry_initial, cap=self.retry_cap,
-                                        retry_after=kind.retry_after)
-                    log.warning("%s%s: retryable %s, retry %d in %.1fs", self.name, list(args), kind.reason,
-                                transient + 1, countdown)
-                    raise self.retry(args=args, kwargs={"_transient": transient + 1},
-                                     countdown=countdown) from None
-                kind = PermanentError(f"gave up after {transient} retries: {kind.message}",
-                                      reason=kind.reason)
+                    countdown = backoff(
+                        transient + 1,
+                        initial=self.retry_initial,
+                        cap=self.retry_cap,
+                        retry_after=kind.retry_after,
+                    )
+                    log.warning(
+                        "%s%s: retryable %s, retry %d in %.1fs",
+                        self.name,
+                        list(args),
+                        kind.reason,
+                        transient + 1,
+                        countdown,
+                    )
+                    raise self.retry(
+                        args=args, kwargs={"_transient": transient + 1}, countdown=countdown
+                    ) from None
+                kind = PermanentError(
+                    f"gave up after {transient} retries: {kind.message}", reason=kind.reason
+                )
             log.warning("%s%s: permanent failure %s", self.name, list(args), kind.reason)
             if isinstance(kind, InvalidInput):
                 raise kind from None  # a bad payload is a failed job that wrote nothing
@@ -137,5 +155,3 @@ class CertqueueTask(Task):  # type: ignore[misc]
     def _send(self, ctx: StepContext) -> None:
         for sig in ctx.follow_ups:
             sig.apply_async()
-
-

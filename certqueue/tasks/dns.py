@@ -43,7 +43,9 @@ class DnsTask(CertqueueTask):
         return fail_certificate(ctx, certificate_id, exc)
 
 
-def _load(ctx: StepContext, certificate_id: str, challenge_id: int) -> tuple[Certificate | None, Challenge | None]:
+def _load(
+    ctx: StepContext, certificate_id: str, challenge_id: int
+) -> tuple[Certificate | None, Challenge | None]:
     ch = ctx.session.get(Challenge, challenge_id)
     if ch is None or ch.certificate_id != certificate_id:
         return None, None
@@ -59,8 +61,12 @@ def _present_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> d
     provider = provider_for(ch.provider or "")
     fqdn = follow_cnames(ch.dns_name or "", resolver_config())
     handle = provider.present(fqdn, ch.dns_value or "")
-    ch.handle = {"fqdn": fqdn, "provider": provider.name, "presented_at": utcnow().isoformat(),
-                 "data": handle}
+    ch.handle = {
+        "fqdn": fqdn,
+        "provider": provider.name,
+        "presented_at": utcnow().isoformat(),
+        "data": handle,
+    }
     ch.status = "presented"
     return {"challenge": challenge_id, "status": "presented"}
 
@@ -79,8 +85,12 @@ def _wait_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict
     provider = provider_for(ch.provider or "")
     timeout, interval = provider.timeout()
     fqdn = (ch.handle or {}).get("fqdn") or ch.dns_name or ""
-    result = check_visible(fqdn, ch.dns_value or "", resolver_cfg=resolver_config(),
-                           also_recursive=get_settings().challenges.check_recursive)
+    result = check_visible(
+        fqdn,
+        ch.dns_value or "",
+        resolver_cfg=resolver_config(),
+        also_recursive=get_settings().challenges.check_recursive,
+    )
     if result.visible:
         ch.status = "visible"
         return {"challenge": challenge_id, "status": "visible"}
@@ -91,8 +101,11 @@ def _wait_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict
 
         elapsed = (utcnow() - dt.datetime.fromisoformat(presented_at)).total_seconds()
     if elapsed > timeout:
-        raise PermanentError(f"TXT record at {fqdn} not visible at every authoritative nameserver "
-                             f"after {int(timeout)}s ({result.reason})", reason="dns:not_visible")
+        raise PermanentError(
+            f"TXT record at {fqdn} not visible at every authoritative nameserver "
+            f"after {int(timeout)}s ({result.reason})",
+            reason="dns:not_visible",
+        )
     raise Wait(interval)
 
 
@@ -107,7 +120,9 @@ def _cleanup_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> d
         return {"challenge": challenge_id, "status": "cleaned"}
     if ch.handle is not None:
         provider = provider_for(ch.provider or "")
-        provider.cleanup(ch.handle.get("fqdn") or ch.dns_name or "", ch.dns_value or "", ch.handle.get("data"))
+        provider.cleanup(
+            ch.handle.get("fqdn") or ch.dns_name or "", ch.dns_value or "", ch.handle.get("data")
+        )
     ch.status = "cleaned"
     ch.cleaned_at = utcnow()
     return {"challenge": challenge_id, "status": "cleaned"}

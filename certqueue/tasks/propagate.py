@@ -50,14 +50,17 @@ def _propagate_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     for r in wanted:
         if r not in known:
             raise InvalidInput(f"unknown region {r!r}", field="regions")
-    rows = {d.region: d for d in session.execute(
-        select(Deployment).where(Deployment.certificate_id == cert.id)).scalars()}
+    rows = {
+        d.region: d
+        for d in session.execute(select(Deployment).where(Deployment.certificate_id == cert.id)).scalars()
+    }
     todo: list[str] = []
     for r in wanted:
         d = rows.get(r)
         if d is None:
-            d = Deployment(certificate_id=cert.id, region=r, provider=settings.region(r).target,
-                           status="pending")
+            d = Deployment(
+                certificate_id=cert.id, region=r, provider=settings.region(r).target, status="pending"
+            )
             session.add(d)
         if d.status == "deployed" and d.fingerprint == iss.fingerprint and not payload.get("force"):
             continue
@@ -88,22 +91,29 @@ class DeployTask(CertqueueTask):
 
     def on_permanent(self, ctx: StepContext, exc: CertqueueError, *args: Any) -> Any:
         certificate_id, region, issuance_id = args[0], args[1], args[2]
-        d = ctx.session.execute(select(Deployment).where(
-            Deployment.certificate_id == certificate_id, Deployment.region == region)).scalar_one_or_none()
+        d = ctx.session.execute(
+            select(Deployment).where(Deployment.certificate_id == certificate_id, Deployment.region == region)
+        ).scalar_one_or_none()
         if d is not None:
             d.status = "failed"
             d.attempts += 1
             d.last_error = exc.reason
-        states.record(ctx.session, certificate_id, "propagation", reason="failure",
-                      data={"region": region, "reason": exc.reason, "issuance": issuance_id})
+        states.record(
+            ctx.session,
+            certificate_id,
+            "propagation",
+            reason="failure",
+            data={"region": region, "reason": exc.reason, "issuance": issuance_id},
+        )
         return {"region": region, "status": "failed", "reason": exc.reason}
 
 
 def _deploy_step(ctx: StepContext, certificate_id: str, region: str, issuance_id: int) -> dict[str, Any]:
     settings = get_settings()
     session = ctx.session
-    d = session.execute(select(Deployment).where(
-        Deployment.certificate_id == certificate_id, Deployment.region == region)).scalar_one_or_none()
+    d = session.execute(
+        select(Deployment).where(Deployment.certificate_id == certificate_id, Deployment.region == region)
+    ).scalar_one_or_none()
     iss = session.get(Issuance, issuance_id)
     if d is None or iss is None:
         return {"region": region, "status": "failed", "reason": "missing"}
@@ -113,9 +123,13 @@ def _deploy_step(ctx: StepContext, certificate_id: str, region: str, issuance_id
     reg = settings.region(region)
     target = load_target(reg.target, reg.target_settings())
     key_pem = certificates.decrypt_key(iss) if iss.key_enc is not None else b""
-    bundle = Bundle(certificate_id=certificate_id, cert_pem=iss.cert_pem, chain_pem=iss.chain_pem,
-                    key_pem=key_pem.decode(), domains=tuple(session.get_one(
-                        certificates.Certificate, certificate_id).domains))
+    bundle = Bundle(
+        certificate_id=certificate_id,
+        cert_pem=iss.cert_pem,
+        chain_pem=iss.chain_pem,
+        key_pem=key_pem.decode(),
+        domains=tuple(session.get_one(certificates.Certificate, certificate_id).domains),
+    )
     ref = target.deploy(bundle, d.remote_ref)
     d.remote_ref = ref
     d.fingerprint = iss.fingerprint
@@ -124,8 +138,13 @@ def _deploy_step(ctx: StepContext, certificate_id: str, region: str, issuance_id
     d.attempts += 1
     d.last_error = None
     d.deployed_at = utcnow()
-    states.record(session, certificate_id, "propagation", reason="success",
-                  data={"region": region, "issuance": issuance_id})
+    states.record(
+        session,
+        certificate_id,
+        "propagation",
+        reason="success",
+        data={"region": region, "issuance": issuance_id},
+    )
     return {"region": region, "status": "success"}
 
 
@@ -142,11 +161,16 @@ def _record_step(ctx: StepContext, results: Any, certificate_id: str, issuance_i
     if cert is None or iss is None:
         return {"certificate_id": certificate_id, "status": "noop"}
     regions = certificates.regions_for(cert, settings)
-    rows = {d.region: d for d in session.execute(
-        select(Deployment).where(Deployment.certificate_id == cert.id)).scalars()}
+    rows = {
+        d.region: d
+        for d in session.execute(select(Deployment).where(Deployment.certificate_id == cert.id)).scalars()
+    }
     required = [r for r in regions if settings.region(r).required]
-    done = [r for r in regions if rows.get(r) and rows[r].status == "deployed"
-            and rows[r].fingerprint == iss.fingerprint]
+    done = [
+        r
+        for r in regions
+        if rows.get(r) and rows[r].status == "deployed" and rows[r].fingerprint == iss.fingerprint
+    ]
     failed = [r for r in regions if r not in done]
     summary = {r: ("success" if r in done else (rows[r].status if r in rows else "pending")) for r in regions}
     if all(r in done for r in required):
@@ -163,5 +187,7 @@ def _record_step(ctx: StepContext, results: Any, certificate_id: str, issuance_i
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.propagate.record")
-def record(self: CertqueueTask, results: Any, certificate_id: str, issuance_id: int, _transient: int = 0) -> Any:
+def record(
+    self: CertqueueTask, results: Any, certificate_id: str, issuance_id: int, _transient: int = 0
+) -> Any:
     return self.run_step(_record_step, results, certificate_id, issuance_id)

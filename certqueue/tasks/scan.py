@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Any
+from typing import Any, cast
 
 from celery import group, shared_task
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import CursorResult, and_, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from certqueue.config import get_settings
@@ -33,22 +33,44 @@ def claim_due(session: Session, now: dt.datetime, limit: int) -> list[str]:
 
     One statement to find (index range scan, SKIP LOCKED), one to update, one to write the events.
     """
-    stmt = (select(Certificate.id)
-            .where(Certificate.state == State.ACTIVE, Certificate.renew_at <= now,
-                   Certificate.auto_renew.is_(True), Certificate.external.is_(False))
-            .order_by(Certificate.renew_at).limit(limit))
+    stmt = (
+        select(Certificate.id)
+        .where(
+            Certificate.state == State.ACTIVE,
+            Certificate.renew_at <= now,
+            Certificate.auto_renew.is_(True),
+            Certificate.external.is_(False),
+        )
+        .order_by(Certificate.renew_at)
+        .limit(limit)
+    )
     if is_postgres(session):
         stmt = stmt.with_for_update(skip_locked=True)
     ids = list(session.execute(stmt).scalars())
     if not ids:
         return []
     deadline = now + dt.timedelta(seconds=get_settings().automation.stuck_after_seconds)
-    session.execute(update(Certificate).where(Certificate.id.in_(ids), Certificate.state == State.ACTIVE)
-                    .values(state=State.RENEWING, updated_at=now, work_deadline=deadline)
-                    .execution_options(synchronize_session=False))
-    session.execute(Event.__table__.insert(), [
-        {"certificate_id": i, "at": now, "actor": "scan", "kind": "transition", "from_state": "ACTIVE",
-         "to_state": "RENEWING", "reason": "due"} for i in ids])
+    session.execute(
+        update(Certificate)
+        .where(Certificate.id.in_(ids), Certificate.state == State.ACTIVE)
+        .values(state=State.RENEWING, updated_at=now, work_deadline=deadline)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        insert(Event),
+        [
+            {
+                "certificate_id": i,
+                "at": now,
+                "actor": "scan",
+                "kind": "transition",
+                "from_state": "ACTIVE",
+                "to_state": "RENEWING",
+                "reason": "due",
+            }
+            for i in ids
+        ],
+    )
     return ids
 
 
@@ -62,7 +84,7 @@ def _due_step(ctx: StepContext, limit: int | None = None) -> dict[str, Any]:
     settings = get_settings()
     ids = claim_due(ctx.session, utcnow(), limit or settings.automation.scan_batch_size)
     for i in range(0, len(ids), ENQUEUE_CHUNK):
-        ctx.then(group(_renew_signatures(ids[i:i + ENQUEUE_CHUNK])))
+        ctx.then(group(_renew_signatures(ids[i : i + ENQUEUE_CHUNK])))
     return {"claimed": len(ids)}
 
 
@@ -75,10 +97,16 @@ def _expire_step(ctx: StepContext) -> dict[str, Any]:
     from certqueue.lifecycle import states
 
     now = utcnow()
-    rows = ctx.session.execute(
-        select(Certificate).join(Issuance, Issuance.id == Certificate.current_issuance_id)
-        .where(Certificate.state == State.ACTIVE, Issuance.not_after <= now).limit(1000)
-    ).scalars().all()
+    rows = (
+        ctx.session.execute(
+            select(Certificate)
+            .join(Issuance, Issuance.id == Certificate.current_issuance_id)
+            .where(Certificate.state == State.ACTIVE, Issuance.not_after <= now)
+            .limit(1000)
+        )
+        .scalars()
+        .all()
+    )
     for cert in rows:
         cert.renew_at = None
         states.transition(ctx.session, cert, State.EXPIRED, reason="not_after passed", actor="scan")
@@ -100,12 +128,19 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
     settings = get_settings()
     now = utcnow()
     deadline = now + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
-    stuck = session.execute(
-        select(Certificate).where(
-            Certificate.state.in_([State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED]),
-            Certificate.work_deadline.is_not(None), Certificate.work_deadline <= now,
-        ).limit(settings.automation.scan_batch_size)
-    ).scalars().all()
+    stuck = (
+        session.execute(
+            select(Certificate)
+            .where(
+                Certificate.state.in_([State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED]),
+                Certificate.work_deadline.is_not(None),
+                Certificate.work_deadline <= now,
+            )
+            .limit(settings.automation.scan_batch_size)
+        )
+        .scalars()
+        .all()
+    )
     resumed = 0
     for cert in stuck:
         cert.work_deadline = deadline
@@ -118,29 +153,47 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
             ctx.then(issue.si(payload))
         resumed += 1
     # REQUESTED rows that never got a deadline (enqueue lost before the first task ran)
-    orphans = session.execute(
-        select(Certificate).where(Certificate.state == State.REQUESTED, Certificate.work_deadline.is_(None),
-                                  Certificate.created_at <= now - dt.timedelta(
-                                      seconds=settings.automation.stuck_after_seconds)).limit(500)
-    ).scalars().all()
+    orphans = (
+        session.execute(
+            select(Certificate)
+            .where(
+                Certificate.state == State.REQUESTED,
+                Certificate.work_deadline.is_(None),
+                Certificate.created_at <= now - dt.timedelta(seconds=settings.automation.stuck_after_seconds),
+            )
+            .limit(500)
+        )
+        .scalars()
+        .all()
+    )
     for cert in orphans:
         cert.work_deadline = deadline
         ctx.then(issue.si({"v": 1, "certificate_id": cert.id}))
         resumed += 1
     # challenges left presented by finished orders
-    leftovers = session.execute(
-        select(Challenge).join(Order, Order.id == Challenge.order_id)
-        .where(Order.status.in_(["valid", "invalid", "abandoned"]),
-               Challenge.status.not_in(["cleaned"]), Challenge.error.is_(None),
-               Challenge.updated_at <= now - dt.timedelta(seconds=60)).limit(500)
-    ).scalars().all()
+    leftovers = (
+        session.execute(
+            select(Challenge)
+            .join(Order, Order.id == Challenge.order_id)
+            .where(
+                Order.status.in_(["valid", "invalid", "abandoned"]),
+                Challenge.status.not_in(["cleaned"]),
+                Challenge.error.is_(None),
+                Challenge.updated_at <= now - dt.timedelta(seconds=60),
+            )
+            .limit(500)
+        )
+        .scalars()
+        .all()
+    )
     for ch in leftovers:
         if ch.type == "dns-01" and ch.handle is not None:
             ctx.then(cleanup.si(ch.certificate_id, ch.id))
         else:
             ch.status = "cleaned"
             ch.cleaned_at = now
-    tokens = session.execute(delete(Http01Token).where(Http01Token.expires_at <= now))
+    expired = delete(Http01Token).where(Http01Token.expires_at <= now)
+    tokens = cast(CursorResult[Any], session.execute(expired))
     return {"resumed": resumed, "cleanups": len(leftovers), "expired_tokens": tokens.rowcount or 0}
 
 
@@ -151,17 +204,21 @@ def reconcile(self: CertqueueTask, _transient: int = 0) -> Any:
 
 def _drift_step(ctx: StepContext) -> dict[str, Any]:
     """Compare what each target serves with what should be live; redeploy on drift."""
+    from certqueue.models import Deployment
     from certqueue.targets.base import load_target
     from certqueue.tasks.propagate import propagate
-
-    from certqueue.models import Deployment
 
     settings = get_settings()
     session = ctx.session
     rows = session.execute(
-        select(Deployment, Certificate).join(Certificate, Certificate.id == Deployment.certificate_id)
-        .where(Deployment.status == "deployed", Certificate.state == State.ACTIVE,
-               and_(Deployment.remote_ref.is_not(None))).limit(1000)
+        select(Deployment, Certificate)
+        .join(Certificate, Certificate.id == Deployment.certificate_id)
+        .where(
+            Deployment.status == "deployed",
+            Certificate.state == State.ACTIVE,
+            and_(Deployment.remote_ref.is_not(None)),
+        )
+        .limit(1000)
     ).all()
     drifted: dict[str, list[str]] = {}
     for d, cert in rows:

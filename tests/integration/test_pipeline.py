@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from certqueue import certificates, crypto
 from certqueue.db import session_scope
-from certqueue.models import Certificate, Challenge, Event, Http01Token, Issuance, Order
+from certqueue.models import Certificate, Challenge, Event, Http01Token, Issuance
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +42,14 @@ def test_single_name_certificate(pg_pipeline):
     pg_pipeline.wait_state(cid, "ACTIVE")
     _verify(pg_pipeline, cid, ["single.example.test"])
     with session_scope(write=False) as s:
-        transitions = [(e.from_state, e.to_state) for e in s.execute(
-            select(Event).where(Event.certificate_id == cid, Event.kind == "transition").order_by(Event.id)).scalars()]
+        transitions = [
+            (e.from_state, e.to_state)
+            for e in s.execute(
+                select(Event)
+                .where(Event.certificate_id == cid, Event.kind == "transition")
+                .order_by(Event.id)
+            ).scalars()
+        ]
         c = s.get(Certificate, cid)
         assert c.renew_at is not None
     assert transitions == [("REQUESTED", "ISSUING"), ("ISSUING", "ISSUED"), ("ISSUED", "ACTIVE")]
@@ -65,8 +71,9 @@ def test_renewal_keeps_old_issuance_and_rotates_key(pg_pipeline):
     pg_pipeline.wait_state(cid, "ACTIVE")
     first = _issuance(cid)
     pg_pipeline.send("certqueue.renew", {"v": 1, "certificate_id": cid, "force": True})
-    pg_pipeline.wait_for(lambda: _issuance(cid).id != first.id and pg_pipeline.state(cid) == "ACTIVE",
-                         what="renewal")
+    pg_pipeline.wait_for(
+        lambda: _issuance(cid).id != first.id and pg_pipeline.state(cid) == "ACTIVE", what="renewal"
+    )
     second = _verify(pg_pipeline, cid, ["renew.example.test"])
     assert second.serial != first.serial
     assert crypto.cert_info(second.cert_pem).fingerprint_sha256 != first.fingerprint
@@ -77,8 +84,12 @@ def test_renewal_keeps_old_issuance_and_rotates_key(pg_pipeline):
         k2 = certificates.decrypt_key(s.get(Issuance, second.id))
     assert k1 != k2  # a fresh key on renewal
     assert [o.purpose for o in pg_pipeline.orders(cid)] == ["issue", "renew"]
-    assert pg_pipeline.count(Event, Event.certificate_id == cid, Event.kind == "renewal",
-                             Event.reason == "success") == 1
+    assert (
+        pg_pipeline.count(
+            Event, Event.certificate_id == cid, Event.kind == "renewal", Event.reason == "success"
+        )
+        == 1
+    )
 
 
 def test_renew_not_due_does_nothing(pg_pipeline):
@@ -105,7 +116,9 @@ def test_revocation_reaches_the_ca(pg_pipeline):
 def test_revocation_reason_the_ca_refuses_sends_nothing(pg_pipeline):
     cid = pg_pipeline.request(["badreason.example.test"])
     pg_pipeline.wait_state(cid, "ACTIVE")
-    task_id = pg_pipeline.send("certqueue.revoke", {"v": 1, "certificate_id": cid, "reason": "affiliationChanged"})
+    task_id = pg_pipeline.send(
+        "certqueue.revoke", {"v": 1, "certificate_id": cid, "reason": "affiliationChanged"}
+    )
     from certqueue.celery_app import lazy_app
 
     with pytest.raises(Exception, match="does not accept revocation reason"):
@@ -148,12 +161,14 @@ def test_bad_payload_is_a_failed_job_that_writes_nothing(pg_pipeline):
     from certqueue.celery_app import lazy_app
 
     before = pg_pipeline.count(Certificate)
-    for payload in ({"v": 1, "request": {"domains": ["bad..example.test"]}},
-                    {"v": 2, "certificate_id": "cert_aaaaaaaaaaaaaaaaaaaa"},
-                    {"v": 1, "request": {"domains": ["ok.example.test"], "bogus": 1}},
-                    "not a dict"):
+    for payload in (
+        {"v": 1, "request": {"domains": ["bad..example.test"]}},
+        {"v": 2, "certificate_id": "cert_aaaaaaaaaaaaaaaaaaaa"},
+        {"v": 1, "request": {"domains": ["ok.example.test"], "bogus": 1}},
+        "not a dict",
+    ):
         task_id = pg_pipeline.send("certqueue.issue", payload)
-        with pytest.raises(Exception):  # noqa: B017  (the job's own error, re-raised by get())
+        with pytest.raises(Exception):
             lazy_app.get().AsyncResult(task_id).get(timeout=30)
         assert lazy_app.get().AsyncResult(task_id).state == "FAILURE"
     assert pg_pipeline.count(Certificate) == before
@@ -167,7 +182,11 @@ def test_rejected_challenge_fails_with_stable_reason_and_cleans_up(pg_pipeline):
     with session_scope(write=False) as s:
         c = s.get(Certificate, cid)
         assert c.last_error in ("acme:connection", "acme:unauthorized")
-        ev = s.execute(select(Event).where(Event.certificate_id == cid, Event.kind == "validation_error")).scalars().one()
+        ev = (
+            s.execute(select(Event).where(Event.certificate_id == cid, Event.kind == "validation_error"))
+            .scalars()
+            .one()
+        )
         assert ev.data["type"] == "http-01"
     assert pg_pipeline.count(Http01Token, Http01Token.certificate_id == cid) == 0
     assert pg_pipeline.count(Challenge, Challenge.certificate_id == cid, Challenge.status != "cleaned") == 0
@@ -175,39 +194,44 @@ def test_rejected_challenge_fails_with_stable_reason_and_cleans_up(pg_pipeline):
 
 
 def test_sigkill_of_acme_worker_mid_order_resumes_same_order(pg_pipeline):
+    """The failpoint holds validate after the order is stored and before finalize; SIGKILL of the
+    pool process then makes the worker re-queue the message (reject_on_worker_lost), and the new
+    run resumes the stored order instead of opening a second one."""
     stack = pg_pipeline.stack
     stack.stop("worker-acme")
-    stack.start_worker("acme", name="worker-acme-slow",
-                       extra_env={"CERTQUEUE_FAILPOINTS": "validate.before_finalize=sleep:30"})
+    slow = stack.start_worker(
+        "acme",
+        name="worker-acme-slow",
+        extra_env={"CERTQUEUE_FAILPOINTS": "validate.before_finalize=sleep:60"},
+    )
     try:
         cid = pg_pipeline.request(["killed.example.test"])
-        pg_pipeline.wait_for(lambda: "validate.before_finalize" in "" or
-                             any(o.status in ("ready", "pending") and o.polls > 0 for o in pg_pipeline.orders(cid))
-                             or _in_failpoint(stack), timeout=60, what="worker inside the failpoint")
-        pg_pipeline.wait_for(lambda: _in_failpoint(stack), timeout=60, what="failpoint reached")
+        # the order is "ready" at the CA once validation passed; validate then sleeps in the failpoint
+        pg_pipeline.wait_for(lambda: _order_ready_at_ca(pg_pipeline, cid), timeout=60, what="order ready")
         order_url = pg_pipeline.orders(cid)[0].order_url
-        killed = stack.kill_children("worker-acme-slow")
-        assert killed
-        stack.stop("worker-acme-slow")
+        assert pg_pipeline.state(cid) == "ISSUING"
+        assert stack.kill_children(slow), "no pool process to kill"
     finally:
-        stack.stop("worker-acme-slow")
+        stack.stop(slow)
     stack.start_worker("acme")
     pg_pipeline.wait_state(cid, "ACTIVE", timeout=90)
-    orders = pg_pipeline.orders(cid)
-    assert [o.order_url for o in orders] == [order_url]
+    assert [o.order_url for o in pg_pipeline.orders(cid)] == [order_url]
+    assert pg_pipeline.count(Issuance, Issuance.certificate_id == cid) == 1
 
 
-def _in_failpoint(stack) -> bool:
-    # the worker logs the task as received; the failpoint holds it inside validate before finalize
-    from certqueue.db import session_scope as ss
+def _order_ready_at_ca(pipeline, cid: str) -> bool:
+    orders = pipeline.orders(cid)
+    if not orders or not orders[0].order_url:
+        return False
+    from certqueue.acme.accounts import client_for
 
-    with ss(write=False) as s:
-        return bool(s.execute(select(Order).where(Order.status == "ready")).first()) or \
-            "validate" in stack.log("worker-acme-slow") and _ready_or_polled(s)
+    with session_scope(write=False) as s:
+        c = s.get(Certificate, cid)
+        client, _ = client_for(s, c.directory_url, c.email)
+    from certqueue.acme.client import order_from_json
 
-
-def _ready_or_polled(s) -> bool:
-    return bool(s.execute(select(Order).where(Order.polls >= 1, Order.finished_at.is_(None))).first())
+    body, _ = client._fetch_order_body(order_from_json(orders[0].order_json))
+    return str(getattr(body.status, "name", body.status)) == "ready"
 
 
 def private_fragments(key_pem: bytes) -> list[str]:
@@ -218,7 +242,11 @@ def private_fragments(key_pem: bytes) -> list[str]:
     numbers = key.private_numbers()
     secret = getattr(numbers, "private_value", None) or getattr(numbers, "d")
     raw = secret.to_bytes((secret.bit_length() + 7) // 8, "big")
-    return [raw.hex()[:32], base64.b64encode(raw).decode()[:24], base64.urlsafe_b64encode(raw).decode().rstrip("=")[:24]]
+    return [
+        raw.hex()[:32],
+        base64.b64encode(raw).decode()[:24],
+        base64.urlsafe_b64encode(raw).decode().rstrip("=")[:24],
+    ]
 
 
 def test_no_private_key_in_logs(pg_pipeline):
@@ -261,7 +289,13 @@ def test_embedded_default_pipeline(embedded_pipeline):
     embedded_pipeline.wait_state(cid, "ACTIVE", timeout=90)
     _verify(embedded_pipeline, cid, ["embedded.example.test", "www.embedded.example.test"])
     embedded_pipeline.send("certqueue.renew", {"v": 1, "certificate_id": cid, "force": True})
-    embedded_pipeline.wait_for(lambda: embedded_pipeline.count(Issuance, Issuance.certificate_id == cid) == 2
-                               and embedded_pipeline.state(cid) == "ACTIVE", timeout=90, what="renewal")
+    embedded_pipeline.wait_for(
+        lambda: (
+            embedded_pipeline.count(Issuance, Issuance.certificate_id == cid) == 2
+            and embedded_pipeline.state(cid) == "ACTIVE"
+        ),
+        timeout=90,
+        what="renewal",
+    )
     embedded_pipeline.send("certqueue.revoke", {"v": 1, "certificate_id": cid, "reason": "superseded"})
     embedded_pipeline.wait_state(cid, "REVOKED", timeout=60)

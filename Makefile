@@ -1,0 +1,50 @@
+# certqueue: the two commands that matter are `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-unit test-integration lint services install bench flower clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+services:
+	scripts/services install
+	scripts/services start
+
+## make demo: install, start the embedded stack, issue real certificates from a local Pebble,
+## deploy them, renew one, revoke one, show the inventory, stop everything
+demo: install
+	scripts/services install
+	$(VENV)/bin/certqueue demo
+
+## make test: lint, type-check, then every test (unit, contract, integration on the real servers)
+test: install services lint
+	CERTQUEUE_REQUIRE_SERVICES=1 CERTQUEUE_REQUIRE_POSTGRES=1 CERTQUEUE_REQUIRE_PROMTOOL=1 \
+		$(VENV)/bin/pytest -p no:cacheprovider -q $(PYTEST_ARGS)
+
+test-unit: install
+	$(VENV)/bin/pytest -q tests/unit tests/contract $(PYTEST_ARGS)
+
+test-integration: install services
+	$(VENV)/bin/pytest -q tests/integration tests/chaos $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: install services
+	$(PY) -m bench $(BENCH_ARGS)
+
+flower: install
+	@test -n "$$FLOWER_BASIC_AUTH" || { echo "set FLOWER_BASIC_AUTH=user:password (no default password)"; exit 2; }
+	$(VENV)/bin/celery -A certqueue.celery_app:lazy_app.get flower --basic-auth="$$FLOWER_BASIC_AUTH" --port=$${FLOWER_PORT:-5555} --address=127.0.0.1
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache
