@@ -32,6 +32,7 @@ SETTINGS = {
     "api_endpoint": Setting((str,), None),
     "credentials": Setting((object,), None),  # google.auth credentials; default: application default
     "credentials_file": Setting((str,), None),  # a service account JSON key file
+    "anonymous": Setting((bool,), False),  # no credentials at all: for emulators and test servers only
     "transport": Setting((str,), "rest"),
     "labels": Setting((dict,), None),
     "timeout": Setting((int, float), 30.0),
@@ -89,6 +90,10 @@ class GCPCertManagerTarget(Target):
         self.parent = f"projects/{self.project_id}/locations/{self.location}"
         self.api_endpoint: str | None = s["api_endpoint"]
         self._credentials = s["credentials"]
+        if s["anonymous"] and self._credentials is None:
+            from google.auth.credentials import AnonymousCredentials
+
+            self._credentials = AnonymousCredentials()
         self._credentials_file: str | None = s["credentials_file"]
         self.transport: str = s["transport"]
         self.labels = {_label_value(str(k)): _label_value(str(v)) for k, v in (s["labels"] or {}).items()}

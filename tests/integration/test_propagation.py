@@ -1,0 +1,124 @@
+"""Multi-region propagation end to end: a certificate issued by Pebble is deployed by three
+per-region worker pools (AWS ACM on moto, GCP Certificate Manager on its fake, local files)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from sqlalchemy import select
+
+from certqueue.db import session_scope
+from certqueue.devstack.moto import MotoServer
+from certqueue.models import Certificate, Deployment, Event, Issuance
+from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
+from tests.fakes.gcp_certmanager_api import FakeCertificateManager
+
+pytestmark = pytest.mark.integration
+
+REGIONS = ("us-east-1", "europe-west1", "edge")
+
+
+@pytest.fixture(scope="module")
+def clouds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MotoServer, FakeCertificateManager, Path]]:
+    moto = MotoServer().start()
+    gcp = FakeCertificateManager().start()
+    yield moto, gcp, tmp_path_factory.mktemp("edge-files")
+    gcp.stop()
+    moto.stop()
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory: pytest.TempPathFactory, clouds) -> Iterator[Pipeline]:
+    why = services_available()
+    if why:
+        if os.environ.get("CERTQUEUE_REQUIRE_SERVICES"):
+            pytest.fail(why)
+        pytest.skip(why)
+    moto, gcp, edge = clouds
+    regions = [
+        {"name": "us-east-1", "provider": "aws", "endpoint_url": moto.endpoint_url,
+         "access_key_id": "testing", "secret_access_key": "testing"},
+        {"name": "europe-west1", "provider": "gcp", "project_id": "demo", "location": "global",
+         "api_endpoint": gcp.endpoint, "anonymous": True},
+        {"name": "edge", "provider": "local", "path": str(edge)},
+    ]
+    p = build_pipeline(tmp_path_factory.mktemp("multi"), backend="postgres", regions=regions,
+                       pools=("acme",))
+    for r in REGIONS:
+        p.stack.start_worker("propagate", regions=(r,))
+    yield p
+    teardown_pipeline(p)
+
+
+def _deployments(cid: str) -> dict[str, Deployment]:
+    with session_scope(write=False) as s:
+        return {d.region: d for d in s.execute(select(Deployment).where(Deployment.certificate_id == cid)).scalars()}
+
+
+def _acm(moto: MotoServer):
+    return boto3.client("acm", region_name="us-east-1", endpoint_url=moto.endpoint_url,
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def test_issued_certificate_reaches_three_regions(multi, clouds):
+    moto, gcp, edge = clouds
+    cid = multi.request(["multi.example.test", "www.multi.example.test"])
+    multi.wait_state(cid, "ACTIVE", timeout=90)
+    deps = _deployments(cid)
+    assert set(deps) == set(REGIONS)
+    with session_scope(write=False) as s:
+        iss = s.get(Issuance, s.get(Certificate, cid).current_issuance_id)
+    for d in deps.values():
+        assert d.status == "deployed" and d.fingerprint == iss.fingerprint and d.attempts == 1
+    # what each region really holds
+    acm = _acm(moto).describe_certificate(CertificateArn=deps["us-east-1"].remote_ref)["Certificate"]
+    assert acm["DomainName"] == "multi.example.test"
+    assert any(c["name"].endswith(deps["europe-west1"].remote_ref.rsplit("/", 1)[-1]) for c in gcp.certificates.values())
+    key = Path(deps["edge"].remote_ref) / "privkey.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert (Path(deps["edge"].remote_ref) / "cert.pem").read_text().strip() == iss.cert_pem.strip()
+
+
+def test_renewal_redeploys_to_the_same_places(multi, clouds):
+    moto, _gcp, _edge = clouds
+    cid = multi.request(["samearn.example.test"])
+    multi.wait_state(cid, "ACTIVE", timeout=90)
+    before = _deployments(cid)
+    multi.send("certqueue.renew", {"v": 1, "certificate_id": cid, "force": True})
+    multi.wait_for(lambda: multi.count(Issuance, Issuance.certificate_id == cid) == 2
+                   and multi.state(cid) == "ACTIVE", timeout=90, what="renewal propagated")
+    after = _deployments(cid)
+    for r in REGIONS:
+        assert after[r].remote_ref == before[r].remote_ref  # the ARN, GCP name and directory are kept
+        assert after[r].fingerprint != before[r].fingerprint
+    acm = _acm(moto).get_certificate(CertificateArn=after["us-east-1"].remote_ref)["Certificate"]
+    with session_scope(write=False) as s:
+        iss = s.get(Issuance, s.get(Certificate, cid).current_issuance_id)
+    assert acm.strip() == iss.cert_pem.strip()
+
+
+def test_region_without_worker_stays_pending_then_completes_without_redeploys(multi):
+    multi.stack.stop("worker-propagate-europe-west1")
+    try:
+        cid = multi.request(["stalled.example.test"])
+        multi.wait_for(lambda: {r: d.status for r, d in _deployments(cid).items()}.get("edge") == "deployed"
+                       and _deployments(cid).get("us-east-1") is not None
+                       and _deployments(cid)["us-east-1"].status == "deployed", timeout=90, what="two regions")
+        time.sleep(3)  # the stalled region stays pending and the certificate is not ACTIVE
+        assert _deployments(cid)["europe-west1"].status == "pending"
+        assert multi.state(cid) == "ISSUED"
+    finally:
+        multi.stack.start_worker("propagate", regions=("europe-west1",))
+    multi.wait_state(cid, "ACTIVE", timeout=60)
+    deps = _deployments(cid)
+    assert all(d.attempts == 1 for d in deps.values()), {r: d.attempts for r, d in deps.items()}
+    with session_scope(write=False) as s:
+        per_region = [e.data["region"] for e in s.execute(
+            select(Event).where(Event.certificate_id == cid, Event.kind == "propagation")).scalars()]
+    assert sorted(per_region) == sorted(REGIONS)  # each region deployed exactly once
