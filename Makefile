@@ -42,9 +42,12 @@ lint: install
 bench: install services
 	$(PY) -m bench $(BENCH_ARGS)
 
+## make flower: task monitoring. Basic auth is required: Flower reads FLOWER_BASIC_AUTH=user:password
+## from the environment (kept off the command line); its /metrics is served without auth, so it
+## binds loopback only (docs/operations.md)
 flower: install
 	@test -n "$$FLOWER_BASIC_AUTH" || { echo "set FLOWER_BASIC_AUTH=user:password (no default password)"; exit 2; }
-	$(VENV)/bin/celery -A certqueue.celery_app:lazy_app.get flower --basic-auth="$$FLOWER_BASIC_AUTH" --port=$${FLOWER_PORT:-5555} --address=127.0.0.1
+	$(VENV)/bin/celery -A certqueue.flower_app flower --port=$${FLOWER_PORT:-5555} --address=127.0.0.1
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -128,10 +128,28 @@ class RedisServer:
             raise RuntimeError("redis-server not found (scripts/services install)")
         self.port = self.port or free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix="certqueue-bench-redis-"))
-        argv = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-                "--dir", str(self.workdir), "--protected-mode", "yes"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        argv = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--protected-mode",
+            "yes",
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_tcp("127.0.0.1", self.port, timeout=10)
         return self
 
@@ -173,8 +191,17 @@ def pg_stat(url: str) -> dict[str, int]:
             " tup_deleted, blks_hit, blks_read FROM pg_stat_database WHERE datname = %s",
             (name,),
         ).fetchone()
-    keys = ["xact_commit", "xact_rollback", "tup_returned", "tup_fetched", "tup_inserted", "tup_updated",
-            "tup_deleted", "blks_hit", "blks_read"]
+    keys = [
+        "xact_commit",
+        "xact_rollback",
+        "tup_returned",
+        "tup_fetched",
+        "tup_inserted",
+        "tup_updated",
+        "tup_deleted",
+        "blks_hit",
+        "blks_read",
+    ]
     return dict(zip(keys, [int(v) for v in row], strict=True)) if row else {}
 
 

@@ -281,19 +281,10 @@ def store_issuance(
 
 
 def _ari_cert_id(info: crypto.CertInfo) -> str | None:
-    """RFC 9773 certificate identifier: base64url(AKI keyIdentifier) "." base64url(serial DER)."""
-    import base64
+    """RFC 9773 certificate identifier; see :func:`certqueue.acme.ari.cert_id_from_info`."""
+    from certqueue.acme.ari import cert_id_from_info  # imported here: keeps acme out of this import
 
-    if not info.authority_key_id:
-        return None
-    aki = bytes.fromhex(info.authority_key_id)
-    serial = int(info.serial, 16)
-    sbytes = serial.to_bytes((serial.bit_length() + 8) // 8 or 1, "big")
-
-    def b64(b: bytes) -> str:
-        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-    return f"{b64(aki)}.{b64(sbytes)}"
+    return cert_id_from_info(info)
 
 
 def decrypt_key(iss: Issuance, settings: Settings | None = None) -> bytes:

@@ -7,6 +7,7 @@ waiting. Errors print one line on stderr, never a traceback (``--debug`` shows i
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -22,8 +23,15 @@ from rich.console import Console
 from rich.table import Table
 
 from certqueue import __version__
-from certqueue.config import load_settings, masked_dump, set_settings
-from certqueue.errors import CertqueueError, ConfigError, InvalidInput, KeyStoreError, NotFound
+from certqueue.config import configure, masked_dump
+from certqueue.errors import (
+    CertqueueError,
+    ConfigError,
+    InvalidInput,
+    InvalidTransition,
+    KeyStoreError,
+    NotFound,
+)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,7 +45,7 @@ def _fail(msg: str, code: int) -> None:
 
 
 def _exit_code(exc: BaseException) -> int:
-    if isinstance(exc, InvalidInput | ConfigError | KeyStoreError):
+    if isinstance(exc, InvalidInput | ConfigError | KeyStoreError | InvalidTransition):
         return EXIT_INPUT
     if isinstance(exc, NotFound):
         return EXIT_NOT_FOUND
@@ -61,13 +69,16 @@ class _Group(click.Group):
 
 
 def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
-    loaded = load_settings(overrides=overrides or None)
-    set_settings(loaded.settings)
+    # every layer, the runtime one read from the database; re-read as it ages (certqueue.runtime)
+    loaded = configure(overrides or None)
     ctx.obj["loaded"] = loaded
     level = loaded.settings.logging.level
     logging.basicConfig(
         level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not loaded.settings.broker.url or loaded.settings.broker.url.startswith("filesystem"):
+        # kombu warns that the embedded (filesystem) broker has no hostname: it needs none
+        logging.getLogger("kombu.connection").setLevel(logging.ERROR)
     from certqueue.logsafe import install
 
     install()
@@ -141,6 +152,38 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
     for key, item in dump.items():
         table.add_row(key, json.dumps(item["value"], default=str), item["source"])
     console.print(table)
+
+
+@config.command("set")
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+def config_set(assignments: Sequence[str]) -> None:
+    """Store runtime overrides in the database; every worker sees them within seconds.
+
+    VALUE is JSON when it parses as JSON (45, true, ["a"]), else a string. Only the sections
+    acme, challenges, automation, multi_region, monitoring (and enabled) may change at runtime."""
+    import asyncio
+
+    from certqueue.manager import update_config
+
+    changes: dict[str, Any] = {}
+    for a in assignments:
+        if "=" not in a:
+            raise InvalidInput(f"{a!r} is not KEY=VALUE", field="assignment")
+        k, v = a.split("=", 1)
+        changes[k.strip()] = _parse_value(v)
+    stored = asyncio.run(update_config(changes))
+    for key, value in sorted(stored.items()):
+        console.print(f"{key} = {json.dumps(value)} [dim](runtime, database)[/]", highlight=False)
+
+
+@config.command("unset")
+@click.argument("keys_", nargs=-1, required=True, metavar="KEY...")
+def config_unset(keys_: Sequence[str]) -> None:
+    """Remove runtime overrides (and any below KEY)."""
+    from certqueue.runtime import clear_override
+
+    removed = sum(clear_override(k) for k in keys_)
+    console.print(f"removed {removed} runtime override(s)")
 
 
 # --- database and keys ------------------------------------------------------------------------------
@@ -237,7 +280,8 @@ def _short_issuer(issuer: str | None) -> str:
 
 def print_inventory(rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"certificates ({len(rows)})")
-    for col in ("id", "names", "state", "expires", "issuer"):
+    table.add_column("id", no_wrap=True)
+    for col in ("names", "state", "expires", "issuer"):
         table.add_column(col, overflow="fold")
     styles = {"ACTIVE": "green", "FAILED": "red", "REVOKED": "magenta", "EXPIRED": "red"}
     for r in rows:
@@ -439,7 +483,10 @@ def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: 
     with session_scope(write=False) as s:
         for cid in certificate_ids:
             validation.validate_certificate_id(cid)
-            certificates.get(s, cid)
+            if certificates.get(s, cid).external:
+                raise InvalidInput(
+                    f"{cid} was imported; renew it where it was issued", field="certificate_id"
+                )
             before[cid] = s.execute(select(func.count()).where(Issuance.certificate_id == cid)).scalar_one()
     for cid in certificate_ids:
         _send("certqueue.renew", {"v": 1, "certificate_id": cid, "force": force})
@@ -488,13 +535,40 @@ def revoke_cmd(certificate_id: str, reason: str, wait: bool, timeout: float) -> 
 @main.command("propagate")
 @click.argument("certificate_id")
 @click.option("--region", "regions", multiple=True)
-def propagate_cmd(certificate_id: str, regions: Sequence[str]) -> None:
+@click.option("--force", is_flag=True, help="Redeploy even where the current issuance is deployed.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def propagate_cmd(
+    ctx: click.Context, certificate_id: str, regions: Sequence[str], force: bool, as_json: bool
+) -> None:
     """Deploy a certificate's current issuance to its regions."""
+    from certqueue import certificates
+    from certqueue.db import session_scope
+
+    settings = ctx.obj["loaded"].settings
+    known = {r.name for r in settings.multi_region.regions}
+    for r in regions:
+        if r not in known:
+            raise InvalidInput(f"unknown region {r!r}", field="regions")
+    with session_scope(write=False) as s:
+        c = certificates.get(s, certificate_id)
+        if c.state in ("REVOKED", "EXPIRED", "FAILED") or (
+            c.current_issuance_id is None and c.pending_issuance_id is None
+        ):
+            raise InvalidTransition(f"{c.id} is {c.state} and has nothing to deploy")
+        targets = list(regions) or certificates.regions_for(c, settings)
+    if not targets:
+        raise InvalidInput(f"{certificate_id} has no regions (multi_region is off and it names none)")
     payload: dict[str, Any] = {"v": 1, "certificate_id": certificate_id}
     if regions:
         payload["regions"] = list(regions)
+    if force:
+        payload["force"] = True
     task_id = _send("certqueue.propagate", payload)
-    console.print(f"propagation queued (task {task_id})")
+    if as_json:
+        _print_json({"certificate_id": certificate_id, "task_id": task_id, "regions": targets})
+    else:
+        console.print(f"propagation to {', '.join(targets)} queued (task {task_id})")
 
 
 @main.command("import")
@@ -537,6 +611,236 @@ def scan_cmd(limit: int | None) -> None:
     app_for_sending().send_task("certqueue.scan.due", args=payload, queue="scan")
     app_for_sending().send_task("certqueue.scan.expire", queue="scan")
     console.print("scan queued")
+
+
+@main.command("export")
+@click.argument("certificate_id")
+@click.option("--format", "fmt", type=click.Choice(["pem", "pkcs12"]), default="pem", show_default=True)
+@click.option("--out", "out", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option("--password-env", metavar="VAR", help="PKCS#12: encrypt with the password in this variable.")
+@click.option("--legacy", is_flag=True, help="PKCS#12: 3DES/SHA-1 for old consumers (default AES-256).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def export_cmd(
+    certificate_id: str, fmt: str, out: Path, password_env: str | None, legacy: bool, force: bool
+) -> None:
+    """Write a certificate's served issuance with its private key to OUT (mode 0600).
+
+    pem: the private key, the certificate and its chain in one file (what HAProxy and many servers
+    load); pkcs12: a PFX bundle, encrypted with --password-env's password."""
+    from certqueue import certificates, crypto
+    from certqueue.db import session_scope
+    from certqueue.models import Issuance
+
+    password: bytes | None = None
+    if password_env:
+        if fmt != "pkcs12":
+            raise InvalidInput("--password-env applies to --format pkcs12", field="password_env")
+        value = os.environ.get(password_env)
+        if not value:
+            raise InvalidInput(f"environment variable {password_env} is empty", field="password_env")
+        password = value.encode()
+    if out.exists() and not force:
+        raise InvalidInput(f"{out} exists (use --force to overwrite it)", field="out")
+    if not out.parent.is_dir():
+        raise InvalidInput(f"{out.parent} is not a directory", field="out")
+    with session_scope(write=False) as s:
+        c = certificates.get(s, certificate_id)
+        if c.current_issuance_id is None:
+            raise NotFound(f"{c.id} has no issued certificate yet ({c.state})")
+        iss = s.get(Issuance, c.current_issuance_id)
+        assert iss is not None
+        key = certificates.decrypt_key(iss)
+        cert_pem, chain_pem, serial = iss.cert_pem, iss.chain_pem, iss.serial
+    if fmt == "pem":
+        data = key + cert_pem.encode() + (chain_pem or "").encode()
+    else:
+        data = crypto.to_pkcs12(
+            key, cert_pem, chain_pem or None, password, friendly_name=certificate_id, legacy=legacy
+        )
+    _write_private(out, data)
+    console.print(f"wrote {out} ({fmt}, serial {serial}, mode 0600)", highlight=False)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write atomically, 0600 from the first byte (a temporary file renamed over ``path``)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@main.command("status")
+@click.option("--due-within", default=24.0, show_default=True, help="Hours: renewals due within this.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
+    """The fleet at a glance: certificates by state, renewals due soon, expiry health, rate-limit
+    budgets and queue depths."""
+    from sqlalchemy import func, select
+
+    from certqueue.db import session_scope
+    from certqueue.health import certificate_health
+    from certqueue.metrics import queue_depths
+    from certqueue.models import Certificate, RateBudget, State, utcnow
+
+    settings = ctx.obj["loaded"].settings
+    now = utcnow()
+    with session_scope(write=False) as s:
+        by_state = dict(
+            s.execute(select(Certificate.state, func.count()).group_by(Certificate.state)).tuples().all()
+        )
+        due = s.execute(
+            select(func.count()).where(
+                Certificate.state == State.ACTIVE,
+                Certificate.auto_renew.is_(True),
+                Certificate.renew_at <= now + dt.timedelta(hours=due_within),
+            )
+        ).scalar_one()
+        budgets: list[dict[str, Any]] = [
+            {
+                "key": b.key,
+                "used": b.used,
+                "limit": b.limit,
+                "blocked_until": b.blocked_until.isoformat() if b.blocked_until else None,
+            }
+            for b in s.execute(select(RateBudget).order_by(RateBudget.key).limit(50)).scalars()
+        ]
+    health = certificate_health(now).as_dict()
+    depths = queue_depths(settings)
+    state_counts = {st.value: int(by_state.get(st.value, 0)) for st in State}
+    data: dict[str, Any] = {
+        "states": state_counts,
+        "due_within_hours": due_within,
+        "due": int(due),
+        "health": health,
+        "rate_limits": budgets,
+        "queues": depths,
+        "broker": "up" if depths is not None else "unreachable",
+    }
+    if as_json:
+        _print_json(data)
+        return
+    table = Table(title="certificates by state")
+    table.add_column("state")
+    table.add_column("count", justify="right")
+    for st, n in state_counts.items():
+        table.add_row(st, str(n))
+    console.print(table)
+    console.print(
+        f"renewals due within {due_within:g} h: {due}; health: {health['status']} "
+        f"({health['expiring_soon']} expiring within {health['threshold_days']:g} days, "
+        f"{health['expired']} expired)",
+        highlight=False,
+    )
+    if budgets:
+        bt = Table(title="rate-limit budgets")
+        for col in ("key", "used", "limit", "blocked until"):
+            bt.add_column(col)
+        for b in budgets:
+            bt.add_row(b["key"], str(b["used"]), f"{b['limit']:g}", b["blocked_until"] or "")
+        console.print(bt)
+    if depths is None:
+        console.print("broker: unreachable")
+    else:
+        qt = Table(title="queues")
+        qt.add_column("queue")
+        qt.add_column("waiting", justify="right")
+        for q, n in sorted(depths.items()):
+            qt.add_row(q, str(n))
+        console.print(qt)
+
+
+# --- API tokens --------------------------------------------------------------------------------------
+
+
+@main.group()
+def tokens() -> None:
+    """Bearer tokens for the REST API."""
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(["read", "write", "admin"]),
+    default=("read",),
+    show_default=True,
+)
+@click.option("--json", "as_json", is_flag=True)
+def tokens_create(name: str, scopes: Sequence[str], as_json: bool) -> None:
+    """Create a token for NAME (who or what uses it). It is shown once; only its hash is stored."""
+    from certqueue.db import session_scope
+    from certqueue.tokens import create_token, normalize_scopes
+
+    with session_scope() as s:
+        token_id, plaintext = create_token(s, name, scopes)
+    if as_json:
+        _print_json({"id": token_id, "name": name, "scopes": normalize_scopes(scopes), "token": plaintext})
+        return
+    err_console.print(f"token {token_id} ({', '.join(normalize_scopes(scopes))}); shown once, store it now:")
+    click.echo(plaintext)
+
+
+@tokens.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
+@click.option("--json", "as_json", is_flag=True)
+def tokens_list(include_revoked: bool, as_json: bool) -> None:
+    """Tokens (never their values)."""
+    from certqueue.db import session_scope
+    from certqueue.tokens import list_tokens
+
+    with session_scope(write=False) as s:
+        rows: list[dict[str, Any]] = [
+            {
+                "id": t.id,
+                "name": t.name,
+                "scopes": list(t.scopes or []),
+                "created_at": t.created_at.isoformat(),
+                "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+                "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+            }
+            for t in list_tokens(s, include_revoked=include_revoked)
+        ]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title=f"API tokens ({len(rows)})")
+    for col in ("id", "name", "scopes", "created", "last used", "revoked"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["name"],
+            ",".join(r["scopes"]),
+            r["created_at"][:19],
+            (r["last_used_at"] or "")[:19],
+            (r["revoked_at"] or "")[:19],
+        )
+    console.print(table)
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+def tokens_revoke(token_id: str) -> None:
+    """Revoke a token (it stops working at once)."""
+    from certqueue.db import session_scope
+    from certqueue.tokens import revoke_token
+
+    with session_scope() as s:
+        revoke_token(s, token_id)
+    console.print(f"revoked {token_id}")
 
 
 # --- processes --------------------------------------------------------------------------------------
@@ -582,6 +886,36 @@ def http01_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
         srv.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+@main.command("serve")
+@click.option("--host", default=None, help="Default api.host.")
+@click.option("--port", type=int, default=None, help="Default api.port.")
+def serve_cmd(host: str | None, port: int | None) -> None:
+    """Run the REST API (with /health, /health/certificates and /metrics) until interrupted."""
+    from certqueue.api.app import serve
+
+    serve(host, port)
+
+
+@main.command("metrics")
+@click.option("--host", default=None, help="Default monitoring.bind.")
+@click.option("--port", type=int, default=None, help="Default monitoring.prometheus_port.")
+@click.pass_context
+def metrics_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve only the Prometheus /metrics endpoint (no REST API) until interrupted."""
+    from certqueue.metrics import serve_metrics
+
+    m = ctx.obj["loaded"].settings.monitoring
+    server = serve_metrics(host, port, block=False)
+    err_console.print(f"metrics on {host or m.bind}:{server.server_address[1]}/metrics")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
 
 
 @main.command("demo")

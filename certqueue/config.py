@@ -23,7 +23,10 @@ variable) and the key.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +46,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from certqueue.errors import ConfigError
 
+_log = logging.getLogger("certqueue.config")
+
 ENV_PREFIX = "CERTQUEUE_"
 #: environment variables with this prefix that are not settings keys
 ENV_RESERVED = {
+    "CERTQUEUE_BEAT_CHILD",
     "CERTQUEUE_SETTINGS_DIR",
     "CERTQUEUE_HOME",
     "CERTQUEUE_FAILPOINTS",
     "CERTQUEUE_REQUIRE_POSTGRES",
+    "CERTQUEUE_RUNTIME_TTL_SECONDS",
 }
 
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
@@ -83,6 +90,12 @@ class AcmeSettings(Section):
     agree_tos: bool = True
     key_type: Literal["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"] = "ec256"
     profile: str | None = None
+    #: most names one certificate may carry per ACME profile, as "profile=count" (Let's Encrypt's
+    #: published limits); checked before the order (certqueue.acme.profiles). A list, not a mapping,
+    #: so that one layer replaces it whole; a profile not listed has no limit of its own.
+    profile_max_names: list[str] = Field(
+        default_factory=lambda: ["classic=100", "tlsserver=25", "shortlived=25"]
+    )
     preferred_chain: str | None = None
     #: CA bundle for the ACME server's own TLS (a private CA, Pebble); None = system trust
     ca_bundle: Path | None = None
@@ -97,6 +110,20 @@ class AcmeSettings(Section):
         if self.directory_url:
             return self.directory_url
         return LETS_ENCRYPT_STAGING if self.staging else LETS_ENCRYPT_PRODUCTION
+
+    @field_validator("profile_max_names")
+    @classmethod
+    def _profile_limits(cls, v: list[str]) -> list[str]:
+        for item in v:
+            name, sep, count = item.partition("=")
+            if not sep or not name.strip() or not count.strip().isdigit() or int(count) < 1:
+                raise ValueError(f"{item!r} is not profile=count (a positive integer)")
+        return v
+
+    @property
+    def profile_name_limits(self) -> dict[str, int]:
+        """``profile_max_names`` as profile -> most names."""
+        return {n.strip(): int(c) for n, _, c in (i.partition("=") for i in self.profile_max_names)}
 
 
 class ChallengeSettings(Section):
@@ -233,6 +260,27 @@ class ApiSettings(Section):
     port: int = Field(9091, ge=1, le=65535)
 
 
+class RateLimitSettings(Section):
+    """Fleet-wide ACME budgets (certqueue.acme.ratelimit); Let's Encrypt's published limits by default.
+
+    A count of 0 turns that budget off; ``enabled: false`` turns all of them off (a CA's own
+    ``rateLimited`` Retry-After is honoured regardless).
+    """
+
+    enabled: bool = True
+    #: auto: Redis when broker.url is Redis, else the database
+    backend: Literal["auto", "redis", "database"] = "auto"
+    redis_prefix: str = Field("certqueue:ratelimit", min_length=1)
+    new_orders_per_account: int = Field(300, ge=0)
+    new_orders_period_hours: float = Field(3, gt=0)
+    certificates_per_registered_domain: int = Field(50, ge=0)
+    certificates_per_registered_domain_period_days: float = Field(7, gt=0)
+    duplicate_certificates: int = Field(5, ge=0)
+    duplicate_certificates_period_days: float = Field(7, gt=0)
+    failed_authorizations_per_identifier: int = Field(5, ge=0)
+    failed_authorizations_period_hours: float = Field(1, gt=0)
+
+
 class Settings(BaseSettings):
     """The merged settings. Build with ``load_settings()`` to get the layers and their sources."""
 
@@ -249,6 +297,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = Field(default_factory=lambda: BrokerSettings())
     logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
+    rate_limits: RateLimitSettings = Field(default_factory=lambda: RateLimitSettings())
 
     @classmethod
     def settings_customise_sources(
@@ -273,6 +322,11 @@ class LoadedSettings:
     settings: Settings
     #: dotted key -> layer name ("default", "settings/certqueue.yaml", "env CERTQUEUE_X__Y", ...)
     sources: dict[str, str] = field(default_factory=dict)
+    #: how to load these again (``load_settings`` keyword arguments); None: installed as they are
+    #: (``set_settings``), never re-read behind the installer's back
+    recipe: dict[str, Any] | None = None
+    #: ``time.monotonic()`` when loaded (``get_settings`` re-reads a recipe after the runtime TTL)
+    loaded_at: float = 0.0
 
 
 def settings_dir() -> Path:
@@ -371,20 +425,29 @@ def load_settings(
     directory: Path | None = None,
     environ: Mapping[str, str] | None = None,
     runtime: Mapping[str, Any] | None = None,
+    runtime_from_database: bool = False,
 ) -> LoadedSettings:
-    """Merge every layer and validate. ``overrides`` may be nested or use dotted keys."""
+    """Merge every layer and validate. ``overrides`` may be nested or use dotted keys.
+
+    The runtime layer is ``runtime`` when given; else, with ``runtime_from_database``, the overrides
+    stored in the database that the other layers name (``certqueue.runtime.read_runtime_layer``:
+    nothing when the database is missing, not migrated or unreachable)."""
     directory = directory if directory is not None else settings_dir()
     environ = os.environ if environ is None else environ
-    layers: list[tuple[str, dict[str, Any]]] = []
+    files: list[tuple[str, dict[str, Any]]] = []
     for fname in ("certqueue.yaml", "local.yaml"):
         path = directory / fname
-        layers.append((str(path), read_yaml(path)))
-    if runtime:
-        layers.append(("runtime (database)", _rename_aliases(_undot(dict(runtime)))))
+        files.append((str(path), read_yaml(path)))
     env_data, env_names = read_env(environ)
+    override_data = _rename_aliases(_undot(dict(overrides))) if overrides else {}
+    if runtime is None and runtime_from_database:
+        runtime = _runtime_from_database([*files, ("env", env_data), ("override", override_data)])
+    layers = list(files)
+    if runtime:
+        layers.append((RUNTIME_LAYER, _rename_aliases(_undot(dict(runtime)))))
     layers.append(("env", env_data))
-    if overrides:
-        layers.append(("override", _rename_aliases(_undot(dict(overrides)))))
+    if override_data:
+        layers.append(("override", override_data))
 
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -402,7 +465,25 @@ def load_settings(
     # by alias: the keys a user writes (logging.json), so each matches the layer that set it
     full = _leaves(settings.model_dump(mode="json", by_alias=True))
     resolved = {k: _source_for(k, sources) for k in full}
-    return LoadedSettings(settings=settings, sources=resolved)
+    return LoadedSettings(settings=settings, sources=resolved, loaded_at=time.monotonic())
+
+
+RUNTIME_LAYER = "runtime (database)"
+
+
+def _runtime_from_database(layers: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The database's runtime overrides, found through the database URL the other layers give."""
+    merged: dict[str, Any] = {}
+    for _name, data in layers:
+        merged = _deep_merge(merged, data)
+    raw = (merged.get("database") or {}).get("url") if isinstance(merged.get("database"), dict) else None
+    try:
+        url = DatabaseSettings(url=raw).url if raw else DatabaseSettings().url
+    except ValidationError:
+        return {}  # the full validation below reports the bad URL
+    from certqueue.runtime import read_runtime_layer
+
+    return read_runtime_layer(url)
 
 
 def _undot(data: dict[str, Any]) -> dict[str, Any]:
@@ -482,17 +563,68 @@ def _jsonable(v: Any) -> Any:
 
 
 _cached: LoadedSettings | None = None
+_reload_lock = threading.Lock()
+#: the default recipe: every layer, the runtime one from the database
+_DEFAULT_RECIPE: dict[str, Any] = {}
+
+
+def runtime_ttl() -> float:
+    """Seconds between re-reads of the settings (so runtime overrides reach running processes)."""
+    try:
+        return max(float(os.environ.get("CERTQUEUE_RUNTIME_TTL_SECONDS", "5")), 0.0)
+    except ValueError:
+        return 5.0
+
+
+def _load_recipe(recipe: dict[str, Any]) -> LoadedSettings:
+    loaded = load_settings(**recipe, runtime_from_database=True)
+    loaded.recipe = recipe
+    return loaded
+
+
+def configure(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    directory: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> LoadedSettings:
+    """Load every layer (the runtime one from the database) and install the result for this
+    process; ``get_settings()`` re-reads them with the same arguments after ``runtime_ttl()``."""
+    global _cached
+    loaded = _load_recipe({"overrides": overrides, "directory": directory, "environ": environ})
+    _cached = loaded
+    return loaded
 
 
 def get_settings(reload: bool = False) -> Settings:
-    """The process-wide settings (loaded once; ``reload=True`` re-reads every layer)."""
+    """The process-wide settings (loaded on first use; ``reload=True`` re-reads every layer).
+
+    Settings loaded by ``configure()`` (or on first use) are re-read when older than
+    ``runtime_ttl()`` seconds, so runtime overrides stored in the database reach every process; a
+    re-read that fails keeps the settings in force. Settings installed with ``set_settings`` stay
+    as they are until replaced."""
     global _cached
-    if _cached is None or reload:
-        _cached = load_settings()
-    return _cached.settings
+    cached = _cached
+    if cached is None or reload:
+        recipe = cached.recipe if cached is not None and cached.recipe is not None else _DEFAULT_RECIPE
+        _cached = cached = _load_recipe(dict(recipe))
+        return cached.settings
+    if cached.recipe is not None and time.monotonic() - cached.loaded_at > runtime_ttl():
+        if _reload_lock.acquire(blocking=False):  # one thread re-reads; the others use what is there
+            try:
+                fresh = _load_recipe(cached.recipe)
+                if _cached is cached:  # not replaced meanwhile (set_settings, configure)
+                    _cached = fresh
+                return fresh.settings
+            except ConfigError as exc:
+                cached.loaded_at = time.monotonic()
+                _log.warning("settings re-read failed, keeping the current ones: %s", exc)
+            finally:
+                _reload_lock.release()
+    return cached.settings
 
 
 def set_settings(settings: Settings | None) -> None:
-    """Install settings for this process (tests, CLI overrides)."""
+    """Install settings for this process (tests, CLI overrides); they are not re-read."""
     global _cached
     _cached = LoadedSettings(settings=settings, sources={}) if settings is not None else None

@@ -104,22 +104,33 @@ def run_demo(keep: bool = False, workdir: Path | None = None) -> int:
             stack.start_http01(http_port)
             stack.start_worker("all", concurrency=2)
             stack.start_beat()
-        console.print("[green]stack up[/]: http01 responder, worker (acme, dns, scan, propagate.local-files), beat")
+        console.print(
+            "[green]stack up[/]: http01 responder, worker (acme, dns, scan, propagate.local-files), beat"
+        )
 
         requests: list[dict[str, Any]] = [
             {"domains": ["shop.example.test", "www.shop.example.test", "api.shop.example.test"]},
             {"domains": ["blog.example.test"]},
         ]
         if bind is not None:
-            requests.append({"domains": ["*.apps.example.test", "apps.example.test"], "challenge_type": "dns-01",
-                             "dns_provider": "rfc2136"})
+            requests.append(
+                {
+                    "domains": ["*.apps.example.test", "apps.example.test"],
+                    "challenge_type": "dns-01",
+                    "dns_provider": "rfc2136",
+                }
+            )
         ids: list[str] = []
         t0 = time.monotonic()
         for kw in requests:
             with session_scope() as s:
-                cert, _ = certificates.create_certificate(s, certificates.CertificateRequest.build(**kw), actor="demo")
+                cert, _ = certificates.create_certificate(
+                    s, certificates.CertificateRequest.build(**kw), actor="demo"
+                )
                 ids.append(cert.id)
-            lazy_app.get().send_task("certqueue.issue", args=[{"v": 1, "certificate_id": ids[-1]}], queue="acme")
+            lazy_app.get().send_task(
+                "certqueue.issue", args=[{"v": 1, "certificate_id": ids[-1]}], queue="acme"
+            )
             console.print(f"requested {ids[-1]}: {', '.join(kw['domains'])}")
 
         def states() -> dict[str, str]:
@@ -127,7 +138,9 @@ def run_demo(keep: bool = False, workdir: Path | None = None) -> int:
                 return {i: s.get(Certificate, i).state for i in ids}  # type: ignore[union-attr]
 
         _wait("issuing and deploying", lambda: all(v in ("ACTIVE", "FAILED") for v in states().values()))
-        console.print(f"issued and deployed {len(ids)} certificates in {time.monotonic() - t0:.1f}s: {states()}")
+        console.print(
+            f"issued and deployed {len(ids)} certificates in {time.monotonic() - t0:.1f}s: {states()}"
+        )
         if any(v == "FAILED" for v in states().values()):
             console.print(stack.all_logs()[-4000:])
             return 1
@@ -138,12 +151,16 @@ def run_demo(keep: bool = False, workdir: Path | None = None) -> int:
             with session_scope(write=False) as s:
                 return int(s.execute(select(func.count()).where(Issuance.certificate_id == cid)).scalar_one())
 
-        lazy_app.get().send_task("certqueue.renew", args=[{"v": 1, "certificate_id": renew_id, "force": True}],
-                                 queue="acme")
+        lazy_app.get().send_task(
+            "certqueue.renew", args=[{"v": 1, "certificate_id": renew_id, "force": True}], queue="acme"
+        )
         _wait(f"renewing {renew_id}", lambda: issuances(renew_id) == 2 and states()[renew_id] == "ACTIVE")
         console.print(f"renewed {renew_id}: a new key and certificate, the old one kept for audit")
-        lazy_app.get().send_task("certqueue.revoke", args=[{"v": 1, "certificate_id": revoke_id,
-                                                            "reason": "keyCompromise"}], queue="acme")
+        lazy_app.get().send_task(
+            "certqueue.revoke",
+            args=[{"v": 1, "certificate_id": revoke_id, "reason": "keyCompromise"}],
+            queue="acme",
+        )
         _wait(f"revoking {revoke_id}", lambda: states()[revoke_id] == "REVOKED")
         with session_scope(write=False) as s:
             c = s.get(Certificate, revoke_id)
@@ -156,15 +173,23 @@ def run_demo(keep: bool = False, workdir: Path | None = None) -> int:
             rows = []
             for c in certificates.list_certificates(s, limit=100):
                 iss = s.get(Issuance, c.current_issuance_id) if c.current_issuance_id else None
-                rows.append({"id": c.id, "domains": c.domains, "state": c.state,
-                             "not_after": iss.not_after.isoformat() if iss else None,
-                             "issuer": iss.issuer if iss else None})
+                rows.append(
+                    {
+                        "id": c.id,
+                        "domains": c.domains,
+                        "state": c.state,
+                        "not_after": iss.not_after.isoformat() if iss else None,
+                        "issuer": iss.issuer if iss else None,
+                    }
+                )
         print_inventory(rows)
         table = Table(title=f"deployed to local files ({deployed})")
         table.add_column("certificate")
         table.add_column("files")
         for d in sorted(p for p in deployed.iterdir() if p.is_dir()):
-            table.add_row(d.name, ", ".join(sorted(f.name for f in d.iterdir() if not f.name.startswith("."))))
+            table.add_row(
+                d.name, ", ".join(sorted(f.name for f in d.iterdir() if not f.name.startswith(".")))
+            )
         console.print(table)
         if keep:
             console.print("stack left running; Ctrl-C to stop")
@@ -178,6 +203,6 @@ def run_demo(keep: bool = False, workdir: Path | None = None) -> int:
         for fn in reversed(cleanups):
             try:
                 fn()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110  (best effort: stopping what we started)
                 pass
         set_settings(None)

@@ -1,7 +1,8 @@
 """Fault injection points for the chaos and crash tests (off unless configured).
 
-``CERTQUEUE_FAILPOINTS="validate.before_finalize=sleep:20,deploy.before=error"`` makes the named
-point sleep (so a test can SIGKILL the worker at a known moment) or raise a retryable error. The
+``CERTQUEUE_FAILPOINTS="validate.before_finalize=sleep:20,deploy.edge=error"`` makes the named
+point sleep (so a test can SIGKILL the worker at a known moment), raise a retryable error, or raise
+one until a moment (``error_until:<unix time>``: a target that fails for a while, then recovers). The
 variable is read once per process; in production it is unset and ``hit`` is a dictionary lookup.
 """
 
@@ -34,4 +35,6 @@ def hit(name: str) -> None:
     if action.startswith("sleep:"):
         time.sleep(float(action[6:]))
     elif action == "error":
+        raise RetryableError(f"failpoint {name}", reason="failpoint")
+    elif action.startswith("error_until:") and time.time() < float(action[12:]):
         raise RetryableError(f"failpoint {name}", reason="failpoint")

@@ -7,11 +7,19 @@ queues of the regions it is started for, so a region's credentials exist only wh
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 from certqueue.celery_app import lazy_app, region_queue
 from certqueue.config import get_settings
 from certqueue.errors import ConfigError
+
+log = logging.getLogger("certqueue.workers")
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,37 @@ def run_worker(
 
 
 def run_beat(*, loglevel: str | None = None) -> None:
+    """Beat under a small supervisor: celery beat exits when it loses the broker (a Redis restart),
+    so the parent restarts it with backoff until it is told to stop (SIGTERM/SIGINT)."""
+    if os.environ.get("CERTQUEUE_BEAT_CHILD"):
+        _run_beat_now(loglevel=loglevel)
+        return
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    argv = [sys.executable, "-m", "certqueue", "beat"] + (["--loglevel", loglevel] if loglevel else [])
+    failures = 0
+    while not stopping:
+        started = time.monotonic()
+        child = subprocess.Popen(argv, env={**os.environ, "CERTQUEUE_BEAT_CHILD": "1"})
+        code = child.wait()
+        if stopping:
+            break
+        failures = 0 if time.monotonic() - started > 60 else failures + 1
+        delay = min(30.0, 0.5 * 2**failures)
+        log.warning("beat exited with %s; restarting in %.1fs", code, delay)
+        time.sleep(delay)
+
+
+def _run_beat_now(*, loglevel: str | None = None) -> None:
     from certqueue.schedule import beat_schedule
 
     s = get_settings()

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from certqueue import certificates, failpoints
 from certqueue.celery_app import region_queue
 from certqueue.config import get_settings
-from certqueue.db import lock_certificate
+from certqueue.db import is_postgres, lock_certificate
 from certqueue.errors import CertqueueError, InvalidInput
 from certqueue.lifecycle import states
 from certqueue.lifecycle.backoff import backoff
@@ -111,9 +111,10 @@ class DeployTask(CertqueueTask):
 def _deploy_step(ctx: StepContext, certificate_id: str, region: str, issuance_id: int) -> dict[str, Any]:
     settings = get_settings()
     session = ctx.session
-    d = session.execute(
-        select(Deployment).where(Deployment.certificate_id == certificate_id, Deployment.region == region)
-    ).scalar_one_or_none()
+    stmt = select(Deployment).where(Deployment.certificate_id == certificate_id, Deployment.region == region)
+    if is_postgres(session):
+        stmt = stmt.with_for_update()  # two deliveries of one deploy never upload twice
+    d = session.execute(stmt).scalar_one_or_none()
     iss = session.get(Issuance, issuance_id)
     if d is None or iss is None:
         return {"region": region, "status": "failed", "reason": "missing"}

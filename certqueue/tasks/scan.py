@@ -179,7 +179,7 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
                 Order.status.in_(["valid", "invalid", "abandoned"]),
                 Challenge.status.not_in(["cleaned"]),
                 Challenge.error.is_(None),
-                Challenge.updated_at <= now - dt.timedelta(seconds=60),
+                Challenge.updated_at <= now - dt.timedelta(seconds=settings.automation.stuck_after_seconds),
             )
             .limit(500)
         )

@@ -30,15 +30,17 @@ def _txt(server: BindServer, name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bind_server() -> Iterator[BindServer]:
-    records = {"example.test": [
-        # a name with its own A record: the TXT node under it would otherwise make it an empty
-        # non-terminal that the zone's wildcard A no longer covers
-        "mixed IN A 127.0.0.1",
-        # delegated validation: the challenge name is a CNAME to a name only certqueue writes
-        # (same zone: an authoritative-only BIND does not chase CNAMEs across zones the way the
-        # CA's recursive resolver does; crossing zones is covered by tests/unit/test_dns_zones.py)
-        "_acme-challenge.delegated CNAME delegated.acme-validation.example.test.",
-    ]}
+    records = {
+        "example.test": [
+            # a name with its own A record: the TXT node under it would otherwise make it an empty
+            # non-terminal that the zone's wildcard A no longer covers
+            "mixed IN A 127.0.0.1",
+            # delegated validation: the challenge name is a CNAME to a name only certqueue writes
+            # (same zone: an authoritative-only BIND does not chase CNAMEs across zones the way the
+            # CA's recursive resolver does; crossing zones is covered by tests/unit/test_dns_zones.py)
+            "_acme-challenge.delegated CNAME delegated.acme-validation.example.test.",
+        ]
+    }
     with BindServer(zone="example.test", extra_zones=("validation.test",), records=records) as server:
         yield server
 
@@ -52,13 +54,15 @@ def dns_pipeline(tmp_path_factory: pytest.TempPathFactory, bind_server: BindServ
         pytest.skip(why)
     env = {
         "CERTQUEUE_CHALLENGES__DNS_PROVIDER": "rfc2136",
-        "CERTQUEUE_CHALLENGES__RFC2136": json.dumps(bind_server.provider_config(propagation_timeout=20,
-                                                                               polling_interval=0.3)),
+        "CERTQUEUE_CHALLENGES__RFC2136": json.dumps(
+            bind_server.provider_config(propagation_timeout=20, polling_interval=0.3)
+        ),
         "CERTQUEUE_CHALLENGES__DNS_RESOLVERS": json.dumps([bind_server.nameserver]),
         "CERTQUEUE_CHALLENGES__NAMESERVER_PORT": str(bind_server.port),
     }
-    p = build_pipeline(tmp_path_factory.mktemp("dns01"), backend="postgres", extra_env=env,
-                       dns_server=bind_server.nameserver)
+    p = build_pipeline(
+        tmp_path_factory.mktemp("dns01"), backend="postgres", extra_env=env, dns_server=bind_server.nameserver
+    )
     yield p
     teardown_pipeline(p)
 
@@ -71,24 +75,37 @@ def test_wildcard_and_base_name_in_one_certificate(dns_pipeline, bind_server):
         iss = s.get(Issuance, c.current_issuance_id)
         chs = s.execute(select(Challenge).where(Challenge.certificate_id == cid)).scalars().all()
     assert sorted(crypto.cert_info(iss.cert_pem).names) == ["*.wild.example.test", "wild.example.test"]
-    crypto.verify_chain(iss.cert_pem, crypto.split_pem_chain(iss.chain_pem), [dns_pipeline.pebble.roots_pem()],
-                        name="x.wild.example.test")
+    crypto.verify_chain(
+        iss.cert_pem,
+        crypto.split_pem_chain(iss.chain_pem),
+        [dns_pipeline.pebble.roots_pem()],
+        name="x.wild.example.test",
+    )
     # both authorizations used one name: two TXT values at _acme-challenge.wild.example.test
     assert sorted(c.type for c in chs) == ["dns-01", "dns-01"]
     assert {c.dns_name for c in chs} == {"_acme-challenge.wild.example.test"}
     # cleanup ran on the dns pool and removed both values, and only them
-    dns_pipeline.wait_for(lambda: dns_pipeline.count(Challenge, Challenge.certificate_id == cid,
-                                                     Challenge.status != "cleaned") == 0, what="dns cleanup")
+    dns_pipeline.wait_for(
+        lambda: (
+            dns_pipeline.count(Challenge, Challenge.certificate_id == cid, Challenge.status != "cleaned") == 0
+        ),
+        what="dns cleanup",
+    )
     assert _txt(bind_server, "_acme-challenge.wild.example.test") == []
 
 
 def test_mixed_http01_and_dns01_names(dns_pipeline, bind_server):
-    cid = dns_pipeline.request(["mixed.example.test", "*.mixed.example.test"], challenge_type="http-01",
-                               challenge_map={"*.mixed.example.test": "dns-01"})
+    cid = dns_pipeline.request(
+        ["mixed.example.test", "*.mixed.example.test"],
+        challenge_type="http-01",
+        challenge_map={"*.mixed.example.test": "dns-01"},
+    )
     dns_pipeline.wait_state(cid, "ACTIVE", timeout=90)
     with session_scope(write=False) as s:
-        types = {c.identifier: c.type for c in s.execute(
-            select(Challenge).where(Challenge.certificate_id == cid)).scalars()}
+        types = {
+            c.identifier: c.type
+            for c in s.execute(select(Challenge).where(Challenge.certificate_id == cid)).scalars()
+        }
     assert types == {"mixed.example.test": "http-01", "*.mixed.example.test": "dns-01"}
 
 
@@ -100,8 +117,12 @@ def test_cname_delegated_validation(dns_pipeline, bind_server):
     with session_scope(write=False) as s:
         ch = s.execute(select(Challenge).where(Challenge.certificate_id == cid)).scalars().one()
     assert ch.handle["fqdn"] == "delegated.acme-validation.example.test"
-    dns_pipeline.wait_for(lambda: dns_pipeline.count(Challenge, Challenge.certificate_id == cid,
-                                                     Challenge.status != "cleaned") == 0, what="dns cleanup")
+    dns_pipeline.wait_for(
+        lambda: (
+            dns_pipeline.count(Challenge, Challenge.certificate_id == cid, Challenge.status != "cleaned") == 0
+        ),
+        what="dns cleanup",
+    )
     assert _txt(bind_server, "delegated.acme-validation.example.test") == []
 
 
@@ -114,24 +135,38 @@ def test_record_never_visible_fails_with_reason_and_is_cleaned_up(tmp_path_facto
     with BindServer(zone="example.test") as shadow:
         env = {
             "CERTQUEUE_CHALLENGES__DNS_PROVIDER": "rfc2136",
-            "CERTQUEUE_CHALLENGES__RFC2136": json.dumps(shadow.provider_config(propagation_timeout=3,
-                                                                              polling_interval=0.5)),
+            "CERTQUEUE_CHALLENGES__RFC2136": json.dumps(
+                shadow.provider_config(propagation_timeout=3, polling_interval=0.5)
+            ),
             "CERTQUEUE_CHALLENGES__DNS_RESOLVERS": json.dumps([bind_server.nameserver]),
             "CERTQUEUE_CHALLENGES__NAMESERVER_PORT": str(bind_server.port),
         }
-        p = build_pipeline(tmp_path_factory.mktemp("dns01-invisible"), backend="postgres", extra_env=env,
-                           dns_server=bind_server.nameserver)
+        p = build_pipeline(
+            tmp_path_factory.mktemp("dns01-invisible"),
+            backend="postgres",
+            extra_env=env,
+            dns_server=bind_server.nameserver,
+        )
         try:
             cid = p.request(["invisible.example.test"], challenge_type="dns-01")
             p.wait_state(cid, "FAILED", timeout=60)
             with session_scope(write=False) as s:
                 c = s.get(Certificate, cid)
                 assert c.last_error == "dns:not_visible"
-                ev = s.execute(select(Event).where(Event.certificate_id == cid,
-                                                   Event.kind == "validation_error")).scalars().one()
+                ev = (
+                    s.execute(
+                        select(Event).where(Event.certificate_id == cid, Event.kind == "validation_error")
+                    )
+                    .scalars()
+                    .one()
+                )
                 assert ev.data["type"] == "dns-01"
-            p.wait_for(lambda: p.count(Challenge, Challenge.certificate_id == cid,
-                                       Challenge.status != "cleaned") == 0, what="cleanup")
+            p.wait_for(
+                lambda: (
+                    p.count(Challenge, Challenge.certificate_id == cid, Challenge.status != "cleaned") == 0
+                ),
+                what="cleanup",
+            )
             assert _txt(shadow, "_acme-challenge.invisible.example.test") == []
             assert len(p.orders(cid)) == 1 and p.orders(cid)[0].status == "invalid"
         finally:

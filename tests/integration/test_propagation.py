@@ -25,7 +25,9 @@ REGIONS = ("us-east-1", "europe-west1", "edge")
 
 
 @pytest.fixture(scope="module")
-def clouds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MotoServer, FakeCertificateManager, Path]]:
+def clouds(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[MotoServer, FakeCertificateManager, Path]]:
     moto = MotoServer().start()
     gcp = FakeCertificateManager().start()
     yield moto, gcp, tmp_path_factory.mktemp("edge-files")
@@ -42,14 +44,24 @@ def multi(tmp_path_factory: pytest.TempPathFactory, clouds) -> Iterator[Pipeline
         pytest.skip(why)
     moto, gcp, edge = clouds
     regions = [
-        {"name": "us-east-1", "provider": "aws", "endpoint_url": moto.endpoint_url,
-         "access_key_id": "testing", "secret_access_key": "testing"},
-        {"name": "europe-west1", "provider": "gcp", "project_id": "demo", "location": "global",
-         "api_endpoint": gcp.endpoint, "anonymous": True},
+        {
+            "name": "us-east-1",
+            "provider": "aws",
+            "endpoint_url": moto.endpoint_url,
+            "access_key_id": "testing",
+            "secret_access_key": "testing",
+        },
+        {
+            "name": "europe-west1",
+            "provider": "gcp",
+            "project_id": "demo",
+            "location": "global",
+            "api_endpoint": gcp.endpoint,
+            "anonymous": True,
+        },
         {"name": "edge", "provider": "local", "path": str(edge)},
     ]
-    p = build_pipeline(tmp_path_factory.mktemp("multi"), backend="postgres", regions=regions,
-                       pools=("acme",))
+    p = build_pipeline(tmp_path_factory.mktemp("multi"), backend="postgres", regions=regions, pools=("acme",))
     for r in REGIONS:
         p.stack.start_worker("propagate", regions=(r,))
     yield p
@@ -58,16 +70,24 @@ def multi(tmp_path_factory: pytest.TempPathFactory, clouds) -> Iterator[Pipeline
 
 def _deployments(cid: str) -> dict[str, Deployment]:
     with session_scope(write=False) as s:
-        return {d.region: d for d in s.execute(select(Deployment).where(Deployment.certificate_id == cid)).scalars()}
+        return {
+            d.region: d
+            for d in s.execute(select(Deployment).where(Deployment.certificate_id == cid)).scalars()
+        }
 
 
 def _acm(moto: MotoServer):
-    return boto3.client("acm", region_name="us-east-1", endpoint_url=moto.endpoint_url,
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(
+        "acm",
+        region_name="us-east-1",
+        endpoint_url=moto.endpoint_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 def test_issued_certificate_reaches_three_regions(multi, clouds):
-    moto, gcp, edge = clouds
+    moto, gcp, _edge = clouds
     cid = multi.request(["multi.example.test", "www.multi.example.test"])
     multi.wait_state(cid, "ACTIVE", timeout=90)
     deps = _deployments(cid)
@@ -79,7 +99,10 @@ def test_issued_certificate_reaches_three_regions(multi, clouds):
     # what each region really holds
     acm = _acm(moto).describe_certificate(CertificateArn=deps["us-east-1"].remote_ref)["Certificate"]
     assert acm["DomainName"] == "multi.example.test"
-    assert any(c["name"].endswith(deps["europe-west1"].remote_ref.rsplit("/", 1)[-1]) for c in gcp.certificates.values())
+    assert any(
+        c["name"].endswith(deps["europe-west1"].remote_ref.rsplit("/", 1)[-1])
+        for c in gcp.certificates.values()
+    )
     key = Path(deps["edge"].remote_ref) / "privkey.pem"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert (Path(deps["edge"].remote_ref) / "cert.pem").read_text().strip() == iss.cert_pem.strip()
@@ -91,8 +114,11 @@ def test_renewal_redeploys_to_the_same_places(multi, clouds):
     multi.wait_state(cid, "ACTIVE", timeout=90)
     before = _deployments(cid)
     multi.send("certqueue.renew", {"v": 1, "certificate_id": cid, "force": True})
-    multi.wait_for(lambda: multi.count(Issuance, Issuance.certificate_id == cid) == 2
-                   and multi.state(cid) == "ACTIVE", timeout=90, what="renewal propagated")
+    multi.wait_for(
+        lambda: multi.count(Issuance, Issuance.certificate_id == cid) == 2 and multi.state(cid) == "ACTIVE",
+        timeout=90,
+        what="renewal propagated",
+    )
     after = _deployments(cid)
     for r in REGIONS:
         assert after[r].remote_ref == before[r].remote_ref  # the ARN, GCP name and directory are kept
@@ -107,9 +133,15 @@ def test_region_without_worker_stays_pending_then_completes_without_redeploys(mu
     multi.stack.stop("worker-propagate-europe-west1")
     try:
         cid = multi.request(["stalled.example.test"])
-        multi.wait_for(lambda: {r: d.status for r, d in _deployments(cid).items()}.get("edge") == "deployed"
-                       and _deployments(cid).get("us-east-1") is not None
-                       and _deployments(cid)["us-east-1"].status == "deployed", timeout=90, what="two regions")
+        multi.wait_for(
+            lambda: (
+                {r: d.status for r, d in _deployments(cid).items()}.get("edge") == "deployed"
+                and _deployments(cid).get("us-east-1") is not None
+                and _deployments(cid)["us-east-1"].status == "deployed"
+            ),
+            timeout=90,
+            what="two regions",
+        )
         time.sleep(3)  # the stalled region stays pending and the certificate is not ACTIVE
         assert _deployments(cid)["europe-west1"].status == "pending"
         assert multi.state(cid) == "ISSUED"
@@ -119,6 +151,10 @@ def test_region_without_worker_stays_pending_then_completes_without_redeploys(mu
     deps = _deployments(cid)
     assert all(d.attempts == 1 for d in deps.values()), {r: d.attempts for r, d in deps.items()}
     with session_scope(write=False) as s:
-        per_region = [e.data["region"] for e in s.execute(
-            select(Event).where(Event.certificate_id == cid, Event.kind == "propagation")).scalars()]
+        per_region = [
+            e.data["region"]
+            for e in s.execute(
+                select(Event).where(Event.certificate_id == cid, Event.kind == "propagation")
+            ).scalars()
+        ]
     assert sorted(per_region) == sorted(REGIONS)  # each region deployed exactly once

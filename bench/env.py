@@ -1,0 +1,199 @@
+"""The certqueue stack for a benchmark case, without pytest: Pebble (+ pebble-challtestsrv, or BIND
+as its DNS), a private Redis, a fresh PostgreSQL database, the http01 responder and worker pools as
+real subprocesses (``python -m certqueue worker --pool acme -c N``).
+
+With ``instrument=True`` the workers get ``bench/instrument`` on ``PYTHONPATH``: its
+``sitecustomize`` counts SQL statements and ACME HTTP calls (count and time) per Celery task name and
+writes them to ``<workdir>/instrument/<pid>.json``; certqueue itself is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.procs import RedisServer, create_database, tree_cpu
+from certqueue import certificates
+from certqueue.celery_app import lazy_app
+from certqueue.config import load_settings, set_settings
+from certqueue.db import dispose_all
+from certqueue.devstack.pebble import ChallTestSrv, PebbleServer
+from certqueue.devstack.ports import free_port
+from certqueue.devstack.stack import Stack
+from certqueue.keystore import generate_key_file
+
+INSTRUMENT_DIR = Path(__file__).resolve().parent / "instrument"
+
+
+def start_pebble(
+    http_port: int, dns_server: str | None = None, env: dict[str, str] | None = None
+) -> tuple[PebbleServer, ChallTestSrv | None]:
+    """A fresh Pebble (NOSLEEP, no authz reuse); with pebble-challtestsrv as its DNS unless given one."""
+    dns = None
+    if dns_server is None:
+        dns = ChallTestSrv().start()
+        dns_server = dns.dns_address
+    try:
+        peb = PebbleServer(http_port=http_port, dns_server=dns_server, env=env or {}).start()
+    except BaseException:
+        if dns is not None:
+            dns.stop()
+        raise
+    return peb, dns
+
+
+@dataclass
+class CertqueueStack:
+    workdir: Path
+    pebble: PebbleServer
+    dns: ChallTestSrv | None
+    redis: RedisServer
+    db_url: str
+    env: dict[str, str]
+    stack: Stack
+    http_port: int
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    workers: list[str] = field(default_factory=list)
+
+    @property
+    def instrument_dir(self) -> Path:
+        return self.workdir / "instrument"
+
+    def install_settings(self) -> None:
+        """Make this process talk to the same database, broker and key file as the workers."""
+        set_settings(load_settings(environ=self.env, directory=self.workdir / "settings").settings)
+        dispose_all()
+        certificates.forget_keystores()
+        lazy_app.reset()
+
+    def start_workers(self, pool: str, processes: int, concurrency: int) -> list[str]:
+        names = []
+        for i in range(processes):
+            name = f"bench-{pool}-{i}"
+            self.stack.start_worker(pool, concurrency=concurrency, name=name)
+            names.append(name)
+        self.workers += names
+        return names
+
+    def worker_pids(self) -> list[int]:
+        return [self.stack.procs[n].pid for n in self.workers if n in self.stack.procs]
+
+    def client_pids(self) -> list[int]:
+        """Every certqueue process whose CPU counts as the client's: workers and the responder."""
+        pids = self.worker_pids()
+        if "http01" in self.stack.procs:
+            pids.append(self.stack.procs["http01"].pid)
+        return pids
+
+    def client_cpu(self) -> float:
+        return tree_cpu(self.client_pids())
+
+    def pebble_cpu(self) -> float:
+        return tree_cpu([self.pebble.proc.pid]) if self.pebble.proc else 0.0
+
+    def stop_workers(self) -> None:
+        for n in self.workers:
+            self.stack.stop(n, timeout=30)
+
+    def teardown(self) -> None:
+        for fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception:
+                pass
+        set_settings(None)
+        dispose_all()
+        lazy_app.reset()
+
+
+def build_stack(
+    *,
+    extra_env: dict[str, str] | None = None,
+    dns_server: str | None = None,
+    instrument: bool = False,
+    http01: bool = True,
+    poll_initial: float = 0.05,
+    poll_max: float = 1.0,
+) -> CertqueueStack:
+    """Everything but the workers (start them with :meth:`CertqueueStack.start_workers`)."""
+    cleanups: list[Callable[[], None]] = []
+    workdir = Path(tempfile.mkdtemp(prefix="certqueue-bench-"))
+    try:
+        (workdir / "settings").mkdir()
+        key = workdir / "master.key"
+        generate_key_file(key)
+        http_port = free_port()
+        peb, dns = start_pebble(http_port, dns_server)
+        cleanups.append(peb.stop)
+        if dns is not None:
+            cleanups.append(dns.stop)
+        redis = RedisServer().start()
+        cleanups.append(redis.stop)
+        db_url, drop = create_database()
+        cleanups.append(drop)
+        env = {
+            "CERTQUEUE_SETTINGS_DIR": str(workdir / "settings"),
+            "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
+            "CERTQUEUE_ACME__DIRECTORY_URL": peb.directory_url,
+            "CERTQUEUE_ACME__CA_BUNDLE": str(peb.ca_bundle),
+            "CERTQUEUE_ACME__EMAIL": "bench@example.test",
+            "CERTQUEUE_CHALLENGES__HTTP_PORT": str(http_port),
+            "CERTQUEUE_CHALLENGES__HTTP_HOST": "127.0.0.1",
+            "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": str(poll_initial),
+            "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": str(poll_max),
+            "CERTQUEUE_LOGGING__LEVEL": "INFO",
+            "CERTQUEUE_DATABASE__URL": db_url,
+            "CERTQUEUE_BROKER__URL": redis.url,
+        }
+        if instrument:
+            (workdir / "instrument").mkdir()
+            env["BENCH_INSTRUMENT_DIR"] = str(workdir / "instrument")
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(INSTRUMENT_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
+        env.update(extra_env or {})
+        stack = Stack(workdir=workdir, env=env)
+        cleanups.append(stack.stop_all)
+        cs = CertqueueStack(
+            workdir=workdir,
+            pebble=peb,
+            dns=dns,
+            redis=redis,
+            db_url=db_url,
+            env=env,
+            stack=stack,
+            http_port=http_port,
+            cleanups=cleanups,
+        )
+        stack.cli("db", "upgrade")
+        cs.install_settings()
+        if http01:
+            stack.start_http01(http_port)
+        return cs
+    except BaseException:
+        for fn in reversed(cleanups):
+            try:
+                fn()
+            except Exception:
+                pass
+        raise
+
+
+def read_instrument(directory: Path) -> dict[str, dict[str, Any]]:
+    """Merge the per-process counters written by ``bench/instrument/sitecustomize.py``."""
+    merged: dict[str, dict[str, Any]] = {}
+    for f in directory.glob("*.json"):
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for task, c in data.items():
+            m = merged.setdefault(task, {})
+            for k, v in c.items():
+                m[k] = m.get(k, 0) + v
+    return merged

@@ -1,0 +1,111 @@
+"""Benchmark instrumentation, loaded only in processes started with ``bench/instrument`` on
+``PYTHONPATH`` and ``BENCH_INSTRUMENT_DIR`` set (certqueue's workers in a benchmark run).
+
+Counts, per Celery task name, SQL statements and their time (SQLAlchemy engine events) and HTTP
+requests and their time (``requests.Session.send``: the ACME calls), and writes them as JSON to
+``$BENCH_INSTRUMENT_DIR/<pid>.json`` after tasks (at most every 0.5 s) and at process
+shutdown. Records counts and durations only: never statements' parameters, URLs or bodies.
+"""
+
+from __future__ import annotations
+
+import os
+
+_DIR = os.environ.get("BENCH_INSTRUMENT_DIR")
+
+if _DIR:
+    import atexit
+    import json
+    import threading
+    import time
+
+    _lock = threading.Lock()
+    _stats: dict[str, dict[str, float]] = {}
+    _last_dump = [0.0]
+
+    def _task_name() -> str:
+        try:
+            from celery import current_task
+
+            t = current_task
+            return str(t.name) if t is not None and getattr(t, "name", None) else "-"
+        except Exception:
+            return "-"
+
+    def _add(key: str, dt: float) -> None:
+        name = _task_name()
+        with _lock:
+            s = _stats.setdefault(name, {})
+            s[key + "_n"] = s.get(key + "_n", 0) + 1
+            s[key + "_s"] = s.get(key + "_s", 0.0) + dt
+
+    def _dump(force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - _last_dump[0] < 0.5:
+            return
+        _last_dump[0] = now
+        with _lock:
+            data = json.dumps(_stats)
+        path = os.path.join(str(_DIR), f"{os.getpid()}.json")
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+    def _install_sqlalchemy() -> None:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        def before(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+            conn.info.setdefault("_bench_t0", []).append(time.perf_counter())
+
+        def after(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+            stack = conn.info.get("_bench_t0")
+            if stack:
+                _add("sql", time.perf_counter() - stack.pop())
+
+        event.listen(Engine, "before_cursor_execute", before)
+        event.listen(Engine, "after_cursor_execute", after)
+
+        def commit(conn):  # type: ignore[no-untyped-def]
+            _add("commit", 0.0)
+
+        event.listen(Engine, "commit", commit)
+
+    def _install_requests() -> None:
+        import requests
+
+        orig = requests.Session.send
+
+        def send(self, request, **kwargs):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            try:
+                return orig(self, request, **kwargs)
+            finally:
+                _add("http", time.perf_counter() - t0)
+
+        requests.Session.send = send  # type: ignore[method-assign]
+
+    def _install_celery() -> None:
+        from celery import signals
+
+        def postrun(**_kw):  # type: ignore[no-untyped-def]
+            _add("task", 0.0)
+            _dump()
+
+        def shutdown(**_kw):  # type: ignore[no-untyped-def]
+            _dump(force=True)
+
+        signals.task_postrun.connect(postrun, weak=False)
+        signals.worker_process_shutdown.connect(shutdown, weak=False)
+
+    try:
+        _install_sqlalchemy()
+        _install_requests()
+        _install_celery()
+    except Exception:  # instrumentation must never stop a worker
+        pass
+    atexit.register(_dump, True)

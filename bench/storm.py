@@ -1,0 +1,251 @@
+"""The renewal storm: ``--storm`` ACTIVE certificates, all due at once, renewed through Pebble.
+
+The starting certificates are written straight into the database (one throwaway CA made in-process
+signs a leaf per certificate; one leaf key is shared by all of them and stored encrypted per row
+with its row-bound associated data), so the storm measures renewals only. The bench then plays beat:
+it sends ``certqueue.scan.due`` every ``SCAN_EVERY`` seconds, each claiming up to
+``automation.scan_batch_size`` rows. Workers are real acme pools (``--storm-workers`` x
+``--storm-concurrency``).
+
+Reported: time until every certificate is ACTIVE with a new issuance, renewals per 10 s bucket, the
+peak depth of the ``acme`` queue (``LLEN``), the peak RSS (VmHWM) of every worker process, the ACME
+orders created (must equal the number of certificates) and any certificate with more than one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import logging
+import time
+from typing import Any
+
+import redis as redis_lib
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from sqlalchemy import func, insert, select, text
+
+from bench.env import CertqueueStack, build_stack
+from bench.procs import descendants, vm_hwm_mb
+
+log = logging.getLogger("bench")
+
+SCAN_EVERY = 2.0
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def seed_active(cs: CertqueueStack, n: int, tag: str) -> tuple[int, float]:
+    """Insert ``n`` ACTIVE certificates due now; returns (highest starting issuance id, seconds)."""
+    from certqueue import certificates
+    from certqueue.db import session_scope
+    from certqueue.models import Certificate, Issuance, State
+
+    t0 = time.monotonic()
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name("certqueue bench throwaway CA")
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=60))
+        .not_valid_after(now + dt.timedelta(days=400))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode()
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf_pem = leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    ks = certificates.keystore()
+    directory = cs.pebble.directory_url
+    email = "bench@example.test"
+    cert_rows: list[dict[str, Any]] = []
+    iss_rows: list[dict[str, Any]] = []
+    for i in range(n):
+        cid = f"cert_storm{tag}{i:07d}"
+        domain = f"s{tag}-{i}.bench.test"
+        serial = x509.random_serial_number()
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(_name(domain))
+            .issuer_name(ca_name)
+            .public_key(leaf_key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - dt.timedelta(days=60))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        der = leaf.public_bytes(serialization.Encoding.DER)
+        fp = hashlib.sha256(der).hexdigest()
+        cert_rows.append(
+            {
+                "id": cid,
+                "domains": [domain],
+                "dedupe_key": hashlib.sha256(f"{domain}\nec256\n{directory}".encode()).hexdigest(),
+                "state": State.ACTIVE,
+                "key_type": "ec256",
+                "challenge_type": "http-01",
+                "challenge_map": {},
+                "directory_url": directory,
+                "email": email,
+                "targets": [],
+                "auto_renew": True,
+                "renew_at": now - dt.timedelta(seconds=1),
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+        iss_rows.append(
+            {
+                "certificate_id": cid,
+                "serial": format(serial, "x"),
+                "not_before": now - dt.timedelta(days=60),
+                "not_after": now + dt.timedelta(days=30),
+                "cert_pem": leaf.public_bytes(serialization.Encoding.PEM).decode(),
+                "chain_pem": ca_pem,
+                "key_enc": ks.encrypt(leaf_pem, certificates.issuance_aad(cid, fp)),
+                "key_type": "ec256",
+                "fingerprint": fp,
+                "issuer": "CN=certqueue bench throwaway CA",
+                "created_at": now,
+            }
+        )
+    with session_scope() as s:
+        for i in range(0, n, 2000):
+            s.execute(insert(Certificate), cert_rows[i : i + 2000])
+            s.execute(insert(Issuance), iss_rows[i : i + 2000])
+        s.execute(
+            text(
+                "UPDATE certificates c SET current_issuance_id = i.id FROM issuances i "
+                "WHERE i.certificate_id = c.id AND c.current_issuance_id IS NULL"
+            )
+        )
+        top = int(s.execute(select(func.max(Issuance.id))).scalar_one())
+    with session_scope() as s:
+        s.execute(text("ANALYZE certificates"))
+    return top, time.monotonic() - t0
+
+
+def _renewed(top: int) -> int:
+    from certqueue.db import session_scope
+
+    with session_scope(write=False) as s:
+        return int(
+            s.execute(
+                text(
+                    "SELECT count(*) FROM certificates WHERE state = 'ACTIVE' AND current_issuance_id > :top"
+                ),
+                {"top": top},
+            ).scalar_one()
+        )
+
+
+def run_storm(args: argparse.Namespace) -> dict[str, Any]:
+    import secrets
+
+    from certqueue.celery_app import lazy_app
+    from certqueue.db import session_scope
+
+    n = args.storm
+    out: dict[str, Any] = {
+        "certificates": n,
+        "workers": args.storm_workers,
+        "concurrency": args.storm_concurrency,
+    }
+    cs = build_stack(instrument=False)
+    try:
+        top, seed_s = seed_active(cs, n, secrets.token_hex(2))
+        out["seed_s"] = seed_s
+        out["scan_batch_size"] = cs.stack.full_env().get("CERTQUEUE_AUTOMATION__SCAN_BATCH_SIZE") or 500
+        cs.start_workers("acme", args.storm_workers, args.storm_concurrency)
+        r = redis_lib.Redis.from_url(cs.redis.url, socket_timeout=5)
+        app = lazy_app.get()
+        cpu0, peb0 = cs.client_cpu(), cs.pebble_cpu()
+        t0 = time.monotonic()
+        deadline = t0 + args.case_timeout
+        last_scan = -1e9
+        peak_q = 0
+        hwm: dict[int, float] = {}
+        timeline: list[tuple[float, int, int]] = []
+        done = 0
+        last_progress, last_done = t0, -1
+        status = "ok"
+        while True:
+            now = time.monotonic()
+            if now - last_scan >= SCAN_EVERY:
+                app.send_task("certqueue.scan.due", queue="scan")
+                last_scan = now
+            q = int(r.llen("acme"))
+            peak_q = max(peak_q, q)
+            for root in cs.worker_pids():
+                for pid in descendants(root):
+                    m = vm_hwm_mb(pid)
+                    if m is not None:
+                        hwm[pid] = max(hwm.get(pid, 0.0), m)
+            done = _renewed(top)
+            timeline.append((round(now - t0, 2), done, q))
+            if done >= n:
+                break
+            if done != last_done:
+                last_done, last_progress = done, now
+            if now - last_progress > args.stall:
+                status = "stalled"
+                break
+            if now > deadline:
+                status = "timeout"
+                break
+            time.sleep(1.0)
+        elapsed = time.monotonic() - t0
+        out.update(
+            status=status,
+            renewed=done,
+            elapsed_s=elapsed,
+            rate_per_s=done / elapsed if elapsed else None,
+            client_cpu_s=cs.client_cpu() - cpu0,
+            pebble_cpu_s=cs.pebble_cpu() - peb0,
+            peak_queue_depth=peak_q,
+        )
+        out["cpu_per_cert_s"] = out["client_cpu_s"] / done if done else None
+        out["peak_rss_mb_per_process"] = {str(k): round(v, 1) for k, v in sorted(hwm.items())}
+        out["peak_rss_mb_max"] = max(hwm.values()) if hwm else None
+        buckets: dict[int, int] = {}
+        prev = 0
+        for t, d, _q in timeline:
+            b = int(t // 10) * 10
+            buckets[b] = buckets.get(b, 0) + (d - prev)
+            prev = d
+        out["renewals_per_10s"] = buckets
+        out["timeline"] = timeline[:: max(1, len(timeline) // 200)]
+        with session_scope(write=False) as s:
+            orders = int(s.execute(text("SELECT count(*) FROM orders")).scalar_one())
+            dups = int(
+                s.execute(
+                    text(
+                        "SELECT count(*) FROM (SELECT certificate_id FROM orders GROUP BY certificate_id "
+                        "HAVING count(*) > 1) d"
+                    )
+                ).scalar_one()
+            )
+            failed: dict[str, int] = dict(
+                s.execute(text("SELECT state, count(*) FROM certificates GROUP BY state")).all()
+            )
+        out.update(orders=orders, certificates_with_more_than_one_order=dups, states_at_end=failed)
+        out["targets"] = {
+            "under_10_min": status == "ok" and elapsed < 600,
+            "orders_equal_certificates": orders == n,
+            "under_300_mb_per_process": (out["peak_rss_mb_max"] or 0) < 300,
+        }
+        return out
+    finally:
+        cs.teardown()

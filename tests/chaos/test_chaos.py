@@ -1,0 +1,355 @@
+"""Chaos: the real stack (Pebble, BIND9, a private PostgreSQL and Redis, real worker processes and
+beat) driving a batch of certificates while things die, then checking that nothing was lost.
+
+Each case ends with the same audit (``audit``):
+  * every certificate ACTIVE (or FAILED with a stable reason, where the case says so);
+  * at most one ACME order per certificate and purpose (no order opened twice for one issuance or
+    renewal);
+  * no HTTP-01 token, no challenge row left uncleaned, no TXT value left in the DNS zone;
+  * every stored private key decrypts and matches its certificate; every ACTIVE certificate is
+    deployed to the region with its current fingerprint.
+
+The number of certificates per case is ``CERTQUEUE_CHAOS_CERTS`` (default 60, a quarter of them
+wildcards through DNS-01).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.query
+import dns.rdatatype
+import pytest
+from sqlalchemy import func, select, update
+
+from certqueue import certificates, crypto
+from certqueue.celery_app import lazy_app
+from certqueue.config import load_settings, set_settings
+from certqueue.db import dispose_all, session_scope
+from certqueue.devstack.bind import BindServer
+from certqueue.devstack.pebble import PebbleServer
+from certqueue.devstack.ports import free_port
+from certqueue.devstack.servers import PrivatePostgres, PrivateRedis
+from certqueue.devstack.stack import Stack
+from certqueue.keystore import generate_key_file
+from certqueue.models import Certificate, Challenge, Deployment, Http01Token, Issuance, Order, utcnow
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
+
+N = int(os.environ.get("CERTQUEUE_CHAOS_CERTS", "60"))
+BAD_NAMES = ("bad1", "bad2", "bad3")
+
+
+@dataclass
+class Chaos:
+    stack: Stack
+    pebble: PebbleServer
+    bind: BindServer
+    pg: PrivatePostgres
+    redis: PrivateRedis
+    env: dict[str, str]
+    edge: Path
+    ids: list[str] = field(default_factory=list)
+    expect_failed: set[str] = field(default_factory=set)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+    def request_batch(self, n: int, prefix: str, bad: tuple[str, ...] = ()) -> None:
+        for i in range(n):
+            if i % 4 == 3:
+                kw: dict[str, Any] = {"domains": [f"*.{prefix}{i}.example.test", f"{prefix}{i}.example.test"],
+                                      "challenge_type": "dns-01", "dns_provider": "rfc2136"}
+            else:
+                kw = {"domains": [f"{prefix}{i}.example.test", f"www.{prefix}{i}.example.test"]}
+            self._request(kw)
+        for name in bad:
+            cid = self._request({"domains": [f"{name}.example.test"]})
+            self.expect_failed.add(cid)
+
+    def _request(self, kw: dict[str, Any]) -> str:
+        for attempt in range(60):
+            try:
+                with session_scope() as s:
+                    cert, _ = certificates.create_certificate(s, certificates.CertificateRequest.build(**kw))
+                    cid = cert.id
+                break
+            except Exception:  # noqa: BLE001  (the database may be restarting under us)
+                if attempt == 59:
+                    raise
+                dispose_all()
+                time.sleep(0.5)
+        self.ids.append(cid)
+        try:
+            lazy_app.get().send_task("certqueue.issue", args=[{"v": 1, "certificate_id": cid}], queue="acme")
+        except Exception:  # noqa: BLE001, S110  (a lost message: the reconciler must find the row)
+            pass
+        return cid
+
+    def states(self) -> dict[str, str]:
+        try:
+            with session_scope(write=False) as s:
+                rows = s.execute(select(Certificate.id, Certificate.state).where(Certificate.id.in_(self.ids)))
+                return dict(rows.tuples().all())
+        except Exception:  # noqa: BLE001
+            dispose_all()
+            return {}
+
+    def settled(self) -> bool:
+        st = self.states()
+        if len(st) != len(self.ids):
+            return False
+        return all(st[i] == ("FAILED" if i in self.expect_failed else "ACTIVE") for i in self.ids)
+
+    def wait_settled(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.settled():
+                return
+            time.sleep(0.5)
+        st = self.states()
+        bad = {i: st.get(i) for i in self.ids if st.get(i) != ("FAILED" if i in self.expect_failed else "ACTIVE")}
+        raise AssertionError(f"{len(bad)} certificates did not settle: {dict(list(bad.items())[:10])}\n"
+                             f"{self.stack.all_logs()[-5000:]}")
+
+
+def _txt_names(bind: BindServer, names: set[str]) -> dict[str, list[str]]:
+    out = {}
+    for name in names:
+        q = dns.message.make_query(name, dns.rdatatype.TXT)
+        r = dns.query.udp(q, "127.0.0.1", port=bind.port, timeout=2)
+        values = [b"".join(rd.strings).decode() for rrset in r.answer for rd in rrset]
+        if values:
+            out[name] = values
+    return out
+
+
+def audit(c: Chaos, *, purposes: tuple[str, ...] = ("issue",)) -> dict[str, int]:
+    """The invariants every case must keep; returns counts for the report."""
+    dispose_all()
+    with session_scope(write=False) as s:
+        certs = {x.id: x for x in s.execute(select(Certificate).where(Certificate.id.in_(c.ids))).scalars()}
+        assert len(certs) == len(c.ids)
+        for cid, cert in certs.items():
+            if cid in c.expect_failed:
+                assert cert.state == "FAILED" and cert.last_error and cert.last_error.startswith("acme:"), cid
+            else:
+                assert cert.state == "ACTIVE", (cid, cert.state, cert.last_error)
+        per = s.execute(select(Order.certificate_id, Order.purpose, func.count())
+                        .where(Order.certificate_id.in_(c.ids)).group_by(Order.certificate_id, Order.purpose)).all()
+        dupes = [(cid, purpose, n) for cid, purpose, n in per if n > 1]
+        assert not dupes, f"orders opened twice: {dupes[:10]}"
+        for purpose in purposes:
+            have = {cid for cid, p, _ in per if p == purpose}
+            assert have >= set(c.ids) - c.expect_failed, f"certificates without an {purpose} order"
+        assert s.execute(select(func.count()).select_from(Http01Token)).scalar_one() == 0
+        left = s.execute(select(Challenge.id, Challenge.status).where(Challenge.status != "cleaned")).all()
+        assert not left, f"challenges not cleaned: {left[:10]}"
+        dns_names = {n for (n,) in s.execute(select(Challenge.dns_name).where(Challenge.dns_name.is_not(None)))}
+        keys = 0
+        for iss in s.execute(select(Issuance).where(Issuance.certificate_id.in_(c.ids))).scalars():
+            key = certificates.decrypt_key(iss)
+            assert crypto.key_matches_certificate(key, iss.cert_pem)
+            keys += 1
+        deps = {d.certificate_id: d for d in s.execute(select(Deployment)).scalars()}
+        for cid, cert in certs.items():
+            if cert.state == "ACTIVE":
+                cur = s.get(Issuance, cert.current_issuance_id)
+                assert deps[cid].status == "deployed" and deps[cid].fingerprint == cur.fingerprint, cid
+                assert (Path(deps[cid].remote_ref) / "cert.pem").read_text().strip() == cur.cert_pem.strip()
+    assert _txt_names(c.bind, dns_names) == {}, "TXT records left behind"
+    return {"certificates": len(certs), "keys_checked": keys, "dns_names": len(dns_names)}
+
+
+def _wait_cleanups(c: Chaos, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with session_scope(write=False) as s:
+                left = s.execute(select(func.count()).select_from(Challenge)
+                                 .where(Challenge.status != "cleaned")).scalar_one()
+                tokens = s.execute(select(func.count()).select_from(Http01Token)).scalar_one()
+            if left == 0 and tokens == 0:
+                return
+        except Exception:  # noqa: BLE001
+            dispose_all()
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
+    params = getattr(request, "param", {}) or {}
+    cleanups: list[Callable[[], None]] = []
+    try:
+        pg = PrivatePostgres().start()
+        cleanups.append(pg.stop)
+        redis = PrivateRedis().start()
+        cleanups.append(redis.stop)
+        records = {"example.test": [f"{b} IN A 127.0.0.3" for b in BAD_NAMES]}
+        bind = BindServer(zone="example.test", records=records).start()
+        cleanups.append(bind.stop)
+        http_port = free_port()
+        pebble = PebbleServer(http_port=http_port, dns_server=bind.nameserver,
+                              env=params.get("pebble_env", {})).start()
+        cleanups.append(pebble.stop)
+        key = tmp_path / "master.key"
+        generate_key_file(key)
+        edge = tmp_path / "edge"
+        (tmp_path / "settings").mkdir()
+        env = {
+            "CERTQUEUE_SETTINGS_DIR": str(tmp_path / "settings"),
+            "CERTQUEUE_DATABASE__URL": pg.url,
+            "CERTQUEUE_BROKER__URL": redis.url,
+            "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
+            "CERTQUEUE_ACME__DIRECTORY_URL": pebble.directory_url,
+            "CERTQUEUE_ACME__CA_BUNDLE": str(pebble.ca_bundle),
+            "CERTQUEUE_ACME__EMAIL": "chaos@example.test",
+            "CERTQUEUE_CHALLENGES__HTTP_PORT": str(http_port),
+            "CERTQUEUE_CHALLENGES__HTTP_HOST": "127.0.0.1",
+            "CERTQUEUE_CHALLENGES__RFC2136": json.dumps(bind.provider_config(propagation_timeout=60,
+                                                                            polling_interval=0.3)),
+            "CERTQUEUE_CHALLENGES__DNS_RESOLVERS": json.dumps([bind.nameserver]),
+            "CERTQUEUE_CHALLENGES__NAMESERVER_PORT": str(bind.port),
+            "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": "0.1",
+            "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": "2",
+            "CERTQUEUE_AUTOMATION__STUCK_AFTER_SECONDS": "12",
+            "CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS": "2",
+            "CERTQUEUE_MULTI_REGION__ENABLED": "true",
+            "CERTQUEUE_MULTI_REGION__REGIONS": json.dumps([{"name": "edge", "provider": "local",
+                                                             "path": str(edge)}]),
+            "CERTQUEUE_LOGGING__LEVEL": "INFO",
+        }
+        stack = Stack(workdir=tmp_path, env=env)
+        cleanups.append(stack.stop_all)
+        stack.cli("db", "upgrade")
+        set_settings(load_settings(environ=env, directory=tmp_path / "settings").settings)
+        dispose_all()
+        certificates.forget_keystores()
+        lazy_app.reset()
+        stack.start_http01(http_port)
+        stack.start_worker("acme", concurrency=2)
+        stack.start_worker("dns", concurrency=1)
+        propagate_env = None
+        if params.get("region_down_seconds"):
+            until = time.time() + params["region_down_seconds"]
+            propagate_env = {"CERTQUEUE_FAILPOINTS": f"deploy.edge=error_until:{until}"}
+        stack.start_worker("propagate", regions=("edge",), concurrency=1, extra_env=propagate_env)
+        stack.start_beat()
+        yield Chaos(stack=stack, pebble=pebble, bind=bind, pg=pg, redis=redis, env=env, edge=edge,
+                    cleanups=cleanups)
+    finally:
+        for fn in reversed(cleanups):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001, S110
+                pass
+        set_settings(None)
+        dispose_all()
+        lazy_app.reset()
+
+
+def _in_background(fn: Callable[[], None]) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+def test_sigkill_random_workers_while_issuing(chaos: Chaos):
+    rng = random.Random(7)
+    driver = _in_background(lambda: chaos.request_batch(N, "k"))
+    pools = {"worker-acme": ("acme", (), 2), "worker-dns": ("dns", (), 1),
+             "worker-propagate-edge": ("propagate", ("edge",), 1)}
+    kills = 0
+    end = time.monotonic() + 25
+    while time.monotonic() < end:
+        time.sleep(rng.uniform(1.0, 2.5))
+        name = rng.choice(list(pools))
+        pool, regions, conc = pools[name]
+        if rng.random() < 0.5:
+            chaos.stack.kill_children(name)  # the main process re-queues the running message
+        else:
+            chaos.stack.kill(name)  # the whole worker: its unacked messages wait for the reconciler
+            chaos.stack.start_worker(pool, regions=regions, concurrency=conc, name=name)
+        kills += 1
+    driver.join(timeout=120)
+    chaos.wait_settled(timeout=300)
+    _wait_cleanups(chaos)
+    counts = audit(chaos)
+    print(f"chaos sigkill: {counts}, kills={kills}")
+    assert kills >= 8
+
+
+def test_redis_restart_mid_run_loses_queued_messages_and_the_reconciler_recovers(chaos: Chaos):
+    driver = _in_background(lambda: chaos.request_batch(N, "r"))
+    time.sleep(4)
+    chaos.redis.restart(down_seconds=3)  # everything queued in Redis is gone
+    driver.join(timeout=180)
+    chaos.wait_settled(timeout=300)
+    _wait_cleanups(chaos)
+    print(f"chaos redis: {audit(chaos)}")
+
+
+def test_postgres_restart_mid_run(chaos: Chaos):
+    driver = _in_background(lambda: chaos.request_batch(N, "p"))
+    time.sleep(4)
+    chaos.pg.restart(mode="immediate")  # a crash: every connection dies mid-transaction
+    driver.join(timeout=180)
+    chaos.wait_settled(timeout=300)
+    _wait_cleanups(chaos)
+    print(f"chaos postgres: {audit(chaos)}")
+
+
+@pytest.mark.parametrize("chaos", [{"pebble_env": {"PEBBLE_WFE_NONCEREJECT": "30"}}], indirect=True)
+def test_nonce_rejection_and_validation_failures(chaos: Chaos):
+    chaos.request_batch(N, "n", bad=BAD_NAMES)
+    chaos.wait_settled(timeout=300)
+    _wait_cleanups(chaos)
+    print(f"chaos nonce: {audit(chaos)}")
+
+
+REGION_DOWN_SECONDS = 25
+
+
+@pytest.mark.parametrize("chaos", [{"region_down_seconds": REGION_DOWN_SECONDS}], indirect=True)
+def test_region_target_failing_then_recovering(chaos: Chaos):
+    """The region's target fails (every deploy raises a retryable error) for a while, then works."""
+    chaos.request_batch(N // 2, "t")
+    # while the region fails, nothing becomes ACTIVE (ISSUED waits for its required region)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "ISSUED" not in set(chaos.states().values()):
+        time.sleep(0.5)
+    assert "ISSUED" in set(chaos.states().values())
+    assert "ACTIVE" not in set(chaos.states().values())
+    chaos.wait_settled(timeout=400)  # the target recovers by itself; retries and the reconciler finish
+    print(f"chaos region: {audit(chaos)}")
+
+
+def test_beat_started_twice_renews_each_certificate_once(chaos: Chaos):
+    chaos.request_batch(N // 2, "b")
+    chaos.wait_settled(timeout=300)
+    chaos.stack.start_beat(name="beat-2")  # a second beat: RedBeat's lock keeps one active
+    first = {}
+    with session_scope() as s:
+        for cert in s.execute(select(Certificate).where(Certificate.id.in_(chaos.ids))).scalars():
+            first[cert.id] = cert.current_issuance_id
+        s.execute(update(Certificate).where(Certificate.id.in_(chaos.ids)).values(renew_at=utcnow()))
+
+    def renewed() -> bool:
+        with session_scope(write=False) as s:
+            rows = s.execute(select(Certificate.id, Certificate.state, Certificate.current_issuance_id)
+                             .where(Certificate.id.in_(chaos.ids))).all()
+        return all(st == "ACTIVE" and iss != first[cid] for cid, st, iss in rows)
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not renewed():
+        time.sleep(0.5)
+    assert renewed(), chaos.stack.all_logs()[-4000:]
+    _wait_cleanups(chaos)
+    print(f"chaos beat x2: {audit(chaos, purposes=('issue', 'renew'))}")

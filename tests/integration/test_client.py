@@ -1,0 +1,168 @@
+"""``certqueue.client.CertqueueClient``, as another service uses it: only celery and the broker URL
+(Redis), against real workers, Pebble and PostgreSQL. Payloads are versioned; a bad one is a failed
+job that wrote nothing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery.exceptions import TimeoutError as CeleryTimeout
+from sqlalchemy import select
+
+from certqueue.client import CertqueueClient
+from certqueue.db import session_scope
+from certqueue.models import Certificate, Deployment, Issuance
+from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    why = services_available()
+    if why:
+        if os.environ.get("CERTQUEUE_REQUIRE_SERVICES"):
+            pytest.fail(why)
+        pytest.skip(why)
+    tmp = tmp_path_factory.mktemp("client")
+    p = build_pipeline(
+        tmp,
+        backend="postgres",
+        pools=("acme",),
+        regions=[{"name": "edge", "provider": "local", "path": str(tmp / "edge")}],
+    )
+    try:
+        p.stack.start_worker("propagate", regions=("edge",))
+    except BaseException:
+        teardown_pipeline(p)
+        raise
+    yield p
+    teardown_pipeline(p)
+
+
+@pytest.fixture(scope="module")
+def client(pipeline: Pipeline) -> CertqueueClient:
+    # what another service has: the broker URL, nothing else of certqueue's settings
+    return CertqueueClient(pipeline.env["CERTQUEUE_BROKER__URL"])
+
+
+def issuances(cid: str) -> int:
+    with session_scope(write=False) as s:
+        return len(list(s.execute(select(Issuance.id).where(Issuance.certificate_id == cid)).scalars()))
+
+
+def test_issue_with_a_request_payload_and_wait(pipeline: Pipeline, client: CertqueueClient) -> None:
+    job = client.issue(["client.example.test", "www.client.example.test"], email="ops@example.test")
+    assert job.task == "certqueue.issue" and job.certificate_id and job.task_id
+    # the row exists once the issue task ran: a status asked earlier may find nothing yet
+    assert client.job(job.task_id, timeout=30)["certificate_id"] == job.certificate_id
+    status = client.wait(job.certificate_id, timeout=90)
+    assert status["state"] == "ACTIVE", status
+    assert status["domains"] == ["client.example.test", "www.client.example.test"]
+    assert status["serial"] and status["not_after"] and status["last_error"] is None
+    with session_scope(write=False) as s:
+        row = s.get(Certificate, job.certificate_id)
+        assert row is not None and row.email == "ops@example.test"
+    # the status task answers for any id a worker knows
+    assert client.status(job.certificate_id)["state"] == "ACTIVE"
+
+
+def test_renew_revoke_and_propagate(pipeline: Pipeline, client: CertqueueClient) -> None:
+    issued = client.issue(["lifecycle.client.example.test"])
+    cid = issued.certificate_id
+    assert cid is not None
+    client.job(issued.task_id, timeout=30)
+    first = client.wait(cid, timeout=90)
+    assert first["state"] == "ACTIVE"
+
+    not_due = client.renew(cid)
+    assert client.job(not_due.task_id, timeout=30)["status"] == "not_due"
+    client.renew(cid, force=True)
+    pipeline.wait_for(
+        lambda: issuances(cid) == 2 and client.status(cid)["state"] == "ACTIVE", timeout=90, what="renewal"
+    )
+    assert client.status(cid)["serial"] != first["serial"]
+
+    with session_scope(write=False) as s:
+        deployed_before = s.execute(
+            select(Deployment.deployed_at).where(
+                Deployment.certificate_id == cid, Deployment.region == "edge"
+            )
+        ).scalar_one()
+    job = client.propagate(cid, regions=["edge"])
+    assert client.job(job.task_id, timeout=30) is not None
+    pipeline.wait_for(
+        lambda: _deployment_fingerprint(cid) == _current_fingerprint(cid), timeout=60, what="propagation"
+    )
+    assert deployed_before is not None and Path(_edge_dir(cid), "fullchain.pem").exists()
+
+    revoked = client.revoke(cid, reason="superseded")
+    assert client.job(revoked.task_id, timeout=60)["status"] == "revoked"
+    assert client.wait(cid, timeout=30)["state"] == "REVOKED"
+    serial = client.status(cid)["serial"]
+    assert pipeline.pebble.cert_status(serial)["Status"].lower() == "revoked"
+
+
+def _current_fingerprint(cid: str) -> str:
+    with session_scope(write=False) as s:
+        row = s.get(Certificate, cid)
+        assert row is not None and row.current_issuance_id is not None
+        iss = s.get(Issuance, row.current_issuance_id)
+        assert iss is not None
+        return iss.fingerprint
+
+
+def _deployment_fingerprint(cid: str) -> str | None:
+    with session_scope(write=False) as s:
+        return s.execute(
+            select(Deployment.fingerprint).where(
+                Deployment.certificate_id == cid, Deployment.region == "edge"
+            )
+        ).scalar_one_or_none()
+
+
+def _edge_dir(cid: str) -> str:
+    with session_scope(write=False) as s:
+        ref = s.execute(
+            select(Deployment.remote_ref).where(Deployment.certificate_id == cid, Deployment.region == "edge")
+        ).scalar_one()
+        assert ref is not None
+        return str(ref)
+
+
+@pytest.mark.parametrize(
+    ("task", "payload", "message"),
+    [
+        ("certqueue.issue", {"v": 1, "request": {"domains": ["bad..name.example.test"]}}, "bad..name"),
+        ("certqueue.issue", {"v": 2, "request": {"domains": ["v2.example.test"]}}, "payload version"),
+        ("certqueue.issue", {"v": 1, "request": {"domains": ["x.example.test"], "colour": "red"}}, "colour"),
+        ("certqueue.issue", {"v": 1, "surprise": True}, "surprise"),
+        ("certqueue.renew", {"v": 1, "certificate_id": "not-an-id"}, "not a certificate id"),
+        ("certqueue.revoke", {"v": 1, "certificate_id": "cert_" + "z" * 20}, "no certificate"),
+        (
+            "certqueue.propagate",
+            {"v": 1, "certificate_id": "cert_" + "z" * 20, "regions": ["mars"]},
+            "no certificate",
+        ),
+    ],
+)
+def test_bad_payloads_fail_the_job_and_write_nothing(
+    pipeline: Pipeline, client: CertqueueClient, task: str, payload: dict, message: str
+) -> None:
+    before = pipeline.count(Certificate)
+    res = client.app.send_task(task, args=[payload], queue="acme")
+    with pytest.raises(Exception, match=message) as info:
+        res.get(timeout=30)
+    assert not isinstance(info.value, CeleryTimeout)
+    assert res.state == "FAILURE"
+    assert pipeline.count(Certificate) == before
+
+
+def test_the_client_validates_before_sending(client: CertqueueClient) -> None:
+    from certqueue.errors import InvalidInput
+
+    with pytest.raises(InvalidInput):
+        client.issue(["-bad-.example.test"])

@@ -1,0 +1,117 @@
+"""Smoke test of the benchmark harness: its CLI parses options and its table/JSON writer works on a
+fake result. No benchmark runs here and nothing is timed (speed claims come from ``make bench``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.cli import parse_args
+from bench.pyspy import summarise
+from bench.report import CaseResult, RunReport, render_sections, table
+
+
+def test_quick_sizes_and_layouts():
+    args = parse_args(["--quick", "--cases", "issue,bare", "--cq-layouts", "1x8,2x4"])
+    assert args.case_list == ["issue", "bare"]
+    assert args.layouts == [(1, 8), (2, 4)]
+    assert (args.cq_workers, args.cq_concurrency) == (1, 8)
+    assert args.n == 60 and args.storm == 300 and args.scan_rows == 100_000
+
+
+def test_full_defaults_and_explicit_sizes_win():
+    args = parse_args(["--storm", "1234"])
+    assert args.storm == 1234
+    assert args.n == 500 and args.scan_rows == 1_000_000
+    assert "storm" in args.case_list and "scan" in args.case_list
+
+
+@pytest.mark.parametrize("bad", [["--cases", "nope"], ["--cq-layouts", "8"], ["--cq-layouts", "0x4"]])
+def test_bad_options_are_refused(bad):
+    with pytest.raises(SystemExit):
+        parse_args(bad)
+
+
+def _fake_report() -> RunReport:
+    r = RunReport(options={"n": 4})
+    r.cases.append(
+        CaseResult(
+            name="certqueue 1x8",
+            group="http-01",
+            n=4,
+            ok=4,
+            wall_s=2.0,
+            latencies_s=[0.5, 0.6, 0.7, 0.8],
+            client_cpu_s=0.4,
+            pebble_cpu_s=0.1,
+        )
+    )
+    r.cases.append(
+        CaseResult(
+            name="certqueue 2x4",
+            group="http-01",
+            n=4,
+            ok=4,
+            wall_s=1.0,
+            latencies_s=[0.5, 0.5, 0.5, 0.5],
+            client_cpu_s=0.4,
+        )
+    )
+    r.cases.append(
+        CaseResult(
+            name="certbot sequential",
+            group="http-01",
+            n=2,
+            ok=2,
+            wall_s=10.0,
+            latencies_s=[5.0, 5.0],
+            client_cpu_s=1.0,
+        )
+    )
+    r.cases.append(CaseResult(name="lego 8 processes", group="http-01", n=8, status="stalled"))
+    r.sections["scan"] = {"rows": 10, "explain": "x" * 200, "index_scan_on_state_renew_at": True}
+    return r
+
+
+def test_summary_ratios_and_table():
+    r = _fake_report()
+    s = r.cases[0].summary()
+    assert s["certs_per_s"] == 2.0
+    assert s["p50_s"] == pytest.approx(0.65)
+    assert s["cpu_per_cert_s"] == pytest.approx(0.1)
+    assert "latencies_s" not in s
+    # the best certqueue layout (4/s) against certbot (0.2/s); a stalled peer has no ratio
+    assert r.ratios()["http-01"]["certbot sequential"] == pytest.approx(20.0)
+    assert r.ratios()["http-01"]["lego 8 processes"] is None
+    text = table(r)
+    assert "| http-01 | certbot sequential | 2 | 2 | ok | 0.20 |" in text
+    assert "20.0x" in text and "stalled" in text
+    assert "index_scan_on_state_renew_at=True" in render_sections(r)
+    assert "xxxx" not in render_sections(r)  # long plans stay in the JSON only
+
+
+def test_json_written_atomically(tmp_path):
+    path = _fake_report().write(tmp_path, stamp="2026-01-01-000000")
+    assert path.name == "2026-01-01-000000.json"
+    assert not list(tmp_path.glob("*.tmp"))
+    data = json.loads(path.read_text())
+    assert [c["name"] for c in data["cases"]][:2] == ["certqueue 1x8", "certqueue 2x4"]
+    assert data["cases"][2]["certs_per_s"] == pytest.approx(0.2)
+    assert data["sections"]["scan"]["explain"] == "x" * 200
+
+
+def test_pyspy_summary_of_collapsed_stacks():
+    collapsed = "\n".join(
+        [
+            "process 1;main (certqueue/cli.py:1);execute (sqlalchemy/engine/base.py:10);"
+            "wait (psycopg/conn.py:5) 6",
+            "process 1;main (certqueue/cli.py:1);post (acme/client.py:3);send (ssl.py:9) 3",
+            "process 1;main (certqueue/cli.py:1);step (certqueue/tasks/acme.py:7) 1",
+        ]
+    )
+    s = summarise(collapsed)
+    assert s["samples"] == 10
+    assert s["layers_share"]["database (sqlalchemy/psycopg)"] == pytest.approx(0.6)
+    assert s["top_own"][0] == ("wait (psycopg/conn.py:5)", pytest.approx(0.6))
+    assert s["top_inclusive_certqueue"][0][0] == "step (certqueue/tasks/acme.py:7)"

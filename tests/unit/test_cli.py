@@ -1,0 +1,470 @@
+"""The ``certqueue`` command line through click's CliRunner, on a temp SQLite database and a
+filesystem broker in tmp (messages are files: what a command enqueued is counted, no worker runs).
+
+Every command: its happy path, and its bad-input path (exit 2, one error line, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives.serialization import pkcs12
+from sqlalchemy import func, select
+
+from certqueue import certificates, crypto
+from certqueue.celery_app import lazy_app
+from certqueue.cli import main
+from certqueue.config import get_settings, set_settings
+from certqueue.db import dispose_all, session_scope
+from certqueue.keystore import generate_key_file
+from certqueue.lifecycle import states
+from certqueue.metrics import queue_depths
+from certqueue.models import ApiToken, Certificate, Event, RateBudget, RuntimeSetting, State, utcnow
+from certqueue.tokens import verify_token
+from tests.conftest_db import make_cert_pem
+
+
+@dataclass
+class Cli:
+    tmp: Path
+    db_url: str
+    runner: CliRunner
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None) -> Result:
+        return self.runner.invoke(main, list(args), env=env, catch_exceptions=False)
+
+    def ok(self, *args: str) -> Result:
+        r = self(*args)
+        assert r.exit_code == 0, (r.exit_code, r.output)
+        return r
+
+    def json(self, *args: str) -> Any:
+        r = self.runner.invoke(main, [*args, "--json"], catch_exceptions=False)
+        assert r.exit_code == 0, (r.exit_code, r.output)
+        return json.loads(r.stdout)
+
+    def depth(self, queue: str) -> int:
+        depths = queue_depths(get_settings())
+        assert depths is not None
+        return depths[queue]
+
+    def messages(self) -> int:
+        depths = queue_depths(get_settings())
+        assert depths is not None
+        return sum(depths.values())
+
+
+def rows(model: Any) -> int:
+    with session_scope(write=False) as s:
+        return int(s.execute(select(func.count()).select_from(model)).scalar_one())
+
+
+def assert_one_line_error(r: Result, code: int, *needles: str) -> None:
+    assert r.exit_code == code, (r.exit_code, r.output)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error:"), lines
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture
+def cli(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
+    for var in list(os.environ):
+        if var.startswith("CERTQUEUE_"):
+            monkeypatch.delenv(var)
+    (tmp_path / "settings").mkdir()
+    key = tmp_path / "master.key"
+    generate_key_file(key)
+    env = {
+        "CERTQUEUE_SETTINGS_DIR": str(tmp_path / "settings"),
+        "CERTQUEUE_DATABASE__URL": sqlite_url,
+        "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
+        "CERTQUEUE_BROKER__FILESYSTEM_PATH": str(tmp_path / "broker"),
+        "CERTQUEUE_ACME__EMAIL": "ops@example.com",
+        "CERTQUEUE_MULTI_REGION__REGIONS": json.dumps(
+            [{"name": "edge", "provider": "local", "path": str(tmp_path / "edge")}]
+        ),
+        "CERTQUEUE_LOGGING__LEVEL": "WARNING",
+        "CERTQUEUE_RUNTIME_TTL_SECONDS": "0",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    from certqueue import cli as cli_module
+
+    monkeypatch.setattr(cli_module.console, "width", 200)  # tables unwrapped, for the asserts
+    dispose_all()
+    certificates.forget_keystores()
+    lazy_app.reset()
+    c = Cli(tmp=tmp_path, db_url=sqlite_url, runner=CliRunner())
+    c.ok("config", "show", "--json")  # installs the settings (configure) for the checks below
+    yield c
+    lazy_app.reset()
+    set_settings(None)
+    dispose_all()
+    certificates.forget_keystores()
+
+
+def active_certificate(domains: tuple[str, ...] = ("active.example.com",)) -> tuple[str, bytes]:
+    """An ACME-managed certificate in ACTIVE with a served issuance (self-signed: no CA runs here)."""
+    leaf, key = make_cert_pem(domains, days=90)
+    with session_scope() as s:
+        cert, _ = certificates.create_certificate(
+            s, certificates.CertificateRequest.build(domains=list(domains)), actor="test"
+        )
+        states.transition(s, cert, State.ISSUING)
+        iss = certificates.store_issuance(s, cert, leaf, key)
+        states.transition(s, cert, State.ISSUED)
+        certificates.activate(s, cert, iss, reason="test")
+        return cert.id, key
+
+
+def import_file(cli: Cli, domains: tuple[str, ...] = ("imported.example.com",)) -> str:
+    leaf, key = make_cert_pem(domains, days=30)
+    (cli.tmp / "c.pem").write_text(leaf)
+    (cli.tmp / "k.pem").write_bytes(key)
+    r = cli.ok("import", "--cert", str(cli.tmp / "c.pem"), "--key", str(cli.tmp / "k.pem"))
+    return r.stdout.split()[-1]
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_config_show_json_table_and_masked_secrets(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CERTQUEUE_ACME__EAB_HMAC_KEY", "very-secret-hmac")
+    data = cli.json("config", "show")
+    assert data["automation.renewal_threshold_days"] == {"value": 30.0, "source": "default"}
+    assert data["acme.email"]["source"] == "env CERTQUEUE_ACME__EMAIL"
+    assert data["acme.eab_hmac_key"]["value"] == "**********"
+    r = cli.ok("config", "show")
+    assert "very-secret-hmac" not in r.output
+    assert "automation.renewal_threshold_days" in r.output
+
+
+def test_config_set_is_a_runtime_layer_below_the_environment(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = cli.ok("config", "set", "automation.renewal_threshold_days=45", "monitoring.alert_threshold_days=7")
+    assert "automation.renewal_threshold_days = 45" in r.output
+    data = cli.json("config", "show")
+    assert data["automation.renewal_threshold_days"] == {"value": 45.0, "source": "runtime (database)"}
+    assert data["monitoring.alert_threshold_days"]["value"] == 7.0
+    monkeypatch.setenv("CERTQUEUE_AUTOMATION__RENEWAL_THRESHOLD_DAYS", "20")
+    data = cli.json("config", "show")
+    assert data["automation.renewal_threshold_days"]["value"] == 20.0  # the environment wins
+    monkeypatch.delenv("CERTQUEUE_AUTOMATION__RENEWAL_THRESHOLD_DAYS")
+    cli.ok("config", "unset", "automation")
+    data = cli.json("config", "show")
+    assert data["automation.renewal_threshold_days"] == {"value": 30.0, "source": "default"}
+    assert data["monitoring.alert_threshold_days"]["value"] == 7.0
+
+
+@pytest.mark.parametrize(
+    ("assignment", "needle"),
+    [
+        ("database.url=sqlite:///elsewhere.db", "cannot be changed at runtime"),
+        ("automation.renewal_threshold_days=-3", "automation.renewal_threshold_days"),
+        ("automation.no_such_key=1", "unknown key"),
+        ("acme.eab_hmac_key=abc", "credentials"),
+        ("novalue", "KEY=VALUE"),
+    ],
+)
+def test_config_set_bad_input_stores_nothing(cli: Cli, assignment: str, needle: str) -> None:
+    r = cli("config", "set", "monitoring.alert_threshold_days=3", assignment)
+    assert_one_line_error(r, 2, needle)
+    assert rows(RuntimeSetting) == 0
+
+
+def test_db_upgrade_on_a_fresh_database(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{cli.tmp / 'fresh.db'}"
+    monkeypatch.setenv("CERTQUEUE_DATABASE__URL", url)
+    dispose_all()
+    r = cli.ok("db", "upgrade")  # the runtime layer is read before the table exists: no error
+    assert "revision" in r.output
+    assert cli.json("config", "show")["database.url"]["value"] == url
+
+
+# --- issue, list, show ----------------------------------------------------------------------------
+
+
+def test_issue_writes_the_row_and_enqueues_it(cli: Cli) -> None:
+    out = cli.json("issue", "www.example.com", "example.com", "--key-type", "rsa2048")
+    cid = out["certificate_id"]
+    assert out["created"] is True
+    with session_scope(write=False) as s:
+        c = s.get(Certificate, cid)
+        assert c is not None and c.state == State.REQUESTED and c.key_type == "rsa2048"
+        assert sorted(c.domains) == ["example.com", "www.example.com"]
+    assert cli.depth("acme") == 1
+    again = cli.json("issue", "example.com", "www.example.com", "--key-type", "rsa2048")
+    assert again == {"certificate_id": cid, "created": False}  # one certificate per set of names
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["bad..name.example.com"], "bad..name.example.com"),
+        (["*.example.com"], "dns-01"),
+        (["ok.example.com", "--region", "mars"], "unknown region"),
+        (["ok.example.com", "--email", "not-an-email"], "not-an-email"),
+        (["ok.example.com", "--challenge", "dns-01"], "dns_provider"),
+    ],
+)
+def test_issue_bad_input_writes_and_sends_nothing(cli: Cli, args: list[str], needle: str) -> None:
+    assert_one_line_error(cli("issue", *args), 2, needle)
+    assert rows(Certificate) == 0 and rows(Event) == 0
+    assert cli.messages() == 0
+
+
+def test_list_and_show(cli: Cli) -> None:
+    cid, _ = active_certificate(("shown.example.com",))
+    listed = cli.json("list")
+    assert [r["id"] for r in listed] == [cid] and listed[0]["state"] == "ACTIVE"
+    assert cli.json("list", "--state", "revoked") == []
+    assert [r["id"] for r in cli.json("list", "--domain", "shown.example.com")] == [cid]
+    table = cli.ok("list").output
+    assert cid in table and "ACTIVE" in table
+    shown = cli.json("show", cid)
+    assert shown["id"] == cid and len(shown["issuances"]) == 1
+    assert [e["to"] for e in reversed(shown["events"]) if e["kind"] == "transition"] == [
+        "ISSUING",
+        "ISSUED",
+        "ACTIVE",
+    ]
+    assert "PRIVATE KEY" not in cli.ok("show", cid).output
+
+
+def test_show_unknown_and_malformed_ids(cli: Cli) -> None:
+    assert_one_line_error(cli("show", "cert_" + "a" * 20), 3, "no certificate")
+    assert_one_line_error(cli("show", "nope"), 2, "not a certificate id")
+
+
+# --- import, renew, revoke, propagate, scan -------------------------------------------------------
+
+
+def test_import_activates_at_once_without_regions(cli: Cli) -> None:
+    cid = import_file(cli)
+    with session_scope(write=False) as s:
+        c = s.get(Certificate, cid)
+        assert c is not None and c.state == State.ACTIVE and c.external and c.renew_at is None
+    assert cli.messages() == 0
+
+
+def test_import_mismatched_key_writes_nothing(cli: Cli) -> None:
+    leaf, _ = make_cert_pem(("a.example.com",))
+    _, other_key = make_cert_pem(("a.example.com",))
+    (cli.tmp / "c.pem").write_text(leaf)
+    (cli.tmp / "k.pem").write_bytes(other_key)
+    r = cli("import", "--cert", str(cli.tmp / "c.pem"), "--key", str(cli.tmp / "k.pem"))
+    assert_one_line_error(r, 2, "does not match")
+    assert rows(Certificate) == 0
+
+
+def test_renew_enqueues_and_refuses_what_it_cannot_renew(cli: Cli) -> None:
+    cid, _ = active_certificate()
+    r = cli.ok("renew", cid, "--force")
+    assert "renewal requested for 1" in r.output
+    assert cli.depth("acme") == 1
+    imported = import_file(cli)
+    assert_one_line_error(cli("renew", imported), 2, "imported")
+    assert_one_line_error(cli("renew", "cert_" + "b" * 20), 3)
+    assert cli.depth("acme") == 1
+
+
+def test_revoke_checks_the_reason_before_sending(cli: Cli) -> None:
+    cid, _ = active_certificate()
+    assert_one_line_error(cli("revoke", cid, "--reason", "affiliationChanged"), 2, "does not accept")
+    assert_one_line_error(cli("revoke", cid, "--reason", "because"), 2, "unknown revocation reason")
+    assert cli.messages() == 0
+    assert "revocation of" in cli.ok("revoke", cid, "--reason", "keyCompromise").output
+    assert cli.depth("acme") == 1
+
+
+def test_propagate(cli: Cli) -> None:
+    cid, _ = active_certificate()
+    out = cli.json("propagate", cid, "--region", "edge")
+    assert out["regions"] == ["edge"] and out["task_id"]
+    assert cli.depth("acme") == 1
+    assert_one_line_error(cli("propagate", cid, "--region", "mars"), 2, "unknown region")
+    assert_one_line_error(cli("propagate", cid), 2, "no regions")  # multi_region is not enabled
+    assert cli.depth("acme") == 1
+
+
+def test_scan_enqueues_the_periodic_scans(cli: Cli) -> None:
+    cli.ok("scan")
+    assert cli.depth("scan") == 2
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def test_export_pem_is_private_and_holds_the_matching_key(cli: Cli) -> None:
+    cid, key = active_certificate(("export.example.com",))
+    out = cli.tmp / "bundle.pem"
+    cli.ok("export", cid, "--format", "pem", "--out", str(out))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    text = out.read_text()
+    assert crypto.private_key_to_pem(crypto.load_private_key(text)) == crypto.private_key_to_pem(
+        crypto.load_private_key(key)
+    )
+    from cryptography import x509
+
+    leaf = x509.load_pem_x509_certificates(text.encode())[0]
+    assert crypto.key_matches_certificate(key, crypto.cert_to_pem(leaf))
+    assert list(crypto.cert_info(leaf).names) == ["export.example.com"]
+    # no overwrite without --force: the file is left as it was
+    out.write_text("keep me")
+    assert_one_line_error(cli("export", cid, "--out", str(out)), 2, "--force")
+    assert out.read_text() == "keep me"
+    cli.ok("export", cid, "--out", str(out), "--force")
+    assert "PRIVATE KEY" in out.read_text() and stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_export_pkcs12_parses_with_the_password(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    cid, key = active_certificate(("pfx.example.com",))
+    monkeypatch.setenv("PFX_PASSWORD", "correct horse")
+    out = cli.tmp / "bundle.p12"
+    cli.ok("export", cid, "--format", "pkcs12", "--out", str(out), "--password-env", "PFX_PASSWORD")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    pkey, cert, _extra = pkcs12.load_key_and_certificates(out.read_bytes(), b"correct horse")
+    assert pkey is not None and cert is not None
+    assert pkey.public_key() == crypto.load_private_key(key).public_key()
+    assert list(crypto.cert_info(cert).names) == ["pfx.example.com"]
+    with pytest.raises(ValueError):
+        pkcs12.load_key_and_certificates(out.read_bytes(), b"wrong")
+
+
+def test_export_bad_input(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    cid, _ = active_certificate()
+    out = cli.tmp / "x.p12"
+    monkeypatch.setenv("EMPTY_PW", "")
+    assert_one_line_error(
+        cli("export", cid, "--format", "pkcs12", "--out", str(out), "--password-env", "EMPTY_PW"), 2, "empty"
+    )
+    assert_one_line_error(cli("export", cid, "--out", str(cli.tmp / "no" / "dir.pem")), 2, "not a directory")
+    assert_one_line_error(cli("export", "cert_" + "c" * 20, "--out", str(out)), 3)
+    assert not out.exists()
+    with session_scope() as s:
+        cert, _ = certificates.create_certificate(
+            s, certificates.CertificateRequest.build(domains=["pending.example.com"])
+        )
+        pending = cert.id
+    assert_one_line_error(cli("export", pending, "--out", str(out)), 3, "no issued certificate")
+    assert not out.exists()
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+
+def test_tokens_round_trip(cli: Cli) -> None:
+    made = cli.json("tokens", "create", "deployer", "--scope", "write")
+    token, tid = made["token"], made["id"]
+    assert made["scopes"] == ["write"]
+    with session_scope(write=False) as s:
+        assert verify_token(s, token) is not None
+    listed = cli.json("tokens", "list")
+    assert [t["id"] for t in listed] == [tid]
+    assert token not in json.dumps(listed) and token not in cli.ok("tokens", "list").output
+    plain = cli.ok("tokens", "create", "reader")
+    assert plain.stdout.strip().startswith("cqt_")  # stdout holds only the token, for scripts
+    assert "shown once" in plain.stderr
+    cli.ok("tokens", "revoke", tid)
+    with session_scope(write=False) as s:
+        assert verify_token(s, token) is None
+    assert [t["id"] for t in cli.json("tokens", "list")] != [tid]
+    assert tid in [t["id"] for t in cli.json("tokens", "list", "--all")]
+
+
+def test_tokens_bad_input(cli: Cli) -> None:
+    assert_one_line_error(cli("tokens", "create", "   "), 2, "name")
+    assert rows(ApiToken) == 0
+    assert_one_line_error(cli("tokens", "revoke", "tok_0000"), 3, "no API token")
+    r = cli("tokens", "create", "x", "--scope", "root")
+    assert r.exit_code == 2 and rows(ApiToken) == 0
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def test_status(cli: Cli) -> None:
+    active_certificate(("one.example.com",))
+    with session_scope() as s:
+        s.add(RateBudget(key="orders:acct1", window_start=utcnow(), used=3, limit=300))
+        due = s.execute(select(Certificate)).scalars().one()
+        due.renew_at = utcnow()
+    cli.ok("scan")
+    data = cli.json("status")
+    assert data["states"]["ACTIVE"] == 1 and data["states"]["FAILED"] == 0
+    assert data["due"] == 1
+    assert data["health"]["status"] == "healthy" and data["health"]["total"] == 1
+    assert data["rate_limits"] == [{"key": "orders:acct1", "used": 3, "limit": 300.0, "blocked_until": None}]
+    assert data["queues"]["scan"] == 2 and data["broker"] == "up"
+    text = cli.ok("status").output
+    assert "orders:acct1" in text and "healthy" in text
+    assert cli("status", "--due-within", "soon").exit_code == 2
+
+
+# --- long-running servers -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_until(args: list[str], url: str, cwd: Path) -> httpx.Response:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "certqueue", *args],
+        cwd=cwd,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return httpx.get(url, timeout=2)
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        proc.stderr.read().decode() if proc.stderr else "no output"
+                    ) from None
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_metrics_and_serve_answer_on_loopback(cli: Cli) -> None:
+    active_certificate(("metrics.example.com",))
+    port = _free_port()
+    r = _run_until(
+        ["metrics", "--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}/metrics", cli.tmp
+    )
+    assert r.status_code == 200 and "certificate_days_until_expiration{" in r.text
+    port = _free_port()
+    r = _run_until(
+        ["serve", "--host", "127.0.0.1", "--port", str(port)],
+        f"http://127.0.0.1:{port}/health/certificates",
+        cli.tmp,
+    )
+    assert r.status_code == 200 and r.json()["total"] == 1
