@@ -305,6 +305,7 @@ def activate(
     """Make ``iss`` the served issuance and move the certificate to ACTIVE, scheduling renewal."""
     settings = settings or get_settings()
     cert.current_issuance_id = iss.id
+    cert.not_after = iss.not_after
     cert.pending_issuance_id = None
     cert.attempts = 0
     cert.last_error = None
@@ -320,6 +321,9 @@ def activate(
         )
     else:
         cert.renew_at = None
+    # ask the CA's renewal information (if it has any) soon after activation; beat does the asking
+    wants_ari = cert.auto_renew and not cert.external and bool(iss.ari_cert_id)
+    cert.ari_next_check_at = (now or utcnow()) if wants_ari else None
     states.transition(session, cert, State.ACTIVE, reason=reason, data={"serial": iss.serial})
 
 

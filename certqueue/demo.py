@@ -81,6 +81,10 @@ def run_demo(keep: bool = False, workdir: Path | None = None) -> int:
             "CERTQUEUE_ACME__EMAIL": "admin@example.test",
             "CERTQUEUE_CHALLENGES__HTTP_PORT": str(http_port),
             "CERTQUEUE_CHALLENGES__HTTP_HOST": "127.0.0.1",
+            # a test CA: budgets far above Let's Encrypt's, so the limiter runs without deferring
+            "CERTQUEUE_RATE_LIMITS__CERTIFICATES_PER_REGISTERED_DOMAIN": "1000000",
+            "CERTQUEUE_RATE_LIMITS__DUPLICATE_CERTIFICATES": "10000",
+            "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "1000000",
             "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": "0.1",
             "CERTQUEUE_MULTI_REGION__ENABLED": "true",
             "CERTQUEUE_MULTI_REGION__REGIONS": json.dumps(

@@ -97,6 +97,8 @@ class Certificate(Base):
         # the due-renewal scan: WHERE state='ACTIVE' AND renew_at <= now  -> a range scan
         Index("ix_certificates_state_renew_at", "state", "renew_at"),
         Index("ix_certificates_state_updated_at", "state", "updated_at"),
+        Index("ix_certificates_not_after", "not_after"),
+        Index("ix_certificates_ari_next_check_at", "ari_next_check_at"),
         # two requests for the same names (same key type, same CA) give one live certificate
         Index(
             "uq_certificates_live_dedupe",
@@ -128,6 +130,10 @@ class Certificate(Base):
     #: imported from elsewhere (the guide's manual EV case): monitored and propagated, never renewed
     external: Mapped[bool] = mapped_column(Boolean, default=False)
     renew_at: Mapped[dt.datetime | None] = mapped_column()
+    #: the served issuance's not_after (denormalised: expiry queries and metrics stay index scans)
+    not_after: Mapped[dt.datetime | None] = mapped_column()
+    #: when to ask the CA's ACME Renewal Information again (None: the CA has no ARI)
+    ari_next_check_at: Mapped[dt.datetime | None] = mapped_column()
     current_issuance_id: Mapped[int | None] = mapped_column(ForeignKey("issuances.id", use_alter=True))
     #: the issuance being propagated (first issue or renewal); becomes current at ACTIVE
     pending_issuance_id: Mapped[int | None] = mapped_column(ForeignKey("issuances.id", use_alter=True))

@@ -22,5 +22,10 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": max(min(a.stuck_after_seconds / 3, 300), 1),
             "options": {"queue": "scan"},
         },
+        "ari": {
+            "task": "certqueue.scan.ari",
+            "schedule": max(scan_every, 60.0),
+            "options": {"queue": "scan"},
+        },
         "drift": {"task": "certqueue.scan.drift", "schedule": 3600.0, "options": {"queue": "scan"}},
     }

@@ -145,6 +145,7 @@ def build_pipeline(
     pebble_env: dict[str, str] | None = None,
     regions: list[dict[str, Any]] | None = None,
     dns_server: str | None = None,
+    acme_front: Callable[[PebbleServer], tuple[str, str]] | None = None,
 ) -> Pipeline:
     """Start everything; the caller must call ``teardown_pipeline``."""
     cleanups: list[Callable[[], None]] = []
@@ -158,14 +159,19 @@ def build_pipeline(
         http_port=http_port, dns_server=dns_server or dns.dns_address, env=pebble_env or {}
     ).start()
     cleanups.append(peb.stop)
+    directory_url, ca_bundle = (acme_front(peb) if acme_front else (peb.directory_url, str(peb.ca_bundle)))
     env = {
         "CERTQUEUE_SETTINGS_DIR": str(tmp / "settings"),
         "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
-        "CERTQUEUE_ACME__DIRECTORY_URL": peb.directory_url,
-        "CERTQUEUE_ACME__CA_BUNDLE": str(peb.ca_bundle),
+        "CERTQUEUE_ACME__DIRECTORY_URL": directory_url,
+        "CERTQUEUE_ACME__CA_BUNDLE": ca_bundle,
         "CERTQUEUE_ACME__EMAIL": "admin@example.test",
         "CERTQUEUE_CHALLENGES__HTTP_PORT": str(http_port),
         "CERTQUEUE_CHALLENGES__HTTP_HOST": "127.0.0.1",
+        # a test CA: budgets far above Let's Encrypt's, so the limiter runs without deferring
+        "CERTQUEUE_RATE_LIMITS__CERTIFICATES_PER_REGISTERED_DOMAIN": "1000000",
+        "CERTQUEUE_RATE_LIMITS__DUPLICATE_CERTIFICATES": "10000",
+        "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "1000000",
         "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": "0.05",
         "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": "2",
         "CERTQUEUE_LOGGING__LEVEL": "DEBUG",

@@ -30,17 +30,23 @@ from sqlalchemy.orm import Session
 from certqueue import certificates, crypto, failpoints, validation
 from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
+from certqueue.acme.errors import IncompleteOrder
+from certqueue.acme.profiles import check_profile
+from certqueue.acme.ratelimit import RateLimiter, budget_keys, keys_for_ca_problem, rate_limiter_for
 from certqueue.config import get_settings
 from certqueue.db import lock_certificate
-from certqueue.errors import CertqueueError, InvalidInput, NotFound, PermanentError
+from certqueue.errors import CertqueueError, InvalidInput, NotFound, PermanentError, RateLimited
 from certqueue.lifecycle import states
 from certqueue.lifecycle.backoff import backoff
-from certqueue.models import Certificate, Challenge, Http01Token, Order, State, utcnow
+from certqueue.models import Certificate, Challenge, Http01Token, Issuance, Order, State, utcnow
 from certqueue.tasks.base import CertqueueTask, StepContext, Wait
 
 log = logging.getLogger("certqueue.acme")
 
 OPEN_ORDER = ("creating", "pending", "ready", "processing")
+#: the longest single wait for a rate-limit budget; longer waits are several retries (the broker's
+#: visibility timeout must exceed every countdown)
+MAX_DEFER_SECONDS = 900
 PAYLOAD_VERSION = 1
 
 
@@ -106,33 +112,14 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     order = open_order(session, cert.id)
     client, account_id = _client(session, cert)
     if order is None:
-        key_pem = _order_key(session, cert)
-        csr = crypto.make_csr(
-            key_pem,
-            cert.domains,
-            organization=cert.organization,
-            country=cert.country,
-            state=cert.state_province,
-            locality=cert.locality,
-        ).decode()
-        order = Order(
-            certificate_id=cert.id,
-            account_id=account_id,
-            purpose=purpose,
-            csr_pem=csr,
-            key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)),
-        )
-        session.add(order)
-        session.flush()
-        # The order URL is stored in the same commit as the row: a redelivered task finds it and
-        # resumes instead of ordering again.
-        res = client.new_order(csr.encode(), profile=cert.profile)
-        order.order_url = res.uri
-        order.order_json = order_to_json(res)
-        order.status = _status_name(res.body.status)
-        states.record(session, cert.id, "order", reason=purpose, data={"order": order.id})
+        order = _new_order(ctx, cert, client, account_id, purpose)
+        res = order_from_json(order.order_json or {})
     else:
         res = order_from_json(order.order_json or {})
+    if not res.authorizations:
+        # an order stored after IncompleteOrder: fetch its authorizations now
+        res = client.refresh_order(res)
+        order.order_json = order_to_json(res)
     existing = session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars().all()
     if not existing:
         expires = utcnow() + dt.timedelta(seconds=settings.automation.order_timeout_seconds + 600)
@@ -182,6 +169,101 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     else:
         ctx.then(validate.si(cert.id))
     return {"certificate_id": cert.id, "order": order.id, "status": "ordered"}
+
+
+_limiter_cache: dict[str, RateLimiter] = {}
+
+
+def rate_limiter() -> RateLimiter:
+    """One limiter per process (Redis when the broker is Redis, else the database)."""
+    settings = get_settings()
+    key = f"{settings.broker.url}|{settings.database.url}"
+    lim = _limiter_cache.get(key)
+    if lim is None:
+        lim = rate_limiter_for(settings)
+        _limiter_cache.clear()
+        _limiter_cache[key] = lim
+    return lim
+
+
+def _new_order(
+    ctx: StepContext, cert: Certificate, client: AcmeClient, account_id: int, purpose: str
+) -> Order:
+    """Check the profile and the shared rate-limit budget, then open one order at the CA.
+
+    Over budget, nothing is sent: the task waits (retry with countdown) until the budget returns.
+    A ``rateLimited`` answer from the CA sets the budget from its Retry-After, and waits too.
+    """
+    session = ctx.session
+    settings = get_settings()
+    if cert.profile:
+        check_profile(client.directory, cert.profile, cert.domains, settings.acme.profile_name_limits)
+    limiter = rate_limiter()
+    keys = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy)
+    now = utcnow()
+    decision = limiter.try_acquire(keys, now)
+    if not decision.allowed:
+        wait = decision.countdown(now)
+        cert.next_attempt_at = decision.retry_at
+        cert.work_deadline = (decision.retry_at or now) + dt.timedelta(
+            seconds=settings.automation.stuck_after_seconds
+        )
+        states.record(
+            session,
+            cert.id,
+            "deferred",
+            reason="rate_limited",
+            data={"until": decision.retry_at.isoformat() if decision.retry_at else None},
+        )
+        raise Wait(min(wait, MAX_DEFER_SECONDS))
+    key_pem = _order_key(session, cert)
+    csr = crypto.make_csr(
+        key_pem,
+        cert.domains,
+        organization=cert.organization,
+        country=cert.country,
+        state=cert.state_province,
+        locality=cert.locality,
+    ).decode()
+    replaces = None
+    if purpose == "renew" and cert.current_issuance_id:
+        current = session.get(Issuance, cert.current_issuance_id)
+        replaces = current.ari_cert_id if current is not None else None
+    try:
+        res = client.new_order(csr.encode(), profile=cert.profile, replaces=replaces)
+    except IncompleteOrder as exc:
+        res = exc.order  # the order exists at the CA: store it and resume, never order again
+    except RateLimited as exc:
+        limiter.release(keys, now)
+        until = now + dt.timedelta(seconds=exc.retry_after or 3600)
+        for k in keys_for_ca_problem(keys, exc.message):
+            limiter.block(k, until, now)
+        cert.next_attempt_at = until
+        cert.work_deadline = until + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
+        states.record(
+            session, cert.id, "deferred", reason="ca_rate_limited", data={"until": until.isoformat()}
+        )
+        raise Wait(min(exc.retry_after or 3600, MAX_DEFER_SECONDS)) from None
+    except BaseException:
+        limiter.release(keys, now)
+        raise
+    cert.next_attempt_at = None
+    # The order URL is stored in the same commit as the row: a redelivered task finds it and resumes
+    # instead of ordering again.
+    order = Order(
+        certificate_id=cert.id,
+        account_id=account_id,
+        purpose=purpose,
+        csr_pem=csr,
+        key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)),
+        order_url=res.uri,
+        order_json=order_to_json(res),
+        status=_status_name(res.body.status),
+    )
+    session.add(order)
+    session.flush()
+    states.record(session, cert.id, "order", reason=purpose, data={"order": order.id})
+    return order
 
 
 def _order_key(session: Session, cert: Certificate) -> bytes:
@@ -430,10 +512,13 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
         raise Wait(max(_poll_countdown(order.polls), retry_after or 0))
     if status == "invalid":
         authz = client.poll_authorizations(res)
+        limiter = rate_limiter()
         for ch in chs:
             ident_status = authz.identifiers.get(ch.identifier)
             if ident_status in ("valid", "invalid"):
                 ch.status = ident_status
+            if ident_status == "invalid":
+                limiter.record_failed_authorization(cert.directory_url, ch.identifier, utcnow())
         raise PermanentError("the CA rejected the order", reason=authz.reason or "acme:orderInvalid")
     res = res.update(body=body)
     failpoints.hit("validate.before_finalize")

@@ -242,3 +242,62 @@ def _drift_step(ctx: StepContext) -> dict[str, Any]:
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.scan.drift")
 def drift(self: CertqueueTask, _transient: int = 0) -> Any:
     return self.run_step(_drift_step)
+
+
+ARI_BATCH = 100
+
+
+def _ari_step(ctx: StepContext) -> dict[str, Any]:
+    """Refresh ACME Renewal Information (RFC 9773) for certificates whose check is due.
+
+    A CA without ARI: the lifetime rule's ``renew_at`` stays and the certificate is not asked again.
+    With ARI: renew at a random moment inside the suggested window (now, if the window is past: a
+    revocation or an incident), and ask again after the server's Retry-After.
+    """
+    import random
+
+    from certqueue.acme.accounts import client_for
+    from certqueue.acme.ari import AriUnavailable, fetch_renewal_info, renewal_info_url
+    from certqueue.lifecycle.ari_policy import choose_renewal_time, next_ari_check
+
+    session = ctx.session
+    now = utcnow()
+    stmt = (
+        select(Certificate)
+        .where(Certificate.state == State.ACTIVE, Certificate.ari_next_check_at <= now)
+        .order_by(Certificate.ari_next_check_at)
+        .limit(ARI_BATCH)
+    )
+    if is_postgres(session):
+        stmt = stmt.with_for_update(skip_locked=True, of=Certificate)
+    rng = random.Random()
+    counts = {"checked": 0, "no_ari": 0, "moved": 0, "unavailable": 0}
+    for cert in session.execute(stmt).scalars().all():
+        iss = session.get(Issuance, cert.current_issuance_id) if cert.current_issuance_id else None
+        if iss is None or not iss.ari_cert_id:
+            cert.ari_next_check_at = None
+            continue
+        client, _ = client_for(session, cert.directory_url, cert.email)
+        url = renewal_info_url(client.directory, iss.ari_cert_id)
+        counts["checked"] += 1
+        if url is None:
+            cert.ari_next_check_at = None
+            counts["no_ari"] += 1
+            continue
+        try:
+            info = fetch_renewal_info(client, url, now=now)
+        except AriUnavailable as exc:
+            cert.ari_next_check_at = now + dt.timedelta(seconds=exc.retry_after or 6 * 3600)
+            counts["unavailable"] += 1
+            continue
+        when = choose_renewal_time(info, now, rng)
+        if cert.renew_at is None or when != cert.renew_at:
+            cert.renew_at = when
+            counts["moved"] += 1
+        cert.ari_next_check_at = next_ari_check(info, now)
+    return counts
+
+
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.scan.ari")
+def ari(self: CertqueueTask, _transient: int = 0) -> Any:
+    return self.run_step(_ari_step)

@@ -213,6 +213,10 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             "CERTQUEUE_ACME__EMAIL": "chaos@example.test",
             "CERTQUEUE_CHALLENGES__HTTP_PORT": str(http_port),
             "CERTQUEUE_CHALLENGES__HTTP_HOST": "127.0.0.1",
+            # a test CA: budgets far above Let's Encrypt's, so the limiter runs without deferring
+            "CERTQUEUE_RATE_LIMITS__CERTIFICATES_PER_REGISTERED_DOMAIN": "1000000",
+            "CERTQUEUE_RATE_LIMITS__DUPLICATE_CERTIFICATES": "10000",
+            "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "1000000",
             "CERTQUEUE_CHALLENGES__RFC2136": json.dumps(bind.provider_config(propagation_timeout=60,
                                                                             polling_interval=0.3)),
             "CERTQUEUE_CHALLENGES__DNS_RESOLVERS": json.dumps([bind.nameserver]),

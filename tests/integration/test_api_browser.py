@@ -55,7 +55,12 @@ def chromium(profile: Path, **context_options: Any) -> Iterator[Any]:
         _unavailable("the playwright package is not installed (pip install playwright)")
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(profile), executable_path=exe, headless=True, args=CHROMIUM_ARGS, timeout=60_000, **context_options
+            str(profile),
+            executable_path=exe,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            timeout=60_000,
+            **context_options,
         )
         try:
             yield context
@@ -81,7 +86,9 @@ def api_server(tmp_path: Path) -> Iterator[str]:
         }
     )
     cli = [sys.executable, "-m", "certqueue"]
-    subprocess.run([*cli, "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [*cli, "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True, timeout=120
+    )
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(
         [*cli, "serve"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -96,9 +103,9 @@ def api_server(tmp_path: Path) -> Iterator[str]:
                     break
             except requests.ConnectionError:
                 pass
-            assert time.monotonic() < deadline, "certqueue serve did not answer /health\n" + (
-                tmp_path / "serve.log"
-            ).read_text()
+            assert time.monotonic() < deadline, (
+                "certqueue serve did not answer /health\n" + (tmp_path / "serve.log").read_text()
+            )
             time.sleep(0.1)
         yield base
     finally:
@@ -129,7 +136,12 @@ def test_swagger_ui_renders_the_certificate_endpoints_without_a_cdn(api_server: 
         paths = set(page.locator(".opblock-summary-path").evaluate_all("els => els.map(e => e.dataset.path)"))
         title = page.locator(".info .title").first.inner_text()
     assert any(t.strip().lower().startswith("certificates") for t in tags), tags
-    assert {"/v1/certificates", "/v1/certificates/{certificate_id}", "/health", "/health/certificates"} <= paths
+    assert {
+        "/v1/certificates",
+        "/v1/certificates/{certificate_id}",
+        "/health",
+        "/health/certificates",
+    } <= paths
     assert "certqueue" in title
     assert not failed, f"requests failed: {failed}"
     outside = [u for u in requested if not u.startswith(api_server)]

@@ -19,7 +19,6 @@ fails.
 
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import re
@@ -169,7 +168,9 @@ def test_parse_cli_rejects_what_the_cli_rejects() -> None:
         with pytest.raises(AssertionError):
             parse_cli(bad)
     with pytest.raises(AssertionError, match="not a configured region"):
-        check_command_line(["certqueue", "worker", "--pool", "propagate", "--region", "mars-1"], {"us-east-1"})
+        check_command_line(
+            ["certqueue", "worker", "--pool", "propagate", "--region", "mars-1"], {"us-east-1"}
+        )
 
 
 # --- docker-compose.yml ----------------------------------------------------------------------------
@@ -255,7 +256,17 @@ def _run_compose_config(env: dict[str, str], tmp_path: Path) -> subprocess.Compl
     empty.write_text("")
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **env}
     return subprocess.run(
-        [*cli, "--env-file", str(empty), "--project-directory", str(REPO), "-f", str(COMPOSE), "config", "-q"],
+        [
+            *cli,
+            "--env-file",
+            str(empty),
+            "--project-directory",
+            str(REPO),
+            "-f",
+            str(COMPOSE),
+            "config",
+            "-q",
+        ],
         env=clean,
         capture_output=True,
         text=True,
@@ -492,7 +503,9 @@ def test_pebble_image_entrypoint_makes_tls_that_clients_verify(tmp_path: Path) -
         resp = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                resp = requests.get(f"https://localhost:{port}/dir", verify=str(tmp_path / "ca.pem"), timeout=3)
+                resp = requests.get(
+                    f"https://localhost:{port}/dir", verify=str(tmp_path / "ca.pem"), timeout=3
+                )
                 break
             except (requests.exceptions.ConnectionError, OSError):  # not listening / ca.pem not yet written
                 time.sleep(0.1)
@@ -544,7 +557,12 @@ def test_make_flower_refuses_without_basic_auth_and_binds_loopback() -> None:
     require_tool("make", make is not None)
     env = {k: v for k, v in os.environ.items() if k not in ("FLOWER_BASIC_AUTH", "MAKEFLAGS")}
     res = subprocess.run(
-        [str(make), "-s", "-o", "install", "flower"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        [str(make), "-s", "-o", "install", "flower"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode != 0 and "FLOWER_BASIC_AUTH" in res.stdout + res.stderr
     dry = subprocess.run(
@@ -648,7 +666,9 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     (root / "etc/systemd/system").mkdir(parents=True)
     for unit in SYSTEMD.iterdir():
         shutil.copy(unit, root / "etc/systemd/system" / unit.name)
-    system_units = next((p for p in (Path("/lib/systemd/system"), Path("/usr/lib/systemd/system")) if p.is_dir()))
+    system_units = next(
+        p for p in (Path("/lib/systemd/system"), Path("/usr/lib/systemd/system")) if p.is_dir()
+    )
     shutil.copytree(system_units, root / "lib/systemd/system", symlinks=True)
     for exe in ("certqueue", "celery"):
         stand_in = root / VENV_BIN.lstrip("/") / exe
@@ -813,7 +833,9 @@ def test_k8s_selectors_services_and_ports_resolve(k8s_settings_dir: Path) -> Non
     for name, svc in by_kind("Service").items():
         sel = svc["spec"]["selector"]
         matches = [
-            d for d in deployments.values() if sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            d
+            for d in deployments.values()
+            if sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
         assert len(matches) == 1, f"Service {name} selects {len(matches)} Deployments"
         ports = {p["name"]: p["containerPort"] for c in matches[0]["spec"]["template"]["spec"]["containers"]

@@ -1,0 +1,110 @@
+"""Fleet limits on the real stack: shared rate-limit budgets defer work (never fail it, never send it
+to the CA), and ACME Renewal Information moves renewals (through a directory that adds ARI in front
+of Pebble, which has none)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select, update
+
+from certqueue.celery_app import lazy_app
+from certqueue.db import session_scope
+from certqueue.models import Certificate, Event, Issuance, Order, utcnow
+from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
+from tests.fakes.acme_directory_proxy import AcmeDirectoryProxy
+
+pytestmark = pytest.mark.integration
+
+
+def _require_services() -> None:
+    why = services_available()
+    if why:
+        if os.environ.get("CERTQUEUE_REQUIRE_SERVICES"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture
+def limited(tmp_path) -> Iterator[Pipeline]:
+    _require_services()
+    # 2 new orders per ~11 s for the account: a burst of 2, then one every ~5.4 s (GCRA)
+    env = {"CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "2",
+           "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PERIOD_HOURS": "0.003"}
+    p = build_pipeline(tmp_path, backend="postgres", extra_env=env, pools=("acme",))
+    yield p
+    teardown_pipeline(p)
+
+
+def test_over_budget_work_is_deferred_then_completes(limited):
+    ids = [limited.request([f"budget{i}.example.test"]) for i in range(5)]
+    # soon: two orders exist, the rest are deferred with nothing sent to the CA
+    limited.wait_for(lambda: limited.count(Event, Event.kind == "deferred") >= 3, timeout=30, what="deferrals")
+    with session_scope(write=False) as s:
+        ordered = {cid for (cid,) in s.execute(select(Order.certificate_id))}
+    assert len(ordered) <= 3
+    for cid in ids:
+        limited.wait_state(cid, "ACTIVE", timeout=90)
+    with session_scope(write=False) as s:
+        orders = s.execute(select(Order).order_by(Order.created_at)).scalars().all()
+        assert len(orders) == 5  # deferred work was never failed and never ordered twice
+        gaps = [(b.created_at - a.created_at).total_seconds() for a, b in zip(orders[2:], orders[3:], strict=False)]
+        deferred = s.execute(select(Event).where(Event.kind == "deferred")).scalars().all()
+    assert all(g > 3.0 for g in gaps), gaps  # after the burst, orders follow the budget's pace
+    assert {e.reason for e in deferred} == {"rate_limited"}
+    assert all(limited.state(cid) == "ACTIVE" for cid in ids)
+
+
+@pytest.fixture
+def with_ari(tmp_path) -> Iterator[tuple[Pipeline, AcmeDirectoryProxy]]:
+    _require_services()
+    proxies: list[AcmeDirectoryProxy] = []
+
+    def front(pebble):
+        proxy = AcmeDirectoryProxy(pebble.directory_url, pebble.ca_bundle, tmp_path, forward=True,
+                                   pebble_management_url=pebble.management_url).start()
+        proxies.append(proxy)
+        return proxy.directory_url, str(proxy.combined_ca_bundle)
+
+    p = build_pipeline(tmp_path, backend="postgres", pools=("acme",), acme_front=front)
+    yield p, proxies[0]
+    teardown_pipeline(p)
+    proxies[0].stop()
+
+
+def _run(task: str) -> dict:
+    return lazy_app.get().send_task(task, queue="scan").get(timeout=60)
+
+
+def test_ari_window_sets_renewal_and_an_incident_renews_now_with_replaces(with_ari):
+    p, proxy = with_ari
+    cid = p.request(["ari.example.test"])
+    p.wait_state(cid, "ACTIVE", timeout=60)
+    with session_scope(write=False) as s:
+        c = s.get(Certificate, cid)
+        iss = s.get(Issuance, c.current_issuance_id)
+        assert iss.ari_cert_id and c.ari_next_check_at is not None
+    start = utcnow() + dt.timedelta(days=20)
+    end = start + dt.timedelta(days=2)
+    proxy.set_window(iss.ari_cert_id, start, end)
+    assert _run("certqueue.scan.ari")["checked"] >= 1
+    with session_scope(write=False) as s:
+        c = s.get(Certificate, cid)
+        assert start <= c.renew_at <= end  # inside the CA's suggested window
+        assert c.ari_next_check_at > utcnow() + dt.timedelta(hours=5)  # after Retry-After
+    # an incident: the window is in the past, so renewal is due now; the new order replaces the old
+    proxy.mark_incident(iss.ari_cert_id)
+    with session_scope() as s:
+        s.execute(update(Certificate).where(Certificate.id == cid).values(ari_next_check_at=utcnow()))
+    _run("certqueue.scan.ari")
+    with session_scope(write=False) as s:
+        assert s.get(Certificate, cid).renew_at <= utcnow()
+    assert _run("certqueue.scan.due")["claimed"] == 1
+    p.wait_for(lambda: p.count(Issuance, Issuance.certificate_id == cid) == 2 and p.state(cid) == "ACTIVE",
+               timeout=60, what="renewal")
+    replaces = [pl.get("replaces") for pl in proxy.new_order_payloads()]
+    assert replaces[-1] == iss.ari_cert_id
+    assert replaces[0] is None  # the first issuance replaced nothing
