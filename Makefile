@@ -27,6 +27,7 @@ demo: install
 ## make test: lint, type-check, then every test (unit, contract, integration on the real servers)
 test: install services lint
 	CERTQUEUE_REQUIRE_SERVICES=1 CERTQUEUE_REQUIRE_POSTGRES=1 CERTQUEUE_REQUIRE_PROMTOOL=1 \
+		CERTQUEUE_REQUIRE_BROWSER=1 CERTQUEUE_REQUIRE_DEPLOY_TOOLS=1 \
 		$(VENV)/bin/pytest -p no:cacheprovider -q $(PYTEST_ARGS)
 
 test-unit: install

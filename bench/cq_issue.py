@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from bench.env import CertqueueStack, read_instrument
-from bench.procs import percentile, pg_stat
+from bench.procs import percentile, pg_stat, postgres_backend_cpu
 from bench.report import CaseResult
 from certqueue import certificates
 from certqueue.celery_app import lazy_app
@@ -221,6 +221,7 @@ def run_certqueue(
     instr_before = read_instrument(cs.instrument_dir) if cs.instrument_dir.exists() else {}
     pg_before = pg_stat(cs.db_url)
     cpu0, peb0 = cs.client_cpu(), cs.pebble_cpu()
+    pgcpu0 = postgres_backend_cpu(cs.db_url)
     t0_wall = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     send_issue(ids)
@@ -228,6 +229,7 @@ def run_certqueue(
     done, status, polls = wait_all(ids, timeout=timeout, stall=stall)
     wall_poll = time.monotonic() - t0
     cpu1, peb1 = cs.client_cpu(), cs.pebble_cpu()
+    pgcpu1 = postgres_backend_cpu(cs.db_url)
     lat, last_active = latencies(ids)
     events.stop()
     result.ok = done
@@ -236,7 +238,13 @@ def run_certqueue(
     result.latencies_s = lat
     result.client_cpu_s = cpu1 - cpu0
     result.pebble_cpu_s = peb1 - peb0
-    result.extra = {"send_s": send_s, "orders": count_orders(ids), "warmup": warmup}
+    result.extra = {
+        "send_s": send_s,
+        "orders": count_orders(ids),
+        "warmup": warmup,
+        # the PostgreSQL server's work for this client (not in client CPU): its backends' CPU
+        "postgres_cpu_per_cert_s": (pgcpu1 - pgcpu0) / done if done else None,
+    }
     # stop the workers so their counters (instrument files, pg stats) are flushed
     cs.stop_workers()
     time.sleep(1.0)

@@ -213,3 +213,19 @@ def percentile(values: list[float], q: float) -> float | None:
     lo = int(k)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def postgres_backend_cpu(url: str) -> float:
+    """CPU seconds used so far by the PostgreSQL backends currently connected to ``url``'s database
+    (the pooled connections of certqueue's processes live for the whole case)."""
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+        pids = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
+            ).fetchall()
+        ]
+    return tree_cpu(pids)

@@ -84,7 +84,7 @@ def run_pyspy(args: argparse.Namespace) -> dict[str, Any]:
         why = peers.ensure_certbot()
         if why or not peers.PYSPY.exists():
             return {"status": "skipped", "note": why or "py-spy not installed"}
-    n = min(args.n, 200)
+    n = min(args.n, 100)
     cs = build_stack(instrument=False)
     try:
         cs.start_workers("acme", args.cq_workers, args.cq_concurrency)

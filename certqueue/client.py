@@ -81,7 +81,13 @@ class CertqueueClient:
         """Poll until the certificate reaches a terminal state (ACTIVE, FAILED, REVOKED, EXPIRED)."""
         deadline = time.monotonic() + timeout
         while True:
-            st = self.status(certificate_id)
+            try:
+                st = self.status(certificate_id)
+            except Exception as exc:  # noqa: BLE001
+                # the status task may run before the issue task created the row: still pending
+                if "no certificate" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                st = {"certificate_id": certificate_id, "state": "PENDING"}
             if st.get("state") in TERMINAL or time.monotonic() > deadline:
                 return st
             time.sleep(interval)

@@ -167,6 +167,10 @@ class AutomationSettings(Section):
     poll_max_seconds: float = Field(30, gt=0)
     #: give up on an order that is still pending after this long
     order_timeout_seconds: float = Field(900, gt=0)
+    #: the due-scan claims no more than would keep the acme queue under this many messages
+    max_queue_depth: int = Field(2000, ge=1)
+    #: open ACME orders per CA directory at most (a renewal storm waits its turn); 0 = no limit
+    max_orders_in_flight_per_ca: int = Field(200, ge=0)
 
 
 class RegionSettings(BaseModel):

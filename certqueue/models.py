@@ -186,7 +186,7 @@ class Order(Base):
     """The in-flight ACME order; what another worker needs to resume it."""
 
     __tablename__ = "orders"
-    __table_args__ = (Index("ix_orders_certificate", "certificate_id"),)
+    __table_args__ = (Index("ix_orders_certificate", "certificate_id"), Index("ix_orders_status", "status"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     certificate_id: Mapped[str] = mapped_column(ForeignKey("certificates.id", ondelete="CASCADE"))

@@ -27,17 +27,27 @@ from certqueue.models import Certificate, Order
 
 PG_ADMIN = os.environ.get("CERTQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST = "127.0.0.1"
-#: Redis databases for pipelines (15 is the API tests'); each live pipeline gets its own
-_REDIS_DBS = list(range(1, 15))
+#: Redis databases for pipelines; each live pipeline gets its own
+_REDIS_DBS = list(range(1, 13))  # 13 and 15 belong to the rate-limit and API tests
 _redis_in_use: set[int] = set()
 
 
 def _take_redis_db() -> int:
+    """A Redis database no other live pipeline uses, in this process or another test run on the
+    machine (a claim key in db 0, expiring in case a run dies without releasing it)."""
+    claims = redis_lib.Redis(host=REDIS_HOST, db=0)
     for db in _REDIS_DBS:
-        if db not in _redis_in_use:
+        if db in _redis_in_use:
+            continue
+        if claims.set(f"certqueue:test-redis-db:{db}", os.getpid(), nx=True, ex=3600):
             _redis_in_use.add(db)
             return db
     raise RuntimeError("no free Redis database for another pipeline")
+
+
+def _release_redis_db(db: int) -> None:
+    _redis_in_use.discard(db)
+    redis_lib.Redis(host=REDIS_HOST, db=0).delete(f"certqueue:test-redis-db:{db}")
 
 
 def create_pg_database() -> tuple[str, Callable[[], None]]:
@@ -181,7 +191,7 @@ def build_pipeline(
         url, drop = create_pg_database()
         cleanups.append(drop)
         redis_db = _take_redis_db()
-        cleanups.append(lambda: _redis_in_use.discard(redis_db))
+        cleanups.append(lambda: _release_redis_db(redis_db))
         r = redis_lib.Redis(host=REDIS_HOST, db=redis_db)
         r.flushdb()
         env["CERTQUEUE_DATABASE__URL"] = url

@@ -21,10 +21,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import random
 from typing import Any, Literal, cast
 
 from celery import chain, chord, shared_task
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from certqueue import certificates, crypto, failpoints, validation
@@ -198,9 +199,20 @@ def _new_order(
     settings = get_settings()
     if cert.profile:
         check_profile(client.directory, cert.profile, cert.domains, settings.acme.profile_name_limits)
+    now = utcnow()
+    in_flight_cap = settings.automation.max_orders_in_flight_per_ca
+    if in_flight_cap:
+        in_flight = session.execute(
+            select(func.count())
+            .select_from(Order)
+            .join(Certificate, Certificate.id == Order.certificate_id)
+            .where(Order.status.in_(OPEN_ORDER), Certificate.directory_url == cert.directory_url)
+        ).scalar_one()
+        if in_flight >= in_flight_cap:
+            cert.work_deadline = now + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
+            raise Wait(_poll_countdown(2) + random.random())  # spread the waiters out
     limiter = rate_limiter()
     keys = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy)
-    now = utcnow()
     decision = limiter.try_acquire(keys, now)
     if not decision.allowed:
         wait = decision.countdown(now)

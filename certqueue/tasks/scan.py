@@ -80,9 +80,25 @@ def _renew_signatures(ids: list[str]) -> list[Any]:
     return [renew.si({"v": 1, "certificate_id": i}) for i in ids]
 
 
+def claim_budget(settings: Any, limit: int | None) -> int:
+    """How many due certificates one scan may claim: its batch size, less whatever would push the
+    acme queue past ``max_queue_depth`` (the scan never enqueues more than the workers can take)."""
+    from certqueue.metrics import queue_depths
+
+    want = limit or settings.automation.scan_batch_size
+    depths = queue_depths(settings)
+    if depths is None:
+        return want
+    room = settings.automation.max_queue_depth - depths.get("acme", 0)
+    return max(0, min(want, room))
+
+
 def _due_step(ctx: StepContext, limit: int | None = None) -> dict[str, Any]:
     settings = get_settings()
-    ids = claim_due(ctx.session, utcnow(), limit or settings.automation.scan_batch_size)
+    budget = claim_budget(settings, limit)
+    if budget == 0:
+        return {"claimed": 0, "reason": "queue_full"}
+    ids = claim_due(ctx.session, utcnow(), budget)
     for i in range(0, len(ids), ENQUEUE_CHUNK):
         ctx.then(group(_renew_signatures(ids[i : i + ENQUEUE_CHUNK])))
     return {"claimed": len(ids)}

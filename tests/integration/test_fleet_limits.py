@@ -108,3 +108,27 @@ def test_ari_window_sets_renewal_and_an_incident_renews_now_with_replaces(with_a
     replaces = [pl.get("replaces") for pl in proxy.new_order_payloads()]
     assert replaces[-1] == iss.ari_cert_id
     assert replaces[0] is None  # the first issuance replaced nothing
+
+
+@pytest.fixture
+def idle(tmp_path) -> Iterator[Pipeline]:
+    """The stack with no worker consuming: messages stay queued."""
+    _require_services()
+    p = build_pipeline(tmp_path, backend="postgres", pools=(), extra_env={
+        "CERTQUEUE_AUTOMATION__MAX_QUEUE_DEPTH": "5"})
+    yield p
+    teardown_pipeline(p)
+
+
+def test_scan_never_enqueues_more_than_the_queue_can_take(idle):
+    from certqueue.config import get_settings
+    from certqueue.tasks.scan import claim_budget
+
+    settings = get_settings()
+    assert claim_budget(settings, 100) == 5
+    for _ in range(3):
+        idle.send("certqueue.status", {"v": 1, "certificate_id": "cert_aaaaaaaaaaaaaaaaaaaa"})
+    assert claim_budget(settings, 100) == 2
+    for _ in range(4):
+        idle.send("certqueue.status", {"v": 1, "certificate_id": "cert_aaaaaaaaaaaaaaaaaaaa"})
+    assert claim_budget(settings, 100) == 0

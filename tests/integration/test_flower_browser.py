@@ -1,10 +1,11 @@
 """Flower with basic auth, watched in a real browser while a real pipeline issues a certificate.
 
-The pipeline is ``tests/conftest_stack.py``'s: Pebble, PostgreSQL, Redis and real worker processes
-(which send task events: ``-E``). Flower runs as ``make flower`` and the compose service run it:
-``celery -A certqueue.flower_app flower`` with the pipeline's ``CERTQUEUE_*`` environment and the
-credentials in ``FLOWER_BASIC_AUTH`` (never on the command line). Chromium, logged in, must show the
-pipeline's task names on the tasks page; without or with wrong credentials it gets 401.
+The pipeline is ``tests/conftest_stack.py``'s (``build_pipeline``): Pebble, PostgreSQL, Redis and
+real worker processes (which send task events: ``-E``). Flower runs as ``make flower`` and the
+compose service run it: ``celery -A certqueue.flower_app flower`` with the pipeline's
+``CERTQUEUE_*`` environment and the credentials in ``FLOWER_BASIC_AUTH`` (never on the command
+line). Chromium, logged in, must show the pipeline's task names on the tasks page; without or with
+wrong credentials it is refused (401).
 
 Needs Debian's ``chromium`` and PyPI's ``playwright``; skips without them unless
 ``CERTQUEUE_REQUIRE_BROWSER`` is set. Needs PostgreSQL and Redis like every pipeline test.
@@ -12,6 +13,7 @@ Needs Debian's ``chromium`` and PyPI's ``playwright``; skips without them unless
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -23,19 +25,52 @@ import pytest
 import requests
 
 from certqueue.devstack.ports import free_port
-from tests.conftest_stack import Pipeline
+from tests import conftest_stack
+from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 from tests.integration.test_api_browser import chromium
 
+REPO = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "ops", "flower-test-pw"
 TASKS = ("certqueue.issue", "certqueue.acme.validate")
 
 
 @pytest.fixture(scope="module")
-def flower(pg_pipeline: Pipeline) -> Iterator[str]:
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    """``conftest_stack``'s PostgreSQL pipeline, on a Redis database no other test process is using.
+
+    ``build_pipeline`` picks the first Redis database free in this process; a test run in another
+    process on the same Redis (the machine is shared) may be using it, and its workers would then
+    take this pipeline's tasks. Databases holding keys count as taken while this one is chosen.
+    """
+    import redis
+
+    why = services_available()
+    if why:
+        if os.environ.get("CERTQUEUE_REQUIRE_SERVICES"):
+            pytest.fail(why)
+        pytest.skip(why)
+    client = redis.Redis(host=conftest_stack.REDIS_HOST, socket_timeout=3)
+    busy = set()
+    for db in conftest_stack._REDIS_DBS:
+        client.execute_command("SELECT", db)
+        if client.dbsize() and db not in conftest_stack._redis_in_use:
+            busy.add(db)
+    client.close()
+    conftest_stack._redis_in_use.update(busy)
+    try:
+        p = build_pipeline(tmp_path_factory.mktemp("flower-pipeline"), backend="postgres")
+    finally:
+        conftest_stack._redis_in_use.difference_update(busy)
+    yield p
+    teardown_pipeline(p)
+
+
+@pytest.fixture(scope="module")
+def flower(pipeline: Pipeline) -> Iterator[str]:
     """Flower on a free loopback port, watching the pipeline's broker; ready once it has received a
     heartbeat event from the acme worker (so it sees every task sent after that)."""
     port = free_port()
-    stack = pg_pipeline.stack
+    stack = pipeline.stack
     log_path = stack.workdir / "logs" / "flower.log"
     log = open(log_path, "ab")
     proc = subprocess.Popen(
@@ -74,9 +109,9 @@ def flower(pg_pipeline: Pipeline) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def issued(pg_pipeline: Pipeline, flower: str) -> str:
-    cid = pg_pipeline.request(["flower-browser.example.test"])
-    pg_pipeline.wait_state(cid, "ACTIVE", timeout=90)
+def issued(pipeline: Pipeline, flower: str) -> str:
+    cid = pipeline.request(["flower-browser.example.test"])
+    pipeline.wait_state(cid, "ACTIVE", timeout=90)
     return cid
 
 
@@ -115,7 +150,7 @@ def test_tasks_page_refuses_without_valid_credentials(flower: str, credentials: 
             assert "ERR_INVALID_AUTH_CREDENTIALS" in str(exc), exc
         else:
             assert resp is not None and resp.status == 401
-        assert "certqueue." not in page.content()
+            assert "certqueue." not in resp.text()
     for path in ("/tasks", "/api/tasks", "/workers"):
         assert requests.get(f"{flower}{path}", timeout=5).status_code == 401, path
 
@@ -128,3 +163,8 @@ def test_metrics_endpoint_counts_the_pipeline_tasks(flower: str, issued: str) ->
             rf'flower_events_total\{{[^}}]*task="{re.escape(name)}"[^}}]*type="task-succeeded"[^}}]*\}} [1-9]'
         )
         assert re.search(pattern, text), name
+    documented = set(re.findall(r"`(flower_[a-z_]+)", (REPO / "docs" / "operations.md").read_text()))
+    assert documented, "docs/operations.md documents Flower's metrics"
+    exported = set(re.findall(r"^# TYPE (flower_[a-z_]+)", text, re.MULTILINE))
+    exported |= {n.removesuffix("_total") for n in exported} | {n + "_total" for n in exported}
+    assert documented <= exported, f"documented but not exported: {sorted(documented - exported)}"

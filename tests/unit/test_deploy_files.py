@@ -461,6 +461,21 @@ def test_dockerfile_builds_a_non_root_certqueue_image() -> None:
     assert env["PATH"].startswith(VENV_BIN.rstrip("/"))
 
 
+def test_pebble_dockerfile_copies_only_what_exists() -> None:
+    path = REPO / "docker" / "pebble" / "Dockerfile"
+    ins = _dockerfile_instructions(path)
+    assert [arg for op, arg in ins if op == "FROM"] == ["debian:bookworm-slim"]
+    assert "apt-get install -y --no-install-recommends pebble" in " ".join(a for op, a in ins if op == "RUN")
+    ignore = (REPO / "docker" / "pebble" / "Dockerfile.dockerignore").read_text().split()
+    for op, arg in ins:
+        if op == "COPY":
+            src = arg.split()[0]
+            assert (REPO / src).is_file(), src
+            assert any(src.startswith(i.lstrip("!")) for i in ignore if i.startswith("!")), src
+    assert [a for op, a in ins if op == "USER"] == ["nobody"]
+    assert os.access(REPO / "docker" / "pebble" / "entrypoint.sh", os.X_OK)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""certificates.not_after (denormalised expiry) and ari_next_check_at
+"""certificates.not_after (denormalised expiry), ari_next_check_at, orders by status
 
 Revision ID: 0002
 Revises: 0001
@@ -25,6 +25,7 @@ def upgrade() -> None:
         )
         batch.create_index("ix_certificates_not_after", ["not_after"])
         batch.create_index("ix_certificates_ari_next_check_at", ["ari_next_check_at"])
+    op.create_index("ix_orders_status", "orders", ["status"])
     # backfill from the served issuance
     op.execute(
         "UPDATE certificates SET not_after = (SELECT issuances.not_after FROM issuances "
@@ -33,6 +34,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_orders_status", table_name="orders")
     with op.batch_alter_table("certificates") as batch:
         batch.drop_index("ix_certificates_ari_next_check_at")
         batch.drop_index("ix_certificates_not_after")
