@@ -156,9 +156,8 @@ def run_scan(rows: int, repeats: int = 5) -> dict[str, Any]:
         import redis as redis_lib
 
         out["queue_depth_after"] = int(redis_lib.Redis.from_url(redis.url, socket_timeout=5).llen("acme"))
-        out["target_claim_under_1s"] = (
-            out[f"claim_{batch}"]["median_s"] < 1.0 and out["claim_10000"]["median_s"] < 1.0
-        )
+        out["target_claim_under_1s"] = out[f"claim_{batch}"]["median_s"] < 1.0
+        out["claim_10000_under_1s"] = out["claim_10000"]["median_s"] < 1.0
     finally:
         set_settings(None)
         dispose_all()

@@ -69,6 +69,8 @@ class CertificateRequest:
     profile: str | None = None
     preferred_chain: str | None = None
     directory_url: str | None = None
+    #: CAs to fall back to, in order, after ``directory_url`` fails for good
+    fallback_directory_urls: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     auto_renew: bool = True
     reuse_key: bool = False
@@ -141,8 +143,17 @@ class CertificateRequest:
             if v is not None and (not isinstance(v, str) or len(v) > 128 or any(ord(c) < 32 for c in v)):
                 raise InvalidInput(f"{fname} must be a short printable string", field=fname)
         directory_url = kw.get("directory_url") or settings.acme.directory
-        if not str(directory_url).startswith(("https://", "http://")):
-            raise InvalidInput("directory_url must be an http(s) URL", field="directory_url")
+        fallbacks = kw.get("fallback_directory_urls")
+        if fallbacks is None:
+            fallbacks = settings.acme.fallback_directory_urls if not kw.get("directory_url") else []
+        if not isinstance(fallbacks, list | tuple):
+            raise InvalidInput(
+                "fallback_directory_urls must be a list of URLs", field="fallback_directory_urls"
+            )
+        for url in [directory_url, *fallbacks]:
+            if not isinstance(url, str) or not url.startswith(("https://", "http://")) or len(url) > 512:
+                raise InvalidInput(f"not an http(s) ACME directory URL: {url!r}", field="directory_url")
+        fallbacks = [u for u in dict.fromkeys(fallbacks) if u != directory_url]
         return cls(
             domains=domains,
             email=email,
@@ -154,6 +165,7 @@ class CertificateRequest:
             profile=kw.get("profile") or settings.acme.profile,
             preferred_chain=kw.get("preferred_chain") or settings.acme.preferred_chain,
             directory_url=directory_url,
+            fallback_directory_urls=list(fallbacks),
             targets=targets,
             auto_renew=bool(kw.get("auto_renew", settings.automation.auto_renew)),
             reuse_key=bool(kw.get("reuse_key", False)),
@@ -193,6 +205,9 @@ def create_certificate(
         profile=req.profile,
         preferred_chain=req.preferred_chain,
         directory_url=req.directory_url or "",
+        directory_urls=[req.directory_url, *req.fallback_directory_urls]
+        if req.fallback_directory_urls
+        else None,
         email=req.email,
         targets=req.targets,
         auto_renew=req.auto_renew,

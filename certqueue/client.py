@@ -83,7 +83,7 @@ class CertqueueClient:
         while True:
             try:
                 st = self.status(certificate_id)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 # the status task may run before the issue task created the row: still pending
                 if "no certificate" not in str(exc) or time.monotonic() > deadline:
                     raise

@@ -121,6 +121,8 @@ class Certificate(Base):
     profile: Mapped[str | None] = mapped_column(String(64))
     preferred_chain: Mapped[str | None] = mapped_column(String(256))
     directory_url: Mapped[str] = mapped_column(String(512))
+    #: the ordered list of ACME CAs this certificate may use; ``directory_url`` is the one in use
+    directory_urls: Mapped[list[Any] | None] = mapped_column(JSON)
     account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"))
     email: Mapped[str | None] = mapped_column(String(320))
     #: region names to deploy to (empty: every configured region)

@@ -48,6 +48,8 @@ OPEN_ORDER = ("creating", "pending", "ready", "processing")
 #: the longest single wait for a rate-limit budget; longer waits are several retries (the broker's
 #: visibility timeout must exceed every countdown)
 MAX_DEFER_SECONDS = 900
+#: a CA rate limit longer than this sends the certificate to its next CA (when it has one)
+LONG_RATE_LIMIT_SECONDS = 3600
 PAYLOAD_VERSION = 1
 
 
@@ -247,6 +249,13 @@ def _new_order(
         res = exc.order  # the order exists at the CA: store it and resume, never order again
     except RateLimited as exc:
         limiter.release(keys, now)
+        if (exc.retry_after or 3600) > LONG_RATE_LIMIT_SECONDS and next_ca(
+            cert, PermanentError(exc.message, reason="acme:rateLimited")
+        ) is not None:
+            raise PermanentError(
+                f"rate limited for {int(exc.retry_after or 3600)}s: trying the next CA",
+                reason="acme:rateLimited",
+            ) from None
         until = now + dt.timedelta(seconds=exc.retry_after or 3600)
         for k in keys_for_ca_problem(keys, exc.message):
             limiter.block(k, until, now)
@@ -348,6 +357,22 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
             reason=exc.reason,
             data={"type": types[0] if len(types) == 1 else ",".join(types) or "unknown"},
         )
+    if cert.state == State.REQUESTED:
+        # the failure came before the task's first commit (e.g. account registration): the
+        # issuance did start, and it is what failed
+        states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
+    nxt = next_ca(cert, exc)
+    if nxt is not None and cert.state in (State.ISSUING, State.RENEWING):
+        # this CA failed for good: the same work starts again at the next CA (its own account)
+        states.record(
+            session, cert.id, "ca_fallback", reason=exc.reason, data={"from": cert.directory_url, "to": nxt}
+        )
+        cert.directory_url = nxt
+        cert.last_error = exc.reason
+        _touch(cert)
+        task = renew if cert.state == State.RENEWING else issue
+        ctx.then(task.si({"v": 1, "certificate_id": cert.id}))
+        return {"certificate_id": cert.id, "status": "fallback", "reason": exc.reason, "ca": nxt}
     cert.last_error = exc.reason
     cert.work_deadline = None
     if cert.state == State.ISSUING:
@@ -366,6 +391,41 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         states.record(session, cert.id, "renewal", reason="failure", data={"reason": exc.reason})
         states.transition(session, cert, State.ACTIVE, reason=f"renewal failed: {exc.reason}")
     return {"certificate_id": cert.id, "status": "failed", "reason": exc.reason}
+
+
+#: failures that say "not at this CA" (its policy, its account rules, its availability), so the next
+#: CA in the certificate's list may succeed; a malformed request or a bad CSR would fail anywhere
+FALLBACK_REASONS = frozenset(
+    {
+        "acme:externalAccountRequired",
+        "acme:caa",
+        "acme:rejectedIdentifier",
+        "acme:unsupportedIdentifier",
+        "acme:unauthorized",
+        "acme:connection",
+        "acme:dns",
+        "acme:tls",
+        "acme:incorrectResponse",
+        "acme:serverInternal",
+        "acme:server",
+        "acme:network",
+        "acme:timeout",
+        "acme:orderInvalid",
+        "acme:invalidProfile",
+        "acme:accountDoesNotExist",
+        "acme:rateLimited",
+        "acme:unauthorizedAccount",
+    }
+)
+
+
+def next_ca(cert: Certificate, exc: CertqueueError) -> str | None:
+    """The CA after the current one in the certificate's list, when ``exc`` is worth falling back for."""
+    urls = list(cert.directory_urls or [])
+    if exc.reason not in FALLBACK_REASONS or cert.directory_url not in urls:
+        return None
+    i = urls.index(cert.directory_url)
+    return str(urls[i + 1]) if i + 1 < len(urls) else None
 
 
 # --- tasks --------------------------------------------------------------------------------------

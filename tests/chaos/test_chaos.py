@@ -65,8 +65,11 @@ class Chaos:
     def request_batch(self, n: int, prefix: str, bad: tuple[str, ...] = ()) -> None:
         for i in range(n):
             if i % 4 == 3:
-                kw: dict[str, Any] = {"domains": [f"*.{prefix}{i}.example.test", f"{prefix}{i}.example.test"],
-                                      "challenge_type": "dns-01", "dns_provider": "rfc2136"}
+                kw: dict[str, Any] = {
+                    "domains": [f"*.{prefix}{i}.example.test", f"{prefix}{i}.example.test"],
+                    "challenge_type": "dns-01",
+                    "dns_provider": "rfc2136",
+                }
             else:
                 kw = {"domains": [f"{prefix}{i}.example.test", f"www.{prefix}{i}.example.test"]}
             self._request(kw)
@@ -81,7 +84,7 @@ class Chaos:
                     cert, _ = certificates.create_certificate(s, certificates.CertificateRequest.build(**kw))
                     cid = cert.id
                 break
-            except Exception:  # noqa: BLE001  (the database may be restarting under us)
+            except Exception:
                 if attempt == 59:
                     raise
                 dispose_all()
@@ -89,16 +92,18 @@ class Chaos:
         self.ids.append(cid)
         try:
             lazy_app.get().send_task("certqueue.issue", args=[{"v": 1, "certificate_id": cid}], queue="acme")
-        except Exception:  # noqa: BLE001, S110  (a lost message: the reconciler must find the row)
+        except Exception:
             pass
         return cid
 
     def states(self) -> dict[str, str]:
         try:
             with session_scope(write=False) as s:
-                rows = s.execute(select(Certificate.id, Certificate.state).where(Certificate.id.in_(self.ids)))
+                rows = s.execute(
+                    select(Certificate.id, Certificate.state).where(Certificate.id.in_(self.ids))
+                )
                 return dict(rows.tuples().all())
-        except Exception:  # noqa: BLE001
+        except Exception:
             dispose_all()
             return {}
 
@@ -115,9 +120,13 @@ class Chaos:
                 return
             time.sleep(0.5)
         st = self.states()
-        bad = {i: st.get(i) for i in self.ids if st.get(i) != ("FAILED" if i in self.expect_failed else "ACTIVE")}
-        raise AssertionError(f"{len(bad)} certificates did not settle: {dict(list(bad.items())[:10])}\n"
-                             f"{self.stack.all_logs()[-5000:]}")
+        bad = {
+            i: st.get(i) for i in self.ids if st.get(i) != ("FAILED" if i in self.expect_failed else "ACTIVE")
+        }
+        raise AssertionError(
+            f"{len(bad)} certificates did not settle: {dict(list(bad.items())[:10])}\n"
+            f"{self.stack.all_logs()[-5000:]}"
+        )
 
 
 def _txt_names(bind: BindServer, names: set[str]) -> dict[str, list[str]]:
@@ -142,8 +151,11 @@ def audit(c: Chaos, *, purposes: tuple[str, ...] = ("issue",)) -> dict[str, int]
                 assert cert.state == "FAILED" and cert.last_error and cert.last_error.startswith("acme:"), cid
             else:
                 assert cert.state == "ACTIVE", (cid, cert.state, cert.last_error)
-        per = s.execute(select(Order.certificate_id, Order.purpose, func.count())
-                        .where(Order.certificate_id.in_(c.ids)).group_by(Order.certificate_id, Order.purpose)).all()
+        per = s.execute(
+            select(Order.certificate_id, Order.purpose, func.count())
+            .where(Order.certificate_id.in_(c.ids))
+            .group_by(Order.certificate_id, Order.purpose)
+        ).all()
         dupes = [(cid, purpose, n) for cid, purpose, n in per if n > 1]
         assert not dupes, f"orders opened twice: {dupes[:10]}"
         for purpose in purposes:
@@ -152,7 +164,9 @@ def audit(c: Chaos, *, purposes: tuple[str, ...] = ("issue",)) -> dict[str, int]
         assert s.execute(select(func.count()).select_from(Http01Token)).scalar_one() == 0
         left = s.execute(select(Challenge.id, Challenge.status).where(Challenge.status != "cleaned")).all()
         assert not left, f"challenges not cleaned: {left[:10]}"
-        dns_names = {n for (n,) in s.execute(select(Challenge.dns_name).where(Challenge.dns_name.is_not(None)))}
+        dns_names = {
+            n for (n,) in s.execute(select(Challenge.dns_name).where(Challenge.dns_name.is_not(None)))
+        }
         keys = 0
         for iss in s.execute(select(Issuance).where(Issuance.certificate_id.in_(c.ids))).scalars():
             key = certificates.decrypt_key(iss)
@@ -173,12 +187,13 @@ def _wait_cleanups(c: Chaos, timeout: float = 120) -> None:
     while time.monotonic() < deadline:
         try:
             with session_scope(write=False) as s:
-                left = s.execute(select(func.count()).select_from(Challenge)
-                                 .where(Challenge.status != "cleaned")).scalar_one()
+                left = s.execute(
+                    select(func.count()).select_from(Challenge).where(Challenge.status != "cleaned")
+                ).scalar_one()
                 tokens = s.execute(select(func.count()).select_from(Http01Token)).scalar_one()
             if left == 0 and tokens == 0:
                 return
-        except Exception:  # noqa: BLE001
+        except Exception:
             dispose_all()
         time.sleep(0.5)
 
@@ -196,8 +211,9 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
         bind = BindServer(zone="example.test", records=records).start()
         cleanups.append(bind.stop)
         http_port = free_port()
-        pebble = PebbleServer(http_port=http_port, dns_server=bind.nameserver,
-                              env=params.get("pebble_env", {})).start()
+        pebble = PebbleServer(
+            http_port=http_port, dns_server=bind.nameserver, env=params.get("pebble_env", {})
+        ).start()
         cleanups.append(pebble.stop)
         key = tmp_path / "master.key"
         generate_key_file(key)
@@ -217,8 +233,9 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             "CERTQUEUE_RATE_LIMITS__CERTIFICATES_PER_REGISTERED_DOMAIN": "1000000",
             "CERTQUEUE_RATE_LIMITS__DUPLICATE_CERTIFICATES": "10000",
             "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "1000000",
-            "CERTQUEUE_CHALLENGES__RFC2136": json.dumps(bind.provider_config(propagation_timeout=60,
-                                                                            polling_interval=0.3)),
+            "CERTQUEUE_CHALLENGES__RFC2136": json.dumps(
+                bind.provider_config(propagation_timeout=60, polling_interval=0.3)
+            ),
             "CERTQUEUE_CHALLENGES__DNS_RESOLVERS": json.dumps([bind.nameserver]),
             "CERTQUEUE_CHALLENGES__NAMESERVER_PORT": str(bind.port),
             "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": "0.1",
@@ -226,8 +243,9 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             "CERTQUEUE_AUTOMATION__STUCK_AFTER_SECONDS": "12",
             "CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS": "2",
             "CERTQUEUE_MULTI_REGION__ENABLED": "true",
-            "CERTQUEUE_MULTI_REGION__REGIONS": json.dumps([{"name": "edge", "provider": "local",
-                                                             "path": str(edge)}]),
+            "CERTQUEUE_MULTI_REGION__REGIONS": json.dumps(
+                [{"name": "edge", "provider": "local", "path": str(edge)}]
+            ),
             "CERTQUEUE_LOGGING__LEVEL": "INFO",
         }
         stack = Stack(workdir=tmp_path, env=env)
@@ -246,13 +264,14 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             propagate_env = {"CERTQUEUE_FAILPOINTS": f"deploy.edge=error_until:{until}"}
         stack.start_worker("propagate", regions=("edge",), concurrency=1, extra_env=propagate_env)
         stack.start_beat()
-        yield Chaos(stack=stack, pebble=pebble, bind=bind, pg=pg, redis=redis, env=env, edge=edge,
-                    cleanups=cleanups)
+        yield Chaos(
+            stack=stack, pebble=pebble, bind=bind, pg=pg, redis=redis, env=env, edge=edge, cleanups=cleanups
+        )
     finally:
         for fn in reversed(cleanups):
             try:
                 fn()
-            except Exception:  # noqa: BLE001, S110
+            except Exception:
                 pass
         set_settings(None)
         dispose_all()
@@ -268,8 +287,11 @@ def _in_background(fn: Callable[[], None]) -> threading.Thread:
 def test_sigkill_random_workers_while_issuing(chaos: Chaos):
     rng = random.Random(7)
     driver = _in_background(lambda: chaos.request_batch(N, "k"))
-    pools = {"worker-acme": ("acme", (), 2), "worker-dns": ("dns", (), 1),
-             "worker-propagate-edge": ("propagate", ("edge",), 1)}
+    pools = {
+        "worker-acme": ("acme", (), 2),
+        "worker-dns": ("dns", (), 1),
+        "worker-propagate-edge": ("propagate", ("edge",), 1),
+    }
     kills = 0
     end = time.monotonic() + 25
     while time.monotonic() < end:
@@ -347,8 +369,11 @@ def test_beat_started_twice_renews_each_certificate_once(chaos: Chaos):
 
     def renewed() -> bool:
         with session_scope(write=False) as s:
-            rows = s.execute(select(Certificate.id, Certificate.state, Certificate.current_issuance_id)
-                             .where(Certificate.id.in_(chaos.ids))).all()
+            rows = s.execute(
+                select(Certificate.id, Certificate.state, Certificate.current_issuance_id).where(
+                    Certificate.id.in_(chaos.ids)
+                )
+            ).all()
         return all(st == "ACTIVE" and iss != first[cid] for cid, st, iss in rows)
 
     deadline = time.monotonic() + 300

@@ -5,6 +5,7 @@ of Pebble, which has none)."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 from collections.abc import Iterator
 
@@ -32,8 +33,10 @@ def _require_services() -> None:
 def limited(tmp_path) -> Iterator[Pipeline]:
     _require_services()
     # 2 new orders per ~11 s for the account: a burst of 2, then one every ~5.4 s (GCRA)
-    env = {"CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "2",
-           "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PERIOD_HOURS": "0.003"}
+    env = {
+        "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "2",
+        "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PERIOD_HOURS": "0.003",
+    }
     p = build_pipeline(tmp_path, backend="postgres", extra_env=env, pools=("acme",))
     yield p
     teardown_pipeline(p)
@@ -42,7 +45,9 @@ def limited(tmp_path) -> Iterator[Pipeline]:
 def test_over_budget_work_is_deferred_then_completes(limited):
     ids = [limited.request([f"budget{i}.example.test"]) for i in range(5)]
     # soon: two orders exist, the rest are deferred with nothing sent to the CA
-    limited.wait_for(lambda: limited.count(Event, Event.kind == "deferred") >= 3, timeout=30, what="deferrals")
+    limited.wait_for(
+        lambda: limited.count(Event, Event.kind == "deferred") >= 3, timeout=30, what="deferrals"
+    )
     with session_scope(write=False) as s:
         ordered = {cid for (cid,) in s.execute(select(Order.certificate_id))}
     assert len(ordered) <= 3
@@ -51,7 +56,7 @@ def test_over_budget_work_is_deferred_then_completes(limited):
     with session_scope(write=False) as s:
         orders = s.execute(select(Order).order_by(Order.created_at)).scalars().all()
         assert len(orders) == 5  # deferred work was never failed and never ordered twice
-        gaps = [(b.created_at - a.created_at).total_seconds() for a, b in zip(orders[2:], orders[3:], strict=False)]
+        gaps = [(b.created_at - a.created_at).total_seconds() for a, b in itertools.pairwise(orders[2:])]
         deferred = s.execute(select(Event).where(Event.kind == "deferred")).scalars().all()
     assert all(g > 3.0 for g in gaps), gaps  # after the burst, orders follow the budget's pace
     assert {e.reason for e in deferred} == {"rate_limited"}
@@ -64,8 +69,13 @@ def with_ari(tmp_path) -> Iterator[tuple[Pipeline, AcmeDirectoryProxy]]:
     proxies: list[AcmeDirectoryProxy] = []
 
     def front(pebble):
-        proxy = AcmeDirectoryProxy(pebble.directory_url, pebble.ca_bundle, tmp_path, forward=True,
-                                   pebble_management_url=pebble.management_url).start()
+        proxy = AcmeDirectoryProxy(
+            pebble.directory_url,
+            pebble.ca_bundle,
+            tmp_path,
+            forward=True,
+            pebble_management_url=pebble.management_url,
+        ).start()
         proxies.append(proxy)
         return proxy.directory_url, str(proxy.combined_ca_bundle)
 
@@ -103,8 +113,11 @@ def test_ari_window_sets_renewal_and_an_incident_renews_now_with_replaces(with_a
     with session_scope(write=False) as s:
         assert s.get(Certificate, cid).renew_at <= utcnow()
     assert _run("certqueue.scan.due")["claimed"] == 1
-    p.wait_for(lambda: p.count(Issuance, Issuance.certificate_id == cid) == 2 and p.state(cid) == "ACTIVE",
-               timeout=60, what="renewal")
+    p.wait_for(
+        lambda: p.count(Issuance, Issuance.certificate_id == cid) == 2 and p.state(cid) == "ACTIVE",
+        timeout=60,
+        what="renewal",
+    )
     replaces = [pl.get("replaces") for pl in proxy.new_order_payloads()]
     assert replaces[-1] == iss.ari_cert_id
     assert replaces[0] is None  # the first issuance replaced nothing
@@ -114,8 +127,9 @@ def test_ari_window_sets_renewal_and_an_incident_renews_now_with_replaces(with_a
 def idle(tmp_path) -> Iterator[Pipeline]:
     """The stack with no worker consuming: messages stay queued."""
     _require_services()
-    p = build_pipeline(tmp_path, backend="postgres", pools=(), extra_env={
-        "CERTQUEUE_AUTOMATION__MAX_QUEUE_DEPTH": "5"})
+    p = build_pipeline(
+        tmp_path, backend="postgres", pools=(), extra_env={"CERTQUEUE_AUTOMATION__MAX_QUEUE_DEPTH": "5"}
+    )
     yield p
     teardown_pipeline(p)
 
@@ -132,3 +146,54 @@ def test_scan_never_enqueues_more_than_the_queue_can_take(idle):
     for _ in range(4):
         idle.send("certqueue.status", {"v": 1, "certificate_id": "cert_aaaaaaaaaaaaaaaaaaaa"})
     assert claim_budget(settings, 100) == 0
+
+
+@pytest.fixture
+def two_cas(tmp_path) -> Iterator[tuple[Pipeline, str, str]]:
+    """The primary CA requires external account binding (none is configured: it refuses us for
+    good); the pipeline's own Pebble is the fallback."""
+    _require_services()
+    from certqueue.devstack.pebble import PebbleServer
+
+    started: list[PebbleServer] = []
+
+    def front(fallback: PebbleServer) -> tuple[str, str]:
+        primary = PebbleServer(
+            http_port=fallback.http_port,
+            dns_server=fallback.dns_server,
+            eab_keys={"kid-1": "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"},
+        ).start()
+        started.append(primary)
+        bundle = tmp_path / "two-cas.pem"
+        bundle.write_bytes(primary.ca_bundle.read_bytes() + fallback.ca_bundle.read_bytes())
+        return primary.directory_url, str(bundle)
+
+    p = build_pipeline(tmp_path, backend="postgres", pools=("acme",), acme_front=front)
+    yield p, started[0].directory_url, p.pebble.directory_url
+    teardown_pipeline(p)
+    started[0].stop()
+
+
+def test_ca_fallback_to_the_next_ca_with_its_own_account(two_cas):
+    from certqueue.models import Account
+
+    p, primary, fallback = two_cas
+    cid = p.request(["fallback.example.test"], directory_url=primary, fallback_directory_urls=[fallback])
+    p.wait_state(cid, "ACTIVE", timeout=60)
+    with session_scope(write=False) as s:
+        c = s.get(Certificate, cid)
+        assert c.directory_url == fallback and c.directory_urls == [primary, fallback]
+        ev = (
+            s.execute(select(Event).where(Event.certificate_id == cid, Event.kind == "ca_fallback"))
+            .scalars()
+            .one()
+        )
+        assert ev.reason == "acme:externalAccountRequired"
+        assert ev.data == {"from": primary, "to": fallback}
+        accounts = s.execute(select(Account.directory_url)).scalars().all()
+    assert accounts == [fallback]  # the primary never accepted an account
+    # with no further CA, the same refusal is a FAILED certificate with the stable reason
+    cid2 = p.request(["nofallback.example.test"], directory_url=primary, fallback_directory_urls=[])
+    p.wait_state(cid2, "FAILED", timeout=60)
+    with session_scope(write=False) as s:
+        assert s.get(Certificate, cid2).last_error == "acme:externalAccountRequired"
