@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--stall", type=float, default=90.0, help="seconds without progress that count as stalled"
     )
+    ap.add_argument(
+        "--cq-env",
+        action="append",
+        default=[],
+        metavar="CERTQUEUE_KEY=VALUE",
+        help="extra certqueue setting for every stack (repeatable)",
+    )
     ap.add_argument("--out", default=None, help="results directory (bench/results)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -95,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         ap.error("--cq-layouts must look like 1x8,2x4")
     args.cq_workers, args.cq_concurrency = args.layouts[0]
+    args.cq_env_map = {}
+    for item in args.cq_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("CERTQUEUE_"):
+            ap.error(f"--cq-env wants CERTQUEUE_KEY=VALUE, not {item!r}")
+        args.cq_env_map[key] = value
     return args
 
 
@@ -122,8 +135,11 @@ def _guard(report: RunReport, name: str, group: str, n: int, fn: Callable[[], An
 
 def run(args: argparse.Namespace) -> RunReport:
     from bench import cases as c
+    from bench import env
 
-    opts = {k: v for k, v in vars(args).items() if k not in ("case_list", "layouts")}
+    env.EXTRA_ENV.update(args.cq_env_map)
+
+    opts = {k: v for k, v in vars(args).items() if k not in ("case_list", "layouts", "cq_env_map")}
     report = RunReport(options=opts)
     todo = args.case_list
     if "issue" in todo:

@@ -29,6 +29,9 @@ from certqueue.keystore import generate_key_file
 
 INSTRUMENT_DIR = Path(__file__).resolve().parent / "instrument"
 
+#: ``CERTQUEUE_*`` overrides for every certqueue stack of the run (``--cq-env KEY=VALUE``)
+EXTRA_ENV: dict[str, str] = {}
+
 
 def start_pebble(
     http_port: int, dns_server: str | None = None, env: dict[str, str] | None = None
@@ -160,6 +163,7 @@ def build_stack(
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(INSTRUMENT_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
             )
+        env.update(EXTRA_ENV)
         env.update(extra_env or {})
         stack = Stack(workdir=workdir, env=env)
         cleanups.append(stack.stop_all)

@@ -50,6 +50,8 @@ _log = logging.getLogger("certqueue.config")
 
 ENV_PREFIX = "CERTQUEUE_"
 #: environment variables with this prefix that are not settings keys
+#: prefixes of variables for tests, benchmarks and tools, never settings
+ENV_RESERVED_PREFIXES = ("CERTQUEUE_REQUIRE_", "CERTQUEUE_TEST_", "CERTQUEUE_CHAOS_", "CERTQUEUE_BENCH_")
 ENV_RESERVED = {
     "CERTQUEUE_BEAT_CHILD",
     "CERTQUEUE_SETTINGS_DIR",
@@ -403,7 +405,7 @@ def read_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]
     names: dict[str, str] = {}
     sections = set(Settings.model_fields)
     for var, raw in environ.items():
-        if not var.startswith(ENV_PREFIX) or var in ENV_RESERVED:
+        if not var.startswith(ENV_PREFIX) or var in ENV_RESERVED or var.startswith(ENV_RESERVED_PREFIXES):
             continue
         path = [p.lower() for p in var[len(ENV_PREFIX) :].split("__")]
         if path[0] == "lets_encrypt":

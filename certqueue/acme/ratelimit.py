@@ -41,6 +41,7 @@ Either every key of a request is consumed or none is.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import ipaddress
@@ -602,7 +603,23 @@ class DatabaseRateLimiter(_Base):
             seen.setdefault(k.name, k)
         return [seen[n] for n in sorted(seen)]
 
+    def bound(self, session: Session) -> DatabaseRateLimiter:
+        """This limiter working inside ``session``'s transaction (a savepoint), not a new one.
+
+        On SQLite the caller's write transaction already holds the database's only write lock, so a
+        second session would wait for it forever: a task must use this. (On PostgreSQL a separate,
+        short transaction is better: the budget rows are not held locked while the CA is called.)
+        """
+        view = copy.copy(self)
+        view._session = session
+        return view
+
+    _session: Session | None = None
+
     def _transaction(self, work: Callable[[Session], Any]) -> Any:
+        if self._session is not None:
+            with self._session.begin_nested():
+                return work(self._session)
         session = self.session_factory()
         try:
             result = work(session)

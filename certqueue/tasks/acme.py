@@ -33,9 +33,15 @@ from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
 from certqueue.acme.errors import IncompleteOrder
 from certqueue.acme.profiles import check_profile
-from certqueue.acme.ratelimit import RateLimiter, budget_keys, keys_for_ca_problem, rate_limiter_for
+from certqueue.acme.ratelimit import (
+    DatabaseRateLimiter,
+    RateLimiter,
+    budget_keys,
+    keys_for_ca_problem,
+    rate_limiter_for,
+)
 from certqueue.config import get_settings
-from certqueue.db import lock_certificate
+from certqueue.db import is_postgres, lock_certificate
 from certqueue.errors import CertqueueError, InvalidInput, NotFound, PermanentError, RateLimited
 from certqueue.lifecycle import states
 from certqueue.lifecycle.backoff import backoff
@@ -177,8 +183,16 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
 _limiter_cache: dict[str, RateLimiter] = {}
 
 
-def rate_limiter() -> RateLimiter:
-    """One limiter per process (Redis when the broker is Redis, else the database)."""
+def rate_limiter(session: Session | None = None) -> RateLimiter:
+    """One limiter per process (Redis when the broker is Redis, else the database); on SQLite it
+    works inside the task's own transaction (``session``), which holds the only write lock."""
+    lim = _process_rate_limiter()
+    if session is not None and isinstance(lim, DatabaseRateLimiter) and not is_postgres(session):
+        return lim.bound(session)
+    return lim
+
+
+def _process_rate_limiter() -> RateLimiter:
     settings = get_settings()
     key = f"{settings.broker.url}|{settings.database.url}"
     lim = _limiter_cache.get(key)
@@ -213,7 +227,7 @@ def _new_order(
         if in_flight >= in_flight_cap:
             cert.work_deadline = now + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
             raise Wait(_poll_countdown(2) + random.random())  # spread the waiters out
-    limiter = rate_limiter()
+    limiter = rate_limiter(session)
     keys = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy)
     decision = limiter.try_acquire(keys, now)
     if not decision.allowed:
@@ -584,7 +598,7 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
         raise Wait(max(_poll_countdown(order.polls), retry_after or 0))
     if status == "invalid":
         authz = client.poll_authorizations(res)
-        limiter = rate_limiter()
+        limiter = rate_limiter(session)
         for ch in chs:
             ident_status = authz.identifiers.get(ch.identifier)
             if ident_status in ("valid", "invalid"):

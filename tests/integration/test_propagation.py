@@ -158,3 +158,27 @@ def test_region_without_worker_stays_pending_then_completes_without_redeploys(mu
             ).scalars()
         ]
     assert sorted(per_region) == sorted(REGIONS)  # each region deployed exactly once
+
+
+def test_drift_is_detected_and_redeployed(multi):
+    """Someone replaces the served files: the periodic check sees the wrong fingerprint and
+    redeploys the issuance that should be live, in that region only."""
+    cid = multi.request(["drift.example.test"])
+    multi.wait_state(cid, "ACTIVE", timeout=90)
+    before = _deployments(cid)
+    other = multi.request(["other-drift.example.test"])
+    multi.wait_state(other, "ACTIVE", timeout=90)
+    edge_dir = Path(before["edge"].remote_ref)
+    wrong = (Path(_deployments(other)["edge"].remote_ref) / "cert.pem").read_text()
+    (edge_dir / "cert.pem").write_text(wrong)
+    from certqueue.celery_app import lazy_app
+
+    result = lazy_app.get().send_task("certqueue.scan.drift", queue="scan").get(timeout=60)
+    assert result["drifted"] >= 1
+    with session_scope(write=False) as s:
+        iss = s.get(Issuance, s.get(Certificate, cid).current_issuance_id)
+    multi.wait_for(lambda: (edge_dir / "cert.pem").read_text().strip() == iss.cert_pem.strip(),
+                   timeout=60, what="redeploy after drift")
+    after = _deployments(cid)
+    assert after["edge"].attempts == before["edge"].attempts + 1
+    assert after["us-east-1"].attempts == before["us-east-1"].attempts  # the other regions untouched

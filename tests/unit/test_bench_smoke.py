@@ -27,7 +27,15 @@ def test_full_defaults_and_explicit_sizes_win():
     assert "storm" in args.case_list and "scan" in args.case_list
 
 
-@pytest.mark.parametrize("bad", [["--cases", "nope"], ["--cq-layouts", "8"], ["--cq-layouts", "0x4"]])
+def test_certqueue_setting_overrides():
+    args = parse_args(["--cq-env", "CERTQUEUE_AUTOMATION__MAX_ORDERS_IN_FLIGHT_PER_CA=0"])
+    assert args.cq_env_map == {"CERTQUEUE_AUTOMATION__MAX_ORDERS_IN_FLIGHT_PER_CA": "0"}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--cases", "nope"], ["--cq-layouts", "8"], ["--cq-layouts", "0x4"], ["--cq-env", "FOO=1"]],
+)
 def test_bad_options_are_refused(bad):
     with pytest.raises(SystemExit):
         parse_args(bad)
