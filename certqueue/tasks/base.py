@@ -72,9 +72,20 @@ def classify(exc: BaseException) -> CertqueueError:
         isinstance(exc, DBAPIError) and exc.connection_invalidated
     ):
         return RetryableError("database unavailable", reason="database")
+    if _is_redis_outage(exc):
+        return RetryableError(f"Redis unavailable: {type(exc).__name__}", reason="redis")
     if isinstance(exc, ConnectionError | TimeoutError | OSError):
         return RetryableError(f"network error: {type(exc).__name__}", reason="network")
     return PermanentError(f"internal error: {type(exc).__name__}", reason="internal")
+
+
+def _is_redis_outage(exc: BaseException) -> bool:
+    """redis-py's connection errors do not derive from the builtin ConnectionError."""
+    try:
+        import redis.exceptions as rex
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return False
+    return isinstance(exc, rex.ConnectionError | rex.TimeoutError | rex.BusyLoadingError)
 
 
 class CertqueueTask(Task):  # type: ignore[misc]

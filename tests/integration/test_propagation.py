@@ -177,8 +177,11 @@ def test_drift_is_detected_and_redeployed(multi):
     assert result["drifted"] >= 1
     with session_scope(write=False) as s:
         iss = s.get(Issuance, s.get(Certificate, cid).current_issuance_id)
-    multi.wait_for(lambda: (edge_dir / "cert.pem").read_text().strip() == iss.cert_pem.strip(),
-                   timeout=60, what="redeploy after drift")
+    multi.wait_for(
+        lambda: (edge_dir / "cert.pem").read_text().strip() == iss.cert_pem.strip(),
+        timeout=60,
+        what="redeploy after drift",
+    )
     after = _deployments(cid)
     assert after["edge"].attempts == before["edge"].attempts + 1
     assert after["us-east-1"].attempts == before["us-east-1"].attempts  # the other regions untouched

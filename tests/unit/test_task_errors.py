@@ -1,0 +1,42 @@
+"""The two error kinds: what each exception means for a task (retry later, or fail for good)."""
+
+import pytest
+import redis.exceptions
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from certqueue.errors import InvalidInput, PermanentError, ProviderError, RetryableError, TargetError
+from certqueue.tasks.base import classify
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind", "reason"),
+    [
+        (redis.exceptions.ConnectionError("down"), RetryableError, "redis"),
+        (redis.exceptions.TimeoutError("slow"), RetryableError, "redis"),
+        (
+            OperationalError("select 1", {}, Exception("server closed the connection")),
+            RetryableError,
+            "database",
+        ),
+        (ConnectionResetError(), RetryableError, "network"),
+        (TimeoutError(), RetryableError, "network"),
+        (
+            ProviderError("cloudflare", "429", retryable=True, reason="cloudflare:throttled"),
+            RetryableError,
+            "cloudflare:throttled",
+        ),
+        (
+            ProviderError("cloudflare", "bad token", retryable=False, reason="cloudflare:auth"),
+            PermanentError,
+            "cloudflare:auth",
+        ),
+        (TargetError("aws_acm", "denied", reason="aws_acm:auth"), PermanentError, "aws_acm:auth"),
+        (IntegrityError("insert", {}, Exception("duplicate")), PermanentError, "internal"),
+        (KeyError("x"), PermanentError, "internal"),
+        (InvalidInput("bad", field="domains"), InvalidInput, "invalid_input"),
+    ],
+)
+def test_classify(exc, kind, reason):
+    out = classify(exc)
+    assert isinstance(out, kind)
+    assert out.reason == reason
