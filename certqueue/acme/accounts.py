@@ -8,6 +8,7 @@ process, so building a client per task costs no decryption and no round trip.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import josepy as jose
@@ -28,6 +29,31 @@ from certqueue.models import Account
 
 _lock = threading.Lock()
 _cache: dict[tuple[str, str], tuple[int, str, jose.JWK]] = {}
+
+
+#: one client per (directory, contact) per thread: its HTTP session keeps the TLS connection to the CA
+#: alive and its nonce between tasks (a fresh client per task paid a handshake and a newNonce each time)
+_clients = threading.local()
+
+
+def _reused_client(ck: tuple[str, str], key: jose.JWK, url: str, settings: Settings) -> AcmeClient:
+    pool: dict[tuple[str, str, str, str], AcmeClient] = getattr(_clients, "pool", None) or {}
+    _clients.pool = pool
+    verify = str(_verify(settings))
+    slot = (ck[0], ck[1], url, verify)
+    client = pool.get(slot)
+    if client is None:
+        client = make_client(ck[0], key, url, settings)
+        pool[slot] = client
+    return client
+
+
+def _forget_clients() -> None:
+    global _clients
+    _clients = threading.local()  # a forked child must not share the parent's sockets
+
+
+os.register_at_fork(after_in_child=_forget_clients)
 
 
 def account_aad(directory_url: str, contact: str) -> bytes:
@@ -61,7 +87,7 @@ def client_for(
     cached = _cache.get(ck)
     if cached is not None:
         acct_id, url, key = cached
-        return make_client(directory_url, key, url, settings), acct_id
+        return _reused_client(ck, key, url, settings), acct_id
     ks = keystore(settings)
     row = session.execute(
         select(Account).where(Account.directory_url == directory_url, Account.contact == contact)
@@ -122,3 +148,4 @@ def _configured_key(settings: Settings) -> jose.JWK | None:
 def forget_cache() -> None:
     with _lock:
         _cache.clear()
+    _forget_clients()

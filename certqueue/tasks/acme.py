@@ -226,7 +226,8 @@ def _new_order(
         ).scalar_one()
         if in_flight >= in_flight_cap:
             cert.work_deadline = now + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
-            raise Wait(_poll_countdown(2) + random.random())  # spread the waiters out
+            # wait long enough that capped work does not crowd out the steps that close orders
+            raise Wait(5.0 + 5.0 * random.random())
     limiter = rate_limiter(session)
     keys = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy)
     decision = limiter.try_acquire(keys, now)
