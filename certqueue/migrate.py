@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -24,6 +25,8 @@ def alembic_config(url: str) -> Config:
 def upgrade(url: str | None = None, revision: str = "head") -> str | None:
     """Migrate to ``revision``; returns the revision the database is at afterwards."""
     engine = get_engine(url)
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # one line from the CLI, not twelve
     cfg = alembic_config(str(engine.url.render_as_string(hide_password=False)))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
