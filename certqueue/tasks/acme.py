@@ -325,15 +325,12 @@ def cleanup_challenges(ctx: StepContext, order: Order) -> None:
     for ch in session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars():
         if ch.status == "cleaned":
             continue
-        if ch.type == "http-01" or ch.handle is None:
-            if ch.type == "dns-01" and ch.status == "pending":
-                ch.status = "cleaned"  # never presented
-                ch.cleaned_at = now
-                continue
-            if ch.type == "http-01":
-                ch.status = "cleaned"
-                ch.cleaned_at = now
-                continue
+        if ch.type == "http-01":
+            ch.status = "cleaned"
+            ch.cleaned_at = now
+            continue
+        # DNS-01, even when no handle was recorded: a present whose commit was lost (a database
+        # crash right after the provider call) still left a record, and cleanup is idempotent
         ctx.then(dns_tasks.cleanup.si(order.certificate_id, ch.id))
 
 

@@ -118,11 +118,12 @@ def _cleanup_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> d
     ch = ctx.session.get(Challenge, challenge_id)
     if ch is None or ch.status == "cleaned":
         return {"challenge": challenge_id, "status": "cleaned"}
-    if ch.handle is not None:
-        provider = provider_for(ch.provider or "")
-        provider.cleanup(
-            ch.handle.get("fqdn") or ch.dns_name or "", ch.dns_value or "", ch.handle.get("data")
-        )
+    if ch.type == "dns-01" and ch.provider:
+        provider = provider_for(ch.provider)
+        handle = ch.handle or {}
+        # no handle: the present may have happened without its commit; find the name the same way
+        fqdn = handle.get("fqdn") or follow_cnames(ch.dns_name or "", resolver_config())
+        provider.cleanup(fqdn, ch.dns_value or "", handle.get("data"))
     ch.status = "cleaned"
     ch.cleaned_at = utcnow()
     return {"challenge": challenge_id, "status": "cleaned"}

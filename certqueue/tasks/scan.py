@@ -203,7 +203,7 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
         .all()
     )
     for ch in leftovers:
-        if ch.type == "dns-01" and ch.handle is not None:
+        if ch.type == "dns-01":
             ctx.then(cleanup.si(ch.certificate_id, ch.id))
         else:
             ch.status = "cleaned"
