@@ -39,13 +39,31 @@ def _take_redis_db() -> int:
     for db in _REDIS_DBS:
         if db in _redis_in_use:
             continue
-        if claims.set(f"certqueue:test-redis-db:{db}", os.getpid(), nx=True, ex=3600):
+        key = f"certqueue:test-redis-db:{db}"
+        if claims.set(key, os.getpid(), nx=True, ex=3600) or _steal_dead_claim(claims, key):
             _redis_in_use.add(db)
             return db
     raise RuntimeError("no free Redis database for another pipeline")
 
 
+def _steal_dead_claim(claims: redis_lib.Redis, key: str) -> bool:
+    """Take over a claim whose process is gone (a run that was killed before its teardown)."""
+    owner = claims.get(key)
+    try:
+        pid = int(owner or 0)
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)
+        return False  # alive: really in use
+    except ProcessLookupError:
+        claims.set(key, os.getpid(), ex=3600)
+        return True
+    except (ValueError, PermissionError):
+        return False
+
+
 def _release_redis_db(db: int) -> None:
+    redis_lib.Redis(host=REDIS_HOST, db=db).flushdb()  # leave it empty for the next pipeline
     _redis_in_use.discard(db)
     redis_lib.Redis(host=REDIS_HOST, db=0).delete(f"certqueue:test-redis-db:{db}")
 
@@ -169,7 +187,7 @@ def build_pipeline(
         http_port=http_port, dns_server=dns_server or dns.dns_address, env=pebble_env or {}
     ).start()
     cleanups.append(peb.stop)
-    directory_url, ca_bundle = (acme_front(peb) if acme_front else (peb.directory_url, str(peb.ca_bundle)))
+    directory_url, ca_bundle = acme_front(peb) if acme_front else (peb.directory_url, str(peb.ca_bundle))
     env = {
         "CERTQUEUE_SETTINGS_DIR": str(tmp / "settings"),
         "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
@@ -190,12 +208,20 @@ def build_pipeline(
     if backend == "postgres":
         url, drop = create_pg_database()
         cleanups.append(drop)
-        redis_db = _take_redis_db()
-        cleanups.append(lambda: _release_redis_db(redis_db))
-        r = redis_lib.Redis(host=REDIS_HOST, db=redis_db)
-        r.flushdb()
+        try:
+            redis_db = _take_redis_db()
+            cleanups.append(lambda: _release_redis_db(redis_db))
+            broker_url = f"redis://{REDIS_HOST}:6379/{redis_db}"
+        except RuntimeError:
+            # every database of the machine's Redis is in use by live pipelines: a private one
+            from certqueue.devstack.servers import PrivateRedis
+
+            private = PrivateRedis().start()
+            cleanups.append(private.stop)
+            redis_db, broker_url = 0, private.url
+        redis_lib.Redis.from_url(broker_url).flushdb()
         env["CERTQUEUE_DATABASE__URL"] = url
-        env["CERTQUEUE_BROKER__URL"] = f"redis://{REDIS_HOST}:6379/{redis_db}"
+        env["CERTQUEUE_BROKER__URL"] = broker_url
     else:
         env["CERTQUEUE_DATABASE__URL"] = f"sqlite:///{tmp / 'var' / 'certqueue.db'}"
         env["CERTQUEUE_BROKER__FILESYSTEM_PATH"] = str(tmp / "var" / "broker")

@@ -123,7 +123,7 @@ def test_no_key_token_or_secret_anywhere(leaky):
         )
     assert len([k for k in secrets if k.startswith("issuance")]) == 3
 
-    r = redis_lib.Redis(host="127.0.0.1", db=p.redis_db)
+    r = redis_lib.Redis.from_url(p.env["CERTQUEUE_BROKER__URL"])
     stored = []
     for key in r.scan_iter(count=500):
         kind = r.type(key)
