@@ -9,7 +9,7 @@ Each case ends with the same audit (``audit``):
   * every stored private key decrypts and matches its certificate; every ACTIVE certificate is
     deployed to the region with its current fingerprint.
 
-The number of certificates per case is ``CERTQUEUE_CHAOS_CERTS`` (default 200, a quarter of them
+The number of certificates per case is ``CERTQUEUE_CHAOS_CERTS`` (default 60, a quarter of them
 wildcards through DNS-01).
 """
 
@@ -45,7 +45,7 @@ from certqueue.models import Certificate, Challenge, Deployment, Http01Token, Is
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 
-N = int(os.environ.get("CERTQUEUE_CHAOS_CERTS", "200"))
+N = int(os.environ.get("CERTQUEUE_CHAOS_CERTS", "60"))
 BAD_NAMES = ("bad1", "bad2", "bad3")
 
 
