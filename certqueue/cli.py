@@ -928,9 +928,6 @@ def demo_cmd(keep: bool) -> None:
     sys.exit(code)
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
 
 if __name__ == "__main__":
     main()

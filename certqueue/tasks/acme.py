@@ -42,7 +42,7 @@ from certqueue.acme.ratelimit import (
 )
 from certqueue.config import get_settings
 from certqueue.db import is_postgres, lock_certificate
-from certqueue.errors import CertqueueError, InvalidInput, NotFound, PermanentError, RateLimited
+from certqueue.errors import CertqueueError, InvalidInput, PermanentError, RateLimited
 from certqueue.lifecycle import states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.models import Certificate, Challenge, Http01Token, Issuance, Order, State, utcnow
@@ -704,7 +704,7 @@ def revoke(self: RevokeTask, payload: Any, _transient: int = 0) -> Any:
     return self.run_step(_revoke_step, payload)
 
 
-__all__ = ["NotFound", "fail_certificate", "issue", "renew", "revoke", "start_order", "validate"]
+__all__ = ["fail_certificate", "issue", "renew", "revoke", "start_order", "validate"]
 
 
 def _status_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
