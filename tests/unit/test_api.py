@@ -5,7 +5,6 @@ and a bounded schemathesis fuzz (no 5xx)."""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 import os
@@ -31,6 +30,7 @@ from certqueue.celery_app import lazy_app
 from certqueue.config import Settings, load_settings, set_settings
 from certqueue.db import dispose_all, session_scope
 from certqueue.devstack.ports import free_port
+from certqueue.intents import OPEN
 from certqueue.keystore import generate_key_file
 from certqueue.models import (
     ApiToken,
@@ -43,7 +43,6 @@ from certqueue.models import (
     State,
     utcnow,
 )
-from certqueue.intents import OPEN
 from tests.conftest_db import BACKENDS, create_pg_database, drop_pg_database, pg_sqlalchemy_url
 
 REDIS_URL = os.environ.get("CERTQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -142,14 +141,20 @@ class Api:
             intent = s.get(Intent, int(job_id.removeprefix("intent-")))
             assert intent is not None and intent.status in ("pending", "dispatched"), job_id
             intent.status = "done"
-            payload: dict[str, Any] = {"v": 1, "certificate_id": intent.certificate_id, **(intent.params or {})}
+            payload: dict[str, Any] = {
+                "v": 1,
+                "certificate_id": intent.certificate_id,
+                **(intent.params or {}),
+            }
             return f"certqueue.{intent.kind}", payload
 
     def queued(self) -> int:
         """Open intents: requests waiting for dispatch."""
         with session_scope(write=False) as s:
             return int(
-                s.execute(select(func.count()).select_from(Intent).where(Intent.status.in_(OPEN))).scalar_one()
+                s.execute(
+                    select(func.count()).select_from(Intent).where(Intent.status.in_(OPEN))
+                ).scalar_one()
             )
 
     def queued_ids(self) -> set[str]:

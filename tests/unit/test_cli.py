@@ -67,7 +67,9 @@ class Cli:
 
         with session_scope(write=False) as s:
             return int(
-                s.execute(select(func.count()).select_from(Intent).where(Intent.status.in_(OPEN))).scalar_one()
+                s.execute(
+                    select(func.count()).select_from(Intent).where(Intent.status.in_(OPEN))
+                ).scalar_one()
             )
 
     def messages(self) -> int:
