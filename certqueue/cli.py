@@ -266,7 +266,23 @@ def _cert_row(c: Any) -> dict[str, Any]:
         "challenge_type": c.challenge_type,
         "last_error": c.last_error,
         "external": c.external,
+        "waiting": _waiting(c),
     }
+
+
+def _waiting(c: Any) -> dict[str, Any] | None:
+    """Why a certificate's work waits and when it resumes (a rate limit, capacity), if it does."""
+    if not c.waiting_reason or c.state not in ("REQUESTED", "ISSUING", "RENEWING"):
+        return None
+    until = c.next_attempt_at
+    return {"reason": c.waiting_reason, "until": until.isoformat() if until else None}
+
+
+def _waiting_text(w: dict[str, Any] | None) -> str:
+    if not w:
+        return ""
+    when = (w["until"] or "")[:16].replace("T", " ")
+    return f"{w['reason']}, resumes {when} UTC" if when else str(w["reason"])
 
 
 def _short_issuer(issuer: str | None) -> str:
@@ -281,7 +297,8 @@ def _short_issuer(issuer: str | None) -> str:
 def print_inventory(rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"certificates ({len(rows)})")
     table.add_column("id", no_wrap=True)
-    for col in ("names", "state", "expires", "issuer"):
+    waiting = any(r.get("waiting") for r in rows)
+    for col in ("names", "state", "expires", "issuer", *(("waiting",) if waiting else ())):
         table.add_column(col, overflow="fold")
     styles = {"ACTIVE": "green", "FAILED": "red", "REVOKED": "magenta", "EXPIRED": "red"}
     for r in rows:
@@ -289,13 +306,16 @@ def print_inventory(rows: list[dict[str, Any]]) -> None:
             f" (+{len(r['domains']) - 3})" if len(r["domains"]) > 3 else ""
         )
         st = r["state"]
-        table.add_row(
+        cells = [
             r["id"],
             names,
             f"[{styles.get(st, 'yellow')}]{st}[/]",
             (r["not_after"] or "")[:19].replace("T", " "),
             _short_issuer(r["issuer"]),
-        )
+        ]
+        if waiting:
+            cells.append(_waiting_text(r.get("waiting")))
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -755,6 +775,16 @@ def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
             }
             for b in s.execute(select(RateBudget).order_by(RateBudget.key).limit(50)).scalars()
         ]
+        waiting_rows = s.execute(
+            select(Certificate)
+            .where(
+                Certificate.waiting_reason.is_not(None),
+                Certificate.state.in_([State.REQUESTED, State.ISSUING, State.RENEWING]),
+            )
+            .order_by(Certificate.next_attempt_at)
+            .limit(50)
+        ).scalars()
+        waiting = [{"id": c.id, "domains": c.domains, **(_waiting(c) or {})} for c in waiting_rows]
     health = certificate_health(now).as_dict()
     depths = queue_depths(settings)
     state_counts = {st.value: int(by_state.get(st.value, 0)) for st in State}
@@ -764,6 +794,7 @@ def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
         "due": int(due),
         "health": health,
         "rate_limits": budgets,
+        "waiting": waiting,
         "queues": depths,
         "broker": "up" if depths is not None else "unreachable",
     }
@@ -782,6 +813,13 @@ def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
         f"{health['expired']} expired)",
         highlight=False,
     )
+    if waiting:
+        wt = Table(title=f"waiting ({len(waiting)})")
+        for col in ("id", "names", "why"):
+            wt.add_column(col, overflow="fold")
+        for w in waiting:
+            wt.add_row(w["id"], ", ".join(w["domains"][:3]), _waiting_text(w))
+        console.print(wt)
     if budgets:
         bt = Table(title="rate-limit budgets")
         for col in ("key", "used", "limit", "blocked until"):

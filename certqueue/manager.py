@@ -48,6 +48,8 @@ STORE_BACKENDS = ("local", "aws", "azure")
 #: states in which a certificate may be deleted without ``force``
 DELETABLE = (State.REVOKED, State.EXPIRED, State.FAILED)
 IN_SERVICE = (State.ACTIVE, State.RENEWING)
+#: states whose work may wait for a budget or capacity
+WORKING = (State.REQUESTED, State.ISSUING, State.RENEWING)
 LIST_FILTER_KEYS = frozenset({"state", "domain", "expiring_within_days", "limit"})
 
 
@@ -91,6 +93,9 @@ class Certificate:
     last_error: str | None
     issuance_id: int | None
     _key_loader: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    #: why the work waits (a rate limit, capacity) and until when; None when it does not wait
+    waiting_reason: str | None = None
+    waiting_until: dt.datetime | None = None
 
     @property
     def days_until_expiration(self) -> int | None:
@@ -437,6 +442,8 @@ class CertificateManager:
             last_error=row.last_error,
             issuance_id=iss.id if iss else None,
             _key_loader=loader,
+            waiting_reason=row.waiting_reason if row.state in WORKING else None,
+            waiting_until=row.next_attempt_at if row.waiting_reason and row.state in WORKING else None,
         )
 
     def _load(self, certificate_id: str) -> Certificate:

@@ -142,6 +142,8 @@ class Certificate(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(String(512))
+    #: why the work waits until ``next_attempt_at`` (a rate limit, capacity); None when it does not
+    waiting_reason: Mapped[str | None] = mapped_column(String(256))
     #: set when work is handed to the queue; the reconciler re-enqueues work past its deadline
     work_deadline: Mapped[dt.datetime | None] = mapped_column()
     force_new_key: Mapped[bool] = mapped_column(Boolean, default=False)

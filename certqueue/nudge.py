@@ -94,3 +94,34 @@ def flush(timeout: float = 1.0) -> bool:
 def nudger_for(app_getter: Callable[[], Any]) -> _Nudger:
     """A nudger sending through another app (a manager with settings of its own)."""
     return _Nudger(app_getter)
+
+
+_later_lock = threading.Lock()
+_later_due = 0.0
+
+
+def nudge_later(seconds: float) -> None:
+    """Ask dispatch to run in ``seconds`` (deferred work resumes on time even between beats): one
+    delayed message per process at a time, never further out than the longest countdown (beat's
+    heartbeat covers anything later). Best effort, like :func:`nudge`."""
+    global _later_due
+    from certqueue.lifecycle.failure import MAX_COUNTDOWN
+
+    seconds = max(0.5, min(float(seconds), MAX_COUNTDOWN))
+    due = time.monotonic() + seconds
+    with _later_lock:
+        if time.monotonic() < _later_due <= due + 1.0:
+            return  # one is already due sooner (or about then)
+        _later_due = due
+
+    def send() -> None:
+        try:
+            from certqueue.client import app_for_sending
+
+            app_for_sending().send_task(
+                DISPATCH_TASK, queue="scan", retry=False, countdown=seconds, expires=seconds + 300
+            )
+        except Exception as exc:  # noqa: BLE001  (best effort: beat dispatches anyway)
+            log.warning("delayed dispatch nudge not sent (%s)", type(exc).__name__)
+
+    threading.Thread(target=send, name="certqueue-nudge-later", daemon=True).start()

@@ -119,11 +119,11 @@ def request_propagate(
 ) -> tuple[Intent, list[str]]:
     """A propagation intent and the regions it covers."""
     settings = settings or get_settings()
+    cert = certificates.get(session, certificate_id)
     known = {r.name for r in settings.multi_region.regions}
     for r in regions:
         if r not in known:
             raise InvalidInput(f"unknown region {r!r}", field="regions")
-    cert = certificates.get(session, certificate_id)
     if cert.state in NOTHING_TO_DEPLOY or (
         cert.current_issuance_id is None and cert.pending_issuance_id is None
     ):

@@ -31,12 +31,13 @@ from certqueue import certificates, failpoints, intents, operations
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
 from certqueue.config import get_settings
 from certqueue.db import lock_certificate, session_scope
-from certqueue.errors import InvalidInput, PermanentError
+from certqueue.errors import InvalidInput, InvalidTransition, NotFound, PermanentError
 from certqueue.lifecycle import failure, states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.models import Certificate, Challenge, State, utcnow
-from certqueue.tasks.base import CertqueueTask, StepContext, Wait, classify, kind_of
+from certqueue.tasks.base import CertqueueTask, StepContext, Wait, classify, kind_of, send_nudges
 from certqueue.tasks.pipeline import (
+    Deferred,
     PipelineTask,
     _client,
     _status_name,
@@ -57,6 +58,14 @@ check_revocation_reason = operations.check_revocation_reason
 
 
 # --- public: record the request, nudge dispatch ---------------------------------------------------
+
+
+class RequestTask(CertqueueTask):
+    """A public request: an unknown certificate or a state that forbids the request fails the job
+    (nothing is written); otherwise it returns once the intent is committed."""
+
+    abstract = True
+    request_errors = (NotFound, InvalidTransition)
 
 
 def _issue_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
@@ -87,8 +96,8 @@ def _issue_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     }
 
 
-@shared_task(bind=True, base=CertqueueTask, name="certqueue.issue")
-def issue(self: CertqueueTask, payload: Any, _transient: int = 0) -> Any:
+@shared_task(bind=True, base=RequestTask, name="certqueue.issue")
+def issue(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
     """Public: ``{"v": 1, "certificate_id": ...}`` or ``{"v": 1, "request": {...}}``."""
     return self.run_step(_issue_step, payload)
 
@@ -109,8 +118,8 @@ def _renew_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     return {"certificate_id": cert.id, "intent": intent.id, "status": "accepted"}
 
 
-@shared_task(bind=True, base=CertqueueTask, name="certqueue.renew")
-def renew(self: CertqueueTask, payload: Any, _transient: int = 0) -> Any:
+@shared_task(bind=True, base=RequestTask, name="certqueue.renew")
+def renew(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
     """Public: ``{"v": 1, "certificate_id": ..., "force": false}``."""
     return self.run_step(_renew_step, payload)
 
@@ -126,8 +135,8 @@ def _request_revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     return {"certificate_id": payload["certificate_id"], "intent": intent.id, "status": "accepted"}
 
 
-@shared_task(bind=True, base=CertqueueTask, name="certqueue.revoke")
-def revoke(self: CertqueueTask, payload: Any, _transient: int = 0) -> Any:
+@shared_task(bind=True, base=RequestTask, name="certqueue.revoke")
+def revoke(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
     """Public: ``{"v": 1, "certificate_id": ..., "reason": "keyCompromise"}``."""
     return self.run_step(_request_revoke_step, payload)
 
@@ -169,7 +178,15 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
             intents.record(session, "propagate", cert.id, actor="task")
             ctx.nudge = True
             return {"certificate_id": cert.id, "status": "propagating"}
-        out = start_order(ctx, cert, "issue" if cert.state == State.ISSUING else "renew")
+        try:
+            out = start_order(ctx, cert, "issue" if cert.state == State.ISSUING else "renew")
+        except Deferred as d:
+            return {
+                "certificate_id": cert.id,
+                "status": "deferred",
+                "reason": d.reason,
+                "until": d.until.isoformat(),
+            }
         intents.complete(session, cert.id, ("issue", "renew"), outcome="ordered")
         return out
     intents.complete(session, cert.id, ("issue", "renew"), outcome=f"noop:{cert.state}")
@@ -397,10 +414,7 @@ def _send_after(ctx: StepContext) -> None:
         sig.apply_async()
     if ctx.replacement is not None:
         ctx.replacement.apply_async()
-    if ctx.nudge:
-        from certqueue.nudge import nudge
-
-        nudge()
+    send_nudges(ctx)
 
 
 def _validate_in_task(task: CertqueueTask, cid: str, window: float) -> str:

@@ -66,6 +66,12 @@ class StepContext:
     #: after the commit, ask dispatch to run (this step freed capacity)
     nudge: bool = False
 
+    #: after the commit, ask dispatch to run again in this many seconds (deferred work resumes)
+    wake_after: float | None = None
+
+    def wake(self, seconds: float) -> None:
+        self.wake_after = seconds if self.wake_after is None else min(self.wake_after, seconds)
+
     def then(self, sig: Signature) -> None:
         self.follow_ups.append(sig)
 
@@ -118,6 +124,9 @@ class CertqueueTask(Task):  # type: ignore[misc]
     acks_late = True
     reject_on_worker_lost = True
     max_retries = None  # waiting is unbounded; transient errors park the work (failure policy)
+    #: errors that mean "this request cannot be done" (the job fails, nothing written): a public
+    #: request task names its own (an unknown certificate, a state that forbids the request)
+    request_errors: tuple[type[BaseException], ...] = ()
 
     def on_permanent(self, ctx: StepContext, exc: CertqueueError, *args: Any) -> Any:
         """Record a permanent failure (override per task); a non-None return is the task's result."""
@@ -167,7 +176,7 @@ class CertqueueTask(Task):  # type: ignore[misc]
                 scrub(str(exc).splitlines()[0] if str(exc) else ""),
             )
         retry_after = kind.retry_after if isinstance(kind, RetryableError) else None
-        kind_name = kind_of(kind)
+        kind_name = failure.Kind.INVALID_INPUT if isinstance(kind, self.request_errors) else kind_of(kind)
         decision = failure.decide(kind_name, retries=transient, retry_after=retry_after)
         if decision.action is failure.Action.RETRY:
             log.warning(
@@ -221,7 +230,13 @@ class CertqueueTask(Task):  # type: ignore[misc]
     def _send(self, ctx: StepContext) -> None:
         for sig in ctx.follow_ups:
             sig.apply_async()
-        if ctx.nudge:
-            from certqueue.nudge import nudge
+        send_nudges(ctx)
 
-            nudge()
+
+def send_nudges(ctx: StepContext) -> None:
+    from certqueue import nudge
+
+    if ctx.nudge:
+        nudge.nudge()
+    if ctx.wake_after is not None:
+        nudge.nudge_later(ctx.wake_after)

@@ -38,17 +38,66 @@ from certqueue.lifecycle import states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.lifecycle.failure import MAX_RATE_LIMIT_BLOCK, clamp_retry_after
 from certqueue.models import Certificate, Challenge, Http01Token, Issuance, Order, State, utcnow
-from certqueue.tasks.base import CertqueueTask, StepContext, Wait
+from certqueue.tasks.base import CertqueueTask, StepContext
 
 log = logging.getLogger("certqueue.pipeline")
 
 OPEN_ORDER = ("creating", "pending", "ready", "processing")
-#: the longest single wait for a rate-limit budget; longer waits are several retries (the broker's
-#: visibility timeout must exceed every countdown)
-MAX_DEFER_SECONDS = 900
 #: a CA rate limit longer than this sends the certificate to its next CA (when it has one)
 LONG_RATE_LIMIT_SECONDS = 3600
 PAYLOAD_VERSION = 1
+
+
+class Deferred(Exception):
+    """The work cannot start before ``until`` (a budget, the CA's rate limit, the in-flight cap).
+    Raised by ``start_order`` after it recorded why; the caller hands the work back to the
+    database until then: no message is held and nothing spins."""
+
+    def __init__(self, until: dt.datetime, reason: str) -> None:
+        super().__init__(reason)
+        self.until = until
+        self.reason = reason
+
+
+#: what a budget scope means, for people (``certqueue list``, ``status``, the API)
+_SCOPE_TEXT = {
+    "new_orders": "new orders per account",
+    "certs_per_domain": "certificates per domain {subject}",
+    "duplicate_certs": "duplicate certificates for these names",
+    "failed_authz": "failed validations for {subject}",
+    "ca": "the CA's own rate limit",
+}
+
+
+def describe_budgets(names: Any) -> str:
+    """``rate limit: certificates per domain example.org`` from the blocked budget keys' names."""
+    parts = []
+    for name in names or ():
+        scope, _, rest = str(name).partition("/")
+        subject = rest.split("/", 2)[-1] if rest.count("/") >= 2 else ""
+        parts.append(_SCOPE_TEXT.get(scope, scope).format(subject=subject))
+    return "rate limit: " + (", ".join(dict.fromkeys(parts)) or "budget spent")
+
+
+def defer_work(ctx: StepContext, cert: Certificate, until: dt.datetime, reason: str, *, kind: str) -> None:
+    """Record why ``cert`` waits and hand it back to dispatch at ``until``: its open issue/renew
+    intents wait until then (a claimed due renewal gets one), its deadline moves past it, and
+    dispatch is asked to run then."""
+    session = ctx.session
+    ctx.wake((until - utcnow()).total_seconds() + 0.2)
+    cert.next_attempt_at = until
+    cert.waiting_reason = reason[:256]
+    cert.work_deadline = until + dt.timedelta(seconds=get_settings().automation.stuck_after_seconds)
+    open_ = [i for i in intents.open_intents(session, cert.id) if i.kind in ("issue", "renew")]
+    if not open_:
+        open_ = [intents.record(session, "renew" if cert.state == State.RENEWING else "issue", cert.id)]
+    for intent in open_:
+        intent.status = "pending"
+        intent.not_before = until
+        intent.deadline = None
+    states.record(
+        session, cert.id, "deferred", reason=kind, data={"until": until.isoformat(), "why": reason[:256]}
+    )
 
 
 def task(name: str, *args: Any, **options: Any) -> Signature:
@@ -208,8 +257,9 @@ def _new_order(
 ) -> Order:
     """Check the profile and the shared rate-limit budget, then open one order at the CA.
 
-    Over budget, nothing is sent: the task waits (retry with countdown) until the budget returns.
-    A ``rateLimited`` answer from the CA sets the budget from its Retry-After, and waits too.
+    Over budget, nothing is sent: ``Deferred`` hands the work back to the database until the budget
+    returns. A ``rateLimited`` answer from the CA sets the budget from its Retry-After, and defers
+    too. The in-flight cap (dispatch keeps under it; a race can still meet it) defers briefly.
     """
     session = ctx.session
     settings = get_settings()
@@ -225,26 +275,16 @@ def _new_order(
             .where(Order.status.in_(OPEN_ORDER), Certificate.directory_url == cert.directory_url)
         ).scalar_one()
         if in_flight >= in_flight_cap:
-            cert.work_deadline = now + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
-            # wait long enough that capped work does not crowd out the steps that close orders
-            raise Wait(5.0 + 5.0 * random.random())
+            until = now + dt.timedelta(seconds=5.0 + 5.0 * random.random())
+            defer_work(ctx, cert, until, "capacity: open orders at this CA at the cap", kind="capacity")
+            raise Deferred(until, "capacity")
     limiter = rate_limiter(session)
     keys = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy)
     decision = limiter.try_acquire(keys, now)
     if not decision.allowed:
-        wait = decision.countdown(now)
-        cert.next_attempt_at = decision.retry_at
-        cert.work_deadline = (decision.retry_at or now) + dt.timedelta(
-            seconds=settings.automation.stuck_after_seconds
-        )
-        states.record(
-            session,
-            cert.id,
-            "deferred",
-            reason="rate_limited",
-            data={"until": decision.retry_at.isoformat() if decision.retry_at else None},
-        )
-        raise Wait(min(wait, MAX_DEFER_SECONDS))
+        until = decision.retry_at or now + dt.timedelta(seconds=60)
+        defer_work(ctx, cert, until, describe_budgets(decision.blocked), kind="rate_limited")
+        raise Deferred(until, "rate_limited")
     key_pem = _order_key(session, cert)
     csr = crypto.make_csr(
         key_pem,
@@ -275,16 +315,13 @@ def _new_order(
         until = now + dt.timedelta(seconds=exc.retry_after or 3600)
         for k in keys_for_ca_problem(keys, exc.message):
             limiter.block(k, until, now)
-        cert.next_attempt_at = until
-        cert.work_deadline = until + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
-        states.record(
-            session, cert.id, "deferred", reason="ca_rate_limited", data={"until": until.isoformat()}
-        )
-        raise Wait(min(exc.retry_after or 3600, MAX_DEFER_SECONDS)) from None
+        defer_work(ctx, cert, until, "rate limit: the CA answered rateLimited", kind="ca_rate_limited")
+        raise Deferred(until, "ca_rate_limited") from None
     except BaseException:
         limiter.release(keys, now)
         raise
     cert.next_attempt_at = None
+    cert.waiting_reason = None
     # The order URL is stored in the same commit as the row: a redelivered task finds it and resumes
     # instead of ordering again.
     order = Order(
@@ -465,6 +502,7 @@ def park_certificate(
         intent.not_before = resume
         intent.deadline = None
     states.record(session, cert.id, "backoff", reason=exc.reason, data={"seconds": round(delay, 1)})
+    ctx.wake(delay + 0.2)
     log.warning("%s: %s persists; parked for %.0fs", cert.id, exc.reason, delay)
     return {"certificate_id": cert.id, "status": "backing_off", "reason": exc.reason}
 

@@ -24,7 +24,7 @@ from certqueue import certificates, failpoints, intents, operations
 from certqueue.celery_app import region_queue
 from certqueue.config import get_settings
 from certqueue.db import is_postgres, lock_certificate
-from certqueue.errors import CertqueueError
+from certqueue.errors import CertqueueError, InvalidTransition, NotFound
 from certqueue.lifecycle import states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.models import Deployment, Issuance, State, utcnow
@@ -118,8 +118,15 @@ def _request_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     }
 
 
-@shared_task(bind=True, base=CertqueueTask, name="certqueue.propagate")
-def propagate(self: CertqueueTask, payload: Any, _transient: int = 0) -> Any:
+class RequestTask(CertqueueTask):
+    """The public request: an unknown certificate or one with nothing to deploy fails the job."""
+
+    abstract = True
+    request_errors = (NotFound, InvalidTransition)
+
+
+@shared_task(bind=True, base=RequestTask, name="certqueue.propagate")
+def propagate(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
     """Public: ``{"v": 1, "certificate_id": ..., "regions": [optional subset], "force": false}``."""
     return self.run_step(_request_step, payload)
 

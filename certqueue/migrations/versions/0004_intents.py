@@ -1,4 +1,5 @@
-"""intents: every request is a row, written with the change it asks for (pipeline v2)
+"""intents: every request is a row, written with the change it asks for (pipeline v2);
+certificates.waiting_reason: why a certificate waits (a rate limit, capacity)
 
 Revision ID: 0004
 Revises: 0003
@@ -38,9 +39,13 @@ def upgrade() -> None:
     )
     op.create_index("ix_intents_status_not_before", "intents", ["status", "not_before"])
     op.create_index("ix_intents_certificate_status", "intents", ["certificate_id", "status"])
+    with op.batch_alter_table("certificates") as batch:
+        batch.add_column(sa.Column("waiting_reason", sa.String(256), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("certificates") as batch:
+        batch.drop_column("waiting_reason")
     op.drop_index("ix_intents_certificate_status", table_name="intents")
     op.drop_index("ix_intents_status_not_before", table_name="intents")
     op.drop_table("intents")
