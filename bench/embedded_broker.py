@@ -8,10 +8,11 @@ Candidates (kombu level, no Celery, so the transport is what is measured):
 
 Every candidate polls an empty queue every 0.1 s (the embedded default's setting). Each run
 starts ``--producers`` processes that publish ``--messages`` messages between them as fast as they
-can, while ``--consumers`` processes drain the queue. Every message carries its id and the time it
-was published. Reported per candidate: wall time until the last message was consumed, messages per
-second, publish-to-receive latency (p50, p95, max), and the correctness counts: duplicates, lost,
-decoded empty or wrong, and consumer processes that died of an exception.
+can (or one every ``--interval`` seconds: latency at a light load), while ``--consumers``
+processes drain the queue. Every message carries its id and the time it was published. Reported
+per candidate: wall time until the last message was consumed, messages per second,
+publish-to-receive latency (p50, p95, max), and the correctness counts: duplicates, lost, decoded
+empty or wrong, and consumer processes that died of an exception.
 
 Results are printed and written as JSON to ``bench/results/embedded-broker-<time>.json``.
 """
@@ -65,12 +66,14 @@ def _open(candidate: str, work: Path) -> Any:
     return conn
 
 
-def _producer(candidate: str, work: str, start: int, count: int, errors: Any) -> None:
+def _producer(candidate: str, work: str, start: int, count: int, interval: float, errors: Any) -> None:
     try:
         with _open(candidate, Path(work)) as conn:
             producer = conn.Producer(serializer="json")
             for i in range(start, start + count):
                 producer.publish({"id": i, "sent": time.time()}, routing_key=QUEUE, retry=True)
+                if interval:
+                    time.sleep(interval)
     except Exception:
         errors.put(("producer", traceback.format_exc(limit=3)))
 
@@ -106,7 +109,16 @@ def _consumer(candidate: str, work: str, out: str, stop_at: float, expected: int
         Path(out).write_text(json.dumps(seen))
 
 
-def run(candidate: str, *, producers: int, consumers: int, messages: int, timeout: float) -> dict[str, Any]:
+def run(
+    candidate: str,
+    *,
+    producers: int,
+    consumers: int,
+    messages: int,
+    timeout: float,
+    interval: float = 0.0,
+) -> dict[str, Any]:
+    """One run; ``interval`` seconds between one producer's messages (0: as fast as it can)."""
     ctx = mp.get_context("spawn")
     errors: Any = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix=f"cq-bench-{candidate}-") as tmp:
@@ -131,7 +143,7 @@ def run(candidate: str, *, producers: int, consumers: int, messages: int, timeou
         prods = [
             ctx.Process(
                 target=_producer,
-                args=(candidate, str(work), n * per, counts[n], errors),
+                args=(candidate, str(work), n * per, counts[n], interval, errors),
             )
             for n in range(producers)
         ]
@@ -166,6 +178,7 @@ def run(candidate: str, *, producers: int, consumers: int, messages: int, timeou
         "producers": producers,
         "consumers": consumers,
         "messages": messages,
+        "interval": interval,
         "delivered": len(good),
         "duplicates": len(good) - len(set(good)),
         "lost": len(set(range(messages)) - set(good)),
@@ -190,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--producers", type=int, default=4)
     ap.add_argument("--consumers", type=int, default=2)
     ap.add_argument("--messages", type=int, default=4000)
+    ap.add_argument("--interval", type=float, default=0.0, help="seconds between one producer's messages")
     ap.add_argument("--rounds", type=int, default=1, help="runs per candidate")
     ap.add_argument("--timeout", type=float, default=180.0)
     ap.add_argument("--no-save", action="store_true")
@@ -203,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 consumers=args.consumers,
                 messages=args.messages,
                 timeout=args.timeout,
+                interval=args.interval,
             )
             print(json.dumps(r), flush=True)
             results.append(r)
