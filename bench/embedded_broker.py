@@ -192,9 +192,15 @@ def run(
         "latency_ms_p50": round(statistics.median(latencies), 2) if latencies else None,
         "latency_ms_p95": round(latencies[int(len(latencies) * 0.95) - 1], 2) if latencies else None,
         "latency_ms_max": round(latencies[-1], 2) if latencies else None,
-        "first_error": errs[0][1].strip().splitlines()[-1] if errs else None,
+        "first_error": _last_error_line(errs[0][1]) if errs else None,
     }
     return result
+
+
+def _last_error_line(tb: str) -> str:
+    """The exception line of a traceback (SQLAlchemy ends its own with a "Background" link)."""
+    lines = [ln for ln in tb.strip().splitlines() if ln and not ln.startswith("(Background")]
+    return lines[-1] if lines else ""
 
 
 def main(argv: list[str] | None = None) -> int:
