@@ -152,10 +152,12 @@ def supervise(name: str, child_env: str, *, restart_clean_exit: bool) -> int:
     while True:
         started = time.monotonic()
         child = subprocess.Popen(argv, env={**os.environ, child_env: "1"}, preexec_fn=_die_with_parent)
+        if stopping:  # told to stop while the child was being started: it missed the signal
+            child.send_signal(signal.SIGTERM)
         log.info("%s supervisor: started %s process %d", name, name, child.pid)
         code = child.wait()
         if stopping:
-            return code
+            return _exit_status(code)
         if code == 0 and not restart_clean_exit:
             log.info("%s process %d stopped by itself (exit 0); not restarting", name, child.pid)
             return 0
@@ -175,7 +177,12 @@ def supervise(name: str, child_env: str, *, restart_clean_exit: bool) -> int:
         while not stopping and time.monotonic() < deadline:
             time.sleep(0.1)
         if stopping:
-            return code
+            return _exit_status(code)
+
+
+def _exit_status(code: int) -> int:
+    """A Popen return code as a shell exit status (killed by signal N: 128 + N)."""
+    return code if code >= 0 else 128 - code
 
 
 def _run_beat_now(*, loglevel: str | None = None) -> None:
