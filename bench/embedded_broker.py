@@ -198,8 +198,8 @@ def run(
 
 
 def _last_error_line(tb: str) -> str:
-    """The exception line of a traceback (SQLAlchemy ends its own with a "Background" link)."""
-    lines = [ln for ln in tb.strip().splitlines() if ln and not ln.startswith("(Background")]
+    """The exception line of a traceback (SQLAlchemy follows its own with the SQL and a link)."""
+    lines = [ln for ln in tb.strip().splitlines() if ln and not ln.startswith((" ", "(Background", "[SQL"))]
     return lines[-1] if lines else ""
 
 

@@ -92,14 +92,21 @@ def broker_urls(settings: Settings) -> tuple[str, str, dict[str, Any]]:
     return f"{SCHEME}://", backend, opts
 
 
+_prepared: set[Path] = set()
+
+
 def prepare_result_store(path: Path) -> None:
     """WAL mode on the SQLite result file (persistent in the file): chords poll results while
-    workers write them, and in the default rollback mode a reader blocks every writer."""
+    workers write them, and in the default rollback mode a reader blocks every writer. Once per
+    file and process (the metrics scrape calls this through ``broker_urls``)."""
+    if path in _prepared:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 conn.execute("PRAGMA journal_mode=WAL")
+        _prepared.add(path)
     except sqlite3.Error as exc:  # a busy file at start-up: rollback mode still works, only slower
         log.warning("result store %s: WAL not set (%s)", path, type(exc).__name__)
 
