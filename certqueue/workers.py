@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from certqueue import embedded_broker
 from certqueue.celery_app import lazy_app, region_queue
@@ -199,5 +200,9 @@ def _run_beat_now(*, loglevel: str | None = None) -> None:
         app.conf.redbeat_key_prefix = "certqueue:redbeat:"
         argv += ["-S", "redbeat.RedBeatScheduler"]
     else:
-        argv += ["-s", "var/celerybeat-schedule"]
+        # beside the embedded broker's folder (var/ by default): a relative "var/..." failed in a
+        # working directory without var/ (beat then exited at every start, as in the demo)
+        schedule = Path(s.broker.filesystem_path).resolve().parent / "celerybeat-schedule"
+        schedule.parent.mkdir(parents=True, exist_ok=True)
+        argv += ["-s", str(schedule)]
     app.start(argv)

@@ -44,14 +44,16 @@ def test_stress_every_message_exactly_once() -> None:
 
 @pytest.fixture()
 def embedded(tmp_path: Path) -> Iterator[Stack]:
-    """The embedded default (SQLite, the file broker) with no CA: enough for a worker to run tasks."""
+    """The embedded default (SQLite, the file broker) with no CA: enough for a worker to run tasks.
+    Its state lives under ``state/``, and the processes run in ``tmp_path``, which has no ``var/``."""
     (tmp_path / "settings").mkdir()
     key = tmp_path / "master.key"
     generate_key_file(key)
     env = {
         "CERTQUEUE_SETTINGS_DIR": str(tmp_path / "settings"),
-        "CERTQUEUE_DATABASE__URL": f"sqlite:///{tmp_path / 'var' / 'certqueue.db'}",
-        "CERTQUEUE_BROKER__FILESYSTEM_PATH": str(tmp_path / "var" / "broker"),
+        "CERTQUEUE_DATABASE__URL": f"sqlite:///{tmp_path / 'state' / 'certqueue.db'}",
+        "CERTQUEUE_BROKER__FILESYSTEM_PATH": str(tmp_path / "state" / "broker"),
+        "CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS": "1",
         "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
         "CERTQUEUE_LOGGING__LEVEL": "INFO",
     }
@@ -102,7 +104,7 @@ def test_corrupt_message_is_quarantined_and_the_next_one_runs(embedded: Stack) -
     from certqueue import metrics
     from certqueue.config import get_settings
 
-    out = embedded.workdir / "var" / "broker" / "out"
+    out = embedded.workdir / "state" / "broker" / "out"
     corrupt = {
         "empty": b"",  # what kombu's filesystem transport let a consumer read: the worker died of it
         "truncated": b'{"body": "' + MARKER.encode(),
@@ -116,7 +118,7 @@ def test_corrupt_message_is_quarantined_and_the_next_one_runs(embedded: Stack) -
     res = _run_status_task()
     assert res.state == "FAILURE" and "no certificate cert_0000000000000000none" in str(res.result)
     assert embedded.procs[name].poll() is None, "the worker exited"
-    quarantine = embedded.workdir / "var" / "broker" / "quarantine"
+    quarantine = embedded.workdir / "state" / "broker" / "quarantine"
     assert sorted(os.listdir(quarantine)) == names
     log = embedded.log(name)
     for fname in names:
@@ -160,3 +162,13 @@ def test_supervisor_restarts_a_killed_worker(embedded: Stack) -> None:
         time.sleep(0.1)
     assert not _alive(second)
     assert "restart 2" not in embedded.log(name)[mark:]
+
+
+def test_beat_keeps_its_schedule_beside_the_broker(embedded: Stack) -> None:
+    """Beat used ``var/celerybeat-schedule`` relative to its working directory: where there was no
+    ``var/`` (the demo's) it exited at every start and its supervisor restarted it forever."""
+    embedded.start_beat()
+    embedded.wait_log("beat", "Sending due task scan-due", timeout=60)
+    assert "exited unexpectedly" not in embedded.log("beat")
+    assert list((embedded.workdir / "state").glob("celerybeat-schedule*"))
+    assert not (embedded.workdir / "var").exists()
