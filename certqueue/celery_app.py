@@ -10,19 +10,20 @@ worker process dies (``reject_on_worker_lost``); prefetch 1 so a killed worker l
 task it was running; time limits stay below the broker's visibility timeout, which stays above the
 longest retry countdown. The database is the truth: a lost message is found again by the reconciler.
 
-The embedded default needs no server: kombu's filesystem transport under ``var/broker`` and a SQLite
-result backend (chords poll it). With a Redis broker, Redis is the result backend too (chords count
+The embedded default needs no server: certqueue's own file transport under ``var/broker``
+(certqueue.embedded_broker: no consumer ever reads a half-written message) and a SQLite result
+backend (chords poll it). With a Redis broker, Redis is the result backend too (chords count
 in Redis).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
+from certqueue import embedded_broker
 from certqueue.config import Settings, get_settings
 
 PUBLIC_TASKS = ("certqueue.issue", "certqueue.renew", "certqueue.revoke", "certqueue.propagate")
@@ -37,19 +38,8 @@ def broker_urls(settings: Settings) -> tuple[str, str, dict[str, Any]]:
     """(broker url, result backend url, broker transport options)."""
     url = settings.broker.url
     opts: dict[str, Any] = {}
-    if not url or url.startswith("filesystem"):
-        data = Path(settings.broker.filesystem_path).resolve()
-        for sub in ("out", "processed"):
-            (data / sub).mkdir(parents=True, exist_ok=True)
-        url = url or "filesystem://"
-        opts = {
-            "data_folder_in": str(data / "out"),
-            "data_folder_out": str(data / "out"),
-            "processed_folder": str(data / "processed"),
-            "store_processed": False,
-            "polling_interval": 0.1,
-        }
-        backend = settings.broker.result_backend or f"db+sqlite:///{data.parent / 'celery-results.db'}"
+    if embedded_broker.is_embedded(url):  # "", filesystem:// (kept working), certqueue-fs://
+        return embedded_broker.broker_urls(settings)
     else:
         opts = {"visibility_timeout": settings.broker.visibility_timeout}
         if url.startswith(("redis", "rediss")):

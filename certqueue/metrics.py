@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -37,6 +35,7 @@ from sqlalchemy import ColumnElement, case, func, literal, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from certqueue import embedded_broker
 from certqueue.config import Settings, get_settings
 from certqueue.models import Certificate, Deployment, Event, Issuance, RateBudget, State, utcnow
 
@@ -69,6 +68,7 @@ FAMILIES = (
     "certqueue_region_pending_oldest_seconds",
     "certqueue_queue_depth",
     "certqueue_broker_up",
+    "certqueue_broker_quarantined",
     "certqueue_rate_limit_budget_remaining",
     "certqueue_database_up",
     "certqueue_scrape_duration_seconds",
@@ -350,7 +350,7 @@ def queue_depths(settings: Settings) -> dict[str, int] | None:
     from certqueue.celery_app import broker_urls, make_queues
 
     names = [q.name for q in make_queues(settings)]
-    url, _backend, opts = broker_urls(settings)
+    url, _backend, _opts = broker_urls(settings)
     if url.startswith(("redis://", "rediss://", "unix://")):
         import redis
 
@@ -366,19 +366,8 @@ def queue_depths(settings: Settings) -> dict[str, int] | None:
             return None
         steps = len(_KOMBU_PRIORITY_STEPS)
         return {name: int(sum(lengths[i * steps : (i + 1) * steps])) for i, name in enumerate(names)}
-    if url.startswith("filesystem"):
-        folder = Path(opts.get("data_folder_in") or "")
-        try:
-            files = os.listdir(folder)
-        except OSError:
-            return None
-        out = dict.fromkeys(names, 0)
-        for fname in files:
-            # kombu names messages "<ms>_<uuid>.<queue>.msg"
-            queue = fname.partition(".")[2].removesuffix(".msg")
-            if queue in out and fname.endswith(".msg"):
-                out[queue] += 1
-        return out
+    if embedded_broker.is_embedded(url):
+        return embedded_broker.queue_depths(settings, names)
     return None
 
 
@@ -391,6 +380,18 @@ def broker_families(settings: Settings) -> Iterator[Metric]:
         depth.add_metric([name], float(n))
     yield depth
     yield up
+    quarantined = GaugeMetricFamily(
+        "certqueue_broker_quarantined",
+        "Undecodable messages the embedded broker moved to its quarantine folder (per queue)",
+        labels=["queue"],
+    )
+    if embedded_broker.is_embedded(settings.broker.url):  # no samples with a server broker
+        from certqueue.celery_app import make_queues
+
+        counts = embedded_broker.quarantined(settings)
+        for name in sorted({q.name for q in make_queues(settings)} | set(counts)):
+            quarantined.add_metric([name], float(counts.get(name, 0)))
+    yield quarantined
 
 
 # --- exposition -------------------------------------------------------------------------------------

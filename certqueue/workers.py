@@ -1,4 +1,5 @@
-"""Starting worker pools and beat (the ``workers/`` and ``beat/`` entry points call these).
+"""Starting worker pools and beat (the ``workers/`` and ``beat/`` entry points call these), and the
+supervisor that restarts them: beat always, a worker on the embedded default.
 
 Per-pool settings: the queues each pool consumes, concurrency, pool type, prefetch. The acme pool
 also consumes ``scan`` (beat's periodic tasks are light); the propagate pool consumes only the
@@ -14,10 +15,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from certqueue import embedded_broker
 from certqueue.celery_app import lazy_app, region_queue
 from certqueue.config import get_settings
 from certqueue.errors import ConfigError
+from certqueue.lifecycle.backoff import backoff
 
 log = logging.getLogger("certqueue.workers")
 
@@ -48,6 +52,13 @@ def pool_spec(pool: str, regions: list[str]) -> PoolSpec:
     raise ConfigError(f"unknown pool {pool!r}", key="--pool")
 
 
+#: set in the environment of a supervised child: run the process itself, not another supervisor
+WORKER_CHILD_ENV = "CERTQUEUE_WORKER_CHILD"
+BEAT_CHILD_ENV = "CERTQUEUE_BEAT_CHILD"
+#: a child that ran this long before exiting counts as healthy: the backoff starts again
+HEALTHY_RUN_SECONDS = 60.0
+
+
 def run_worker(
     pool: str,
     regions: list[str],
@@ -56,7 +67,25 @@ def run_worker(
     loglevel: str | None = None,
     hostname: str | None = None,
 ) -> None:
-    spec = pool_spec(pool, regions)
+    """A worker pool. On the embedded default it runs under ``supervise`` (as beat always does):
+    nothing else restarts it there, and a worker that died left every queue unserved. With a
+    server broker the process manager (systemd, Kubernetes) restarts it and sees it crash."""
+    spec = pool_spec(pool, regions)  # bad options fail here, before any child is started
+    if os.environ.get(WORKER_CHILD_ENV) or not embedded_broker.is_embedded(get_settings().broker.url):
+        _run_worker_now(spec, pool, regions, concurrency=concurrency, loglevel=loglevel, hostname=hostname)
+        return
+    raise SystemExit(supervise("worker", WORKER_CHILD_ENV, restart_clean_exit=False))
+
+
+def _run_worker_now(
+    spec: PoolSpec,
+    pool: str,
+    regions: list[str],
+    *,
+    concurrency: int | None,
+    loglevel: str | None,
+    hostname: str | None,
+) -> None:
     app = lazy_app.get()
     name = hostname or f"{pool}{'-' + '-'.join(regions) if regions else ''}@%h"
     argv = [
@@ -79,11 +108,34 @@ def run_worker(
 
 
 def run_beat(*, loglevel: str | None = None) -> None:
-    """Beat under a small supervisor: celery beat exits when it loses the broker (a Redis restart),
-    so the parent restarts it with backoff until it is told to stop (SIGTERM/SIGINT)."""
-    if os.environ.get("CERTQUEUE_BEAT_CHILD"):
+    """Beat under ``supervise``: celery beat exits when it loses the broker (a Redis restart)."""
+    if os.environ.get(BEAT_CHILD_ENV):
         _run_beat_now(loglevel=loglevel)
         return
+    supervise("beat", BEAT_CHILD_ENV, restart_clean_exit=True)
+
+
+def child_argv() -> list[str]:
+    """This process's own command line (``certqueue worker ...``, ``python -m certqueue ...``,
+    ``workers/acme.py``), so the child gets every option the parent got, global ones included."""
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+def _die_with_parent() -> None:  # pragma: no cover  (runs in the child between fork and exec)
+    """Linux: the child gets SIGTERM if the supervisor is killed, instead of running on unsupervised."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def supervise(name: str, child_env: str, *, restart_clean_exit: bool) -> int:
+    """Run this same command as a child (``child_env`` set) and restart it whenever it exits on
+    its own, after a backoff that grows with consecutive quick failures (``lifecycle.backoff``)
+    and starts again after a healthy run. SIGTERM or SIGINT stop it: the child gets SIGTERM, a
+    warm shutdown (a Ctrl-C reached it already; a second SIGINT would make it a cold one), and the
+    supervisor exits with the child's code. ``restart_clean_exit=False``: a child that exits 0 by
+    itself (a remote-control shutdown) is not restarted."""
     stopping = False
     child: subprocess.Popen[bytes] | None = None
 
@@ -91,22 +143,47 @@ def run_beat(*, loglevel: str | None = None) -> None:
         nonlocal stopping
         stopping = True
         if child is not None and child.poll() is None:
-            child.send_signal(signum)
+            child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    argv = [sys.executable, "-m", "certqueue", "beat"] + (["--loglevel", loglevel] if loglevel else [])
+    argv = child_argv()
     failures = 0
-    while not stopping:
+    restarts = 0
+    while True:
         started = time.monotonic()
-        child = subprocess.Popen(argv, env={**os.environ, "CERTQUEUE_BEAT_CHILD": "1"})
+        child = subprocess.Popen(argv, env={**os.environ, child_env: "1"}, preexec_fn=_die_with_parent)
+        if stopping:  # told to stop while the child was being started: it missed the signal
+            child.send_signal(signal.SIGTERM)
+        log.info("%s supervisor: started %s process %d", name, name, child.pid)
         code = child.wait()
         if stopping:
-            break
-        failures = 0 if time.monotonic() - started > 60 else failures + 1
-        delay = min(30.0, 0.5 * 2**failures)
-        log.warning("beat exited with %s; restarting in %.1fs", code, delay)
-        time.sleep(delay)
+            return _exit_status(code)
+        if code == 0 and not restart_clean_exit:
+            log.info("%s process %d stopped by itself (exit 0); not restarting", name, child.pid)
+            return 0
+        failures = 0 if time.monotonic() - started > HEALTHY_RUN_SECONDS else failures + 1
+        restarts += 1
+        delay = backoff(max(failures, 1), initial=0.5, cap=30.0)
+        how = f"signal {-code}" if code < 0 else f"code {code}"
+        log.warning(
+            "%s process %d exited unexpectedly (%s); restart %d in %.1fs",
+            name,
+            child.pid,
+            how,
+            restarts,
+            delay,
+        )
+        deadline = time.monotonic() + delay
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if stopping:
+            return _exit_status(code)
+
+
+def _exit_status(code: int) -> int:
+    """A Popen return code as a shell exit status (killed by signal N: 128 + N)."""
+    return code if code >= 0 else 128 - code
 
 
 def _run_beat_now(*, loglevel: str | None = None) -> None:
@@ -123,5 +200,9 @@ def _run_beat_now(*, loglevel: str | None = None) -> None:
         app.conf.redbeat_key_prefix = "certqueue:redbeat:"
         argv += ["-S", "redbeat.RedBeatScheduler"]
     else:
-        argv += ["-s", "var/celerybeat-schedule"]
+        # beside the embedded broker's folder (var/ by default): a relative "var/..." failed in a
+        # working directory without var/ (beat then exited at every start, as in the demo)
+        schedule = Path(s.broker.filesystem_path).resolve().parent / "celerybeat-schedule"
+        schedule.parent.mkdir(parents=True, exist_ok=True)
+        argv += ["-s", str(schedule)]
     app.start(argv)
