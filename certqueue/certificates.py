@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -20,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from certqueue import crypto, validation
+from certqueue import keystore as keystore_file
 from certqueue.config import Settings, get_settings
 from certqueue.errors import InvalidInput, NotFound
 from certqueue.keystore import KeyStore
@@ -28,27 +27,15 @@ from certqueue.models import LIVE_STATES, Certificate, Issuance, State, utcnow
 
 CHALLENGE_TYPES = ("http-01", "dns-01")
 
-_ks_lock = threading.Lock()
-_keystores: dict[str, KeyStore] = {}
-
-
 def keystore(settings: Settings | None = None) -> KeyStore:
-    """The process's key store (loaded once per key file path; PBKDF2 is slow on purpose)."""
+    """The process's key store: loaded once per key file (PBKDF2 is slow on purpose), and again
+    when the file changes (``certqueue.keystore.current``: key rotation without a restart)."""
     settings = settings or get_settings()
-    path = str(Path(settings.storage.encryption_key_path).resolve())
-    ks = _keystores.get(path)
-    if ks is None:
-        with _ks_lock:
-            ks = _keystores.get(path)
-            if ks is None:
-                ks = KeyStore.from_file(path)
-                _keystores[path] = ks
-    return ks
+    return keystore_file.current(settings.storage.encryption_key_path)
 
 
 def forget_keystores() -> None:
-    with _ks_lock:
-        _keystores.clear()
+    keystore_file.forget()
 
 
 def issuance_aad(certificate_id: str, fingerprint: str) -> bytes:

@@ -73,6 +73,14 @@ class StorageSettings(Section):
     backend: Literal["local", "aws", "azure"] = "local"
     encryption_key_path: Path = Path("var/certqueue.key")
     storage_path: Path = Path("var/certificates")
+    #: every long-running process checks the key file this often (seconds), reloads it when it
+    #: changed, and writes its heartbeat (certqueue.keyrotation)
+    key_check_seconds: float = Field(10, gt=0, le=3600)
+    #: a process whose heartbeat is older than this is gone and does not block `keys retire`
+    process_stale_seconds: float = Field(120, gt=0)
+    #: `keys retire` waits this long after the last process loaded the new key (an operation that
+    #: began before the reload may still write a row under the old key)
+    key_retire_grace_seconds: float = Field(60, ge=0)
     aws_region: str | None = None
     azure_key_vault_url: str | None = None
 

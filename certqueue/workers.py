@@ -58,6 +58,9 @@ def run_worker(
 ) -> None:
     spec = pool_spec(pool, regions)
     app = lazy_app.get()
+    from certqueue.keyrotation import install_worker_heartbeat
+
+    install_worker_heartbeat(f"worker:{pool}")
     name = hostname or f"{pool}{'-' + '-'.join(regions) if regions else ''}@%h"
     argv = [
         "worker",
