@@ -159,8 +159,9 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 def config_set(assignments: Sequence[str]) -> None:
     """Store runtime overrides in the database; every worker sees them within seconds.
 
-    VALUE is JSON when it parses as JSON (45, true, ["a"]), else a string. Only the sections
-    acme, challenges, automation, multi_region, monitoring (and enabled) may change at runtime."""
+    VALUE is JSON (45, 0.5, true). Only thresholds and timers may change at runtime (automation.*,
+    rate_limits counts and periods, monitoring.alert_threshold_days, ...: certqueue.runtime.RUNTIME_KEYS);
+    targets, commands, paths, endpoints, credentials and CA URLs never come from the database."""
     import asyncio
 
     from certqueue.manager import update_config
@@ -171,7 +172,7 @@ def config_set(assignments: Sequence[str]) -> None:
             raise InvalidInput(f"{a!r} is not KEY=VALUE", field="assignment")
         k, v = a.split("=", 1)
         changes[k.strip()] = _parse_value(v)
-    stored = asyncio.run(update_config(changes))
+    stored = asyncio.run(update_config(changes, actor=_cli_actor()))
     for key, value in sorted(stored.items()):
         console.print(f"{key} = {json.dumps(value)} [dim](runtime, database)[/]", highlight=False)
 
@@ -182,8 +183,17 @@ def config_unset(keys_: Sequence[str]) -> None:
     """Remove runtime overrides (and any below KEY)."""
     from certqueue.runtime import clear_override
 
-    removed = sum(clear_override(k) for k in keys_)
+    removed = sum(clear_override(k, actor=_cli_actor()) for k in keys_)
     console.print(f"removed {removed} runtime override(s)")
+
+
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid{os.getuid()}"
 
 
 # --- database and keys ------------------------------------------------------------------------------
