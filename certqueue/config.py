@@ -45,6 +45,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from certqueue.errors import ConfigError
+from certqueue.logsafe import mask_url_password
 
 _log = logging.getLogger("certqueue.config")
 
@@ -67,6 +68,15 @@ LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __repr_args__(self) -> Any:
+        # a repr in a log line or a traceback must not carry the password of a database or broker URL
+        for name, value in super().__repr_args__():
+            if isinstance(value, str):
+                value = mask_url_password(value)
+            elif isinstance(value, list):
+                value = [mask_url_password(v) if isinstance(v, str) else v for v in value]
+            yield name, value
 
 
 class StorageSettings(Section):
@@ -272,6 +282,12 @@ class LoggingSettings(Section):
 class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(9091, ge=1, le=65535)
+    #: larger request bodies are refused with 413 before routing (never read)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    #: the same for POST /v1/certificates/import (certificate, key and chain PEM)
+    max_import_bytes: int = Field(512 * 1024, ge=1024)
+    #: requests in progress at once; beyond, 503 with Retry-After
+    max_concurrency: int = Field(64, ge=1)
 
 
 class RateLimitSettings(Section):
@@ -394,7 +410,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         return _unwrap(yaml.safe_load(text), str(path))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from None
+        raise ConfigError(f"not valid YAML: {mask_url_password(str(exc))}", source=str(path)) from None
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -542,7 +558,8 @@ def _error_source(key: str, sources: dict[str, str]) -> str:
 
 
 def masked_dump(loaded: LoadedSettings) -> dict[str, dict[str, Any]]:
-    """key -> {"value": ..., "source": ...} with secrets masked; for ``config show``."""
+    """key -> {"value": ..., "source": ...} with secrets masked, URL passwords included (anywhere in a
+    value: ``database.url``, ``broker.url``, a region's endpoint); for ``config show``."""
     out: dict[str, dict[str, Any]] = {}
     dumped = _leaves(loaded.settings.model_dump(mode="python", by_alias=True))
     for key, value in sorted(dumped.items()):
@@ -569,6 +586,8 @@ def _jsonable(v: Any) -> Any:
         return "**********"
     if isinstance(v, Path):
         return str(v)
+    if isinstance(v, str):
+        return mask_url_password(v)
     if isinstance(v, list | tuple):
         return [_jsonable(x) for x in v]
     if isinstance(v, dict):
