@@ -103,6 +103,9 @@ class AcmeSettings(Section):
     directory_url: str | None = None
     #: further CAs tried in order when the first fails for good (issue 7)
     fallback_directory_urls: list[str] = Field(default_factory=list)
+    #: CAs a task payload may choose by name (`"ca": "<name>"`): name -> https directory URL. The
+    #: broker never carries a URL (certqueue.payloads); this is the list of places it may send to
+    authorities: dict[str, str] = Field(default_factory=dict)
     account_key_path: Path | None = None
     account_key_type: Literal["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"] = "ec256"
     eab_kid: str | None = None
@@ -130,6 +133,18 @@ class AcmeSettings(Section):
         if self.directory_url:
             return self.directory_url
         return LETS_ENCRYPT_STAGING if self.staging else LETS_ENCRYPT_PRODUCTION
+
+    @field_validator("authorities")
+    @classmethod
+    def _https_authorities(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, url in v.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", name):
+                raise ValueError(f"CA name {name!r}: 1 to 64 of a-z, 0-9, _ and -")
+            if not isinstance(url, str) or not url.startswith("https://") or len(url) > 512:
+                raise ValueError(f"CA {name!r}: the directory URL must be https://")
+        return v
 
     @field_validator("profile_max_names")
     @classmethod

@@ -28,7 +28,7 @@ from celery import chain, chord, shared_task
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, crypto, failpoints, validation
+from certqueue import certificates, crypto, failpoints, payloads, validation
 from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
 from certqueue.acme.errors import IncompleteOrder
@@ -489,6 +489,7 @@ def _issue_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
 @shared_task(bind=True, base=PipelineTask, name="certqueue.issue")
 def issue(self: PipelineTask, payload: Any, _transient: int = 0) -> Any:
     """Public: ``{"v": 1, "certificate_id": ...}`` or ``{"v": 1, "request": {...}}``."""
+    payload = payloads.parse("certqueue.issue", payload)  # the broker boundary: ids and names only
     return self.run_step(_issue_step, payload)
 
 
