@@ -117,6 +117,8 @@ class CertificateRequest:
             raise InvalidInput(
                 "dns-01 needs a dns_provider (argument or challenges.dns_provider)", field="dns_provider"
             )
+        if dns_provider and (kw.get("dns_provider") or needs_dns):
+            validation.validate_dns_provider(dns_provider)
         targets = list(kw.get("targets") or [])
         known_regions = {r.name for r in settings.multi_region.regions}
         for t in targets:
@@ -349,6 +351,7 @@ def import_certificate(
     leaf = validation.validate_pem(certificate_pem, "certificate")
     key = validation.validate_pem(private_key_pem, "private_key") if private_key_pem else None
     chain = validation.validate_pem(chain_pem, "chain") if chain_pem else ""
+    validation.validate_import(leaf, key, chain or None)
     info = crypto.cert_info(leaf)
     if key and not crypto.key_matches_certificate(key, leaf):
         raise InvalidInput("the private key does not match the certificate", field="private_key_pem")
