@@ -262,6 +262,12 @@ class DatabaseSettings(Section):
     url: str = "sqlite:///var/certqueue.db"
     echo: bool = False
     pool_size: int = Field(5, ge=1)
+    #: PostgreSQL: a statement running longer is cancelled (0 = no limit); a task retries it
+    statement_timeout_seconds: float = Field(120, ge=0)
+    #: PostgreSQL: waiting longer for a row or table lock fails the statement (0 = wait forever)
+    lock_timeout_seconds: float = Field(30, ge=0)
+    #: PostgreSQL: giving up on a connection attempt (seconds)
+    connect_timeout_seconds: int = Field(5, ge=1, le=300)
 
     @field_validator("url")
     @classmethod

@@ -318,7 +318,10 @@ def _engine(url: str) -> Engine:
                         pool_size=1,
                         max_overflow=1,
                         pool_pre_ping=True,
-                        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS},
+                        connect_args={
+                            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                            "options": "-c statement_timeout=5000 -c lock_timeout=5000",
+                        },
                     )
                 _engines[url] = eng
     return eng
