@@ -20,11 +20,13 @@ _PEM_KEY = re.compile(
     r"-----BEGIN (?:[A-Z ]+ )?PRIVATE KEY-----.*?(?:-----END (?:[A-Z ]+ )?PRIVATE KEY-----|$)", re.DOTALL
 )
 _SECRETS = re.compile(
-    r"(?i)(authorization:\s*bearer\s+|\"?(?:api_token|client_secret|secret_access_key|"
-    r"tsig_secret|hmac_key|eab_hmac_key|password|secret)\"?\s*[:=]\s*\"?)([^\s\"',}]+)"
+    r"(?i)(authorization:\s*bearer\s+|\b\"?(?:api_token|access_token|token|client_secret|secret_access_key|"
+    r"tsig_secret|hmac_key|eab_hmac_key|password|secret)\"?\s*[:=]\s*\"?)([^\s\"',}&\[]+)"
 )
 #: scheme://user:PASSWORD@host; the user part may be empty (redis://:pw@host)
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@'\"]*:)([^\s@/'\"]+)(@)")
+#: certqueue's own API tokens, wherever they appear (a query string in an access log line)
+_API_TOKEN = re.compile(r"\bcqt_[A-Za-z0-9_-]{20,}")
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")
 MASK = "****"
 
@@ -57,6 +59,7 @@ def scrub(text: str) -> str:
     text = _PEM_KEY.sub("[REDACTED PRIVATE KEY]", text)
     text = _BASE64_RUN.sub(_der_key, text)
     text = mask_url_password(text)
+    text = _API_TOKEN.sub("[REDACTED TOKEN]", text)
     return _SECRETS.sub(lambda m: m.group(1) + "[REDACTED]", text)
 
 
