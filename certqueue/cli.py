@@ -453,10 +453,13 @@ def _wait_states(ids: list[str], done: Callable[[str], bool], timeout: float, la
             time.sleep(0.2)
 
 
-def _send(task: str, payload: dict[str, Any], queue: str = "acme") -> str:
-    from certqueue.client import send
+def _nudge() -> None:
+    """The request is committed (durable); ask dispatch to run, waiting at most a second for the
+    broker (beat's dispatch picks the work up anyway)."""
+    from certqueue import nudge
 
-    return send(task, payload, queue=queue)
+    nudge.nudge()
+    nudge.flush(1.0)
 
 
 @main.command("issue")
@@ -498,10 +501,13 @@ def issue_cmd(
         targets=list(targets),
         auto_renew=not no_auto_renew,
     )
+    from certqueue import operations
+
     with session_scope() as s:
-        cert, created = certificates.create_certificate(s, req, actor="cli")
+        cert, created, _intent = operations.request_issue(s, req, actor="cli")
         cid = cert.id
-    _send("certqueue.issue", {"v": 1, "certificate_id": cid})
+    if created:
+        _nudge()
     out: dict[str, Any] = {"certificate_id": cid, "created": created}
     if wait:
         res = _wait_states([cid], lambda st: st in ("ACTIVE", "FAILED", "REVOKED"), timeout, "issuing")
@@ -528,22 +534,24 @@ def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: 
     """Renew certificates (due ones only unless --force)."""
     from sqlalchemy import func, select
 
-    from certqueue import certificates, validation
+    from certqueue import certificates, operations, validation
     from certqueue.db import session_scope
     from certqueue.models import Issuance
 
     before: dict[str, int] = {}
-    with session_scope(write=False) as s:
+    not_due: list[str] = []
+    with session_scope() as s:  # one transaction: every request is recorded, or none
         for cid in certificate_ids:
             validation.validate_certificate_id(cid)
-            if certificates.get(s, cid).external:
-                raise InvalidInput(
-                    f"{cid} was imported; renew it where it was issued", field="certificate_id"
-                )
             before[cid] = s.execute(select(func.count()).where(Issuance.certificate_id == cid)).scalar_one()
-    for cid in certificate_ids:
-        _send("certqueue.renew", {"v": 1, "certificate_id": cid, "force": force})
-    if not wait:
+            if operations.request_renew(s, cid, force=force, actor="cli") is None:
+                not_due.append(cid)
+    if len(not_due) < len(certificate_ids):
+        _nudge()
+    for cid in not_due:
+        console.print(f"{cid} is not due for renewal (use --force)")
+    certificate_ids = [c for c in certificate_ids if c not in not_due]
+    if not wait or not certificate_ids:
         console.print(f"renewal requested for {len(certificate_ids)} certificate(s)")
         return
 
@@ -570,14 +578,15 @@ def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: 
 @click.option("--timeout", default=120.0)
 def revoke_cmd(certificate_id: str, reason: str, wait: bool, timeout: float) -> None:
     """Revoke a certificate at its CA (RFC 5280 reason name)."""
-    from certqueue import certificates
+    from certqueue import operations
     from certqueue.db import session_scope
-    from certqueue.tasks.acme import check_revocation_reason
 
-    check_revocation_reason(reason)
-    with session_scope(write=False) as s:
-        certificates.get(s, certificate_id)
-    _send("certqueue.revoke", {"v": 1, "certificate_id": certificate_id, "reason": reason})
+    with session_scope() as s:
+        intent = operations.request_revoke(s, certificate_id, reason=reason, actor="cli")
+    if intent is None:
+        console.print(f"{certificate_id} is already revoked")
+        return
+    _nudge()
     if wait:
         res = _wait_states([certificate_id], lambda st: st == "REVOKED", timeout, "revoking")
         if res[certificate_id] != "REVOKED":
@@ -595,33 +604,20 @@ def propagate_cmd(
     ctx: click.Context, certificate_id: str, regions: Sequence[str], force: bool, as_json: bool
 ) -> None:
     """Deploy a certificate's current issuance to its regions."""
-    from certqueue import certificates
+    from certqueue import operations
     from certqueue.db import session_scope
 
     settings = ctx.obj["loaded"].settings
-    known = {r.name for r in settings.multi_region.regions}
-    for r in regions:
-        if r not in known:
-            raise InvalidInput(f"unknown region {r!r}", field="regions")
-    with session_scope(write=False) as s:
-        c = certificates.get(s, certificate_id)
-        if c.state in ("REVOKED", "EXPIRED", "FAILED") or (
-            c.current_issuance_id is None and c.pending_issuance_id is None
-        ):
-            raise InvalidTransition(f"{c.id} is {c.state} and has nothing to deploy")
-        targets = list(regions) or certificates.regions_for(c, settings)
-    if not targets:
-        raise InvalidInput(f"{certificate_id} has no regions (multi_region is off and it names none)")
-    payload: dict[str, Any] = {"v": 1, "certificate_id": certificate_id}
-    if regions:
-        payload["regions"] = list(regions)
-    if force:
-        payload["force"] = True
-    task_id = _send("certqueue.propagate", payload)
+    with session_scope() as s:
+        intent, targets = operations.request_propagate(
+            s, certificate_id, regions=list(regions), force=force, actor="cli", settings=settings
+        )
+        job_id = f"intent-{intent.id}"
+    _nudge()
     if as_json:
-        _print_json({"certificate_id": certificate_id, "task_id": task_id, "regions": targets})
+        _print_json({"certificate_id": certificate_id, "task_id": job_id, "regions": targets})
     else:
-        console.print(f"propagation to {', '.join(targets)} queued (task {task_id})")
+        console.print(f"propagation to {', '.join(targets)} requested (job {job_id})")
 
 
 @main.command("import")
@@ -631,11 +627,11 @@ def propagate_cmd(
 @click.option("--region", "targets", multiple=True)
 def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence[str]) -> None:
     """Import an externally issued certificate: monitored and propagated, never renewed."""
-    from certqueue import certificates
+    from certqueue import operations
     from certqueue.db import session_scope
 
     with session_scope() as s:
-        cert = certificates.import_certificate(
+        cert, intent = operations.import_certificate(
             s,
             certificate_pem=cert_file.read(),
             private_key_pem=key_file.read(),
@@ -644,20 +640,16 @@ def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence
             actor="cli",
         )
         cid = cert.id
-        regions = certificates.regions_for(cert)
-        if not regions:
-            iss = s.get(certificates.Issuance, cert.pending_issuance_id)
-            assert iss is not None
-            certificates.activate(s, cert, iss, reason="imported")
-    if regions:
-        _send("certqueue.propagate", {"v": 1, "certificate_id": cid})
+    if intent is not None:
+        _nudge()
     console.print(f"imported {cid}")
 
 
 @main.command("scan")
 @click.option("--limit", type=int)
 def scan_cmd(limit: int | None) -> None:
-    """Claim due renewals now and enqueue them (what beat does periodically)."""
+    """Run dispatch now: claim pending requests and due renewals up to capacity (what beat does
+    periodically), and mark expired certificates."""
     payload = [limit] if limit else []
     from certqueue.client import app_for_sending
 

@@ -206,6 +206,9 @@ class AutomationSettings(Section):
     max_queue_depth: int = Field(2000, ge=1)
     #: open ACME orders per CA directory at most (a renewal storm waits its turn); 0 = no limit
     max_orders_in_flight_per_ca: int = Field(200, ge=0)
+    #: beat's dispatch heartbeat (seconds): pending intents and due renewals are claimed at least
+    #: this often, and at once after every finished certificate (a nudge)
+    dispatch_interval_seconds: float = Field(5, gt=0)
 
 
 class RegionSettings(BaseModel):

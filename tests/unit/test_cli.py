@@ -60,6 +60,18 @@ class Cli:
         assert depths is not None
         return depths[queue]
 
+    def requests(self) -> int:
+        """Open intents: requests recorded and waiting for dispatch."""
+        from certqueue.intents import OPEN
+        from certqueue.models import Intent
+
+        with session_scope(write=False) as s:
+            return int(
+                s.execute(
+                    select(func.count()).select_from(Intent).where(Intent.status.in_(OPEN))
+                ).scalar_one()
+            )
+
     def messages(self) -> int:
         depths = queue_depths(get_settings())
         assert depths is not None
@@ -208,9 +220,11 @@ def test_issue_writes_the_row_and_enqueues_it(cli: Cli) -> None:
         c = s.get(Certificate, cid)
         assert c is not None and c.state == State.REQUESTED and c.key_type == "rsa2048"
         assert sorted(c.domains) == ["example.com", "www.example.com"]
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
+    assert cli.depth("scan") == 1  # the nudge: dispatch relays the request
     again = cli.json("issue", "example.com", "www.example.com", "--key-type", "rsa2048")
     assert again == {"certificate_id": cid, "created": False}  # one certificate per set of names
+    assert cli.requests() == 1
 
 
 @pytest.mark.parametrize(
@@ -226,7 +240,7 @@ def test_issue_writes_the_row_and_enqueues_it(cli: Cli) -> None:
 def test_issue_bad_input_writes_and_sends_nothing(cli: Cli, args: list[str], needle: str) -> None:
     assert_one_line_error(cli("issue", *args), 2, needle)
     assert rows(Certificate) == 0 and rows(Event) == 0
-    assert cli.messages() == 0
+    assert cli.messages() == 0 and cli.requests() == 0
 
 
 def test_list_and_show(cli: Cli) -> None:
@@ -277,11 +291,11 @@ def test_renew_enqueues_and_refuses_what_it_cannot_renew(cli: Cli) -> None:
     cid, _ = active_certificate()
     r = cli.ok("renew", cid, "--force")
     assert "renewal requested for 1" in r.output
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
     imported = import_file(cli)
     assert_one_line_error(cli("renew", imported), 2, "imported")
     assert_one_line_error(cli("renew", "cert_" + "b" * 20), 3)
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
 
 
 def test_revoke_checks_the_reason_before_sending(cli: Cli) -> None:
@@ -290,17 +304,17 @@ def test_revoke_checks_the_reason_before_sending(cli: Cli) -> None:
     assert_one_line_error(cli("revoke", cid, "--reason", "because"), 2, "unknown revocation reason")
     assert cli.messages() == 0
     assert "revocation of" in cli.ok("revoke", cid, "--reason", "keyCompromise").output
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
 
 
 def test_propagate(cli: Cli) -> None:
     cid, _ = active_certificate()
     out = cli.json("propagate", cid, "--region", "edge")
     assert out["regions"] == ["edge"] and out["task_id"]
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
     assert_one_line_error(cli("propagate", cid, "--region", "mars"), 2, "unknown region")
     assert_one_line_error(cli("propagate", cid), 2, "no regions")  # multi_region is not enabled
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
 
 
 def test_scan_enqueues_the_periodic_scans(cli: Cli) -> None:
