@@ -237,8 +237,8 @@ class _Heartbeat:
                 s.add(ProcessHeartbeat(process=self.process, **values))
 
     def remove(self) -> None:
-        if os.getpid() != self.pid:
-            return  # an atexit hook inherited by a forked child: the row is the parent's
+        if os.getpid() != self.pid or self.stop.is_set():
+            return  # inherited by a forked child (the row is the parent's), or already removed
         self.stop.set()
         self.wake.set()
         try:
@@ -271,6 +271,7 @@ def stop_heartbeat() -> None:
     with _start_lock:
         hb, _current = _current, None
     if hb is not None:
+        atexit.unregister(hb.remove)
         hb.remove()
 
 
