@@ -65,6 +65,7 @@ RUNTIME_KEYS = frozenset(
         "automation.order_timeout_seconds",
         "automation.max_queue_depth",
         "automation.max_orders_in_flight_per_ca",
+        "automation.dispatch_interval_seconds",
         "acme.request_timeout_seconds",
         "monitoring.alert_threshold_days",
         "monitoring.max_certificate_series",

@@ -265,3 +265,16 @@ def test_update_config_validates_before_storing(db_settings: Settings) -> None:
     # this process sees it at once, though its settings were installed as they are
     assert get_settings().automation.renewal_threshold_days == 45
     assert config._cached is not None and config._cached.recipe is None
+
+
+def test_every_allowlisted_key_is_a_number_or_a_switch_of_the_settings() -> None:
+    """The allowlist names real settings, each a threshold, timer, budget or switch (no str, path,
+    list or mapping), so nothing that names a place, a program or a secret can be added to it by
+    mistake."""
+    from certqueue.config import Settings
+
+    defaults = Settings()
+    for key in runtime.RUNTIME_KEYS:
+        section, leaf = key.split(".")
+        value = getattr(getattr(defaults, section), leaf)
+        assert isinstance(value, bool | int | float), key
