@@ -463,7 +463,13 @@ def _nudge() -> None:
 
 
 @main.command("issue")
-@click.argument("domains", nargs=-1, required=True)
+@click.argument("domains", nargs=-1)
+@click.option(
+    "--from-file",
+    "from_file",
+    type=click.File("r"),
+    help="One certificate per line: names, then optional options (see docs/cli.md). '-' reads stdin.",
+)
 @click.option("--email")
 @click.option("--challenge", "challenge_type", type=click.Choice(["http-01", "dns-01"]))
 @click.option("--dns-provider")
@@ -476,6 +482,7 @@ def _nudge() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def issue_cmd(
     domains: Sequence[str],
+    from_file: Any,
     email: str | None,
     challenge_type: str | None,
     dns_provider: str | None,
@@ -487,10 +494,17 @@ def issue_cmd(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Request a certificate for DOMAINS (one certificate, all names)."""
+    """Request a certificate for DOMAINS (one certificate, all names), or many with --from-file."""
     from certqueue import certificates
     from certqueue.db import session_scope
 
+    if from_file is not None:
+        if domains:
+            raise InvalidInput("give DOMAINS or --from-file, not both", field="domains")
+        _issue_many(from_file.read(), as_json)
+        return
+    if not domains:
+        raise InvalidInput("give the names to certify, or --from-file", field="domains")
     req = certificates.CertificateRequest.build(
         domains=list(domains),
         email=email,
@@ -523,6 +537,40 @@ def issue_cmd(
         sys.exit(EXIT_FAILED)
     if wait and out.get("state") not in ("ACTIVE", "FAILED", "REVOKED"):
         sys.exit(EXIT_TIMEOUT)
+
+
+def _issue_many(text: str, as_json: bool) -> None:
+    """``issue --from-file``: every good line in one transaction and one dispatch; bad lines
+    reported with their numbers (nothing written for them), exit code 2 if there were any."""
+    from certqueue import bulk, operations
+    from certqueue.config import get_settings
+    from certqueue.db import session_scope
+
+    good, bad = bulk.parse_file(text, get_settings())
+    created_rows: list[dict[str, Any]] = []
+    if good:
+        with session_scope() as s:
+            out = operations.request_issue_many(s, [req for _n, req in good], actor="cli")
+            created_rows = [
+                {"line": number, "certificate_id": cert.id, "created": created}
+                for (number, _req), (cert, created) in zip(good, out, strict=True)
+            ]
+        if any(r["created"] for r in created_rows):
+            _nudge()
+    if as_json:
+        _print_json(
+            {
+                "certificates": created_rows,
+                "errors": [{"line": b.line, "field": b.field, "message": b.message} for b in bad],
+            }
+        )
+    else:
+        new = sum(1 for r in created_rows if r["created"])
+        console.print(f"{new} certificate(s) requested, {len(created_rows) - new} already requested")
+        for b in bad:
+            err_console.print(f"line {b.line}: {b.message}", highlight=False, soft_wrap=True)
+    if bad:
+        sys.exit(EXIT_INPUT)
 
 
 @main.command("renew")

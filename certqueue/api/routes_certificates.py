@@ -23,6 +23,9 @@ from sqlalchemy.orm import Session
 from certqueue import certificates, operations, validation
 from certqueue.api.auth import Principal, require
 from certqueue.api.schemas import (
+    BulkAccepted,
+    BulkCreate,
+    BulkItem,
     CertificateAccepted,
     CertificateCreate,
     CertificateDetail,
@@ -92,6 +95,46 @@ def create_certificate(body: CertificateCreate, response: Response, principal: W
     else:
         response.status_code = status.HTTP_200_OK
     return CertificateAccepted(certificate=out, created=created, job_id=job_id)
+
+
+@router.post("/bulk", status_code=status.HTTP_202_ACCEPTED, response_model=BulkAccepted)
+def create_certificates(body: BulkCreate, principal: Write) -> BulkAccepted:
+    """Request many certificates at once: every valid item in one transaction with one dispatch;
+    each invalid item is answered with its index and error (nothing is written for it)."""
+    from pydantic import ValidationError
+
+    from certqueue import bulk
+
+    settings = get_settings()
+    items: list[BulkItem] = []
+    parsed: list[tuple[int, dict[str, Any]]] = []
+    for i, raw in enumerate(body.certificates):
+        try:
+            parsed.append((i, CertificateCreate.model_validate(raw).model_dump(exclude_none=True)))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first.get("loc", ())) or None
+            items.append(BulkItem(index=i, error={"field": field, "message": first.get("msg", "invalid")}))
+    good, bad = bulk.build(parsed, settings)
+    items += [BulkItem(index=b.line, error={"field": b.field, "message": b.message}) for b in bad]
+    now = utcnow()
+    created = existing = 0
+    if good:
+        with session_scope() as session:
+            out = operations.request_issue_many(session, [req for _i, req in good], actor=principal.actor)
+            session.flush()
+            for (index, _req), (cert, was_created) in zip(good, out, strict=True):
+                created += was_created
+                existing += not was_created
+                items.append(
+                    BulkItem(index=index, certificate=CertificateOut.of(cert, now), created=was_created)
+                )
+    if created:
+        nudge()
+    items.sort(key=lambda it: it.index)
+    return BulkAccepted(
+        created=created, existing=existing, rejected=len(body.certificates) - len(good), items=items
+    )
 
 
 @router.post("/import", status_code=status.HTTP_201_CREATED, response_model=CertificateAccepted)

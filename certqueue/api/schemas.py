@@ -232,3 +232,24 @@ class CertificateHealth(BaseModel):
     expiring_soon: int
     expired: int
     threshold_days: float
+
+
+class BulkCreate(_Strict):
+    """Many certificates in one request: each item is a ``POST /v1/certificates`` body."""
+
+    certificates: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+
+
+class BulkItem(BaseModel):
+    index: int
+    certificate: CertificateOut | None = None
+    created: bool | None = None
+    job_id: str | None = None
+    error: dict[str, Any] | None = Field(None, description="{field, message}: nothing was written for it")
+
+
+class BulkAccepted(BaseModel):
+    created: int
+    existing: int
+    rejected: int
+    items: list[BulkItem]

@@ -24,24 +24,25 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import shared_task
+from celery import shared_task, signature
 from sqlalchemy import select
 
 from certqueue import certificates, failpoints, intents, operations, payloads
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
 from certqueue.config import get_settings
-from certqueue.db import lock_certificate
+from certqueue.db import lock_certificate, session_scope
 from certqueue.errors import InvalidInput, PermanentError
-from certqueue.lifecycle import states
+from certqueue.lifecycle import failure, states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.models import Certificate, Challenge, State, utcnow
-from certqueue.tasks.base import CertqueueTask, StepContext, Wait
+from certqueue.tasks.base import CertqueueTask, StepContext, Wait, classify, kind_of
 from certqueue.tasks.pipeline import (
     PipelineTask,
     _client,
     _status_name,
     _touch,
     cleanup_challenges,
+    fail_certificate,
     open_order,
     order_key_aad,
     parse_payload,
@@ -385,3 +386,102 @@ def _status_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
 def status(self: CertqueueTask, payload: Any, _transient: int = 0) -> Any:
     """Public, read-only: the certificate's state, for clients that have only the broker."""
     return self.run_step(_status_step, payload)
+
+
+# --- batches: many certificates per task, validated inside it ------------------------------------------
+
+
+def _send_after(ctx: StepContext) -> None:
+    """What a committed step asked for: its follow-ups, its replacement (a chord: sent as it is,
+    since a batch does not replace itself), and a nudge."""
+    for sig in ctx.follow_ups:
+        sig.apply_async()
+    if ctx.replacement is not None:
+        ctx.replacement.apply_async()
+    if ctx.nudge:
+        from certqueue.nudge import nudge
+
+        nudge()
+
+
+def _validate_in_task(task: CertqueueTask, cid: str, window: float) -> str:
+    """Answer, poll, finalize and download inside this task for at most ``window`` seconds; a
+    straggler is handed to ``certqueue.acme.validate`` with a countdown (never an unbounded wait)."""
+    import time
+
+    deadline = time.monotonic() + window
+    pause = 0.05
+    while True:
+        wait: Wait | None = None
+        with session_scope() as session:
+            ctx = StepContext(session=session, task=task)
+            try:
+                out = _validate_step(ctx, cid)
+            except Wait as w:
+                wait = w  # commit what the step wrote (answered challenges, poll count)
+        _send_after(ctx)
+        if wait is None:
+            return str(out.get("status"))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            task_sig = signature("certqueue.acme.validate", args=(cid,), immutable=True)
+            task_sig.apply_async(countdown=failure.countdown(wait.countdown))
+            return "waiting"
+        time.sleep(min(pause, left, wait.countdown))
+        pause = min(pause * 2, 1.0)
+
+
+def _issue_one(task: CertqueueTask, job: dict[str, Any], window: float) -> str:
+    """One certificate of a batch: start (or resume) its order, then, for HTTP-01 only, validate it
+    in this task. Any error hands the certificate to the single-certificate steps, whose failure
+    handling (quick retries, parking, failing, fallback) is the one the policy table describes."""
+    cid = job["certificate_id"]
+    try:
+        with session_scope() as session:
+            ctx = StepContext(session=session, task=task)
+            out = _start_step(ctx, job)
+        in_task = out.get("status") == "ordered" and ctx.replacement is None
+        if in_task:
+            # the validate follow-up is done here instead of through the broker
+            ctx.follow_ups = [s for s in ctx.follow_ups if s.get("task") != "certqueue.acme.validate"]
+        _send_after(ctx)
+        if not in_task:
+            return str(out.get("status"))
+        return _validate_in_task(task, cid, window)
+    except Exception as exc:  # noqa: BLE001  (mapped to the policy below, per certificate)
+        kind = classify(exc)
+        decision = failure.decide(kind_of(kind), retries=0, retry_after=getattr(kind, "retry_after", None))
+        log.info("batch: %s: %s; handing it to the single-certificate steps", cid, kind.reason)
+        if decision.action is failure.Action.FAIL:
+            with session_scope() as session:
+                pctx = StepContext(session=session, task=task)
+                fail_certificate(pctx, cid, kind)
+            _send_after(pctx)
+            return "failed"
+        # transient (or a key-store error, which stops the worker there): the single step resumes
+        signature("certqueue.acme.start", args=(job,), immutable=True).apply_async(
+            countdown=decision.delay if decision.action is failure.Action.RETRY else 0
+        )
+        return "handed_off"
+
+
+def _batch_concurrency() -> int:
+    settings = get_settings()
+    if not settings.database.url.startswith("postgresql"):
+        return 1  # SQLite has one writer: threads would only queue on its lock
+    return max(1, settings.automation.batch_concurrency)
+
+
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.acme.issue_batch")
+def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int = 0) -> Any:
+    """``[{"certificate_id": ..., "purpose": ..., "intent": id}, ...]``: start every order and
+    validate the HTTP-01 ones here, concurrently (one thread and ACME client per certificate, at most
+    ``automation.batch_concurrency``). Idempotent: a redelivered batch resumes the same orders."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    window = get_settings().automation.validation_window_seconds
+    outcomes: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=min(len(jobs), _batch_concurrency()) or 1) as pool:
+        for outcome in pool.map(lambda job: _issue_one(self, job, window), jobs):
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return {"certificates": len(jobs), "outcomes": outcomes}

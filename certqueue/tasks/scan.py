@@ -41,8 +41,12 @@ def claim_due(session: Session, now: dt.datetime, limit: int) -> list[str]:
 
 
 def _dispatch_step(ctx: StepContext, batch: int | None = None) -> dict[str, Any]:
-    claimed = dispatching.run(ctx.session, get_settings(), utcnow(), batch=batch)
-    sigs = [task(name, job) for name, job in claimed.sends]
+    settings = get_settings()
+    claimed = dispatching.run(ctx.session, settings, utcnow(), batch=batch)
+    starts = [job for name, job in claimed.sends if name == "certqueue.acme.start"]
+    size = settings.automation.batch_size
+    sigs = [task(name, job) for name, job in claimed.sends if name != "certqueue.acme.start"]
+    sigs += [task("certqueue.acme.issue_batch", starts[i : i + size]) for i in range(0, len(starts), size)]
     for i in range(0, len(sigs), ENQUEUE_CHUNK):
         ctx.then(group(sigs[i : i + ENQUEUE_CHUNK]))
     return {"intents": claimed.intents, "claimed": claimed.due, "deferred": claimed.deferred}

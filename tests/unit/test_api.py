@@ -404,6 +404,32 @@ def test_create_with_broker_down_commits_the_request_and_answers_at_once(fresh: 
         assert intent is not None and intent.status == "pending" and intent.kind == "issue"
 
 
+def test_bulk_create_writes_the_good_items_and_names_the_bad(fresh: Api) -> None:
+    items: list[Any] = [{"domains": [f"b{i}.bulk.example.com"]} for i in range(5)]
+    items[1] = {"domains": "b1.bulk.example.com"}  # not a list
+    items[3] = {"domains": ["*.b3.bulk.example.com"]}  # a wildcard needs dns-01
+    items.append({"domains": ["b0.bulk.example.com"]})  # the same names as item 0: one certificate
+    assert (
+        fresh.call("POST", "/v1/certificates/bulk", as_="read", json={"certificates": items}).status_code
+        == 403
+    )
+    before = counts()
+    r = fresh.call("POST", "/v1/certificates/bulk", as_="write", json={"certificates": items})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["created"], body["existing"], body["rejected"]) == (3, 1, 2)
+    assert [it["index"] for it in body["items"]] == list(range(6))
+    assert (
+        body["items"][1]["error"]["field"] == "domains"
+        and body["items"][3]["error"]["field"] == "challenge_type"
+    )
+    assert body["items"][5]["certificate"]["id"] == body["items"][0]["certificate"]["id"]
+    assert counts()["certificates"] == before["certificates"] + 3 and fresh.queued() == 3
+    too_many = {"certificates": [{"domains": [f"x{i}.example.com"]} for i in range(1001)]}
+    assert fresh.call("POST", "/v1/certificates/bulk", json=too_many).status_code == 422
+    assert counts()["certificates"] == before["certificates"] + 3
+
+
 # --- read ----------------------------------------------------------------------------------------------
 
 
