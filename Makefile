@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-unit test-integration lint services install bench flower clean
 
-$(STAMP): pyproject.toml
+# every dependency pinned with its hash (requirements/dev.txt, made by scripts/lock-requirements
+# from pyproject.toml), then certqueue itself, editable, adding nothing unpinned
+$(STAMP): pyproject.toml requirements/dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --require-hashes -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
 install: $(STAMP)

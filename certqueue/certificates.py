@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -20,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from certqueue import crypto, validation
+from certqueue import keystore as keystore_file
 from certqueue.config import Settings, get_settings
 from certqueue.errors import InvalidInput, NotFound
 from certqueue.keystore import KeyStore
@@ -28,27 +27,15 @@ from certqueue.models import LIVE_STATES, Certificate, Issuance, State, utcnow
 
 CHALLENGE_TYPES = ("http-01", "dns-01")
 
-_ks_lock = threading.Lock()
-_keystores: dict[str, KeyStore] = {}
-
-
 def keystore(settings: Settings | None = None) -> KeyStore:
-    """The process's key store (loaded once per key file path; PBKDF2 is slow on purpose)."""
+    """The process's key store: loaded once per key file (PBKDF2 is slow on purpose), and again
+    when the file changes (``certqueue.keystore.current``: key rotation without a restart)."""
     settings = settings or get_settings()
-    path = str(Path(settings.storage.encryption_key_path).resolve())
-    ks = _keystores.get(path)
-    if ks is None:
-        with _ks_lock:
-            ks = _keystores.get(path)
-            if ks is None:
-                ks = KeyStore.from_file(path)
-                _keystores[path] = ks
-    return ks
+    return keystore_file.current(settings.storage.encryption_key_path)
 
 
 def forget_keystores() -> None:
-    with _ks_lock:
-        _keystores.clear()
+    keystore_file.forget()
 
 
 def issuance_aad(certificate_id: str, fingerprint: str) -> bytes:
@@ -130,6 +117,8 @@ class CertificateRequest:
             raise InvalidInput(
                 "dns-01 needs a dns_provider (argument or challenges.dns_provider)", field="dns_provider"
             )
+        if dns_provider and (kw.get("dns_provider") or needs_dns):
+            validation.validate_dns_provider(dns_provider)
         targets = list(kw.get("targets") or [])
         known_regions = {r.name for r in settings.multi_region.regions}
         for t in targets:
@@ -363,6 +352,7 @@ def import_certificate(
     leaf = validation.validate_pem(certificate_pem, "certificate")
     key = validation.validate_pem(private_key_pem, "private_key") if private_key_pem else None
     chain = validation.validate_pem(chain_pem, "chain") if chain_pem else ""
+    validation.validate_import(leaf, key, chain or None)
     info = crypto.cert_info(leaf)
     if key and not crypto.key_matches_certificate(key, leaf):
         raise InvalidInput("the private key does not match the certificate", field="private_key_pem")

@@ -159,8 +159,9 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 def config_set(assignments: Sequence[str]) -> None:
     """Store runtime overrides in the database; every worker sees them within seconds.
 
-    VALUE is JSON when it parses as JSON (45, true, ["a"]), else a string. Only the sections
-    acme, challenges, automation, multi_region, monitoring (and enabled) may change at runtime."""
+    VALUE is JSON (45, 0.5, true). Only thresholds and timers may change at runtime (automation.*,
+    rate_limits counts and periods, monitoring.alert_threshold_days, ...: certqueue.runtime.RUNTIME_KEYS);
+    targets, commands, paths, endpoints, credentials and CA URLs never come from the database."""
     import asyncio
 
     from certqueue.manager import update_config
@@ -171,7 +172,7 @@ def config_set(assignments: Sequence[str]) -> None:
             raise InvalidInput(f"{a!r} is not KEY=VALUE", field="assignment")
         k, v = a.split("=", 1)
         changes[k.strip()] = _parse_value(v)
-    stored = asyncio.run(update_config(changes))
+    stored = asyncio.run(update_config(changes, actor=_cli_actor()))
     for key, value in sorted(stored.items()):
         console.print(f"{key} = {json.dumps(value)} [dim](runtime, database)[/]", highlight=False)
 
@@ -182,8 +183,17 @@ def config_unset(keys_: Sequence[str]) -> None:
     """Remove runtime overrides (and any below KEY)."""
     from certqueue.runtime import clear_override
 
-    removed = sum(clear_override(k) for k in keys_)
+    removed = sum(clear_override(k, actor=_cli_actor()) for k in keys_)
     console.print(f"removed {removed} runtime override(s)")
+
+
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid{os.getuid()}"
 
 
 # --- database and keys ------------------------------------------------------------------------------
@@ -238,16 +248,59 @@ def keys_generate(
 
 
 @keys.command("rotate")
-@click.option("--resume", is_flag=True, help="Finish an interrupted rotation without adding a key.")
+@click.option("--resume", is_flag=True, help="Re-encrypt what is left without adding a key.")
 def keys_rotate(resume: bool) -> None:
-    """Add a new key, re-encrypt every stored key under it, retire unused keys."""
+    """Phase 1: add a new active key and re-encrypt every stored key under it (retires nothing).
+
+    Running processes load the new key file by themselves within storage.key_check_seconds; then
+    `certqueue keys retire` removes the old keys."""
     from certqueue.keyrotation import rotate
 
     rep = rotate(resume_only=resume)
     console.print(
         f"active key {rep.new_kid or '(unchanged)'}; re-encrypted {rep.reencrypted} records; "
-        f"retired {', '.join(rep.retired) or 'none'}"
+        f"old keys still in the file: {', '.join(rep.old_kids) or 'none'}"
+        + ("; run `certqueue keys retire` once every process has loaded the new key" if rep.old_kids else "")
     )
+
+
+@keys.command("retire")
+def keys_retire() -> None:
+    """Phase 2: remove old keys from the key file; refused while a row or a live process uses one."""
+    from certqueue.keyrotation import retire
+
+    removed = retire()
+    console.print(f"retired {', '.join(removed) or 'nothing (only the active key is in the file)'}")
+
+
+@keys.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def keys_status(ctx: click.Context, as_json: bool) -> None:
+    """The key file's keys, the keys rows are under, and the keyring each live process reports."""
+    from certqueue.keyrotation import live_processes, remaining_kids, retire_blockers
+    from certqueue.keystore import KeyStore
+
+    store = KeyStore.from_file(ctx.obj["loaded"].settings.storage.encryption_key_path)
+    data: dict[str, Any] = {
+        "active": store.active_kid,
+        "keys": sorted(store.kids),
+        "rows_under": sorted(remaining_kids(store)),
+        "processes": [
+            {"process": p.process, "role": p.role, "active_kid": p.active_kid, "seen_at": p.seen_at}
+            for p in live_processes()
+        ],
+        "retire_blocked_by": retire_blockers(store) if store.kids != {store.active_kid} else [],
+    }
+    if as_json:
+        _print_json(data)
+        return
+    console.print(f"active key {data['active']}; keys in the file: {', '.join(data['keys'])}")
+    console.print(f"rows are under: {', '.join(data['rows_under']) or 'none'}")
+    for p in data["processes"]:
+        console.print(f"  {p['process']} ({p['role']}): {p['active_kid']}", highlight=False)
+    for why in data["retire_blocked_by"]:
+        console.print(f"[yellow]retire blocked:[/] {why}", highlight=False)
 
 
 # --- certificates -----------------------------------------------------------------------------------

@@ -5,8 +5,10 @@
     job = cq.issue(["example.com", "www.example.com"], email="admin@example.com")
     cq.wait(job.certificate_id or job.task_id)
 
-Payloads are versioned JSON (``{"v": 1, ...}``), validated here and again by the workers: a bad
-payload is a clear failed job, never a half-created certificate.
+Payloads are versioned JSON (``{"v": 1, ...}``), checked here and again by the workers
+(``certqueue.payloads``): a bad payload is a clear error, never a half-created certificate. They
+carry ids and names only: a CA is chosen by name (``ca="..."``, a key of the workers'
+``acme.authorities``), never by URL.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 
 from celery import Celery
 
-PAYLOAD_VERSION = 1
+from certqueue import payloads
+
+PAYLOAD_VERSION = payloads.PAYLOAD_VERSION
 TERMINAL = {"ACTIVE", "FAILED", "REVOKED", "EXPIRED"}
 
 
@@ -44,10 +48,14 @@ class CertqueueClient:
         )
 
     def _send(self, task: str, payload: dict[str, Any], queue: str = "acme") -> Job:
-        res = self.app.send_task(task, args=[{"v": PAYLOAD_VERSION, **payload}], queue=queue)
+        checked = payloads.check(task, {"v": PAYLOAD_VERSION, **payload})
+        res = self.app.send_task(task, args=[checked], queue=queue)
         return Job(task_id=res.id, task=task, certificate_id=payload.get("certificate_id"))
 
     def issue(self, domains: list[str], **params: Any) -> Job:
+        """Request a certificate. ``params`` are the request's names and choices (``email``,
+        ``key_type``, ``challenge_type``, ``dns_provider``, ``targets``, ``ca``...); a URL or an
+        unknown parameter raises ``InvalidInput`` here, before anything is sent."""
         from certqueue.validation import new_certificate_id, normalize_domains
 
         cid = params.pop("certificate_id", None) or new_certificate_id()
@@ -68,9 +76,8 @@ class CertqueueClient:
 
     def status(self, certificate_id: str, timeout: float = 10.0) -> dict[str, Any]:
         """The certificate's state, answered by a worker (``certqueue.status``)."""
-        res = self.app.send_task(
-            "certqueue.status", args=[{"v": PAYLOAD_VERSION, "certificate_id": certificate_id}], queue="acme"
-        )
+        payload = payloads.check("certqueue.status", {"v": PAYLOAD_VERSION, "certificate_id": certificate_id})
+        res = self.app.send_task("certqueue.status", args=[payload], queue="acme")
         return dict(res.get(timeout=timeout))
 
     def job(self, task_id: str, timeout: float | None = None) -> Any:

@@ -45,6 +45,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from certqueue.errors import ConfigError
+from certqueue.logsafe import mask_url_password
 
 _log = logging.getLogger("certqueue.config")
 
@@ -69,11 +70,28 @@ LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def __repr_args__(self) -> Any:
+        # a repr in a log line or a traceback must not carry the password of a database or broker URL
+        for name, value in super().__repr_args__():
+            if isinstance(value, str):
+                value = mask_url_password(value)
+            elif isinstance(value, list):
+                value = [mask_url_password(v) if isinstance(v, str) else v for v in value]
+            yield name, value
+
 
 class StorageSettings(Section):
     backend: Literal["local", "aws", "azure"] = "local"
     encryption_key_path: Path = Path("var/certqueue.key")
     storage_path: Path = Path("var/certificates")
+    #: every long-running process checks the key file this often (seconds), reloads it when it
+    #: changed, and writes its heartbeat (certqueue.keyrotation)
+    key_check_seconds: float = Field(10, gt=0, le=3600)
+    #: a process whose heartbeat is older than this is gone and does not block `keys retire`
+    process_stale_seconds: float = Field(120, gt=0)
+    #: `keys retire` waits this long after the last process loaded the new key (an operation that
+    #: began before the reload may still write a row under the old key)
+    key_retire_grace_seconds: float = Field(60, ge=0)
     aws_region: str | None = None
     azure_key_vault_url: str | None = None
 
@@ -86,6 +104,9 @@ class AcmeSettings(Section):
     directory_url: str | None = None
     #: further CAs tried in order when the first fails for good (issue 7)
     fallback_directory_urls: list[str] = Field(default_factory=list)
+    #: CAs a task payload may choose by name (`"ca": "<name>"`): name -> https directory URL. The
+    #: broker never carries a URL (certqueue.payloads); this is the list of places it may send to
+    authorities: dict[str, str] = Field(default_factory=dict)
     account_key_path: Path | None = None
     account_key_type: Literal["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"] = "ec256"
     eab_kid: str | None = None
@@ -113,6 +134,18 @@ class AcmeSettings(Section):
         if self.directory_url:
             return self.directory_url
         return LETS_ENCRYPT_STAGING if self.staging else LETS_ENCRYPT_PRODUCTION
+
+    @field_validator("authorities")
+    @classmethod
+    def _https_authorities(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, url in v.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", name):
+                raise ValueError(f"CA name {name!r}: 1 to 64 of a-z, 0-9, _ and -")
+            if not isinstance(url, str) or not url.startswith("https://") or len(url) > 512:
+                raise ValueError(f"CA {name!r}: the directory URL must be https://")
+        return v
 
     @field_validator("profile_max_names")
     @classmethod
@@ -240,6 +273,12 @@ class DatabaseSettings(Section):
     url: str = "sqlite:///var/certqueue.db"
     echo: bool = False
     pool_size: int = Field(5, ge=1)
+    #: PostgreSQL: a statement running longer is cancelled (0 = no limit); a task retries it
+    statement_timeout_seconds: float = Field(120, ge=0)
+    #: PostgreSQL: waiting longer for a row or table lock fails the statement (0 = wait forever)
+    lock_timeout_seconds: float = Field(30, ge=0)
+    #: PostgreSQL: giving up on a connection attempt (seconds)
+    connect_timeout_seconds: int = Field(5, ge=1, le=300)
 
     @field_validator("url")
     @classmethod
@@ -275,6 +314,12 @@ class LoggingSettings(Section):
 class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(9091, ge=1, le=65535)
+    #: larger request bodies are refused with 413 before routing (never read)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    #: the same for POST /v1/certificates/import (certificate, key and chain PEM)
+    max_import_bytes: int = Field(512 * 1024, ge=1024)
+    #: requests in progress at once; beyond, 503 with Retry-After
+    max_concurrency: int = Field(64, ge=1)
 
 
 class RateLimitSettings(Section):
@@ -397,7 +442,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         return _unwrap(yaml.safe_load(text), str(path))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from None
+        raise ConfigError(f"not valid YAML: {mask_url_password(str(exc))}", source=str(path)) from None
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -545,7 +590,8 @@ def _error_source(key: str, sources: dict[str, str]) -> str:
 
 
 def masked_dump(loaded: LoadedSettings) -> dict[str, dict[str, Any]]:
-    """key -> {"value": ..., "source": ...} with secrets masked; for ``config show``."""
+    """key -> {"value": ..., "source": ...} with secrets masked, URL passwords included (anywhere in a
+    value: ``database.url``, ``broker.url``, a region's endpoint); for ``config show``."""
     out: dict[str, dict[str, Any]] = {}
     dumped = _leaves(loaded.settings.model_dump(mode="python", by_alias=True))
     for key, value in sorted(dumped.items()):
@@ -572,6 +618,8 @@ def _jsonable(v: Any) -> Any:
         return "**********"
     if isinstance(v, Path):
         return str(v)
+    if isinstance(v, str):
+        return mask_url_password(v)
     if isinstance(v, list | tuple):
         return [_jsonable(x) for x in v]
     if isinstance(v, dict):

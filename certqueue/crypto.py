@@ -334,6 +334,14 @@ def verify_chain(
         ) from exc
 
 
+def is_ca(cert: x509.Certificate) -> bool:
+    """True when the certificate's basic constraints say it is a CA."""
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
 def verify_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """True when ``issuer``'s key signed ``cert`` and the names link (no policy checks)."""
     try:

@@ -5,11 +5,18 @@
 * SQLite runs in WAL mode with a busy timeout, and write transactions start with ``BEGIN IMMEDIATE``
   so two workers never deadlock upgrading a read lock; reads are never blocked by a writer.
 * ``session_scope()`` commits once at the end or rolls back on error (warehouse's pattern).
+* PostgreSQL sessions carry a statement timeout, a lock timeout and a connect timeout
+  (``database.*_timeout_seconds``): a stuck query or a lock held by a frozen process fails the
+  statement (a retryable database error for the tasks) instead of hanging a worker forever.
+* A SQLite database file certqueue creates is mode 0600 (it holds encrypted keys, tokens' hashes
+  and the audit log); an existing one readable by others is reported in the log.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from certqueue.config import get_settings
 from certqueue.models import Certificate
 
+log = logging.getLogger("certqueue.db")
 _lock = threading.Lock()
 _engines: dict[tuple[str, bool], Engine] = {}
 _makers: dict[tuple[str, bool], sessionmaker[Session]] = {}
@@ -44,9 +52,37 @@ def database_url() -> str:
 
 
 def _ensure_sqlite_dir(url: str) -> None:
-    path = url.split(":///", 1)[1] if ":///" in url else ""
-    if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """The folder of a SQLite database, and the file itself created 0600 before SQLite opens it
+    (SQLite would create it with the umask's mode, and its -wal and -shm files copy that mode)."""
+    path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            log.warning(
+                "SQLite database %s is accessible by group or others (mode %04o): chmod 600 it", path, mode
+            )
+        return
+    os.fchmod(fd, 0o600)  # whatever the umask
+    os.close(fd)
+
+
+def postgres_connect_args(settings: Any) -> dict[str, Any]:
+    """psycopg connection arguments carrying the session timeouts (``database.*_timeout_seconds``)."""
+    d = settings.database
+    options = []
+    if d.statement_timeout_seconds:
+        options.append(f"-c statement_timeout={int(d.statement_timeout_seconds * 1000)}")
+    if d.lock_timeout_seconds:
+        options.append(f"-c lock_timeout={int(d.lock_timeout_seconds * 1000)}")
+    args: dict[str, Any] = {"connect_timeout": int(d.connect_timeout_seconds)}
+    if options:
+        args["options"] = " ".join(options)
+    return args
 
 
 def get_engine(url: str | None = None, *, write: bool = True) -> Engine:
@@ -89,7 +125,12 @@ def _make_engine(url: str, write: bool) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return eng
-    kwargs.update(pool_size=settings.database.pool_size, pool_pre_ping=True, max_overflow=10)
+    kwargs.update(
+        pool_size=settings.database.pool_size,
+        pool_pre_ping=True,
+        max_overflow=10,
+        connect_args=postgres_connect_args(settings),
+    )
     return create_engine(url, **kwargs)
 
 

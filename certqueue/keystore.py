@@ -29,12 +29,19 @@ others is refused):
   secret stores and operators that handle text, not bytes; it keeps the passphrase in the file, so
   the file is exactly as secret as a raw key.
 
-Rotation (``certqueue keys rotate``): ``rotate_key_file`` adds a new active key and keeps the old ones
-(a raw file becomes a keyring holding the old key under its derived kid); the caller re-encrypts
-every row with ``reencrypt`` in committed batches; only when no row is left under an old kid does it
-call ``retire_keys``. A crash between any two steps leaves every row readable, because the keyring
-still holds every key a row can be under. Run one rotation at a time: the file is replaced
-atomically, but two concurrent rotations could each drop the other's new key.
+Rotation has two phases (``certqueue.keyrotation``). ``certqueue keys rotate``: ``rotate_key_file``
+adds a new active key and keeps the old ones (a raw file becomes a keyring holding the old key under
+its derived kid), then every row is re-encrypted with ``reencrypt`` in committed batches.
+``certqueue keys retire``, later and separately: ``retire_keys`` drops the old keys, but only once no
+row and no live process (``process_heartbeats``) still uses one. A crash between any two steps leaves
+every row readable, because the keyring still holds every key a row can be under. Run one rotation
+at a time: the file is replaced atomically, but two concurrent rotations could each drop the other's
+new key.
+
+Running processes see a new key file without a restart: ``current(path)`` (what
+``certqueue.certificates.keystore`` returns) compares the file's identity (device, inode, size,
+mtime) on every call, one ``stat``, and loads it again when it changed. A file that fails to load
+keeps the keyring in force (logged): a half-edited file must not stop a fleet.
 """
 
 from __future__ import annotations
@@ -43,12 +50,15 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -68,6 +78,7 @@ MIN_PBKDF2_ITERATIONS: Final = 100_000
 KEYRING_MAGIC: Final = "certqueue-keyring 1"
 
 _KID = re.compile(r"[a-z0-9]{1,32}")
+log = logging.getLogger("certqueue.keystore")
 
 
 @dataclass(frozen=True, repr=False)
@@ -115,6 +126,13 @@ class KeyStore:
     def kids(self) -> frozenset[str]:
         return frozenset(self._ciphers)
 
+    @property
+    def keyring_id(self) -> str:
+        """Names this keyring (its kids and which is active), never its keys: what a process reports
+        in its heartbeat."""
+        material = ",".join(sorted(self._ciphers)) + ";" + self._active
+        return "kr" + hashlib.sha256(material.encode("ascii")).hexdigest()[:16]
+
     def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
         """Encrypt under the active key, bound to ``aad`` (the row it will be stored in)."""
         header = _header(self._active)
@@ -153,6 +171,87 @@ def reencrypt(store: KeyStore, blob: bytes, aad: bytes) -> bytes | None:
     if not store.needs_rotation(blob):
         return None
     return store.encrypt(store.decrypt(blob, aad), aad)
+
+
+# --- the process's keyring, reloaded when its file changes ----------------------------------------
+
+
+@dataclass
+class _Loaded:
+    identity: tuple[int, int, int, int]
+    store: KeyStore
+    loaded_at: float  # time.time() of the load
+
+
+_cache_lock = threading.Lock()
+_cache: dict[str, _Loaded] = {}
+_reload_hooks: list[Callable[[KeyStore], None]] = []
+
+
+def _identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def current(path: str | os.PathLike[str]) -> KeyStore:
+    """The keyring in ``path`` as this process should use it now: loaded once, and again whenever
+    the file is replaced or modified (key rotation on a running fleet)."""
+    key = str(Path(path).resolve())
+    loaded = _cache.get(key)
+    try:
+        ident = _identity(key)
+    except OSError:
+        if loaded is not None:
+            return loaded.store  # the file vanished for a moment (an editor, a mount): keep the keys
+        raise
+    if loaded is not None and loaded.identity == ident:
+        return loaded.store
+    with _cache_lock:
+        loaded = _cache.get(key)
+        if loaded is not None and loaded.identity == ident:
+            return loaded.store
+        try:
+            store = KeyStore.from_file(key)
+        except KeyStoreError as exc:
+            if loaded is None:
+                raise
+            # keep encrypting with the keys in force; `keys retire` refuses while this process
+            # reports the old keyring, so nothing is lost
+            log.error(
+                "key file %s changed but does not load (%s); keeping keyring %s",
+                key,
+                exc.reason,
+                loaded.store.keyring_id,
+            )
+            loaded.identity = ident
+            return loaded.store
+        fresh = _Loaded(identity=ident, store=store, loaded_at=time.time())
+        _cache[key] = fresh
+    if loaded is not None:
+        log.info(
+            "key file %s reloaded: active key %s (was %s)", key, store.active_kid, loaded.store.active_kid
+        )
+        for hook in list(_reload_hooks):
+            hook(store)
+    return store
+
+
+def loaded_at(path: str | os.PathLike[str]) -> float | None:
+    """When this process loaded the keyring it now holds for ``path`` (``time.time()``)."""
+    loaded = _cache.get(str(Path(path).resolve()))
+    return loaded.loaded_at if loaded else None
+
+
+def on_reload(hook: Callable[[KeyStore], None]) -> None:
+    """Call ``hook(new_store)`` after each reload of a changed key file (heartbeats)."""
+    if hook not in _reload_hooks:
+        _reload_hooks.append(hook)
+
+
+def forget() -> None:
+    """Drop every cached keyring (tests; a demo that writes a new key file)."""
+    with _cache_lock:
+        _cache.clear()
 
 
 # --- key files ----------------------------------------------------------------------------------

@@ -241,14 +241,17 @@ def _directory_for(settings: Settings, staging: bool | None) -> str | None:
     return configured
 
 
-async def update_config(changes: Mapping[str, Any], *, settings: Settings | None = None) -> dict[str, Any]:
+async def update_config(
+    changes: Mapping[str, Any], *, settings: Settings | None = None, actor: str = "guide-api"
+) -> dict[str, Any]:
     """Store runtime setting overrides in the database, where every process reads them (within
     ``CERTQUEUE_RUNTIME_TTL_SECONDS``; see ``certqueue.runtime``).
 
     ``changes`` is nested (``{"automation": {"renewal_threshold_days": 45}}``, the guide's
     ``certificate_management`` wrapper accepted) or dotted. Nothing is stored unless every key may
     change at runtime and the settings with the change still validate (``ConfigError``). Returns the
-    dotted keys stored. This process sees the change at once."""
+    dotted keys stored, each recorded as a ``config`` event naming ``actor``. This process sees the
+    change at once."""
     flat = runtime.flatten(changes)
     if not flat:
         raise ConfigError("no settings to change")
@@ -260,7 +263,7 @@ async def update_config(changes: Mapping[str, Any], *, settings: Settings | None
         from certqueue.db import session_scope
 
         with session_scope(base.database.url) as s:
-            runtime.set_overrides(s, flat)
+            runtime.set_overrides(s, flat, actor=actor)
 
     await asyncio.to_thread(store)
     _apply_here(candidate if settings is None else None)

@@ -350,3 +350,23 @@ class Intent(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class ProcessHeartbeat(Base):
+    """One row per live long-running process (worker, API): which keyring it encrypts with.
+
+    ``certqueue keys retire`` refuses while a process seen recently still has an older active key
+    (``certqueue.keyrotation``). Written by the process itself, deleted when it exits cleanly.
+    """
+
+    __tablename__ = "process_heartbeats"
+
+    process: Mapped[str] = mapped_column(String(128), primary_key=True)
+    role: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    keyring_id: Mapped[str] = mapped_column(String(32))
+    active_kid: Mapped[str] = mapped_column(String(32))
+    #: when this process loaded the keyring it reports
+    loaded_at: Mapped[dt.datetime] = mapped_column()
+    seen_at: Mapped[dt.datetime] = mapped_column()

@@ -17,8 +17,14 @@ missing table (a database not migrated yet) as "no overrides", and when the data
 reached it keeps the last values it read and waits ``UNREACHABLE_BACKOFF_SECONDS`` before trying
 again, so a database outage costs one short connect timeout, not one per ``get_settings()`` call.
 
-Only sections that make sense to change on a running fleet may be overridden (``RUNTIME_SECTIONS``);
-connection settings, the key file, logging and secrets stay with files and the environment.
+Whoever can write this table must not be able to run a command on a worker, redirect a deployment,
+swap a CA or read a credential (issue 13). So only an explicit allowlist of leaf keys may be stored
+(``RUNTIME_KEYS``): thresholds, timers, budgets and the renewal switch, each a number or a boolean.
+Target settings (``multi_region``), commands, paths, endpoints, credentials, CA URLs, connection
+settings and the key file stay with files and the environment. The allowlist is enforced twice: a
+write of any other key is a ``ConfigError`` naming it, with nothing written; and a row that was put
+in the table some other way (SQL, an older version) is ignored when the layer is read, with a
+warning naming the key. Every change is an ``events`` row (kind ``config``) naming its actor.
 """
 
 from __future__ import annotations
@@ -37,15 +43,46 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from certqueue.errors import ConfigError
-from certqueue.models import RuntimeSetting, utcnow
+from certqueue.models import Event, RuntimeSetting, utcnow
 
 log = logging.getLogger("certqueue.runtime")
 
-#: top-level sections (and the master switch) that may be changed at runtime
-RUNTIME_SECTIONS = frozenset({"enabled", "acme", "challenges", "automation", "multi_region", "monitoring"})
-#: keys inside those sections that may not: credentials, and where the ACME account key lives
-FORBIDDEN_KEYS = frozenset({"acme.eab_hmac_key", "acme.eab_kid", "acme.account_key_path", "acme.ca_bundle"})
-_SECRET_WORDS = ("secret", "password", "token", "hmac", "private_key", "access_key", "api_key")
+#: the only keys that may change at runtime: thresholds, timers, budgets and the renewal switch.
+#: Each is a number or a boolean; none names a place, a program, a server or a secret.
+RUNTIME_KEYS = frozenset(
+    {
+        "automation.auto_renew",
+        "automation.renewal_threshold_days",
+        "automation.check_interval_hours",
+        "automation.retry_attempts",
+        "automation.retry_delay_seconds",
+        "automation.renewal_jitter",
+        "automation.scan_interval_seconds",
+        "automation.scan_batch_size",
+        "automation.stuck_after_seconds",
+        "automation.poll_initial_seconds",
+        "automation.poll_max_seconds",
+        "automation.order_timeout_seconds",
+        "automation.max_queue_depth",
+        "automation.max_orders_in_flight_per_ca",
+        "automation.dispatch_interval_seconds",
+        "automation.batch_size",
+        "automation.batch_concurrency",
+        "automation.validation_window_seconds",
+        "acme.request_timeout_seconds",
+        "monitoring.alert_threshold_days",
+        "monitoring.max_certificate_series",
+        "rate_limits.new_orders_per_account",
+        "rate_limits.new_orders_period_hours",
+        "rate_limits.certificates_per_registered_domain",
+        "rate_limits.certificates_per_registered_domain_period_days",
+        "rate_limits.duplicate_certificates",
+        "rate_limits.duplicate_certificates_period_days",
+        "rate_limits.failed_authorizations_per_identifier",
+        "rate_limits.failed_authorizations_period_hours",
+    }
+)
+_SECRET_WORDS = ("secret", "password", "token", "hmac", "private_key", "access_key", "api_key", "eab")
 MAX_KEY_LENGTH = 256
 CONNECT_TIMEOUT_SECONDS = 2
 UNREACHABLE_BACKOFF_SECONDS = 30.0
@@ -88,24 +125,47 @@ def flatten(changes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_keys(flat: Mapping[str, Any]) -> None:
-    """Refuse keys that may not change at runtime (ConfigError naming the key)."""
-    for key in flat:
-        section = key.split(".", 1)[0]
+    """Refuse keys that may not change at runtime, and values that are not numbers or booleans
+    (ConfigError naming the key)."""
+    for key, value in flat.items():
         if len(key) > MAX_KEY_LENGTH:
             raise ConfigError("key too long", key=key[:64])
-        if section not in RUNTIME_SECTIONS:
-            raise ConfigError(
-                f"cannot be changed at runtime (allowed sections: {', '.join(sorted(RUNTIME_SECTIONS))}); "
-                "set it in settings/local.yaml or the environment and restart",
-                key=key,
-            )
-        last = key.rsplit(".", 1)[-1].lower()
-        if key in FORBIDDEN_KEYS or any(w in last for w in _SECRET_WORDS):
-            raise ConfigError(
-                "credentials and key locations are not stored in the database; use local.yaml or "
-                "the environment",
-                key=key,
-            )
+        if key not in RUNTIME_KEYS:
+            last = key.rsplit(".", 1)[-1].lower()
+            if not _known(key):
+                raise ConfigError("unknown key", key=key)
+            if any(w in last for w in _SECRET_WORDS):
+                why = "credentials are never stored in the database"
+            else:
+                why = (
+                    "cannot be changed at runtime: only thresholds and timers can "
+                    "(certqueue.runtime.RUNTIME_KEYS); target settings, commands, paths, endpoints, "
+                    "credentials and CA URLs are never read from the database"
+                )
+            raise ConfigError(f"{why}; set it in settings/local.yaml or the environment and restart", key=key)
+        if not _scalar(value):
+            raise ConfigError("a runtime override is a number or true/false", key=key)
+
+
+def _known(key: str) -> bool:
+    """Whether ``key`` names a field of the settings (or lies inside one that takes free-form keys)."""
+    from pydantic import BaseModel
+
+    from certqueue.config import Settings
+
+    model: Any = Settings
+    for part in key.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return True  # inside a mapping or list value: the settings validation decides
+        info = model.model_fields.get(part)
+        if info is None:
+            return model.model_config.get("extra") == "allow"
+        model = info.annotation
+    return True
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, bool | int | float)
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,10 +183,26 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_warned: set[str] = set()
+
+
 def load_runtime_overrides(session: Session) -> dict[str, Any]:
-    """Every stored override, as a nested mapping (the shape of ``settings/*.yaml``)."""
+    """Every stored override that may apply, as a nested mapping (the shape of ``settings/*.yaml``).
+
+    A row outside ``RUNTIME_KEYS``, or whose value is not a number or boolean, is ignored: it can
+    only have been written around ``set_overrides`` (by hand, or by an older version)."""
     rows = session.execute(select(RuntimeSetting.key, RuntimeSetting.value)).tuples().all()
-    return unflatten(dict(rows))
+    kept: dict[str, Any] = {}
+    for key, value in rows:
+        if key in RUNTIME_KEYS and _scalar(value):
+            kept[key] = value
+        elif key not in _warned:
+            _warned.add(key)
+            # the key only: the value is whatever someone wrote there
+            log.warning(
+                "runtime_settings row %r ignored: not a key that may change at runtime", key[:MAX_KEY_LENGTH]
+            )
+    return unflatten(kept)
 
 
 def list_overrides(session: Session) -> dict[str, Any]:
@@ -135,15 +211,23 @@ def list_overrides(session: Session) -> dict[str, Any]:
     return dict(rows.tuples().all())
 
 
-def set_overrides(session: Session, changes: Mapping[str, Any]) -> dict[str, Any]:
-    """Store ``changes`` (nested or dotted) in the caller's transaction; returns the dotted keys
-    written. Keys are checked here; whether the merged settings still validate is the caller's
-    check (``certqueue.manager.update_config`` does both before anything is written).
+def set_overrides(
+    session: Session, changes: Mapping[str, Any], *, actor: str = "certqueue"
+) -> dict[str, Any]:
+    """Store ``changes`` (nested or dotted) in the caller's transaction, with one ``config`` event per
+    key naming ``actor``; returns the dotted keys written. Keys are checked here; whether the merged
+    settings still validate is the caller's check (``certqueue.manager.update_config`` does both
+    before anything is written).
 
     A key replaces any stored key below or above it (setting ``automation`` as a whole is not
     possible: it is a section; setting a list replaces the whole list)."""
     flat = flatten(changes)
     check_keys(flat)
+    previous: dict[str, Any] = dict(
+        session.execute(select(RuntimeSetting.key, RuntimeSetting.value).where(RuntimeSetting.key.in_(flat)))
+        .tuples()
+        .all()
+    )
     for key, value in flat.items():
         # a stored parent or child of this key would shadow it or be shadowed: drop them
         session.execute(
@@ -155,29 +239,42 @@ def set_overrides(session: Session, changes: Mapping[str, Any]) -> dict[str, Any
         if parents:
             session.execute(delete(RuntimeSetting).where(RuntimeSetting.key.in_(parents)))
         session.add(RuntimeSetting(key=key, value=value, updated_at=utcnow()))
+        session.add(
+            Event(
+                certificate_id=None,
+                kind="config",
+                reason="set",
+                actor=actor[:128],
+                data={"key": key, "value": value, "previous": previous.get(key)},
+            )
+        )
     session.flush()
     return flat
 
 
-def clear_override(key: str, *, session: Session | None = None) -> int:
-    """Remove the override at ``key`` and any below it; returns how many rows went. With no
-    ``session`` it runs in its own transaction."""
+def clear_override(key: str, *, session: Session | None = None, actor: str = "certqueue") -> int:
+    """Remove the override at ``key`` and any below it, with a ``config`` event naming ``actor``
+    when anything went; returns how many rows went. With no ``session`` it runs in its own
+    transaction."""
     if session is None:
         from certqueue.db import session_scope
 
         with session_scope() as s:
-            return clear_override(key, session=s)
+            return clear_override(key, session=s, actor=actor)
     if not isinstance(key, str) or not key:
         raise ConfigError("a settings key is required")
     key = key.removeprefix("certificate_management.")
     if key == "lets_encrypt" or key.startswith("lets_encrypt."):
         key = "acme" + key.removeprefix("lets_encrypt")
-    res = session.execute(
-        delete(RuntimeSetting).where(
-            (RuntimeSetting.key == key) | RuntimeSetting.key.startswith(key + ".", autoescape=True)
-        )
+    match = (RuntimeSetting.key == key) | RuntimeSetting.key.startswith(key + ".", autoescape=True)
+    gone = sorted(session.execute(select(RuntimeSetting.key).where(match)).scalars())
+    if not gone:
+        return 0
+    session.execute(delete(RuntimeSetting).where(RuntimeSetting.key.in_(gone)))
+    session.add(
+        Event(certificate_id=None, kind="config", reason="unset", actor=actor[:128], data={"keys": gone})
     )
-    return int(getattr(res, "rowcount", 0) or 0)
+    return len(gone)
 
 
 def refresh_settings() -> Any:
@@ -225,7 +322,10 @@ def _engine(url: str) -> Engine:
                         pool_size=1,
                         max_overflow=1,
                         pool_pre_ping=True,
-                        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS},
+                        connect_args={
+                            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                            "options": "-c statement_timeout=5000 -c lock_timeout=5000",
+                        },
                     )
                 _engines[url] = eng
     return eng

@@ -1,8 +1,10 @@
 """Input validation: every value that comes from a user or another service is checked here.
 
 Owns the rules for domain names (IDNA 2008 with UTS #46 mapping, LDH labels, wildcards only as the
-whole leftmost label, IPs only when asked, at most 100 names), contact emails, certificate ids, PEM
-input, RSA key sizes, country codes, subject fields and revocation reasons. Each check returns the
+whole leftmost label and never over a public suffix, IPs only when asked, at most 100 names), contact
+emails, certificate ids, PEM input, RSA key sizes (2048 bits at least, imports included), imported
+chains (each certificate signed by the next), DNS provider names (registered plugins only), country
+codes, subject fields and revocation reasons. Each check returns the
 normalized value or raises ``InvalidInput`` with ``field`` set, before anything is written.
 
 Messages quote the offending name or address (user input, not secret) but never PEM contents.
@@ -13,8 +15,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
+import threading
 from collections.abc import Iterable
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import idna
 
@@ -26,6 +29,9 @@ MAX_LABEL_LENGTH: Final = 63
 MAX_EMAIL_LENGTH: Final = 254
 MAX_PEM_LENGTH: Final = 256 * 1024
 KEY_SIZES: Final = (2048, 3072, 4096)
+#: the smallest RSA key accepted anywhere, imports included (NIST SP 800-131A, CA/B Forum)
+MIN_RSA_BITS: Final = 2048
+DNS_PROVIDER_GROUP: Final = "certqueue.dns_providers"
 
 CERTIFICATE_ID_PREFIX: Final = "cert_"
 _CERT_ID = re.compile(r"cert_[a-z0-9]{16,32}")
@@ -128,10 +134,31 @@ def normalize_domain(name: str, *, allow_ip: bool = False) -> str:
             )
     if labels[-1].isdigit():
         raise InvalidInput(f"{shown}: the last label cannot be all digits", field="domains")
+    if wildcard and _public_suffixes().is_public(ascii_name):
+        raise InvalidInput(
+            f"{shown}: a wildcard over a public suffix would cover every registrant under it",
+            field="domains",
+        )
     result = f"*.{ascii_name}" if wildcard else ascii_name
     if len(result) > MAX_NAME_LENGTH:
         raise InvalidInput(f"{shown}: longer than {MAX_NAME_LENGTH} characters", field="domains")
     return result
+
+
+_psl_lock = threading.Lock()
+_psl: Any = None
+
+
+def _public_suffixes() -> Any:
+    """The public suffix list bundled with ``publicsuffixlist`` (ICANN and private sections)."""
+    global _psl
+    if _psl is None:
+        with _psl_lock:
+            if _psl is None:
+                from publicsuffixlist import PublicSuffixList
+
+                _psl = PublicSuffixList()
+    return _psl
 
 
 def _to_ascii(name: str, shown: str) -> str:
@@ -214,6 +241,60 @@ def validate_key_size(n: int) -> int:
             f"key_size must be one of {', '.join(map(str, KEY_SIZES))}, not {n!r}", field="key_size"
         )
     return n
+
+
+def validate_dns_provider(name: str) -> str:
+    """A DNS provider registered as a plugin (entry point group ``certqueue.dns_providers``)."""
+    from importlib.metadata import entry_points
+
+    known = sorted(ep.name for ep in entry_points(group=DNS_PROVIDER_GROUP))
+    if not isinstance(name, str) or name not in known:
+        shown = _show(name) if isinstance(name, str) else type(name).__name__
+        raise InvalidInput(f"unknown DNS provider {shown}; known: {', '.join(known)}", field="dns_provider")
+    return name
+
+
+def validate_import(certificate_pem: str, private_key_pem: str | None, chain_pem: str | None) -> None:
+    """What an imported certificate must satisfy beyond parsing: no RSA key under
+    ``MIN_RSA_BITS`` (the certificate's or the private key's), and a chain that verifies: the leaf
+    signed by the first chain certificate, each by the next, every one of them a CA. Trust in the
+    last one is not checked (a private CA is a legitimate issuer)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from certqueue import crypto
+
+    leaf = crypto.load_certificate(certificate_pem)
+    public = leaf.public_key()
+    if isinstance(public, rsa.RSAPublicKey) and public.key_size < MIN_RSA_BITS:
+        raise InvalidInput(
+            f"RSA-{public.key_size} is too weak; at least {MIN_RSA_BITS} bits", field="certificate_pem"
+        )
+    if private_key_pem:
+        key = crypto.load_private_key(private_key_pem)
+        if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+            raise InvalidInput(
+                f"RSA-{key.key_size} is too weak; at least {MIN_RSA_BITS} bits", field="private_key_pem"
+            )
+    chain = crypto.load_certificates(chain_pem, field="chain_pem") if chain_pem else []
+    subject = leaf
+    for i, issuer in enumerate(chain, start=1):
+        if not crypto.verify_issued_by(subject, issuer):
+            what = "the certificate" if i == 1 else f"chain certificate {i - 1}"
+            raise InvalidInput(
+                f"the chain does not verify: {what} is not signed by chain certificate {i}",
+                field="chain_pem",
+                reason="crypto:chain_untrusted",
+            )
+        if not crypto.is_ca(issuer):
+            raise InvalidInput(
+                f"the chain does not verify: chain certificate {i} is not a CA certificate",
+                field="chain_pem",
+                reason="crypto:chain_untrusted",
+            )
+        ipub = issuer.public_key()
+        if isinstance(ipub, rsa.RSAPublicKey) and ipub.key_size < MIN_RSA_BITS:
+            raise InvalidInput(f"chain certificate {i} has a weak RSA-{ipub.key_size} key", field="chain_pem")
+        subject = issuer
 
 
 def validate_country(c: str) -> str:

@@ -87,6 +87,9 @@ def _run_worker_now(
     hostname: str | None,
 ) -> None:
     app = lazy_app.get()
+    from certqueue.keyrotation import install_worker_heartbeat
+
+    install_worker_heartbeat(f"worker:{pool}")
     name = hostname or f"{pool}{'-' + '-'.join(regions) if regions else ''}@%h"
     argv = [
         "worker",

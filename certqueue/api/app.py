@@ -9,10 +9,18 @@ Errors have one shape per kind: bad input is 422 with FastAPI's ``{"detail": [{"
 ..., "type": ...}]}`` naming the field (``certqueue.errors.InvalidInput`` included), an unknown id is
 404, a request the certificate's state forbids is 409, and anything unexpected is a 500 that says
 nothing about the internals (the log has the class name; never key material).
+
+Limits, enforced by ``RequestLimits`` before routing (so before authentication, and without
+reading a body it refuses): a body above ``api.max_body_bytes`` (1 MiB; ``api.max_import_bytes``,
+512 KiB, for ``POST /v1/certificates/import``) is a 413, from its ``Content-Length`` at once, or, for
+a streamed (chunked) body, as soon as the chunks counted pass the limit; more than
+``api.max_concurrency`` requests in progress is a 503 with ``Retry-After``. Every string field of the
+request schemas has a length limit (``certqueue.api.schemas``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from certqueue import __version__ as _version
 from certqueue.api import routes_certificates, routes_health, routes_jobs
@@ -61,10 +70,116 @@ async def _conflict(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path[:256])
     return JSONResponse(
         status_code=status.HTTP_500_INTERNAL_SERVER_ERROR, content={"detail": "internal error"}
     )
+
+
+class RequestLimits:
+    """ASGI middleware, outermost: request body size and requests in progress.
+
+    A refused body is never read: a ``Content-Length`` over the limit is answered before the
+    application runs; a streamed body is counted chunk by chunk as the application receives it,
+    and the first chunk past the limit ends the request with 413 (the application sees a
+    disconnect, its own reply is dropped)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body: int,
+        max_import: int,
+        max_concurrency: int,
+        import_path: str = "/v1/certificates/import",
+    ) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.max_import = max_import
+        self.import_path = import_path
+        self.max_concurrency = max_concurrency
+        self._in_progress = 0
+
+    def limit_for(self, scope: Scope) -> int:
+        path = str(scope.get("path", "")).rstrip("/")
+        return self.max_import if path == self.import_path else self.max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        length = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await _reply(send, 400, "Content-Length is not a number")
+                    return
+                if length < 0:
+                    await _reply(send, 400, "Content-Length is not a number")
+                    return
+        if length is not None and length > limit:
+            await _reply(send, 413, f"request body larger than {limit} bytes")
+            return
+        if self._in_progress >= self.max_concurrency:
+            await _reply(send, 503, "too many requests in progress", headers=[(b"retry-after", b"1")])
+            return
+        self._in_progress += 1
+        received = 0
+        refused = False
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    if not started:
+                        await _reply(send, 413, f"request body larger than {limit} bytes")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 went out; whatever the application says now is dropped
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+            # the application saw a disconnect in the middle of the body: expected, not an error
+        finally:
+            self._in_progress -= 1
+
+
+async def _reply(
+    send: Send, status_code: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 DOCS_ASSETS_URL = "/docs-assets"
@@ -98,7 +213,10 @@ def _self_hosted_docs(app: FastAPI, assets: Path) -> None:
 
 def create_app() -> FastAPI:
     """The API. Settings, the database and the broker are read per request (``get_settings()``),
-    so the CLI's or a test's ``set_settings`` applies."""
+    so the CLI's or a test's ``set_settings`` applies; the request limits are read here, once."""
+    from certqueue.config import get_settings
+
+    api = get_settings().api
     assets = _docs_assets()
     app = FastAPI(
         title="certqueue",
@@ -117,6 +235,12 @@ def create_app() -> FastAPI:
     app.include_router(routes_certificates.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_health.router)
+    app.add_middleware(
+        RequestLimits,  # type: ignore[arg-type]
+        max_body=api.max_body_bytes,
+        max_import=api.max_import_bytes,
+        max_concurrency=api.max_concurrency,
+    )
     return app
 
 
@@ -124,14 +248,22 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     """Run the API under uvicorn until interrupted (api.host / api.port by default)."""
     import uvicorn
 
+    from certqueue import logsafe
     from certqueue.config import get_settings
+    from certqueue.keyrotation import start_heartbeat
 
     settings = get_settings()
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(),
         host=host or settings.api.host,
         port=port or settings.api.port,
         log_level=settings.logging.level.lower(),
         access_log=True,
         server_header=False,
+        # connections and tasks at once; above it uvicorn answers 503 (RequestLimits counts requests)
+        limit_concurrency=settings.api.max_concurrency * 2,
+        h11_max_incomplete_event_size=64 * 1024,
     )
+    logsafe.install_uvicorn()  # uvicorn.Config set up its loggers, which do not reach the root's
+    start_heartbeat("api")  # the API encrypts imported keys: it reports its keyring
+    uvicorn.Server(config).run()

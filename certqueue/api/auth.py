@@ -19,6 +19,8 @@ from certqueue.db import session_scope
 bearer = HTTPBearer(auto_error=False, description="An API token (certqueue tokens create)")
 
 REALM = 'Bearer realm="certqueue"'
+#: longer than any token certqueue issues: refused before hashing or a database lookup
+MAX_TOKEN_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ def _unauthorized(detail: str, error: str | None = None) -> HTTPException:
 def authenticate(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise _unauthorized("a bearer token is required")
+    if len(credentials.credentials) > MAX_TOKEN_LENGTH:
+        raise _unauthorized("the token is unknown or revoked", error="invalid_token")
     with session_scope(write=False) as session:
         tok = tokens.verify_token(session, credentials.credentials)
         if tok is None:

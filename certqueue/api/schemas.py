@@ -2,19 +2,27 @@
 
 Response models never carry key material: an issuance is described by its metadata (serial, dates,
 fingerprint, issuer), never by its private key.
+
+Every string a request carries has a length limit, list items included (a domain name 253, a
+region name 64), so a body under the size limit still cannot make the API validate megabytes of one
+field; the semantic checks come after, in ``certqueue.certificates``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from certqueue.models import Certificate, Deployment, Issuance, State
 
 KeyType = Literal["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]
 ChallengeType = Literal["http-01", "dns-01"]
+
+
+DomainName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+RegionName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
 class _Strict(BaseModel):
@@ -25,18 +33,22 @@ class CertificateCreate(_Strict):
     """The guide's ``issue_certificate`` parameters. Semantics (domain syntax, known regions, dns-01
     needing a provider...) are checked by ``CertificateRequest.build``; errors name the field."""
 
-    domains: list[str] = Field(min_length=1, max_length=100, examples=[["example.com", "www.example.com"]])
+    domains: list[DomainName] = Field(
+        min_length=1, max_length=100, examples=[["example.com", "www.example.com"]]
+    )
     email: str | None = Field(None, max_length=320)
     organization: str | None = Field(None, max_length=128)
     country: str | None = Field(None, max_length=8)
     state: str | None = Field(None, max_length=128, description="State or province (subject field)")
     locality: str | None = Field(None, max_length=128)
-    key_size: int | None = Field(None, description="RSA key size: 2048, 3072 or 4096")
+    key_size: int | None = Field(None, ge=0, le=16384, description="RSA key size: 2048, 3072 or 4096")
     key_type: KeyType | None = None
     challenge_type: ChallengeType | None = None
     dns_provider: str | None = Field(None, max_length=64)
     profile: str | None = Field(None, max_length=64)
-    targets: list[str] = Field(default_factory=list, max_length=64, description="Region names to deploy to")
+    targets: list[RegionName] = Field(
+        default_factory=list, max_length=64, description="Region names to deploy to"
+    )
     auto_renew: bool | None = None
 
 
@@ -49,14 +61,16 @@ class RevokeRequest(_Strict):
 
 
 class PropagateRequest(_Strict):
-    regions: list[str] | None = Field(None, max_length=64, description="Subset of regions (default: all)")
+    regions: list[RegionName] | None = Field(
+        None, max_length=64, description="Subset of regions (default: all)"
+    )
 
 
 class ImportRequest(_Strict):
     certificate_pem: str = Field(min_length=1, max_length=65536)
     private_key_pem: str = Field(min_length=1, max_length=65536)
     chain_pem: str | None = Field(None, max_length=262144)
-    targets: list[str] = Field(default_factory=list, max_length=64)
+    targets: list[RegionName] = Field(default_factory=list, max_length=64)
 
 
 class IssuanceOut(BaseModel):

@@ -27,7 +27,7 @@ from typing import Any
 from celery import shared_task, signature
 from sqlalchemy import select
 
-from certqueue import certificates, failpoints, intents, operations
+from certqueue import certificates, failpoints, intents, operations, payloads
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
 from certqueue.config import get_settings
 from certqueue.db import lock_certificate, session_scope
@@ -99,6 +99,7 @@ def _issue_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
 @shared_task(bind=True, base=RequestTask, name="certqueue.issue")
 def issue(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
     """Public: ``{"v": 1, "certificate_id": ...}`` or ``{"v": 1, "request": {...}}``."""
+    payload = payloads.parse("certqueue.issue", payload)  # the broker boundary: ids and names only
     return self.run_step(_issue_step, payload)
 
 

@@ -4,6 +4,7 @@ job that wrote nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from sqlalchemy import select
 
 from certqueue.client import CertqueueClient
 from certqueue.db import session_scope
+from certqueue.devstack.pebble import PebbleServer
 from certqueue.models import Certificate, Deployment, Issuance
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 
@@ -28,11 +30,20 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             pytest.fail(why)
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("client")
+    extra: dict[str, str] = {}
+
+    def name_the_ca(peb: PebbleServer) -> tuple[str, str]:
+        # the one CA a payload may choose, by name (acme.authorities), once Pebble's URL is known
+        extra["CERTQUEUE_ACME__AUTHORITIES"] = json.dumps({"pebble": peb.directory_url})
+        return peb.directory_url, str(peb.ca_bundle)
+
     p = build_pipeline(
         tmp,
         backend="postgres",
         pools=("acme",),
         regions=[{"name": "edge", "provider": "local", "path": str(tmp / "edge")}],
+        extra_env=extra,
+        acme_front=name_the_ca,
     )
     try:
         p.stack.start_worker("propagate", regions=("edge",))
@@ -141,6 +152,39 @@ def _edge_dir(cid: str) -> str:
         ("certqueue.issue", {"v": 2, "request": {"domains": ["v2.example.test"]}}, "payload version"),
         ("certqueue.issue", {"v": 1, "request": {"domains": ["x.example.test"], "colour": "red"}}, "colour"),
         ("certqueue.issue", {"v": 1, "surprise": True}, "surprise"),
+        # issue 13, finding 5: whoever can publish may not point a worker at a server of their own
+        (
+            "certqueue.issue",
+            {
+                "v": 1,
+                "request": {
+                    "domains": ["ssrf.example.test"],
+                    "directory_url": "http://169.254.169.254/latest/meta-data/",
+                },
+            },
+            "directory_url is not accepted from the broker",
+        ),
+        (
+            "certqueue.issue",
+            {
+                "v": 1,
+                "request": {
+                    "domains": ["ssrf2.example.test"],
+                    "fallback_directory_urls": ["https://evil.example/dir"],
+                },
+            },
+            "fallback_directory_urls is not accepted",
+        ),
+        (
+            "certqueue.issue",
+            {"v": 1, "request": {"domains": ["ssrf3.example.test"], "profile": "http://10.0.0.1/"}},
+            "URLs are not accepted",
+        ),
+        (
+            "certqueue.issue",
+            {"v": 1, "request": {"domains": ["ssrf4.example.test"], "ca": "evil"}},
+            "unknown CA",
+        ),
         ("certqueue.renew", {"v": 1, "certificate_id": "not-an-id"}, "not a certificate id"),
         ("certqueue.revoke", {"v": 1, "certificate_id": "cert_" + "z" * 20}, "no certificate"),
         (
@@ -167,3 +211,13 @@ def test_the_client_validates_before_sending(client: CertqueueClient) -> None:
 
     with pytest.raises(InvalidInput):
         client.issue(["-bad-.example.test"])
+    with pytest.raises(InvalidInput, match="directory_url is not accepted"):
+        client.issue(["ok.example.test"], directory_url="https://acme.example/dir")
+
+
+def test_a_ca_is_chosen_by_name(pipeline: Pipeline, client: CertqueueClient) -> None:
+    job = client.issue(["named-ca.client.example.test"], ca="pebble")
+    assert client.wait(str(job.certificate_id), timeout=90)["state"] == "ACTIVE"
+    with session_scope(write=False) as s:
+        row = s.get(Certificate, job.certificate_id)
+        assert row is not None and row.directory_url == pipeline.pebble.directory_url

@@ -168,3 +168,26 @@ def test_metrics_endpoint_counts_the_pipeline_tasks(flower: str, issued: str) ->
     exported = set(re.findall(r"^# TYPE (flower_[a-z_]+)", text, re.MULTILINE))
     exported |= {n.removesuffix("_total") for n in exported} | {n + "_total" for n in exported}
     assert documented <= exported, f"documented but not exported: {sorted(documented - exported)}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/task/async-apply/certqueue.revoke",
+        "/api/task/send-task/certqueue.revoke",
+        "/api/task/apply/certqueue.revoke",
+        "/api/worker/shutdown/worker-acme@localhost",
+    ],
+)
+def test_the_task_api_is_blocked_even_for_flower_users(
+    pipeline: Pipeline, flower: str, issued: str, path: str
+) -> None:
+    """Issue 13, finding 5: a Flower login must not revoke (or deploy) a certificate without the REST
+    API's scopes. Flower answers 403 for every route that sends a task or controls a worker."""
+    payload = {"args": [{"v": 1, "certificate_id": issued, "reason": "keyCompromise"}]}
+    resp = requests.post(f"{flower}{path}", json=payload, auth=(USER, PASSWORD), timeout=10)
+    assert resp.status_code == 403, resp.text
+    assert "read-only" in resp.json()["error"]
+    assert requests.get(f"{flower}/api/tasks", auth=(USER, PASSWORD), timeout=10).status_code == 200
+    time.sleep(1.0)  # a revoke, had one been sent, would be running by now
+    assert pipeline.state(issued) == "ACTIVE"

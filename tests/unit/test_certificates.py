@@ -79,6 +79,9 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"domains": ["example.com"], "challenge_map": ["example.com"]}, "challenge_map"),
     ({"domains": ["example.com"], "challenge_type": "dns-01"}, "dns_provider"),  # no provider anywhere
     ({"domains": ["example.com"], "challenge_map": {"example.com": "dns-01"}}, "dns_provider"),
+    # issue 13, finding 7: a provider that does not exist is refused now, not in a worker later
+    ({"domains": ["example.com"], "challenge_type": "dns-01", "dns_provider": "nosuchdns"}, "dns_provider"),
+    ({"domains": ["*.co.uk"], "challenge_type": "dns-01", "dns_provider": "rfc2136"}, "domains"),
     ({"domains": ["example.com"], "targets": ["mars-1"]}, "targets"),
     ({"domains": ["example.com"], "country": "USA"}, "country"),
     ({"domains": ["example.com"], "organization": "Evil\nCorp"}, "organization"),
@@ -262,9 +265,64 @@ def test_store_issuance_refuses_no_certificate(settings: Settings) -> None:
 # --- import_certificate --------------------------------------------------------------------------
 
 
+def _ca(name: str = "Example EV CA", *, ca: bool = True) -> tuple[Any, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return (key, subject), cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _signed_leaf(
+    names: tuple[str, ...], ca: tuple[Any, Any], *, rsa_bits: int | None = None
+) -> tuple[str, str]:
+    """(leaf PEM, key PEM) for ``names`` signed by ``ca`` (from ``_ca``)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    ca_key, ca_name = ca
+    key: Any = (
+        rsa.generate_private_key(65537, rsa_bits) if rsa_bits else ec.generate_private_key(ec.SECP256R1())
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+
+
 def test_import_is_external_and_never_renewed(settings: Settings) -> None:
-    cert_pem, key_pem = make_cert_pem(("ev.example.com", "www.ev.example.com"), days=365)
-    chain_pem, _ = make_cert_pem(("Example EV CA",))
+    ca, chain_pem = _ca()
+    cert_pem, key_text = _signed_leaf(("ev.example.com", "www.ev.example.com"), ca)
+    key_pem = key_text.encode()
     with db.session_scope() as s:
         cert = certificates.import_certificate(
             s,
@@ -339,6 +397,11 @@ def test_an_issued_certificate_is_scheduled_for_renewal(settings: Settings) -> N
         ("garbage", "certificate"),
         ("bad_region", "targets"),
         ("ip_only", "domains"),
+        # issue 13, finding 7: weak keys and chains that do not verify
+        ("rsa1024", "certificate_pem"),
+        ("rsa1024_key_only", "private_key_pem"),
+        ("unrelated_chain", "chain_pem"),
+        ("chain_not_a_ca", "chain_pem"),
     ],
 )
 def test_import_refusals_write_nothing(settings: Settings, case: str, field: str) -> None:
@@ -357,6 +420,29 @@ def test_import_refusals_write_nothing(settings: Settings, case: str, field: str
     elif case == "ip_only":
         kwargs["certificate_pem"], k = make_cert_pem(("192.0.2.1",))  # no DNS name to manage
         kwargs["private_key_pem"] = k.decode()
+    elif case == "rsa1024":
+        ca, chain = _ca()
+        kwargs["certificate_pem"], kwargs["private_key_pem"] = _signed_leaf(
+            ("imp.example.com",), ca, rsa_bits=1024
+        )
+        kwargs["chain_pem"] = chain
+    elif case == "rsa1024_key_only":
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        weak = rsa.generate_private_key(65537, 1024)
+        kwargs["private_key_pem"] = weak.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+    elif case == "unrelated_chain":
+        ca, _ = _ca("Issuer")
+        _, other_chain = _ca("Someone else")
+        kwargs["certificate_pem"], kwargs["private_key_pem"] = _signed_leaf(("imp.example.com",), ca)
+        kwargs["chain_pem"] = other_chain
+    elif case == "chain_not_a_ca":
+        ca, chain = _ca("Not a CA", ca=False)
+        kwargs["certificate_pem"], kwargs["private_key_pem"] = _signed_leaf(("imp.example.com",), ca)
+        kwargs["chain_pem"] = chain
     before = _counts()
     with pytest.raises(InvalidInput) as info, db.session_scope() as s:
         certificates.import_certificate(s, **kwargs)

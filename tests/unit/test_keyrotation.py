@@ -1,22 +1,27 @@
 """certqueue.keyrotation on both backends: a few thousand encrypted rows in every table that holds
-keys, rotated; a rotation that crashes halfway leaves every row readable and resumes to the end."""
+keys, rotated; a rotation that crashes halfway leaves every row readable and resumes to the end;
+retiring the old key is a separate step, refused while a row or a live process still uses it."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select
 
-from certqueue import db, keyrotation
+from certqueue import certificates, db, keyrotation
+from certqueue import keystore as keyfile
 from certqueue.acme.accounts import account_aad
 from certqueue.certificates import issuance_aad
 from certqueue.config import Settings
+from certqueue.errors import KeyStoreError
 from certqueue.keystore import KeyStore, rotate_key_file
-from certqueue.models import Account, Certificate, Issuance, Order, utcnow
+from certqueue.models import Account, Certificate, Issuance, Order, ProcessHeartbeat, utcnow
 from certqueue.tasks.acme import order_key_aad
 
 ISSUANCES = 2500
@@ -136,7 +141,7 @@ def populated(db_settings: Settings) -> tuple[Path, str]:
     return path, store.active_kid
 
 
-def test_rotate_reencrypts_every_row_and_retires_the_old_key(populated: tuple[Path, str]) -> None:
+def test_rotate_reencrypts_every_row_and_retire_removes_the_old_key(populated: tuple[Path, str]) -> None:
     path, old_kid = populated
     assert _check_all(KeyStore.from_file(path)) == {old_kid: TOTAL}
 
@@ -144,17 +149,115 @@ def test_rotate_reencrypts_every_row_and_retires_the_old_key(populated: tuple[Pa
 
     assert report.new_kid and report.new_kid != old_kid
     assert report.reencrypted == TOTAL
-    assert report.retired == [old_kid]
+    assert report.old_kids == [old_kid]
     store = KeyStore.from_file(path)
     assert store.active_kid == report.new_kid
+    assert store.kids == {old_kid, report.new_kid}  # rotate retires nothing
+    assert _check_all(store) == {report.new_kid: TOTAL}
+
+    assert keyrotation.retire(path) == [old_kid]
+    store = KeyStore.from_file(path)
     assert store.kids == {report.new_kid}  # the old key is gone from the file
     assert _check_all(store) == {report.new_kid: TOTAL}
     assert os.stat(path).st_mode & 0o077 == 0
+    assert keyrotation.retire(path) == []  # nothing left to retire
 
     # rotating again works the same way (the previous new key is now the old one)
     again = keyrotation.rotate(path)
-    assert again.retired == [report.new_kid] and again.reencrypted == TOTAL
+    assert again.reencrypted == TOTAL and keyrotation.retire(path) == [report.new_kid]
     assert _check_all(KeyStore.from_file(path)) == {again.new_kid: TOTAL}
+
+
+def test_retire_refuses_while_a_row_is_under_an_old_key(populated: tuple[Path, str]) -> None:
+    path, old_kid = populated
+    new_kid = rotate_key_file(path)
+    keyrotation.reencrypt_all(KeyStore.from_file(path), stop_after=10)  # an interrupted pass
+    before = path.read_bytes()
+    with pytest.raises(KeyStoreError, match=f"rows are still under key.*{old_kid}.*--resume") as exc:
+        keyrotation.retire(path)
+    assert exc.value.reason == "keystore:in_use"
+    assert path.read_bytes() == before  # nothing changed
+    keyrotation.rotate(path, resume_only=True)
+    assert keyrotation.retire(path) == [old_kid]
+    assert _check_all(KeyStore.from_file(path)) == {new_kid: TOTAL}
+
+
+def _heartbeat(process: str, kid: str, *, seen_ago: float = 0.0, loaded_ago: float = 3600.0) -> None:
+    now = utcnow()
+    with db.session_scope() as s:
+        s.add(
+            ProcessHeartbeat(
+                process=process,
+                role="worker:acme",
+                host="h",
+                pid=1,
+                keyring_id="kr0",
+                active_kid=kid,
+                loaded_at=now - dt.timedelta(seconds=loaded_ago),
+                seen_at=now - dt.timedelta(seconds=seen_ago),
+            )
+        )
+
+
+def test_retire_refuses_while_a_live_process_encrypts_with_an_old_key(
+    populated: tuple[Path, str], settings_factory: Callable[..., Settings], db_url: str
+) -> None:
+    path, old_kid = populated
+    settings_factory(database_url=db_url, **{"storage.process_stale_seconds": 60})
+    report = keyrotation.rotate(path)
+    _heartbeat("dead:1", old_kid, seen_ago=600)  # gone for ten minutes: does not block
+    _heartbeat("live:2", old_kid, seen_ago=5)
+    before = path.read_bytes()
+    with pytest.raises(KeyStoreError, match=f"live:2.*still encrypts with key {old_kid}") as exc:
+        keyrotation.retire(path)
+    assert "dead:1" not in exc.value.message
+    assert path.read_bytes() == before
+    # the process reloads the file and reports the new key, but only just now: the grace period
+    with db.session_scope() as s:
+        s.query(ProcessHeartbeat).filter_by(process="live:2").delete()
+    _heartbeat("live:2", str(report.new_kid), loaded_ago=1)
+    with pytest.raises(KeyStoreError, match=r"loaded key .* only now"):
+        keyrotation.retire(path)
+    with db.session_scope() as s:
+        s.query(ProcessHeartbeat).filter_by(process="live:2").delete()
+    _heartbeat("live:2", str(report.new_kid), loaded_ago=3600)
+    assert keyrotation.retire(path) == [old_kid]
+
+
+def test_a_running_process_reloads_a_changed_key_file(
+    key_file: Path, settings_factory: Callable[..., Settings], db_url: str
+) -> None:
+    """No restart: the next keystore() after a rotation encrypts under the new key, and the heartbeat
+    thread reports it."""
+    settings = settings_factory(database_url=db_url, **{"storage.key_check_seconds": 0.05})
+    first = certificates.keystore(settings)
+    keyrotation.start_heartbeat("test")
+    try:
+        new_kid = rotate_key_file(key_file)
+        store = certificates.keystore(settings)
+        assert store is not first and store.active_kid == new_kid
+        assert store.kid_of(store.encrypt(b"x", b"aad")) == new_kid
+        assert certificates.keystore(settings) is store  # unchanged file: no reload
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = [p for p in keyrotation.live_processes() if p.active_kid == new_kid]
+            if rows:
+                break
+            time.sleep(0.05)
+        assert rows and rows[0].role == "test"
+    finally:
+        keyrotation.stop_heartbeat()
+    assert keyrotation.live_processes() == []  # a clean stop removes the row
+
+
+def test_a_key_file_that_stops_loading_keeps_the_keyring_in_force(
+    key_file: Path, settings_factory: Callable[..., Settings]
+) -> None:
+    settings = settings_factory()
+    store = certificates.keystore(settings)
+    key_file.write_bytes(b"certqueue-keyring 1\nnot a key line\n")
+    assert certificates.keystore(settings) is store
+    assert keyfile.current(key_file) is store
 
 
 @pytest.mark.parametrize("stop_after", [1, 1234, TOTAL - 1])
@@ -176,7 +279,7 @@ def test_a_crash_halfway_loses_nothing_and_resume_finishes(
     report = keyrotation.rotate(path, resume_only=True)
     assert report.new_kid is None  # no further key added
     assert report.reencrypted == TOTAL - stop_after
-    assert report.retired == [old_kid]
+    assert keyrotation.retire(path) == [old_kid]
     store = KeyStore.from_file(path)
     assert store.kids == {new_kid}
     assert _check_all(store) == {new_kid: TOTAL}
@@ -185,7 +288,8 @@ def test_a_crash_halfway_loses_nothing_and_resume_finishes(
 def test_resume_with_nothing_to_do_is_a_no_op(populated: tuple[Path, str]) -> None:
     path, old_kid = populated
     report = keyrotation.rotate(path, resume_only=True)
-    assert (report.new_kid, report.reencrypted, report.retired) == (None, 0, [])
+    assert (report.new_kid, report.reencrypted, report.old_kids) == (None, 0, [])
+    assert keyrotation.retire(path) == []
     assert KeyStore.from_file(path).kids == {old_kid}
     assert _check_all(KeyStore.from_file(path)) == {old_kid: TOTAL}
 
@@ -204,7 +308,11 @@ def test_keys_rotate_cli(
     (settings_dir / "certqueue.yaml").write_text(
         f"storage:\n  encryption_key_path: {path}\ndatabase:\n  url: {db_url}\n"
     )
-    result = CliRunner().invoke(main, ["keys", "rotate"], env={"CERTQUEUE_SETTINGS_DIR": str(settings_dir)})
+    env = {"CERTQUEUE_SETTINGS_DIR": str(settings_dir)}
+    result = CliRunner().invoke(main, ["keys", "rotate"], env=env)
+    assert result.exit_code == 0, result.output
+    assert old_kid in KeyStore.from_file(path).kids and "keys retire" in result.output
+    result = CliRunner().invoke(main, ["keys", "retire"], env=env)
     assert result.exit_code == 0, result.output
     settings_factory(database_url=db_url)
     store = KeyStore.from_file(path)

@@ -512,3 +512,23 @@ def test_validate_pem_kinds_and_errors(tmp_path: object) -> None:
         validate_pem(damaged, "private_key")
     for line in body[1:-1]:
         assert line[:16] not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["*.co.uk", "*.github.io", "*.CO.UK.", "*.com.au"])
+def test_a_wildcard_over_a_public_suffix_is_refused(name: str) -> None:
+    with pytest.raises(InvalidInput, match="public suffix") as info:
+        normalize_domain(name)
+    assert info.value.field == "domains"
+
+
+@pytest.mark.parametrize("name", ["*.example.co.uk", "*.example.com", "*.me.github.io", "co.uk.example.com"])
+def test_a_wildcard_under_a_registered_domain_is_fine(name: str) -> None:
+    assert normalize_domain(name) == name
+
+
+def test_unknown_dns_providers_are_refused() -> None:
+    from certqueue.validation import validate_dns_provider
+
+    assert validate_dns_provider("rfc2136") == "rfc2136"
+    with pytest.raises(InvalidInput, match="unknown DNS provider 'nosuchdns'; known: azure, cloudflare"):
+        validate_dns_provider("nosuchdns")
