@@ -147,6 +147,20 @@ def complete(
     return int(getattr(res, "rowcount", 0) or 0)
 
 
+def is_open(session: Session, intent_id: Any, kind: str, certificate_id: str) -> bool:
+    """Whether ``intent_id`` is an open intent of ``kind`` for the certificate (what a destructive
+    step checks before it acts: a message alone is not a request)."""
+    if not isinstance(intent_id, int) or isinstance(intent_id, bool):
+        return False
+    intent = session.get(Intent, intent_id)
+    return (
+        intent is not None
+        and intent.kind == kind
+        and intent.certificate_id == certificate_id
+        and intent.status in OPEN
+    )
+
+
 def open_intents(session: Session, certificate_id: str) -> list[Intent]:
     return list(
         session.execute(

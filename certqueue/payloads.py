@@ -34,7 +34,7 @@ TASK_FIELDS: Final[dict[str, tuple[frozenset[str], frozenset[str]]]] = {
     "certqueue.issue": (frozenset({"certificate_id", "request"}), frozenset()),
     "certqueue.renew": (frozenset({"certificate_id", "force", "reason"}), frozenset({"certificate_id"})),
     "certqueue.revoke": (frozenset({"certificate_id", "reason"}), frozenset({"certificate_id"})),
-    "certqueue.propagate": (frozenset({"certificate_id", "regions"}), frozenset({"certificate_id"})),
+    "certqueue.propagate": (frozenset({"certificate_id", "regions", "force"}), frozenset({"certificate_id"})),
     "certqueue.status": (frozenset({"certificate_id"}), frozenset({"certificate_id"})),
 }
 

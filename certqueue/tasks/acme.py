@@ -104,6 +104,7 @@ def issue(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
 
 
 def _renew_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
+    payload = payloads.parse("certqueue.renew", payload)  # the broker boundary: ids and names only
     payload = parse_payload(payload, {"certificate_id", "force", "reason"}, {"certificate_id"})
     cert = certificates.get(ctx.session, payload["certificate_id"])
     intent = operations.request_renew(
@@ -126,6 +127,7 @@ def renew(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
 
 
 def _request_revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
+    payload = payloads.parse("certqueue.revoke", payload)  # the broker boundary: ids and names only
     payload = parse_payload(payload, {"certificate_id", "reason"}, {"certificate_id"})
     intent = operations.request_revoke(
         ctx.session, payload["certificate_id"], reason=payload.get("reason") or "unspecified", actor="task"
@@ -319,6 +321,10 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     cert = lock_certificate(session, payload["certificate_id"])
     if cert is None:
         return {"certificate_id": payload["certificate_id"], "status": "gone"}
+    if not intents.is_open(session, payload.get("intent"), "revoke", cert.id):
+        # only a recorded request revokes: a message published straight to the broker does not
+        log.warning("certqueue.acme.revoke for %s without an open revoke request: refused", cert.id)
+        return {"certificate_id": cert.id, "status": "refused"}
     if cert.state == State.REVOKED:
         intents.complete(session, cert.id, ("revoke",), outcome="revoked")
         return {"certificate_id": cert.id, "status": "revoked"}
@@ -384,6 +390,7 @@ def validate(self: PipelineTask, certificate_id: str, _transient: int = 0) -> An
 
 
 def _status_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
+    payload = payloads.parse("certqueue.status", payload)  # the broker boundary: ids and names only
     payload = parse_payload(payload, {"certificate_id"}, {"certificate_id"})
     cert = ctx.session.get(Certificate, payload["certificate_id"])
     if cert is None:

@@ -20,7 +20,7 @@ from typing import Any
 from celery import chord, shared_task
 from sqlalchemy import select
 
-from certqueue import certificates, failpoints, intents, operations
+from certqueue import certificates, failpoints, intents, operations, payloads
 from certqueue.celery_app import region_queue
 from certqueue.config import get_settings
 from certqueue.db import is_postgres, lock_certificate
@@ -101,6 +101,7 @@ def start(self: StartTask, job: dict[str, Any], _transient: int = 0) -> Any:
 
 
 def _request_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
+    payload = payloads.parse("certqueue.propagate", payload)  # the broker boundary: ids and names only
     payload = parse_payload(payload, {"certificate_id", "regions", "force"}, {"certificate_id"})
     intent, wanted = operations.request_propagate(
         ctx.session,

@@ -221,3 +221,24 @@ def test_a_ca_is_chosen_by_name(pipeline: Pipeline, client: CertqueueClient) -> 
     with session_scope(write=False) as s:
         row = s.get(Certificate, job.certificate_id)
         assert row is not None and row.directory_url == pipeline.pebble.directory_url
+
+
+def test_a_revoke_message_without_a_recorded_request_revokes_nothing(
+    pipeline: Pipeline, client: CertqueueClient
+) -> None:
+    """Whoever can publish to the broker cannot revoke: the revoke step acts only on an open revoke
+    intent (one the API, the CLI, the guide API or a public task recorded)."""
+    issued = client.issue(["norevoke.client.example.test"])
+    cid = issued.certificate_id
+    assert cid is not None
+    assert client.wait(cid, timeout=90)["state"] == "ACTIVE"
+    for payload in (
+        {"certificate_id": cid, "reason": "keyCompromise"},
+        {"certificate_id": cid, "reason": "keyCompromise", "intent": 1},  # someone else's intent
+        {"certificate_id": cid, "reason": "keyCompromise", "intent": True},
+    ):
+        res = client.app.send_task("certqueue.acme.revoke", args=[payload], queue="acme")
+        assert res.get(timeout=30)["status"] == "refused"
+    assert client.status(cid)["state"] == "ACTIVE"
+    serial = client.status(cid)["serial"]
+    assert pipeline.pebble.cert_status(serial)["Status"].lower() == "valid"
