@@ -22,9 +22,10 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from bench.report import CaseResult, RunReport, render_sections, table
+from bench.report import RESULTS_DIR, CaseResult, RunReport, render_sections, table
 
 log = logging.getLogger("bench")
 
@@ -56,6 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cq-layouts",
         default="1x8,2x4",
         help="acme pool layouts to run, PROCESSESxCHILDREN (celery main processes x prefork children)",
+    )
+    ap.add_argument(
+        "--storm-scan-interval",
+        type=float,
+        default=None,
+        help="shorten beat's scan interval in the storm (seconds; reported; the shipped 60 by default)",
+    )
+    ap.add_argument(
+        "--storm-timeout", type=float, default=5400.0, help="seconds before the storm counts as timed out"
     )
     ap.add_argument("--storm-workers", type=int, default=2, help="acme worker processes in the storm")
     ap.add_argument("--storm-concurrency", type=int, default=4, help="prefork children per storm worker")
@@ -141,6 +151,10 @@ def run(args: argparse.Namespace) -> RunReport:
 
     opts = {k: v for k, v in vars(args).items() if k not in ("case_list", "layouts", "cq_env_map")}
     report = RunReport(options=opts)
+    from bench import diag
+
+    base = Path(args.out) if args.out else RESULTS_DIR
+    diag.ROOT = base / f"{report.stamp}-artifacts"
     todo = args.case_list
     if "issue" in todo:
         _guard(report, "certqueue", "http-01", args.n, lambda: c.case_certqueue_http(report, args))
@@ -169,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("celery", "kombu", "urllib3", "acme", "amqp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     report = run(args)
-    from pathlib import Path
-
     path = report.write(Path(args.out)) if args.out else report.write()
+    from bench import diag
+
+    print(f"artifacts (process logs, stall snapshots): {diag.ROOT}")
     print()
     print(table(report))
     print(render_sections(report))

@@ -61,6 +61,7 @@ class RunReport:
     cases: list[CaseResult] = field(default_factory=list)
     sections: dict[str, Any] = field(default_factory=dict)
     started_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    stamp: str = field(default_factory=lambda: dt.datetime.now().strftime("%Y-%m-%d-%H%M%S"))
 
     def case(self, name: str) -> CaseResult | None:
         return next((c for c in self.cases if c.name == name), None)
@@ -101,7 +102,7 @@ class RunReport:
 
     def write(self, directory: Path = RESULTS_DIR, stamp: str | None = None) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
-        stamp = stamp or dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+        stamp = stamp or self.stamp
         path = directory / f"{stamp}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False, default=str) + "\n")
