@@ -169,7 +169,8 @@ def redis_depths(url: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in r.scan_iter(count=1000):
         k = key.decode(errors="replace")
-        t = r.type(key).decode()
+        raw = r.type(key)
+        t = raw.decode() if isinstance(raw, bytes) else str(raw)
         if t == "list":
             out[k] = int(r.llen(key))
         elif k.startswith("unacked") and t == "hash":
@@ -177,6 +178,10 @@ def redis_depths(url: str) -> dict[str, Any]:
         elif k.startswith("unacked") and t == "zset":
             out[k] = int(r.zcard(key))
     return out
+
+
+def _one(row: Any) -> Any:
+    return row[0] if row else None
 
 
 def db_state(db_url: str) -> dict[str, Any]:
@@ -212,11 +217,13 @@ def db_state(db_url: str) -> dict[str, Any]:
                 (list(_OPEN),),
             ).fetchall()
         ]
-        out["renewing_without_open_order"] = conn.execute(
-            "SELECT count(*) FROM certificates c WHERE state IN ('RENEWING','ISSUING') AND NOT EXISTS "
-            "(SELECT 1 FROM orders o WHERE o.certificate_id = c.id AND o.status = ANY(%s))",
-            (list(_OPEN),),
-        ).fetchone()[0]
+        out["renewing_without_open_order"] = _one(
+            conn.execute(
+                "SELECT count(*) FROM certificates c WHERE state IN ('RENEWING','ISSUING') AND NOT EXISTS "
+                "(SELECT 1 FROM orders o WHERE o.certificate_id = c.id AND o.status = ANY(%s))",
+                (list(_OPEN),),
+            ).fetchone()
+        )
         out["recent_events"] = [
             [str(v) for v in r]
             for r in conn.execute(
@@ -234,11 +241,13 @@ def db_state(db_url: str) -> dict[str, Any]:
                 (name,),
             ).fetchall()
         ]
-        out["pg_blocked_locks"] = conn.execute(
-            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE NOT l.granted AND a.datname = %s",
-            (name,),
-        ).fetchone()[0]
+        out["pg_blocked_locks"] = _one(
+            conn.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE NOT l.granted AND a.datname = %s",
+                (name,),
+            ).fetchone()
+        )
     return out
 
 
@@ -262,7 +271,7 @@ def ca_order_status(cs: CertqueueStack, limit: int = 200, timeout: float = 90.0)
         ).all()
         if not rows:
             return {"checked": 0}
-        client, _ = client_for(s, settings.acme.directory_url, settings.acme.email)
+        client, _ = client_for(s, str(settings.acme.directory_url), settings.acme.email or "")
     results: dict[str, int] = {}
     pairs: dict[str, int] = {}
 

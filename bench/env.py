@@ -227,6 +227,8 @@ def build_stack(
     case: str = "certqueue",
     pebble_env: dict[str, str] | None = None,
     counting_proxy: bool = False,
+    shipped: bool = False,
+    backend: str = "postgres",
 ) -> CertqueueStack:
     """Everything but the workers (start them with :meth:`CertqueueStack.start_workers`)."""
     cleanups: list[Callable[[], None]] = []
@@ -243,10 +245,16 @@ def build_stack(
         proxy = start_counting_proxy(peb, workdir / "proxy") if counting_proxy else None
         if proxy is not None:
             cleanups.append(proxy.stop)
+        # the embedded default uses neither: the Redis is started anyway (idle, so the stack has one
+        # shape) and the database is a SQLite file in the work folder
         redis = RedisServer().start()
         cleanups.append(redis.stop)
-        db_url, drop = create_database()
-        cleanups.append(drop)
+        if backend == "sqlite":
+            db_url = f"sqlite:///{workdir / 'var' / 'certqueue.db'}"
+            (workdir / "var").mkdir()
+        else:
+            db_url, drop = create_database()
+            cleanups.append(drop)
         env = {
             "CERTQUEUE_SETTINGS_DIR": str(workdir / "settings"),
             "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
@@ -255,16 +263,20 @@ def build_stack(
             "CERTQUEUE_ACME__EMAIL": "bench@example.test",
             "CERTQUEUE_CHALLENGES__HTTP_PORT": str(http_port),
             "CERTQUEUE_CHALLENGES__HTTP_HOST": "127.0.0.1",
-            "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": str(poll_initial),
-            "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": str(poll_max),
             "CERTQUEUE_LOGGING__LEVEL": "INFO",
             "CERTQUEUE_DATABASE__URL": db_url,
-            "CERTQUEUE_BROKER__URL": redis.url,
+        }
+        if backend == "sqlite":
+            env["CERTQUEUE_BROKER__FILESYSTEM_PATH"] = str(workdir / "var" / "broker")
+        else:
+            env["CERTQUEUE_BROKER__URL"] = redis.url
+        if not shipped:
+            env["CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS"] = str(poll_initial)
+            env["CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS"] = str(poll_max)
             # Pebble enforces no rate limits; certqueue's fleet budgets are Let's Encrypt's (50
             # certificates per registered domain per week, 300 new orders per account per 3 h), which
             # would cap every case at 50 certificates under bench.test
-            "CERTQUEUE_RATE_LIMITS__ENABLED": "false",
-        }
+            env["CERTQUEUE_RATE_LIMITS__ENABLED"] = "false"
         if instrument:
             (workdir / "instrument").mkdir()
             env["BENCH_INSTRUMENT_DIR"] = str(workdir / "instrument")

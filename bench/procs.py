@@ -325,7 +325,7 @@ class CpuMeter:
 def SystemMeter(cs: Any) -> CpuMeter:
     """A :class:`CpuMeter` over a whole certqueue stack: its processes, PostgreSQL, Redis, Pebble."""
     groups: dict[str, Callable[[], list[int]]] = {
-        "certqueue": lambda: [p.pid for p in cs.stack.procs.values() if p.poll() is None],
+        "client": lambda: [p.pid for p in cs.stack.procs.values() if p.poll() is None],
         "postgresql": lambda: backend_pids(cs.db_url),
         "redis": lambda: [cs.redis.proc.pid] if cs.redis.proc else [],
         "pebble": lambda: [cs.pebble.proc.pid] if cs.pebble.proc else [],

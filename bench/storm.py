@@ -241,7 +241,7 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
             peak_queue_depth=peak_q,
             cpu_s=cpu,
         )
-        out["client_cpu_s"] = cpu.get("certqueue")
+        out["client_cpu_s"] = cpu.get("client")
         out["pebble_cpu_s"] = cpu.get("pebble")
         out["cpu_per_cert_s"] = {k: v / done for k, v in cpu.items()} if done else None
         out["peak_rss_mb_per_process"] = {str(k): round(v, 1) for k, v in sorted(hwm.items())}
