@@ -111,11 +111,33 @@ def storm_chart(storm: dict[str, Any], path: Path) -> Path | None:
 
 def write_charts(report: RunReport, stem: Path) -> list[Path]:
     """Write every chart the run has data for; ``stem`` is the JSON path without its suffix."""
-    rows = report.rows()
+    return charts_from_json({"cases": report.rows(), "sections": report.sections}, stem)
+
+
+def charts_from_json(data: dict[str, Any], stem: Path) -> list[Path]:
+    rows = data.get("cases") or []
     out = [
         throughput_chart(rows, stem.with_name(stem.name + "-throughput.png")),
         cpu_chart(rows, stem.with_name(stem.name + "-cpu.png")),
     ]
-    if report.sections.get("storm"):
-        out.append(storm_chart(report.sections["storm"], stem.with_name(stem.name + "-storm.png")))
+    storm = (data.get("sections") or {}).get("storm")
+    if storm:
+        out.append(storm_chart(storm, stem.with_name(stem.name + "-storm.png")))
     return [p for p in out if p is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.charts RESULTS.json``: (re)draw the charts of a run already written."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m bench.charts")
+    ap.add_argument("results", type=Path)
+    args = ap.parse_args(argv)
+    for png in charts_from_json(json.loads(args.results.read_text()), args.results.with_suffix("")):
+        print(png)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--storm-timeout", type=float, default=5400.0, help="seconds before the storm counts as timed out"
     )
+    ap.add_argument(
+        "--storm-probe-every",
+        type=float,
+        default=300.0,
+        help="seconds between live looks at the storm (orders in the database vs at the CA); 0: none",
+    )
     ap.add_argument("--storm-workers", type=int, default=2, help="acme worker processes in the storm")
     ap.add_argument("--storm-concurrency", type=int, default=4, help="prefork children per storm worker")
     ap.add_argument(

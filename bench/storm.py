@@ -19,7 +19,9 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import redis as redis_lib
@@ -152,6 +154,41 @@ def _progress(top: int) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
+_TASK_LINE = re.compile(r"Task (certqueue[\w.]*)\[[^\]]*\] (received|succeeded|retry|raised)")
+
+
+def task_outcomes(log_dir: Path) -> dict[str, dict[str, int]]:
+    """Executions per task name and outcome, read from the workers' own INFO log lines (Celery logs
+    every received, succeeded and retried task): no event consumer needed during the storm."""
+    out: dict[str, dict[str, int]] = {}
+    for f in log_dir.glob("bench-*.log"):
+        with open(f, errors="replace") as fh:
+            for line in fh:
+                m = _TASK_LINE.search(line)
+                if m:
+                    d = out.setdefault(m.group(1), {})
+                    d[m.group(2)] = d.get(m.group(2), 0) + 1
+    return out
+
+
+def live_probe(cs: CertqueueStack, t: float) -> dict[str, Any]:
+    """A look during the run that disturbs nothing: orders by status in the database and at the CA
+    (who is each open order waiting on?), the queue depths."""
+    from bench.diag import ca_order_status, db_state, redis_depths
+
+    probe: dict[str, Any] = {"t_s": t}
+    for key, fn in (
+        ("orders_by_status", lambda: db_state(cs.db_url)["orders_by_status"]),
+        ("queues", lambda: redis_depths(cs.redis.url)),
+        ("ca_orders", lambda: ca_order_status(cs, limit=100, timeout=30)),
+    ):
+        try:
+            probe[key] = fn()
+        except Exception as exc:
+            probe[key] = f"failed: {type(exc).__name__}"
+    return probe
+
+
 def run_storm(args: argparse.Namespace) -> dict[str, Any]:
     import secrets
 
@@ -200,8 +237,14 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
         done = 0
         last_progress, last_done = t0, -1
         status = "ok"
+        probe_every = getattr(args, "storm_probe_every", 0) or 0
+        next_probe = t0 + probe_every if probe_every else float("inf")
+        probes: list[dict[str, Any]] = []
         while True:
             now = time.monotonic()
+            if now >= next_probe:
+                probes.append(live_probe(cs, round(now - t0, 1)))
+                next_probe = now + probe_every
             q = int(r.llen("acme"))
             peak_q = max(peak_q, q)
             for root in cs.worker_pids():
@@ -253,6 +296,7 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
             buckets[b] = buckets.get(b, 0) + (d - prev)
             prev = d
         out["renewals_per_10s"] = buckets
+        out["probes"] = probes
         out["timeline_columns"] = ["t_s", "renewed", "in_flight", "acme_queue"]
         out["timeline"] = timeline[:: max(1, len(timeline) // 300)]
         with session_scope(write=False) as s:
@@ -269,6 +313,14 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
                 s.execute(text("SELECT state, count(*) FROM certificates GROUP BY state")).all()
             )
         out.update(orders=orders, certificates_with_more_than_one_order=dups, states_at_end=states)
+        cs.stop_workers()
+        outcomes = task_outcomes(cs.workdir / "logs")
+        out["task_outcomes"] = outcomes
+        if done:
+            out["executions_per_renewal"] = {
+                name: round(sum(v for k, v in c.items() if k != "received") / done, 2)
+                for name, c in sorted(outcomes.items())
+            }
         if cs.proxy is not None and cs.proxy.proc.poll() is None:
             counts = cs.proxy.counts()
             out["new_orders_at_ca"] = counts.get("newOrder 201", 0) - counts0.get("newOrder 201", 0)
