@@ -34,7 +34,7 @@ from bench.env import start_pebble
 from bench.procs import CpuMeter, stop_process, tree_cpu
 from bench.report import CaseResult
 from certqueue.devstack.pebble import ChallTestSrv, PebbleServer
-from certqueue.devstack.ports import free_port, wait_tcp
+from certqueue.devstack.ports import free_port
 
 log = logging.getLogger("bench")
 
@@ -108,25 +108,45 @@ class PeerCA:
         return tree_cpu([self.webroot_proc.pid]) if self.webroot_proc else 0.0
 
 
+def _start_webroot(tmp: Path, attempts: int = 5) -> tuple[subprocess.Popen[bytes], int]:
+    """:mod:`bench.webroot` on a free port, checked to be the process that bound it."""
+    log_path = tmp / "webroot.log"
+    for _ in range(attempts):
+        port = free_port()
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.webroot", "--port", str(port), "--dir", str(tmp / "webroot")],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and proc.poll() is None:
+            if f"webroot on 127.0.0.1:{port}".encode() in log_path.read_bytes():
+                return proc, port
+            time.sleep(0.05)
+        stop_process(proc)
+    raise RuntimeError(f"the webroot server could not bind a port: {log_path.read_text()[-500:]}")
+
+
 @contextmanager
 def peer_ca(*, webroot: bool, dns_server: str | None = None, case: str = "peer") -> Iterator[PeerCA]:
     """A fresh Pebble (and its DNS), optionally a static file server on its HTTP port; the logs of
     Pebble, its DNS and the file server are kept in the case's artifacts when it ends."""
-    http_port = free_port()
-    peb, dns = start_pebble(http_port, dns_server)
     tmp = Path(tempfile.mkdtemp(prefix="certqueue-bench-peer-"))
-    ca = PeerCA(pebble=peb, dns=dns, http_port=http_port, webroot=tmp / "webroot", artifacts=case_dir(case))
-    (ca.webroot / ".well-known" / "acme-challenge").mkdir(parents=True)
+    (tmp / "webroot" / ".well-known" / "acme-challenge").mkdir(parents=True)
+    # the file server binds first: on a shared machine a "free" port can be taken before it binds
+    # (seen: every challenge of a certbot run then went to someone else's server)
+    web_proc, http_port = _start_webroot(tmp) if webroot else (None, free_port())
     try:
-        if webroot:
-            ca.webroot_proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.webroot", "--port", str(http_port), "--dir", str(ca.webroot)],
-                cwd=ROOT,
-                stdout=open(tmp / "webroot.log", "wb"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            wait_tcp("127.0.0.1", http_port, timeout=15)
+        peb, dns = start_pebble(http_port, dns_server)
+    except BaseException:
+        stop_process(web_proc)
+        raise
+    ca = PeerCA(pebble=peb, dns=dns, http_port=http_port, webroot=tmp / "webroot", artifacts=case_dir(case))
+    ca.webroot_proc = web_proc
+    try:
         yield ca
     finally:
         stop_process(ca.webroot_proc)
