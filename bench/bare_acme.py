@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix", default="bare")
     ap.add_argument("--poll", type=float, default=0.05)
     ap.add_argument("--deadline", type=float, default=60.0)
+    ap.add_argument(
+        "--barrier",
+        default=None,
+        help="print 'ready' when the account and every thread's client exist, then wait for this file",
+    )
     args = ap.parse_args(argv)
     webroot = Path(args.webroot)
     (webroot / ".well-known" / "acme-challenge").mkdir(parents=True, exist_ok=True)
@@ -130,10 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         work.put(i)
     lat: list[float] = []
     errors: list[str] = []
+    finished: list[float] = []
     lock = threading.Lock()
+    go = threading.Event()
+    ready = threading.Semaphore(0)
 
     def worker() -> None:
         c = _client(account_key, args.ca, args.directory, account)
+        ready.release()
+        go.wait()
         while True:
             try:
                 i = work.get_nowait()
@@ -144,15 +154,25 @@ def main(argv: list[str] | None = None) -> int:
                 issue_one(c, f"{args.prefix}-{i}.bench.test", webroot, args.poll, args.deadline)
                 with lock:
                     lat.append(time.monotonic() - t0)
+                    finished.append(time.time())
             except Exception as exc:
                 with lock:
                     errors.append(f"{type(exc).__name__}: {str(exc)[:120]}")
 
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.monotonic()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.threads)]
     for t in threads:
         t.start()
+    for _ in threads:
+        ready.acquire()
+    if args.barrier:
+        print("ready", flush=True)
+        barrier = Path(args.barrier)
+        while not barrier.exists():
+            time.sleep(0.002)
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.monotonic()
+    started = time.time()
+    go.set()
     for t in threads:
         t.join(timeout=args.deadline * (args.n / max(args.threads, 1) + 2))
     wall = time.monotonic() - t0
@@ -166,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             "failed": len(errors),
             "wall": wall,
             "cpu": cpu,
+            "started_at": started,
+            "finished_at": max(finished) if finished else None,
+            "maxrss_mb": ru1.ru_maxrss / 1024,
         },
         sys.stdout,
     )

@@ -1,34 +1,46 @@
-"""``python -m bench [options]``: run the benchmark cases, print the table, write the JSON.
+"""``python -m bench [options]``: run the benchmark cases, print the table, write the JSON and charts.
 
-Cases (``--cases``, comma separated; all by default):
+Throughput contenders (interleaved A B C A B C ..., ``--reps`` rounds, a fresh Pebble each time, the
+same ``-n`` for every parallel contender, accounts registered before the clock, a start barrier, no
+instruments):
 
-* ``issue``: certqueue's full pipeline over HTTP-01 (PostgreSQL, Redis, real worker pools), with the
-  profile of where its time goes (per task type: queue wait, run time, SQL, ACME HTTP);
+* ``issue``: certqueue's full pipeline over HTTP-01 (PostgreSQL, Redis, real worker pools), per
+  ``--cq-layouts``;
 * ``bare``: the bare ``acme`` library, 1x1, 1x8, 2x8 and certqueue's own concurrency;
-* ``certbot``, ``lego``: the peers, each against a fresh Pebble;
-* ``storm``: a renewal storm (``--storm`` certificates made due at once);
-* ``scan``: the due-scan at ``--scan-rows`` rows, 1% due;
+* ``certbot``: sequential, 8 parallel processes, ``certbot renew`` over ``--renew-n`` lineages;
+* ``lego``: sequential, 8 and 32 processes.
+
+Cases run once each, after the contenders:
+
 * ``dns``: DNS-01 wildcard certificates through BIND9, certqueue against lego's rfc2136 provider;
+* ``latency``: one certificate at a time, request to ACTIVE, shipped settings;
+* ``profile``: where certqueue's time goes (instrumented: task events, SQL and HTTP counters);
+* ``scan``: the due-scan at ``--scan-rows`` rows, 1% due;
+* ``storm``: a renewal storm (``--storm`` certificates due at once) under real beat;
 * ``pyspy``: a py-spy profile of one acme worker during a short issuance run.
 
-Every case has a time budget (``--case-timeout``); one that does not finish is reported as stalled.
+Every case has a time budget (``--case-timeout``); one that does not finish is reported as stalled,
+with the logs of every process it started and a stall snapshot in ``<out>/<stamp>-artifacts/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from bench.report import CaseResult, RunReport, render_sections, table
+from bench.report import RESULTS_DIR, CaseResult, RunReport, render_sections, table
 
 log = logging.getLogger("bench")
 
-ALL_CASES = ("issue", "bare", "certbot", "lego", "dns", "scan", "storm", "pyspy")
+ALL_CASES = ("issue", "bare", "certbot", "lego", "dns", "latency", "profile", "scan", "storm", "pyspy")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,9 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "-n", "--n", type=int, default=None, help="certificates for certqueue and bare acme (500)"
     )
-    ap.add_argument("--certbot-n", type=int, default=None, help="certbot runs (10)")
-    ap.add_argument("--lego-n", type=int, default=None, help="sequential lego runs (8)")
-    ap.add_argument("--lego-parallel-n", type=int, default=None, help="lego runs, 8 at a time (48)")
+    ap.add_argument(
+        "--sequential-n",
+        type=int,
+        default=None,
+        help="certificates for the one-at-a-time contenders: certbot and lego sequential, bare 1x1 (20)",
+    )
+    ap.add_argument("--renew-n", type=int, default=None, help="lineages for `certbot renew` (40)")
+    ap.add_argument("--latency-n", type=int, default=None, help="certificates in the latency case (10)")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per contender (3)")
+    ap.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     ap.add_argument("--dns-n", type=int, default=None, help="wildcard certificates per DNS-01 case (30)")
     ap.add_argument("--storm", type=int, default=None, help="certificates in the renewal storm (10000)")
     ap.add_argument("--scan-rows", type=int, default=None, help="rows for the due-scan case (1000000)")
@@ -56,6 +75,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cq-layouts",
         default="1x8,2x4",
         help="acme pool layouts to run, PROCESSESxCHILDREN (celery main processes x prefork children)",
+    )
+    ap.add_argument(
+        "--storm-scan-interval",
+        type=float,
+        default=None,
+        help="shorten beat's scan interval in the storm (seconds; reported; the shipped 60 by default)",
+    )
+    ap.add_argument(
+        "--storm-timeout", type=float, default=5400.0, help="seconds before the storm counts as timed out"
+    )
+    ap.add_argument(
+        "--storm-probe-every",
+        type=float,
+        default=300.0,
+        help="seconds between live looks at the storm (orders in the database vs at the CA); 0: none",
     )
     ap.add_argument("--storm-workers", type=int, default=2, help="acme worker processes in the storm")
     ap.add_argument("--storm-concurrency", type=int, default=4, help="prefork children per storm worker")
@@ -78,9 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     defaults = {
         "n": (60, 500),
-        "certbot_n": (3, 10),
-        "lego_n": (3, 8),
-        "lego_parallel_n": (16, 48),
+        "sequential_n": (3, 20),
+        "renew_n": (3, 40),
+        "latency_n": (3, 10),
+        "reps": (1, 3),
         "dns_n": (8, 30),
         "storm": (300, 10_000),
         "scan_rows": (100_000, 1_000_000),
@@ -93,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown case(s): {', '.join(unknown)}")
     args.case_list = cases
+    if args.reps < 1 or args.n < 1:
+        ap.error("--reps and -n must be at least 1")
     try:
         args.layouts = [
             tuple(int(x) for x in lay.lower().split("x", 1)) for lay in args.cq_layouts.split(",")
@@ -141,23 +178,38 @@ def run(args: argparse.Namespace) -> RunReport:
 
     opts = {k: v for k, v in vars(args).items() if k not in ("case_list", "layouts", "cq_env_map")}
     report = RunReport(options=opts)
+    from bench import diag
+
+    base = Path(args.out) if args.out else RESULTS_DIR
+    diag.ROOT = base / f"{report.stamp}-artifacts"
     todo = args.case_list
-    if "issue" in todo:
-        _guard(report, "certqueue", "http-01", args.n, lambda: c.case_certqueue_http(report, args))
-    if "bare" in todo:
-        _guard(report, "bare acme", "http-01", args.n, lambda: c.case_bare(report, args))
-    if "certbot" in todo:
-        _guard(report, "certbot sequential", "http-01", args.certbot_n, lambda: c.case_certbot(report, args))
-    if "lego" in todo:
-        _guard(report, "lego", "http-01", args.lego_n, lambda: c.case_lego(report, args))
-    if "dns" in todo:
-        _guard(report, "dns-01", "dns-01", args.dns_n, lambda: c.case_dns(report, args))
-    if "scan" in todo:
-        _guard(report, "scan", "scan", args.scan_rows, lambda: c.case_scan(report, args))
-    if "storm" in todo:
-        _guard(report, "storm", "storm", args.storm, lambda: c.case_storm(report, args))
-    if "pyspy" in todo:
-        _guard(report, "pyspy", "profile", args.n, lambda: c.case_pyspy(report, args))
+    from bench.stats import interleave
+
+    plan = interleave(c.contenders(args), args.reps)
+    for k, (rep, who) in enumerate(plan, 1):
+        log.info("round %d/%d, contender %s (%d of %d)", rep + 1, args.reps, who.name, k, len(plan))
+        before = os.getloadavg()
+        result = _guard(report, who.name, who.group, who.n, who.run)
+        if result is not None:
+            result.rep = rep
+            result.loadavg_before = result.loadavg_before or before
+            result.loadavg_after = result.loadavg_after or os.getloadavg()
+            report.cases.append(result)
+        elif report.cases and report.cases[-1].name == who.name:
+            report.cases[-1].rep = rep
+    singles = [
+        ("dns", "dns-01", args.dns_n, c.case_dns),
+        ("latency", "latency", args.latency_n, c.case_latency),
+        ("profile", "profile", args.n, c.case_profile),
+        ("scan", "scan", args.scan_rows, c.case_scan),
+        ("storm", "storm", args.storm, c.case_storm),
+        ("pyspy", "profile", args.n, c.case_pyspy),
+    ]
+    for key, group, n, fn in singles:
+        if key in todo:
+            before = os.getloadavg()
+            _guard(report, key, group, n, functools.partial(fn, report, args))
+            report.loadavg[key] = {"before": before, "after": os.getloadavg()}
     return report
 
 
@@ -169,9 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("celery", "kombu", "urllib3", "acme", "amqp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     report = run(args)
-    from pathlib import Path
-
     path = report.write(Path(args.out)) if args.out else report.write()
+    from bench import diag
+
+    print(f"artifacts (process logs, stall snapshots): {diag.ROOT}")
+    if not args.no_charts:
+        from bench.charts import write_charts
+
+        try:
+            for png in write_charts(report, path.with_suffix("")):
+                print(f"chart: {png}")
+        except ImportError:
+            print("charts skipped: matplotlib is not installed (pip install -e '.[bench]')")
     print()
     print(table(report))
     print(render_sections(report))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -307,3 +309,64 @@ def build_profile(
         "pg_stat_delta": delta,
         "instrument_raw": instr,
     }
+
+
+def run_certqueue_timed(
+    cs: CertqueueStack,
+    *,
+    name: str,
+    group: str,
+    n: int,
+    domains_for: Any,
+    request_kw: dict[str, Any],
+    warmup: int,
+    timeout: float,
+    stall: float,
+) -> CaseResult:
+    """An uninstrumented throughput run with a start barrier.
+
+    The warm-up (account registration, imports, connection pools) runs first, uncounted. Then the
+    workers stop consuming ``acme`` (``cancel_consumer``), all ``n`` rows are created and all ``n``
+    tasks are published while nothing consumes them, and the clock starts when the workers are told to
+    consume again (``add_consumer``): the bench's own ``send_task`` calls are outside the window, as
+    the bare loop's queue is filled before its clock. Wall time runs from that barrier to the last
+    ACTIVE transition (from the events table); no task events are consumed by the bench.
+    """
+    from bench.procs import SystemMeter
+
+    result = CaseResult(name=name, group=group, n=n)
+    if warmup:
+        wids = create_requests([domains_for(f"warm{i}") for i in range(warmup)], **request_kw)
+        send_issue(wids)
+        wait_all(wids, timeout=min(timeout, 180), stall=stall)
+    app = lazy_app.get()
+    dest = [f"{w}@{socket.gethostname()}" for w in cs.workers if "acme" in w]
+    app.control.cancel_consumer("acme", destination=dest, reply=True, timeout=10)
+    ids = create_requests([domains_for(str(i)) for i in range(n)], **request_kw)
+    send_issue(ids)
+    meter = SystemMeter(cs)
+    meter.start()
+    result.loadavg_before = os.getloadavg()
+    t0_wall = dt.datetime.now(dt.UTC)
+    t0 = time.monotonic()
+    app.control.add_consumer("acme", destination=dest, reply=True, timeout=10)
+    done, status, _polls = wait_all(ids, timeout=timeout, stall=stall, poll=1.0)
+    wall_poll = time.monotonic() - t0
+    result.loadavg_after = os.getloadavg()
+    cpu = meter.stop()
+    if status in ("stalled", "timeout") and cs.artifacts is not None:
+        from bench.diag import stall_snapshot
+
+        snap = stall_snapshot(cs, cs.artifacts, why=f"{status}: {done}/{n} active")
+        result.extra["stall_snapshot"] = {k: snap.get(k) for k in ("db", "queues", "ca_orders")}
+    lat, last_active = latencies(ids)
+    result.ok = done
+    result.status = status
+    result.wall_s = (last_active - t0_wall).total_seconds() if last_active and done else wall_poll
+    result.latencies_s = lat
+    result.cpu_s = cpu
+    result.client_cpu_s = cpu.get("client")
+    result.pebble_cpu_s = cpu.get("pebble")
+    result.peak_rss_mb = meter.peak_rss_mb
+    result.extra.update(orders=count_orders(ids), warmup=warmup, artifacts=str(cs.artifacts))
+    return result

@@ -16,7 +16,7 @@ import secrets
 import tempfile
 
 from bench import peers
-from bench.cq_issue import run_certqueue
+from bench.cq_issue import run_certqueue_timed
 from bench.env import build_stack
 from bench.report import CaseResult, RunReport
 from certqueue.devstack.bind import BindServer
@@ -31,14 +31,15 @@ def _certqueue(report: RunReport, args: argparse.Namespace, bind: BindServer) ->
         "CERTQUEUE_CHALLENGES__DNS_RESOLVERS": json.dumps([bind.nameserver]),
         "CERTQUEUE_CHALLENGES__NAMESERVER_PORT": str(bind.port),
     }
-    cs = build_stack(extra_env=env, dns_server=bind.nameserver, http01=False, instrument=True)
+    name = f"certqueue {args.cq_workers}x{args.cq_concurrency} + dns 1x4"
+    cs = build_stack(extra_env=env, dns_server=bind.nameserver, http01=False, instrument=False, case=name)
     try:
         cs.start_workers("acme", args.cq_workers, args.cq_concurrency)
         cs.start_workers("dns", 1, 4)
         tag = secrets.token_hex(2)
-        result, profile = run_certqueue(
+        result = run_certqueue_timed(
             cs,
-            name=f"certqueue {args.cq_workers}x{args.cq_concurrency} + dns 1x4",
+            name=name,
             group="dns-01",
             n=args.dns_n,
             domains_for=lambda i: [f"*.q{tag}{i}.example.test"],
@@ -49,7 +50,6 @@ def _certqueue(report: RunReport, args: argparse.Namespace, bind: BindServer) ->
         )
         result.note = "wildcard, RFC2136 to BIND, propagation checked at BIND, chord over the dns pool"
         report.cases.append(result)
-        report.sections["profile_dns01"] = profile
     finally:
         cs.teardown()
 
@@ -72,7 +72,7 @@ def _lego(n: int, parallel: int, bind: BindServer, budget: float) -> CaseResult:
         "RFC2136_TTL": "60",
     }
     with (
-        peers.peer_ca(webroot=False, dns_server=bind.nameserver) as ca,
+        peers.peer_ca(webroot=False, dns_server=bind.nameserver, case=label) as ca,
         tempfile.TemporaryDirectory(prefix="certqueue-bench-lego-dns-") as d,
     ):
         chal = ["--dns", "rfc2136", "--dns.resolvers", bind.nameserver, "--dns.disable-cp"]

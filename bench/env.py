@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import RedisServer, create_database, tree_cpu
+from bench.diag import case_dir
+from bench.procs import RedisServer, create_database, stop_process, tree_cpu
 from certqueue import certificates
 from certqueue.celery_app import lazy_app
 from certqueue.config import load_settings, set_settings
@@ -31,6 +35,71 @@ INSTRUMENT_DIR = Path(__file__).resolve().parent / "instrument"
 
 #: ``CERTQUEUE_*`` overrides for every certqueue stack of the run (``--cq-env KEY=VALUE``)
 EXTRA_ENV: dict[str, str] = {}
+
+
+@dataclass
+class CountingProxyProcess:
+    """:mod:`tests.fakes.acme_counting_proxy` as its own process in front of one Pebble."""
+
+    proc: subprocess.Popen[bytes]
+    directory_url: str
+    ca_bundle: Path
+    log_path: Path
+
+    @property
+    def counts_url(self) -> str:
+        return self.directory_url.rsplit("/", 1)[0] + "/counts"
+
+    def counts(self) -> dict[str, int]:
+        import requests
+
+        resp = requests.get(self.counts_url, verify=str(self.ca_bundle), timeout=10)
+        resp.raise_for_status()
+        data: dict[str, int] = resp.json()
+        return data
+
+    def cpu(self) -> float:
+        return tree_cpu([self.proc.pid])
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def start_counting_proxy(peb: PebbleServer, workdir: Path) -> CountingProxyProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "counting-proxy.log"
+    root = Path(__file__).resolve().parent.parent
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.fakes.acme_counting_proxy",
+                "--upstream",
+                peb.directory_url,
+                "--ca",
+                str(peb.ca_bundle),
+                "--workdir",
+                str(workdir),
+            ],
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        for line in text.splitlines():
+            if line.startswith("counting proxy ready "):
+                _, _, _, url, bundle = line.split()
+                return CountingProxyProcess(proc, url, Path(bundle), log_path)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    stop_process(proc)
+    raise RuntimeError(f"counting proxy did not start: {log_path.read_text(errors='replace')[-2000:]}")
 
 
 def start_pebble(
@@ -62,6 +131,14 @@ class CertqueueStack:
     http_port: int
     cleanups: list[Callable[[], None]] = field(default_factory=list)
     workers: list[str] = field(default_factory=list)
+    #: where this case keeps its processes' logs (:mod:`bench.diag`); filled at teardown
+    artifacts: Path | None = None
+    proxy: CountingProxyProcess | None = None
+
+    @property
+    def directory_url(self) -> str:
+        """The directory certqueue talks to (the counting proxy's when there is one)."""
+        return self.proxy.directory_url if self.proxy else self.pebble.directory_url
 
     @property
     def instrument_dir(self) -> Path:
@@ -103,7 +180,32 @@ class CertqueueStack:
         for n in self.workers:
             self.stack.stop(n, timeout=30)
 
+    def log_files(self) -> list[tuple[str, Path | None]]:
+        """(name, path) of the log of every process this stack started."""
+        files: list[tuple[str, Path | None]] = sorted(
+            (p.name, p) for p in (self.workdir / "logs").glob("*.log")
+        )
+        if self.pebble.workdir:
+            files.append(("pebble.log", self.pebble.log_path))
+        if self.dns is not None and self.dns.workdir:
+            files.append(("challtestsrv.log", self.dns.workdir / "challtestsrv.log"))
+        files.append(("redis.log", self.redis.log_path))
+        if self.proxy is not None:
+            files.append(("counting-proxy.log", self.proxy.log_path))
+        return files
+
+    def keep_logs(self) -> None:
+        if self.artifacts is not None:
+            from bench.diag import copy_logs
+
+            copy_logs(self.artifacts, self.log_files())
+
     def teardown(self) -> None:
+        try:
+            self.stop_workers()
+        except Exception:
+            pass
+        self.keep_logs()
         for fn in reversed(self.cleanups):
             try:
                 fn()
@@ -122,6 +224,11 @@ def build_stack(
     http01: bool = True,
     poll_initial: float = 0.05,
     poll_max: float = 1.0,
+    case: str = "certqueue",
+    pebble_env: dict[str, str] | None = None,
+    counting_proxy: bool = False,
+    shipped: bool = False,
+    backend: str = "postgres",
 ) -> CertqueueStack:
     """Everything but the workers (start them with :meth:`CertqueueStack.start_workers`)."""
     cleanups: list[Callable[[], None]] = []
@@ -131,32 +238,45 @@ def build_stack(
         key = workdir / "master.key"
         generate_key_file(key)
         http_port = free_port()
-        peb, dns = start_pebble(http_port, dns_server)
+        peb, dns = start_pebble(http_port, dns_server, pebble_env)
         cleanups.append(peb.stop)
         if dns is not None:
             cleanups.append(dns.stop)
+        proxy = start_counting_proxy(peb, workdir / "proxy") if counting_proxy else None
+        if proxy is not None:
+            cleanups.append(proxy.stop)
+        # the embedded default uses neither: the Redis is started anyway (idle, so the stack has one
+        # shape) and the database is a SQLite file in the work folder
         redis = RedisServer().start()
         cleanups.append(redis.stop)
-        db_url, drop = create_database()
-        cleanups.append(drop)
+        if backend == "sqlite":
+            db_url = f"sqlite:///{workdir / 'var' / 'certqueue.db'}"
+            (workdir / "var").mkdir()
+        else:
+            db_url, drop = create_database()
+            cleanups.append(drop)
         env = {
             "CERTQUEUE_SETTINGS_DIR": str(workdir / "settings"),
             "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
-            "CERTQUEUE_ACME__DIRECTORY_URL": peb.directory_url,
-            "CERTQUEUE_ACME__CA_BUNDLE": str(peb.ca_bundle),
+            "CERTQUEUE_ACME__DIRECTORY_URL": proxy.directory_url if proxy else peb.directory_url,
+            "CERTQUEUE_ACME__CA_BUNDLE": str(proxy.ca_bundle if proxy else peb.ca_bundle),
             "CERTQUEUE_ACME__EMAIL": "bench@example.test",
             "CERTQUEUE_CHALLENGES__HTTP_PORT": str(http_port),
             "CERTQUEUE_CHALLENGES__HTTP_HOST": "127.0.0.1",
-            "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": str(poll_initial),
-            "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": str(poll_max),
             "CERTQUEUE_LOGGING__LEVEL": "INFO",
             "CERTQUEUE_DATABASE__URL": db_url,
-            "CERTQUEUE_BROKER__URL": redis.url,
+        }
+        if backend == "sqlite":
+            env["CERTQUEUE_BROKER__FILESYSTEM_PATH"] = str(workdir / "var" / "broker")
+        else:
+            env["CERTQUEUE_BROKER__URL"] = redis.url
+        if not shipped:
+            env["CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS"] = str(poll_initial)
+            env["CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS"] = str(poll_max)
             # Pebble enforces no rate limits; certqueue's fleet budgets are Let's Encrypt's (50
             # certificates per registered domain per week, 300 new orders per account per 3 h), which
             # would cap every case at 50 certificates under bench.test
-            "CERTQUEUE_RATE_LIMITS__ENABLED": "false",
-        }
+            env["CERTQUEUE_RATE_LIMITS__ENABLED"] = "false"
         if instrument:
             (workdir / "instrument").mkdir()
             env["BENCH_INSTRUMENT_DIR"] = str(workdir / "instrument")
@@ -177,6 +297,8 @@ def build_stack(
             stack=stack,
             http_port=http_port,
             cleanups=cleanups,
+            artifacts=case_dir(case),
+            proxy=proxy,
         )
         stack.cli("db", "upgrade")
         cs.install_settings()

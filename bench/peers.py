@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,11 +29,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.diag import case_dir, copy_logs
 from bench.env import start_pebble
-from bench.procs import children_cpu, stop_process, tree_cpu
+from bench.procs import CpuMeter, stop_process, tree_cpu
 from bench.report import CaseResult
 from certqueue.devstack.pebble import ChallTestSrv, PebbleServer
-from certqueue.devstack.ports import free_port, wait_tcp
+from certqueue.devstack.ports import free_port
 
 log = logging.getLogger("bench")
 
@@ -41,6 +43,7 @@ PEERS = ROOT / "var" / "bench-peers"
 CERTBOT = PEERS / "certbot" / "bin" / "certbot"
 PYSPY = PEERS / "certbot" / "bin" / "py-spy"
 LEGO = "/usr/bin/lego"
+GNU_TIME = "/usr/bin/time"
 EMAIL = "bench@example.test"
 
 
@@ -90,6 +93,13 @@ class PeerCA:
     http_port: int
     webroot: Path
     webroot_proc: subprocess.Popen[bytes] | None = None
+    artifacts: Path | None = None
+
+    def pebble_pids(self) -> list[int]:
+        return [p.pid for p in (self.pebble.proc, self.dns.proc if self.dns else None) if p is not None]
+
+    def webroot_pids(self) -> list[int]:
+        return [self.webroot_proc.pid] if self.webroot_proc and self.webroot_proc.poll() is None else []
 
     def pebble_cpu(self) -> float:
         return tree_cpu([self.pebble.proc.pid]) if self.pebble.proc else 0.0
@@ -98,31 +108,116 @@ class PeerCA:
         return tree_cpu([self.webroot_proc.pid]) if self.webroot_proc else 0.0
 
 
-@contextmanager
-def peer_ca(*, webroot: bool, dns_server: str | None = None) -> Iterator[PeerCA]:
-    """A fresh Pebble (and its DNS), optionally a static file server on its HTTP port."""
-    http_port = free_port()
-    peb, dns = start_pebble(http_port, dns_server)
-    tmp = Path(tempfile.mkdtemp(prefix="certqueue-bench-peer-"))
-    ca = PeerCA(pebble=peb, dns=dns, http_port=http_port, webroot=tmp / "webroot")
-    (ca.webroot / ".well-known" / "acme-challenge").mkdir(parents=True)
-    try:
-        if webroot:
-            ca.webroot_proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.webroot", "--port", str(http_port), "--dir", str(ca.webroot)],
+def _start_webroot(tmp: Path, attempts: int = 5) -> tuple[subprocess.Popen[bytes], int]:
+    """:mod:`bench.webroot` on a free port, checked to be the process that bound it."""
+    log_path = tmp / "webroot.log"
+    for _ in range(attempts):
+        port = free_port()
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.webroot", "--port", str(port), "--dir", str(tmp / "webroot")],
                 cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            wait_tcp("127.0.0.1", http_port, timeout=15)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and proc.poll() is None:
+            if f"webroot on 127.0.0.1:{port}".encode() in log_path.read_bytes():
+                return proc, port
+            time.sleep(0.05)
+        stop_process(proc)
+    raise RuntimeError(f"the webroot server could not bind a port: {log_path.read_text()[-500:]}")
+
+
+@contextmanager
+def peer_ca(*, webroot: bool, dns_server: str | None = None, case: str = "peer") -> Iterator[PeerCA]:
+    """A fresh Pebble (and its DNS), optionally a static file server on its HTTP port; the logs of
+    Pebble, its DNS and the file server are kept in the case's artifacts when it ends."""
+    tmp = Path(tempfile.mkdtemp(prefix="certqueue-bench-peer-"))
+    (tmp / "webroot" / ".well-known" / "acme-challenge").mkdir(parents=True)
+    # the file server binds first: on a shared machine a "free" port can be taken before it binds
+    # (seen: every challenge of a certbot run then went to someone else's server)
+    web_proc, http_port = _start_webroot(tmp) if webroot else (None, free_port())
+    try:
+        peb, dns = start_pebble(http_port, dns_server)
+    except BaseException:
+        stop_process(web_proc)
+        raise
+    ca = PeerCA(pebble=peb, dns=dns, http_port=http_port, webroot=tmp / "webroot", artifacts=case_dir(case))
+    ca.webroot_proc = web_proc
+    try:
         yield ca
     finally:
         stop_process(ca.webroot_proc)
+        logs = [("pebble.log", peb.log_path if peb.workdir else None), ("webroot.log", tmp / "webroot.log")]
+        if dns is not None and dns.workdir:
+            logs.append(("challtestsrv.log", dns.workdir / "challtestsrv.log"))
+        if ca.artifacts is not None:
+            copy_logs(ca.artifacts, logs)
         peb.stop()
         if dns is not None:
             dns.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_measured(
+    argv: list[str], env: dict[str, str], log_path: Path, timeout: float
+) -> tuple[int | None, float, float, float]:
+    """Run one command, output to ``log_path``: (exit code or None on timeout, wall s, CPU s, peak RSS MB).
+
+    CPU comes from ``wait4`` on that child alone (its own rusage, its reaped children's included), so
+    parallel runs do not mix their numbers. Peak RSS comes from GNU time's ``%M`` (the command runs
+    under ``/usr/bin/time``): ``wait4``'s ``ru_maxrss`` would count the bench's own memory, which the
+    forked child holds until it execs.
+    """
+    rss_file = log_path.with_suffix(f".{threading.get_ident()}.rss")
+    if os.access(GNU_TIME, os.X_OK):
+        argv = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *argv]
+    s = time.monotonic()
+    with open(log_path, "ab") as log:
+        log.write(("$ " + " ".join(argv) + "\n").encode())
+        log.flush()
+        p = subprocess.Popen(
+            argv,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    timer = threading.Timer(timeout, lambda: _kill_group(p.pid))
+    timer.start()
+    try:
+        _, status, ru = os.wait4(p.pid, 0)
+    finally:
+        timer.cancel()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - s
+    rc: int | None = p.returncode
+    if rc is not None and rc < 0 and wall >= timeout:
+        rc = None
+    try:
+        maxrss = int(rss_file.read_text().split()[-1]) / 1024
+        rss_file.unlink()
+    except (OSError, ValueError, IndexError):
+        maxrss = 0.0
+    return rc, wall, ru.ru_utime + ru.ru_stime, maxrss
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def _last_line(log_path: Path) -> str:
+    try:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "?"
+    return lines[-1][:200] if lines else "?"
 
 
 def _timed_runs(
@@ -133,46 +228,59 @@ def _timed_runs(
     per_run_timeout: float,
     budget: float,
 ) -> None:
-    """Run the commands (``parallel`` at a time); fill ok, wall, latencies, CPU of ``result``."""
-    cpu0, peb0, web0 = children_cpu(), ca.pebble_cpu(), ca.webroot_cpu()
+    """Run the commands (``parallel`` at a time); fill ok, wall, latencies, CPU, RSS of ``result``.
+
+    The clock starts when the first command is launched and stops when the last one exits: a peer
+    run as a user runs it pays its interpreter start, so that is inside the window. Each command's
+    output is kept in the case's artifacts (``logs/run-<i>.log``).
+    """
+    logs = (ca.artifacts or Path(tempfile.mkdtemp(prefix="certqueue-bench-peerlogs-"))) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    meter = CpuMeter({"pebble": ca.pebble_pids, "webroot": ca.webroot_pids})
+    meter.start()
+    result.loadavg_before = os.getloadavg()
     t0 = time.monotonic()
     deadline = t0 + budget
     errors: list[str] = []
+    client_cpu: list[float] = []
+    rss: list[float] = []
+    lock = threading.Lock()
 
-    def run(cmd: tuple[list[str], dict[str, str]]) -> float | None:
-        argv, env = cmd
+    def run(item: tuple[int, tuple[list[str], dict[str, str]]]) -> float | None:
+        i, (argv, env) = item
         if time.monotonic() > deadline:
             return None
-        s = time.monotonic()
-        try:
-            p = subprocess.run(
-                argv,
-                env={**os.environ, **env},
-                capture_output=True,
-                text=True,
-                timeout=per_run_timeout,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            errors.append("timeout")
-            return None
-        if p.returncode != 0:
-            errors.append(
-                (p.stderr or p.stdout).strip().splitlines()[-1][:200]
-                if (p.stderr or p.stdout)
-                else f"exit {p.returncode}"
-            )
-            return None
-        return time.monotonic() - s
+        log_path = logs / f"run-{i}.log"
+        rc, wall, cpu, maxrss = run_measured(argv, env, log_path, per_run_timeout)
+        with lock:
+            client_cpu.append(cpu)
+            rss.append(maxrss)
+            if rc != 0:
+                errors.append("timeout" if rc is None else _last_line(log_path))
+        return wall if rc == 0 else None
+
+    # slot k runs commands k, k + parallel, ... one after another (a slot is one config/account
+    # folder: certbot locks its config dir, so two runs never share one at the same time)
+    walls: list[float | None] = [None] * len(commands)
+
+    def slot(k: int) -> None:
+        for i in range(k, len(commands), parallel):
+            walls[i] = run((i, commands[i]))
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        lat = [x for x in pool.map(run, commands) if x is not None]
+        list(pool.map(slot, range(parallel)))
+    lat = [x for x in walls if x is not None]
     result.wall_s = time.monotonic() - t0
+    result.loadavg_after = os.getloadavg()
+    cpu = meter.stop()
     result.ok = len(lat)
     result.latencies_s = lat
-    result.client_cpu_s = (children_cpu() - cpu0) + (ca.webroot_cpu() - web0)
-    result.pebble_cpu_s = ca.pebble_cpu() - peb0
-    skipped = len(commands) - len(lat) - len(errors)
+    result.cpu_s = {"client": sum(client_cpu) + cpu.get("webroot", 0.0), "pebble": cpu.get("pebble", 0.0)}
+    result.cpu_s["total"] = sum(result.cpu_s.values())
+    result.client_cpu_s = result.cpu_s["client"]
+    result.pebble_cpu_s = result.cpu_s["pebble"]
+    result.peak_rss_mb = {"client": max(rss, default=0.0), **meter.peak_rss_mb}
+    skipped = sum(1 for w in walls if w is None) - len(errors)
     if result.ok < result.n:
         result.status = "stalled" if skipped else "partial"
     if errors:
@@ -180,55 +288,127 @@ def _timed_runs(
         result.extra["failed"] = len(errors)
     if skipped:
         result.extra["not_run_budget_exhausted"] = skipped
+    if ca.artifacts is not None:
+        result.extra["artifacts"] = str(ca.artifacts)
 
 
-def run_certbot(n: int, *, budget: float, prefix: str = "certbot") -> CaseResult:
-    result = CaseResult(name="certbot sequential", group="http-01", n=n)
+def _certbot_base(ca: PeerCA, d: str) -> list[str]:
+    return [
+        str(CERTBOT),
+        "--server",
+        ca.pebble.directory_url,
+        "--non-interactive",
+        "--agree-tos",
+        "-m",
+        EMAIL,
+        "--no-eff-email",
+        "--config-dir",
+        f"{d}/config",
+        "--work-dir",
+        f"{d}/work",
+        "--logs-dir",
+        f"{d}/logs",
+    ]
+
+
+def _certbot_certonly(ca: PeerCA, d: str, name: str, *, webroot: bool) -> list[str]:
+    if webroot:
+        chal = ["--webroot", "-w", str(ca.webroot)]
+    else:
+        chal = ["--standalone", "--http-01-port", str(ca.http_port), "--http-01-address", "127.0.0.1"]
+    return [
+        *_certbot_base(ca, d),
+        "certonly",
+        *chal,
+        "--preferred-challenges",
+        "http",
+        "-d",
+        name,
+        "--key-type",
+        "ecdsa",
+        "--elliptic-curve",
+        "secp256r1",
+        "--quiet",
+    ]
+
+
+def _register_certbot(ca: PeerCA, d: str, env: dict[str, str]) -> None:
+    """Register the account before the clock starts (a fleet's certbot has one already)."""
+    log_path = (ca.artifacts or Path(d)) / "register.log"
+    for _ in range(5):  # certbot retries a badNonce once; Pebble rejects 5% of nonces
+        rc, *_ = run_measured([*_certbot_base(ca, d), "register", "--quiet"], env, log_path, 90)
+        if rc == 0:
+            break
+    if rc != 0:
+        raise RuntimeError(f"certbot register failed: {_last_line(log_path)}")
+
+
+def run_certbot(n: int, *, budget: float, prefix: str = "certbot", parallel: int = 1) -> CaseResult:
+    """certbot once per certificate: sequentially with its standalone server, or ``parallel``
+    processes at a time (each slot its own config dir and account, all on one webroot server)."""
+    label = "certbot sequential" if parallel == 1 else f"certbot {parallel} parallel"
+    result = CaseResult(name=label, group="http-01", n=n)
     why = ensure_certbot()
     if why:
         result.status, result.note = "skipped", why
         return result
-    with peer_ca(webroot=False) as ca, tempfile.TemporaryDirectory(prefix="certqueue-bench-certbot-") as d:
+    with (
+        peer_ca(webroot=parallel > 1, case=label) as ca,
+        tempfile.TemporaryDirectory(prefix="certqueue-bench-certbot-") as d,
+    ):
         env = {"REQUESTS_CA_BUNDLE": str(ca.pebble.ca_bundle)}
+        for k in range(parallel):
+            _register_certbot(ca, f"{d}/p{k}", env)
         cmds = [
             (
-                [
-                    str(CERTBOT),
-                    "certonly",
-                    "--standalone",
-                    "--preferred-challenges",
-                    "http",
-                    "--http-01-port",
-                    str(ca.http_port),
-                    "--http-01-address",
-                    "127.0.0.1",
-                    "--server",
-                    ca.pebble.directory_url,
-                    "-d",
-                    f"{prefix}-{i}.bench.test",
-                    "--non-interactive",
-                    "--agree-tos",
-                    "-m",
-                    EMAIL,
-                    "--no-eff-email",
-                    "--config-dir",
-                    f"{d}/config",
-                    "--work-dir",
-                    f"{d}/work",
-                    "--logs-dir",
-                    f"{d}/logs",
-                    "--key-type",
-                    "ecdsa",
-                    "--elliptic-curve",
-                    "secp256r1",
-                    "--quiet",
-                ],
+                _certbot_certonly(
+                    ca, f"{d}/p{i % parallel}", f"{prefix}-{i}.bench.test", webroot=parallel > 1
+                ),
                 env,
             )
             for i in range(n)
         ]
-        _timed_runs(result, ca, cmds, parallel=1, per_run_timeout=90, budget=budget)
-    result.note = "one certbot process per certificate, one account (shared config dir)"
+        _timed_runs(result, ca, cmds, parallel=parallel, per_run_timeout=90, budget=budget)
+    result.note = (
+        "one certbot process per certificate, "
+        + ("standalone HTTP-01 server" if parallel == 1 else "webroot on one static server")
+        + f"; {parallel} config dir(s), accounts registered before the clock"
+    )
+    return result
+
+
+def run_certbot_renew(n: int, *, budget: float, prefix: str = "certbot-renew") -> CaseResult:
+    """``certbot renew --force-renewal`` over ``n`` lineages in one process (how a fleet host renews);
+    the lineages are issued first, outside the clock."""
+    result = CaseResult(name=f"certbot renew {n} lineages", group="http-01", n=n)
+    why = ensure_certbot()
+    if why:
+        result.status, result.note = "skipped", why
+        return result
+    with (
+        peer_ca(webroot=True, case="certbot renew") as ca,
+        tempfile.TemporaryDirectory(prefix="certqueue-bench-certbot-renew-") as d,
+    ):
+        env = {"REQUESTS_CA_BUNDLE": str(ca.pebble.ca_bundle)}
+        _register_certbot(ca, d, env)
+        setup = ca.artifacts / "setup.log" if ca.artifacts else Path(d) / "setup.log"
+        made = 0
+        for i in range(n):
+            rc, *_ = run_measured(
+                _certbot_certonly(ca, d, f"{prefix}-{i}.bench.test", webroot=True), env, setup, 90
+            )
+            made += rc == 0
+        if made < n:
+            result.status, result.note = "error", f"only {made}/{n} lineages could be issued first"
+            return result
+        # a non-interactive renew sleeps up to 8 min first (spreading load on the CA): not here
+        cmd = [*_certbot_base(ca, d), "renew", "--force-renewal", "--no-random-sleep-on-renew", "--quiet"]
+        _timed_runs(result, ca, [(cmd, env)], parallel=1, per_run_timeout=budget, budget=budget)
+        renewed = len(list(Path(f"{d}/config/archive").glob("*/cert2.pem")))
+        result.ok = renewed
+        result.latencies_s = []
+        result.status = "ok" if renewed == n else "partial"
+    result.note = f"one certbot process renews {n} lineages (webroot); lineages issued before the clock"
     return result
 
 
@@ -254,6 +434,21 @@ def _lego_cmd(ca: PeerCA, path: str, name: str, challenge: list[str]) -> tuple[l
     )
 
 
+def warm_lego(ca: PeerCA, d: str, parallel: int, chal: list[str], prefix: str, env: dict[str, str]) -> None:
+    """One uncounted certificate per slot folder: lego registers its account on the first run, and a
+    fleet's lego has its account already."""
+    log_path = (ca.artifacts or Path(d)) / "register.log"
+
+    def one(k: int) -> int | None:
+        argv, e = _lego_cmd(ca, f"{d}/p{k}", f"{prefix}-warm{k}.bench.test", chal)
+        return run_measured(argv, {**e, **env}, log_path, 120)[0]
+
+    with ThreadPoolExecutor(max_workers=min(parallel, 8)) as pool:
+        rcs = list(pool.map(one, range(parallel)))
+    if any(rc != 0 for rc in rcs):
+        raise RuntimeError(f"lego account warm-up failed: {_last_line(log_path)}")
+
+
 def run_lego(n: int, *, parallel: int, budget: float, prefix: str = "lego") -> CaseResult:
     label = "lego sequential" if parallel == 1 else f"lego {parallel} processes"
     result = CaseResult(name=label, group="http-01", n=n)
@@ -262,59 +457,83 @@ def run_lego(n: int, *, parallel: int, budget: float, prefix: str = "lego") -> C
         result.status, result.note = "skipped", why
         return result
     with (
-        peer_ca(webroot=parallel > 1) as ca,
+        peer_ca(webroot=parallel > 1, case=label) as ca,
         tempfile.TemporaryDirectory(prefix="certqueue-bench-lego-") as d,
     ):
         if parallel == 1:
             chal = ["--http", "--http.port", f"127.0.0.1:{ca.http_port}"]
         else:
             chal = ["--http", "--http.webroot", str(ca.webroot)]
+        warm_lego(ca, d, parallel, chal, prefix, {})
         # one account folder per process slot (a user's lego keeps its account in --path)
         cmds = [_lego_cmd(ca, f"{d}/p{i % parallel}", f"{prefix}-{i}.bench.test", chal) for i in range(n)]
         _timed_runs(result, ca, cmds, parallel=parallel, per_run_timeout=120, budget=budget)
     result.note = (
         "standalone --http.port" if parallel == 1 else "--http.webroot, one static server"
-    ) + "; one account per process slot"
+    ) + "; one account per process slot, registered before the clock"
     return result
 
 
 def run_bare(
     n: int, *, processes: int, threads: int, budget: float, prefix: str = "bare", poll: float = 0.05
 ) -> CaseResult:
-    result = CaseResult(name=f"bare acme {processes}x{threads}", group="http-01", n=n)
-    with peer_ca(webroot=True) as ca:
+    """The bare loop with a start barrier: every process registers its account and builds its
+    clients, says ``ready``, and waits for a file; the clock starts when the harness creates it and
+    stops at the last certificate any process finished (their ``finished_at``)."""
+    name = f"bare acme {processes}x{threads}"
+    result = CaseResult(name=name, group="http-01", n=n)
+    with peer_ca(webroot=True, case=name) as ca:
+        assert ca.artifacts is not None
+        barrier = ca.artifacts / "barrier"
         per = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
-        peb0, web0 = ca.pebble_cpu(), ca.webroot_cpu()
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.bare_acme",
-                    "--directory",
-                    ca.pebble.directory_url,
-                    "--ca",
-                    str(ca.pebble.ca_bundle),
-                    "--webroot",
-                    str(ca.webroot),
-                    "--n",
-                    str(k),
-                    "--threads",
-                    str(threads),
-                    "--prefix",
-                    f"{prefix}{i}",
-                    "--poll",
-                    str(poll),
-                ],
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,
+        procs = []
+        for i, k in enumerate(per):
+            if not k:
+                continue
+            err = open(ca.artifacts / f"bare-{i}.log", "wb")
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.bare_acme",
+                        "--directory",
+                        ca.pebble.directory_url,
+                        "--ca",
+                        str(ca.pebble.ca_bundle),
+                        "--webroot",
+                        str(ca.webroot),
+                        "--n",
+                        str(k),
+                        "--threads",
+                        str(threads),
+                        "--prefix",
+                        f"{prefix}{i}",
+                        "--poll",
+                        str(poll),
+                        "--barrier",
+                        str(barrier),
+                    ],
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                    start_new_session=True,
+                )
             )
-            for i, k in enumerate(per)
-            if k
-        ]
+            err.close()
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                for q in procs:
+                    stop_process(q)  # type: ignore[arg-type]
+                raise RuntimeError(f"bare acme process did not get ready: {line!r}")
+        meter = CpuMeter({"webroot": ca.webroot_pids, "pebble": ca.pebble_pids})
+        meter.start()
+        result.loadavg_before = os.getloadavg()
+        t0 = time.time()
+        barrier.touch()
         outs = []
         stalled = False
         for p in procs:
@@ -324,16 +543,24 @@ def run_bare(
             except (subprocess.TimeoutExpired, ValueError):
                 stalled = True
                 stop_process(p)  # type: ignore[arg-type]
-        result.pebble_cpu_s = ca.pebble_cpu() - peb0
-        web = ca.webroot_cpu() - web0
+        result.loadavg_after = os.getloadavg()
+        cpu = meter.stop()
     result.ok = sum(o.get("ok", 0) for o in outs)
     result.latencies_s = [x for o in outs for x in o.get("latencies", [])]
-    result.wall_s = max((o.get("wall", 0) for o in outs), default=None)
-    result.client_cpu_s = sum(o.get("cpu", 0) for o in outs) + web
+    finished = [o["finished_at"] for o in outs if o.get("finished_at")]
+    result.wall_s = max(finished) - t0 if finished else None
+    # the processes' own CPU after the barrier (rusage inside them) + the webroot server
+    own = sum(o.get("cpu", 0) for o in outs)
+    result.cpu_s = {"client": own + cpu.get("webroot", 0.0), "pebble": cpu.get("pebble", 0.0)}
+    result.cpu_s["total"] = sum(result.cpu_s.values())
+    result.client_cpu_s = result.cpu_s["client"]
+    result.pebble_cpu_s = result.cpu_s["pebble"]
+    result.peak_rss_mb = {"client": max((o.get("maxrss_mb", 0.0) for o in outs), default=0.0)}
     failed = sum(o.get("failed", 0) for o in outs)
     if failed:
         result.extra["failed"] = failed
         result.extra["errors"] = [e for o in outs for e in o.get("errors", [])][:5]
     result.status = "stalled" if stalled else ("ok" if result.ok == n else "partial")
-    result.note = f"poll {poll}s; wall and CPU measured inside the processes (no interpreter start)"
+    result.note = f"poll {poll}s; start barrier after account registration; wall from barrier to last cert"
+    result.extra["artifacts"] = str(ca.artifacts)
     return result

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from certqueue.devstack.ports import free_port, wait_tcp
 
@@ -143,15 +144,22 @@ class RedisServer:
             "--protected-mode",
             "yes",
         ]
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with open(self.workdir / "redis.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         wait_tcp("127.0.0.1", self.port, timeout=10)
         return self
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.workdir / "redis.log" if self.workdir else None
+
+    def cpu(self) -> float:
+        return tree_cpu([self.proc.pid]) if self.proc else 0.0
+
+    def rss_mb(self) -> float | None:
+        return vm_hwm_mb(self.proc.pid) if self.proc else None
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -229,3 +237,103 @@ def postgres_backend_cpu(url: str) -> float:
             ).fetchall()
         ]
     return tree_cpu(pids)
+
+
+def backend_pids(url: str) -> list[int]:
+    """PIDs of the PostgreSQL backends connected to ``url``'s database now."""
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+        return [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
+            ).fetchall()
+        ]
+
+
+class CpuMeter:
+    """CPU seconds and peak RSS per named group of process trees, over a measured window.
+
+    ``groups`` maps a column name ("certqueue", "postgresql", "redis", "pebble", ...) to a function
+    returning the root pids of that group now (PostgreSQL backends come and go, so roots are looked up
+    at every sample). A sampling thread (every ``interval`` s) keeps, per root, the first and the last
+    cumulative CPU it saw (live tree + reaped children); a root first seen during the window starts at
+    zero. What a root spent between its last sample and its exit is lost (at most one interval).
+    """
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]], interval: float = 1.0) -> None:
+        import threading
+
+        self.groups = groups
+        self.interval = interval
+        self._first: dict[tuple[str, int], float] = {}
+        self._last: dict[tuple[str, int], float] = {}
+        self._rss: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = False
+
+    def _sample(self) -> None:
+        for name, roots in self.groups.items():
+            try:
+                pids = roots()
+            except Exception:
+                continue
+            for root in pids:
+                key = (name, root)
+                cpu = tree_cpu([root])
+                if key not in self._first:
+                    self._first[key] = cpu if not self._started else 0.0
+                self._last[key] = cpu
+                for p in descendants(root):
+                    m = vm_hwm_mb(p)
+                    if m is not None:
+                        self._rss[name] = max(self._rss.get(name, 0.0), m)
+
+    def start(self) -> None:
+        import threading
+
+        self._sample()
+        self._started = True
+
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                self._sample()
+
+        self._thread = threading.Thread(target=loop, daemon=True, name="bench-cpu-meter")
+        self._thread.start()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per group over the window (and the sum under ``total``)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._sample()
+        out: dict[str, float] = {name: 0.0 for name in self.groups}
+        for (name, root), last in self._last.items():
+            out[name] += max(0.0, last - self._first.get((name, root), 0.0))
+        out["total"] = sum(out.values())
+        return out
+
+    @property
+    def peak_rss_mb(self) -> dict[str, float]:
+        return dict(self._rss)
+
+
+def SystemMeter(cs: Any) -> CpuMeter:
+    """A :class:`CpuMeter` over a whole certqueue stack: its processes, PostgreSQL, Redis, Pebble."""
+    groups: dict[str, Callable[[], list[int]]] = {
+        "client": lambda: [p.pid for p in cs.stack.procs.values() if p.poll() is None],
+        "postgresql": lambda: backend_pids(cs.db_url),
+        "redis": lambda: [cs.redis.proc.pid] if cs.redis.proc else [],
+        "pebble": lambda: [cs.pebble.proc.pid] if cs.pebble.proc else [],
+    }
+    if cs.dns is not None:
+        groups["pebble"] = lambda: [
+            p for p in (cs.pebble.proc, cs.dns.proc) if p is not None for p in [p.pid]
+        ]
+    if getattr(cs, "proxy", None) is not None:
+        groups["counting proxy (bench)"] = lambda: [cs.proxy.proc.pid]
+    return CpuMeter(groups)

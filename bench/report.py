@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import percentile
+from bench.stats import per_cert, percentile, ratio, spread
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -32,6 +32,13 @@ class CaseResult:
     pebble_cpu_s: float | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    rep: int = 0
+    #: whole-system CPU seconds over the timed window, per column (client, postgresql, redis, pebble)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    #: peak resident set size (MB) of the largest process, per column
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    loadavg_before: tuple[float, float, float] | None = None
+    loadavg_after: tuple[float, float, float] | None = None
 
     @property
     def certs_per_s(self) -> float | None:
@@ -51,8 +58,57 @@ class CaseResult:
             p95_s=percentile(self.latencies_s, 0.95),
             cpu_per_cert_s=self.per_cert(self.client_cpu_s),
             pebble_cpu_per_cert_s=self.per_cert(self.pebble_cpu_s),
+            system_cpu_per_cert_s=per_cert(self.cpu_s, self.ok) if self.cpu_s and self.ok else None,
         )
         return d
+
+
+_STATUS_ORDER = ("error", "stalled", "timeout", "partial", "skipped", "ok")
+
+
+def _median(values: list[float | None]) -> float | None:
+    sp = spread(values)
+    return sp.median if sp else None
+
+
+def aggregate(runs: list[CaseResult]) -> dict[str, Any]:
+    """One row per contender from its repetitions: medians, spread, the worst status."""
+    first = runs[0]
+    sums = [r.summary() for r in runs]
+    rate = spread([s["certs_per_s"] for s in sums])
+    status = min(
+        (r.status for r in runs), key=lambda st: _STATUS_ORDER.index(st) if st in _STATUS_ORDER else 0
+    )
+    columns = sorted({k for s in sums for k in (s["system_cpu_per_cert_s"] or {})})
+    cpu = {
+        k: (sp.median if (sp := spread([(s["system_cpu_per_cert_s"] or {}).get(k) for s in sums])) else None)
+        for k in columns
+    }
+    rss: dict[str, float] = {}
+    for r in runs:
+        for k, v in r.peak_rss_mb.items():
+            rss[k] = max(rss.get(k, 0.0), v)
+    lat = [x for r in runs for x in r.latencies_s]
+    return {
+        "name": first.name,
+        "group": first.group,
+        "n": first.n,
+        "status": status,
+        "repetitions": len(runs),
+        "ok": [r.ok for r in runs],
+        "certs_per_s": rate.median if rate else None,
+        "certs_per_s_spread": rate.as_dict() if rate else None,
+        "p50_s": percentile(lat, 0.5),
+        "p95_s": percentile(lat, 0.95),
+        "system_cpu_per_cert_s": cpu or None,
+        "cpu_per_cert_s": cpu.get("client") if cpu else _median([s["cpu_per_cert_s"] for s in sums]),
+        "pebble_cpu_per_cert_s": cpu.get("pebble")
+        if cpu
+        else _median([s["pebble_cpu_per_cert_s"] for s in sums]),
+        "peak_rss_mb": rss or None,
+        "note": first.note,
+        "runs": sums,
+    }
 
 
 @dataclass
@@ -61,31 +117,41 @@ class RunReport:
     cases: list[CaseResult] = field(default_factory=list)
     sections: dict[str, Any] = field(default_factory=dict)
     started_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    #: load average before and after each single case (throughput runs keep theirs per repetition)
+    loadavg: dict[str, Any] = field(default_factory=dict)
+    stamp: str = field(default_factory=lambda: dt.datetime.now().strftime("%Y-%m-%d-%H%M%S"))
 
     def case(self, name: str) -> CaseResult | None:
         return next((c for c in self.cases if c.name == name), None)
 
-    def ratios(self) -> dict[str, dict[str, float | None]]:
-        """certqueue's throughput divided by each peer's, per challenge group."""
+    def rows(self) -> list[dict[str, Any]]:
+        """One aggregated row per contender (in the order contenders first ran)."""
+        by: dict[str, list[CaseResult]] = {}
+        for c in self.cases:
+            by.setdefault(c.name, []).append(c)
+        return [aggregate(runs) for runs in by.values()]
+
+    def ratios(self, rows: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float | None]]:
+        """The best certqueue median rate divided by each contender's median, per challenge group."""
+        rows = rows if rows is not None else self.rows()
         out: dict[str, dict[str, float | None]] = {}
-        for group in sorted({c.group for c in self.cases}):
-            mine_all = [
-                c
-                for c in self.cases
-                if c.group == group and c.name.startswith("certqueue") and c.certs_per_s is not None
+        for group in sorted({r["group"] for r in rows}):
+            mine = [
+                r["certs_per_s"] for r in rows if r["group"] == group and r["name"].startswith("certqueue")
             ]
-            if not mine_all:
+            mine = [m for m in mine if m]
+            if not mine:
                 continue
-            mine = max(mine_all, key=lambda c: c.certs_per_s or 0.0)
-            best = mine.certs_per_s or 0.0
+            best = max(mine)
             out[group] = {
-                c.name: (best / c.certs_per_s if c.certs_per_s else None)
-                for c in self.cases
-                if c.group == group and not c.name.startswith("certqueue")
+                r["name"]: ratio(best, r["certs_per_s"])
+                for r in rows
+                if r["group"] == group and not r["name"].startswith("certqueue")
             }
         return out
 
     def to_json(self) -> dict[str, Any]:
+        rows = self.rows()
         return {
             "started_at": self.started_at,
             "machine": {
@@ -94,14 +160,15 @@ class RunReport:
                 "system": platform.platform(),
             },
             "options": self.options,
-            "cases": [c.summary() for c in self.cases],
-            "ratios": self.ratios(),
+            "cases": rows,
+            "ratios": self.ratios(rows),
             "sections": self.sections,
+            "loadavg": self.loadavg,
         }
 
     def write(self, directory: Path = RESULTS_DIR, stamp: str | None = None) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
-        stamp = stamp or dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+        stamp = stamp or self.stamp
         path = directory / f"{stamp}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False, default=str) + "\n")
@@ -118,41 +185,41 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def table(report: RunReport) -> str:
-    """The throughput table (markdown), with certqueue's ratio to each peer."""
-    ratios = report.ratios()
-    head = [
-        "group",
-        "case",
-        "n",
-        "ok",
-        "status",
-        "certs/s",
-        "p50 s",
-        "p95 s",
-        "client CPU s/cert",
-        "Pebble CPU s/cert",
+    """The throughput table (markdown): medians over the repetitions, the spread, whole-system CPU
+    per certificate by column, and certqueue's ratio to each contender."""
+    rows = report.rows()
+    ratios = report.ratios(rows)
+    columns = sorted({k for r in rows for k in (r["system_cpu_per_cert_s"] or {}) if k != "total"})
+    head = ["group", "case", "n", "reps", "status", "certs/s (median)", "spread", "p50 s", "p95 s"]
+    head += [f"CPU s/cert {k}" for k in columns] + [
+        "CPU s/cert total",
+        "peak RSS MB",
         "best certqueue ÷ this",
     ]
-    rows = [head, ["---"] * len(head)]
-    for c in report.cases:
-        s = c.summary()
-        ratio = ratios.get(c.group, {}).get(c.name)
-        rows.append(
+    out = [head, ["---"] * len(head)]
+    for r in rows:
+        sp = r["certs_per_s_spread"] or {}
+        cpu = r["system_cpu_per_cert_s"] or {}
+        rss = r["peak_rss_mb"] or {}
+        ratio_v = ratios.get(r["group"], {}).get(r["name"])
+        out.append(
             [
-                c.group,
-                c.name,
-                str(c.n),
-                str(c.ok),
-                c.status,
-                _fmt(s["certs_per_s"]),
-                _fmt(s["p50_s"]),
-                _fmt(s["p95_s"]),
-                _fmt(s["cpu_per_cert_s"], 3),
-                _fmt(s["pebble_cpu_per_cert_s"], 3),
-                "—" if c.name.startswith("certqueue") else (f"{ratio:.1f}x" if ratio else "-"),
+                r["group"],
+                r["name"],
+                str(r["n"]),
+                str(r["repetitions"]),
+                r["status"],
+                _fmt(r["certs_per_s"]),
+                f"{_fmt(sp.get('min'))} to {_fmt(sp.get('max'))}" if sp else "-",
+                _fmt(r["p50_s"]),
+                _fmt(r["p95_s"]),
+                *[_fmt(cpu.get(k), 3) for k in columns],
+                _fmt(cpu.get("total"), 3),
+                _fmt(rss.get("client"), 0),
+                "—" if r["name"].startswith("certqueue") else (f"{ratio_v:.1f}x" if ratio_v else "-"),
             ]
         )
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    return "\n".join("| " + " | ".join(row) + " |" for row in out)
 
 
 def render_sections(report: RunReport) -> str:

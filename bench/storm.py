@@ -18,7 +18,10 @@ import argparse
 import datetime as dt
 import hashlib
 import logging
+import os
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import redis as redis_lib
@@ -28,12 +31,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy import func, insert, select, text
 
+from bench.diag import stall_snapshot
 from bench.env import CertqueueStack, build_stack
-from bench.procs import descendants, vm_hwm_mb
+from bench.procs import SystemMeter, descendants, vm_hwm_mb
 
 log = logging.getLogger("bench")
-
-SCAN_EVERY = 2.0
 
 
 def _name(cn: str) -> x509.Name:
@@ -67,7 +69,7 @@ def seed_active(cs: CertqueueStack, n: int, tag: str) -> tuple[int, float]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     ks = certificates.keystore()
-    directory = cs.pebble.directory_url
+    directory = cs.directory_url
     email = "bench@example.test"
     cert_rows: list[dict[str, Any]] = []
     iss_rows: list[dict[str, Any]] = []
@@ -137,55 +139,112 @@ def seed_active(cs: CertqueueStack, n: int, tag: str) -> tuple[int, float]:
     return top, time.monotonic() - t0
 
 
-def _renewed(top: int) -> int:
+def _progress(top: int) -> tuple[int, int]:
+    """(renewed: ACTIVE with a new issuance, in flight: RENEWING) in one read."""
     from certqueue.db import session_scope
 
     with session_scope(write=False) as s:
-        return int(
-            s.execute(
-                text(
-                    "SELECT count(*) FROM certificates WHERE state = 'ACTIVE' AND current_issuance_id > :top"
-                ),
-                {"top": top},
-            ).scalar_one()
-        )
+        row = s.execute(
+            text(
+                "SELECT count(*) FILTER (WHERE state = 'ACTIVE' AND current_issuance_id > :top), "
+                "count(*) FILTER (WHERE state = 'RENEWING') FROM certificates"
+            ),
+            {"top": top},
+        ).one()
+    return int(row[0]), int(row[1])
+
+
+_TASK_LINE = re.compile(r"Task (certqueue[\w.]*)\[[^\]]*\] (received|succeeded|retry|raised)")
+
+
+def task_outcomes(log_dir: Path) -> dict[str, dict[str, int]]:
+    """Executions per task name and outcome, read from the workers' own INFO log lines (Celery logs
+    every received, succeeded and retried task): no event consumer needed during the storm."""
+    out: dict[str, dict[str, int]] = {}
+    for f in log_dir.glob("bench-*.log"):
+        with open(f, errors="replace") as fh:
+            for line in fh:
+                m = _TASK_LINE.search(line)
+                if m:
+                    d = out.setdefault(m.group(1), {})
+                    d[m.group(2)] = d.get(m.group(2), 0) + 1
+    return out
+
+
+def live_probe(cs: CertqueueStack, t: float) -> dict[str, Any]:
+    """A look during the run that disturbs nothing: orders by status in the database and at the CA
+    (who is each open order waiting on?), the queue depths."""
+    from bench.diag import ca_order_status, db_state, redis_depths
+
+    probe: dict[str, Any] = {"t_s": t}
+    for key, fn in (
+        ("orders_by_status", lambda: db_state(cs.db_url)["orders_by_status"]),
+        ("queues", lambda: redis_depths(cs.redis.url)),
+        ("ca_orders", lambda: ca_order_status(cs, limit=100, timeout=30)),
+    ):
+        try:
+            probe[key] = fn()
+        except Exception as exc:
+            probe[key] = f"failed: {type(exc).__name__}"
+    return probe
 
 
 def run_storm(args: argparse.Namespace) -> dict[str, Any]:
     import secrets
 
-    from certqueue.celery_app import lazy_app
     from certqueue.db import session_scope
 
     n = args.storm
+    scan_every = getattr(args, "storm_scan_interval", None)
+    extra_env = {}
+    if scan_every:
+        extra_env["CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS"] = str(scan_every)
     out: dict[str, Any] = {
         "certificates": n,
         "workers": args.storm_workers,
         "concurrency": args.storm_concurrency,
+        "beat": "real beat, shipped schedule"
+        + (f" except scan_interval_seconds={scan_every} (--storm-scan-interval)" if scan_every else ""),
     }
-    cs = build_stack(instrument=False)
+    cs = build_stack(instrument=False, case="storm", counting_proxy=True, extra_env=extra_env)
     try:
+        out["artifacts"] = str(cs.artifacts)
         top, seed_s = seed_active(cs, n, secrets.token_hex(2))
         out["seed_s"] = seed_s
-        out["scan_batch_size"] = cs.stack.full_env().get("CERTQUEUE_AUTOMATION__SCAN_BATCH_SIZE") or 500
+        from certqueue.config import get_settings
+
+        auto = get_settings().automation
+        out["settings"] = {
+            "scan_interval_seconds": auto.scan_interval_seconds,
+            "scan_batch_size": auto.scan_batch_size,
+            "max_queue_depth": auto.max_queue_depth,
+            "max_orders_in_flight_per_ca": auto.max_orders_in_flight_per_ca,
+            "stuck_after_seconds": auto.stuck_after_seconds,
+            "order_timeout_seconds": auto.order_timeout_seconds,
+        }
         cs.start_workers("acme", args.storm_workers, args.storm_concurrency)
         r = redis_lib.Redis.from_url(cs.redis.url, socket_timeout=5)
-        app = lazy_app.get()
-        cpu0, peb0 = cs.client_cpu(), cs.pebble_cpu()
+        counts0 = cs.proxy.counts() if cs.proxy else {}
+        meter = SystemMeter(cs)
+        meter.start()
+        out["loadavg_before"] = os.getloadavg()
         t0 = time.monotonic()
-        deadline = t0 + args.case_timeout
-        last_scan = -1e9
+        cs.stack.start_beat()
+        deadline = t0 + getattr(args, "storm_timeout", args.case_timeout)
         peak_q = 0
         hwm: dict[int, float] = {}
-        timeline: list[tuple[float, int, int]] = []
+        timeline: list[tuple[float, int, int, int]] = []
         done = 0
         last_progress, last_done = t0, -1
         status = "ok"
+        probe_every = getattr(args, "storm_probe_every", 0) or 0
+        next_probe = t0 + probe_every if probe_every else float("inf")
+        probes: list[dict[str, Any]] = []
         while True:
             now = time.monotonic()
-            if now - last_scan >= SCAN_EVERY:
-                app.send_task("certqueue.scan.due", queue="scan")
-                last_scan = now
+            if now >= next_probe:
+                probes.append(live_probe(cs, round(now - t0, 1)))
+                next_probe = now + probe_every
             q = int(r.llen("acme"))
             peak_q = max(peak_q, q)
             for root in cs.worker_pids():
@@ -193,8 +252,8 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
                     m = vm_hwm_mb(pid)
                     if m is not None:
                         hwm[pid] = max(hwm.get(pid, 0.0), m)
-            done = _renewed(top)
-            timeline.append((round(now - t0, 2), done, q))
+            done, in_flight = _progress(top)
+            timeline.append((round(now - t0, 1), done, in_flight, q))
             if done >= n:
                 break
             if done != last_done:
@@ -205,28 +264,41 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
             if now > deadline:
                 status = "timeout"
                 break
-            time.sleep(1.0)
+            time.sleep(2.0)
         elapsed = time.monotonic() - t0
+        out["loadavg_after"] = os.getloadavg()
+        cpu = meter.stop()
+        if status != "ok" and cs.artifacts is not None:
+            log.warning("storm %s at %d/%d: taking the stall snapshot in %s", status, done, n, cs.artifacts)
+            snap = stall_snapshot(
+                cs, cs.artifacts, why=f"{status}: {done}/{n} renewed, none for {args.stall}s"
+            )
+            out["stall_snapshot"] = {
+                k: snap.get(k) for k in ("db", "queues", "ca_orders", "pebble_goroutines", "processes_alive")
+            }
         out.update(
             status=status,
             renewed=done,
             elapsed_s=elapsed,
             rate_per_s=done / elapsed if elapsed else None,
-            client_cpu_s=cs.client_cpu() - cpu0,
-            pebble_cpu_s=cs.pebble_cpu() - peb0,
             peak_queue_depth=peak_q,
+            cpu_s=cpu,
         )
-        out["cpu_per_cert_s"] = out["client_cpu_s"] / done if done else None
+        out["client_cpu_s"] = cpu.get("client")
+        out["pebble_cpu_s"] = cpu.get("pebble")
+        out["cpu_per_cert_s"] = {k: v / done for k, v in cpu.items()} if done else None
         out["peak_rss_mb_per_process"] = {str(k): round(v, 1) for k, v in sorted(hwm.items())}
         out["peak_rss_mb_max"] = max(hwm.values()) if hwm else None
         buckets: dict[int, int] = {}
         prev = 0
-        for t, d, _q in timeline:
+        for t, d, _f, _q in timeline:
             b = int(t // 10) * 10
             buckets[b] = buckets.get(b, 0) + (d - prev)
             prev = d
         out["renewals_per_10s"] = buckets
-        out["timeline"] = timeline[:: max(1, len(timeline) // 200)]
+        out["probes"] = probes
+        out["timeline_columns"] = ["t_s", "renewed", "in_flight", "acme_queue"]
+        out["timeline"] = timeline[:: max(1, len(timeline) // 300)]
         with session_scope(write=False) as s:
             orders = int(s.execute(text("SELECT count(*) FROM orders")).scalar_one())
             dups = int(
@@ -237,13 +309,26 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 ).scalar_one()
             )
-            failed: dict[str, int] = dict(
+            states: dict[str, int] = dict(
                 s.execute(text("SELECT state, count(*) FROM certificates GROUP BY state")).all()
             )
-        out.update(orders=orders, certificates_with_more_than_one_order=dups, states_at_end=failed)
+        out.update(orders=orders, certificates_with_more_than_one_order=dups, states_at_end=states)
+        cs.stop_workers()
+        outcomes = task_outcomes(cs.workdir / "logs")
+        out["task_outcomes"] = outcomes
+        if done:
+            out["executions_per_renewal"] = {
+                name: round(sum(v for k, v in c.items() if k != "received") / done, 2)
+                for name, c in sorted(outcomes.items())
+            }
+        if cs.proxy is not None and cs.proxy.proc.poll() is None:
+            counts = cs.proxy.counts()
+            out["new_orders_at_ca"] = counts.get("newOrder 201", 0) - counts0.get("newOrder 201", 0)
+            out["requests_at_ca"] = {k: v - counts0.get(k, 0) for k, v in sorted(counts.items())}
         out["targets"] = {
             "under_10_min": status == "ok" and elapsed < 600,
             "orders_equal_certificates": orders == n,
+            "new_orders_at_ca_equal_certificates": out.get("new_orders_at_ca") == n,
             "under_300_mb_per_process": (out["peak_rss_mb_max"] or 0) < 300,
         }
         return out

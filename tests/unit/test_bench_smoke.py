@@ -1,9 +1,13 @@
-"""Smoke test of the benchmark harness: its CLI parses options and its table/JSON writer works on a
-fake result. No benchmark runs here and nothing is timed (speed claims come from ``make bench``)."""
+"""Smoke test of the benchmark harness: its CLI parses options, its table/JSON writer works on a
+fake result, and one ``--quick`` run of a few tiny cases completes and writes valid JSON. Nothing is
+timed (speed claims come from ``make bench``)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +22,7 @@ def test_quick_sizes_and_layouts():
     assert args.layouts == [(1, 8), (2, 4)]
     assert (args.cq_workers, args.cq_concurrency) == (1, 8)
     assert args.n == 60 and args.storm == 300 and args.scan_rows == 100_000
+    assert args.reps == 1 and args.sequential_n == 3
 
 
 def test_full_defaults_and_explicit_sizes_win():
@@ -25,6 +30,7 @@ def test_full_defaults_and_explicit_sizes_win():
     assert args.storm == 1234
     assert args.n == 500 and args.scan_rows == 1_000_000
     assert "storm" in args.case_list and "scan" in args.case_list
+    assert args.reps == 3 and args.sequential_n == 20 and args.renew_n == 40
 
 
 def test_certqueue_setting_overrides():
@@ -34,7 +40,13 @@ def test_certqueue_setting_overrides():
 
 @pytest.mark.parametrize(
     "bad",
-    [["--cases", "nope"], ["--cq-layouts", "8"], ["--cq-layouts", "0x4"], ["--cq-env", "FOO=1"]],
+    [
+        ["--cases", "nope"],
+        ["--cq-layouts", "8"],
+        ["--cq-layouts", "0x4"],
+        ["--cq-env", "FOO=1"],
+        ["--reps", "0"],
+    ],
 )
 def test_bad_options_are_refused(bad):
     with pytest.raises(SystemExit):
@@ -93,7 +105,7 @@ def test_summary_ratios_and_table():
     assert r.ratios()["http-01"]["certbot sequential"] == pytest.approx(20.0)
     assert r.ratios()["http-01"]["lego 8 processes"] is None
     text = table(r)
-    assert "| http-01 | certbot sequential | 2 | 2 | ok | 0.20 |" in text
+    assert "| http-01 | certbot sequential | 2 | 1 | ok | 0.20 |" in text
     assert "20.0x" in text and "stalled" in text
     assert "index_scan_on_state_renew_at=True" in render_sections(r)
     assert "xxxx" not in render_sections(r)  # long plans stay in the JSON only
@@ -123,3 +135,60 @@ def test_pyspy_summary_of_collapsed_stacks():
     assert s["layers_share"]["database (sqlalchemy/psycopg)"] == pytest.approx(0.6)
     assert s["top_own"][0] == ("wait (psycopg/conn.py:5)", pytest.approx(0.6))
     assert s["top_inclusive_certqueue"][0][0] == "step (certqueue/tasks/acme.py:7)"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_completes_and_writes_json(tmp_path):
+    """A real ``--quick`` run of tiny cases: it must finish and write JSON with the stable keys.
+    Nothing about speed is asserted."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--cases",
+            "bare,storm",
+            "-n",
+            "4",
+            "--sequential-n",
+            "2",
+            "--storm",
+            "6",
+            "--storm-scan-interval",
+            "2",
+            "--stall",
+            "90",
+            "--no-charts",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads(files[0].read_text())
+    assert {c["name"] for c in data["cases"]} >= {"bare acme 1x1", "bare acme 1x8"}
+    for c in data["cases"]:
+        assert {"name", "status", "certs_per_s"} <= set(c)
+    storm = data["sections"]["storm"]
+    for key in (
+        "certificates",
+        "renewed",
+        "elapsed_s",
+        "peak_rss_mb_max",
+        "certificates_with_more_than_one_order",
+        "new_orders_at_ca",
+    ):
+        assert key in storm
+    # every case kept the logs of the processes it started
+    artifacts = next(tmp_path.glob("*-artifacts"))
+    assert (artifacts / "storm" / "logs" / "pebble.log").exists()
+    assert (artifacts / "storm" / "logs" / "beat.log").exists()
+    assert (artifacts / "bare-acme-1x8" / "logs" / "pebble.log").exists()

@@ -1,0 +1,229 @@
+"""An HTTPS relay in front of Pebble that counts the ACME requests it passes on, newOrder above all.
+
+"One order per certificate" counted in our own database misses an order the CA created but we never
+stored (a worker that died between the CA's answer and the commit). This proxy counts at the CA's
+door: every request is relayed to Pebble unchanged and counted by the directory resource it targets
+(``newOrder``, ``newAccount``, ``newNonce``, ``revokeCert``, ``keyChange``) or, for every other URL, by
+its first path segment (Pebble's ``/my-order/``, ``/authZ/``, ``/chalZ/``, ``/finalize-order/``,
+``/certZ/``); newOrder also by the status Pebble answered (201 created, or the error).
+
+Like :mod:`tests.fakes.acme_directory_proxy` (its model), the directory names the proxy's own URLs:
+Pebble builds every URL from the Host header, which the proxy sets to its own address, so the JWS
+``url`` a client signs names the proxy and matches what Pebble checks. Unlike it, this relay keeps no
+request log (a storm passes a hundred thousand requests) and runs as its own process, so its CPU is
+not the client's: ``python -m tests.fakes.acme_counting_proxy --upstream URL --ca FILE --workdir DIR``
+prints ``counting proxy ready <directory url> <combined CA bundle>``; ``GET /counts`` answers the counts
+as JSON (that path is the proxy's, not ACME's). :attr:`CountingProxy.combined_ca_bundle` trusts both
+Pebble's CA and the proxy's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import ssl
+import sys
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from certqueue.devstack.tls import make_server_tls
+
+COUNTS_PATH = "/counts"
+_UPSTREAM_TIMEOUT = 30.0
+_RELAYED = ("Replay-Nonce", "Location", "Link", "Retry-After", "Content-Type", "Cache-Control")
+_NAMED = ("newOrder", "newAccount", "newNonce", "revokeCert", "keyChange")
+
+
+def classify(path: str, named_paths: dict[str, str]) -> str:
+    """The counter a request path goes to: a directory resource's name, else ``/<first segment>/``."""
+    for name, p in named_paths.items():
+        if path == p:
+            return name
+    first = path.strip("/").split("/", 1)[0]
+    return f"/{first}/" if first else "/"
+
+
+class CountingProxy:
+    def __init__(self, upstream_directory_url: str, upstream_ca_bundle: str | Path, workdir: Path) -> None:
+        self.upstream_directory_url = upstream_directory_url
+        self.upstream_ca_bundle = str(upstream_ca_bundle)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._tls = make_server_tls(workdir / "counting-proxy-tls", label="certqueue counting proxy")
+        self.combined_ca_bundle = workdir / "counting-proxy-combined-ca.pem"
+        self.combined_ca_bundle.write_bytes(
+            Path(self.upstream_ca_bundle).read_bytes() + self._tls.ca_cert.read_bytes()
+        )
+        up = urlsplit(upstream_directory_url)
+        self._upstream_base = f"{up.scheme}://{up.netloc}"
+        self._directory_path = up.path
+        self._named: dict[str, str] = {}
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    # -- what callers use ----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def directory_url(self) -> str:
+        return f"{self.url}{self._directory_path}"
+
+    def counts(self) -> dict[str, int]:
+        """Requests relayed, by counter (``newOrder``, ``newOrder 201``, ``/my-order/``, ...)."""
+        with self._lock:
+            return dict(self._counts)
+
+    @property
+    def new_orders(self) -> int:
+        """newOrder requests Pebble answered 201 (an order it created)."""
+        return self.counts().get("newOrder 201", 0)
+
+    def start(self, port: int = 0) -> CountingProxy:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                status, headers, content = proxy._handle(
+                    self.command, self.path, body, self.headers.get("Content-Type")
+                )
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(content)
+
+            do_GET = do_POST = do_HEAD = _serve
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._httpd.daemon_threads = True
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(self._tls.cert), str(self._tls.key))
+        self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="counting-proxy")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> CountingProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- relaying ------------------------------------------------------------------------------------
+
+    def _session(self) -> requests.Session:
+        s: requests.Session | None = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            self._local.session = s
+        return s
+
+    def _learn_directory(self, directory: dict[str, Any]) -> None:
+        named = {}
+        for name in _NAMED:
+            if isinstance(directory.get(name), str):
+                named[name] = urlsplit(directory[name]).path
+        with self._lock:
+            self._named = named
+
+    def _handle(
+        self, method: str, raw_path: str, body: bytes, content_type: str | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        path = urlsplit(raw_path).path
+        if method == "GET" and path == COUNTS_PATH:
+            return 200, {"Content-Type": "application/json"}, json.dumps(self.counts()).encode()
+        if not self._named and path != self._directory_path:
+            # a client that never read the directory here still gets counted right
+            self._learn_directory(self._fetch_directory())
+        kind = "directory" if path == self._directory_path else classify(path, self._named)
+        headers = {"Host": f"127.0.0.1:{self.port}"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            up = self._session().request(
+                method,
+                f"{self._upstream_base}{raw_path}",
+                data=body or None,
+                headers=headers,
+                verify=self.upstream_ca_bundle,
+                timeout=_UPSTREAM_TIMEOUT,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            with self._lock:
+                self._counts[kind] += 1
+                self._counts[f"{kind} upstream error"] += 1
+            problem = {"type": "urn:ietf:params:acme:error:serverInternal", "detail": type(exc).__name__}
+            return 502, {"Content-Type": "application/problem+json"}, json.dumps(problem).encode()
+        with self._lock:
+            self._counts[kind] += 1
+            if kind == "newOrder":
+                self._counts[f"newOrder {up.status_code}"] += 1
+        if kind == "directory" and up.ok:
+            try:
+                self._learn_directory(up.json())
+            except ValueError:
+                pass
+        relayed = {h: up.headers[h] for h in _RELAYED if h in up.headers}
+        return up.status_code, relayed, up.content
+
+    def _fetch_directory(self) -> dict[str, Any]:
+        up = self._session().get(
+            self.upstream_directory_url,
+            headers={"Host": f"127.0.0.1:{self.port}"},
+            verify=self.upstream_ca_bundle,
+            timeout=_UPSTREAM_TIMEOUT,
+        )
+        up.raise_for_status()
+        data: dict[str, Any] = up.json()
+        return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.fakes.acme_counting_proxy")
+    ap.add_argument("--upstream", required=True, help="Pebble's directory URL")
+    ap.add_argument("--ca", required=True, help="the CA bundle Pebble's listener is signed by")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args(argv)
+    proxy = CountingProxy(args.upstream, args.ca, Path(args.workdir)).start(args.port)
+    print(f"counting proxy ready {proxy.directory_url} {proxy.combined_ca_bundle}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
