@@ -44,6 +44,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 bench: install services
+	$(PY) -m pip install -q 'matplotlib>=3.7' 'py-spy>=0.3'  # charts and stack dumps (not in the test lock)
 	$(PY) -m bench $(BENCH_ARGS)
 
 ## make flower: task monitoring. Basic auth is required: Flower reads FLOWER_BASIC_AUTH=user:password

@@ -199,7 +199,10 @@ def _run_beat_now(*, loglevel: str | None = None) -> None:
     url = app.conf.broker_url or ""
     if url.startswith(("redis://", "rediss://")):
         app.conf.redbeat_redis_url = url
+        # beat renews its lock at every tick: it never sleeps longer than a sixth of the lock's life
+        # (a 60 s sleep under a 60 s lock lost the lock: LockNotOwnedError and a restart a minute)
         app.conf.redbeat_lock_timeout = 60
+        app.conf.beat_max_loop_interval = 10
         app.conf.redbeat_key_prefix = "certqueue:redbeat:"
         argv += ["-S", "redbeat.RedBeatScheduler"]
     else:

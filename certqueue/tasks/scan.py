@@ -31,6 +31,8 @@ from certqueue.tasks.pipeline import task
 log = logging.getLogger("certqueue.scan")
 
 ENQUEUE_CHUNK = 200
+#: kombu's Redis transport serves priority 0 before 3, 6 and 9 within one queue
+NEW_WORK_PRIORITY = 6
 
 
 def claim_due(session: Session, now: dt.datetime, limit: int) -> list[str]:
@@ -46,7 +48,12 @@ def _dispatch_step(ctx: StepContext, batch: int | None = None) -> dict[str, Any]
     starts = [job for name, job in claimed.sends if name == "certqueue.acme.start"]
     size = settings.automation.batch_size
     sigs = [task(name, job) for name, job in claimed.sends if name != "certqueue.acme.start"]
-    sigs += [task("certqueue.acme.issue_batch", starts[i : i + size]) for i in range(0, len(starts), size)]
+    # new orders at a lower priority than everything else on the acme queue: the steps that close
+    # orders already open (validate, DNS-01 chord bodies, revocations) are served first (Redis)
+    sigs += [
+        task("certqueue.acme.issue_batch", starts[i : i + size], priority=NEW_WORK_PRIORITY)
+        for i in range(0, len(starts), size)
+    ]
     for i in range(0, len(sigs), ENQUEUE_CHUNK):
         ctx.then(group(sigs[i : i + ENQUEUE_CHUNK]))
     return {"intents": claimed.intents, "claimed": claimed.due, "deferred": claimed.deferred}
