@@ -577,7 +577,7 @@ _ENDPOINTS = (
     ("keyChange", re.compile(r"key-?change|rollover", re.I)),
     ("renewalInfo", re.compile(r"renewal-?info", re.I)),
     ("finalize", re.compile(r"finali[sz]e", re.I)),
-    ("challenge", re.compile(r"chall", re.I)),
+    ("challenge", re.compile(r"chal", re.I)),
     ("authorization", re.compile(r"authz", re.I)),
     ("certificate", re.compile(r"cert", re.I)),
     ("order", re.compile(r"order", re.I)),
