@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from certqueue import metrics
-
 from tests.unit.test_grafana import promql_names, served  # noqa: F401  (served is a fixture)
 
 PROM = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
