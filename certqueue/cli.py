@@ -844,7 +844,9 @@ def tokens_revoke(token_id: str) -> None:
 
 @main.command("worker")
 @click.option("--pool", type=click.Choice(["acme", "dns", "propagate", "all"]), required=True)
-@click.option("--region", "regions", multiple=True, help="propagate pool: the region(s) served.")
+@click.option(
+    "--region", "regions", multiple=True, help="propagate pool: the region(s) served, or `all` configured."
+)
 @click.option("--concurrency", "-c", type=int)
 @click.option("--loglevel", default=None)
 @click.option("--hostname", "-n", default=None)

@@ -51,10 +51,17 @@ IMAGE_UID = 10001
 #: compose needs these from the environment (.env); dummy values for checking only
 COMPOSE_REQUIRED = {
     "POSTGRES_PASSWORD": "pg-dummy",
+    "REDIS_PASSWORD": "redis-dummy",
     "FLOWER_BASIC_AUTH": "ops:flower-dummy",
     "GRAFANA_ADMIN_PASSWORD": "grafana-dummy",
-    "CERTQUEUE_ACME_EMAIL": "ops@example.com",
+    "ACME_EMAIL": "ops@example.com",
+    "ACME_DIRECTORY_URL": "https://pebble:14000/dir",
 }
+#: the .env examples compose is documented with
+COMPOSE_ENV_EXAMPLES = (
+    REPO / "settings" / "compose-pebble.env",
+    REPO / "settings" / "compose-letsencrypt-staging.env",
+)
 #: names that hold secrets wherever they appear as environment variables
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|BASIC_AUTH|HMAC|ACCESS_KEY", re.IGNORECASE)
 
@@ -138,7 +145,11 @@ def check_command_line(argv: list[str], regions: set[str]) -> list[Invocation]:
         assert inv.params["pool"] in {"acme", "dns", "propagate"}, inv.params
         if inv.params["pool"] == "propagate":
             assert inv.params["regions"], "a propagate worker needs --region"
-            unknown = set(inv.params["regions"]) - regions
+            unknown = (
+                set(inv.params["regions"])
+                - regions
+                - ({"all"} if inv.params["regions"] == ("all",) else set())
+            )
             assert not unknown, f"--region {sorted(unknown)} is not a configured region {sorted(regions)}"
     return [inv]
 
@@ -309,8 +320,9 @@ def test_compose_services_and_references() -> None:
     data = compose()
     services: dict[str, Any] = data["services"]
     expected = {
-        "postgres", "redis", "pebble", "pebble-challtestsrv", "migrate", "api", "http01", "worker-acme",
-        "worker-dns", "beat", "flower", "prometheus", "grafana",
+        "postgres", "redis", "pebble", "pebble-challtestsrv", "migrate", "api", "metrics", "http01",
+        "worker-acme", "worker-dns", "worker-propagate", "beat", "flower", "prometheus", "alertmanager",
+        "grafana",
     }  # fmt: skip
     assert expected <= set(services)
     named_volumes = set(data.get("volumes") or {})
@@ -339,8 +351,13 @@ def test_compose_services_and_references() -> None:
             assert net in networks, f"{name}: unknown network {net}"
         for port in svc.get("ports") or []:
             assert str(port).startswith("127.0.0.1:"), f"{name}: port {port} must bind loopback only"
-    redis_cmd = _argv(services["redis"]["command"])
+    (redis_script,) = services["redis"]["command"]
+    redis_cmd = shlex.split(redis_script.split("exec ", 1)[1])
     assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    # a password, from .env, through a config file (never on a command line)
+    assert "requirepass" in redis_script and "$REDIS_PASSWORD" in redis_script
+    assert "redis-dummy" not in redis_script
+    assert "REDISCLI_AUTH" in " ".join(services["redis"]["healthcheck"]["test"])
 
 
 def test_compose_commands_are_real_cli_commands_and_settings_are_real_keys() -> None:
@@ -356,11 +373,12 @@ def test_compose_commands_are_real_cli_commands_and_settings_are_real_keys() -> 
         env = _env_dict(svc.get("environment"))
         settings = check_settings_env(env, REPO / "settings")
         assert settings.database.url.startswith("postgresql+psycopg://"), name
-        assert settings.broker.url.startswith("redis://redis:"), name
+        assert settings.broker.url == "redis://:redis-dummy@redis:6379/0", name
         assert compose_regions(svc) == regions, f"{name}: every service must see the same regions"
         for inv in check_command_line(argv, regions):
             commands.add(" ".join(inv.path))
             if inv.path == ["worker"]:
+                assert svc.get("init") is True, f"{name}: init: true, so SIGTERM reaches the worker"
                 node = worker_node_name(inv)
                 pools[node] = name
                 ping = " ".join(svc["healthcheck"]["test"])
@@ -375,8 +393,11 @@ def test_compose_commands_are_real_cli_commands_and_settings_are_real_keys() -> 
                 assert dns_cmd[dns_cmd.index("-defaultIPv4") + 1] == net, "test DNS must answer http01's IP"
                 peb = json.loads((REPO / "docker" / "pebble" / "pebble-config.json").read_text())["pebble"]
                 assert settings.challenges.http_port == peb["httpPort"]
-    assert {"serve", "http01", "beat", "db upgrade", "keys generate", "celery"} <= commands
-    assert {"acme", "dns"} | {f"propagate-{r}" for r in regions} == set(pools), pools
+    assert {"serve", "metrics", "http01", "beat", "db upgrade", "keys generate", "celery"} <= commands
+    # regions are defined once: one propagate service serves all of them (and scales with --scale)
+    assert {"acme", "dns", "propagate-all"} == set(pools), pools
+    for name in pools.values():
+        assert "container_name" not in services[name] and "ports" not in services[name], name
 
 
 def test_compose_flower_requires_auth_and_binds_loopback() -> None:
@@ -394,12 +415,26 @@ def test_compose_prometheus_config_scrapes_the_compose_services(tmp_path: Path) 
     services = compose()["services"]
     prom = yaml.safe_load((REPO / "docker" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    api_port = _env_dict(services["api"]["environment"])["CERTQUEUE_API__PORT"]
-    assert {f"api:{api_port}", "flower:5555"} <= targets
+    metrics_port = _env_dict(services["metrics"]["environment"])["CERTQUEUE_MONITORING__PROMETHEUS_PORT"]
+    (certqueue_job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "certqueue"]
+    assert certqueue_job["static_configs"] == [{"targets": [f"metrics:{metrics_port}"]}], "one scrape target"
+    assert "flower:5555" in targets
+    assert (
+        metrics_port != "9091"
+        and metrics_port != _env_dict(services["api"]["environment"])["CERTQUEUE_API__PORT"]
+    )
+    # alerts go somewhere: the compose Alertmanager, whose config amtool accepts
+    (am,) = prom["alerting"]["alertmanagers"]
+    assert am["static_configs"] == [{"targets": ["alertmanager:9093"]}]
+    assert (
+        "./docker/alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro"
+        in (services["alertmanager"]["volumes"])
+    )
     for target in targets:
         assert target.split(":")[0] in services
     mounts = services["prometheus"]["volumes"]
     assert "./deploy/prometheus/alerting_rules.yml:/etc/prometheus/alerting_rules.yml:ro" in mounts
+    assert "./deploy/prometheus/recording_rules.yml:/etc/prometheus/recording_rules.yml:ro" in mounts
     grafana_ds = yaml.safe_load((REPO / "docker" / "grafana" / "datasources.yml").read_text())
     deploy_ds = yaml.safe_load(
         (REPO / "deploy/grafana/provisioning/datasources/certqueue-prometheus.yml").read_text()
@@ -410,6 +445,7 @@ def test_compose_prometheus_config_scrapes_the_compose_services(tmp_path: Path) 
     require_tool("promtool", promtool is not None)
     shutil.copy(REPO / "docker" / "prometheus" / "prometheus.yml", tmp_path / "prometheus.yml")
     shutil.copy(REPO / "deploy" / "prometheus" / "alerting_rules.yml", tmp_path / "alerting_rules.yml")
+    shutil.copy(REPO / "deploy" / "prometheus" / "recording_rules.yml", tmp_path / "recording_rules.yml")
     res = subprocess.run(
         [str(promtool), "check", "config", str(tmp_path / "prometheus.yml")],
         capture_output=True,
@@ -417,6 +453,76 @@ def test_compose_prometheus_config_scrapes_the_compose_services(tmp_path: Path) 
         timeout=60,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("example", COMPOSE_ENV_EXAMPLES, ids=lambda p: p.name)
+def test_compose_env_examples_name_every_variable_and_nothing_certqueue_rejects(example: Path) -> None:
+    """The examples set exactly the variables compose reads; none is a CERTQUEUE_* name (certqueue
+    rejects unknown CERTQUEUE_ variables, so an exported .env would break every CLI call)."""
+    env = _env_file(example)
+    text = "\n".join(line for line in COMPOSE.read_text().splitlines() if not line.lstrip().startswith("#"))
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
+    optional = set(re.findall(r"\$\{([A-Z_]+):-", text))
+    assert required <= set(env), f"{example.name} misses {sorted(required - set(env))}"
+    assert set(env) <= required | optional | {"COMPOSE_PROFILES"}, sorted(set(env) - required - optional)
+    assert not [k for k in env if k.startswith("CERTQUEUE_")]
+    read_env({k: v or "x" for k, v in env.items()})  # what certqueue does with an exported .env: no error
+    for key, value in env.items():
+        if SECRET_NAME.search(key):
+            assert value == "", f"{example.name}: {key} must be left empty"
+
+
+def test_compose_trusts_pebble_only_in_the_pebble_profile() -> None:
+    """A real CA is verified with the system trust store; Pebble's CA only with the pebble profile."""
+    raw = raw_compose()["services"]
+    assert raw["pebble"]["profiles"] == ["pebble"] and raw["pebble-challtestsrv"]["profiles"] == ["pebble"]
+    for name, svc in raw.items():
+        if name not in ("pebble", "pebble-challtestsrv"):
+            assert "profiles" not in svc, f"{name} must run in every profile"
+            assert not {"pebble", "pebble-challtestsrv"} & set(svc.get("depends_on") or {}), name
+    pebble_env = _env_file(COMPOSE_ENV_EXAMPLES[0])
+    staging_env = _env_file(COMPOSE_ENV_EXAMPLES[1])
+    assert pebble_env["COMPOSE_PROFILES"] == "pebble" and pebble_env["ACME_CA_BUNDLE"] == "/pebble-tls/ca.pem"
+    assert "COMPOSE_PROFILES" not in staging_env and "ACME_CA_BUNDLE" not in staging_env
+    filled = {k: v or "x" for k, v in {**COMPOSE_REQUIRED, **staging_env}.items()}
+    bundle = _env_dict(compose(filled)["services"]["api"]["environment"])["CERTQUEUE_ACME__CA_BUNDLE"]
+    assert bundle == "/etc/ssl/certs/ca-certificates.crt", "a real CA: the image's system trust store"
+    assert staging_env["ACME_DIRECTORY_URL"].startswith("https://acme-staging-v02.api.letsencrypt.org/")
+
+
+def test_compose_every_certqueue_process_runs_under_an_init() -> None:
+    for name, svc in compose()["services"].items():
+        if svc.get("image") == "certqueue:local":
+            assert svc.get("init") is True, (
+                f"{name}: init: true (SIGTERM reaches the process, zombies reaped)"
+            )
+
+
+def test_alertmanager_config_is_valid(tmp_path: Path) -> None:
+    amtool = shutil.which("amtool")
+    require_tool("amtool (Debian prometheus-alertmanager)", amtool is not None)
+    res = subprocess.run(
+        [str(amtool), "check-config", str(REPO / "docker" / "alertmanager" / "alertmanager.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    broken = tmp_path / "alertmanager.yml"
+    broken.write_text((REPO / "docker" / "alertmanager" / "alertmanager.yml").read_text().replace(
+        "receiver: certqueue\n  group_by", "receiver: nobody\n  group_by"))  # fmt: skip
+    assert (
+        subprocess.run([str(amtool), "check-config", str(broken)], capture_output=True, timeout=60).returncode
+        != 0
+    )
 
 
 # --- docker/ ---------------------------------------------------------------------------------------
@@ -600,6 +706,7 @@ def test_make_flower_refuses_without_basic_auth_and_binds_loopback() -> None:
 
 UNITS = {
     "certqueue-api.service": ["serve"],
+    "certqueue-metrics.service": ["metrics"],
     "certqueue-http01.service": ["http01"],
     "certqueue-worker-acme.service": ["worker"],
     "certqueue-worker-dns.service": ["worker"],
@@ -996,6 +1103,7 @@ def test_k8s_one_metrics_scrape_target_reachable_only_from_monitoring(overlay: s
                if svc["metadata"].get("annotations", {}).get("prometheus.io/scrape") == "true"]  # fmt: skip
     assert [svc["metadata"]["name"] for svc in scraped] == ["certqueue-metrics"]
     assert scraped[0]["metadata"]["annotations"]["prometheus.io/port"] == str(s.monitoring.prometheus_port)
+
     def component(np: dict[str, Any]) -> str | None:
         return np["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
 
