@@ -86,10 +86,13 @@ def _add_trace(record: logging.LogRecord) -> None:
 
 
 def json_formatter() -> logging.Formatter:
+    from pythonjsonlogger.core import RESERVED_ATTRS
     from pythonjsonlogger.json import JsonFormatter
 
     return JsonFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s",
+        # uvicorn adds an ANSI-coloured copy of each message: not for a log pipeline
+        reserved_attrs=[*RESERVED_ATTRS, "color_message"],
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         datefmt="%Y-%m-%dT%H:%M:%S%z",
         json_ensure_ascii=False,
