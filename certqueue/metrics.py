@@ -26,6 +26,7 @@ the broker families), so Prometheus can tell "exporter down" from "database down
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import logging
@@ -482,36 +483,94 @@ def _metrics_dir(settings: Settings) -> Path:
     return Path(settings.broker.filesystem_path).parent / "metrics"
 
 
+#: observations are added up in the process and written at most this often (and at exit): one
+#: Redis round trip per second per process instead of one per ACME request
+FLUSH_SECONDS = 1.0
+_pending: dict[str, dict[str, float]] = {}
+_flusher_pid: int | None = None
+
+
 def observe(family: str, labels: Sequence[str], seconds: float, settings: Settings | None = None) -> None:
-    """Add one observation to a recorded latency histogram (``_LATENCY_DOCS``)."""
+    """Add one observation to a recorded latency histogram (``_LATENCY_DOCS``); written to the
+    shared store within ``FLUSH_SECONDS`` by a background thread (or by :func:`flush`)."""
+    global _flusher_pid
     try:
-        settings = settings or get_settings()
-        if not settings.monitoring.enabled:
+        if not (settings or get_settings()).monitoring.enabled:
             return
         fields = _fields(labels, max(seconds, 0.0))
-        from certqueue.celery_app import broker_urls
-
-        url, _backend, _opts = broker_urls(settings)
-        if url.startswith(("redis://", "rediss://", "unix://")):
-            pipe = _redis_client(url).pipeline(transaction=False)
-            for f, v in fields.items():
-                if f.endswith("\tsum"):
-                    pipe.hincrbyfloat(_REDIS_PREFIX + family, f, v)
-                else:
-                    pipe.hincrby(_REDIS_PREFIX + family, f, int(v))
-            pipe.execute()
-            return
-        folder = _metrics_dir(settings)
+        _store_target(settings or get_settings())  # resolved now: flush() may run at interpreter exit
         with _store_lock:
-            counts = _local_counts.setdefault(family, {})
+            counts = _pending.setdefault(family, {})
             for f, v in fields.items():
                 counts[f] = counts.get(f, 0.0) + v
+            if _flusher_pid != os.getpid():  # first use in this process (or in a forked child)
+                _flusher_pid = os.getpid()
+                threading.Thread(target=_flush_loop, name="certqueue-metrics-flush", daemon=True).start()
+    except Exception as exc:  # noqa: BLE001 - a metric must never fail the work it measures
+        log.debug("metrics: could not record %s (%s)", family, type(exc).__name__)
+
+
+def _flush_loop() -> None:
+    while True:
+        time.sleep(FLUSH_SECONDS)
+        flush()
+
+
+def flush(settings: Settings | None = None) -> None:
+    """Write what this process observed since the last flush to the shared store."""
+    with _store_lock:
+        batch = {fam: dict(c) for fam, c in _pending.items() if c}
+        _pending.clear()
+    if not batch:
+        return
+    try:
+        kind, where = _store_target(settings or get_settings())
+        if kind == "redis":
+            pipe = _redis_client(where).pipeline(transaction=False)
+            for family, fields in batch.items():
+                for f, v in fields.items():
+                    if f.endswith("\tsum"):
+                        pipe.hincrbyfloat(_REDIS_PREFIX + family, f, v)
+                    else:
+                        pipe.hincrby(_REDIS_PREFIX + family, f, int(v))
+            pipe.execute()
+            return
+        folder = Path(where)
+        with _store_lock:
+            for family, fields in batch.items():
+                counts = _local_counts.setdefault(family, {})
+                for f, v in fields.items():
+                    counts[f] = counts.get(f, 0.0) + v
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".{os.getpid()}.json.tmp"
             tmp.write_text(json.dumps(_local_counts))
             os.replace(tmp, folder / f"{os.getpid()}.json")
     except Exception as exc:  # noqa: BLE001 - a metric must never fail the work it measures
-        log.debug("metrics: could not record %s (%s)", family, type(exc).__name__)
+        log.debug("metrics: could not write latencies (%s: %s)", type(exc).__name__, exc)
+
+
+_targets: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def _store_target(settings: Settings) -> tuple[str, str]:
+    """("redis", broker URL) or ("dir", folder) for these settings; the Redis client is created
+    here too, so that writing needs no import and no new object at interpreter exit."""
+    key = (settings.broker.url, str(settings.broker.filesystem_path))
+    target = _targets.get(key)
+    if target is None:
+        from certqueue.celery_app import broker_urls
+
+        url, _backend, _opts = broker_urls(settings)
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            _redis_client(url)
+            target = ("redis", url)
+        else:
+            target = ("dir", str(_metrics_dir(settings)))
+        _targets[key] = target
+    return target
+
+
+atexit.register(flush)
 
 
 def _read_store(settings: Settings) -> dict[str, dict[str, float]] | None:

@@ -125,6 +125,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
             states.record(s, "cert_grafanaaaaaaaaaaaaa", kind, reason="success", data=data)
     metrics.observe("certqueue_task_duration_seconds", ["certqueue.grafana"], 0.1)
     metrics.observe_acme_request("https://ca.example.test/dir", "https://ca.example.test/new-order", 0.1)
+    metrics.flush()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics.CertqueueCollector())
     text = generate_latest(registry).decode()

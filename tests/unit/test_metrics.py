@@ -505,6 +505,7 @@ def _fill_every_family(settings: Settings) -> None:
         states.record(s, None, "validation_error", reason="acme:x", data={"type": "dns-01"})
     metrics.observe("certqueue_task_duration_seconds", ["certqueue.lint"], 0.02, settings)
     metrics.observe_acme_request("https://acme.example.test/dir", "https://acme.example.test/new-order", 0.03)
+    metrics.flush(settings)
 
 
 def test_promtool_check_metrics_is_clean(db: Path, install: Callable[..., Settings]) -> None:
@@ -559,6 +560,7 @@ def test_latencies_recorded_by_one_process_are_served_by_another(
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     metrics.observe("certqueue_task_duration_seconds", ["certqueue.t"], 0.2, settings)
+    metrics.flush(settings)  # (the background thread would within FLUSH_SECONDS)
     _text, fam = scrape()
     buckets = {
         dict(k)["le"]: v for k, v in samples(fam, "certqueue_task_duration_seconds", "_bucket").items()
