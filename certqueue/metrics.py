@@ -732,9 +732,12 @@ def _sent_at(raw: bytes | None) -> float | None:
         return None
 
 
-def broker_snapshot(settings: Settings) -> tuple[dict[str, int], dict[str, float]] | None:
+def broker_snapshot(
+    settings: Settings, *, ages: bool = True
+) -> tuple[dict[str, int], dict[str, float]] | None:
     """(messages waiting per queue, send time of the oldest waiting message per queue), or None when
-    the broker cannot be reached (or is not supported)."""
+    the broker cannot be reached (or is not supported). ``ages=False``: depths only (LLEN alone, for
+    dispatch, which asks often)."""
     from certqueue.celery_app import broker_urls, make_queues
 
     names = [q.name for q in make_queues(settings)]
@@ -751,16 +754,18 @@ def broker_snapshot(settings: Settings) -> tuple[dict[str, int], dict[str, float
             pipe = _redis_client(url).pipeline(transaction=False)
             for _name, key in keys:
                 pipe.llen(key)
-                pipe.lindex(key, -1)  # kombu LPUSHes and BRPOPs: the oldest is last
+                if ages:
+                    pipe.lindex(key, -1)  # kombu LPUSHes and BRPOPs: the oldest is last
             replies = pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.warning("metrics: broker unreachable (%s)", type(exc).__name__)
             return None
         depths = dict.fromkeys(names, 0)
         oldest: dict[str, float] = {}
+        step = 2 if ages else 1
         for i, (name, _key) in enumerate(keys):
-            depths[name] += int(replies[2 * i])
-            sent = _sent_at(replies[2 * i + 1])
+            depths[name] += int(replies[step * i])
+            sent = _sent_at(replies[step * i + 1]) if ages else None
             if sent is not None:
                 oldest[name] = min(sent, oldest.get(name, sent))
         return depths, oldest
@@ -788,7 +793,7 @@ def broker_snapshot(settings: Settings) -> tuple[dict[str, int], dict[str, float
 
 def queue_depths(settings: Settings) -> dict[str, int] | None:
     """Messages waiting per queue, or None when the broker cannot be reached (or is not supported)."""
-    snap = broker_snapshot(settings)
+    snap = broker_snapshot(settings, ages=False)
     return None if snap is None else snap[0]
 
 
@@ -852,7 +857,6 @@ def serve_metrics(host: str | None = None, port: int | None = None, *, block: bo
     finally:
         server.shutdown()
     return server
-
 
 
 def stop_on_signals() -> threading.Event:
