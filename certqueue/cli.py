@@ -985,7 +985,9 @@ def metrics_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
     stop = stop_on_signals()  # SIGTERM/SIGINT, also as PID 1; before the port opens
     server = serve_metrics(host, port, block=False)
     err_console.print(f"metrics on {host or m.bind}:{server.server_address[1]}/metrics")
-    while not stop.wait(3600):
+    # short waits: the kernel may deliver SIGTERM to the server thread, and Python runs the handler
+    # only when the main thread wakes up
+    while not stop.wait(0.2):
         pass
     server.shutdown()
 

@@ -111,7 +111,9 @@ def serve_until_stopped(srv: Http01Server, stop: threading.Event) -> None:
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name="http01")
     thread.start()
     try:
-        while not stop.wait(1.0):
+        # short waits: the kernel may deliver SIGTERM to a serving thread, and Python runs the
+        # handler only when the main thread wakes up
+        while not stop.wait(0.2):
             if not thread.is_alive():
                 break
     finally:

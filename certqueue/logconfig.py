@@ -12,7 +12,8 @@ redaction filter of ``certqueue.logsafe``:
 Celery would otherwise replace the root handler in workers and beat (``worker_hijack_root_logger``):
 a receiver on its ``setup_logging`` signal tells it to leave logging alone. Task context comes from
 ``task_prerun``: the task id and name, and ``certificate_id`` / ``region`` from the task's own
-arguments (a batch of one id counts as that id). Code can add fields with :func:`log_context`.
+arguments (also inside a payload dict; a batch of one counts as that one). A batch of many has no
+single certificate: code inside it adds the field per item with :func:`log_context`.
 """
 
 from __future__ import annotations
@@ -128,11 +129,14 @@ def _task_fields(task: Any, args: Any, kwargs: Any) -> dict[str, str]:
     except (TypeError, ValueError):
         bound = dict(kwargs or {})
     cid = bound.get("certificate_id")
-    if cid is None:
-        for key in ("certificate_ids", "ids"):
-            ids = bound.get(key)
-            if isinstance(ids, list | tuple) and len(ids) == 1:
-                cid = ids[0]
+    for value in bound.values():  # a versioned payload ({"v": 1, "certificate_id": ...}) or a batch
+        if cid is not None:
+            break
+        if isinstance(value, dict):
+            cid = value.get("certificate_id")
+        elif isinstance(value, list | tuple) and len(value) == 1:  # a batch of one: that id
+            one = value[0]
+            cid = one.get("certificate_id") if isinstance(one, dict) else one
     if isinstance(cid, str):
         fields["certificate_id"] = cid
     if isinstance(bound.get("region"), str):

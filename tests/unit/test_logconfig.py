@@ -123,3 +123,32 @@ def test_a_real_worker_logs_task_id_certificate_and_region_as_json(tmp_path: Pat
     # the worker's own lines (celery's loggers) are JSON too: Celery left the handler alone
     assert any(str(r.get("logger", "")).startswith("celery") for r in records), text
     assert all(x.startswith("{") for x in text.splitlines() if '"level"' in x)
+
+
+class _Task:
+    name = "t"
+
+    def __init__(self, run: object) -> None:
+        self.run = run
+
+
+def _issue(payload: dict[str, object], _transient: int = 0) -> None: ...
+def _batch(jobs: list[dict[str, object]], _transient: int = 0) -> None: ...
+def _deploy(certificate_id: str, region: str, issuance_id: int) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("run", "args", "kwargs", "fields"),
+    [
+        (_deploy, ["cert_a", "eu-west-1", 3], {}, {"certificate_id": "cert_a", "region": "eu-west-1"}),
+        (_issue, [{"v": 1, "certificate_id": "cert_b"}], {}, {"certificate_id": "cert_b"}),
+        (_batch, [[{"certificate_id": "cert_c"}]], {}, {"certificate_id": "cert_c"}),
+        (_batch, [[{"certificate_id": "cert_c"}, {"certificate_id": "cert_d"}]], {}, {}),
+        (_deploy, [], {"certificate_id": "cert_e", "region": "us-east-1", "issuance_id": 1},
+         {"certificate_id": "cert_e", "region": "us-east-1"}),
+    ],
+)  # fmt: skip
+def test_task_fields_from_the_task_arguments(
+    run: object, args: list[object], kwargs: dict[str, object], fields: dict[str, str]
+) -> None:
+    assert logconfig._task_fields(_Task(run), args, kwargs) == fields

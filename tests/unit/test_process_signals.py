@@ -113,7 +113,10 @@ def test_stops_on_sigterm_as_pid_1(process: str, env: dict[str, str], tmp_path: 
             try:
                 outer.wait(timeout=STOP_DEADLINE)
             except subprocess.TimeoutExpired:
-                pytest.fail(f"{process} still running {STOP_DEADLINE:.0f} s after SIGTERM as PID 1")
+                pytest.fail(
+                    f"{process} still running {STOP_DEADLINE:.0f} s after SIGTERM as PID 1:\n"
+                    + log_path.read_text(errors="replace")[-3000:]
+                )
             print(f"{process}: stopped {time.monotonic() - started:.2f} s after SIGTERM")
         finally:
             if outer.poll() is None:
