@@ -72,16 +72,12 @@ def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
     # every layer, the runtime one read from the database; re-read as it ages (certqueue.runtime)
     loaded = configure(overrides or None)
     ctx.obj["loaded"] = loaded
-    level = loaded.settings.logging.level
-    logging.basicConfig(
-        level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from certqueue.logconfig import configure_logging  # text or JSON lines, redacted, task context
+
+    configure_logging(loaded.settings)
     if not loaded.settings.broker.url or loaded.settings.broker.url.startswith("filesystem"):
         # kombu warns that the embedded (filesystem) broker has no hostname: it needs none
         logging.getLogger("kombu.connection").setLevel(logging.ERROR)
-    from certqueue.logsafe import install
-
-    install()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -979,7 +975,9 @@ def tokens_revoke(token_id: str) -> None:
 
 @main.command("worker")
 @click.option("--pool", type=click.Choice(["acme", "dns", "propagate", "all"]), required=True)
-@click.option("--region", "regions", multiple=True, help="propagate pool: the region(s) served.")
+@click.option(
+    "--region", "regions", multiple=True, help="propagate pool: the region(s) served, or `all` configured."
+)
 @click.option("--concurrency", "-c", type=int)
 @click.option("--loglevel", default=None)
 @click.option("--hostname", "-n", default=None)
@@ -1007,23 +1005,22 @@ def beat_cmd(loglevel: str | None) -> None:
 @click.pass_context
 def http01_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Serve HTTP-01 challenge tokens from the database."""
-    from certqueue.http01 import serve
+    from certqueue.http01 import serve, serve_until_stopped, stop_on_signals
 
     c = ctx.obj["loaded"].settings.challenges
+    stop = stop_on_signals()  # SIGTERM/SIGINT stop it, also as PID 1
     srv = serve(host or c.http_host, port or c.http_port)
     bound_host, bound_port = srv.server_address[0], srv.server_address[1]
     err_console.print(f"http01 responder on {bound_host!s}:{bound_port}")
-    try:
-        srv.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    serve_until_stopped(srv, stop)
 
 
 @main.command("serve")
 @click.option("--host", default=None, help="Default api.host.")
 @click.option("--port", type=int, default=None, help="Default api.port.")
 def serve_cmd(host: str | None, port: int | None) -> None:
-    """Run the REST API (with /health, /health/certificates and /metrics) until interrupted."""
+    """Run the REST API (with /health and /health/certificates) until interrupted; metrics are
+    served by `certqueue metrics` on their own port."""
     from certqueue.api.app import serve
 
     serve(host, port)
@@ -1035,18 +1032,17 @@ def serve_cmd(host: str | None, port: int | None) -> None:
 @click.pass_context
 def metrics_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Serve only the Prometheus /metrics endpoint (no REST API) until interrupted."""
-    from certqueue.metrics import serve_metrics
+    from certqueue.metrics import serve_metrics, stop_on_signals
 
     m = ctx.obj["loaded"].settings.monitoring
+    stop = stop_on_signals()  # SIGTERM/SIGINT, also as PID 1; before the port opens
     server = serve_metrics(host, port, block=False)
     err_console.print(f"metrics on {host or m.bind}:{server.server_address[1]}/metrics")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+    # short waits: the kernel may deliver SIGTERM to the server thread, and Python runs the handler
+    # only when the main thread wakes up
+    while not stop.wait(0.2):
         pass
-    finally:
-        server.shutdown()
+    server.shutdown()
 
 
 @main.command("demo")

@@ -260,10 +260,25 @@ class MultiRegionSettings(Section):
 
 
 class MonitoringSettings(Section):
+    #: false: ``certqueue metrics`` refuses to start and workers record no latencies
     enabled: bool = True
-    prometheus_port: int = Field(9091, ge=1, le=65535)
+    #: the metrics listener's own port (not the API's, not the Pushgateway's 9091)
+    prometheus_port: int = Field(9745, ge=1, le=65535)
     bind: str = "127.0.0.1"
+    #: the latest an in-service certificate counts as expiring soon (/health/certificates, alerts)
     alert_threshold_days: float = Field(14, ge=0)
+    #: expiring soon: less than this share of its lifetime left (cert-manager's renewBeforePercentage)
+    alert_threshold_percentage: float = Field(15, ge=0, le=100)
+    #: ... but never less than this many hours left (the absolute floor for short-lived certificates)
+    alert_threshold_floor_hours: float = Field(12, ge=0)
+    #: an ACTIVE certificate this long past renew_at and not renewing counts as overdue
+    renewal_overdue_grace_minutes: float = Field(60, ge=0)
+    #: add the first domain name as a label of per-certificate series (off: names stay private)
+    domain_labels: bool = False
+    #: also serve the guide's metric names (days, no prefix); else use the recording rules
+    guide_names: bool = False
+    #: OpenTelemetry tracing (API -> task -> ACME call); needs the ``tracing`` extra
+    tracing: bool = False
     #: per-certificate series up to this many (worst first); beyond, aggregates only
     max_certificate_series: int = Field(10_000, ge=0)
 
@@ -313,7 +328,7 @@ class LoggingSettings(Section):
 
 class ApiSettings(Section):
     host: str = "127.0.0.1"
-    port: int = Field(9091, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535)
     #: larger request bodies are refused with 413 before routing (never read)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     #: the same for POST /v1/certificates/import (certificate, key and chain PEM)

@@ -3,14 +3,19 @@
 Any number of replicas can run (behind port 80 or the fleet's load balancer): tokens written by any
 acme worker are visible to all of them, because the database is the only place they live. Answers
 only well-formed tokens that exist and have not expired; everything else is 404.
+
+SIGTERM and SIGINT stop it at once (:func:`serve_until_stopped`): as PID 1 in a container a process
+without a handler ignores SIGTERM, and every ``docker stop`` would wait for the kill.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
 
 from sqlalchemy import select
 
@@ -84,3 +89,34 @@ def start_in_thread(host: str, port: int) -> tuple[Http01Server, threading.Threa
     t = threading.Thread(target=srv.serve_forever, name="http01", daemon=True)
     t.start()
     return srv, t
+
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (main thread only). Install it before binding the port, so
+    a signal sent as soon as the port answers is never missed."""
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("http01: %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    return stop
+
+
+def serve_until_stopped(srv: Http01Server, stop: threading.Event) -> None:
+    """Serve in a thread until ``stop`` is set (:func:`stop_on_signals`), then close."""
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name="http01")
+    thread.start()
+    try:
+        # short waits: the kernel may deliver SIGTERM to a serving thread, and Python runs the
+        # handler only when the main thread wakes up
+        while not stop.wait(0.2):
+            if not thread.is_alive():
+                break
+    finally:
+        srv.shutdown()
+        thread.join(timeout=5)
+        srv.server_close()

@@ -42,7 +42,11 @@ def pool_spec(pool: str, regions: list[str]) -> PoolSpec:
         return PoolSpec(("dns",), b.dns_concurrency)
     if pool == "propagate":
         if not regions:
-            raise ConfigError("the propagate pool needs --region (one or more)", key="--region")
+            raise ConfigError("the propagate pool needs --region (one or more, or all)", key="--region")
+        if regions == ["all"]:  # every configured region (compose: regions are defined once)
+            regions = [r.name for r in s.multi_region.regions]
+            if not regions:
+                raise ConfigError("--region all: multi_region.regions is empty", key="multi_region.regions")
         for r in regions:
             s.region(r)
         return PoolSpec(tuple(region_queue(r) for r in regions), b.propagate_concurrency)

@@ -21,6 +21,7 @@ directory is fetched once per process per directory URL.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -100,10 +101,22 @@ class _Network(acme_client.ClientNetwork):
     response), and the nonce an error response carries is kept, so a badNonce retry costs one request.
     """
 
-    def __init__(self, *args: Any, bad_nonce_attempts: int = 10, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, bad_nonce_attempts: int = 10, directory_url: str = "", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.bad_nonce_attempts = max(1, bad_nonce_attempts)
         self.bad_nonce_retries = 0
+        self.directory_url = directory_url
+
+    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        started = time.perf_counter()
+        try:
+            return super()._send_request(method, url, *args, **kwargs)
+        finally:  # certqueue_acme_request_duration_seconds{ca, endpoint}
+            from certqueue.metrics import observe_acme_request
+
+            observe_acme_request(self.directory_url or url, url, time.perf_counter() - started)
 
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
         for attempt in range(1, self.bad_nonce_attempts + 1):
@@ -290,6 +303,7 @@ class AcmeClient:
             user_agent=user_agent,
             timeout=timeout,  # type: ignore[arg-type]
             bad_nonce_attempts=bad_nonce_attempts,
+            directory_url=directory_url,
         )
         self._account_url: str | None = None
         self.use_account(account_url)

@@ -258,6 +258,7 @@ def serve(host: str | None = None, port: int | None = None) -> None:
         host=host or settings.api.host,
         port=port or settings.api.port,
         log_level=settings.logging.level.lower(),
+        log_config=None,  # uvicorn's loggers go through certqueue.logconfig (text or JSON)
         access_log=True,
         server_header=False,
         # connections and tasks at once; above it uvicorn answers 503 (RequestLimits counts requests)

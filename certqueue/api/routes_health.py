@@ -1,5 +1,7 @@
-"""``/health``, ``/health/certificates`` and ``/metrics``: no authentication, as probes and
-Prometheus expect. They reveal counts and states, never names of secrets or keys."""
+"""``/health`` and ``/health/certificates``: no authentication, as probes expect. They reveal counts
+and states, never names of secrets or keys. ``/metrics`` is not served here: ``certqueue metrics``
+serves it on its own listener (monitoring.bind:monitoring.prometheus_port), so the API port can be
+public while the metrics port is reachable only from the monitoring network."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import datetime as dt
 import logging
 
 from fastapi import APIRouter, Response, status
-from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -45,15 +46,3 @@ def certificate_health(now: dt.datetime | None = None) -> CertificateHealth:
 def health_certificates() -> CertificateHealth:
     """healthy / degraded / unhealthy with the counts behind it (always 200: read the status)."""
     return certificate_health()
-
-
-@router.get(
-    "/metrics",
-    response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus exposition"}},
-)
-def metrics() -> Response:
-    """The Prometheus exporter (see docs/metrics.md)."""
-    from certqueue.metrics import render_metrics
-
-    return Response(content=render_metrics(), media_type=CONTENT_TYPE_LATEST)

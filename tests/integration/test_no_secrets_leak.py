@@ -272,7 +272,7 @@ def test_no_key_token_or_secret_anywhere(leaky):
     from certqueue.metrics import render_metrics
 
     metrics = render_metrics().decode()
-    assert "certificate_days_until_expiration" in metrics
+    assert "certqueue_certificate_expiration_timestamp_seconds" in metrics
     logs = p.stack.all_logs()
     assert "DEBUG" in logs and "JWS payload" in logs  # the logs really are at DEBUG
     assert "Traceback" in logs and "directory_url is not accepted" in logs  # the failure path ran

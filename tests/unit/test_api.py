@@ -256,8 +256,8 @@ def test_openapi_and_docs_are_published(api: Api) -> None:
         "/v1/jobs/{job_id}",
         "/health",
         "/health/certificates",
-        "/metrics",
     } <= set(spec["paths"])
+    assert "/metrics" not in spec["paths"]  # served by `certqueue metrics` on its own port
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     docs = api.call("GET", "/docs", as_=None)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
@@ -757,12 +757,12 @@ def test_certificate_health_states(fresh: Api) -> None:
     assert health()["expired"] == 2
 
 
-def test_metrics_endpoint_needs_no_token(fresh: Api) -> None:
+def test_metrics_are_not_served_on_the_api_port(fresh: Api) -> None:
+    """/metrics has its own listener (`certqueue metrics`, monitoring.prometheus_port), reachable only
+    from the monitoring network; the API port, often public, does not serve it."""
     add_certificate(["metrics.example.com"], state=State.ACTIVE, days_left=10)
     r = fresh.call("GET", "/metrics", as_=None)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    assert 'certificates{state="ACTIVE"} 1.0' in r.text
-    assert 'domain="metrics.example.com"' in r.text
+    assert r.status_code == 404 and "metrics.example.com" not in r.text
 
 
 # --- fuzzing ---------------------------------------------------------------------------------------------

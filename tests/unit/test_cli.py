@@ -543,7 +543,7 @@ def test_metrics_and_serve_answer_on_loopback(cli: Cli) -> None:
     r = _run_until(
         ["metrics", "--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}/metrics", cli.tmp
     )
-    assert r.status_code == 200 and "certificate_days_until_expiration{" in r.text
+    assert r.status_code == 200 and "certqueue_certificate_expiration_timestamp_seconds{" in r.text
     port = _free_port()
     r = _run_until(
         ["serve", "--host", "127.0.0.1", "--port", str(port)],

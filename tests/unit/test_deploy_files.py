@@ -51,10 +51,17 @@ IMAGE_UID = 10001
 #: compose needs these from the environment (.env); dummy values for checking only
 COMPOSE_REQUIRED = {
     "POSTGRES_PASSWORD": "pg-dummy",
+    "REDIS_PASSWORD": "redis-dummy",
     "FLOWER_BASIC_AUTH": "ops:flower-dummy",
     "GRAFANA_ADMIN_PASSWORD": "grafana-dummy",
-    "CERTQUEUE_ACME_EMAIL": "ops@example.com",
+    "ACME_EMAIL": "ops@example.com",
+    "ACME_DIRECTORY_URL": "https://pebble:14000/dir",
 }
+#: the .env examples compose is documented with
+COMPOSE_ENV_EXAMPLES = (
+    REPO / "settings" / "compose-pebble.env",
+    REPO / "settings" / "compose-letsencrypt-staging.env",
+)
 #: names that hold secrets wherever they appear as environment variables
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|BASIC_AUTH|HMAC|ACCESS_KEY", re.IGNORECASE)
 
@@ -138,7 +145,11 @@ def check_command_line(argv: list[str], regions: set[str]) -> list[Invocation]:
         assert inv.params["pool"] in {"acme", "dns", "propagate"}, inv.params
         if inv.params["pool"] == "propagate":
             assert inv.params["regions"], "a propagate worker needs --region"
-            unknown = set(inv.params["regions"]) - regions
+            unknown = (
+                set(inv.params["regions"])
+                - regions
+                - ({"all"} if inv.params["regions"] == ("all",) else set())
+            )
             assert not unknown, f"--region {sorted(unknown)} is not a configured region {sorted(regions)}"
     return [inv]
 
@@ -309,8 +320,9 @@ def test_compose_services_and_references() -> None:
     data = compose()
     services: dict[str, Any] = data["services"]
     expected = {
-        "postgres", "redis", "pebble", "pebble-challtestsrv", "migrate", "api", "http01", "worker-acme",
-        "worker-dns", "beat", "flower", "prometheus", "grafana",
+        "postgres", "redis", "pebble", "pebble-challtestsrv", "migrate", "api", "metrics", "http01",
+        "worker-acme", "worker-dns", "worker-propagate", "beat", "flower", "prometheus", "alertmanager",
+        "grafana",
     }  # fmt: skip
     assert expected <= set(services)
     named_volumes = set(data.get("volumes") or {})
@@ -339,8 +351,13 @@ def test_compose_services_and_references() -> None:
             assert net in networks, f"{name}: unknown network {net}"
         for port in svc.get("ports") or []:
             assert str(port).startswith("127.0.0.1:"), f"{name}: port {port} must bind loopback only"
-    redis_cmd = _argv(services["redis"]["command"])
+    (redis_script,) = services["redis"]["command"]
+    redis_cmd = shlex.split(redis_script.split("exec ", 1)[1])
     assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    # a password, from .env, through a config file (never on a command line)
+    assert "requirepass" in redis_script and "$REDIS_PASSWORD" in redis_script
+    assert "redis-dummy" not in redis_script
+    assert "REDISCLI_AUTH" in " ".join(services["redis"]["healthcheck"]["test"])
 
 
 def test_compose_commands_are_real_cli_commands_and_settings_are_real_keys() -> None:
@@ -356,11 +373,12 @@ def test_compose_commands_are_real_cli_commands_and_settings_are_real_keys() -> 
         env = _env_dict(svc.get("environment"))
         settings = check_settings_env(env, REPO / "settings")
         assert settings.database.url.startswith("postgresql+psycopg://"), name
-        assert settings.broker.url.startswith("redis://redis:"), name
+        assert settings.broker.url == "redis://:redis-dummy@redis:6379/0", name
         assert compose_regions(svc) == regions, f"{name}: every service must see the same regions"
         for inv in check_command_line(argv, regions):
             commands.add(" ".join(inv.path))
             if inv.path == ["worker"]:
+                assert svc.get("init") is True, f"{name}: init: true, so SIGTERM reaches the worker"
                 node = worker_node_name(inv)
                 pools[node] = name
                 ping = " ".join(svc["healthcheck"]["test"])
@@ -375,8 +393,11 @@ def test_compose_commands_are_real_cli_commands_and_settings_are_real_keys() -> 
                 assert dns_cmd[dns_cmd.index("-defaultIPv4") + 1] == net, "test DNS must answer http01's IP"
                 peb = json.loads((REPO / "docker" / "pebble" / "pebble-config.json").read_text())["pebble"]
                 assert settings.challenges.http_port == peb["httpPort"]
-    assert {"serve", "http01", "beat", "db upgrade", "keys generate", "celery"} <= commands
-    assert {"acme", "dns"} | {f"propagate-{r}" for r in regions} == set(pools), pools
+    assert {"serve", "metrics", "http01", "beat", "db upgrade", "keys generate", "celery"} <= commands
+    # regions are defined once: one propagate service serves all of them (and scales with --scale)
+    assert {"acme", "dns", "propagate-all"} == set(pools), pools
+    for name in pools.values():
+        assert "container_name" not in services[name] and "ports" not in services[name], name
 
 
 def test_compose_flower_requires_auth_and_binds_loopback() -> None:
@@ -394,12 +415,26 @@ def test_compose_prometheus_config_scrapes_the_compose_services(tmp_path: Path) 
     services = compose()["services"]
     prom = yaml.safe_load((REPO / "docker" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    api_port = _env_dict(services["api"]["environment"])["CERTQUEUE_API__PORT"]
-    assert {f"api:{api_port}", "flower:5555"} <= targets
+    metrics_port = _env_dict(services["metrics"]["environment"])["CERTQUEUE_MONITORING__PROMETHEUS_PORT"]
+    (certqueue_job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "certqueue"]
+    assert certqueue_job["static_configs"] == [{"targets": [f"metrics:{metrics_port}"]}], "one scrape target"
+    assert "flower:5555" in targets
+    assert (
+        metrics_port != "9091"
+        and metrics_port != _env_dict(services["api"]["environment"])["CERTQUEUE_API__PORT"]
+    )
+    # alerts go somewhere: the compose Alertmanager, whose config amtool accepts
+    (am,) = prom["alerting"]["alertmanagers"]
+    assert am["static_configs"] == [{"targets": ["alertmanager:9093"]}]
+    assert (
+        "./docker/alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro"
+        in (services["alertmanager"]["volumes"])
+    )
     for target in targets:
         assert target.split(":")[0] in services
     mounts = services["prometheus"]["volumes"]
     assert "./deploy/prometheus/alerting_rules.yml:/etc/prometheus/alerting_rules.yml:ro" in mounts
+    assert "./deploy/prometheus/recording_rules.yml:/etc/prometheus/recording_rules.yml:ro" in mounts
     grafana_ds = yaml.safe_load((REPO / "docker" / "grafana" / "datasources.yml").read_text())
     deploy_ds = yaml.safe_load(
         (REPO / "deploy/grafana/provisioning/datasources/certqueue-prometheus.yml").read_text()
@@ -410,6 +445,7 @@ def test_compose_prometheus_config_scrapes_the_compose_services(tmp_path: Path) 
     require_tool("promtool", promtool is not None)
     shutil.copy(REPO / "docker" / "prometheus" / "prometheus.yml", tmp_path / "prometheus.yml")
     shutil.copy(REPO / "deploy" / "prometheus" / "alerting_rules.yml", tmp_path / "alerting_rules.yml")
+    shutil.copy(REPO / "deploy" / "prometheus" / "recording_rules.yml", tmp_path / "recording_rules.yml")
     res = subprocess.run(
         [str(promtool), "check", "config", str(tmp_path / "prometheus.yml")],
         capture_output=True,
@@ -417,6 +453,76 @@ def test_compose_prometheus_config_scrapes_the_compose_services(tmp_path: Path) 
         timeout=60,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("example", COMPOSE_ENV_EXAMPLES, ids=lambda p: p.name)
+def test_compose_env_examples_name_every_variable_and_nothing_certqueue_rejects(example: Path) -> None:
+    """The examples set exactly the variables compose reads; none is a CERTQUEUE_* name (certqueue
+    rejects unknown CERTQUEUE_ variables, so an exported .env would break every CLI call)."""
+    env = _env_file(example)
+    text = "\n".join(line for line in COMPOSE.read_text().splitlines() if not line.lstrip().startswith("#"))
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
+    optional = set(re.findall(r"\$\{([A-Z_]+):-", text))
+    assert required <= set(env), f"{example.name} misses {sorted(required - set(env))}"
+    assert set(env) <= required | optional | {"COMPOSE_PROFILES"}, sorted(set(env) - required - optional)
+    assert not [k for k in env if k.startswith("CERTQUEUE_")]
+    read_env({k: v or "x" for k, v in env.items()})  # what certqueue does with an exported .env: no error
+    for key, value in env.items():
+        if SECRET_NAME.search(key):
+            assert value == "", f"{example.name}: {key} must be left empty"
+
+
+def test_compose_trusts_pebble_only_in_the_pebble_profile() -> None:
+    """A real CA is verified with the system trust store; Pebble's CA only with the pebble profile."""
+    raw = raw_compose()["services"]
+    assert raw["pebble"]["profiles"] == ["pebble"] and raw["pebble-challtestsrv"]["profiles"] == ["pebble"]
+    for name, svc in raw.items():
+        if name not in ("pebble", "pebble-challtestsrv"):
+            assert "profiles" not in svc, f"{name} must run in every profile"
+            assert not {"pebble", "pebble-challtestsrv"} & set(svc.get("depends_on") or {}), name
+    pebble_env = _env_file(COMPOSE_ENV_EXAMPLES[0])
+    staging_env = _env_file(COMPOSE_ENV_EXAMPLES[1])
+    assert pebble_env["COMPOSE_PROFILES"] == "pebble" and pebble_env["ACME_CA_BUNDLE"] == "/pebble-tls/ca.pem"
+    assert "COMPOSE_PROFILES" not in staging_env and "ACME_CA_BUNDLE" not in staging_env
+    filled = {k: v or "x" for k, v in {**COMPOSE_REQUIRED, **staging_env}.items()}
+    bundle = _env_dict(compose(filled)["services"]["api"]["environment"])["CERTQUEUE_ACME__CA_BUNDLE"]
+    assert bundle == "/etc/ssl/certs/ca-certificates.crt", "a real CA: the image's system trust store"
+    assert staging_env["ACME_DIRECTORY_URL"].startswith("https://acme-staging-v02.api.letsencrypt.org/")
+
+
+def test_compose_every_certqueue_process_runs_under_an_init() -> None:
+    for name, svc in compose()["services"].items():
+        if svc.get("image") == "certqueue:local":
+            assert svc.get("init") is True, (
+                f"{name}: init: true (SIGTERM reaches the process, zombies reaped)"
+            )
+
+
+def test_alertmanager_config_is_valid(tmp_path: Path) -> None:
+    amtool = shutil.which("amtool")
+    require_tool("amtool (Debian prometheus-alertmanager)", amtool is not None)
+    res = subprocess.run(
+        [str(amtool), "check-config", str(REPO / "docker" / "alertmanager" / "alertmanager.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    broken = tmp_path / "alertmanager.yml"
+    broken.write_text((REPO / "docker" / "alertmanager" / "alertmanager.yml").read_text().replace(
+        "receiver: certqueue\n  group_by", "receiver: nobody\n  group_by"))  # fmt: skip
+    assert (
+        subprocess.run([str(amtool), "check-config", str(broken)], capture_output=True, timeout=60).returncode
+        != 0
+    )
 
 
 # --- docker/ ---------------------------------------------------------------------------------------
@@ -602,6 +708,7 @@ def test_make_flower_refuses_without_basic_auth_and_binds_loopback() -> None:
 
 UNITS = {
     "certqueue-api.service": ["serve"],
+    "certqueue-metrics.service": ["metrics"],
     "certqueue-http01.service": ["http01"],
     "certqueue-worker-acme.service": ["worker"],
     "certqueue-worker-dns.service": ["worker"],
@@ -703,84 +810,138 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
 
 # --- Kubernetes ------------------------------------------------------------------------------------
 
-
-def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            assert isinstance(doc, dict), f"{path.name}: empty or non-mapping document"
-            out.append((path.name, doc))
-    return out
+OVERLAYS = ("single-region", "multi-region")
+#: kinds from operators installed beside certqueue (KEDA): no OpenAPI schema here, checked structurally
+CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication")}
 
 
-def by_kind(kind: str) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for _, d in k8s_docs() if d["kind"] == kind}
+def _kustomize_cli() -> list[str] | None:
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    exe = shutil.which("kustomize")
+    return [exe, "build"] if exe else None
 
 
-def pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
-    for _, doc in k8s_docs():
+_rendered: dict[str, list[dict[str, Any]]] = {}
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    """The overlay as ``kubectl apply -k`` would send it: rendered by the real kustomize."""
+    if overlay not in _rendered:
+        cli = _kustomize_cli()
+        require_tool("kubectl (or kustomize)", cli is not None)
+        assert cli is not None
+        res = subprocess.run(
+            [*cli, str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+        )
+        assert res.returncode == 0, res.stderr
+        docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+        assert all(isinstance(d, dict) for d in docs)
+        _rendered[overlay] = docs
+    return _rendered[overlay]
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for doc in docs:
         if doc["kind"] in ("Deployment", "Job"):
             yield doc["metadata"]["name"], doc["spec"]["template"]["spec"]
 
 
-@pytest.fixture(scope="module")
-def k8s_settings_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("k8s-settings")
-    (d / "certqueue.yaml").write_text(by_kind("ConfigMap")["certqueue-settings"]["data"]["certqueue.yaml"])
+def _argv_of(c: dict[str, Any]) -> list[str]:
+    return list(c.get("command") or ["certqueue"]) + list(c.get("args", []))
+
+
+def rendered_settings_dir(docs: list[dict[str, Any]], tmp_path: Path) -> Path:
+    """The ConfigMap mounted as /etc/certqueue/settings, written out as that folder."""
+    d = tmp_path / "k8s-settings"
+    d.mkdir(exist_ok=True)
+    for name, text in of_kind(docs, "ConfigMap")["certqueue-settings"]["data"].items():
+        (d / name).write_text(text)
     return d
 
 
-def k8s_settings(settings_dir: Path, env: dict[str, str] | None = None) -> Settings:
-    return check_settings_env(env or {}, settings_dir)
+def test_kustomize_refuses_a_broken_overlay(tmp_path: Path) -> None:
+    """render() can fail: an overlay naming a missing resource does not render."""
+    cli = _kustomize_cli()
+    require_tool("kubectl (or kustomize)", cli is not None)
+    assert cli is not None
+    (tmp_path / "kustomization.yaml").write_text(f"resources: [{K8S / 'base'}, ./missing.yaml]\n")
+    res = subprocess.run([*cli, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
 
 
-def test_k8s_documents_are_well_formed_and_listed_in_kustomization() -> None:
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kust["resources"]) == files
-    seen: set[tuple[str, str]] = set()
-    for fname, doc in k8s_docs():
-        assert doc.get("apiVersion") and doc.get("kind"), fname
-        name = doc["metadata"]["name"]
-        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
-        if doc["kind"] != "Namespace":
-            assert doc["metadata"]["namespace"] == kust["namespace"], f"{fname}: {name}"
-        assert (doc["kind"], name) not in seen, f"duplicate {doc['kind']}/{name}"
-        seen.add((doc["kind"], name))
-
-
-def test_k8s_documents_match_the_kubernetes_schemas() -> None:
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_overlay_renders_and_matches_the_kubernetes_schemas(overlay: str) -> None:
     try:
         import kubernetes_validate
     except ImportError:
         require_tool("kubernetes-validate (PyPI)", False)
         raise
     version = kubernetes_validate.latest_version()
-    for fname, doc in k8s_docs():
+    docs = render(overlay)
+    seen: set[tuple[str, str]] = set()
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "certqueue", name
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "certqueue", name
+        assert (doc["kind"], name) not in seen, f"duplicate {doc['kind']}/{name}"
+        seen.add((doc["kind"], name))
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue  # test_k8s_keda_scales_each_pool_on_its_own_queue
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            raise AssertionError(f"{fname} {doc['kind']}/{doc['metadata']['name']}: {exc}") from None
+            raise AssertionError(f"{overlay}: {doc['kind']}/{name}: {exc}") from None
 
 
-def test_k8s_configmap_is_valid_settings(k8s_settings_dir: Path) -> None:
-    s = k8s_settings(k8s_settings_dir)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_applies_no_secret_and_documents_every_referenced_one(overlay: str) -> None:
+    """``kubectl apply -k`` must never overwrite a Secret created out of band with empty values."""
+    docs = render(overlay)
+    assert not of_kind(docs, "Secret"), "Secrets are created out of band (docs/operations.md), never applied"
+    refs: set[tuple[str, str]] = set()
+    for _name, pod in pod_specs(docs):
+        for v in pod.get("volumes", []):
+            if "secret" in v:
+                refs.add((v["secret"]["secretName"], "*"))
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            for e in c.get("env", []):
+                if "valueFrom" in e:
+                    ref = e["valueFrom"]["secretKeyRef"]
+                    refs.add((ref["name"], ref["key"]))
+    for ta in of_kind(docs, "TriggerAuthentication").values():
+        refs |= {(r["name"], r["key"]) for r in ta["spec"]["secretTargetRef"]}
+    ops = (REPO / "docs" / "operations.md").read_text()
+    for secret, key in sorted(refs):
+        secret = re.sub(r"^certqueue-region-.+$", "certqueue-region-us-east-1", secret)  # one example
+        assert f"create secret generic {secret}" in ops, (
+            f"docs/operations.md does not say how to create {secret}"
+        )
+        if key != "*":
+            assert f"--from-literal={key}=" in ops or f"--from-file={key}=" in ops, f"{secret}: key {key}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_containers_run_real_commands_with_real_settings(overlay: str, tmp_path: Path) -> None:
+    docs = render(overlay)
+    settings_dir = rendered_settings_dir(docs, tmp_path)
+    s = check_settings_env({}, settings_dir)
     assert str(s.storage.encryption_key_path) == "/var/lib/certqueue/keys/master.key"
     assert s.api.host == "0.0.0.0" and s.challenges.http_host == "0.0.0.0"
-    assert s.multi_region.enabled and len(s.multi_region.regions) >= 2
-
-
-def test_k8s_containers_run_real_commands_with_real_settings(k8s_settings_dir: Path) -> None:
-    s = k8s_settings(k8s_settings_dir)
     regions = {r.name for r in s.multi_region.regions}
-    secrets = by_kind("Secret")
-    accounts = by_kind("ServiceAccount")
-    configmaps = by_kind("ConfigMap")
-    commands: dict[str, list[str]] = {}
+    assert len(regions) == (1 if overlay == "single-region" else 2)
+    accounts = of_kind(docs, "ServiceAccount")
+    configmaps = of_kind(docs, "ConfigMap")
+    commands: list[tuple[str, ...]] = []
     propagate: dict[str, str] = {}
-    for name, pod in pod_specs():
+    images: set[str] = set()
+    for name, pod in pod_specs(docs):
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] == IMAGE_UID
         assert pod["serviceAccountName"] in accounts, name
@@ -788,36 +949,33 @@ def test_k8s_containers_run_real_commands_with_real_settings(k8s_settings_dir: P
         for v in volumes.values():
             if "configMap" in v:
                 assert v["configMap"]["name"] in configmaps
-            if "secret" in v:
-                assert v["secret"]["secretName"] in secrets
         for c in pod.get("initContainers", []) + pod["containers"]:
+            images.add(c["image"])
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
             assert sc["readOnlyRootFilesystem"] is True
             for m in c.get("volumeMounts", []):
                 assert m["name"] in volumes, f"{name}/{c['name']}: no volume {m['name']}"
-            argv = (c.get("command") or ["certqueue"]) + c.get("args", [])
+            argv = _argv_of(c)
             env: dict[str, str] = {}
             for e in c.get("env", []):
                 if "value" in e:
                     assert not SECRET_NAME.search(e["name"]), f"{name}: {e['name']} has a literal value"
                     env[e["name"]] = e["value"]
                     continue
-                ref = e["valueFrom"]["secretKeyRef"]
-                assert ref["name"] in secrets, f"{name}: no Secret {ref['name']}"
-                assert ref["key"] in secrets[ref["name"]]["stringData"], f"{name}: no key {ref['key']}"
                 env[e["name"]] = {
                     "CERTQUEUE_DATABASE__URL": "postgresql+psycopg://certqueue:x@postgres:5432/certqueue",
-                    "CERTQUEUE_BROKER__URL": "redis://redis:6379/0",
+                    "CERTQUEUE_BROKER__URL": "redis://:x@redis:6379/0",
                 }.get(e["name"], "placeholder")
             if c in pod.get("initContainers", []):
                 assert argv[:2] == ["sh", "-c"] and "install -m 0600" in argv[2], argv
                 assert argv[2].split()[-1] == str(s.storage.encryption_key_path)
                 continue
-            settings = k8s_settings(k8s_settings_dir, env)
+            env.pop("CERTQUEUE_SETTINGS_DIR", None)
+            settings = check_settings_env(env, settings_dir)
             assert settings.database.url.startswith("postgresql+psycopg://")
             invs = check_command_line(argv, regions)
-            commands[name] = invs[-1].path
+            commands.append(tuple(invs[-1].path))
             if invs[-1].path == ["worker"] and invs[-1].params["pool"] == "propagate":
                 (region,) = invs[-1].params["regions"]
                 propagate[region] = name
@@ -827,27 +985,159 @@ def test_k8s_containers_run_real_commands_with_real_settings(k8s_settings_dir: P
                 assert region_secrets == {f"certqueue-region-{region}"}, f"{name} reads {region_secrets}"
                 assert pod["serviceAccountName"] == f"certqueue-propagate-{region}"
     assert set(propagate) == regions, "one propagate Deployment per configured region"
-    assert sorted(map(tuple, commands.values())) == sorted(
-        [("serve",), ("http01",), ("worker",), ("worker",), ("beat",), ("celery",), ("db", "upgrade")]
+    assert sorted(commands) == sorted(
+        [
+            ("serve",),
+            ("http01",),
+            ("worker",),
+            ("worker",),
+            ("beat",),
+            ("celery",),
+            ("db", "upgrade"),
+            ("metrics",),
+        ]
         + [("worker",)] * len(regions)
     )
-    for secret in secrets.values():
-        assert all(v == "" for v in secret["stringData"].values()), "Secrets are placeholders only"
+    assert len(images) == 1, f"one image for every process, set once by the overlay: {images}"
+    raw = [p for p in K8S.rglob("*.yaml") if "kustomization" not in p.name]
+    for path in raw:
+        for m in re.finditer(r"^\s*(?:- )?image:\s*(\S+)", path.read_text(), re.MULTILINE):
+            assert m.group(1) == "certqueue", f"{path}: set the image in the overlay's images:, not here"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_every_process_has_liveness_and_readiness(overlay: str, tmp_path: Path) -> None:
+    docs = render(overlay)
+    for name, d in of_kind(docs, "Deployment").items():
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            for kind in ("livenessProbe", "readinessProbe"):
+                assert kind in c, f"{name}: no {kind}"
+            argv = _argv_of(c)
+            for kind in ("livenessProbe", "readinessProbe"):
+                probe = c[kind]
+                if "exec" not in probe:
+                    continue
+                cmd = probe["exec"]["command"]
+                if argv[:2] == ["certqueue", "worker"]:
+                    # the worker answers a ping under the node name run_worker gives it
+                    (inv,) = check_command_line(argv, {"us-east-1", "eu-west-1"})
+                    assert cmd[:2] == ["sh", "-c"], cmd
+                    assert f"-d {worker_node_name(inv)}@$HOSTNAME" in cmd[2], (name, cmd)
+                    check_command_line(shlex.split(cmd[2]), set())
+                elif argv[:2] == ["certqueue", "beat"]:
+                    # the RedBeat lock under the prefix certqueue.workers gives beat
+                    workers_src = (REPO / "certqueue" / "workers.py").read_text()
+                    prefix = re.search(r'redbeat_key_prefix = "([^"]+)"', workers_src)
+                    assert prefix and f"'{prefix.group(1).rstrip(':')}*lock'" in cmd[-1], cmd
+                    compile(cmd[-1], "<beat probe>", "exec")
+                else:
+                    raise AssertionError(f"{name}: unexpected exec probe {cmd}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_pdbs_cover_every_replicated_process(overlay: str) -> None:
+    docs = render(overlay)
+    pdbs = of_kind(docs, "PodDisruptionBudget")
+    scaled = {so["spec"]["scaleTargetRef"]["name"] for so in of_kind(docs, "ScaledObject").values()}
+    for name, d in of_kind(docs, "Deployment").items():
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        covering = [
+            p for p in pdbs.values() if p["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        ]
+        if d["spec"]["replicas"] > 1 or name in scaled:
+            assert len(covering) == 1, f"{name}: {len(covering)} PodDisruptionBudgets"
+        else:
+            assert not covering, f"{name} runs one replica by design: a PDB would only block drains"
+    for p in pdbs.values():
+        assert any(
+            p["spec"]["selector"]["matchLabels"].items()
+            <= d["spec"]["template"]["metadata"]["labels"].items()
+            for d in of_kind(docs, "Deployment").values()
+        ), p["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_keda_scales_each_pool_on_its_own_queue(overlay: str, tmp_path: Path) -> None:
+    from certqueue.config import load_settings as _load
+    from certqueue.workers import pool_spec
+
+    docs = render(overlay)
+    settings = _load(directory=rendered_settings_dir(docs, tmp_path), environ={}).settings
+    from certqueue.config import set_settings
+
+    set_settings(settings)
+    try:
+        deployments = of_kind(docs, "Deployment")
+        auths = of_kind(docs, "TriggerAuthentication")
+        pools: set[str] = set()
+        for so in of_kind(docs, "ScaledObject").values():
+            target = deployments[so["spec"]["scaleTargetRef"]["name"]]
+            (inv,) = check_command_line(_argv_of(target["spec"]["template"]["spec"]["containers"][0]),
+                                        {r.name for r in settings.multi_region.regions})  # fmt: skip
+            assert inv.path == ["worker"]
+            queues = pool_spec(inv.params["pool"], list(inv.params["regions"])).queues
+            (trigger,) = so["spec"]["triggers"]
+            assert trigger["type"] == "redis" and trigger["metadata"]["listName"] in queues, (queues, trigger)
+            assert trigger["authenticationRef"]["name"] in auths
+            assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
+            pools.add(worker_node_name(inv))
+        assert pools == {"acme", "dns"} | {f"propagate-{r.name}" for r in settings.multi_region.regions}
+        (auth,) = auths.values()
+        assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"address", "password"}
+    finally:
+        set_settings(None)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_one_metrics_scrape_target_reachable_only_from_monitoring(overlay: str, tmp_path: Path) -> None:
+    docs = render(overlay)
+    s = check_settings_env({}, rendered_settings_dir(docs, tmp_path))
+    deployments = of_kind(docs, "Deployment")
+    exporters = [n for n, d in deployments.items()
+                 if _argv_of(d["spec"]["template"]["spec"]["containers"][0])[1:2] == ["metrics"]]  # fmt: skip
+    assert exporters == ["certqueue-metrics"]
+    metrics_dep = deployments["certqueue-metrics"]
+    assert metrics_dep["spec"]["replicas"] == 1 and metrics_dep["spec"]["strategy"] == {"type": "Recreate"}
+    (port,) = metrics_dep["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert port["containerPort"] == s.monitoring.prometheus_port != s.api.port
+    assert s.monitoring.prometheus_port != 9091, "9091 is the Pushgateway's port"
+    scraped = [svc for svc in of_kind(docs, "Service").values()
+               if svc["metadata"].get("annotations", {}).get("prometheus.io/scrape") == "true"]  # fmt: skip
+    assert [svc["metadata"]["name"] for svc in scraped] == ["certqueue-metrics"]
+    assert scraped[0]["metadata"]["annotations"]["prometheus.io/port"] == str(s.monitoring.prometheus_port)
+
+    def component(np: dict[str, Any]) -> str | None:
+        return np["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
+
+    policies = [np for np in of_kind(docs, "NetworkPolicy").values() if component(np) == "metrics"]
+    (np,) = policies
+    (rule,) = np["spec"]["ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    assert rule["ports"] == [{"protocol": "TCP", "port": s.monitoring.prometheus_port}]
+    # and no other policy opens the metrics port
+    for other in of_kind(docs, "NetworkPolicy").values():
+        if other is not np:
+            for r in other["spec"].get("ingress", []):
+                assert all(p["port"] != s.monitoring.prometheus_port for p in r.get("ports", [])), other
 
 
 def test_k8s_beat_is_a_single_recreated_replica() -> None:
-    beat = by_kind("Deployment")["certqueue-beat"]
+    beat = of_kind(render("multi-region"), "Deployment")["certqueue-beat"]
     assert beat["spec"]["replicas"] == 1
     assert beat["spec"]["strategy"] == {"type": "Recreate"}
 
 
-def test_k8s_selectors_services_and_ports_resolve(k8s_settings_dir: Path) -> None:
-    s = k8s_settings(k8s_settings_dir)
-    deployments = by_kind("Deployment")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_selectors_services_and_ports_resolve(overlay: str, tmp_path: Path) -> None:
+    docs = render(overlay)
+    s = check_settings_env({}, rendered_settings_dir(docs, tmp_path))
+    deployments = of_kind(docs, "Deployment")
     for name, d in deployments.items():
         labels = d["spec"]["template"]["metadata"]["labels"]
         assert d["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
-    for name, svc in by_kind("Service").items():
+    for name, svc in of_kind(docs, "Service").items():
         sel = svc["spec"]["selector"]
         matches = [
             d
@@ -863,7 +1153,7 @@ def test_k8s_selectors_services_and_ports_resolve(k8s_settings_dir: Path) -> Non
     assert api_ports[0]["containerPort"] == s.api.port
     h_ports = deployments["certqueue-http01"]["spec"]["template"]["spec"]["containers"][0]["ports"]
     assert h_ports[0]["containerPort"] == s.challenges.http_port
-    for np in by_kind("NetworkPolicy").values():
+    for np in of_kind(docs, "NetworkPolicy").values():
         sel = np["spec"]["podSelector"].get("matchLabels", {})
         if sel:
             assert any(sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
@@ -873,12 +1163,12 @@ def test_k8s_selectors_services_and_ports_resolve(k8s_settings_dir: Path) -> Non
 def _probes() -> list[tuple[str, str, str]]:
     """(deployment, process, path) of every httpGet probe."""
     out = []
-    for name, d in by_kind("Deployment").items():
+    for name, d in of_kind(render("multi-region"), "Deployment").items():
         for c in d["spec"]["template"]["spec"]["containers"]:
-            argv = (c.get("command") or ["certqueue"]) + c.get("args", [])
+            argv = _argv_of(c)
             process = "flower" if "flower_app" in " ".join(argv) else argv[1]
             for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
-                if kind in c:
+                if kind in c and "httpGet" in c[kind]:
                     out.append((name, process, c[kind]["httpGet"]["path"]))
     return out
 

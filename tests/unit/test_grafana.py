@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,6 +24,7 @@ from certqueue.models import Certificate, Deployment, Issuance, RateBudget, utcn
 
 REDIS_URL = os.environ.get("CERTQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "CertificateMonitoring.json"
+RECORDING_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "recording_rules.yml"
 
 _KEYWORDS = {
     "by",
@@ -121,11 +123,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
             ("propagation", {"region": "eu-west"}),
         ):
             states.record(s, "cert_grafanaaaaaaaaaaaaa", kind, reason="success", data=data)
+    metrics.observe("certqueue_task_duration_seconds", ["certqueue.grafana"], 0.1)
+    metrics.observe_acme_request("https://ca.example.test/dir", "https://ca.example.test/new-order", 0.1)
+    metrics.flush()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics.CertqueueCollector())
     text = generate_latest(registry).decode()
     names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     assert "certqueue_queue_depth" in names  # the broker (real Redis) answered
+    # what Prometheus adds: the recording rules' series (the guide's names) and the scrape's `up`
+    recording = yaml.safe_load((RECORDING_RULES).read_text())
+    names |= {r["record"] for g in recording["groups"] for r in g["rules"]} | {"up"}
     yield names
     dispose_all()
     set_settings(None)
@@ -172,15 +180,31 @@ def test_every_expression_uses_served_metrics(served: set[str]) -> None:
                 f"panel {p['title']!r} uses {sorted(unknown)} which the exporter does not serve"
             )
             used |= names
-    # the guide's metrics are all on the dashboard
+    # the guide's families are all on the dashboard, by their certqueue_ names
     assert {
-        "certificate_days_until_expiration",
-        "certificate_renewal_total",
-        "certificate_validation_errors_total",
-        "certificate_propagation_total",
-        "certificates",
+        "certqueue_certificate_expiration_timestamp_seconds",
+        "certqueue_renewals_total",
+        "certqueue_validation_errors_total",
+        "certqueue_propagations_total",
+        "certqueue_certificates",
         "certqueue_queue_depth",
     } <= used
+
+
+def test_job_and_region_variables_and_a_fleet_expiry_heatmap() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert {"datasource", "job", "region"} <= set(variables)
+    assert "certqueue_build_info" in variables["job"]["definition"]
+    panels = list(_panels(dash["panels"]))
+    for p in panels:  # every query is scoped to the chosen jobs
+        for t in p["targets"]:
+            assert 'job=~"$job"' in t["expr"], (p["title"], t["expr"])
+    regional = [t["expr"] for p in panels for t in p["targets"] if "region" in t["expr"]]
+    assert regional and all('region=~"$region"' in e for e in regional if "by (region" in e or "oldest" in e)
+    (heat,) = [p for p in panels if p["type"] == "heatmap"]
+    assert heat["targets"][0]["format"] == "heatmap"
+    assert promql_names(heat["targets"][0]["expr"]) == {"certqueue_certificate_expiry_seconds_bucket"}
 
 
 def test_a_typo_would_be_caught(served: set[str]) -> None:

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from certqueue import certificates, metrics
+from certqueue import __version__, certificates, metrics
 from certqueue.config import Settings
 from certqueue.db import session_scope
 from certqueue.devstack.ports import free_port
@@ -102,7 +103,7 @@ def samples(
     }
 
 
-def test_fleet_and_events(db: Path) -> None:
+def test_fleet_and_events(db: Path, install: Callable[..., Settings]) -> None:
     a = add(["a.example.com", "www.a.example.com"], State.ACTIVE, 10)
     b = add(["b.example.com"], State.RENEWING, 2.5)
     c = add(["c.example.com"], State.EXPIRED, -1)
@@ -168,6 +169,50 @@ def test_fleet_and_events(db: Path) -> None:
 
     _text, fam = scrape()
 
+    # certqueue_ names, seconds, certificate_id only (monitoring.domain_labels is off by default)
+    stamps = samples(fam, "certqueue_certificate_expiration_timestamp_seconds")
+    assert {k: (v - NOW.timestamp()) / 86400 for k, v in stamps.items()} == {
+        (("certificate_id", d),): pytest.approx(-0.5),
+        (("certificate_id", c),): pytest.approx(-1),
+        (("certificate_id", b),): pytest.approx(2.5),
+        (("certificate_id", a),): pytest.approx(10),
+    }
+    lifetimes = {
+        k: stamps[k] - v
+        for k, v in samples(fam, "certqueue_certificate_not_before_timestamp_seconds").items()
+    }
+    assert set(lifetimes.values()) == {90 * 86400.0}
+    assert 'domain="' not in _text
+    assert samples(fam, "certqueue_renewals", "_total") == {
+        (("status", "success"),): 3,
+        (("status", "failure"),): 2,
+    }
+    assert samples(fam, "certqueue_issuances", "_total") == {
+        (("status", "success"),): 4,
+        (("status", "failure"),): 1,
+    }
+    assert samples(fam, "certqueue_validation_errors", "_total") == {
+        (("type", "http-01"),): 2,
+        (("type", "dns-01"),): 1,
+    }
+    assert (
+        samples(fam, "certqueue_propagations", "_total")[(("region", "eu-west"), ("status", "success"))] == 5
+    )
+    assert {k[0][1]: v for k, v in samples(fam, "certqueue_certificates").items()}["ACTIVE"] == 2
+    seconds = {
+        dict(k)["le"]: v for k, v in samples(fam, "certqueue_certificate_expiry_seconds", "_bucket").items()
+    }
+    assert seconds[str(14 * 86400.0)] == 3 and seconds["0.0"] == 1 and seconds[str(86400.0 * 3)] == 2
+    assert samples(fam, "certqueue_certificate_expiry_seconds", "_sum")[()] == pytest.approx(
+        12.0 * 86400, abs=100
+    )
+    (build,) = samples(fam, "certqueue_build_info")
+    assert dict(build)["version"] == __version__
+    assert {f.removesuffix("_total") for f in metrics.FAMILIES} == set(fam)
+
+    # the guide's names, as before, with monitoring.guide_names (and domain labels) turned on
+    install(**{"monitoring.guide_names": True, "monitoring.domain_labels": True})
+    _text, fam = scrape()
     days = samples(fam, "certificate_days_until_expiration")
     assert days == {
         (("certificate_id", d), ("domain", "d.example.com")): pytest.approx(-0.5),
@@ -249,7 +294,7 @@ def test_fleet_and_events(db: Path) -> None:
     assert samples(fam, "certqueue_certificate_series_omitted") == {(): 0}
     assert samples(fam, "certqueue_database_up") == {(): 1}
     assert samples(fam, "certqueue_broker_up") == {(): 1}
-    assert {f.removesuffix("_total") for f in metrics.FAMILIES} == set(fam)
+    assert {f.removesuffix("_total") for f in (*metrics.FAMILIES, *metrics.GUIDE_ALIASES)} == set(fam)
 
 
 def test_series_cap_keeps_the_soonest(db: Path, install: Callable[..., Settings], tmp_path: Path) -> None:
@@ -258,26 +303,27 @@ def test_series_cap_keeps_the_soonest(db: Path, install: Callable[..., Settings]
     random.Random(7).shuffle(days)
     ids = {add([f"n{d}.cap.example.com"], State.ACTIVE, d): d for d in days}
     _text, fam = scrape()
-    series = samples(fam, "certificate_days_until_expiration")
-    assert sorted(round(v) for v in series.values()) == [1, 2, 3, 4, 5]
+    series = samples(fam, "certqueue_certificate_expiration_timestamp_seconds")
+    assert sorted(round((v - NOW.timestamp()) / 86400) for v in series.values()) == [1, 2, 3, 4, 5]
     assert {dict(k)["certificate_id"] for k in series} == {cid for cid, d in ids.items() if d <= 5}
-    assert len(samples(fam, "certificate_expiration_timestamp_seconds")) == 5
+    assert len(samples(fam, "certqueue_certificate_not_before_timestamp_seconds")) == 5
     assert samples(fam, "certqueue_certificate_series_omitted") == {(): 15}
-    assert samples(fam, "certificate_expiry_days", "_count") == {(): 20}  # aggregates see everything
+    assert samples(fam, "certqueue_certificate_expiry_seconds", "_count") == {(): 20}  # aggregates see all
     install(**{"monitoring.max_certificate_series": 0})
     _text, fam = scrape()
-    assert samples(fam, "certificate_days_until_expiration") == {}
+    assert samples(fam, "certqueue_certificate_expiration_timestamp_seconds") == {}
     assert samples(fam, "certqueue_certificate_series_omitted") == {(): 20}
 
 
 def test_empty_database_exposes_every_state_and_zero_counters(db: Path) -> None:
     _text, fam = scrape()
-    assert len(samples(fam, "certificates")) == len(State)
-    assert samples(fam, "certificate_renewal", "_total") == {
+    assert len(samples(fam, "certqueue_certificates")) == len(State)
+    assert samples(fam, "certqueue_renewals", "_total") == {
         (("status", "success"),): 0,
         (("status", "failure"),): 0,
     }
-    assert samples(fam, "certificate_expiry_days", "_count") == {(): 0}
+    assert samples(fam, "certqueue_certificate_expiry_seconds", "_count") == {(): 0}
+    assert samples(fam, "certqueue_certificates_renewal_overdue") == {(): 0}
 
 
 def test_queue_depth_from_redis(db: Path, install: Callable[..., Settings]) -> None:
@@ -289,7 +335,7 @@ def test_queue_depth_from_redis(db: Path, install: Callable[..., Settings]) -> N
     client.lpush("dns\x06\x163", marker[2])  # a priority list of the same queue
     try:
         _text, fam = scrape()
-        assert samples(fam, "certqueue_queue_depth")[(("queue", "dns"),)] == base["dns"] + 3
+        assert samples(fam, "certqueue_queue_depth")[(("pool", "dns"), ("queue", "dns"))] == base["dns"] + 3
     finally:
         for m in marker[:2]:
             client.lrem("dns", 0, m)
@@ -317,8 +363,14 @@ def test_filesystem_broker_counts_files(
         (out / name).write_text("{}")
     _text, fam = scrape()
     depth = samples(fam, "certqueue_queue_depth")
-    assert depth[(("queue", "acme"),)] == 2 and depth[(("queue", "dns"),)] == 1
-    assert depth[(("queue", "scan"),)] == 0
+    assert (
+        depth[(("pool", "acme"), ("queue", "acme"))] == 2 and depth[(("pool", "dns"), ("queue", "dns"))] == 1
+    )
+    assert depth[(("pool", "acme"), ("queue", "scan"))] == 0  # beat's scan queue is served by the acme pool
+    ages = samples(fam, "certqueue_queue_oldest_message_age_seconds")
+    assert (
+        ages[(("pool", "acme"), ("queue", "acme"))] >= 0 and ages[(("pool", "acme"), ("queue", "scan"))] == 0
+    )
     assert samples(fam, "certqueue_broker_up") == {(): 1}
 
 
@@ -326,15 +378,15 @@ def test_database_down_still_answers(db: Path, install: Callable[..., Settings])
     install(**{"database.url": f"sqlite:///{db}"})  # a directory: cannot open
     _text, fam = scrape()
     assert samples(fam, "certqueue_database_up") == {(): 0}
-    assert "certificates" not in fam and "certqueue_broker_up" in fam
+    assert "certqueue_certificates" not in fam and "certqueue_broker_up" in fam
 
 
 def test_render_metrics_uses_a_private_registry(db: Path) -> None:
     from prometheus_client import REGISTRY as GLOBAL
 
-    add(["render.example.com"], State.ACTIVE, 30)
+    cid = add(["render.example.com"], State.ACTIVE, 30)
     text = metrics.render_metrics().decode()
-    assert 'domain="render.example.com"' in text
+    assert f'certificate_id="{cid}"' in text
     assert "python_gc_objects_collected_total" not in text  # the global registry's default collectors
     assert metrics.COLLECTOR not in GLOBAL._collector_to_names
 
@@ -348,7 +400,7 @@ def test_private_keys_never_in_labels(db: Path) -> None:
 def test_serve_metrics_standalone(db: Path) -> None:
     import urllib.request
 
-    add(["standalone.example.com"], State.ACTIVE, 30)
+    cid = add(["standalone.example.com"], State.ACTIVE, 30)
     port = free_port()
     server = metrics.serve_metrics("127.0.0.1", port, block=False)
     try:
@@ -357,7 +409,7 @@ def test_serve_metrics_standalone(db: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
-    assert 'domain="standalone.example.com"' in body
+    assert f'certificate_id="{cid}"' in body
 
 
 def test_scrape_stays_fast_with_a_large_fleet(
@@ -419,34 +471,178 @@ def test_scrape_stays_fast_with_a_large_fleet(
     started = time.perf_counter()
     _text, fam = scrape()
     elapsed = time.perf_counter() - started
-    series = samples(fam, "certificate_days_until_expiration")
+    series = samples(fam, "certqueue_certificate_expiration_timestamp_seconds")
     assert len(series) == 100
     assert min(dict(k)["certificate_id"] for k in series) == "cert_bulk00000000000"
-    assert samples(fam, "certificate_expiry_days", "_count") == {(): n}
+    assert samples(fam, "certqueue_certificate_expiry_seconds", "_count") == {(): n}
     assert elapsed < 5.0, f"scrape took {elapsed:.2f}s"
 
 
-def test_promtool_check_metrics(db: Path) -> None:
+def _promtool() -> str:
     promtool = shutil.which("promtool")
     if promtool is None:
         if os.environ.get("CERTQUEUE_REQUIRE_PROMTOOL"):
             pytest.fail("promtool is required (apt-get install prometheus)")
         pytest.skip("promtool not installed (apt-get install prometheus)")
+    return promtool
+
+
+def _lint(text: str) -> list[str]:
+    res = subprocess.run(
+        [_promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    problems = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert res.returncode == (3 if problems else 0), res.stdout + res.stderr  # 1 would be a parse error
+    return problems
+
+
+def _fill_every_family(settings: Settings) -> None:
+    """A certificate, events, a queued message and one latency of each kind: no family empty."""
     add(["lint.example.com"], State.ACTIVE, 30)
     with session_scope() as s:
         states.record(s, None, "renewal", reason="success")
         states.record(s, None, "propagation", reason="success", data={"region": "eu-west"})
+        states.record(s, None, "validation_error", reason="acme:x", data={"type": "dns-01"})
+    metrics.observe("certqueue_task_duration_seconds", ["certqueue.lint"], 0.02, settings)
+    metrics.observe_acme_request("https://acme.example.test/dir", "https://acme.example.test/new-order", 0.03)
+    metrics.flush(settings)
+
+
+def test_promtool_check_metrics_is_clean(db: Path, install: Callable[..., Settings]) -> None:
+    """Every family the exporter serves by default passes promtool's lint with no finding at all."""
+    _fill_every_family(install())
+    text, fam = scrape()
+    assert _lint(text) == []
+    # (deployments, rate budgets: empty families are lint-clean too; the rest must have samples)
+    empty = {n for n, f in fam.items() if not f.samples}
+    assert empty <= {"certqueue_deployments", "certqueue_region_pending_oldest_seconds",
+                     "certqueue_rate_limit_budget_remaining"}, empty  # fmt: skip
+    # the guide's names (opt-in) are what the lint would object to: the check can fail
+    install(**{"monitoring.guide_names": True})
     text, _fam = scrape()
-    res = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    assert 'certificate_days_until_expiration use base unit "seconds" instead of "days"' in _lint(text)
+
+
+def test_promtool_check_metrics_on_a_live_listener(db: Path, install: Callable[..., Settings]) -> None:
+    """``certqueue metrics``' own listener, scraped over HTTP as Prometheus does, is lint-clean."""
+    import urllib.request
+
+    _fill_every_family(install())
+    port = free_port()
+    server = metrics.serve_metrics("127.0.0.1", port, block=False)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            body = r.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "certqueue_build_info{" in body and "certqueue_acme_request_duration_seconds_bucket{" in body
+    assert _lint(body) == []
+
+
+def test_latencies_recorded_by_one_process_are_served_by_another(
+    db: Path, install: Callable[..., Settings]
+) -> None:
+    """Workers record into Redis; the exporter (any process) reads the sum of every worker's."""
+    settings = install()
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(
+        "certqueue:metrics:certqueue_task_duration_seconds",
+        "certqueue:metrics:certqueue_acme_request_duration_seconds",
     )
-    problems = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
-    # the guide's names are in days; promtool's lint wants seconds for them and nothing else may be wrong
-    allowed = {
-        f'{name} use base unit "seconds" instead of "days"'
-        for name in ("certificate_days_until_expiration", "certificate_expiry_days")
+    code = (
+        "from certqueue import metrics; from certqueue.config import configure;"
+        f"configure({{'broker.url': {REDIS_URL!r}}});"
+        "[metrics.observe('certqueue_task_duration_seconds', ['certqueue.t'], x) for x in (0.004, 0.2, 3.0)];"
+        "metrics.observe_acme_request('https://ca.example.test/directory',"
+        " 'https://ca.example.test/acme/authz/12', 0.07)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    metrics.observe("certqueue_task_duration_seconds", ["certqueue.t"], 0.2, settings)
+    metrics.flush(settings)  # (the background thread would within FLUSH_SECONDS)
+    _text, fam = scrape()
+    buckets = {
+        dict(k)["le"]: v for k, v in samples(fam, "certqueue_task_duration_seconds", "_bucket").items()
     }
-    assert set(problems) <= allowed, problems
-    assert res.returncode in (0, 3)  # 3: lint findings only (a parse error is 1)
-    if not problems:
-        assert res.returncode == 0
+    assert (buckets["0.005"], buckets["0.25"], buckets["2.5"], buckets["+Inf"]) == (1, 3, 3, 4)
+    assert samples(fam, "certqueue_task_duration_seconds", "_sum")[
+        (("task", "certqueue.t"),)
+    ] == pytest.approx(3.404)
+    acme = samples(fam, "certqueue_acme_request_duration_seconds", "_count")
+    assert acme == {(("ca", "ca.example.test"), ("endpoint", "authorization")): 1}
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint"),
+    [
+        ("https://acme-v02.api.letsencrypt.org/acme/new-order", "newOrder"),
+        ("https://acme-v02.api.letsencrypt.org/acme/new-nonce", "newNonce"),
+        ("https://acme-v02.api.letsencrypt.org/acme/authz/123/456", "authorization"),
+        ("https://acme-v02.api.letsencrypt.org/acme/chall/123/456/abc", "challenge"),
+        ("https://acme-v02.api.letsencrypt.org/acme/finalize/1/2", "finalize"),
+        ("https://acme-v02.api.letsencrypt.org/acme/cert/fa12", "certificate"),
+        ("https://acme-v02.api.letsencrypt.org/acme/order/1/2", "order"),
+        ("https://acme-v02.api.letsencrypt.org/directory", "directory"),
+        ("https://127.0.0.1:14000/order-plz", "newOrder"),
+        ("https://127.0.0.1:14000/my-order/x", "order"),
+        ("https://127.0.0.1:14000/authZ/x", "authorization"),
+        ("https://127.0.0.1:14000/chalZ/x", "challenge"),
+        ("https://127.0.0.1:14000/finalize-order/x", "finalize"),
+        ("https://127.0.0.1:14000/certZ/x", "certificate"),
+        ("https://127.0.0.1:14000/sign-me-up", "newAccount"),
+        ("https://127.0.0.1:14000/my-account/1", "account"),
+    ],
+)
+def test_acme_endpoint_names_never_carry_ids(url: str, endpoint: str) -> None:
+    assert metrics.acme_endpoint(url) == endpoint
+
+
+def test_oldest_message_age_from_the_sent_at_header(db: Path, install: Callable[..., Settings]) -> None:
+    """A message published through Celery carries its send time; the exporter reports its age."""
+    import json
+
+    settings = install(
+        **{"multi_region.regions": [{"name": "age-test-1", "provider": "local", "path": "/tmp/x"}]}
+    )
+    client = redis.Redis.from_url(REDIS_URL)
+    queue = "propagate.age-test-1"
+    client.delete(queue)
+    client.lpush(queue, json.dumps({"headers": {metrics.SENT_AT_HEADER: time.time() - 120}}))
+    client.lpush(queue, json.dumps({"headers": {metrics.SENT_AT_HEADER: time.time() - 5}}))
+    try:
+        _text, fam = scrape()
+    finally:
+        client.delete(queue)
+    key = (("pool", "propagate"), ("queue", queue))
+    assert samples(fam, "certqueue_queue_depth")[key] == 2
+    assert 119 < samples(fam, "certqueue_queue_oldest_message_age_seconds")[key] < 200
+    del settings
+    # and Celery's publish path really stamps the header (the signal receiver of install_celery_hooks)
+    from celery import Celery
+
+    metrics.install_celery_hooks()
+    app = Celery("age", broker=REDIS_URL, set_as_current=False)
+    app.send_task("certqueue.nothing", queue=queue)
+    try:
+        (raw,) = client.lrange(queue, 0, -1)
+        assert time.time() - json.loads(raw)["headers"][metrics.SENT_AT_HEADER] < 60
+    finally:
+        client.delete(queue)
+
+
+def test_renewal_overdue_counts_active_certificates_past_renew_at(
+    db: Path, install: Callable[..., Settings]
+) -> None:
+    late = add(["late.example.com"], State.ACTIVE, 20)
+    fresh = add(["fresh.example.com"], State.ACTIVE, 60)
+    busy = add(["busy.example.com"], State.RENEWING, 10)
+    with session_scope() as s:
+        for cid, renew_at in ((late, NOW - dt.timedelta(hours=3)), (fresh, NOW + dt.timedelta(days=30)),
+                              (busy, NOW - dt.timedelta(hours=3))):  # fmt: skip
+            s.get(Certificate, cid).renew_at = renew_at  # type: ignore[union-attr]
+    _text, fam = scrape()
+    assert samples(fam, "certqueue_certificates_renewal_overdue") == {(): 1}
+    install(**{"monitoring.renewal_overdue_grace_minutes": 240})
+    _text, fam = scrape()
+    assert samples(fam, "certqueue_certificates_renewal_overdue") == {(): 0}
