@@ -113,7 +113,7 @@ def test_renew_revoke_and_propagate(pipeline: Pipeline, client: CertqueueClient)
     revoked = client.revoke(cid, reason="superseded")
     # the public task returns once the request is durable; dispatch revokes at the CA
     assert client.job(revoked.task_id, timeout=60)["status"] == "accepted"
-    assert client.wait(cid, timeout=30)["state"] == "REVOKED"
+    pipeline.wait_state(cid, "REVOKED", timeout=60)
     serial = client.status(cid)["serial"]
     assert pipeline.pebble.cert_status(serial)["Status"].lower() == "revoked"
 
