@@ -277,16 +277,22 @@ class ApiSettings(Section):
 
 
 class RateLimitSettings(Section):
-    """Fleet-wide ACME budgets (certqueue.acme.ratelimit); Let's Encrypt's published limits by default.
+    """Fleet-wide ACME budgets (certqueue.acme.ratelimit), per CA (certqueue.lifecycle.ratelimit_policy).
 
-    A count of 0 turns that budget off; ``enabled: false`` turns all of them off (a CA's own
-    ``rateLimited`` Retry-After is honoured regardless).
+    Let's Encrypt's production and staging directories get Let's Encrypt's documented limits (each
+    its own); any other CA gets no client-side budget unless ``ca_rules`` names it (``*`` for every
+    other CA). The counts below are the ``custom`` rules; a count of 0 turns that budget off.
+    ``enabled: false`` turns every budget off (a CA's own ``rateLimited`` Retry-After is honoured
+    regardless).
     """
 
     enabled: bool = True
     #: auto: Redis when broker.url is Redis, else the database
     backend: Literal["auto", "redis", "database"] = "auto"
     redis_prefix: str = Field("certqueue:ratelimit", min_length=1)
+    #: "<directory URL or *>=<letsencrypt|letsencrypt-staging|custom|none>"; a list, not a mapping,
+    #: so one layer replaces it whole
+    ca_rules: list[str] = Field(default_factory=list)
     new_orders_per_account: int = Field(300, ge=0)
     new_orders_period_hours: float = Field(3, gt=0)
     certificates_per_registered_domain: int = Field(50, ge=0)
@@ -295,6 +301,17 @@ class RateLimitSettings(Section):
     duplicate_certificates_period_days: float = Field(7, gt=0)
     failed_authorizations_per_identifier: int = Field(5, ge=0)
     failed_authorizations_period_hours: float = Field(1, gt=0)
+    consecutive_failed_authorizations_per_identifier: int = Field(1152, ge=0)
+    consecutive_failed_authorizations_period_days: float = Field(1152, gt=0)
+
+    @field_validator("ca_rules")
+    @classmethod
+    def _ca_rules(cls, v: list[str]) -> list[str]:
+        from certqueue.lifecycle.ratelimit_policy import parse_ca_rule
+
+        for item in v:
+            parse_ca_rule(item)  # ValueError names the item and the accepted rules
+        return v
 
 
 class Settings(BaseSettings):

@@ -32,8 +32,10 @@ def _require_services() -> None:
 @pytest.fixture
 def limited(tmp_path) -> Iterator[Pipeline]:
     _require_services()
-    # 2 new orders per ~11 s for the account: a burst of 2, then one every ~5.4 s (GCRA)
+    # 2 new orders per ~11 s for the account: a burst of 2, then one every ~5.4 s (GCRA). Pebble is
+    # not Let's Encrypt, so it has no client-side budget unless the settings give it one (issue 18)
     env = {
+        "CERTQUEUE_RATE_LIMITS__CA_RULES": '["*=custom"]',
         "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "2",
         "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PERIOD_HOURS": "0.003",
     }
