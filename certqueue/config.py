@@ -70,9 +70,9 @@ class Section(BaseModel):
 
 
 class StorageSettings(Section):
+    #: the default backend of the guide's ``CertificateStore`` (certqueue.manager)
     backend: Literal["local", "aws", "azure"] = "local"
     encryption_key_path: Path = Path("var/certqueue.key")
-    storage_path: Path = Path("var/certificates")
     aws_region: str | None = None
     azure_key_vault_url: str | None = None
 
@@ -319,7 +319,6 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__")
 
-    enabled: bool = True
     storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
     acme: AcmeSettings = Field(default_factory=lambda: AcmeSettings())
     challenges: ChallengeSettings = Field(default_factory=lambda: ChallengeSettings())
@@ -376,7 +375,37 @@ def _unwrap(data: Any, source: str) -> dict[str, Any]:
         if not isinstance(inner, dict):
             raise ConfigError("certificate_management must be a mapping", source=source)
         data = {**inner, **data}
-    return _rename_aliases(data)
+    return _rename_aliases(_drop_guide_only_keys(data, source))
+
+
+def _drop_guide_only_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The guide's schema has two keys certqueue does not act on; a file in the guide's shape still
+    loads as written, but they are not settings (issue 14: no setting that nothing reads).
+
+    * ``enabled``: certqueue has no master switch (pause it by stopping beat and the workers).
+      ``true`` is what certqueue does anyway and is dropped; anything else is an error, since
+      silently issuing while the file says "off" would be worse than refusing to start.
+    * ``storage.storage_path``: certificates and their encrypted keys live in the database; PEM
+      files for web servers are the ``local`` target's job. Dropped with a warning.
+    """
+    if "enabled" in data:
+        value = data.pop("enabled")
+        if value is not True:
+            raise ConfigError(
+                f"enabled: {value!r}: certqueue has no master switch (stop beat and the workers to "
+                "pause it); remove the key",
+                source=source,
+                key="enabled",
+            )
+    storage = data.get("storage")
+    if isinstance(storage, dict) and "storage_path" in storage:
+        data["storage"] = {k: v for k, v in storage.items() if k != "storage_path"}
+        _log.warning(
+            "%s: storage.storage_path is ignored: certificates live in the database; for PEM files "
+            "on disk configure a multi_region region with provider: local (docs/targets.md)",
+            source,
+        )
+    return data
 
 
 def _rename_aliases(data: dict[str, Any]) -> dict[str, Any]:
