@@ -392,3 +392,14 @@ def problem_scope(detail: str | None) -> str | None:
 def is_pause(detail: str | None) -> bool:
     """Let's Encrypt's answer for a paused (account, identifier): needs the unpause portal."""
     return problem_scope(detail) == SCOPE_CONSECUTIVE_FAILED_AUTHZ
+
+
+#: how long a ``rateLimited`` answer without Retry-After holds what it names
+DEFAULT_CA_BLOCK = dt.timedelta(hours=1)
+
+
+def ca_block(detail: str | None, retry_after_seconds: float | None) -> dt.timedelta:
+    """How long to hold what a CA ``rateLimited`` answer names: its Retry-After (an hour without
+    one); a pause at least :data:`PAUSE_RECHECK`, since only a person at the CA's portal lifts it."""
+    wait = dt.timedelta(seconds=retry_after_seconds) if retry_after_seconds is not None else DEFAULT_CA_BLOCK
+    return max(wait, PAUSE_RECHECK) if is_pause(detail) else wait

@@ -15,6 +15,7 @@ from certqueue.lifecycle.ratelimit_policy import (
     PreviousIssuance,
     Purpose,
     applied_rules,
+    ca_block,
     charge,
     classify_order,
     is_pause,
@@ -115,3 +116,20 @@ def test_config_show_lists_the_rules_of_each_ca() -> None:
 )
 def test_is_pause(detail: str | None, expected: bool) -> None:
     assert is_pause(detail) is expected
+
+
+@pytest.mark.parametrize(
+    ("detail", "retry_after", "expected"),
+    [
+        ("too many new orders (300) from this account", 120.0, dt.timedelta(minutes=2)),
+        ("too many new orders (300) from this account", None, dt.timedelta(hours=1)),
+        ("Your account is temporarily prevented from requesting certificates for a.example", 60.0, DAY),
+        (
+            "Your account is temporarily prevented from requesting certificates for a.example",
+            3 * 86400.0,
+            3 * DAY,
+        ),
+    ],
+)
+def test_ca_block(detail: str, retry_after: float | None, expected: dt.timedelta) -> None:
+    assert ca_block(detail, retry_after) == expected
