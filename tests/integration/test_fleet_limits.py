@@ -115,8 +115,8 @@ def small_domain_budget(tmp_path) -> Iterator[Pipeline]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="needs certqueue/tasks/acme.py to pass the order's purpose to budget_keys (issue 14 report: "
-    "classify_order + budget_keys(..., purpose=...)); remove this mark with that change",
+    reason="needs _new_order (certqueue/tasks/pipeline.py) to pass the order's purpose to "
+    "budget_keys (issue 14: classify_order + budget_keys(..., purpose=...)); remove with that change",
 )
 def test_a_fleet_under_one_registered_domain_renews_without_deferral(small_domain_budget):
     """The per-domain budget spent by three new certificates does not hold their renewals: Let's
