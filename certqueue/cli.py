@@ -138,8 +138,9 @@ def config() -> None:
 def config_show(ctx: click.Context, as_json: bool) -> None:
     """The merged settings, secrets masked, with the layer each value came from."""
     dump = masked_dump(ctx.obj["loaded"])
+    rules = _rate_limit_rules(ctx.obj["loaded"].settings)
     if as_json:
-        _print_json(dump)
+        _print_json({**dump, "rate_limits.applied": {"value": rules, "source": "derived"}})
         return
     table = Table(title="certqueue settings", show_lines=False)
     table.add_column("key")
@@ -148,6 +149,30 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
     for key, item in dump.items():
         table.add_row(key, json.dumps(item["value"], default=str), item["source"])
     console.print(table)
+    limits = Table(title="client-side rate limits per CA", show_lines=False)
+    for column in ("CA directory", "rules", "limits", "why"):
+        limits.add_column(column, overflow="fold")
+    for r in rules:
+        text = (
+            ", ".join(f"{k} {v}" for k, v in r["limits"].items() if v) or "none (the CA's own answers only)"
+        )
+        limits.add_row(r["directory"], r["rules"], text, r["source"])
+    console.print(limits)
+
+
+def _rate_limit_rules(settings: Any) -> list[dict[str, Any]]:
+    """Which client-side rate limits apply to each configured CA (issue 18: say it, don't guess)."""
+    from certqueue.lifecycle.ratelimit_policy import (
+        WILDCARD,
+        applied_rules,
+        parse_ca_rule,
+        rules_from_settings,
+    )
+
+    rl = settings.rate_limits
+    named = [d for d, _ in (parse_ca_rule(i) for i in rl.ca_rules) if d != WILDCARD]
+    directories = [settings.acme.directory, *settings.acme.fallback_directory_urls, *named]
+    return applied_rules(rules_from_settings(rl), directories)
 
 
 @config.command("set")
@@ -1053,7 +1078,6 @@ def demo_cmd(keep: bool) -> None:
 
     code = run_demo(keep=keep)
     sys.exit(code)
-
 
 
 if __name__ == "__main__":

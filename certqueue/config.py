@@ -81,9 +81,9 @@ class Section(BaseModel):
 
 
 class StorageSettings(Section):
+    #: the default backend of the guide's ``CertificateStore`` (certqueue.manager)
     backend: Literal["local", "aws", "azure"] = "local"
     encryption_key_path: Path = Path("var/certqueue.key")
-    storage_path: Path = Path("var/certificates")
     #: every long-running process checks the key file this often (seconds), reloads it when it
     #: changed, and writes its heartbeat (certqueue.keyrotation)
     key_check_seconds: float = Field(10, gt=0, le=3600)
@@ -338,16 +338,22 @@ class ApiSettings(Section):
 
 
 class RateLimitSettings(Section):
-    """Fleet-wide ACME budgets (certqueue.acme.ratelimit); Let's Encrypt's published limits by default.
+    """Fleet-wide ACME budgets (certqueue.acme.ratelimit), per CA (certqueue.lifecycle.ratelimit_policy).
 
-    A count of 0 turns that budget off; ``enabled: false`` turns all of them off (a CA's own
-    ``rateLimited`` Retry-After is honoured regardless).
+    Let's Encrypt's production and staging directories get Let's Encrypt's documented limits (each
+    its own); any other CA gets no client-side budget unless ``ca_rules`` names it (``*`` for every
+    other CA). The counts below are the ``custom`` rules; a count of 0 turns that budget off.
+    ``enabled: false`` turns every budget off (a CA's own ``rateLimited`` Retry-After is honoured
+    regardless).
     """
 
     enabled: bool = True
     #: auto: Redis when broker.url is Redis, else the database
     backend: Literal["auto", "redis", "database"] = "auto"
     redis_prefix: str = Field("certqueue:ratelimit", min_length=1)
+    #: "<directory URL or *>=<letsencrypt|letsencrypt-staging|custom|none>"; a list, not a mapping,
+    #: so one layer replaces it whole
+    ca_rules: list[str] = Field(default_factory=list)
     new_orders_per_account: int = Field(300, ge=0)
     new_orders_period_hours: float = Field(3, gt=0)
     certificates_per_registered_domain: int = Field(50, ge=0)
@@ -356,6 +362,17 @@ class RateLimitSettings(Section):
     duplicate_certificates_period_days: float = Field(7, gt=0)
     failed_authorizations_per_identifier: int = Field(5, ge=0)
     failed_authorizations_period_hours: float = Field(1, gt=0)
+    consecutive_failed_authorizations_per_identifier: int = Field(1152, ge=0)
+    consecutive_failed_authorizations_period_days: float = Field(1152, gt=0)
+
+    @field_validator("ca_rules")
+    @classmethod
+    def _ca_rules(cls, v: list[str]) -> list[str]:
+        from certqueue.lifecycle.ratelimit_policy import parse_ca_rule
+
+        for item in v:
+            parse_ca_rule(item)  # ValueError names the item and the accepted rules
+        return v
 
 
 class Settings(BaseSettings):
@@ -363,7 +380,6 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__")
 
-    enabled: bool = True
     storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
     acme: AcmeSettings = Field(default_factory=lambda: AcmeSettings())
     challenges: ChallengeSettings = Field(default_factory=lambda: ChallengeSettings())
@@ -420,7 +436,37 @@ def _unwrap(data: Any, source: str) -> dict[str, Any]:
         if not isinstance(inner, dict):
             raise ConfigError("certificate_management must be a mapping", source=source)
         data = {**inner, **data}
-    return _rename_aliases(data)
+    return _rename_aliases(_drop_guide_only_keys(data, source))
+
+
+def _drop_guide_only_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The guide's schema has two keys certqueue does not act on; a file in the guide's shape still
+    loads as written, but they are not settings (issue 14: no setting that nothing reads).
+
+    * ``enabled``: certqueue has no master switch (pause it by stopping beat and the workers).
+      ``true`` is what certqueue does anyway and is dropped; anything else is an error, since
+      silently issuing while the file says "off" would be worse than refusing to start.
+    * ``storage.storage_path``: certificates and their encrypted keys live in the database; PEM
+      files for web servers are the ``local`` target's job. Dropped with a warning.
+    """
+    if "enabled" in data:
+        value = data.pop("enabled")
+        if value is not True:
+            raise ConfigError(
+                f"enabled: {value!r}: certqueue has no master switch (stop beat and the workers to "
+                "pause it); remove the key",
+                source=source,
+                key="enabled",
+            )
+    storage = data.get("storage")
+    if isinstance(storage, dict) and "storage_path" in storage:
+        data["storage"] = {k: v for k, v in storage.items() if k != "storage_path"}
+        _log.warning(
+            "%s: storage.storage_path is ignored: certificates live in the database; for PEM files "
+            "on disk configure a multi_region region with provider: local (docs/targets.md)",
+            source,
+        )
+    return data
 
 
 def _rename_aliases(data: dict[str, Any]) -> dict[str, Any]:

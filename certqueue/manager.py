@@ -769,13 +769,14 @@ class CertificateStore:
     it to the configured ``multi_region`` region of that provider (``aws_region`` matches a region
     with ``provider: aws`` whose ``region`` or ``name`` is that region; ``azure_key_vault_url`` one
     with ``provider: azure`` and that ``key_vault_url``): the propagate pool of that region does the
-    import, as for every deployment. ``storage_path`` is accepted for the guide's signature: PEM files
-    for web servers are the ``local`` *target*'s job (a region with ``provider: local``).
+    import, as for every deployment. ``backend`` defaults to the ``storage.backend`` setting.
+    ``storage_path`` is accepted for the guide's signature and not used (it is not a setting either):
+    PEM files for web servers are the ``local`` *target*'s job (a region with ``provider: local``).
     """
 
     def __init__(
         self,
-        backend: str = "local",
+        backend: str | None = None,
         storage_path: str | None = None,
         encryption_key_path: str | None = None,
         aws_region: str | None = None,
@@ -783,14 +784,17 @@ class CertificateStore:
         *,
         settings: Settings | None = None,
     ) -> None:
+        if backend is None:
+            backend = (settings or get_settings()).storage.backend
         if backend not in STORE_BACKENDS:
             raise InvalidInput(f"backend must be one of {', '.join(STORE_BACKENDS)}", field="backend")
         self.backend = backend
         self.manager = CertificateManager(
             settings, storage_backend=backend, encryption_key_path=encryption_key_path
         )
+        if storage_path is not None:
+            log.info("CertificateStore: storage_path is not used (certificates live in the database)")
         for key, value in (
-            ("storage.storage_path", storage_path),
             ("storage.aws_region", aws_region),
             ("storage.azure_key_vault_url", azure_key_vault_url),
         ):

@@ -159,7 +159,12 @@ certqueue reads its settings in layers; each one overrides the one before, key b
 
 YAML layers merge deeply: a `local.yaml` that sets `acme.staging` keeps every other `acme` key. The
 guide's file shape is accepted as written: a `certificate_management:` wrapper around everything, and
-`lets_encrypt:` as the name of the `acme:` section (also `CERTQUEUE_LETS_ENCRYPT__STAGING`).
+`lets_encrypt:` as the name of the `acme:` section (also `CERTQUEUE_LETS_ENCRYPT__STAGING`). Two keys
+of the guide's schema are not settings, because nothing in certqueue would act on them: a top-level
+`enabled: true` is accepted and dropped (certqueue has no master switch, so `enabled: false` is
+refused rather than ignored: stop beat and the workers to pause it), and `storage.storage_path` is
+dropped with a warning (certificates live in the database; PEM files on disk are the job of a
+`provider: local` region, [targets.md](targets.md)).
 
 **Environment variables use a double underscore between levels**
 (`CERTQUEUE_AUTOMATION__RENEWAL_THRESHOLD_DAYS=45`). The guide's single-underscore names
@@ -218,7 +223,8 @@ def render() -> str:
     words = [f"`{w}`" for w in _SECRET_WORDS]
     out = [INTRO.replace("{secret_words}", ", ".join(words[:-1]) + f" or {words[-1]}")]
     top = [[*_row([], n, f, comments)] for n, f in Settings.model_fields.items() if not _is_section(f)]
-    out += ["## Top level", "", *_table(top), ""]
+    if top:
+        out += ["## Top level", "", *_table(top), ""]
     for name, info in Settings.model_fields.items():
         if not _is_section(info):
             continue

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -63,6 +64,9 @@ _PROCESSING = messages.STATUS_PROCESSING
 
 #: RFC 5280 CRLReason codes accepted by ACME revocation (7 is unused)
 REVOCATION_REASONS = frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 10})
+
+#: RFC 9773: the certificate named in ``replaces`` already has a replacement order
+ALREADY_REPLACED = "acme:alreadyReplaced"
 
 _directories: dict[str, messages.Directory] = {}
 _directories_lock = threading.Lock()
@@ -141,6 +145,12 @@ class _Network(acme_client.ClientNetwork):
         data = self._wrap_in_jws(obj, self._get_nonce(url, new_nonce_url), url)
         kwargs.setdefault("headers", {"Content-Type": content_type})
         response = self._send_request("POST", url, data=data, **kwargs)
+        problem = self._conflict_problem(response)
+        if problem is not None:
+            problem.http_status = response.status_code  # type: ignore[attr-defined]
+            problem.retry_after = None  # type: ignore[attr-defined]
+            self._keep_nonce(response)
+            raise problem
         try:
             response = self._check_response(response, content_type=content_type)
         except messages.Error as error:
@@ -153,6 +163,18 @@ class _Network(acme_client.ClientNetwork):
             raise
         self._add_nonce(response)
         return response
+
+    def _conflict_problem(self, response: requests.Response) -> messages.Error | None:
+        """A 409 with a problem document and no Location (``alreadyReplaced``, RFC 9773): ``acme``
+        would turn every 409 into ``ConflictError`` (an existing account) and drop the problem."""
+        if response.status_code != 409 or response.headers.get("Location"):
+            return None
+        if not response.headers.get("Content-Type", "").startswith(self.JSON_ERROR_CONTENT_TYPE):
+            return None
+        try:
+            return messages.Error.from_json(response.json())
+        except (ValueError, jose.DeserializationError):
+            return None
 
     def _keep_nonce(self, response: requests.Response) -> None:
         try:
@@ -368,7 +390,12 @@ class AcmeClient:
     # -- orders -------------------------------------------------------------------------------
 
     def new_order(
-        self, csr_pem: bytes, profile: str | None = None, replaces: str | None = None
+        self,
+        csr_pem: bytes,
+        profile: str | None = None,
+        replaces: str | None = None,
+        *,
+        on_already_replaced: Callable[[], None] | None = None,
     ) -> messages.OrderResource:
         """Open an order for the names (and IPs) of ``csr_pem`` and fetch its authorizations.
 
@@ -377,6 +404,12 @@ class AcmeClient:
         when given and the CA offers ``renewalInfo``; a CA without ARI never sees it. If the order is
         created but its authorizations cannot be fetched, :class:`IncompleteOrder` carries the order
         to store and resume with :meth:`refresh_order`.
+
+        ``alreadyReplaced`` (RFC 9773 section 5: another order already replaces that certificate,
+        e.g. one we lost track of) is answered by ordering again without ``replaces``, once. Such an
+        order is no longer an ARI renewal, so the CA's rate limits apply to it:
+        ``on_already_replaced`` is called first (the caller charges its budgets there, and may raise
+        to wait instead; nothing has been created at the CA).
         """
         self._require_account()
         try:
@@ -398,10 +431,14 @@ class AcmeClient:
                 )
         if replaces and "renewalInfo" not in directory.to_partial_json():
             replaces = None
-        body = _NewOrder(identifiers=identifiers, profile=profile or None, replaces=replaces or None)
-        with mapped("new order"):
-            response = self.acme._post(directory["newOrder"], body)
-            order_body = messages.Order.from_json(response.json())
+        try:
+            response, order_body = self._post_new_order(identifiers, profile, replaces)
+        except PermanentError as exc:
+            if not replaces or exc.reason != ALREADY_REPLACED:
+                raise
+            if on_already_replaced is not None:
+                on_already_replaced()
+            response, order_body = self._post_new_order(identifiers, profile, None)
         uri = response.headers.get("Location")
         if not uri:
             raise PermanentError("new order: the CA returned no order URL", reason="acme:protocol")
@@ -417,6 +454,14 @@ class AcmeClient:
                 retry_after=exc.retry_after,
             ) from exc
         return order.update(authorizations=authzs)
+
+    def _post_new_order(
+        self, identifiers: list[messages.Identifier], profile: str | None, replaces: str | None
+    ) -> tuple[requests.Response, messages.Order]:
+        body = _NewOrder(identifiers=identifiers, profile=profile or None, replaces=replaces or None)
+        with mapped("new order"):
+            response = self.acme._post(self.directory["newOrder"], body)
+            return response, messages.Order.from_json(response.json())
 
     def refresh_order(self, order: messages.OrderResource) -> messages.OrderResource:
         """The order and all its authorizations as the CA sees them now (1 + n requests)."""

@@ -3,22 +3,29 @@
 Owns the rate-limit budgets: Redis hashes under one prefix (the distributed deployment) or the
 ``rate_budgets`` rows (the embedded default). Nothing else writes them.
 
-The limits are Let's Encrypt's published ones by default, every value configurable
-(:class:`RateLimitPolicy`, ``rate_limits`` settings):
+Which budgets apply is decided per CA and per order purpose by the pure policy in
+:mod:`certqueue.lifecycle.ratelimit_policy`: Let's Encrypt's documented limits for Let's Encrypt's
+directories (production and staging, each with its own values), none for any other CA unless
+``rate_limits.ca_rules`` assigns it rules; renewals of the same names are exempt from the two
+volume limits and ARI renewals inside their window from all of them (docs/rate-limits.md).
 
-====================  =============================================  ===========  ================
-scope                 budget                                         LE default   consumed by
-====================  =============================================  ===========  ================
-``new_orders``        new orders per account (per CA)                300 / 3 h    try_acquire
-``certs_per_domain``  certificates per registered domain (per CA)    50 / 7 days  try_acquire
-``duplicate_certs``   certificates for the same exact set of names   5 / 7 days   try_acquire
-``failed_authz``      failed authorizations per identifier (per CA)  5 / 1 h      record_failed_...
-``ca``                no budget: carries a CA-wide block only        -            block
-====================  =============================================  ===========  ================
+==============================  ==============================================  ================
+scope                           budget                                          consumed by
+==============================  ==============================================  ================
+``new_orders``                  new orders per account (per CA)                 try_acquire
+``certs_per_domain``            certificates per registered domain (per CA)     try_acquire
+``duplicate_certs``             certificates for the same exact set of names    try_acquire
+``failed_authz``                failed authorizations per identifier (per CA)   record_failed_...
+``consecutive_failed_authz``    consecutive failures per identifier (a pause)   record_failed_...
+``ca``                          no budget: carries a CA-wide block only         block
+==============================  ==============================================  ================
 
-``failed_authz`` and ``ca`` keys are *checked* by :meth:`RateLimiter.try_acquire` but never
-consumed by it (``BudgetKey.consume`` is false): an order naming an identifier that failed five times
-in the last hour waits, as Let's Encrypt would refuse it anyway.
+``failed_authz``, ``consecutive_failed_authz`` and ``ca`` keys are *checked* by
+:meth:`RateLimiter.try_acquire` but never consumed by it (``BudgetKey.consume`` is false): an order
+naming an identifier that failed five times in the last hour waits, as Let's Encrypt would refuse
+it anyway; a valid authorization resets the consecutive count (``record_valid_authorization``).
+A budget that the CA's rules turn off is still listed, as a block-only key (limit 0), so a CA's
+``rateLimited`` answer with Retry-After holds exactly what it names.
 
 The registered domain comes from the public suffix list bundled with the ``publicsuffixlist``
 package (its data ships inside the wheel: no network at run time), private section included, as
@@ -55,6 +62,25 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from certqueue.lifecycle.ratelimit_policy import (
+    LETS_ENCRYPT,
+    LETS_ENCRYPT_STAGING,
+    NO_RULES,
+    SCOPE_CA,
+    SCOPE_CERTS_PER_DOMAIN,
+    SCOPE_CONSECUTIVE_FAILED_AUTHZ,
+    SCOPE_DUPLICATE,
+    SCOPE_FAILED_AUTHZ,
+    SCOPE_NEW_ORDERS,
+    Charge,
+    Limit,
+    Purpose,
+    RateLimitPolicy,
+    RateLimitRules,
+    charge,
+    problem_scope,
+    rules_from_settings,
+)
 from certqueue.models import RateBudget
 
 if TYPE_CHECKING:
@@ -62,29 +88,28 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LETS_ENCRYPT",
+    "LETS_ENCRYPT_STAGING",
+    "NO_RULES",
     "BudgetKey",
     "BudgetState",
     "DatabaseRateLimiter",
     "Decision",
     "Limit",
     "MemoryRateLimiter",
+    "Purpose",
     "RateLimitPolicy",
+    "RateLimitRules",
     "RateLimiter",
     "RedisRateLimiter",
     "budget_keys",
     "ca_key",
+    "consecutive_failures_key",
     "failed_authz_key",
     "keys_for_ca_problem",
     "policy_from_settings",
     "rate_limiter_for",
     "registered_domain",
 ]
-
-SCOPE_NEW_ORDERS = "new_orders"
-SCOPE_CERTS_PER_DOMAIN = "certs_per_domain"
-SCOPE_DUPLICATE = "duplicate_certs"
-SCOPE_FAILED_AUTHZ = "failed_authz"
-SCOPE_CA = "ca"
 
 #: tolerance for float rounding in GCRA comparisons (seconds)
 _EPS = 1e-6
@@ -93,55 +118,30 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 # --- policy and keys (pure) -----------------------------------------------------------------------
 
+#: what ``budget_keys`` and the limiters accept as their rules: one policy for every CA, or per CA
+Rules = RateLimitPolicy | RateLimitRules
 
-@dataclass(frozen=True)
-class Limit:
-    """``count`` units per ``period``, refilling continuously."""
-
-    count: int
-    period: dt.timedelta
-
-    def __post_init__(self) -> None:
-        if self.count < 1 or self.period <= dt.timedelta(0):
-            raise ValueError("a limit needs count >= 1 and a positive period")
+#: the default rules: Let's Encrypt's for Let's Encrypt's directories, none for any other CA
+DEFAULT_RULES = RateLimitRules()
 
 
-@dataclass(frozen=True)
-class RateLimitPolicy:
-    """The budgets to enforce; ``None`` turns one off (CA blocks are honoured regardless)."""
-
-    new_orders: Limit | None = Limit(300, dt.timedelta(hours=3))
-    certs_per_domain: Limit | None = Limit(50, dt.timedelta(days=7))
-    duplicate_certs: Limit | None = Limit(5, dt.timedelta(days=7))
-    failed_authz: Limit | None = Limit(5, dt.timedelta(hours=1))
-
-
-#: Let's Encrypt's published limits (letsencrypt.org/docs/rate-limits)
-LETS_ENCRYPT = RateLimitPolicy()
+def as_rules(rules: Rules | None) -> RateLimitRules:
+    """``rules`` as per-CA rules; a single policy applies to every CA (tests, one-CA tools)."""
+    if rules is None:
+        return DEFAULT_RULES
+    if isinstance(rules, RateLimitPolicy):
+        return RateLimitRules.everywhere(rules)
+    return rules
 
 
-def policy_from_settings(settings: RateLimitSettings) -> RateLimitPolicy:
-    """The policy of the ``rate_limits`` settings section; a count of 0 turns that budget off."""
+def policy_for(rules: Rules | None, directory_url: str) -> RateLimitPolicy:
+    """The policy that applies to the CA at ``directory_url``."""
+    return as_rules(rules).for_ca(directory_url)
 
-    def limit(count: int, period: dt.timedelta) -> Limit | None:
-        return Limit(count, period) if settings.enabled and count > 0 else None
 
-    return RateLimitPolicy(
-        new_orders=limit(
-            settings.new_orders_per_account, dt.timedelta(hours=settings.new_orders_period_hours)
-        ),
-        certs_per_domain=limit(
-            settings.certificates_per_registered_domain,
-            dt.timedelta(days=settings.certificates_per_registered_domain_period_days),
-        ),
-        duplicate_certs=limit(
-            settings.duplicate_certificates, dt.timedelta(days=settings.duplicate_certificates_period_days)
-        ),
-        failed_authz=limit(
-            settings.failed_authorizations_per_identifier,
-            dt.timedelta(hours=settings.failed_authorizations_period_hours),
-        ),
-    )
+def policy_from_settings(settings: RateLimitSettings) -> RateLimitRules:
+    """The per-CA rules of the ``rate_limits`` settings section (see ``lifecycle.ratelimit_policy``)."""
+    return rules_from_settings(settings)
 
 
 @dataclass(frozen=True)
@@ -200,12 +200,24 @@ def _base_identifier(name: str) -> str:
 
 
 def failed_authz_key(
-    directory_url: str, identifier: str, policy: RateLimitPolicy = LETS_ENCRYPT, *, consume: bool = False
+    directory_url: str, identifier: str, policy: Rules | None = None, *, consume: bool = False
 ) -> BudgetKey | None:
     """The failed-authorization budget of ``identifier`` at a CA; None when that limit is off."""
-    if policy.failed_authz is None:
+    limit = policy_for(policy, directory_url).failed_authz
+    if limit is None:
         return None
-    return _key(SCOPE_FAILED_AUTHZ, directory_url, _base_identifier(identifier), policy.failed_authz, consume)
+    return _key(SCOPE_FAILED_AUTHZ, directory_url, _base_identifier(identifier), limit, consume)
+
+
+def consecutive_failures_key(
+    directory_url: str, identifier: str, policy: Rules | None = None, *, consume: bool = False
+) -> BudgetKey:
+    """The consecutive-failure budget of ``identifier`` at a CA (what pauses it at Let's Encrypt).
+
+    Always a key: with the limit off it is block-only, so a CA's pause answer still holds the name.
+    """
+    limit = policy_for(policy, directory_url).consecutive_failed_authz
+    return _key(SCOPE_CONSECUTIVE_FAILED_AUTHZ, directory_url, _base_identifier(identifier), limit, consume)
 
 
 _psl_lock = threading.Lock()
@@ -249,55 +261,67 @@ def budget_keys(
     account_id: str | int,
     directory_url: str,
     names: Sequence[str],
-    policy: RateLimitPolicy = LETS_ENCRYPT,
+    policy: Rules | None = None,
+    *,
+    purpose: Purpose | str = Purpose.NEW,
 ) -> list[BudgetKey]:
     """Every budget one new order for ``names`` through this account at this CA draws on.
 
-    Pure. Sorted by ``name`` (backends lock in that order). The keys do not depend on the clock:
-    GCRA's windows slide, so there is no window id to compute.
+    Pure. ``policy`` is the limiter's rules (``limiter.policy``: per CA) or one policy; ``purpose``
+    (``lifecycle.ratelimit_policy.classify_order``) decides what is consumed, only checked, or left
+    out (``charge``). A budget the CA's rules turn off is still listed as a block-only key (limit 0,
+    never consumed), so the CA's own ``rateLimited`` answer for it holds what it names and nothing
+    else; a budget the purpose is exempt from is not listed at all. Sorted by ``name`` (backends
+    lock in that order). The keys do not depend on the clock: GCRA's windows slide.
     """
     if not names:
         raise ValueError("an order needs at least one name")
+    rules = policy_for(policy, directory_url)
+    purpose = Purpose(purpose)
+
+    def add(scope: str, subject: str) -> None:
+        how = charge(purpose, scope)
+        if how is not Charge.EXEMPT:
+            keys.append(_key(scope, directory_url, subject, rules.limit(scope), how is Charge.SPEND))
+
     keys = [ca_key(directory_url)]
-    if policy.new_orders is not None:
-        keys.append(_key(SCOPE_NEW_ORDERS, directory_url, str(account_id), policy.new_orders, True))
-    if policy.certs_per_domain is not None:
-        for domain in sorted({registered_domain(n) for n in names}):
-            keys.append(_key(SCOPE_CERTS_PER_DOMAIN, directory_url, domain, policy.certs_per_domain, True))
-    if policy.duplicate_certs is not None:
-        keys.append(_key(SCOPE_DUPLICATE, directory_url, names_digest(names), policy.duplicate_certs, True))
+    add(SCOPE_NEW_ORDERS, str(account_id))
+    for domain in sorted({registered_domain(n) for n in names}):
+        add(SCOPE_CERTS_PER_DOMAIN, domain)
+    add(SCOPE_DUPLICATE, names_digest(names))
     for ident in sorted({_base_identifier(n) for n in names}):
-        key = failed_authz_key(directory_url, ident, policy)
-        if key is not None:
-            keys.append(key)
+        add(SCOPE_FAILED_AUTHZ, ident)
+        add(SCOPE_CONSECUTIVE_FAILED_AUTHZ, ident)
     return sorted(keys, key=lambda k: k.name)
-
-
-#: Let's Encrypt's ``rateLimited`` details, mapped to the budget they name
-_PROBLEM_SCOPES = (
-    ("exact set of", SCOPE_DUPLICATE),  # "...already issued for this exact set of identifiers..."
-    ("failed authorization", SCOPE_FAILED_AUTHZ),
-    ("new orders", SCOPE_NEW_ORDERS),
-    ("registered domain", SCOPE_CERTS_PER_DOMAIN),
-    ("already issued for", SCOPE_CERTS_PER_DOMAIN),  # 'too many certificates (50) already issued for "x"'
-)
 
 
 def keys_for_ca_problem(keys: Sequence[BudgetKey], detail: str | None) -> list[BudgetKey]:
     """Which of an order's keys a CA ``rateLimited`` problem is about, read from its ``detail``.
 
-    Falls back to the order's ``new_orders`` key (this account at this CA) and, if there is none, the
-    CA-wide key, so an unknown limit blocks what sent the request rather than nothing.
+    Falls back to the order's ``new_orders`` key (this account at this CA) and, if there is none (a
+    renewal), the CA-wide key, so an unknown limit blocks what sent the request rather than nothing.
+    A pause ("temporarily prevented from requesting certificates for a.example, b.example") holds
+    the consecutive-failure keys of the names it lists (all of the order's when it lists none).
     """
     text = (detail or "").lower()
-    for needle, scope in _PROBLEM_SCOPES:
-        if needle in text:
-            hit = [k for k in keys if k.scope == scope]
+    scope = problem_scope(detail)
+    if scope is not None:
+        hit = [k for k in keys if k.scope == scope]
+        if scope == SCOPE_CONSECUTIVE_FAILED_AUTHZ:
+            named = [k for k in hit if _mentions(text, k.subject)]
+        else:
             named = [k for k in hit if f'"{k.subject}"' in text]  # LE quotes the name it counts
-            if named or hit:
-                return named or hit
+        if named or hit:
+            return named or hit
     fallback = [k for k in keys if k.scope == SCOPE_NEW_ORDERS] or [k for k in keys if k.scope == SCOPE_CA]
     return fallback
+
+
+def _mentions(text: str, name: str) -> bool:
+    """``name`` appears in ``text`` as a whole name (not inside a longer one)."""
+    import re
+
+    return re.search(rf"(?<![a-z0-9.-]){re.escape(name)}(?![a-z0-9-]|\.[a-z0-9])", text) is not None
 
 
 def parse_key_name(name: str) -> tuple[str, float, str, str]:
@@ -430,13 +454,23 @@ def _now(now: dt.datetime | None) -> float:
     return _ts(now) if now is not None else dt.datetime.now(dt.UTC).timestamp()
 
 
+def _failure_keys(directory_url: str, identifier: str, rules: RateLimitRules) -> list[BudgetKey]:
+    """The budgets one failed authorization of ``identifier`` consumes (those that are on)."""
+    keys = [
+        failed_authz_key(directory_url, identifier, rules, consume=True),
+        consecutive_failures_key(directory_url, identifier, rules, consume=True),
+    ]
+    return [k for k in keys if k is not None and k.limit > 0]
+
+
 # --- the interface --------------------------------------------------------------------------------
 
 
 class RateLimiter(Protocol):
     """Shared budgets. Every method is atomic across threads and processes."""
 
-    policy: RateLimitPolicy
+    #: the per-CA rules (``budget_keys(..., limiter.policy)`` resolves the order's CA in them)
+    policy: RateLimitRules
 
     def try_acquire(self, keys: Sequence[BudgetKey], now: dt.datetime) -> Decision:
         """All keys have room: consume one unit from each consuming key, allowed. Otherwise consume
@@ -448,7 +482,11 @@ class RateLimiter(Protocol):
         ...
 
     def record_failed_authorization(self, directory_url: str, identifier: str, now: dt.datetime) -> None:
-        """Count one failed authorization of ``identifier`` at this CA."""
+        """Count one failed authorization of ``identifier`` at this CA (and one consecutive one)."""
+        ...
+
+    def record_valid_authorization(self, directory_url: str, identifier: str, now: dt.datetime) -> None:
+        """``identifier`` was validated at this CA: its consecutive failures start again from zero."""
         ...
 
     def block(self, key: BudgetKey | str, until: dt.datetime, now: dt.datetime | None = None) -> None:
@@ -467,7 +505,7 @@ class RateLimiter(Protocol):
 class _Base:
     """``release``, ``block`` and ``record_failed_authorization`` in terms of the backend's ``_apply``."""
 
-    policy: RateLimitPolicy
+    policy: RateLimitRules
 
     def _apply(
         self, keys: Sequence[BudgetKey], now: float, change: Callable[[BudgetKey, _Cell], _Cell]
@@ -475,10 +513,15 @@ class _Base:
         raise NotImplementedError
 
     def record_failed_authorization(self, directory_url: str, identifier: str, now: dt.datetime) -> None:
-        key = failed_authz_key(directory_url, identifier, self.policy, consume=True)
-        if key is not None:
+        keys = _failure_keys(directory_url, identifier, self.policy)
+        if keys:
             t = _ts(now)
-            self._apply([key], t, lambda k, c: _recorded_failure(k, c, t))
+            self._apply(keys, t, lambda k, c: _recorded_failure(k, c, t))
+
+    def record_valid_authorization(self, directory_url: str, identifier: str, now: dt.datetime) -> None:
+        key = consecutive_failures_key(directory_url, identifier, self.policy, consume=True)
+        if key.limit > 0:
+            self._apply([key], _ts(now), lambda k, c: _Cell(0.0, c.blocked_until))
 
     def release(self, keys: Sequence[BudgetKey], now: dt.datetime | None = None) -> None:
         t = _now(now)
@@ -500,8 +543,8 @@ class _Base:
 class MemoryRateLimiter(_Base):
     """Budgets in this process only (tests, single-process tools). Thread-safe."""
 
-    def __init__(self, policy: RateLimitPolicy = LETS_ENCRYPT) -> None:
-        self.policy = policy
+    def __init__(self, policy: Rules | None = None) -> None:
+        self.policy = as_rules(policy)
         self._lock = threading.Lock()
         self._cells: dict[str, tuple[int, _Cell]] = {}
 
@@ -551,11 +594,9 @@ class DatabaseRateLimiter(_Base):
     ``ON CONFLICT DO NOTHING`` (so two first requests cannot both see "no row").
     """
 
-    def __init__(
-        self, session_factory: Callable[[], Session], policy: RateLimitPolicy = LETS_ENCRYPT
-    ) -> None:
+    def __init__(self, session_factory: Callable[[], Session], policy: Rules | None = None) -> None:
         self.session_factory = session_factory
-        self.policy = policy
+        self.policy = as_rules(policy)
 
     def _locked_rows(
         self, session: Session, keys: Sequence[BudgetKey], create: Sequence[BudgetKey]
@@ -689,7 +730,7 @@ class DatabaseRateLimiter(_Base):
 
 # KEYS: one hash per budget. ARGV: mode, now, then per key: limit, period, consume(0/1), param.
 # mode "acquire": all-or-nothing GCRA; returns {1} or {0, retry_at, i1, i2, ...} (blocked indexes).
-# mode "release" / "fail" / "block": apply to every key; returns {1}.
+# mode "release" / "fail" / "block" / "reset": apply to every key; returns {1}.
 # Numbers cross the Lua boundary as strings ("%.17g") to keep sub-millisecond precision.
 _LUA = """
 local mode = ARGV[1]
@@ -765,6 +806,8 @@ for i = 1, n do
     tat[i] = t
   elseif mode == "block" then
     if bu[i] == nil or par[i] > bu[i] then bu[i] = par[i] end
+  elseif mode == "reset" then
+    tat[i] = 0
   end
   store(i)
 end
@@ -780,11 +823,11 @@ class RedisRateLimiter:
     """
 
     def __init__(
-        self, redis_client: Any, prefix: str = "certqueue:ratelimit", policy: RateLimitPolicy = LETS_ENCRYPT
+        self, redis_client: Any, prefix: str = "certqueue:ratelimit", policy: Rules | None = None
     ) -> None:
         self.redis = redis_client
         self.prefix = prefix
-        self.policy = policy
+        self.policy = as_rules(policy)
         self._script = redis_client.register_script(_LUA)
 
     def _hash(self, name: str) -> str:
@@ -812,9 +855,14 @@ class RedisRateLimiter:
             self._run("release", consumed, _now(now))
 
     def record_failed_authorization(self, directory_url: str, identifier: str, now: dt.datetime) -> None:
-        key = failed_authz_key(directory_url, identifier, self.policy, consume=True)
-        if key is not None:
-            self._run("fail", [key], _ts(now))
+        keys = _failure_keys(directory_url, identifier, self.policy)
+        if keys:
+            self._run("fail", keys, _ts(now))
+
+    def record_valid_authorization(self, directory_url: str, identifier: str, now: dt.datetime) -> None:
+        key = consecutive_failures_key(directory_url, identifier, self.policy, consume=True)
+        if key.limit > 0:
+            self._run("reset", [key], _ts(now))
 
     def block(self, key: BudgetKey | str, until: dt.datetime, now: dt.datetime | None = None) -> None:
         if isinstance(key, str):

@@ -8,7 +8,10 @@ reads the latest version's DER (``cer``).
 
 Credentials: ``tenant_id`` + ``client_id`` + ``client_secret`` (a service principal), or none of
 them for ``DefaultAzureCredential`` (managed identity, workload identity, environment), or a
-``credential`` object (tests). The import is PEM (key, leaf and chain concatenated) or PKCS#12.
+``credential`` object (in-process tests, custom auth). ``authority_host`` points either credential
+at another Entra ID authority (a sovereign cloud, or a test fake; as the Azure DNS provider's
+setting of that name does); ``connection_verify`` then applies to it too. The import is PEM (key,
+leaf and chain concatenated) or PKCS#12.
 
 Error reasons: ``azure_keyvault:auth``, ``:not_found``, ``:invalid``, ``:conflict`` (a soft-deleted
 certificate holds the name), ``:key_mismatch`` (permanent); ``:throttled``, ``:unavailable`` (5xx),
@@ -49,6 +52,7 @@ SETTINGS = {
     "certificate_name": Setting((str,), "{certificate_id}"),
     "content_type": Setting((str,), "pem"),
     "connection_verify": Setting((str, bool), None),
+    "authority_host": Setting((str,), None),
     "purge": Setting((bool,), False),
     "purge_wait_seconds": Setting((int, float), 30.0),
     "tags": Setting((dict,), None),
@@ -116,6 +120,11 @@ class AzureKeyVaultTarget(Target):
         self.name_template: str = s["certificate_name"]
         self.content_type: str = s["content_type"]
         self.connection_verify = s["connection_verify"]
+        self.authority_host: str | None = s["authority_host"]
+        if self.authority_host is not None and urlsplit(self.authority_host).scheme != "https":
+            raise ConfigError(
+                f"{where}: 'authority_host' must be an https URL", source=where, key="authority_host"
+            )
         self.purge: bool = s["purge"]
         self.purge_wait = float(s["purge_wait_seconds"])
         self.tags = {str(k): str(v) for k, v in (s["tags"] or {}).items()}
@@ -146,15 +155,25 @@ class AzureKeyVaultTarget(Target):
     def _make_credential(self) -> Any:
         if self._credential is not None:
             return self._credential
+        kwargs: dict[str, Any] = {"connection_timeout": self.timeout, "read_timeout": self.timeout}
+        if self.authority_host:
+            kwargs["authority"] = self.authority_host
+            # a non-public authority (sovereign cloud proxy, test fake) is not in Entra's discovery list
+            kwargs["disable_instance_discovery"] = True
+            if self.connection_verify is not None:
+                kwargs["connection_verify"] = self.connection_verify
         if self._sp["tenant_id"] is not None:
             from azure.identity import ClientSecretCredential
 
             return ClientSecretCredential(
-                self._sp["tenant_id"], self._sp["client_id"], secret_value(self._sp["client_secret"]) or ""
+                self._sp["tenant_id"],
+                self._sp["client_id"],
+                secret_value(self._sp["client_secret"]) or "",
+                **kwargs,
             )
         from azure.identity import DefaultAzureCredential
 
-        return DefaultAzureCredential()
+        return DefaultAzureCredential(**kwargs)
 
     # -- interface -------------------------------------------------------------------------------
 

@@ -404,6 +404,32 @@ def test_keyvault_soft_deleted_name_is_a_conflict(azure_harness: TargetHarness, 
     assert info.value.reason == "azure_keyvault:conflict" and not info.value.retryable
 
 
+def test_keyvault_service_principal_through_a_configured_authority(
+    azure_harness: TargetHarness, issue_bundle: Issue, fake_keyvault: Any
+) -> None:
+    """Settings only (what a worker process has): a service principal whose token comes from the
+    Entra ID authority named by ``authority_host`` (the fake's), not login.microsoftonline.com."""
+    sp = {
+        "credential": None,
+        "tenant_id": fake_keyvault.tenant_id,
+        "client_id": fake_keyvault.client_id,
+        "client_secret": fake_keyvault.client_secret,
+        "authority_host": fake_keyvault.url,
+    }
+    target = azure_harness.make(**sp)
+    bundle = issue_bundle()
+    ref = target.deploy(bundle, None)
+    assert target.fingerprint(ref) == bundle.fingerprint
+    assert fake_keyvault.tokens_issued >= 1
+    wrong = azure_harness.make(**{**sp, "client_secret": "not-the-secret"})
+    with pytest.raises(TargetError) as info:
+        wrong.deploy(issue_bundle(), None)
+    assert info.value.reason == "azure_keyvault:auth" and not info.value.retryable
+    assert "not-the-secret" not in str(info.value)
+    with pytest.raises(ConfigError):
+        azure_harness.make(**{**sp, "authority_host": "http://127.0.0.1:1"})
+
+
 def test_keyvault_accepts_both_spellings_of_the_vault_url(azure_harness: TargetHarness) -> None:
     url = azure_harness.settings["key_vault"]
     settings = {k: v for k, v in azure_harness.settings.items() if k != "key_vault"}

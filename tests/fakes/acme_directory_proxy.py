@@ -21,6 +21,10 @@ request is relayed to Pebble unchanged, and the payload of every signed POST is 
 ``profile``). Relaying preserves the signature: the JWS ``url`` names the proxy, and so does the Host
 Pebble checks it against.
 
+:attr:`already_replaced` (forward mode): certificate ids the proxy says already have a replacement.
+A newOrder naming one of them in ``replaces`` is answered ``409 alreadyReplaced`` (RFC 9773 section
+5, as Boulder answers) with a fresh nonce from Pebble; Pebble never sees that request.
+
 Because a client verifies TLS with one bundle, :attr:`combined_ca_bundle` holds Pebble's CA and the
 proxy's CA together.
 """
@@ -78,6 +82,7 @@ class AcmeDirectoryProxy(FakeServer):
         self.retry_after = retry_after
         self.windows: dict[str, tuple[dt.datetime, dt.datetime, str | None]] = {}
         self.payloads: list[tuple[str, Any]] = []
+        self.already_replaced: set[str] = set()
         self.combined_ca_bundle = workdir / "ari-proxy-combined-ca.pem"
         self.combined_ca_bundle.write_bytes(
             Path(self.upstream_ca_bundle).read_bytes() + tls.ca_cert.read_bytes()
@@ -199,7 +204,14 @@ class AcmeDirectoryProxy(FakeServer):
 
     def _relay(self, req: Request) -> Response:
         if req.method == "POST" and req.body:
-            self.payloads.append((req.path, self._payload(req.body)))
+            payload = self._payload(req.body)
+            self.payloads.append((req.path, payload))
+            if (
+                req.path.endswith("/order-plz")
+                and isinstance(payload, dict)
+                and payload.get("replaces") in self.already_replaced
+            ):
+                return self._already_replaced(str(payload["replaces"]))
         query = "&".join(f"{k}={v}" for k, v in req.query.items())
         url = f"{self._upstream_base}{req.path}" + (f"?{query}" if query else "")
         headers = {"Host": self._host()}
@@ -216,6 +228,22 @@ class AcmeDirectoryProxy(FakeServer):
         )
         relayed = {h: upstream.headers[h] for h in _RELAYED if h in upstream.headers}
         return Response(upstream.status_code, upstream.content, relayed)
+
+    def _already_replaced(self, cert_id: str) -> Response:
+        nonce = self._upstream.head(
+            f"{self._upstream_base}/nonce-plz",
+            headers={"Host": self._host()},
+            verify=self.upstream_ca_bundle,
+            timeout=_UPSTREAM_TIMEOUT,
+        ).headers.get("Replay-Nonce", "")
+        problem = {
+            "type": "urn:ietf:params:acme:error:alreadyReplaced",
+            "detail": f"cannot indicate an order replaces certificate {cert_id}, which already has a "
+            "replacement order",
+            "status": 409,
+        }
+        body = json.dumps(problem).encode()  # bytes: the problem+json type is ours, not the default
+        return Response(409, body, {"Replay-Nonce": nonce, "Content-Type": "application/problem+json"})
 
     @staticmethod
     def _payload(body: bytes) -> Any:

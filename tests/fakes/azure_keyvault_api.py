@@ -4,8 +4,13 @@ Implements what ``azure-keyvault-certificates`` sends for import, get (latest an
 list versions, delete, get and purge deleted, and the certificate's secret, with the bearer challenge
 flow: a request without ``Authorization`` gets 401 and a ``WWW-Authenticate: Bearer authorization=...,
 resource=...`` challenge; the SDK asks its credential for a token and resends. The token is checked
-against :attr:`FakeKeyVault.token`; tests use :class:`StaticTokenCredential` (no token endpoint is
-faked: azure-identity's ``ClientSecretCredential`` would go to login.microsoftonline.com).
+against :attr:`FakeKeyVault.token`. In-process tests use :class:`StaticTokenCredential`; worker
+processes (which read settings, not objects) use a service principal through azure-identity's
+``ClientSecretCredential`` pointed at this fake's Entra ID token endpoint (the target's
+``authority_host`` setting = :attr:`FakeKeyVault.url`): ``GET /{tenant}/v2.0/.well-known/
+openid-configuration`` and ``POST /{tenant}/oauth2/v2.0/token`` (client_credentials for
+:attr:`client_id` / :attr:`client_secret`, else 401 ``invalid_client`` as Entra ID answers); the token
+it issues is :attr:`token`.
 
 Like the real service, an import whose private key does not match its certificate is refused
 (400 BadParameter), and a soft-deleted name cannot be imported into until it is purged (409).
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -90,9 +95,19 @@ class KeyVaultError(Exception):
 class FakeKeyVault:
     """Start with :meth:`start`; ``url`` is the vault URL, ``ca_file`` the CA to trust."""
 
-    def __init__(self, workdir: Path, token: str = "fake-kv-token") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        token: str = "fake-kv-token",
+        *,
+        client_id: str = "kv-client",
+        client_secret: str = "kv-test-secret",
+    ) -> None:
         self.tls = make_server_tls(workdir, label="fake key vault")
         self.token = token
+        self.tenant_id = TENANT
+        self.client_id, self.client_secret = client_id, client_secret
+        self.tokens_issued = 0
         self.certificates: dict[str, list[Version]] = {}
         self.deleted: dict[str, tuple[int, list[Version]]] = {}
         self.requests: list[tuple[str, str]] = []
@@ -226,6 +241,40 @@ class FakeKeyVault:
                     "attributes": self._attributes(v),
                 }
         raise KeyVaultError(400, "BadParameter", f"unsupported operation {method} {path}")
+
+    def identity(self, method: str, parts: list[str], raw: bytes) -> tuple[int, Any]:
+        """The Entra ID endpoints azure-identity's ClientSecretCredential calls."""
+        tenant = parts[0]
+        base = f"{self.url}/{tenant}"
+        if method == "GET" and parts[1:] == ["v2.0", ".well-known", "openid-configuration"]:
+            return 200, {
+                "token_endpoint": f"{base}/oauth2/v2.0/token",
+                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+                "issuer": f"{base}/v2.0",
+                "tenant_region_scope": None,
+            }
+        if method == "POST" and parts[1:] == ["oauth2", "v2.0", "token"]:
+            form = dict(parse_qsl(raw.decode()))
+            if (
+                tenant != self.tenant_id
+                or form.get("client_id") != self.client_id
+                or form.get("client_secret") != self.client_secret
+            ):
+                return 401, {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided.",
+                    "error_codes": [7000215],
+                }
+            with self.lock:
+                self.tokens_issued += 1
+            return 200, {
+                "token_type": "Bearer",
+                "expires_in": 3600,
+                "ext_expires_in": 3600,
+                "access_token": self.token,
+            }
+        return 404, {"error": "not_found"}
 
     def _versions(self, name: str) -> list[Version]:
         if name not in self.certificates:
@@ -374,6 +423,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         vault = self.vault
+        parts = [p for p in url.path.split("/") if p]
+        if len(parts) >= 2 and parts[1] in ("v2.0", "oauth2"):
+            status, payload = vault.identity(method, parts, raw)
+            return self._reply(status, payload)
         with vault.lock:
             vault.requests.append((method, url.path))
         if "api-version" not in parse_qs(url.query):

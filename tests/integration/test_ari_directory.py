@@ -252,3 +252,35 @@ def test_a_ca_without_profiles_is_refused_before_the_order(
         client.new_order(csr, profile="shortlived")
     assert perm.value.reason == "acme:invalidProfile"
     assert proxy.new_order_payloads() == []  # nothing reached the CA
+
+
+def test_already_replaced_is_answered_by_ordering_again_without_replaces(
+    pebble: PebbleStack, make_proxy: MakeProxy
+) -> None:
+    """The CA says the certificate already has a replacement (RFC 9773 ``alreadyReplaced``, the
+    proxy's answer: Pebble 2.4 has no ARI): the client orders again without ``replaces``, once,
+    after letting the caller charge the now non-ARI order to its budgets."""
+    proxy = make_proxy(forward=True)
+    client = client_for(proxy)
+    names = unique_names(1)
+    first, _, _ = issue(client, names, pebble.http01)
+    cert_id = ari_cert_id(first)
+    assert cert_id is not None
+    proxy.already_replaced.add(cert_id)
+    proxy.payloads.clear()
+    charged: list[str] = []
+    csr, _ = make_csr(names)
+    order = client.new_order(csr, replaces=cert_id, on_already_replaced=lambda: charged.append("budget"))
+    assert order.uri and order.body.identifiers[0].value == names[0]
+    assert charged == ["budget"]
+    sent = [p.get("replaces") for p in unique(proxy.new_order_payloads())]
+    assert sent == [cert_id, None]  # the refused replacement, then the retry without it
+    # a caller that must wait instead (over budget) raises: no second order is sent
+    proxy.payloads.clear()
+
+    def over_budget() -> None:
+        raise RuntimeError("over budget")
+
+    with pytest.raises(RuntimeError, match="over budget"):
+        client.new_order(csr, replaces=cert_id, on_already_replaced=over_budget)
+    assert [p.get("replaces") for p in unique(proxy.new_order_payloads())] == [cert_id]

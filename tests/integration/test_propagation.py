@@ -1,5 +1,6 @@
-"""Multi-region propagation end to end: a certificate issued by Pebble is deployed by three
-per-region worker pools (AWS ACM on moto, GCP Certificate Manager on its fake, local files)."""
+"""Multi-region propagation end to end: a certificate issued by Pebble is deployed by four
+per-region worker pools (AWS ACM on moto, GCP Certificate Manager on its fake, Azure Key Vault on its
+fake with a service principal whose token comes from the fake's Entra ID endpoint, local files)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from certqueue.db import session_scope
 from certqueue.devstack.moto import MotoServer
 from certqueue.models import Certificate, Deployment, Event, Issuance
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
+from tests.fakes.azure_keyvault_api import FakeKeyVault
 from tests.fakes.gcp_certmanager_api import FakeCertificateManager
 
 pytestmark = pytest.mark.integration
 
-REGIONS = ("us-east-1", "europe-west1", "edge")
+REGIONS = ("us-east-1", "europe-west1", "westeurope", "edge")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,14 @@ def clouds(
 
 
 @pytest.fixture(scope="module")
-def multi(tmp_path_factory: pytest.TempPathFactory, clouds) -> Iterator[Pipeline]:
+def keyvault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeKeyVault]:
+    vault = FakeKeyVault(tmp_path_factory.mktemp("keyvault")).start()
+    yield vault
+    vault.stop()
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory: pytest.TempPathFactory, clouds, keyvault: FakeKeyVault) -> Iterator[Pipeline]:
     why = services_available()
     if why:
         if os.environ.get("CERTQUEUE_REQUIRE_SERVICES"):
@@ -58,6 +67,17 @@ def multi(tmp_path_factory: pytest.TempPathFactory, clouds) -> Iterator[Pipeline
             "location": "global",
             "api_endpoint": gcp.endpoint,
             "anonymous": True,
+        },
+        {
+            "name": "westeurope",
+            "provider": "azure",
+            "key_vault": keyvault.url,
+            "tenant_id": keyvault.tenant_id,
+            "client_id": keyvault.client_id,
+            "client_secret": keyvault.client_secret,
+            "authority_host": keyvault.url,  # the fake's Entra ID token endpoint
+            "connection_verify": keyvault.ca_file,
+            "max_retries": 0,
         },
         {"name": "edge", "provider": "local", "path": str(edge)},
     ]
@@ -86,7 +106,14 @@ def _acm(moto: MotoServer):
     )
 
 
-def test_issued_certificate_reaches_three_regions(multi, clouds):
+def _keyvault_der_sha256(vault: FakeKeyVault, ref: str) -> str:
+    import hashlib
+
+    versions = vault.certificates[ref.rstrip("/").rsplit("/", 1)[-1]]
+    return hashlib.sha256(versions[-1].der).hexdigest()
+
+
+def test_issued_certificate_reaches_four_regions(multi, clouds, keyvault):
     moto, gcp, _edge = clouds
     cid = multi.request(["multi.example.test", "www.multi.example.test"])
     multi.wait_state(cid, "ACTIVE", timeout=90)
@@ -103,12 +130,16 @@ def test_issued_certificate_reaches_three_regions(multi, clouds):
         c["name"].endswith(deps["europe-west1"].remote_ref.rsplit("/", 1)[-1])
         for c in gcp.certificates.values()
     )
+    kv_ref = deps["westeurope"].remote_ref
+    assert kv_ref == f"{keyvault.url}/certificates/{cid.replace('_', '-')}"
+    assert _keyvault_der_sha256(keyvault, kv_ref) == iss.fingerprint  # the leaf the vault serves
+    assert keyvault.tokens_issued >= 1  # through the service principal, not a test credential
     key = Path(deps["edge"].remote_ref) / "privkey.pem"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert (Path(deps["edge"].remote_ref) / "cert.pem").read_text().strip() == iss.cert_pem.strip()
 
 
-def test_renewal_redeploys_to_the_same_places(multi, clouds):
+def test_renewal_redeploys_to_the_same_places(multi, clouds, keyvault):
     moto, _gcp, _edge = clouds
     cid = multi.request(["samearn.example.test"])
     multi.wait_state(cid, "ACTIVE", timeout=90)
@@ -127,6 +158,9 @@ def test_renewal_redeploys_to_the_same_places(multi, clouds):
     with session_scope(write=False) as s:
         iss = s.get(Issuance, s.get(Certificate, cid).current_issuance_id)
     assert acm.strip() == iss.cert_pem.strip()
+    name = after["westeurope"].remote_ref.rsplit("/", 1)[-1]
+    assert len(keyvault.certificates[name]) == 2  # a new version under the same name
+    assert _keyvault_der_sha256(keyvault, after["westeurope"].remote_ref) == iss.fingerprint
 
 
 def test_region_without_worker_stays_pending_then_completes_without_redeploys(multi):

@@ -166,6 +166,27 @@ def test_config_show_json_table_and_masked_secrets(cli: Cli, monkeypatch: pytest
     assert "automation.renewal_threshold_days" in r.output
 
 
+def test_config_show_says_which_rate_limits_apply_to_each_ca(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 18: Let's Encrypt's budgets only for Let's Encrypt; another CA none unless configured."""
+    monkeypatch.setenv("CERTQUEUE_ACME__DIRECTORY_URL", "https://pebble.test:14000/dir")
+    monkeypatch.setenv(
+        "CERTQUEUE_ACME__FALLBACK_DIRECTORY_URLS", '["https://acme-v02.api.letsencrypt.org/directory"]'
+    )
+    applied = cli.json("config", "show")["rate_limits.applied"]["value"]
+    assert [(r["directory"], r["rules"]) for r in applied] == [
+        ("https://pebble.test:14000/dir", "none"),
+        ("https://acme-v02.api.letsencrypt.org/directory", "letsencrypt"),
+    ]
+    monkeypatch.setenv("CERTQUEUE_RATE_LIMITS__CA_RULES", '["https://pebble.test:14000/dir=letsencrypt"]')
+    applied = cli.json("config", "show")["rate_limits.applied"]["value"]
+    assert applied[0]["rules"] == "letsencrypt" and applied[0]["source"] == "rate_limits.ca_rules"
+    assert applied[0]["limits"]["certs_per_domain"] == "50 per 7 days"
+    r = cli.ok("config", "show")
+    assert "client-side rate limits per CA" in r.output
+
+
 def test_config_set_is_a_runtime_layer_below_the_environment(
     cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:

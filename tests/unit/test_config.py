@@ -226,6 +226,32 @@ certificate_management:
 """
 
 
+def test_the_guides_keys_that_do_nothing_are_not_settings(
+    sdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """issue 14: ``enabled`` and ``storage.storage_path`` were documented and validated, and nothing
+    read them. A file in the guide's shape still loads; ``enabled: false`` is refused (certqueue has
+    no master switch, and issuing while the file says off would be worse), ``storage_path`` is
+    dropped with a warning, and neither is accepted from the environment."""
+    _write(
+        sdir, "certqueue.yaml", "certificate_management:\n  enabled: true\n  storage:\n    storage_path: /x\n"
+    )
+    with caplog.at_level("WARNING", logger="certqueue.config"):
+        s = load(sdir).settings
+    assert "storage.storage_path is ignored" in caplog.text
+    assert "enabled" not in s.model_dump() and "storage_path" not in s.model_dump()["storage"]
+    _write(sdir, "certqueue.yaml", "certificate_management:\n  enabled: false\n")
+    with pytest.raises(ConfigError) as info:
+        load(sdir)
+    assert info.value.key == "enabled" and "no master switch" in str(info.value)
+    _write(sdir, "certqueue.yaml", "")
+    for var in ("CERTQUEUE_ENABLED", "CERTQUEUE_STORAGE__STORAGE_PATH"):
+        with pytest.raises(ConfigError):
+            load(sdir, env={var: "true"})
+    committed = yaml.safe_load((ROOT / "settings" / "certqueue.yaml").read_text())
+    assert "enabled" not in committed and "storage_path" not in committed["storage"]
+
+
 def test_the_guides_files_load_as_written(sdir: Path) -> None:
     committed = _write(sdir, "certqueue.yaml", GUIDE_SETTINGS)
     local = _write(sdir, "local.yaml", GUIDE_LOCAL)
@@ -234,7 +260,7 @@ def test_the_guides_files_load_as_written(sdir: Path) -> None:
     assert s.acme.email == "admin@example.com"
     assert s.acme.staging is True and loaded.sources["acme.staging"] == str(local)
     assert s.acme.directory_url == LETS_ENCRYPT_PRODUCTION  # explicit URL wins over staging
-    assert s.storage.storage_path == Path("./dev_certificates")
+    assert not hasattr(s, "enabled") and not hasattr(s.storage, "storage_path")  # not settings (issue 14)
     assert s.storage.encryption_key_path == Path("/etc/mahavishnu/cert_key")  # sibling kept
     assert s.challenges.dns_provider == "cloudflare"
     assert [(r.name, r.target) for r in s.multi_region.regions] == [
@@ -608,3 +634,17 @@ def test_local_yaml_example_is_valid(tmp_path: Path) -> None:
     s = load_settings(directory=tmp_path, environ={}).settings
     assert s.acme.staging is True and s.acme.email == "admin@example.com"
     assert s.acme.directory == LETS_ENCRYPT_STAGING
+
+
+def test_storage_backend_is_the_default_of_the_guides_store(
+    settings_factory: Callable[..., Any], sqlite_url: str
+) -> None:
+    """issue 14: ``storage.backend`` ("the guide's CertificateStore backend") was never read: a
+    ``CertificateStore()`` was local whatever the setting said."""
+    from certqueue.manager import CertificateStore
+
+    settings = settings_factory(database_url=sqlite_url, **{"storage.backend": "aws"})
+    assert CertificateStore(settings=settings).backend == "aws"
+    assert CertificateStore("local", settings=settings).backend == "local"  # an explicit choice wins
+    local = settings_factory(database_url=sqlite_url)
+    assert CertificateStore(settings=local, storage_path="/srv/certs").backend == "local"

@@ -20,6 +20,7 @@ from sqlalchemy import delete
 from certqueue import db
 from certqueue.acme.ratelimit import (
     LETS_ENCRYPT,
+    NO_RULES,
     BudgetKey,
     DatabaseRateLimiter,
     Decision,
@@ -27,6 +28,7 @@ from certqueue.acme.ratelimit import (
     MemoryRateLimiter,
     RateLimiter,
     RateLimitPolicy,
+    RateLimitRules,
     RedisRateLimiter,
     budget_keys,
     ca_key,
@@ -36,10 +38,13 @@ from certqueue.acme.ratelimit import (
     rate_limiter_for,
     registered_domain,
 )
-from certqueue.config import RateLimitSettings, Settings
+from certqueue.config import LETS_ENCRYPT_PRODUCTION, LETS_ENCRYPT_STAGING, RateLimitSettings, Settings
+from certqueue.lifecycle.ratelimit_policy import LETS_ENCRYPT_STAGING as LETS_ENCRYPT_STAGING_POLICY
+from certqueue.lifecycle.ratelimit_policy import Purpose
 from certqueue.models import RateBudget
 
 CA = "https://ca.test:14000/dir"
+LE = LETS_ENCRYPT_PRODUCTION
 OTHER_CA = "https://other-ca.test/directory"
 T0 = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 H = 3600.0
@@ -118,7 +123,7 @@ def test_public_suffix_list_is_bundled_not_fetched() -> None:
 def test_budget_keys_group_by_registered_domain(
     names: list[str], domains: list[str], identifiers: list[str]
 ) -> None:
-    keys = budget_keys("acct_1", CA, names)
+    keys = budget_keys("acct_1", LE, names)
     by_scope = scopes(keys)
     assert sorted(by_scope["certs_per_domain"]) == domains
     assert sorted(by_scope["failed_authz"]) == identifiers
@@ -130,19 +135,44 @@ def test_budget_keys_group_by_registered_domain(
     assert consumed == {"new_orders", "certs_per_domain", "duplicate_certs"}
 
 
-def test_budget_keys_carry_lets_encrypt_defaults() -> None:
-    keys = {k.scope: k for k in budget_keys("acct_1", CA, ["a.example.com"])}
-    assert (keys["new_orders"].limit, keys["new_orders"].period_seconds) == (300, 3 * H)
-    assert (keys["certs_per_domain"].limit, keys["certs_per_domain"].period_seconds) == (50, 7 * DAY)
-    assert (keys["duplicate_certs"].limit, keys["duplicate_certs"].period_seconds) == (5, 7 * DAY)
-    assert (keys["failed_authz"].limit, keys["failed_authz"].period_seconds) == (5, H)
+@pytest.mark.parametrize(
+    ("directory", "new_orders", "per_domain", "duplicate", "failed", "consecutive"),
+    [
+        (LE, (300, 3 * H), (50, 7 * DAY), (5, 7 * DAY), (5, H), (1152, 1152 * DAY)),
+        (LETS_ENCRYPT_STAGING, (1500, 3 * H), (30000, 7 * DAY), (30000, 7 * DAY), (200, H), (3600, 6 * H)),
+        (LE + "/", (300, 3 * H), (50, 7 * DAY), (5, 7 * DAY), (5, H), (1152, 1152 * DAY)),
+        (CA, (0, 0.0), (0, 0.0), (0, 0.0), (0, 0.0), (0, 0.0)),  # not Let's Encrypt: block-only keys
+    ],
+)
+def test_budget_keys_carry_the_rules_of_the_ca(
+    directory: str,
+    new_orders: tuple[int, float],
+    per_domain: tuple[int, float],
+    duplicate: tuple[int, float],
+    failed: tuple[int, float],
+    consecutive: tuple[int, float],
+) -> None:
+    keys = {k.scope: k for k in budget_keys("acct_1", directory, ["a.example.com"])}
+    got = {s: (k.limit, k.period_seconds) for s, k in keys.items()}
+    assert got == {
+        "ca": (0, 0.0),
+        "new_orders": new_orders,
+        "certs_per_domain": per_domain,
+        "duplicate_certs": duplicate,
+        "failed_authz": failed,
+        "consecutive_failed_authz": consecutive,
+    }
+
+
+def test_budget_key_names() -> None:
+    keys = {k.scope: k for k in budget_keys("acct_1", CA, ["a.example.com"], LETS_ENCRYPT)}
     assert keys["new_orders"].name == "new_orders/10800s/ca.test:14000_dir/acct_1"
 
 
 def test_budget_keys_are_per_ca_and_per_account() -> None:
-    a = {k.name for k in budget_keys("acct_1", CA, ["x.example.com"])}
-    b = {k.name for k in budget_keys("acct_1", OTHER_CA, ["x.example.com"])}
-    c = {k.name for k in budget_keys("acct_2", CA, ["x.example.com"])}
+    a = {k.name for k in budget_keys("acct_1", CA, ["x.example.com"], LETS_ENCRYPT)}
+    b = {k.name for k in budget_keys("acct_1", OTHER_CA, ["x.example.com"], LETS_ENCRYPT)}
+    c = {k.name for k in budget_keys("acct_2", CA, ["x.example.com"], LETS_ENCRYPT)}
     assert not a & b
     assert {n for n in a & c} == {n for n in a if not n.startswith("new_orders/")}
 
@@ -159,34 +189,74 @@ def test_budget_keys_need_a_name() -> None:
         budget_keys("acct_1", CA, [])
 
 
+CUSTOM_10 = RateLimitPolicy(
+    new_orders=Limit(10, dt.timedelta(hours=1)),
+    certs_per_domain=LETS_ENCRYPT.certs_per_domain,
+    duplicate_certs=None,
+    failed_authz=LETS_ENCRYPT.failed_authz,
+    consecutive_failed_authz=LETS_ENCRYPT.consecutive_failed_authz,
+    name="custom",
+)
+
+
 @pytest.mark.parametrize(
-    ("overrides", "expected"),
+    ("overrides", "directory", "expected"),
     [
-        ({}, LETS_ENCRYPT),
+        ({}, LE, LETS_ENCRYPT),
+        ({}, LETS_ENCRYPT_STAGING, LETS_ENCRYPT_STAGING_POLICY),
+        ({}, CA, NO_RULES),  # another CA: no client-side budget unless configured
+        ({"ca_rules": [f"{CA}=letsencrypt"]}, CA, LETS_ENCRYPT),  # forced on for a test CA
+        ({"ca_rules": [f"{CA}/=letsencrypt-staging"]}, CA, LETS_ENCRYPT_STAGING_POLICY),
+        ({"ca_rules": ["*=letsencrypt"]}, OTHER_CA, LETS_ENCRYPT),
+        ({"ca_rules": ["*=letsencrypt", f"{CA}=none"]}, CA, NO_RULES),
+        ({"ca_rules": [f"{LE}=none"]}, LE, NO_RULES),
         (
-            {"new_orders_per_account": 10, "new_orders_period_hours": 1, "duplicate_certificates": 0},
-            RateLimitPolicy(
-                new_orders=Limit(10, dt.timedelta(hours=1)),
-                certs_per_domain=LETS_ENCRYPT.certs_per_domain,
-                duplicate_certs=None,
-                failed_authz=LETS_ENCRYPT.failed_authz,
-            ),
+            {
+                "ca_rules": [f"{CA}=custom"],
+                "new_orders_per_account": 10,
+                "new_orders_period_hours": 1,
+                "duplicate_certificates": 0,
+            },
+            CA,
+            CUSTOM_10,
         ),
-        ({"enabled": False}, RateLimitPolicy(None, None, None, None)),
+        ({"new_orders_per_account": 10}, LE, LETS_ENCRYPT),  # the custom values apply to custom CAs only
+        ({"enabled": False}, LE, NO_RULES),
     ],
 )
-def test_policy_from_settings(overrides: dict[str, Any], expected: RateLimitPolicy) -> None:
-    assert policy_from_settings(RateLimitSettings(**overrides)) == expected
+def test_rules_from_settings(overrides: dict[str, Any], directory: str, expected: RateLimitPolicy) -> None:
+    assert policy_from_settings(RateLimitSettings(**overrides)).for_ca(directory) == expected
+
+
+@pytest.mark.parametrize(
+    "item", ["https://ca.test/dir", "https://ca.test/dir=strict", "ftp://x=none", "=none"]
+)
+def test_bad_ca_rules_are_refused(item: str) -> None:
+    with pytest.raises(ValueError, match=r"directory|rules"):
+        RateLimitSettings(ca_rules=[item])
 
 
 def test_disabled_policy_still_honours_ca_blocks() -> None:
-    keys = budget_keys("acct_1", CA, ["a.example.com"], RateLimitPolicy(None, None, None, None))
-    assert [k.scope for k in keys] == ["ca"]
-    limiter = MemoryRateLimiter(RateLimitPolicy(None, None, None, None))
+    keys = budget_keys("acct_1", CA, ["a.example.com"], NO_RULES)
+    assert all(k.limit == 0 and not k.consume for k in keys)  # block-only: nothing to spend
+    limiter = MemoryRateLimiter(NO_RULES)
     for _ in range(1000):
         assert limiter.try_acquire(keys, T0).allowed
     limiter.block(ca_key(CA), T0 + dt.timedelta(minutes=5))
     assert limiter.try_acquire(keys, T0) == Decision(False, T0 + dt.timedelta(minutes=5), (ca_key(CA).name,))
+
+
+def test_a_ca_without_rules_blocks_only_what_its_answer_names() -> None:
+    """No client-side budget, but a CA's rateLimited answer about one registered domain (with
+    Retry-After) holds that domain and nothing else."""
+    limiter = MemoryRateLimiter()
+    keys = budget_keys("acct_1", CA, ["www.example.com"], limiter.policy)
+    detail = 'too many certificates (50) already issued for "example.com" in the last 168h0m0s'
+    (hit,) = keys_for_ca_problem(keys, detail)
+    limiter.block(hit, T0 + dt.timedelta(hours=1), T0)
+    assert not limiter.try_acquire(budget_keys("acct_1", CA, ["api.example.com"], limiter.policy), T0).allowed
+    assert limiter.try_acquire(budget_keys("acct_1", CA, ["www.example.org"], limiter.policy), T0).allowed
+    assert limiter.try_acquire(keys, T0 + dt.timedelta(hours=1)).allowed
 
 
 @pytest.mark.parametrize(
@@ -206,6 +276,12 @@ def test_disabled_policy_still_honours_ca_blocks() -> None:
         (
             'too many failed authorizations (5) for "www.example.org" in the last 1h0m0s',
             "failed_authz",
+            ["www.example.org"],
+        ),
+        (
+            "Your account is temporarily prevented from requesting certificates for www.example.org and "
+            "possibly others. Please visit: https://portal.test/sfe/v1/unpause?jwt=x",
+            "consecutive_failed_authz",
             ["www.example.org"],
         ),
         ("slow down", "new_orders", ["acct_1"]),  # unknown: the account's new-order budget
@@ -411,6 +487,22 @@ SCENARIOS: dict[str, tuple[RateLimitPolicy, list[Step]]] = {
             A(3600, True, names=("example.com",)),
         ],
     ),
+    "consecutive failures hold a name back before the CA would pause it; a valid one resets": (
+        RateLimitPolicy(None, None, None, None, Limit(3, dt.timedelta(days=3))),
+        [
+            Step(0, "fail"),
+            Step(10, "fail"),
+            Step(20, "valid"),  # a success: the count starts again
+            Step(30, "fail"),
+            Step(40, "fail"),
+            A(40, True),
+            Step(50, "fail"),  # three in a row: orders for the name wait one refill (a day)
+            A(50, False, DAY + 30, blocked_scopes=("consecutive_failed_authz",)),
+            A(50, True, names=("other.example.com",)),
+            Step(60, "valid"),
+            A(60, True),
+        ],
+    ),
     "failures beyond the budget do not push the wait past one period": (
         RateLimitPolicy(None, None, None, Limit(2, dt.timedelta(hours=1))),
         [*(Step(0, "fail") for _ in range(10)), A(0, False, 1800), A(1800, True)],
@@ -447,6 +539,9 @@ def run_step(limiter: RateLimiter, policy: RateLimitPolicy, step: Step) -> None:
     elif step.op == "fail":
         for n in step.names:
             limiter.record_failed_authorization(CA, n, now)
+    elif step.op == "valid":
+        for n in step.names:
+            limiter.record_valid_authorization(CA, n, now)
     else:  # pragma: no cover
         raise AssertionError(step.op)
 
@@ -547,4 +642,88 @@ def test_rate_limiter_for_follows_the_broker(
     settings = settings_factory(database_url=sqlite_url, **overrides)
     limiter = rate_limiter_for(settings)
     assert isinstance(limiter, expected)
-    assert limiter.policy == LETS_ENCRYPT
+    assert limiter.policy == RateLimitRules()
+    assert limiter.policy.for_ca(LE) == LETS_ENCRYPT and limiter.policy.for_ca(CA) == NO_RULES
+
+
+# --- purposes and fleets (issue 14): what a renewal is charged ------------------------------------
+
+
+def _storm(limiter: RateLimiter, names: list[list[str]], purpose: Purpose, now: dt.datetime) -> list[bool]:
+    return [
+        limiter.try_acquire(budget_keys("acct_1", LE, n, limiter.policy, purpose=purpose), now).allowed
+        for n in names
+    ]
+
+
+def test_a_fleet_of_300_under_one_registered_domain_renews_without_deferral(
+    make_limiter: MakeLimiter,
+) -> None:
+    """Let's Encrypt production rules: 300 certificates under example.com were issued as the
+    per-domain budget allowed (50 at once, then one every 202 minutes); sixty days later all 300
+    renew in one burst. Renewals of the same names are exempt from the per-domain and new-order
+    limits, so none is deferred; charged as new certificates, 250 of them would be."""
+    limiter = make_limiter(RateLimitRules())
+    fleet = [[f"host{i}.example.com"] for i in range(300)]
+    clock = FakeClock()
+    issued_at: list[dt.datetime] = []
+    for names in fleet:  # the first issuance: new certificates, deferred past the budget
+        while True:
+            d = limiter.try_acquire(
+                budget_keys("acct_1", LE, names, limiter.policy, purpose="new"), clock.now
+            )
+            if d.allowed:
+                issued_at.append(clock.now)
+                break
+            assert d.retry_at is not None and "certs_per_domain" in d.blocked[0]
+            clock.now = d.retry_at
+    assert issued_at[49] == T0 and issued_at[50] > T0  # the budget held the 51st new certificate
+    storm_at = issued_at[-1] + dt.timedelta(days=60)
+    assert _storm(limiter, fleet, Purpose.RENEWAL, storm_at) == [True] * 300
+    again = storm_at + dt.timedelta(days=30)
+    assert _storm(limiter, fleet, Purpose.ARI_RENEWAL, again) == [True] * 300
+    # what the landed code did: every renewal charged as a new certificate
+    as_new = _storm(limiter, fleet, Purpose.NEW, again + dt.timedelta(days=30))
+    assert as_new.count(True) == 50 and as_new.count(False) == 250
+
+
+def test_renewals_still_count_toward_the_exact_set_limit() -> None:
+    limiter = MemoryRateLimiter()
+    names = ["www.example.com", "example.com"]
+    results = _storm(limiter, [names] * 6, Purpose.RENEWAL, T0)
+    assert results == [True] * 5 + [False]  # the sixth copy in 7 days: Let's Encrypt refuses it too
+    assert _storm(limiter, [names], Purpose.ARI_RENEWAL, T0) == [True]  # ARI: exempt from all
+
+
+def test_lets_encrypt_rules_forced_on_for_a_test_ca_defer_a_new_certificate_past_its_budget() -> None:
+    """``ca_rules: [<test CA>=letsencrypt]``: the 51st new certificate under one registered domain
+    waits for one unit to come back (7 days / 50 = 201.6 minutes); without the setting, the same CA
+    has no client-side budget (issue 18: 60 certificates against Pebble all go through)."""
+    forced = MemoryRateLimiter(policy_from_settings(RateLimitSettings(ca_rules=[f"{CA}=letsencrypt"])))
+    plain = MemoryRateLimiter(policy_from_settings(RateLimitSettings()))
+    for limiter, deferred in ((forced, True), (plain, False)):
+        decisions = [
+            limiter.try_acquire(budget_keys("acct_1", CA, [f"n{i}.example.org"], limiter.policy), T0)
+            for i in range(60)
+        ]
+        assert [d.allowed for d in decisions[:50]] == [True] * 50
+        if not deferred:
+            assert all(d.allowed for d in decisions)
+            continue
+        assert not any(d.allowed for d in decisions[50:])
+        d = decisions[50]
+        assert d.blocked == ("certs_per_domain/604800s/ca.test:14000_dir/example.org",)
+        assert d.retry_at == T0 + dt.timedelta(days=7) / 50
+        # a renewal of one of the fifty is not held by the spent per-domain budget
+        renew = budget_keys("acct_1", CA, ["n0.example.org"], limiter.policy, purpose="renewal")
+        assert limiter.try_acquire(renew, T0).allowed
+
+
+def test_ari_renewal_is_still_held_by_a_pause() -> None:
+    limiter = MemoryRateLimiter()
+    keys = budget_keys("acct_1", LE, ["www.example.com"], limiter.policy, purpose="ari_renewal")
+    assert {k.scope for k in keys} == {"ca", "consecutive_failed_authz"}
+    detail = "Your account is temporarily prevented from requesting certificates for www.example.com"
+    for k in keys_for_ca_problem(keys, detail):
+        limiter.block(k, T0 + dt.timedelta(days=1), T0)
+    assert not limiter.try_acquire(keys, T0).allowed
