@@ -294,9 +294,13 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
     key_pem = certificates.keystore().decrypt(order.key_enc, order_key_aad(cert.id, order.csr_pem))
     iss = certificates.store_issuance(session, cert, fullchain, key_pem, order_url=order.order_url)
     order.finished_at = utcnow()
+    limiter = rate_limiter(session)
+    validated_at = utcnow()
     for ch in chs:
         if ch.status == "answered":
             ch.status = "valid"
+        # a validated name starts its count of consecutive failures at this CA from zero again
+        limiter.record_valid_authorization(cert.directory_url, ch.identifier, validated_at)
     cleanup_challenges(ctx, order)
     renewing = cert.state == State.RENEWING
     states.record(

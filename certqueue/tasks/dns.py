@@ -90,6 +90,17 @@ def _wait_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict
     )
     if result.visible:
         ch.status = "visible"
+        notes = result.notes()
+        if notes:  # addresses this worker cannot route, or that stayed silent beside one that answered
+            from certqueue.lifecycle import states
+
+            states.record(
+                ctx.session,
+                certificate_id,
+                "dns_check",
+                reason="partial",
+                data={"challenge": challenge_id, "notes": notes[:20]},
+            )
         return {"challenge": challenge_id, "status": "visible"}
     elapsed = (utcnow() - ch.updated_at).total_seconds() if ch.updated_at else 0.0
     presented_at = (ch.handle or {}).get("presented_at")

@@ -37,6 +37,7 @@ from certqueue.errors import CertqueueError, InvalidInput, PermanentError, RateL
 from certqueue.lifecycle import states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.lifecycle.failure import MAX_RATE_LIMIT_BLOCK, clamp_retry_after
+from certqueue.lifecycle.ratelimit_policy import PreviousIssuance, ca_block, classify_order
 from certqueue.models import Certificate, Challenge, Http01Token, Issuance, Order, State, utcnow
 from certqueue.tasks.base import CertqueueTask, StepContext
 
@@ -65,6 +66,7 @@ _SCOPE_TEXT = {
     "certs_per_domain": "certificates per domain {subject}",
     "duplicate_certs": "duplicate certificates for these names",
     "failed_authz": "failed validations for {subject}",
+    "consecutive_failed_authz": "consecutive failed validations for {subject} (the CA paused it)",
     "ca": "the CA's own rate limit",
 }
 
@@ -279,7 +281,23 @@ def _new_order(
             defer_work(ctx, cert, until, "capacity: open orders at this CA at the cap", kind="capacity")
             raise Deferred(until, "capacity")
     limiter = rate_limiter(session)
-    keys = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy)
+    replaces = None
+    previous = None
+    if purpose == "renew" and cert.current_issuance_id:
+        current = session.get(Issuance, cert.current_issuance_id)
+        if current is not None:
+            replaces = current.ari_cert_id
+            previous = PreviousIssuance(
+                names=crypto.cert_info(current.cert_pem).names,
+                directory_url=cert.directory_url,
+                issued_at=current.not_before,
+            )
+    # what the order is for decides what it is charged (a renewal of the same names is not a new
+    # certificate for the CA's per-domain budget)
+    order_purpose = classify_order(
+        cert.domains, directory_url=cert.directory_url, previous=previous, replaces=replaces, now=now
+    )
+    keys = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy, purpose=order_purpose)
     decision = limiter.try_acquire(keys, now)
     if not decision.allowed:
         until = decision.retry_at or now + dt.timedelta(seconds=60)
@@ -294,12 +312,25 @@ def _new_order(
         state=cert.state_province,
         locality=cert.locality,
     ).decode()
-    replaces = None
-    if purpose == "renew" and cert.current_issuance_id:
-        current = session.get(Issuance, cert.current_issuance_id)
-        replaces = current.ari_cert_id if current is not None else None
+
+    def charge_as_renewal() -> None:
+        """The CA answered alreadyReplaced: the order goes again without ``replaces``, so it is a
+        plain renewal and is charged as one."""
+        nonlocal keys
+        if order_purpose != "ari_renewal":
+            return
+        extra = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy, purpose="renewal")
+        again = limiter.try_acquire(extra, now)
+        if not again.allowed:
+            until = again.retry_at or now + dt.timedelta(seconds=60)
+            defer_work(ctx, cert, until, describe_budgets(again.blocked), kind="rate_limited")
+            raise Deferred(until, "rate_limited")
+        keys = [*keys, *extra]
+
     try:
-        res = client.new_order(csr.encode(), profile=cert.profile, replaces=replaces)
+        res = client.new_order(
+            csr.encode(), profile=cert.profile, replaces=replaces, on_already_replaced=charge_as_renewal
+        )
     except IncompleteOrder as exc:
         res = exc.order  # the order exists at the CA: store it and resume, never order again
     except RateLimited as exc:
@@ -312,7 +343,7 @@ def _new_order(
                 f"rate limited for {int(exc.retry_after or 3600)}s: trying the next CA",
                 reason="acme:rateLimited",
             ) from None
-        until = now + dt.timedelta(seconds=exc.retry_after or 3600)
+        until = now + ca_block(exc.message, exc.retry_after)  # a pause is checked again daily
         for k in keys_for_ca_problem(keys, exc.message):
             limiter.block(k, until, now)
         defer_work(ctx, cert, until, "rate limit: the CA answered rateLimited", kind="ca_rate_limited")

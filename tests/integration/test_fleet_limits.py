@@ -113,11 +113,6 @@ def small_domain_budget(tmp_path) -> Iterator[Pipeline]:
     teardown_pipeline(p)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs _new_order (certqueue/tasks/pipeline.py) to pass the order's purpose to "
-    "budget_keys (issue 14: classify_order + budget_keys(..., purpose=...)); remove with that change",
-)
 def test_a_fleet_under_one_registered_domain_renews_without_deferral(small_domain_budget):
     """The per-domain budget spent by three new certificates does not hold their renewals: Let's
     Encrypt exempts renewals of the same names from that limit (the limiter-level test runs 300)."""
