@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
+import logging
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -67,8 +68,9 @@ def test_a_stored_live_token_is_served_with_its_key_authorization(store: Store, 
     assert http01.lookup(GOOD) == KEY_AUTH
     status, ctype, body = get(http01.PREFIX + GOOD)
     assert (status, ctype, body) == (200, "application/octet-stream", KEY_AUTH.encode())
-    # a query string does not change the token asked for
+    # a query string does not change the token asked for, whatever it holds
     assert get(http01.PREFIX + GOOD + "?x=1")[::2] == (200, KEY_AUTH.encode())
+    assert get(http01.PREFIX + GOOD + "?x=1?y=2")[::2] == (200, KEY_AUTH.encode())
 
 
 def test_an_unknown_token_is_404(store: Store, get: Get) -> None:
@@ -127,18 +129,29 @@ def test_tokens_at_the_length_limits_are_served(store: Store, length: int) -> No
     assert http01.lookup(token) == KEY_AUTH
 
 
-def test_health_and_other_paths(get: Get) -> None:
+def test_health_and_other_paths(get: Get, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="certqueue.http01")
     assert get("/health") == (200, "application/octet-stream", b"ok\n")
-    assert get("/")[0] == 404
-    assert get("/.well-known/acme-challenge")[0] == 404  # the prefix without its slash
-    assert get("/other/" + GOOD)[0] == 404
+    not_found = (404, "text/plain", b"not found\n")
+    assert get("/") == not_found
+    assert get("/.well-known/acme-challenge") == not_found  # the prefix without its slash
+    assert get("/other/" + GOOD) == not_found
+    # each request is logged at DEBUG as "<client> <request line> <status> ..."
+    lines = [r.getMessage() for r in caplog.records if r.name == "certqueue.http01"]
+    assert any(line.startswith('127.0.0.1 "GET /health HTTP/1.1" 200') for line in lines), lines
 
 
 def test_a_database_failure_answers_503_not_404(
-    get: Get, settings_factory: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory
+    get: Get,
+    settings_factory: Callable[..., Settings],
+    tmp_path_factory: pytest.TempPathFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A broken database must not look like "no such token" (the CA would fail the validation)."""
     missing = tmp_path_factory.mktemp("gone") / "no-such-dir" / "db.sqlite"
     settings_factory(database_url=f"sqlite:///{missing}")
-    status, ctype, body = get(http01.PREFIX + GOOD)
+    with caplog.at_level(logging.ERROR, logger="certqueue.http01"):
+        status, ctype, body = get(http01.PREFIX + GOOD)
     assert (status, ctype, body) == (503, "text/plain", b"unavailable\n")
+    (record,) = [r for r in caplog.records if r.name == "certqueue.http01" and r.levelno == logging.ERROR]
+    assert record.getMessage() == "token lookup failed" and record.exc_info is not None
