@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-integration lint services install bench flower clean
+.PHONY: demo test test-unit test-integration lint services install bench flower clean mutation
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ test-integration: install services
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+## make mutation: mutmut over the modules that decide (pyproject [tool.mutmut]), each mutant against the
+## unit tests that reach it; report in var/mutation/report.txt. MUTANTS='certqueue.http01*' narrows it.
+## Slow (hours for all modules on 2 cores); niced, since the machine is shared. docs/testing.md.
+mutation: install services
+	mkdir -p var/mutation
+	nice -n 15 $(VENV)/bin/mutmut run --max-children $${MUTATION_JOBS:-2} $(MUTANTS)
+	$(VENV)/bin/mutmut results --all true > var/mutation/results.txt
+	$(PY) scripts/mutation_report.py < var/mutation/results.txt | tee var/mutation/report.txt
 
 bench: install services
 	$(PY) -m bench $(BENCH_ARGS)

@@ -75,6 +75,15 @@ def reset_process_caches() -> None:
     failpoints._points = None
 
 
+def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
+    """Bytes parameters get ids from their length, not their content: parameters made with
+    os.urandom at import would otherwise name tests differently in each xdist worker (which then
+    refuses to run), and key material has no business in a test id anyway."""
+    if isinstance(val, bytes | bytearray):
+        return f"{argname}-{len(val)}bytes"
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _fresh_process_state() -> Iterator[None]:
     installed = config._cached  # what the module/session fixtures set up for this test

@@ -210,6 +210,11 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
     try:
         pg = PrivatePostgres().start()
         cleanups.append(pg.stop)
+        # PrivatePostgres runs with synchronous_commit=off (fast, for benchmarks): a crash then loses
+        # commits already acknowledged, and the PostgreSQL case would "lose" certificates the API had
+        # confirmed. A database-level setting outranks the server's command line: commits here are
+        # durable against a process crash, as on a production server.
+        _pg(pg, "ALTER DATABASE postgres SET synchronous_commit = on")
         redis = PrivateRedis().start()
         cleanups.append(redis.stop)
         records = {"example.test": [f"{b} IN A 127.0.0.3" for b in BAD_NAMES]}
@@ -346,12 +351,13 @@ def _reconciler_resumed(c: Chaos) -> int:
     return total
 
 
-def _pg(c: Chaos, sql: str) -> Any:
+def _pg(pg: PrivatePostgres, sql: str) -> Any:
     import psycopg
 
-    url = c.pg.url.replace("postgresql+psycopg://", "postgresql://", 1)
+    url = pg.url.replace("postgresql+psycopg://", "postgresql://", 1)
     with psycopg.connect(url, autocommit=True, connect_timeout=3) as conn:
-        row = conn.execute(sql).fetchone()
+        cur = conn.execute(sql)
+        row = cur.fetchone() if cur.description else (None,)
         assert row is not None
         return row[0]
 
@@ -361,7 +367,7 @@ def _app_connections(c: Chaos) -> int:
     try:
         return int(
             _pg(
-                c,
+                c.pg,
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                 " AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
             )
@@ -374,7 +380,7 @@ def _pg_started_at(c: Chaos, timeout: float = 60) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return _pg(c, "SELECT pg_postmaster_start_time()")
+            return _pg(c.pg, "SELECT pg_postmaster_start_time()")
         except Exception:
             assert time.monotonic() < deadline, "PostgreSQL did not come back"
             time.sleep(0.2)

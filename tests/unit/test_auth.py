@@ -5,11 +5,13 @@ nest, and every authenticated request records when its token was last used."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
@@ -20,8 +22,7 @@ from certqueue.db import session_scope
 from certqueue.models import ApiToken, utcnow
 
 
-@pytest.fixture
-def client(db_settings: Settings) -> Iterator[TestClient]:
+def _app() -> FastAPI:
     app = FastAPI()
 
     @app.get("/who")
@@ -34,8 +35,27 @@ def client(db_settings: Settings) -> Iterator[TestClient]:
         def scoped(p: Principal = Depends(require(scope))) -> dict[str, str]:
             return {"ok": p.name}
 
-    with TestClient(app) as c:
+    return app
+
+
+@pytest.fixture
+def client(db_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(_app()) as c:
         yield c
+
+
+@pytest.fixture
+def client_factory() -> Iterator[Callable[[], TestClient]]:
+    made: list[TestClient] = []
+
+    def make() -> TestClient:
+        c = TestClient(_app())
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
 
 
 def _token(scopes: list[str], name: str = "t") -> tuple[str, str]:
@@ -58,6 +78,7 @@ def test_no_token_is_401_with_the_realm(client: TestClient) -> None:
     r = client.get("/who")
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"] == REALM
+    assert r.json() == {"detail": "a bearer token is required"}
     assert client.get("/who", headers={"Authorization": "Basic dXNlcjpwdw=="}).status_code == 401
     assert client.get("/who", headers={"Authorization": "Bearer "}).status_code == 401
 
@@ -68,6 +89,7 @@ def test_unknown_or_revoked_token_is_401_invalid_token_and_never_echoed(client: 
     r = client.get("/who", headers=_bearer(unknown))
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"] == REALM + ', error="invalid_token"'
+    assert r.json() == {"detail": "the token is unknown or revoked"}
     assert unknown not in r.text
     with session_scope() as s:
         tokens.revoke_token(s, token_id)
@@ -136,3 +158,43 @@ def test_principal_actor_is_bounded() -> None:
     p = Principal(token_id="tok_1", name="n" * 200, scopes=frozenset({"read"}))
     assert p.actor == ("api:" + "n" * 200)[:128] and len(p.actor) == 128
     assert p.can("read") and not p.can("write")
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        None,
+        HTTPAuthorizationCredentials(scheme="Basic", credentials="x"),
+        HTTPAuthorizationCredentials(scheme="Bearer", credentials=""),
+    ],
+)
+def test_authenticate_itself_refuses_what_is_not_a_bearer_token(
+    db_settings: Settings, credentials: HTTPAuthorizationCredentials | None
+) -> None:
+    """The check does not rely on FastAPI's HTTPBearer having filtered the header first."""
+    _, plaintext = _token(["admin"])
+    if credentials is not None and credentials.credentials == "x":
+        credentials = HTTPAuthorizationCredentials(scheme="Basic", credentials=plaintext)  # a valid token
+    with pytest.raises(HTTPException) as info:
+        authenticate(credentials)
+    assert info.value.status_code == 401 and info.value.detail == "a bearer token is required"
+
+
+def test_checking_a_token_takes_no_write_lock(
+    sqlite_url: str, settings_factory: Callable[..., Settings], client_factory: Callable[[], TestClient]
+) -> None:
+    """On SQLite a token check is a read: it answers while another process holds the write lock
+    (a worker committing), instead of queueing behind it. Only a stale ``last_used_at`` writes."""
+    settings_factory(database_url=sqlite_url)
+    token_id, plaintext = _token(["read"])
+    with session_scope() as s:  # fresh last_used_at: this request needs no write at all
+        s.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=utcnow()))
+    client = client_factory()
+    writer = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=1)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # the database's write lock, held
+        r = client.get("/who", headers=_bearer(plaintext))
+        assert r.status_code == 200, r.text
+    finally:
+        writer.rollback()
+        writer.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import logging
+import sqlite3
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -61,6 +62,9 @@ def get(db_settings: Settings) -> Iterator[Get]:
     srv.server_close()
     thread.join(timeout=10)
     assert not thread.is_alive()
+    # checked after the shutdown (a failing check must not leave it running): a named daemon
+    # thread, so the responder never keeps a stopping process alive
+    assert thread.daemon and thread.name == "http01"
 
 
 def test_a_stored_live_token_is_served_with_its_key_authorization(store: Store, get: Get) -> None:
@@ -155,3 +159,21 @@ def test_a_database_failure_answers_503_not_404(
     assert (status, ctype, body) == (503, "text/plain", b"unavailable\n")
     (record,) = [r for r in caplog.records if r.name == "certqueue.http01" and r.levelno == logging.ERROR]
     assert record.getMessage() == "token lookup failed" and record.exc_info is not None
+
+
+def test_a_lookup_takes_no_write_lock(
+    sqlite_url: str, settings_factory: Callable[..., Settings], get: Get
+) -> None:
+    """On SQLite the responder only reads: it answers while a worker holds the write lock, instead
+    of queueing behind it (the CA's validation request would time out)."""
+    settings_factory(database_url=sqlite_url)
+    with session_scope() as s:
+        s.add(Http01Token(token=GOOD, key_authorization=KEY_AUTH, certificate_id="cert_x",
+                          challenge_id=None, expires_at=utcnow() + dt.timedelta(hours=1)))  # fmt: skip
+    writer = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=1)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # the database's write lock, held
+        assert get(http01.PREFIX + GOOD)[::2] == (200, KEY_AUTH.encode())
+    finally:
+        writer.rollback()
+        writer.close()

@@ -18,7 +18,7 @@ from certqueue.lifecycle import states
 from certqueue.lifecycle.ari_policy import RenewalInfo
 from certqueue.lifecycle.backoff import backoff
 from certqueue.lifecycle.renewal import renew_at
-from certqueue.models import Event
+from certqueue.models import Certificate, Event, State
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
@@ -116,3 +116,16 @@ def test_record_stores_every_field_it_is_given(db_settings: Settings) -> None:
         ("cert_x", "renewal", "due", "scan", {"attempt": 2}),
         (None, "validation_error", None, "certqueue", None),
     ]
+
+
+def test_transition_records_certqueue_as_the_default_actor(db_settings: Settings) -> None:
+    with session_scope() as s:
+        s.add(Certificate(id="cert_t", domains=["t.example.com"], dedupe_key="t", state=State.REQUESTED,
+                          directory_url="https://acme.example/dir"))  # fmt: skip
+    with session_scope() as s:
+        cert = s.get(Certificate, "cert_t")
+        assert cert is not None
+        states.transition(s, cert, State.ISSUING)
+    with session_scope(write=False) as s:
+        (ev,) = s.execute(select(Event).where(Event.certificate_id == "cert_t")).scalars().all()
+        assert (ev.from_state, ev.to_state, ev.actor) == ("REQUESTED", "ISSUING", "certqueue")
