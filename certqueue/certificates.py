@@ -325,6 +325,7 @@ def activate(
     cert.attempts = 0
     cert.last_error = None
     cert.next_attempt_at = None
+    cert.waiting_reason = None
     cert.work_deadline = None
     cert.force_new_key = False
     if cert.auto_renew and not cert.external:

@@ -266,7 +266,23 @@ def _cert_row(c: Any) -> dict[str, Any]:
         "challenge_type": c.challenge_type,
         "last_error": c.last_error,
         "external": c.external,
+        "waiting": _waiting(c),
     }
+
+
+def _waiting(c: Any) -> dict[str, Any] | None:
+    """Why a certificate's work waits and when it resumes (a rate limit, capacity), if it does."""
+    if not c.waiting_reason or c.state not in ("REQUESTED", "ISSUING", "RENEWING"):
+        return None
+    until = c.next_attempt_at
+    return {"reason": c.waiting_reason, "until": until.isoformat() if until else None}
+
+
+def _waiting_text(w: dict[str, Any] | None) -> str:
+    if not w:
+        return ""
+    when = (w["until"] or "")[:16].replace("T", " ")
+    return f"{w['reason']}, resumes {when} UTC" if when else str(w["reason"])
 
 
 def _short_issuer(issuer: str | None) -> str:
@@ -281,7 +297,8 @@ def _short_issuer(issuer: str | None) -> str:
 def print_inventory(rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"certificates ({len(rows)})")
     table.add_column("id", no_wrap=True)
-    for col in ("names", "state", "expires", "issuer"):
+    waiting = any(r.get("waiting") for r in rows)
+    for col in ("names", "state", "expires", "issuer", *(("waiting",) if waiting else ())):
         table.add_column(col, overflow="fold")
     styles = {"ACTIVE": "green", "FAILED": "red", "REVOKED": "magenta", "EXPIRED": "red"}
     for r in rows:
@@ -289,13 +306,16 @@ def print_inventory(rows: list[dict[str, Any]]) -> None:
             f" (+{len(r['domains']) - 3})" if len(r["domains"]) > 3 else ""
         )
         st = r["state"]
-        table.add_row(
+        cells = [
             r["id"],
             names,
             f"[{styles.get(st, 'yellow')}]{st}[/]",
             (r["not_after"] or "")[:19].replace("T", " "),
             _short_issuer(r["issuer"]),
-        )
+        ]
+        if waiting:
+            cells.append(_waiting_text(r.get("waiting")))
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -400,14 +420,23 @@ def _wait_states(ids: list[str], done: Callable[[str], bool], timeout: float, la
             time.sleep(0.2)
 
 
-def _send(task: str, payload: dict[str, Any], queue: str = "acme") -> str:
-    from certqueue.client import send
+def _nudge() -> None:
+    """The request is committed (durable); ask dispatch to run, waiting at most a second for the
+    broker (beat's dispatch picks the work up anyway)."""
+    from certqueue import nudge
 
-    return send(task, payload, queue=queue)
+    nudge.nudge()
+    nudge.flush(1.0)
 
 
 @main.command("issue")
-@click.argument("domains", nargs=-1, required=True)
+@click.argument("domains", nargs=-1)
+@click.option(
+    "--from-file",
+    "from_file",
+    type=click.File("r"),
+    help="One certificate per line: names, then optional options (see docs/cli.md). '-' reads stdin.",
+)
 @click.option("--email")
 @click.option("--challenge", "challenge_type", type=click.Choice(["http-01", "dns-01"]))
 @click.option("--dns-provider")
@@ -420,6 +449,7 @@ def _send(task: str, payload: dict[str, Any], queue: str = "acme") -> str:
 @click.option("--json", "as_json", is_flag=True)
 def issue_cmd(
     domains: Sequence[str],
+    from_file: Any,
     email: str | None,
     challenge_type: str | None,
     dns_provider: str | None,
@@ -431,10 +461,17 @@ def issue_cmd(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Request a certificate for DOMAINS (one certificate, all names)."""
+    """Request a certificate for DOMAINS (one certificate, all names), or many with --from-file."""
     from certqueue import certificates
     from certqueue.db import session_scope
 
+    if from_file is not None:
+        if domains:
+            raise InvalidInput("give DOMAINS or --from-file, not both", field="domains")
+        _issue_many(from_file.read(), as_json)
+        return
+    if not domains:
+        raise InvalidInput("give the names to certify, or --from-file", field="domains")
     req = certificates.CertificateRequest.build(
         domains=list(domains),
         email=email,
@@ -445,10 +482,13 @@ def issue_cmd(
         targets=list(targets),
         auto_renew=not no_auto_renew,
     )
+    from certqueue import operations
+
     with session_scope() as s:
-        cert, created = certificates.create_certificate(s, req, actor="cli")
+        cert, created, _intent = operations.request_issue(s, req, actor="cli")
         cid = cert.id
-    _send("certqueue.issue", {"v": 1, "certificate_id": cid})
+    if created:
+        _nudge()
     out: dict[str, Any] = {"certificate_id": cid, "created": created}
     if wait:
         res = _wait_states([cid], lambda st: st in ("ACTIVE", "FAILED", "REVOKED"), timeout, "issuing")
@@ -466,6 +506,40 @@ def issue_cmd(
         sys.exit(EXIT_TIMEOUT)
 
 
+def _issue_many(text: str, as_json: bool) -> None:
+    """``issue --from-file``: every good line in one transaction and one dispatch; bad lines
+    reported with their numbers (nothing written for them), exit code 2 if there were any."""
+    from certqueue import bulk, operations
+    from certqueue.config import get_settings
+    from certqueue.db import session_scope
+
+    good, bad = bulk.parse_file(text, get_settings())
+    created_rows: list[dict[str, Any]] = []
+    if good:
+        with session_scope() as s:
+            out = operations.request_issue_many(s, [req for _n, req in good], actor="cli")
+            created_rows = [
+                {"line": number, "certificate_id": cert.id, "created": created}
+                for (number, _req), (cert, created) in zip(good, out, strict=True)
+            ]
+        if any(r["created"] for r in created_rows):
+            _nudge()
+    if as_json:
+        _print_json(
+            {
+                "certificates": created_rows,
+                "errors": [{"line": b.line, "field": b.field, "message": b.message} for b in bad],
+            }
+        )
+    else:
+        new = sum(1 for r in created_rows if r["created"])
+        console.print(f"{new} certificate(s) requested, {len(created_rows) - new} already requested")
+        for b in bad:
+            err_console.print(f"line {b.line}: {b.message}", highlight=False, soft_wrap=True)
+    if bad:
+        sys.exit(EXIT_INPUT)
+
+
 @main.command("renew")
 @click.argument("certificate_ids", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Renew even if not due.")
@@ -475,22 +549,24 @@ def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: 
     """Renew certificates (due ones only unless --force)."""
     from sqlalchemy import func, select
 
-    from certqueue import certificates, validation
+    from certqueue import certificates, operations, validation
     from certqueue.db import session_scope
     from certqueue.models import Issuance
 
     before: dict[str, int] = {}
-    with session_scope(write=False) as s:
+    not_due: list[str] = []
+    with session_scope() as s:  # one transaction: every request is recorded, or none
         for cid in certificate_ids:
             validation.validate_certificate_id(cid)
-            if certificates.get(s, cid).external:
-                raise InvalidInput(
-                    f"{cid} was imported; renew it where it was issued", field="certificate_id"
-                )
             before[cid] = s.execute(select(func.count()).where(Issuance.certificate_id == cid)).scalar_one()
-    for cid in certificate_ids:
-        _send("certqueue.renew", {"v": 1, "certificate_id": cid, "force": force})
-    if not wait:
+            if operations.request_renew(s, cid, force=force, actor="cli") is None:
+                not_due.append(cid)
+    if len(not_due) < len(certificate_ids):
+        _nudge()
+    for cid in not_due:
+        console.print(f"{cid} is not due for renewal (use --force)")
+    certificate_ids = [c for c in certificate_ids if c not in not_due]
+    if not wait or not certificate_ids:
         console.print(f"renewal requested for {len(certificate_ids)} certificate(s)")
         return
 
@@ -517,14 +593,15 @@ def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: 
 @click.option("--timeout", default=120.0)
 def revoke_cmd(certificate_id: str, reason: str, wait: bool, timeout: float) -> None:
     """Revoke a certificate at its CA (RFC 5280 reason name)."""
-    from certqueue import certificates
+    from certqueue import operations
     from certqueue.db import session_scope
-    from certqueue.tasks.acme import check_revocation_reason
 
-    check_revocation_reason(reason)
-    with session_scope(write=False) as s:
-        certificates.get(s, certificate_id)
-    _send("certqueue.revoke", {"v": 1, "certificate_id": certificate_id, "reason": reason})
+    with session_scope() as s:
+        intent = operations.request_revoke(s, certificate_id, reason=reason, actor="cli")
+    if intent is None:
+        console.print(f"{certificate_id} is already revoked")
+        return
+    _nudge()
     if wait:
         res = _wait_states([certificate_id], lambda st: st == "REVOKED", timeout, "revoking")
         if res[certificate_id] != "REVOKED":
@@ -542,33 +619,20 @@ def propagate_cmd(
     ctx: click.Context, certificate_id: str, regions: Sequence[str], force: bool, as_json: bool
 ) -> None:
     """Deploy a certificate's current issuance to its regions."""
-    from certqueue import certificates
+    from certqueue import operations
     from certqueue.db import session_scope
 
     settings = ctx.obj["loaded"].settings
-    known = {r.name for r in settings.multi_region.regions}
-    for r in regions:
-        if r not in known:
-            raise InvalidInput(f"unknown region {r!r}", field="regions")
-    with session_scope(write=False) as s:
-        c = certificates.get(s, certificate_id)
-        if c.state in ("REVOKED", "EXPIRED", "FAILED") or (
-            c.current_issuance_id is None and c.pending_issuance_id is None
-        ):
-            raise InvalidTransition(f"{c.id} is {c.state} and has nothing to deploy")
-        targets = list(regions) or certificates.regions_for(c, settings)
-    if not targets:
-        raise InvalidInput(f"{certificate_id} has no regions (multi_region is off and it names none)")
-    payload: dict[str, Any] = {"v": 1, "certificate_id": certificate_id}
-    if regions:
-        payload["regions"] = list(regions)
-    if force:
-        payload["force"] = True
-    task_id = _send("certqueue.propagate", payload)
+    with session_scope() as s:
+        intent, targets = operations.request_propagate(
+            s, certificate_id, regions=list(regions), force=force, actor="cli", settings=settings
+        )
+        job_id = f"intent-{intent.id}"
+    _nudge()
     if as_json:
-        _print_json({"certificate_id": certificate_id, "task_id": task_id, "regions": targets})
+        _print_json({"certificate_id": certificate_id, "task_id": job_id, "regions": targets})
     else:
-        console.print(f"propagation to {', '.join(targets)} queued (task {task_id})")
+        console.print(f"propagation to {', '.join(targets)} requested (job {job_id})")
 
 
 @main.command("import")
@@ -578,11 +642,11 @@ def propagate_cmd(
 @click.option("--region", "targets", multiple=True)
 def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence[str]) -> None:
     """Import an externally issued certificate: monitored and propagated, never renewed."""
-    from certqueue import certificates
+    from certqueue import operations
     from certqueue.db import session_scope
 
     with session_scope() as s:
-        cert = certificates.import_certificate(
+        cert, intent = operations.import_certificate(
             s,
             certificate_pem=cert_file.read(),
             private_key_pem=key_file.read(),
@@ -591,20 +655,16 @@ def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence
             actor="cli",
         )
         cid = cert.id
-        regions = certificates.regions_for(cert)
-        if not regions:
-            iss = s.get(certificates.Issuance, cert.pending_issuance_id)
-            assert iss is not None
-            certificates.activate(s, cert, iss, reason="imported")
-    if regions:
-        _send("certqueue.propagate", {"v": 1, "certificate_id": cid})
+    if intent is not None:
+        _nudge()
     console.print(f"imported {cid}")
 
 
 @main.command("scan")
 @click.option("--limit", type=int)
 def scan_cmd(limit: int | None) -> None:
-    """Claim due renewals now and enqueue them (what beat does periodically)."""
+    """Run dispatch now: claim pending requests and due renewals up to capacity (what beat does
+    periodically), and mark expired certificates."""
     payload = [limit] if limit else []
     from certqueue.client import app_for_sending
 
@@ -715,6 +775,16 @@ def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
             }
             for b in s.execute(select(RateBudget).order_by(RateBudget.key).limit(50)).scalars()
         ]
+        waiting_rows = s.execute(
+            select(Certificate)
+            .where(
+                Certificate.waiting_reason.is_not(None),
+                Certificate.state.in_([State.REQUESTED, State.ISSUING, State.RENEWING]),
+            )
+            .order_by(Certificate.next_attempt_at)
+            .limit(50)
+        ).scalars()
+        waiting = [{"id": c.id, "domains": c.domains, **(_waiting(c) or {})} for c in waiting_rows]
     health = certificate_health(now).as_dict()
     depths = queue_depths(settings)
     state_counts = {st.value: int(by_state.get(st.value, 0)) for st in State}
@@ -724,6 +794,7 @@ def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
         "due": int(due),
         "health": health,
         "rate_limits": budgets,
+        "waiting": waiting,
         "queues": depths,
         "broker": "up" if depths is not None else "unreachable",
     }
@@ -742,6 +813,13 @@ def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
         f"{health['expired']} expired)",
         highlight=False,
     )
+    if waiting:
+        wt = Table(title=f"waiting ({len(waiting)})")
+        for col in ("id", "names", "why"):
+            wt.add_column(col, overflow="fold")
+        for w in waiting:
+            wt.add_row(w["id"], ", ".join(w["domains"][:3]), _waiting_text(w))
+        console.print(wt)
     if budgets:
         bt = Table(title="rate-limit budgets")
         for col in ("key", "used", "limit", "blocked until"):

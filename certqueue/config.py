@@ -173,6 +173,16 @@ class AutomationSettings(Section):
     max_queue_depth: int = Field(2000, ge=1)
     #: open ACME orders per CA directory at most (a renewal storm waits its turn); 0 = no limit
     max_orders_in_flight_per_ca: int = Field(200, ge=0)
+    #: beat's dispatch heartbeat (seconds): pending intents and due renewals are claimed at least
+    #: this often, and at once after every finished certificate (a nudge)
+    dispatch_interval_seconds: float = Field(5, gt=0)
+    #: certificates per acme batch task (dispatch sends new orders in batches of this size)
+    batch_size: int = Field(20, ge=1, le=500)
+    #: certificates of one batch worked on at once (threads, each with its own ACME client)
+    batch_concurrency: int = Field(8, ge=1, le=64)
+    #: how long a batch polls the CA for a validation inside the task before the certificate waits
+    #: with a countdown instead (seconds)
+    validation_window_seconds: float = Field(10, ge=0, le=60)
 
 
 class RegionSettings(BaseModel):

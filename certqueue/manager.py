@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, crypto, runtime, validation
+from certqueue import certificates, crypto, operations, runtime, validation
 from certqueue.config import LETS_ENCRYPT_PRODUCTION, LETS_ENCRYPT_STAGING, Settings, get_settings
 from certqueue.errors import CertqueueError, ConfigError, InvalidInput, InvalidTransition, NotFound
 from certqueue.models import Certificate as CertificateRow
@@ -48,6 +48,8 @@ STORE_BACKENDS = ("local", "aws", "azure")
 #: states in which a certificate may be deleted without ``force``
 DELETABLE = (State.REVOKED, State.EXPIRED, State.FAILED)
 IN_SERVICE = (State.ACTIVE, State.RENEWING)
+#: states whose work may wait for a budget or capacity
+WORKING = (State.REQUESTED, State.ISSUING, State.RENEWING)
 LIST_FILTER_KEYS = frozenset({"state", "domain", "expiring_within_days", "limit"})
 
 
@@ -91,6 +93,9 @@ class Certificate:
     last_error: str | None
     issuance_id: int | None
     _key_loader: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    #: why the work waits (a rate limit, capacity) and until when; None when it does not wait
+    waiting_reason: str | None = None
+    waiting_until: dt.datetime | None = None
 
     @property
     def days_until_expiration(self) -> int | None:
@@ -307,6 +312,7 @@ class CertificateManager:
                 self._overrides[key] = value
         self._derived: tuple[int, Settings] | None = None
         self._app: Any = None
+        self._nudger: Any = None
         self.settings  # noqa: B018  (validate the overrides now, not at the first call)
 
     def __repr__(self) -> str:
@@ -344,13 +350,38 @@ class CertificateManager:
             self._app = app
         return self._app
 
-    def _send(self, task: str, payload: dict[str, Any]) -> str:
-        res = self._celery().send_task(task, args=[{"v": 1, **payload}], queue="acme")
-        return str(res.id)
+    def _request(self, make: Callable[[Session], Any]) -> str | None:
+        """Record a request (``certqueue.operations``) in one transaction and nudge dispatch; the
+        job id of its intent, or None when there was nothing to do."""
+        with self._session() as s:
+            intent = make(s)
+            job = f"intent-{intent.id}" if intent is not None else None
+        if job is not None:
+            self._nudge()
+        return job
+
+    def _nudge(self) -> None:
+        from certqueue import nudge
+
+        if self._base is None:
+            nudge.nudge()
+            return
+        if self._nudger is None:
+            self._nudger = nudge.nudger_for(self._celery)
+        self._nudger.request()
 
     def _task_failure(self, task_id: str | None) -> OperationFailed | None:
-        """The first task's own failure (a refused payload, a CA error on revoke), if it failed."""
+        """The request's own failure (a CA error on revoke), if it failed."""
         if not task_id:
+            return None
+        if task_id.startswith("intent-"):
+            from certqueue.models import Intent
+
+            with self._session(write=False) as s:
+                intent = s.get(Intent, int(task_id.removeprefix("intent-")))
+                if intent is not None and intent.status == "failed":
+                    reason = intent.outcome or "failed"
+                    return OperationFailed(f"the {intent.kind} request failed: {reason}", reason=reason)
             return None
         res = self._celery().AsyncResult(task_id)
         try:
@@ -411,6 +442,8 @@ class CertificateManager:
             last_error=row.last_error,
             issuance_id=iss.id if iss else None,
             _key_loader=loader,
+            waiting_reason=row.waiting_reason if row.state in WORKING else None,
+            waiting_until=row.next_attempt_at if row.waiting_reason and row.state in WORKING else None,
         )
 
     def _load(self, certificate_id: str) -> Certificate:
@@ -497,22 +530,23 @@ class CertificateManager:
             kw["directory_url"] = directory
         req = certificates.CertificateRequest.build(settings, **kw)
 
-        def create() -> tuple[str, bool, str, int | None, int]:
+        def create() -> tuple[str, bool, str, int | None, int, str | None]:
             with self._session() as s:
-                row, created = certificates.create_certificate(s, req, actor="manager")
+                row, created, intent = operations.request_issue(s, req, actor="manager")
                 s.flush()
                 last = s.execute(select(func.max(Event.id)).where(Event.certificate_id == row.id)).scalar()
-                return row.id, created, str(row.state), row.current_issuance_id, int(last or 0)
+                job = f"intent-{intent.id}" if intent is not None else None
+                return row.id, created, str(row.state), row.current_issuance_id, int(last or 0), job
 
-        cid, created, current_state, before_issuance, after_event = await asyncio.to_thread(create)
+        cid, created, current_state, before_issuance, after_event, task_id = await asyncio.to_thread(create)
         renewing = False
-        task_id: str | None = None
         if created:
-            task_id = await asyncio.to_thread(self._send, "certqueue.issue", {"certificate_id": cid})
+            self._nudge()
         elif force_new_key and current_state == State.ACTIVE:
             renewing = True
             task_id = await asyncio.to_thread(
-                self._send, "certqueue.renew", {"certificate_id": cid, "force": True, "reason": "new key"}
+                self._request,
+                lambda s: operations.request_renew(s, cid, force=True, reason="new key", actor="manager"),
             )
         if not wait:
             return await asyncio.to_thread(self._load, cid)
@@ -572,7 +606,7 @@ class CertificateManager:
         if row.state == State.ACTIVE and not force and (row.renew_at is None or row.renew_at > utcnow()):
             return await asyncio.to_thread(self._load, row.id)
         task_id = await asyncio.to_thread(
-            self._send, "certqueue.renew", {"certificate_id": row.id, "force": bool(force)}
+            self._request, lambda s: operations.request_renew(s, row.id, force=bool(force), actor="manager")
         )
         if not wait:
             return await asyncio.to_thread(self._load, row.id)
@@ -582,9 +616,7 @@ class CertificateManager:
         self, certificate_id: str, reason: str = "unspecified", *, wait: bool = True, timeout: float = 120
     ) -> None:
         """Revoke at the CA (RFC 5280 reason name the CA accepts, checked before anything is sent)."""
-        from certqueue.tasks.acme import check_revocation_reason
-
-        check_revocation_reason(reason)
+        operations.check_revocation_reason(reason, self.settings)
         row, _ = await asyncio.to_thread(self._baseline, certificate_id)
         if row.external:
             raise InvalidInput(
@@ -595,7 +627,7 @@ class CertificateManager:
         if row.state not in IN_SERVICE:
             raise InvalidTransition(f"{row.id} is {row.state}; only an ACTIVE certificate can be revoked")
         task_id = await asyncio.to_thread(
-            self._send, "certqueue.revoke", {"certificate_id": row.id, "reason": reason}
+            self._request, lambda s: operations.request_revoke(s, row.id, reason=reason, actor="manager")
         )
         if not wait:
             return
@@ -650,10 +682,17 @@ class CertificateManager:
 
         wanted, fingerprint = await asyncio.to_thread(prepare)
         started = utcnow()
-        payload: dict[str, Any] = {"certificate_id": certificate_id, "force": bool(force)}
-        if regions:
-            payload["regions"] = list(regions)
-        task_id = await asyncio.to_thread(self._send, "certqueue.propagate", payload)
+        task_id = await asyncio.to_thread(
+            self._request,
+            lambda s: operations.request_propagate(
+                s,
+                certificate_id,
+                regions=list(regions or []),
+                force=bool(force),
+                actor="manager",
+                settings=settings,
+            )[0],
+        )
         if strategy == "async":
             return PropagationResult(
                 certificate_id, "pending", dict.fromkeys(wanted, "pending"), task_id=task_id
@@ -845,9 +884,9 @@ class CertificateStore:
                 )
         wanted_targets = list(targets or []) + [r for r in self.backend_regions() if r not in (targets or [])]
 
-        def store() -> tuple[str, list[str]]:
+        def store() -> tuple[str, str | None]:
             with self.manager._session() as s:
-                row = certificates.import_certificate(
+                row, intent = operations.import_certificate(
                     s,
                     certificate_pem=leaf,
                     private_key_pem=private_key_pem,
@@ -856,17 +895,12 @@ class CertificateStore:
                     actor="store",
                     settings=settings,
                 )
-                regions = certificates.regions_for(row, settings)
-                if not regions:
-                    iss = s.get(Issuance, row.pending_issuance_id)
-                    assert iss is not None  # import_certificate always sets it
-                    certificates.activate(s, row, iss, reason="imported", settings=settings)
-                return row.id, regions
+                return row.id, (f"intent-{intent.id}" if intent is not None else None)
 
-        cid, regions = await asyncio.to_thread(store)
-        if not regions:
+        cid, task_id = await asyncio.to_thread(store)
+        if task_id is None:
             return cid
-        task_id = await asyncio.to_thread(self.manager._send, "certqueue.propagate", {"certificate_id": cid})
+        self.manager._nudge()
         if not wait:
             return cid
 
@@ -1057,26 +1091,25 @@ class CertificateAutomation:
         self.last_result: dict[str, Any] | None = None
 
     async def check_and_renew_all(self, limit: int | None = None) -> dict[str, Any]:
-        """Claim every due certificate (ACTIVE -> RENEWING) and enqueue its renewal; returns
-        ``{"claimed": n, "enqueued": n, "certificate_ids": [...]}``. A renewal whose message is lost
-        is re-enqueued by the reconciler."""
-        from certqueue.tasks.scan import claim_due
+        """Claim every due certificate (ACTIVE -> RENEWING) and record its renewal (a durable intent
+        in the same transaction); returns ``{"claimed": n, "enqueued": n, "certificate_ids": [...]}``.
+        Dispatch sends the renewals as capacity allows, whatever the broker is doing."""
+        from certqueue import dispatch, intents
 
-        batch = limit or self.manager.settings.automation.scan_batch_size
+        settings = self.manager.settings
+        batch = limit or settings.automation.scan_batch_size
 
         def claim() -> list[str]:
             with self.manager._session() as s:
-                return claim_due(s, utcnow(), batch)
+                lease = settings.automation.stuck_after_seconds
+                ids = dispatch.claim_due(s, utcnow(), None, batch, lease=lease)
+                intents.record_many(s, "renew", ids, actor="automation")
+                return ids
 
         ids = await asyncio.to_thread(claim)
-        sent = 0
-        for cid in ids:
-            try:
-                await asyncio.to_thread(self.manager._send, "certqueue.renew", {"certificate_id": cid})
-                sent += 1
-            except Exception as exc:  # noqa: BLE001  (the reconciler resumes it; keep sending the rest)
-                log.warning("could not enqueue the renewal of %s (%s)", cid, type(exc).__name__)
-        result = {"claimed": len(ids), "enqueued": sent, "certificate_ids": ids}
+        if ids:
+            self.manager._nudge()
+        result = {"claimed": len(ids), "enqueued": len(ids), "certificate_ids": ids}
         self.last_result = result
         return result
 

@@ -142,6 +142,8 @@ class Certificate(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(String(512))
+    #: why the work waits until ``next_attempt_at`` (a rate limit, capacity); None when it does not
+    waiting_reason: Mapped[str | None] = mapped_column(String(256))
     #: set when work is handed to the queue; the reconciler re-enqueues work past its deadline
     work_deadline: Mapped[dt.datetime | None] = mapped_column()
     force_new_key: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -314,3 +316,37 @@ class RateBudget(Base):
     used: Mapped[int] = mapped_column(Integer, default=0)
     blocked_until: Mapped[dt.datetime | None] = mapped_column()
     limit: Mapped[float] = mapped_column(Float, default=0)
+
+
+class Intent(Base):
+    """A request not yet taken over by the pipeline (issue, renew, revoke, propagate).
+
+    Written in the same transaction as the change it asks for, so a request is durable when it
+    commits, whatever the broker is doing. Dispatch claims pending intents up to capacity and sends
+    the pipeline's tasks; the task that acts on an intent completes it in its own transaction. An
+    intent dispatched but not completed by its deadline (a lost message, a dead worker) is pending
+    again: nothing is lost with the broker.
+    """
+
+    __tablename__ = "intents"
+    __table_args__ = (
+        Index("ix_intents_status_not_before", "status", "not_before"),
+        Index("ix_intents_certificate_status", "certificate_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    #: issue | renew | revoke | propagate
+    kind: Mapped[str] = mapped_column(String(16))
+    certificate_id: Mapped[str] = mapped_column(String(40))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: pending | dispatched | done | failed
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    not_before: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: while dispatched: when it counts as lost and goes back to pending
+    deadline: Mapped[dt.datetime | None] = mapped_column()
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str | None] = mapped_column(String(512))
+    actor: Mapped[str] = mapped_column(String(128), default="certqueue")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column()

@@ -11,6 +11,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     a = settings.automation
     scan_every = min(a.scan_interval_seconds, a.check_interval_hours * 3600)
     return {
+        "dispatch": {
+            "task": "certqueue.scan.dispatch",
+            "schedule": min(a.dispatch_interval_seconds, scan_every),
+            "options": {"queue": "scan", "expires": max(a.dispatch_interval_seconds * 4, 30.0)},
+        },
         "scan-due": {"task": "certqueue.scan.due", "schedule": scan_every, "options": {"queue": "scan"}},
         "scan-expire": {
             "task": "certqueue.scan.expire",

@@ -19,7 +19,7 @@ from certqueue import certificates, config, db, failpoints, metrics, runtime
 from certqueue.acme import accounts
 from certqueue.acme import client as acme_client
 from certqueue.celery_app import lazy_app
-from certqueue.tasks import acme as acme_tasks
+from certqueue.tasks import pipeline as pipeline_tasks
 
 pytest_plugins = [
     name
@@ -58,7 +58,7 @@ def reset_process_caches() -> None:
     last good values, broker clients of the metrics, ACME directories and account keys, failpoints."""
     db.dispose_all()
     certificates.forget_keystores()
-    acme_tasks._limiter_cache.clear()
+    pipeline_tasks._limiter_cache.clear()
     lazy_app.reset()
     with runtime._lock:
         for engine in runtime._engines.values():

@@ -1,10 +1,9 @@
 """``/v1/certificates``: create, list, show, renew, revoke, propagate, delete, import.
 
-Every write is one transaction that commits only when everything succeeded; the Celery message is
-sent only after the commit (a task must find the row it names). Requests are validated before
-anything is written, so a refused request leaves no trace. If the broker is down after the commit,
-the answer says ``job_id: null`` and the reconciler (beat) enqueues the work later: the database,
-not the broker, is the truth.
+Every write is one transaction (``certqueue.operations``): the change and its intent commit
+together, and the answer (202 with the intent's job id) is sent then, whatever the broker is doing.
+Dispatch relays the intent; the nudge after the commit is best effort and never waits. Requests are
+validated before anything is written, so a refused request leaves no trace.
 """
 
 from __future__ import annotations
@@ -17,14 +16,16 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response, status
-from kombu.exceptions import KombuError
 from sqlalchemy import Select, cast, delete, func, literal, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, validation
+from certqueue import certificates, operations, validation
 from certqueue.api.auth import Principal, require
 from certqueue.api.schemas import (
+    BulkAccepted,
+    BulkCreate,
+    BulkItem,
     CertificateAccepted,
     CertificateCreate,
     CertificateDetail,
@@ -42,6 +43,7 @@ from certqueue.db import session_scope
 from certqueue.errors import InvalidInput
 from certqueue.lifecycle import states
 from certqueue.models import Certificate, Deployment, State, utcnow
+from certqueue.nudge import nudge
 
 log = logging.getLogger("certqueue.api")
 
@@ -50,28 +52,15 @@ router = APIRouter(prefix="/v1/certificates", tags=["certificates"])
 MAX_PAGE = 500
 #: states in which a certificate may be deleted without ?force=true
 DELETABLE = (State.REVOKED, State.EXPIRED, State.FAILED)
-RENEWABLE = (State.ACTIVE, State.RENEWING, State.ISSUING, State.FAILED)
-REVOCABLE = (State.ACTIVE, State.RENEWING)
 _IMPORT_FIELDS = {"certificate": "certificate_pem", "private_key": "private_key_pem", "chain": "chain_pem"}
 
 Read = Annotated[Principal, Depends(require("read"))]
 Write = Annotated[Principal, Depends(require("write"))]
 
 
-def enqueue(task: str, payload: dict[str, Any]) -> str | None:
-    """Send a public task after the commit; None if the broker refused (the reconciler catches up)."""
-    from certqueue.client import send
-
-    try:
-        return send(task, payload, queue="acme")
-    except (KombuError, OSError) as exc:
-        log.warning(
-            "could not enqueue %s for %s (%s); the reconciler will resume it",
-            task,
-            payload.get("certificate_id"),
-            type(exc).__name__,
-        )
-        return None
+def job_of(intent: Any) -> str | None:
+    """The job id of an intent (``GET /v1/jobs/<id>`` reads it back from the database)."""
+    return f"intent-{intent.id}" if intent is not None else None
 
 
 def _conflict(detail: str) -> HTTPException:
@@ -98,14 +87,54 @@ def create_certificate(body: CertificateCreate, response: Response, principal: W
     req = certificates.CertificateRequest.build(settings, **body.model_dump(exclude_none=True))
     now = utcnow()
     with session_scope() as session:
-        cert, created = certificates.create_certificate(session, req, actor=principal.actor)
+        cert, created, intent = operations.request_issue(session, req, actor=principal.actor)
         out = CertificateOut.of(cert, now)
-    job_id = None
+        job_id = job_of(intent)
     if created:
-        job_id = enqueue("certqueue.issue", {"v": 1, "certificate_id": out.id})
+        nudge()
     else:
         response.status_code = status.HTTP_200_OK
     return CertificateAccepted(certificate=out, created=created, job_id=job_id)
+
+
+@router.post("/bulk", status_code=status.HTTP_202_ACCEPTED, response_model=BulkAccepted)
+def create_certificates(body: BulkCreate, principal: Write) -> BulkAccepted:
+    """Request many certificates at once: every valid item in one transaction with one dispatch;
+    each invalid item is answered with its index and error (nothing is written for it)."""
+    from pydantic import ValidationError
+
+    from certqueue import bulk
+
+    settings = get_settings()
+    items: list[BulkItem] = []
+    parsed: list[tuple[int, dict[str, Any]]] = []
+    for i, raw in enumerate(body.certificates):
+        try:
+            parsed.append((i, CertificateCreate.model_validate(raw).model_dump(exclude_none=True)))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first.get("loc", ())) or None
+            items.append(BulkItem(index=i, error={"field": field, "message": first.get("msg", "invalid")}))
+    good, bad = bulk.build(parsed, settings)
+    items += [BulkItem(index=b.line, error={"field": b.field, "message": b.message}) for b in bad]
+    now = utcnow()
+    created = existing = 0
+    if good:
+        with session_scope() as session:
+            out = operations.request_issue_many(session, [req for _i, req in good], actor=principal.actor)
+            session.flush()
+            for (index, _req), (cert, was_created) in zip(good, out, strict=True):
+                created += was_created
+                existing += not was_created
+                items.append(
+                    BulkItem(index=index, certificate=CertificateOut.of(cert, now), created=was_created)
+                )
+    if created:
+        nudge()
+    items.sort(key=lambda it: it.index)
+    return BulkAccepted(
+        created=created, existing=existing, rejected=len(body.certificates) - len(good), items=items
+    )
 
 
 @router.post("/import", status_code=status.HTTP_201_CREATED, response_model=CertificateAccepted)
@@ -115,7 +144,7 @@ def import_certificate(body: ImportRequest, principal: Write) -> CertificateAcce
     now = utcnow()
     try:
         with session_scope() as session:
-            cert = certificates.import_certificate(
+            cert, intent = operations.import_certificate(
                 session,
                 certificate_pem=body.certificate_pem,
                 private_key_pem=body.private_key_pem,
@@ -124,19 +153,15 @@ def import_certificate(body: ImportRequest, principal: Write) -> CertificateAcce
                 actor=principal.actor,
                 settings=settings,
             )
-            regions = certificates.regions_for(cert, settings)
-            if not regions:
-                iss = session.get(certificates.Issuance, cert.pending_issuance_id)
-                if iss is None:  # import_certificate always sets it
-                    raise RuntimeError("imported certificate has no issuance")
-                certificates.activate(session, cert, iss, reason="imported", settings=settings, now=now)
             session.flush()
             out = CertificateOut.of(cert, now)
+            job_id = job_of(intent)
     except InvalidInput as exc:
         if exc.field in _IMPORT_FIELDS:
             raise InvalidInput(exc.message, field=_IMPORT_FIELDS[exc.field]) from None
         raise
-    job_id = enqueue("certqueue.propagate", {"v": 1, "certificate_id": out.id}) if regions else None
+    if job_id:
+        nudge()
     return CertificateAccepted(certificate=out, created=True, job_id=job_id)
 
 
@@ -236,21 +261,29 @@ def get_certificate(certificate_id: str, principal: Read) -> CertificateDetail:
 # --- actions ----------------------------------------------------------------------------------------
 
 
-@router.post("/{certificate_id}/renew", status_code=status.HTTP_202_ACCEPTED, response_model=JobQueued)
+@router.post(
+    "/{certificate_id}/renew",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobQueued,
+    responses={200: {"model": JobQueued, "description": "Not due and not forced; nothing to do"}},
+)
 def renew_certificate(
-    certificate_id: str, principal: Write, body: Annotated[RenewRequest | None, Body()] = None
+    certificate_id: str,
+    principal: Write,
+    response: Response,
+    body: Annotated[RenewRequest | None, Body()] = None,
 ) -> JobQueued:
-    """Queue a renewal (``certqueue.renew``); ``force`` renews even when not due."""
+    """Request a renewal; ``force`` renews even when not due (a certificate that is not due and not
+    forced gets ``job_id: null``: nothing to do)."""
     force = body.force if body else False
-    with session_scope(write=False) as session:
-        cert = certificates.get(session, certificate_id)
-        if cert.external:
-            raise InvalidInput(
-                "an imported certificate cannot be renewed by certqueue", field="certificate_id"
-            )
-        if cert.state not in RENEWABLE:
-            raise _conflict(f"{cert.id} is {cert.state}; renewable states: {', '.join(RENEWABLE)}")
-    job_id = enqueue("certqueue.renew", {"v": 1, "certificate_id": certificate_id, "force": force})
+    with session_scope() as session:
+        validation.validate_certificate_id(certificate_id)
+        intent = operations.request_renew(session, certificate_id, force=force, actor=principal.actor)
+        job_id = job_of(intent)
+    if job_id:
+        nudge()
+    else:
+        response.status_code = status.HTTP_200_OK
     return JobQueued(certificate_id=certificate_id, task="certqueue.renew", job_id=job_id)
 
 
@@ -266,25 +299,16 @@ def revoke_certificate(
     response: Response,
     body: Annotated[RevokeRequest | None, Body()] = None,
 ) -> JobQueued:
-    """Queue a revocation at the CA (``certqueue.revoke``). The reason is checked first: a reason
-    the CA does not accept is refused here, before anything is queued."""
-    from certqueue.tasks.acme import check_revocation_reason
-
+    """Request revocation at the CA. The reason is checked first: a reason the CA does not accept
+    is refused here, before anything is written. The request is durable once answered."""
     reason = body.reason if body else "unspecified"
-    check_revocation_reason(reason)
-    with session_scope(write=False) as session:
-        cert = certificates.get(session, certificate_id)
-        if cert.state == State.REVOKED:
-            response.status_code = status.HTTP_200_OK
-            return JobQueued(certificate_id=cert.id, task="certqueue.revoke", job_id=None)
-        if cert.external:
-            raise InvalidInput(
-                "an imported certificate must be revoked through the CA that issued it",
-                field="certificate_id",
-            )
-        if cert.state not in REVOCABLE or cert.current_issuance_id is None:
-            raise _conflict(f"{cert.id} is {cert.state}; only an ACTIVE certificate can be revoked")
-    job_id = enqueue("certqueue.revoke", {"v": 1, "certificate_id": certificate_id, "reason": reason})
+    with session_scope() as session:
+        intent = operations.request_revoke(session, certificate_id, reason=reason, actor=principal.actor)
+        job_id = job_of(intent)
+    if job_id is None:
+        response.status_code = status.HTTP_200_OK
+    else:
+        nudge()
     return JobQueued(certificate_id=certificate_id, task="certqueue.revoke", job_id=job_id)
 
 
@@ -292,23 +316,14 @@ def revoke_certificate(
 def propagate_certificate(
     certificate_id: str, principal: Write, body: Annotated[PropagateRequest | None, Body()] = None
 ) -> JobQueued:
-    """Queue deployment of the certificate to its regions (or the given subset)."""
-    settings = get_settings()
+    """Request deployment of the certificate to its regions (or the given subset)."""
     regions = list(body.regions) if body and body.regions else []
-    known = {r.name for r in settings.multi_region.regions}
-    for r in regions:
-        if r not in known:
-            raise InvalidInput(f"unknown region {r!r}", field="regions")
-    with session_scope(write=False) as session:
-        cert = certificates.get(session, certificate_id)
-        if cert.state in (State.REVOKED, State.EXPIRED, State.FAILED) or (
-            cert.current_issuance_id is None and cert.pending_issuance_id is None
-        ):
-            raise _conflict(f"{cert.id} is {cert.state} and has nothing to deploy")
-    payload: dict[str, Any] = {"v": 1, "certificate_id": certificate_id}
-    if regions:
-        payload["regions"] = regions
-    job_id = enqueue("certqueue.propagate", payload)
+    with session_scope() as session:
+        intent, _wanted = operations.request_propagate(
+            session, certificate_id, regions=regions, actor=principal.actor
+        )
+        job_id = job_of(intent)
+    nudge()
     return JobQueued(certificate_id=certificate_id, task="certqueue.propagate", job_id=job_id)
 
 

@@ -32,9 +32,14 @@ def job_status(
     job_id: Annotated[str, Path(pattern=JOB_ID, max_length=128)],
     principal: Annotated[Principal, Depends(require("read"))],
 ) -> JobStatus:
-    """A job's Celery state. An id the backend has never seen reads as PENDING (Celery cannot tell
-    "queued" from "unknown"); results expire after a day."""
+    """A job's state. ``intent-<n>`` (what the certificate endpoints answer) is read from the
+    database: PENDING (waiting for capacity), STARTED (dispatched), SUCCESS or FAILURE, with the
+    outcome. Any other id is a Celery task id read from the result backend (an id it has never seen
+    reads as PENDING; results expire after a day)."""
     from celery.result import AsyncResult
+
+    if job_id.startswith("intent-"):
+        return _intent_status(job_id)
 
     from certqueue.celery_app import lazy_app
 
@@ -56,3 +61,30 @@ def job_status(
         else:
             out.result = _jsonable(outcome)
     return out
+
+
+_INTENT_STATES = {"pending": "PENDING", "dispatched": "STARTED", "done": "SUCCESS", "failed": "FAILURE"}
+
+
+def _intent_status(job_id: str) -> JobStatus:
+    from certqueue.db import session_scope
+    from certqueue.models import Intent
+
+    try:
+        intent_id = int(job_id.removeprefix("intent-"))
+    except ValueError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id}") from None
+    with session_scope(write=False) as session:
+        intent = session.get(Intent, intent_id)
+        if intent is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id}")
+        state = _INTENT_STATES.get(intent.status, "PENDING")
+        ready = intent.status in ("done", "failed")
+        out = JobStatus(job_id=job_id, state=state, ready=ready)
+        if ready:
+            out.successful = intent.status == "done"
+            result = {"kind": intent.kind, "certificate_id": intent.certificate_id, "outcome": intent.outcome}
+            if intent.status == "failed":
+                out.error = intent.outcome
+            out.result = result
+        return out

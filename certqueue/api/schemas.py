@@ -122,6 +122,17 @@ class Subject(BaseModel):
     locality: str | None = None
 
 
+class Waiting(BaseModel):
+    reason: str = Field(description="e.g. 'rate limit: certificates per domain example.org'")
+    until: dt.datetime | None = Field(None, description="When the work resumes")
+
+    @classmethod
+    def of(cls, c: Certificate) -> Waiting | None:
+        if not c.waiting_reason or c.state not in (State.REQUESTED, State.ISSUING, State.RENEWING):
+            return None
+        return cls(reason=c.waiting_reason, until=c.next_attempt_at)
+
+
 class CertificateOut(BaseModel):
     id: str
     domains: list[str]
@@ -139,6 +150,7 @@ class CertificateOut(BaseModel):
     renew_at: dt.datetime | None = None
     attempts: int
     last_error: str | None = None
+    waiting: Waiting | None = Field(None, description="Why the work waits and when it resumes, if it does")
     created_at: dt.datetime
     updated_at: dt.datetime
     current_issuance: IssuanceOut | None = None
@@ -164,6 +176,7 @@ class CertificateOut(BaseModel):
             renew_at=c.renew_at,
             attempts=c.attempts or 0,
             last_error=c.last_error,
+            waiting=Waiting.of(c),
             created_at=c.created_at,
             updated_at=c.updated_at,
             current_issuance=IssuanceOut.of(c.current_issuance, now) if c.current_issuance else None,
@@ -218,3 +231,24 @@ class CertificateHealth(BaseModel):
     expiring_soon: int
     expired: int
     threshold_days: float
+
+
+class BulkCreate(_Strict):
+    """Many certificates in one request: each item is a ``POST /v1/certificates`` body."""
+
+    certificates: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+
+
+class BulkItem(BaseModel):
+    index: int
+    certificate: CertificateOut | None = None
+    created: bool | None = None
+    job_id: str | None = None
+    error: dict[str, Any] | None = Field(None, description="{field, message}: nothing was written for it")
+
+
+class BulkAccepted(BaseModel):
+    created: int
+    existing: int
+    rejected: int
+    items: list[BulkItem]

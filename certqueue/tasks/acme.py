@@ -1,456 +1,71 @@
-"""The ``acme`` pool: orders, HTTP-01 presentation, answering, finalize, download, revoke.
+"""The ``acme`` pool: the public request tasks, and the steps that talk to the CA.
 
-Owns ``orders``, ``challenges`` (their ACME side), ``http01_tokens`` and the ISSUING/RENEWING ->
-ISSUED/FAILED/ACTIVE transitions of the issuance pipeline. Every task takes ids, reloads, locks the
-certificate row, checks that the work is still needed, acts, commits, and only then enqueues what
-follows. A redelivered task resumes the stored ACME order; it never opens a second one.
+Owns the ISSUING/RENEWING -> ISSUED/FAILED/ACTIVE transitions of the issuance pipeline and
+ACTIVE -> REVOKED. The public tasks (``certqueue.issue``, ``certqueue.renew``, ``certqueue.revoke``)
+only record an intent (``certqueue.operations``) and nudge dispatch: they return once it commits.
+Dispatch sends the steps below by name, within capacity; each takes ids, reloads, locks, checks
+that the work is still needed, acts, commits, and only then sends what follows (by name).
 
 The graph for one certificate::
 
-    certqueue.issue / certqueue.renew  [acme]  create or resume the order; HTTP-01 tokens written
-      -> HTTP-01 only:  certqueue.acme.validate                            [acme]
+    intent (issue | renew)  --dispatch-->  certqueue.acme.start        [acme]
+      create or resume the order (its URL committed before anything waits); HTTP-01 tokens written
+      -> HTTP-01 only:  certqueue.acme.validate                         [acme]
       -> with DNS-01:   chord([certqueue.dns.present | certqueue.dns.wait_visible] per name  [dns],
-                              certqueue.acme.validate)                     [acme]
+                              certqueue.acme.validate)                  [acme]
     certqueue.acme.validate: answer challenges, poll the order (retry with countdown, never sleep),
       finalize with the order's CSR, download, store encrypted -> ISSUED, clean up challenges, then
-      certqueue.propagate (chord over regions) or straight to ACTIVE when there are none.
+      a propagate intent (regions) or straight to ACTIVE when there are none.
+    intent (revoke)  --dispatch-->  certqueue.acme.revoke               [acme]
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import logging
-import random
-from typing import Any, Literal, cast
+from typing import Any
 
-from celery import chain, chord, shared_task
-from sqlalchemy import delete, func, select
-from sqlalchemy.orm import Session
+from celery import shared_task, signature
+from sqlalchemy import select
 
-from certqueue import certificates, crypto, failpoints, validation
-from certqueue.acme.accounts import client_for
+from certqueue import certificates, failpoints, intents, operations
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
-from certqueue.acme.errors import IncompleteOrder
-from certqueue.acme.profiles import check_profile
-from certqueue.acme.ratelimit import (
-    DatabaseRateLimiter,
-    RateLimiter,
-    budget_keys,
-    keys_for_ca_problem,
-    rate_limiter_for,
-)
 from certqueue.config import get_settings
-from certqueue.db import is_postgres, lock_certificate
-from certqueue.errors import CertqueueError, InvalidInput, PermanentError, RateLimited
-from certqueue.lifecycle import states
+from certqueue.db import lock_certificate, session_scope
+from certqueue.errors import InvalidInput, InvalidTransition, NotFound, PermanentError
+from certqueue.lifecycle import failure, states
 from certqueue.lifecycle.backoff import backoff
-from certqueue.models import Certificate, Challenge, Http01Token, Issuance, Order, State, utcnow
-from certqueue.tasks.base import CertqueueTask, StepContext, Wait
+from certqueue.models import Certificate, Challenge, State, utcnow
+from certqueue.tasks.base import CertqueueTask, StepContext, Wait, classify, kind_of, send_nudges
+from certqueue.tasks.pipeline import (
+    Deferred,
+    PipelineTask,
+    _client,
+    _status_name,
+    _touch,
+    cleanup_challenges,
+    fail_certificate,
+    open_order,
+    order_key_aad,
+    parse_payload,
+    rate_limiter,
+    start_order,
+)
 
 log = logging.getLogger("certqueue.acme")
 
-OPEN_ORDER = ("creating", "pending", "ready", "processing")
-#: the longest single wait for a rate-limit budget; longer waits are several retries (the broker's
-#: visibility timeout must exceed every countdown)
-MAX_DEFER_SECONDS = 900
-#: a CA rate limit longer than this sends the certificate to its next CA (when it has one)
-LONG_RATE_LIMIT_SECONDS = 3600
-PAYLOAD_VERSION = 1
+#: kept for callers of the old location
+check_revocation_reason = operations.check_revocation_reason
 
 
-# --- payloads -----------------------------------------------------------------------------------
+# --- public: record the request, nudge dispatch ---------------------------------------------------
 
 
-def parse_payload(payload: Any, allowed: set[str], required: set[str]) -> dict[str, Any]:
-    """Validate a public task's versioned JSON payload; a bad one is InvalidInput (nothing written)."""
-    if not isinstance(payload, dict):
-        raise InvalidInput("payload must be a JSON object", field="payload")
-    if payload.get("v") != PAYLOAD_VERSION:
-        raise InvalidInput(
-            f"unsupported payload version {payload.get('v')!r}; expected {PAYLOAD_VERSION}", field="v"
-        )
-    unknown = sorted(set(payload) - allowed - {"v"})
-    if unknown:
-        raise InvalidInput(f"unknown payload field(s): {', '.join(unknown)}", field=unknown[0])
-    missing = sorted(required - set(payload))
-    if missing:
-        raise InvalidInput(f"missing payload field(s): {', '.join(missing)}", field=missing[0])
-    if "certificate_id" in payload:
-        validation.validate_certificate_id(payload["certificate_id"])
-    return payload
+class RequestTask(CertqueueTask):
+    """A public request: an unknown certificate or a state that forbids the request fails the job
+    (nothing is written); otherwise it returns once the intent is committed."""
 
-
-# --- helpers ------------------------------------------------------------------------------------
-
-
-def _status_name(status: Any) -> str:
-    """acme's Status constants print as ``Status(pending)``; the name is what we store."""
-    return str(getattr(status, "name", status))
-
-
-def order_key_aad(certificate_id: str, csr_pem: str) -> bytes:
-    return f"orders:{certificate_id}:{hashlib.sha256(csr_pem.encode()).hexdigest()}:key".encode()
-
-
-def open_order(session: Session, certificate_id: str) -> Order | None:
-    return session.execute(
-        select(Order)
-        .where(Order.certificate_id == certificate_id, Order.status.in_(OPEN_ORDER))
-        .order_by(Order.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
-
-
-def _touch(cert: Certificate) -> None:
-    cert.work_deadline = utcnow() + dt.timedelta(seconds=get_settings().automation.stuck_after_seconds)
-
-
-def _client(session: Session, cert: Certificate) -> tuple[AcmeClient, int]:
-    return client_for(session, cert.directory_url, cert.email)
-
-
-def _challenge_type_for(cert: Certificate, name: str) -> str:
-    return str((cert.challenge_map or {}).get(name, cert.challenge_type))
-
-
-def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, Any]:
-    """Create or resume the certificate's ACME order and present its challenges."""
-    session = ctx.session
-    settings = get_settings()
-    order = open_order(session, cert.id)
-    client, account_id = _client(session, cert)
-    if order is None:
-        order = _new_order(ctx, cert, client, account_id, purpose)
-        res = order_from_json(order.order_json or {})
-    else:
-        res = order_from_json(order.order_json or {})
-    if not res.authorizations:
-        # an order stored after IncompleteOrder: fetch its authorizations now
-        res = client.refresh_order(res)
-        order.order_json = order_to_json(res)
-    existing = session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars().all()
-    if not existing:
-        expires = utcnow() + dt.timedelta(seconds=settings.automation.order_timeout_seconds + 600)
-        for authz in res.authorizations:
-            if _status_name(authz.body.status) == "valid":
-                continue  # reused authorization: nothing to prove
-            ident = authz.body.identifier.value
-            name = f"*.{ident}" if authz.body.wildcard else ident
-            ctype = _challenge_type_for(cert, name)
-            info = client.challenge_for(authz, cast(Literal["http-01", "dns-01"], ctype))
-            ch = Challenge(
-                order_id=order.id,
-                certificate_id=cert.id,
-                identifier=name,
-                authz_url=authz.uri,
-                type=ctype,
-                url=info.url,
-                token=info.token,
-                dns_name=info.dns_name,
-                dns_value=info.dns_value,
-                provider=cert.dns_provider if ctype == "dns-01" else None,
-                status="pending",
-            )
-            session.add(ch)
-            session.flush()
-            if ctype == "http-01":
-                session.add(
-                    Http01Token(
-                        token=info.token,
-                        key_authorization=info.key_authorization,
-                        certificate_id=cert.id,
-                        challenge_id=ch.id,
-                        expires_at=expires,
-                    )
-                )
-                ch.status = "presented"
-            existing.append(ch)  # type: ignore[attr-defined]
-    _touch(cert)
-    dns = [c for c in existing if c.type == "dns-01" and c.status in ("pending", "presented")]
-    if dns:
-        from certqueue.tasks import dns as dns_tasks
-
-        header = [
-            chain(dns_tasks.present.si(cert.id, c.id), dns_tasks.wait_visible.si(cert.id, c.id)) for c in dns
-        ]
-        ctx.replace(chord(header, validate.si(cert.id)))
-    else:
-        ctx.then(validate.si(cert.id))
-    return {"certificate_id": cert.id, "order": order.id, "status": "ordered"}
-
-
-_limiter_cache: dict[str, RateLimiter] = {}
-
-
-def rate_limiter(session: Session | None = None) -> RateLimiter:
-    """One limiter per process (Redis when the broker is Redis, else the database); on SQLite it
-    works inside the task's own transaction (``session``), which holds the only write lock."""
-    lim = _process_rate_limiter()
-    if session is not None and isinstance(lim, DatabaseRateLimiter) and not is_postgres(session):
-        return lim.bound(session)
-    return lim
-
-
-def _process_rate_limiter() -> RateLimiter:
-    settings = get_settings()
-    key = f"{settings.broker.url}|{settings.database.url}"
-    lim = _limiter_cache.get(key)
-    if lim is None:
-        lim = rate_limiter_for(settings)
-        _limiter_cache.clear()
-        _limiter_cache[key] = lim
-    return lim
-
-
-def _new_order(
-    ctx: StepContext, cert: Certificate, client: AcmeClient, account_id: int, purpose: str
-) -> Order:
-    """Check the profile and the shared rate-limit budget, then open one order at the CA.
-
-    Over budget, nothing is sent: the task waits (retry with countdown) until the budget returns.
-    A ``rateLimited`` answer from the CA sets the budget from its Retry-After, and waits too.
-    """
-    session = ctx.session
-    settings = get_settings()
-    if cert.profile:
-        check_profile(client.directory, cert.profile, cert.domains, settings.acme.profile_name_limits)
-    now = utcnow()
-    in_flight_cap = settings.automation.max_orders_in_flight_per_ca
-    if in_flight_cap:
-        in_flight = session.execute(
-            select(func.count())
-            .select_from(Order)
-            .join(Certificate, Certificate.id == Order.certificate_id)
-            .where(Order.status.in_(OPEN_ORDER), Certificate.directory_url == cert.directory_url)
-        ).scalar_one()
-        if in_flight >= in_flight_cap:
-            cert.work_deadline = now + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
-            # wait long enough that capped work does not crowd out the steps that close orders
-            raise Wait(5.0 + 5.0 * random.random())
-    limiter = rate_limiter(session)
-    keys = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy)
-    decision = limiter.try_acquire(keys, now)
-    if not decision.allowed:
-        wait = decision.countdown(now)
-        cert.next_attempt_at = decision.retry_at
-        cert.work_deadline = (decision.retry_at or now) + dt.timedelta(
-            seconds=settings.automation.stuck_after_seconds
-        )
-        states.record(
-            session,
-            cert.id,
-            "deferred",
-            reason="rate_limited",
-            data={"until": decision.retry_at.isoformat() if decision.retry_at else None},
-        )
-        raise Wait(min(wait, MAX_DEFER_SECONDS))
-    key_pem = _order_key(session, cert)
-    csr = crypto.make_csr(
-        key_pem,
-        cert.domains,
-        organization=cert.organization,
-        country=cert.country,
-        state=cert.state_province,
-        locality=cert.locality,
-    ).decode()
-    replaces = None
-    if purpose == "renew" and cert.current_issuance_id:
-        current = session.get(Issuance, cert.current_issuance_id)
-        replaces = current.ari_cert_id if current is not None else None
-    try:
-        res = client.new_order(csr.encode(), profile=cert.profile, replaces=replaces)
-    except IncompleteOrder as exc:
-        res = exc.order  # the order exists at the CA: store it and resume, never order again
-    except RateLimited as exc:
-        limiter.release(keys, now)
-        if (exc.retry_after or 3600) > LONG_RATE_LIMIT_SECONDS and next_ca(
-            cert, PermanentError(exc.message, reason="acme:rateLimited")
-        ) is not None:
-            raise PermanentError(
-                f"rate limited for {int(exc.retry_after or 3600)}s: trying the next CA",
-                reason="acme:rateLimited",
-            ) from None
-        until = now + dt.timedelta(seconds=exc.retry_after or 3600)
-        for k in keys_for_ca_problem(keys, exc.message):
-            limiter.block(k, until, now)
-        cert.next_attempt_at = until
-        cert.work_deadline = until + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
-        states.record(
-            session, cert.id, "deferred", reason="ca_rate_limited", data={"until": until.isoformat()}
-        )
-        raise Wait(min(exc.retry_after or 3600, MAX_DEFER_SECONDS)) from None
-    except BaseException:
-        limiter.release(keys, now)
-        raise
-    cert.next_attempt_at = None
-    # The order URL is stored in the same commit as the row: a redelivered task finds it and resumes
-    # instead of ordering again.
-    order = Order(
-        certificate_id=cert.id,
-        account_id=account_id,
-        purpose=purpose,
-        csr_pem=csr,
-        key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)),
-        order_url=res.uri,
-        order_json=order_to_json(res),
-        status=_status_name(res.body.status),
-    )
-    session.add(order)
-    session.flush()
-    states.record(session, cert.id, "order", reason=purpose, data={"order": order.id})
-    return order
-
-
-def _order_key(session: Session, cert: Certificate) -> bytes:
-    """A fresh key for the new order; the current one only when the certificate asks to reuse it."""
-    if cert.reuse_key and not cert.force_new_key and cert.current_issuance_id:
-        iss = cert.current_issuance
-        if iss is not None and iss.key_enc is not None:
-            return certificates.decrypt_key(iss)
-    return crypto.new_private_key_pem(cert.key_type)
-
-
-def cleanup_challenges(ctx: StepContext, order: Order) -> None:
-    """Remove HTTP-01 tokens now and send DNS-01 cleanups to the dns pool; success or failure."""
-    session = ctx.session
-    session.execute(
-        delete(Http01Token).where(
-            Http01Token.challenge_id.in_(select(Challenge.id).where(Challenge.order_id == order.id))
-        )
-    )
-    now = utcnow()
-    from certqueue.tasks import dns as dns_tasks
-
-    for ch in session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars():
-        if ch.status == "cleaned":
-            continue
-        if ch.type == "http-01":
-            ch.status = "cleaned"
-            ch.cleaned_at = now
-            continue
-        # DNS-01, even when no handle was recorded: a present whose commit was lost (a database
-        # crash right after the provider call) still left a record, and cleanup is idempotent
-        ctx.then(dns_tasks.cleanup.si(order.certificate_id, ch.id))
-
-
-def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError) -> dict[str, Any]:
-    """A permanent failure of the pipeline: the order is abandoned, challenges cleaned up, and the
-    certificate goes FAILED (first issuance) or back to ACTIVE with the next attempt scheduled
-    (renewal: the old certificate keeps serving)."""
-    session = ctx.session
-    settings = get_settings()
-    cert = lock_certificate(session, certificate_id)
-    if cert is None:
-        return {"status": "failed", "reason": exc.reason}
-    order = open_order(session, cert.id)
-    if order is not None:
-        order.status = "invalid"
-        order.error = exc.reason
-        order.finished_at = utcnow()
-        cleanup_challenges(ctx, order)
-    if exc.reason.startswith("acme:") or exc.reason.startswith("dns:"):
-        types = (
-            sorted(
-                {
-                    c.type
-                    for c in session.execute(
-                        select(Challenge).where(Challenge.order_id == order.id)
-                    ).scalars()
-                }
-            )
-            if order
-            else []
-        )
-        states.record(
-            session,
-            cert.id,
-            "validation_error",
-            reason=exc.reason,
-            data={"type": types[0] if len(types) == 1 else ",".join(types) or "unknown"},
-        )
-    if cert.state == State.REQUESTED:
-        # the failure came before the task's first commit (e.g. account registration): the
-        # issuance did start, and it is what failed
-        states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
-    nxt = next_ca(cert, exc)
-    if nxt is not None and cert.state in (State.ISSUING, State.RENEWING):
-        # this CA failed for good: the same work starts again at the next CA (its own account)
-        states.record(
-            session, cert.id, "ca_fallback", reason=exc.reason, data={"from": cert.directory_url, "to": nxt}
-        )
-        cert.directory_url = nxt
-        cert.last_error = exc.reason
-        _touch(cert)
-        task = renew if cert.state == State.RENEWING else issue
-        ctx.then(task.si({"v": 1, "certificate_id": cert.id}))
-        return {"certificate_id": cert.id, "status": "fallback", "reason": exc.reason, "ca": nxt}
-    cert.last_error = exc.reason
-    cert.work_deadline = None
-    if cert.state == State.ISSUING:
-        states.record(session, cert.id, "issuance", reason="failure", data={"reason": exc.reason})
-        states.transition(session, cert, State.FAILED, reason=exc.reason)
-    elif cert.state == State.RENEWING:
-        cert.attempts += 1
-        delay = backoff(
-            cert.attempts,
-            initial=settings.automation.retry_delay_seconds,
-            cap=max(settings.automation.retry_delay_seconds, 6 * 3600),
-        )
-        cert.renew_at = utcnow() + dt.timedelta(seconds=delay)
-        cert.next_attempt_at = cert.renew_at
-        cert.pending_issuance_id = None
-        states.record(session, cert.id, "renewal", reason="failure", data={"reason": exc.reason})
-        states.transition(session, cert, State.ACTIVE, reason=f"renewal failed: {exc.reason}")
-    return {"certificate_id": cert.id, "status": "failed", "reason": exc.reason}
-
-
-#: failures that say "not at this CA" (its policy, its account rules, its availability), so the next
-#: CA in the certificate's list may succeed; a malformed request or a bad CSR would fail anywhere
-FALLBACK_REASONS = frozenset(
-    {
-        "acme:externalAccountRequired",
-        "acme:caa",
-        "acme:rejectedIdentifier",
-        "acme:unsupportedIdentifier",
-        "acme:unauthorized",
-        "acme:connection",
-        "acme:dns",
-        "acme:tls",
-        "acme:incorrectResponse",
-        "acme:serverInternal",
-        "acme:server",
-        "acme:network",
-        "acme:timeout",
-        "acme:orderInvalid",
-        "acme:invalidProfile",
-        "acme:accountDoesNotExist",
-        "acme:rateLimited",
-        "acme:unauthorizedAccount",
-    }
-)
-
-
-def next_ca(cert: Certificate, exc: CertqueueError) -> str | None:
-    """The CA after the current one in the certificate's list, when ``exc`` is worth falling back for."""
-    urls = list(cert.directory_urls or [])
-    if exc.reason not in FALLBACK_REASONS or cert.directory_url not in urls:
-        return None
-    i = urls.index(cert.directory_url)
-    return str(urls[i + 1]) if i + 1 < len(urls) else None
-
-
-# --- tasks --------------------------------------------------------------------------------------
-
-
-class PipelineTask(CertqueueTask):
     abstract = True
-
-    def on_permanent(self, ctx: StepContext, exc: CertqueueError, *args: Any) -> Any:
-        cid = args[0]["certificate_id"] if args and isinstance(args[0], dict) else (args[0] if args else None)
-        if not isinstance(cid, str):
-            return None
-        return fail_certificate(ctx, cid, exc)
+    request_errors = (NotFound, InvalidTransition)
 
 
 def _issue_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
@@ -458,76 +73,133 @@ def _issue_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     session = ctx.session
     if "request" in payload:
         req = certificates.CertificateRequest.build(**(payload["request"] or {}))
-        cert, _created = certificates.create_certificate(
+        cert, created, intent = operations.request_issue(
             session, req, actor="task", certificate_id=payload.get("certificate_id")
         )
-        session.flush()
-        cid = cert.id
-        payload["certificate_id"] = cid
     elif "certificate_id" in payload:
-        cid = payload["certificate_id"]
+        cert = certificates.get(session, payload["certificate_id"])
+        created = False
+        intent = None
+        if cert.state in (State.REQUESTED, State.FAILED):
+            intent = intents.record(session, "issue", cert.id, actor="task")
+        elif cert.state == State.ISSUED:
+            intent, _ = operations.request_propagate(session, cert.id, actor="task")
     else:
         raise InvalidInput("payload needs certificate_id or request", field="certificate_id")
-    locked = lock_certificate(session, cid)
-    if locked is None:
-        raise InvalidInput(f"no certificate {cid}", field="certificate_id")
-    cert = locked
-    if cert.state == State.FAILED:
-        states.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
-    if cert.state == State.REQUESTED:
-        states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
-    if cert.state in (State.ISSUING, State.RENEWING):
-        return start_order(ctx, cert, "issue" if cert.state == State.ISSUING else "renew")
-    if cert.state == State.ISSUED:
-        from certqueue.tasks.propagate import propagate
-
-        ctx.then(propagate.si({"v": 1, "certificate_id": cert.id}))
-        return {"certificate_id": cert.id, "status": "propagating"}
-    return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
+    ctx.nudge = intent is not None
+    return {
+        "certificate_id": cert.id,
+        "created": created,
+        "intent": intent.id if intent is not None else None,
+        "status": "accepted" if intent is not None else "noop",
+        "state": cert.state,
+    }
 
 
-@shared_task(bind=True, base=PipelineTask, name="certqueue.issue")
-def issue(self: PipelineTask, payload: Any, _transient: int = 0) -> Any:
+@shared_task(bind=True, base=RequestTask, name="certqueue.issue")
+def issue(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
     """Public: ``{"v": 1, "certificate_id": ...}`` or ``{"v": 1, "request": {...}}``."""
     return self.run_step(_issue_step, payload)
 
 
 def _renew_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     payload = parse_payload(payload, {"certificate_id", "force", "reason"}, {"certificate_id"})
+    cert = certificates.get(ctx.session, payload["certificate_id"])
+    intent = operations.request_renew(
+        ctx.session, cert.id, force=bool(payload.get("force")), reason=payload.get("reason"), actor="task"
+    )
+    if intent is None:
+        return {
+            "certificate_id": cert.id,
+            "status": "not_due",
+            "renew_at": cert.renew_at.isoformat() if cert.renew_at else None,
+        }
+    ctx.nudge = True
+    return {"certificate_id": cert.id, "intent": intent.id, "status": "accepted"}
+
+
+@shared_task(bind=True, base=RequestTask, name="certqueue.renew")
+def renew(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
+    """Public: ``{"v": 1, "certificate_id": ..., "force": false}``."""
+    return self.run_step(_renew_step, payload)
+
+
+def _request_revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
+    payload = parse_payload(payload, {"certificate_id", "reason"}, {"certificate_id"})
+    intent = operations.request_revoke(
+        ctx.session, payload["certificate_id"], reason=payload.get("reason") or "unspecified", actor="task"
+    )
+    if intent is None:
+        return {"certificate_id": payload["certificate_id"], "status": "revoked"}
+    ctx.nudge = True
+    return {"certificate_id": payload["certificate_id"], "intent": intent.id, "status": "accepted"}
+
+
+@shared_task(bind=True, base=RequestTask, name="certqueue.revoke")
+def revoke(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
+    """Public: ``{"v": 1, "certificate_id": ..., "reason": "keyCompromise"}``."""
+    return self.run_step(_request_revoke_step, payload)
+
+
+# --- the steps dispatch sends ---------------------------------------------------------------------
+
+
+def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
+    """Create or resume the order of an issue or renew intent (or a claimed due renewal)."""
     session = ctx.session
-    cert = lock_certificate(session, payload["certificate_id"])
+    cid = job["certificate_id"]
+    purpose = job.get("purpose") or "issue"
+    cert = lock_certificate(session, cid)
     if cert is None:
-        raise InvalidInput(f"no certificate {payload['certificate_id']}", field="certificate_id")
+        return {"certificate_id": cid, "status": "gone"}
     if cert.external:
-        raise InvalidInput("an imported certificate cannot be renewed by certqueue", field="certificate_id")
-    force = bool(payload.get("force"))
+        intents.complete(session, cert.id, ("issue", "renew"), outcome="imported", failed=True)
+        return {"certificate_id": cid, "status": "noop", "state": cert.state}
     if cert.state == State.FAILED:
         states.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
+    if cert.state == State.REQUESTED:
         states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
-        return start_order(ctx, cert, "issue")
-    if cert.state == State.ACTIVE:
+    if cert.state == State.ACTIVE and purpose == "renew":
+        force = bool(job.get("force"))
         if not force and (cert.renew_at is None or cert.renew_at > utcnow()):
-            return {
-                "certificate_id": cert.id,
-                "status": "not_due",
-                "renew_at": cert.renew_at.isoformat() if cert.renew_at else None,
-            }
+            intents.complete(session, cert.id, ("renew",), outcome="not_due")
+            return {"certificate_id": cert.id, "status": "not_due"}
         states.transition(
             session,
             cert,
             State.RENEWING,
-            reason=payload.get("reason") or ("forced" if force else "due"),
+            reason=job.get("reason") or ("forced" if force else "due"),
             actor="task",
         )
-    if cert.state in (State.RENEWING, State.ISSUING):
-        return start_order(ctx, cert, "renew" if cert.state == State.RENEWING else "issue")
+    if cert.state in (State.ISSUING, State.RENEWING):
+        if cert.pending_issuance_id is not None:
+            # issued already; what is left is propagation
+            intents.complete(session, cert.id, ("issue", "renew"), outcome="issued")
+            intents.record(session, "propagate", cert.id, actor="task")
+            ctx.nudge = True
+            return {"certificate_id": cert.id, "status": "propagating"}
+        try:
+            out = start_order(ctx, cert, "issue" if cert.state == State.ISSUING else "renew")
+        except Deferred as d:
+            return {
+                "certificate_id": cert.id,
+                "status": "deferred",
+                "reason": d.reason,
+                "until": d.until.isoformat(),
+            }
+        intents.complete(session, cert.id, ("issue", "renew"), outcome="ordered")
+        return out
+    intents.complete(session, cert.id, ("issue", "renew"), outcome=f"noop:{cert.state}")
+    if cert.state == State.ISSUED:
+        intents.record(session, "propagate", cert.id, actor="task")
+        ctx.nudge = True
     return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
 
 
-@shared_task(bind=True, base=PipelineTask, name="certqueue.renew")
-def renew(self: PipelineTask, payload: Any, _transient: int = 0) -> Any:
-    """Public: ``{"v": 1, "certificate_id": ..., "force": false}``."""
-    return self.run_step(_renew_step, payload)
+@shared_task(bind=True, base=PipelineTask, name="certqueue.acme.start")
+def start(self: PipelineTask, job: dict[str, Any], _transient: int = 0) -> Any:
+    """``{"certificate_id": ..., "purpose": "issue" | "renew", "intent": id, "force": bool}``."""
+    return self.run_step(_start_step, job)
 
 
 def _order_status(client: AcmeClient, res: Any) -> tuple[Any, float | None]:
@@ -631,28 +303,23 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
         states.transition(session, cert, State.ISSUED, reason="issued", data={"serial": iss.serial})
     cert.pending_issuance_id = iss.id
     if certificates.regions_for(cert):
-        from certqueue.tasks.propagate import propagate
-
-        ctx.then(propagate.si({"v": 1, "certificate_id": cert.id}))
+        intents.record(session, "propagate", cert.id, actor="task")
+        ctx.nudge = True
         return {"certificate_id": cert.id, "status": "issued", "serial": iss.serial}
     certificates.activate(session, cert, iss, reason="renewed" if renewing else "issued")
+    ctx.nudge = True  # capacity freed: dispatch may start the next order
     return {"certificate_id": cert.id, "status": "active", "serial": iss.serial}
 
 
-@shared_task(bind=True, base=PipelineTask, name="certqueue.acme.validate")
-def validate(self: PipelineTask, certificate_id: str, _transient: int = 0) -> Any:
-    return self.run_step(_validate_step, certificate_id)
-
-
 def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
-    payload = parse_payload(payload, {"certificate_id", "reason"}, {"certificate_id"})
     reason = payload.get("reason") or "unspecified"
     code = check_revocation_reason(reason)
     session = ctx.session
     cert = lock_certificate(session, payload["certificate_id"])
     if cert is None:
-        raise InvalidInput(f"no certificate {payload['certificate_id']}", field="certificate_id")
+        return {"certificate_id": payload["certificate_id"], "status": "gone"}
     if cert.state == State.REVOKED:
+        intents.complete(session, cert.id, ("revoke",), outcome="revoked")
         return {"certificate_id": cert.id, "status": "revoked"}
     if cert.state == State.RENEWING:
         order = open_order(session, cert.id)
@@ -662,15 +329,10 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
             cleanup_challenges(ctx, order)
         cert.pending_issuance_id = None
         states.transition(session, cert, State.ACTIVE, reason="renewal abandoned for revocation")
-    if cert.state != State.ACTIVE or cert.current_issuance is None:
-        raise InvalidInput(
-            f"{cert.id} is {cert.state}; only an ACTIVE certificate can be revoked", field="certificate_id"
-        )
+    if cert.state != State.ACTIVE or cert.current_issuance is None or cert.external:
+        # the request was checked when it was made; the certificate changed since
+        raise PermanentError(f"{cert.id} is {cert.state}: nothing to revoke", reason="revoke:state")
     iss = cert.current_issuance
-    if cert.external:
-        raise InvalidInput(
-            "an imported certificate must be revoked through the CA that issued it", field="certificate_id"
-        )
     client, _ = _client(session, cert)
     client.revoke(iss.cert_pem, code)
     iss.revoked_at = utcnow()
@@ -679,32 +341,45 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     cert.work_deadline = None
     states.record(session, cert.id, "revocation", reason=reason, data={"serial": iss.serial})
     states.transition(session, cert, State.REVOKED, reason=reason)
+    intents.complete(session, cert.id, ("revoke", "renew", "propagate"), outcome="revoked")
     return {"certificate_id": cert.id, "status": "revoked", "serial": iss.serial}
 
 
-def check_revocation_reason(reason: str) -> int:
-    """The RFC 5280 code of ``reason``, refused before anything is sent when the CA does not take it."""
-    code = validation.revocation_reason_code(reason)
-    accepted = get_settings().acme.revocation_reasons
-    if reason not in accepted:
-        raise InvalidInput(
-            f"the CA does not accept revocation reason {reason!r}; accepted: {', '.join(accepted)}",
-            field="reason",
-        )
-    return code
-
-
 class RevokeTask(CertqueueTask):
+    """A revocation that the CA refused for good closes its intent as failed (the certificate stays
+    as it was); transient trouble leaves the intent to be dispatched again."""
+
     abstract = True
 
+    def on_permanent(self, ctx: StepContext, exc: Any, *args: Any) -> Any:
+        cid = args[0]["certificate_id"] if args and isinstance(args[0], dict) else None
+        if cid:
+            intents.complete(ctx.session, cid, ("revoke",), outcome=exc.reason, failed=True)
+            states.record(ctx.session, cid, "revocation", reason="failure", data={"reason": exc.reason})
+        return {"certificate_id": cid, "status": "failed", "reason": exc.reason}
 
-@shared_task(bind=True, base=RevokeTask, name="certqueue.revoke")
-def revoke(self: RevokeTask, payload: Any, _transient: int = 0) -> Any:
-    """Public: ``{"v": 1, "certificate_id": ..., "reason": "keyCompromise"}``."""
+    def on_park(self, ctx: StepContext, exc: Any, delay: float, *args: Any) -> Any:
+        import datetime as dt
+
+        cid = args[0]["certificate_id"] if args and isinstance(args[0], dict) else None
+        if cid:
+            for intent in intents.open_intents(ctx.session, cid):
+                if intent.kind == "revoke":
+                    intent.status = "pending"
+                    intent.not_before = utcnow() + dt.timedelta(seconds=delay)
+                    intent.deadline = None
+        return {"certificate_id": cid, "status": "backing_off", "reason": exc.reason}
+
+
+@shared_task(bind=True, base=RevokeTask, name="certqueue.acme.revoke")
+def revoke_now(self: RevokeTask, payload: dict[str, Any], _transient: int = 0) -> Any:
+    """``{"certificate_id": ..., "reason": ..., "intent": id}``: revoke at the CA."""
     return self.run_step(_revoke_step, payload)
 
 
-__all__ = ["fail_certificate", "issue", "renew", "revoke", "start_order", "validate"]
+@shared_task(bind=True, base=PipelineTask, name="certqueue.acme.validate")
+def validate(self: PipelineTask, certificate_id: str, _transient: int = 0) -> Any:
+    return self.run_step(_validate_step, certificate_id)
 
 
 def _status_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
@@ -727,3 +402,99 @@ def _status_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
 def status(self: CertqueueTask, payload: Any, _transient: int = 0) -> Any:
     """Public, read-only: the certificate's state, for clients that have only the broker."""
     return self.run_step(_status_step, payload)
+
+
+# --- batches: many certificates per task, validated inside it ------------------------------------------
+
+
+def _send_after(ctx: StepContext) -> None:
+    """What a committed step asked for: its follow-ups, its replacement (a chord: sent as it is,
+    since a batch does not replace itself), and a nudge."""
+    for sig in ctx.follow_ups:
+        sig.apply_async()
+    if ctx.replacement is not None:
+        ctx.replacement.apply_async()
+    send_nudges(ctx)
+
+
+def _validate_in_task(task: CertqueueTask, cid: str, window: float) -> str:
+    """Answer, poll, finalize and download inside this task for at most ``window`` seconds; a
+    straggler is handed to ``certqueue.acme.validate`` with a countdown (never an unbounded wait)."""
+    import time
+
+    deadline = time.monotonic() + window
+    pause = 0.05
+    while True:
+        wait: Wait | None = None
+        with session_scope() as session:
+            ctx = StepContext(session=session, task=task)
+            try:
+                out = _validate_step(ctx, cid)
+            except Wait as w:
+                wait = w  # commit what the step wrote (answered challenges, poll count)
+        _send_after(ctx)
+        if wait is None:
+            return str(out.get("status"))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            task_sig = signature("certqueue.acme.validate", args=(cid,), immutable=True)
+            task_sig.apply_async(countdown=failure.countdown(wait.countdown))
+            return "waiting"
+        time.sleep(min(pause, left, wait.countdown))
+        pause = min(pause * 2, 1.0)
+
+
+def _issue_one(task: CertqueueTask, job: dict[str, Any], window: float) -> str:
+    """One certificate of a batch: start (or resume) its order, then, for HTTP-01 only, validate it
+    in this task. Any error hands the certificate to the single-certificate steps, whose failure
+    handling (quick retries, parking, failing, fallback) is the one the policy table describes."""
+    cid = job["certificate_id"]
+    try:
+        with session_scope() as session:
+            ctx = StepContext(session=session, task=task)
+            out = _start_step(ctx, job)
+        in_task = out.get("status") == "ordered" and ctx.replacement is None
+        if in_task:
+            # the validate follow-up is done here instead of through the broker
+            ctx.follow_ups = [s for s in ctx.follow_ups if s.get("task") != "certqueue.acme.validate"]
+        _send_after(ctx)
+        if not in_task:
+            return str(out.get("status"))
+        return _validate_in_task(task, cid, window)
+    except Exception as exc:  # noqa: BLE001  (mapped to the policy below, per certificate)
+        kind = classify(exc)
+        decision = failure.decide(kind_of(kind), retries=0, retry_after=getattr(kind, "retry_after", None))
+        log.info("batch: %s: %s; handing it to the single-certificate steps", cid, kind.reason)
+        if decision.action is failure.Action.FAIL:
+            with session_scope() as session:
+                pctx = StepContext(session=session, task=task)
+                fail_certificate(pctx, cid, kind)
+            _send_after(pctx)
+            return "failed"
+        # transient (or a key-store error, which stops the worker there): the single step resumes
+        signature("certqueue.acme.start", args=(job,), immutable=True).apply_async(
+            countdown=decision.delay if decision.action is failure.Action.RETRY else 0
+        )
+        return "handed_off"
+
+
+def _batch_concurrency() -> int:
+    settings = get_settings()
+    if not settings.database.url.startswith("postgresql"):
+        return 1  # SQLite has one writer: threads would only queue on its lock
+    return max(1, settings.automation.batch_concurrency)
+
+
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.acme.issue_batch")
+def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int = 0) -> Any:
+    """``[{"certificate_id": ..., "purpose": ..., "intent": id}, ...]``: start every order and
+    validate the HTTP-01 ones here, concurrently (one thread and ACME client per certificate, at most
+    ``automation.batch_concurrency``). Idempotent: a redelivered batch resumes the same orders."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    window = get_settings().automation.validation_window_seconds
+    outcomes: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=min(len(jobs), _batch_concurrency()) or 1) as pool:
+        for outcome in pool.map(lambda job: _issue_one(self, job, window), jobs):
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return {"certificates": len(jobs), "outcomes": outcomes}

@@ -7,10 +7,13 @@ Inside a step function (``def step(ctx, ...)``):
 * ``ctx.then(signature)`` queues a follow-up; it is sent only if the commit succeeded.
 * ``raise Wait(seconds)`` commits what the step did, then retries the task after ``seconds`` (waiting
   on the CA or DNS is a retry with a countdown, never a sleep).
-* a ``RetryableError`` rolls back and retries with exponential backoff (the remote ``retry_after``
-  is a floor); after ``max_transient_retries`` it is treated as permanent.
-* a ``PermanentError`` rolls back, then the task's ``on_permanent(ctx, exc, *args)`` runs in a new
-  transaction (the failure is recorded, challenges are cleaned up).
+* ``ctx.nudge = True`` asks dispatch to run after the commit (capacity was freed: top-up).
+* every other exception rolls back and is decided by the one failure policy
+  (``certqueue.lifecycle.failure``): a transient error retries this message a few times with
+  backoff, then ``on_park(ctx, exc, delay, *args)`` hands the work back to the database (never a
+  failure); a permanent one runs ``on_permanent(ctx, exc, *args)`` in a new transaction (the
+  failure is recorded, challenges are cleaned up); a key-store error requeues the message and
+  stops this worker, leaving the certificate untouched.
 
 Task arguments and results carry ids and stable reasons only: never keys, tokens or PEM.
 """
@@ -24,13 +27,20 @@ from typing import Any
 
 from celery import Task
 from celery.canvas import Signature
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from certqueue.db import session_scope
-from certqueue.errors import CertqueueError, InvalidInput, PermanentError, PluginError, RetryableError
-from certqueue.lifecycle.backoff import backoff
+from certqueue.errors import (
+    CertqueueError,
+    InvalidInput,
+    KeyStoreError,
+    PermanentError,
+    PluginError,
+    RetryableError,
+)
+from certqueue.lifecycle import failure
 from certqueue.logsafe import scrub
 
 log = logging.getLogger("certqueue.tasks")
@@ -53,6 +63,15 @@ class StepContext:
     #: after the commit, the task replaces itself with this (a chord over authorizations or regions)
     replacement: Signature | None = None
 
+    #: after the commit, ask dispatch to run (this step freed capacity)
+    nudge: bool = False
+
+    #: after the commit, ask dispatch to run again in this many seconds (deferred work resumes)
+    wake_after: float | None = None
+
+    def wake(self, seconds: float) -> None:
+        self.wake_after = seconds if self.wake_after is None else min(self.wake_after, seconds)
+
     def then(self, sig: Signature) -> None:
         self.follow_ups.append(sig)
 
@@ -68,6 +87,8 @@ def classify(exc: BaseException) -> CertqueueError:
         return PermanentError(exc.message, reason=exc.reason)
     if isinstance(exc, CertqueueError):
         return exc
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return RetryableError("the step ran past its soft time limit", reason="timeout")
     if isinstance(exc, OperationalError | InterfaceError) or (
         isinstance(exc, DBAPIError) and exc.connection_invalidated
     ):
@@ -77,6 +98,16 @@ def classify(exc: BaseException) -> CertqueueError:
     if isinstance(exc, ConnectionError | TimeoutError | OSError):
         return RetryableError(f"network error: {type(exc).__name__}", reason="network")
     return PermanentError(f"internal error: {type(exc).__name__}", reason="internal")
+
+
+def kind_of(exc: CertqueueError) -> failure.Kind:
+    if isinstance(exc, KeyStoreError):
+        return failure.Kind.KEYSTORE
+    if isinstance(exc, InvalidInput):
+        return failure.Kind.INVALID_INPUT
+    if isinstance(exc, RetryableError):
+        return failure.Kind.TRANSIENT
+    return failure.Kind.PERMANENT
 
 
 def _is_redis_outage(exc: BaseException) -> bool:
@@ -92,13 +123,22 @@ class CertqueueTask(Task):  # type: ignore[misc]
     abstract = True
     acks_late = True
     reject_on_worker_lost = True
-    max_retries = None  # waiting is unbounded; transient errors are bounded below
-    max_transient_retries = 12
-    retry_initial = 1.0
-    retry_cap = 300.0
+    max_retries = None  # waiting is unbounded; transient errors park the work (failure policy)
+    #: errors that mean "this request cannot be done" (the job fails, nothing written): a public
+    #: request task names its own (an unknown certificate, a state that forbids the request)
+    request_errors: tuple[type[BaseException], ...] = ()
 
     def on_permanent(self, ctx: StepContext, exc: CertqueueError, *args: Any) -> Any:
         """Record a permanent failure (override per task); a non-None return is the task's result."""
+        return None
+
+    def parks(self, ctx: StepContext, *args: Any) -> int:
+        """How often this work was parked before (override per task: the delay grows with it)."""
+        return 0
+
+    def on_park(self, ctx: StepContext, exc: CertqueueError, delay: float, *args: Any) -> Any:
+        """Hand persistent transient trouble back to the database (override per task). The default
+        keeps nothing: periodic tasks (scans) simply run again at their next beat."""
         return None
 
     def run_step(self, step: Callable[..., Any], *args: Any) -> Any:
@@ -117,52 +157,86 @@ class CertqueueTask(Task):  # type: ignore[misc]
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001  (mapped to the two kinds)
-            kind = classify(exc)
-            if kind is not exc:
-                log.info(
-                    "%s: %s mapped to %s: %s",
-                    self.name,
-                    type(exc).__name__,
-                    kind.reason,
-                    scrub(str(exc).splitlines()[0] if str(exc) else ""),
-                )
-            if isinstance(kind, RetryableError):
-                if transient < self.max_transient_retries:
-                    countdown = backoff(
-                        transient + 1,
-                        initial=self.retry_initial,
-                        cap=self.retry_cap,
-                        retry_after=kind.retry_after,
-                    )
-                    log.warning(
-                        "%s%s: retryable %s, retry %d in %.1fs",
-                        self.name,
-                        list(args),
-                        kind.reason,
-                        transient + 1,
-                        countdown,
-                    )
-                    raise self.retry(
-                        args=args, kwargs={"_transient": transient + 1}, countdown=countdown
-                    ) from None
-                kind = PermanentError(
-                    f"gave up after {transient} retries: {kind.message}", reason=kind.reason
-                )
-            log.warning("%s%s: permanent failure %s", self.name, list(args), kind.reason)
-            if isinstance(kind, InvalidInput):
-                raise kind from None  # a bad payload is a failed job that wrote nothing
-            with session_scope() as session:
-                pctx = StepContext(session=session, task=self)
-                outcome = self.on_permanent(pctx, kind, *args)
-            self._send(pctx)
-            return outcome if outcome is not None else {"status": "failed", "reason": kind.reason}
+            return self._handle(exc, transient, args)
         self._send(ctx)
         if wait is not None:
-            raise self.retry(args=args, kwargs={}, countdown=wait.countdown)
+            raise self.retry(args=args, kwargs={}, countdown=failure.countdown(wait.countdown))
         if ctx.replacement is not None:
             return self.replace(ctx.replacement)
         return result
 
+    def _handle(self, exc: BaseException, transient: int, args: tuple[Any, ...]) -> Any:
+        kind = classify(exc)
+        if kind is not exc:
+            log.info(
+                "%s: %s mapped to %s: %s",
+                self.name,
+                type(exc).__name__,
+                kind.reason,
+                scrub(str(exc).splitlines()[0] if str(exc) else ""),
+            )
+        retry_after = kind.retry_after if isinstance(kind, RetryableError) else None
+        kind_name = failure.Kind.INVALID_INPUT if isinstance(kind, self.request_errors) else kind_of(kind)
+        decision = failure.decide(kind_name, retries=transient, retry_after=retry_after)
+        if decision.action is failure.Action.RETRY:
+            log.warning(
+                "%s%s: retryable %s, retry %d in %.1fs",
+                self.name,
+                list(args),
+                kind.reason,
+                transient + 1,
+                decision.delay,
+            )
+            raise self.retry(
+                args=args, kwargs={"_transient": transient + 1}, countdown=decision.delay
+            ) from None
+        if decision.action is failure.Action.STOP_WORKER:
+            log.critical(
+                "%s: the key store failed (%s): stopping this worker; the message is requeued and the "
+                "certificate is left as it is",
+                self.name,
+                kind.reason,
+            )
+            self._stop_worker()
+            raise Reject(kind.reason, requeue=True) from None
+        if decision.action is failure.Action.REJECT:
+            raise kind from None  # a bad payload is a failed job that wrote nothing
+        if decision.action is failure.Action.PARK:
+            with session_scope() as session:
+                pctx = StepContext(session=session, task=self)
+                parks = self.parks(pctx, *args)
+                delay = failure.decide(
+                    kind_name, retries=transient, parks=parks, retry_after=retry_after
+                ).delay
+                outcome = self.on_park(pctx, kind, delay, *args)
+            self._send(pctx)
+            return outcome if outcome is not None else {"status": "backing_off", "reason": kind.reason}
+        log.warning("%s%s: permanent failure %s", self.name, list(args), kind.reason)
+        with session_scope() as session:
+            pctx = StepContext(session=session, task=self)
+            outcome = self.on_permanent(pctx, kind, *args)
+        self._send(pctx)
+        return outcome if outcome is not None else {"status": "failed", "reason": kind.reason}
+
+    def _stop_worker(self) -> None:
+        hostname = getattr(self.request, "hostname", None)
+        if not hostname:
+            return
+        try:
+            self.app.control.shutdown(destination=[hostname])
+        except Exception as exc:  # noqa: BLE001  (the requeue still happens)
+            log.error("could not ask %s to stop (%s)", hostname, type(exc).__name__)
+
     def _send(self, ctx: StepContext) -> None:
         for sig in ctx.follow_ups:
             sig.apply_async()
+        send_nudges(ctx)
+
+
+def send_nudges(ctx: StepContext) -> None:
+    from certqueue import nudge
+
+    if ctx.nudge:
+        nudge.nudge()
+    if ctx.wake_after is not None:
+        nudge.nudge_later(ctx.wake_after)

@@ -20,6 +20,7 @@ from certqueue.dns.zones import Resolver, follow_cnames
 from certqueue.errors import CertqueueError, PermanentError
 from certqueue.models import Certificate, Challenge, State, utcnow
 from certqueue.tasks.base import CertqueueTask, StepContext, Wait
+from certqueue.tasks.pipeline import PipelineTask
 
 log = logging.getLogger("certqueue.dns")
 
@@ -33,14 +34,10 @@ def provider_for(name: str) -> DNSProvider:
     return load_provider(name, get_settings().challenges.provider_settings(name))
 
 
-class DnsTask(CertqueueTask):
+class DnsTask(PipelineTask):
+    """Permanent failures fail the certificate's order; persistent transient ones park it."""
+
     abstract = True
-
-    def on_permanent(self, ctx: StepContext, exc: CertqueueError, *args: Any) -> Any:
-        from certqueue.tasks.acme import fail_certificate
-
-        certificate_id = args[0]
-        return fail_certificate(ctx, certificate_id, exc)
 
 
 def _load(

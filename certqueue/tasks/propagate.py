@@ -1,12 +1,14 @@
 """Propagation: deploy an issuance to every region of a certificate, one queue per region.
 
 Owns ``deployments`` and the ISSUED/RENEWING -> ACTIVE transition after propagation. The public
-``certqueue.propagate`` replaces itself with a chord: one ``certqueue.propagate.deploy`` per region on
-``propagate.<region>`` (only that region's pool holds its credentials), and
+``certqueue.propagate`` records a propagate intent and nudges dispatch; dispatch sends
+``certqueue.propagate.start``, which replaces itself with a chord: one ``certqueue.propagate.deploy``
+per region on ``propagate.<region>`` (only that region's pool holds its credentials), and
 ``certqueue.propagate.record`` as the body. Each deploy returns a deterministic per-region result
 (errors are caught and returned), so the body always sees every region. A region already holding
 the issuance's fingerprint is not redeployed. The certificate becomes ACTIVE only when every
-required region succeeded; failed regions are retried with backoff without touching the others.
+required region succeeded; failed regions are retried with backoff (each region's own attempt
+count) through a propagate intent that waits in the database, without touching the others.
 """
 
 from __future__ import annotations
@@ -18,38 +20,37 @@ from typing import Any
 from celery import chord, shared_task
 from sqlalchemy import select
 
-from certqueue import certificates, failpoints
+from certqueue import certificates, failpoints, intents, operations
 from certqueue.celery_app import region_queue
 from certqueue.config import get_settings
 from certqueue.db import is_postgres, lock_certificate
-from certqueue.errors import CertqueueError, InvalidInput
+from certqueue.errors import CertqueueError, InvalidTransition, NotFound
 from certqueue.lifecycle import states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.models import Deployment, Issuance, State, utcnow
 from certqueue.targets.base import Bundle, load_target
-from certqueue.tasks.acme import parse_payload
 from certqueue.tasks.base import CertqueueTask, StepContext
+from certqueue.tasks.pipeline import certificate_of, park_certificate, parks_so_far, parse_payload
 
 log = logging.getLogger("certqueue.propagate")
 
 
 def _propagate_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
-    payload = parse_payload(payload, {"certificate_id", "regions", "force"}, {"certificate_id"})
     settings = get_settings()
     session = ctx.session
     cert = lock_certificate(session, payload["certificate_id"])
     if cert is None:
-        raise InvalidInput(f"no certificate {payload['certificate_id']}", field="certificate_id")
+        intents.complete(session, payload["certificate_id"], ("propagate",), outcome="gone")
+        return {"certificate_id": payload["certificate_id"], "status": "gone"}
     iss_id = cert.pending_issuance_id or cert.current_issuance_id
     if iss_id is None or cert.state in (State.REVOKED, State.EXPIRED, State.FAILED):
+        intents.complete(session, cert.id, ("propagate",), outcome=f"noop:{cert.state}")
         return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
     iss = session.get(Issuance, iss_id)
     assert iss is not None
     wanted = payload.get("regions") or certificates.regions_for(cert, settings)
     known = {r.name for r in settings.multi_region.regions}
-    for r in wanted:
-        if r not in known:
-            raise InvalidInput(f"unknown region {r!r}", field="regions")
+    wanted = [r for r in wanted if r in known]  # a region removed from the settings since
     rows = {
         d.region: d
         for d in session.execute(select(Deployment).where(Deployment.certificate_id == cert.id)).scalars()
@@ -68,6 +69,7 @@ def _propagate_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
         todo.append(r)
     cert.work_deadline = utcnow() + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
     session.flush()
+    intents.complete(session, cert.id, ("propagate",), outcome="deploying")
     body = record.s(cert.id, iss.id)
     if not todo:
         ctx.then(record.si([], cert.id, iss.id))
@@ -77,17 +79,70 @@ def _propagate_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     return {"certificate_id": cert.id, "status": "propagating", "regions": todo}
 
 
-@shared_task(bind=True, base=CertqueueTask, name="certqueue.propagate")
-def propagate(self: CertqueueTask, payload: Any, _transient: int = 0) -> Any:
+class StartTask(CertqueueTask):
+    """Never fails the certificate (propagation failures are per region); persistent transient
+    trouble parks it for the reconciler."""
+
+    abstract = True
+
+    def parks(self, ctx: StepContext, *args: Any) -> int:
+        cid = certificate_of(args)
+        return parks_so_far(ctx.session, cid) if cid else 0
+
+    def on_park(self, ctx: StepContext, exc: CertqueueError, delay: float, *args: Any) -> Any:
+        cid = certificate_of(args)
+        return park_certificate(ctx, cid, exc, delay) if cid else None
+
+
+@shared_task(bind=True, base=StartTask, name="certqueue.propagate.start")
+def start(self: StartTask, job: dict[str, Any], _transient: int = 0) -> Any:
+    """``{"certificate_id": ..., "regions": [optional subset], "force": false, "intent": id}``."""
+    return self.run_step(_propagate_step, job)
+
+
+def _request_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
+    payload = parse_payload(payload, {"certificate_id", "regions", "force"}, {"certificate_id"})
+    intent, wanted = operations.request_propagate(
+        ctx.session,
+        payload["certificate_id"],
+        regions=list(payload.get("regions") or []),
+        force=bool(payload.get("force")),
+        actor="task",
+    )
+    ctx.nudge = True
+    return {
+        "certificate_id": payload["certificate_id"],
+        "intent": intent.id,
+        "regions": wanted,
+        "status": "accepted",
+    }
+
+
+class RequestTask(CertqueueTask):
+    """The public request: an unknown certificate or one with nothing to deploy fails the job."""
+
+    abstract = True
+    request_errors = (NotFound, InvalidTransition)
+
+
+@shared_task(bind=True, base=RequestTask, name="certqueue.propagate")
+def propagate(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
     """Public: ``{"v": 1, "certificate_id": ..., "regions": [optional subset], "force": false}``."""
-    return self.run_step(_propagate_step, payload)
+    return self.run_step(_request_step, payload)
 
 
 class DeployTask(CertqueueTask):
     abstract = True
-    max_transient_retries = 6
-    retry_initial = 2.0
-    retry_cap = 120.0
+
+    def on_park(self, ctx: StepContext, exc: CertqueueError, delay: float, *args: Any) -> Any:
+        certificate_id, region = args[0], args[1]
+        d = ctx.session.execute(
+            select(Deployment).where(Deployment.certificate_id == certificate_id, Deployment.region == region)
+        ).scalar_one_or_none()
+        if d is not None:
+            d.attempts += 1
+            d.last_error = exc.reason
+        return {"region": region, "status": "pending", "reason": exc.reason}
 
     def on_permanent(self, ctx: StepContext, exc: CertqueueError, *args: Any) -> Any:
         certificate_id, region, issuance_id = args[0], args[1], args[2]
@@ -177,11 +232,14 @@ def _record_step(ctx: StepContext, results: Any, certificate_id: str, issuance_i
     if all(r in done for r in required):
         if cert.pending_issuance_id == iss.id and cert.state in (State.ISSUED, State.RENEWING):
             certificates.activate(session, cert, iss, reason="propagated")
+            ctx.nudge = True
     if failed:
-        cert.attempts += 1
-        delay = backoff(cert.attempts, initial=10, cap=1800)
-        ctx.then(propagate.si({"v": 1, "certificate_id": cert.id, "regions": failed}).set(countdown=delay))
-        cert.work_deadline = utcnow() + dt.timedelta(seconds=delay + settings.automation.stuck_after_seconds)
+        # each region's own attempt count decides its delay; the retry waits in the database
+        attempts = max((rows[r].attempts for r in failed if r in rows), default=1)
+        delay = backoff(max(attempts, 1), initial=10, cap=1800)
+        when = utcnow() + dt.timedelta(seconds=delay)
+        intents.record(session, "propagate", cert.id, {"regions": failed}, actor="propagate", not_before=when)
+        cert.work_deadline = when + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
     elif cert.state == State.ACTIVE:
         cert.work_deadline = None
     return {"certificate_id": cert.id, "regions": summary, "state": cert.state}

@@ -1,11 +1,13 @@
-"""The ``scan`` queue, driven by beat: due renewals, expiry, and the reconciler.
+"""The ``scan`` queue, driven by beat: dispatch (the heartbeat), expiry, the reconciler, drift, ARI.
 
-Owns the ACTIVE -> RENEWING transition made by the scan and ACTIVE -> EXPIRED. The database is the
-truth and the broker is not: the reconciler re-enqueues work whose message was lost (a Redis
-restart, a flushed queue), found by ``work_deadline`` in the past, so nothing stays stuck.
+Owns ACTIVE -> EXPIRED. Dispatch (``certqueue.dispatch``) owns the claims: pending intents and due
+renewals, only up to capacity, with SKIP LOCKED on PostgreSQL through the ``(state, renew_at)``
+index. Beat runs it every few seconds, and every finished certificate nudges it (top-up), so new
+work starts as soon as there is room and never waits in the broker.
 
-The due-scan claims rows with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (two beats or two scan
-workers never claim the same row) through the ``(state, renew_at)`` index, a range scan at any size.
+The database is the truth and the broker is not: the reconciler resends the next step of work
+whose message was lost (a Redis restart, a flushed queue), found by ``work_deadline`` in the past;
+an intent whose message was lost is claimed again by dispatch once its lease ends.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import logging
 from typing import Any, cast
 
 from celery import group, shared_task
-from sqlalchemy import CursorResult, and_, delete, insert, select, update
+from sqlalchemy import CursorResult, and_, delete, select
 from sqlalchemy.orm import Session
 
+from certqueue import dispatch as dispatching
+from certqueue import intents
 from certqueue.config import get_settings
 from certqueue.db import is_postgres
-from certqueue.models import Certificate, Challenge, Event, Http01Token, Issuance, Order, State, utcnow
+from certqueue.models import Certificate, Challenge, Http01Token, Intent, Issuance, Order, State, utcnow
 from certqueue.tasks.base import CertqueueTask, StepContext
+from certqueue.tasks.pipeline import task
 
 log = logging.getLogger("certqueue.scan")
 
@@ -29,79 +34,32 @@ ENQUEUE_CHUNK = 200
 
 
 def claim_due(session: Session, now: dt.datetime, limit: int) -> list[str]:
-    """Move up to ``limit`` due ACTIVE certificates to RENEWING; returns their ids.
-
-    One statement to find (index range scan, SKIP LOCKED), one to update, one to write the events.
-    """
-    stmt = (
-        select(Certificate.id)
-        .where(
-            Certificate.state == State.ACTIVE,
-            Certificate.renew_at <= now,
-            Certificate.auto_renew.is_(True),
-            Certificate.external.is_(False),
-        )
-        .order_by(Certificate.renew_at)
-        .limit(limit)
+    """Move up to ``limit`` due ACTIVE certificates to RENEWING (any CA); returns their ids."""
+    return dispatching.claim_due(
+        session, now, None, limit, lease=get_settings().automation.stuck_after_seconds
     )
-    if is_postgres(session):
-        stmt = stmt.with_for_update(skip_locked=True)
-    ids = list(session.execute(stmt).scalars())
-    if not ids:
-        return []
-    deadline = now + dt.timedelta(seconds=get_settings().automation.stuck_after_seconds)
-    session.execute(
-        update(Certificate)
-        .where(Certificate.id.in_(ids), Certificate.state == State.ACTIVE)
-        .values(state=State.RENEWING, updated_at=now, work_deadline=deadline)
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(
-        insert(Event),
-        [
-            {
-                "certificate_id": i,
-                "at": now,
-                "actor": "scan",
-                "kind": "transition",
-                "from_state": "ACTIVE",
-                "to_state": "RENEWING",
-                "reason": "due",
-            }
-            for i in ids
-        ],
-    )
-    return ids
 
 
-def _renew_signatures(ids: list[str]) -> list[Any]:
-    from certqueue.tasks.acme import renew
+def _dispatch_step(ctx: StepContext, batch: int | None = None) -> dict[str, Any]:
+    settings = get_settings()
+    claimed = dispatching.run(ctx.session, settings, utcnow(), batch=batch)
+    starts = [job for name, job in claimed.sends if name == "certqueue.acme.start"]
+    size = settings.automation.batch_size
+    sigs = [task(name, job) for name, job in claimed.sends if name != "certqueue.acme.start"]
+    sigs += [task("certqueue.acme.issue_batch", starts[i : i + size]) for i in range(0, len(starts), size)]
+    for i in range(0, len(sigs), ENQUEUE_CHUNK):
+        ctx.then(group(sigs[i : i + ENQUEUE_CHUNK]))
+    return {"intents": claimed.intents, "claimed": claimed.due, "deferred": claimed.deferred}
 
-    return [renew.si({"v": 1, "certificate_id": i}) for i in ids]
 
-
-def claim_budget(settings: Any, limit: int | None) -> int:
-    """How many due certificates one scan may claim: its batch size, less whatever would push the
-    acme queue past ``max_queue_depth`` (the scan never enqueues more than the workers can take)."""
-    from certqueue.metrics import queue_depths
-
-    want = limit or settings.automation.scan_batch_size
-    depths = queue_depths(settings)
-    if depths is None:
-        return want
-    room = settings.automation.max_queue_depth - depths.get("acme", 0)
-    return max(0, min(want, room))
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.scan.dispatch")
+def dispatch(self: CertqueueTask, _transient: int = 0) -> Any:
+    """Claim what may run now (intents, then due renewals) and send it."""
+    return self.run_step(_dispatch_step)
 
 
 def _due_step(ctx: StepContext, limit: int | None = None) -> dict[str, Any]:
-    settings = get_settings()
-    budget = claim_budget(settings, limit)
-    if budget == 0:
-        return {"claimed": 0, "reason": "queue_full"}
-    ids = claim_due(ctx.session, utcnow(), budget)
-    for i in range(0, len(ids), ENQUEUE_CHUNK):
-        ctx.then(group(_renew_signatures(ids[i : i + ENQUEUE_CHUNK])))
-    return {"claimed": len(ids)}
+    return _dispatch_step(ctx, limit)
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.scan.due")
@@ -135,11 +93,7 @@ def expire(self: CertqueueTask, _transient: int = 0) -> Any:
 
 
 def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
-    """Re-enqueue work past its deadline; clean up leftovers of finished orders."""
-    from certqueue.tasks.acme import issue, renew
-    from certqueue.tasks.dns import cleanup
-    from certqueue.tasks.propagate import propagate
-
+    """Resend the next step of work past its deadline; clean up leftovers of finished orders."""
     session = ctx.session
     settings = get_settings()
     now = utcnow()
@@ -160,21 +114,28 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
     resumed = 0
     for cert in stuck:
         cert.work_deadline = deadline
-        payload = {"v": 1, "certificate_id": cert.id}
+        job = {"certificate_id": cert.id}
         if cert.state == State.ISSUED or (cert.state == State.RENEWING and cert.pending_issuance_id):
-            ctx.then(propagate.si(payload))
+            ctx.then(task("certqueue.propagate.start", job))
         elif cert.state == State.RENEWING:
-            ctx.then(renew.si(payload))
+            ctx.then(task("certqueue.acme.start", {**job, "purpose": "renew"}))
+        elif cert.state == State.REQUESTED:
+            intents.record(session, "issue", cert.id, actor="reconciler")
+            ctx.nudge = True
         else:
-            ctx.then(issue.si(payload))
+            ctx.then(task("certqueue.acme.start", {**job, "purpose": "issue"}))
         resumed += 1
-    # REQUESTED rows that never got a deadline (enqueue lost before the first task ran)
+    # REQUESTED rows with no open intent (written by an older version, or an intent closed by hand)
+    has_intent = select(Intent.id).where(
+        Intent.certificate_id == Certificate.id, Intent.status.in_(intents.OPEN)
+    )
     orphans = (
         session.execute(
             select(Certificate)
             .where(
                 Certificate.state == State.REQUESTED,
                 Certificate.work_deadline.is_(None),
+                ~has_intent.exists(),
                 Certificate.created_at <= now - dt.timedelta(seconds=settings.automation.stuck_after_seconds),
             )
             .limit(500)
@@ -183,9 +144,11 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
         .all()
     )
     for cert in orphans:
-        cert.work_deadline = deadline
-        ctx.then(issue.si({"v": 1, "certificate_id": cert.id}))
+        intents.record(session, "issue", cert.id, actor="reconciler")
+        ctx.nudge = True
         resumed += 1
+    if orphans or stuck:
+        ctx.nudge = True
     # challenges left presented by finished orders
     leftovers = (
         session.execute(
@@ -204,7 +167,7 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
     )
     for ch in leftovers:
         if ch.type == "dns-01":
-            ctx.then(cleanup.si(ch.certificate_id, ch.id))
+            ctx.then(task("certqueue.dns.cleanup", ch.certificate_id, ch.id))
         else:
             ch.status = "cleaned"
             ch.cleaned_at = now
@@ -222,7 +185,6 @@ def _drift_step(ctx: StepContext) -> dict[str, Any]:
     """Compare what each target serves with what should be live; redeploy on drift."""
     from certqueue.models import Deployment
     from certqueue.targets.base import load_target
-    from certqueue.tasks.propagate import propagate
 
     settings = get_settings()
     session = ctx.session
@@ -251,7 +213,9 @@ def _drift_step(ctx: StepContext) -> dict[str, Any]:
             d.status = "pending"
             drifted.setdefault(cert.id, []).append(d.region)
     for cid, regions in drifted.items():
-        ctx.then(propagate.si({"v": 1, "certificate_id": cid, "regions": regions, "force": True}))
+        intents.record(session, "propagate", cid, {"regions": regions, "force": True}, actor="drift")
+    if drifted:
+        ctx.nudge = True
     return {"checked": len(rows), "drifted": sum(len(v) for v in drifted.values())}
 
 

@@ -134,18 +134,23 @@ def idle(tmp_path) -> Iterator[Pipeline]:
     teardown_pipeline(p)
 
 
-def test_scan_never_enqueues_more_than_the_queue_can_take(idle):
+def test_dispatch_never_claims_more_than_the_queue_can_take(idle):
+    from certqueue import dispatch
     from certqueue.config import get_settings
-    from certqueue.tasks.scan import claim_budget
+    from certqueue.lifecycle.dispatch import queue_room
 
     settings = get_settings()
-    assert claim_budget(settings, 100) == 5
+
+    def room() -> int | None:
+        return queue_room(settings.automation.max_queue_depth, dispatch.acme_pressure(settings))
+
+    assert room() == 5
     for _ in range(3):
         idle.send("certqueue.status", {"v": 1, "certificate_id": "cert_aaaaaaaaaaaaaaaaaaaa"})
-    assert claim_budget(settings, 100) == 2
+    assert room() == 2
     for _ in range(4):
         idle.send("certqueue.status", {"v": 1, "certificate_id": "cert_aaaaaaaaaaaaaaaaaaaa"})
-    assert claim_budget(settings, 100) == 0
+    assert room() == 0
 
 
 @pytest.fixture

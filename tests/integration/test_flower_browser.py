@@ -31,7 +31,7 @@ from tests.integration.test_api_browser import chromium
 
 REPO = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "ops", "flower-test-pw"
-TASKS = ("certqueue.issue", "certqueue.acme.validate")
+TASKS = ("certqueue.issue", "certqueue.acme.issue_batch")
 
 
 @pytest.fixture(scope="module")

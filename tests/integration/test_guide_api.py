@@ -497,7 +497,7 @@ def test_propagation_sync_and_async(guide: Pipeline, moto: MotoServer) -> None:
     assert after["us-east-1"].remote_ref == before["us-east-1"].remote_ref  # the same ARN
 
     pending = run(m.propagate_certificate(certificate_id=cert.id, strategy="async"))
-    assert re.fullmatch(r"[0-9a-f-]{36}", pending.task_id) and pending.status == "pending"
+    assert re.fullmatch(r"intent-[0-9]+", pending.task_id) and pending.status == "pending"
     assert set(pending.regions) == set(REGIONS)
     with pytest.raises(InvalidInput, match="unknown region"):
         run(m.propagate_certificate(cert.id, regions=["mars"]))

@@ -263,7 +263,7 @@ def test_no_private_key_in_logs(pg_pipeline):
             checked += 1
     assert checked >= 1
     # the logs are DEBUG and did record the pipeline (so the scan above looked at something)
-    assert re.search(r"certqueue\.acme\.validate\[.*\] succeeded", logs)
+    assert re.search(r"certqueue\.acme\.issue_batch\[.*\] succeeded", logs)
     assert "JWS payload" in logs
 
 

@@ -5,7 +5,6 @@ and a bounded schemathesis fuzz (no 5xx)."""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 import threading
@@ -30,6 +29,7 @@ from certqueue.celery_app import lazy_app
 from certqueue.config import Settings, load_settings, set_settings
 from certqueue.db import dispose_all, session_scope
 from certqueue.devstack.ports import free_port
+from certqueue.intents import OPEN
 from certqueue.keystore import generate_key_file
 from certqueue.models import (
     ApiToken,
@@ -37,6 +37,7 @@ from certqueue.models import (
     Certificate,
     Deployment,
     Event,
+    Intent,
     Issuance,
     State,
     utcnow,
@@ -44,9 +45,6 @@ from certqueue.models import (
 from tests.conftest import skip_unless_required
 from tests.conftest_db import BACKENDS, create_pg_database, drop_pg_database, pg_sqlalchemy_url
 from tests.conftest_redis import process_redis_url
-
-QUEUE = "acme"
-
 
 # --- throwaway certificates --------------------------------------------------------------------------
 
@@ -134,28 +132,38 @@ class Api:
         return self.http.request(method, path, headers=headers, **kw)
 
     def take_message(self, job_id: str) -> tuple[str, dict[str, Any]]:
-        """Find (and remove) the message of ``job_id`` in the acme queue: (task name, payload)."""
-        for raw in self.redis.lrange(QUEUE, 0, -1):
-            msg = json.loads(raw)
-            if msg["headers"]["id"] == job_id:
-                self.redis.lrem(QUEUE, 1, raw)
-                args, _kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
-                return msg["headers"]["task"], args[0]
-        raise AssertionError(f"no message for job {job_id} in {QUEUE}")
+        """The request behind ``job_id`` (an open intent in the database), closed so the test sees
+        it once: (the public task it stands for, that task's payload)."""
+        assert job_id.startswith("intent-"), job_id
+        with session_scope() as s:
+            intent = s.get(Intent, int(job_id.removeprefix("intent-")))
+            assert intent is not None and intent.status in ("pending", "dispatched"), job_id
+            intent.status = "done"
+            payload: dict[str, Any] = {
+                "v": 1,
+                "certificate_id": intent.certificate_id,
+                **(intent.params or {}),
+            }
+            return f"certqueue.{intent.kind}", payload
+
+    def queued(self) -> int:
+        """Open intents: requests waiting for dispatch."""
+        with session_scope(write=False) as s:
+            return int(
+                s.execute(
+                    select(func.count()).select_from(Intent).where(Intent.status.in_(OPEN))
+                ).scalar_one()
+            )
 
     def queued_ids(self) -> set[str]:
-        out = set()
-        for raw in self.redis.lrange(QUEUE, 0, -1):
-            args, _kw, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
-            if args and isinstance(args[0], dict):
-                out.add(args[0].get("certificate_id"))
-        return out
+        with session_scope(write=False) as s:
+            return set(s.execute(select(Intent.certificate_id).where(Intent.status.in_(OPEN))).scalars())
 
-    def drop_messages_for(self, ids: set[str]) -> None:
-        for raw in self.redis.lrange(QUEUE, 0, -1):
-            args, _kw, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
-            if args and isinstance(args[0], dict) and args[0].get("certificate_id") in ids:
-                self.redis.lrem(QUEUE, 1, raw)
+    def drop_nudges(self) -> None:
+        """The dispatch nudges our requests sent (nothing consumes this test's broker)."""
+        for raw in self.redis.lrange("scan", 0, -1):
+            if json.loads(raw)["headers"]["task"] == "certqueue.scan.dispatch":
+                self.redis.lrem("scan", 1, raw)
 
 
 def counts() -> dict[str, int]:
@@ -209,9 +217,7 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     try:
         yield client
     finally:
-        with session_scope(write=False) as s:
-            ours = set(s.execute(select(Certificate.id)).scalars())
-        client.drop_messages_for(ours)
+        client.drop_nudges()
         server.should_exit = True
         thread.join(10)
         client.http.close()
@@ -225,10 +231,8 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture()
 def fresh(api: Api) -> Api:
-    """Empty every table but the tokens before a test; drop this DB's leftover messages."""
-    with session_scope(write=False) as s:
-        ours = set(s.execute(select(Certificate.id)).scalars())
-    api.drop_messages_for(ours)
+    """Empty every table but the tokens before a test; drop the nudges earlier tests sent."""
+    api.drop_nudges()
     with session_scope() as s:
         s.execute(Certificate.__table__.update().values(current_issuance_id=None, pending_issuance_id=None))
         for table in reversed(Base.metadata.sorted_tables):
@@ -363,17 +367,17 @@ def test_duplicate_request_returns_the_existing_certificate(fresh: Api) -> None:
 def test_bad_input_is_422_naming_the_field_and_writes_nothing(
     fresh: Api, body: dict[str, Any], field: str
 ) -> None:
-    before, queued = counts(), fresh.redis.llen(QUEUE)
+    before, queued = counts(), fresh.queued()
     r = fresh.call("POST", "/v1/certificates", json=body)
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     assert any(d["loc"][0] == "body" and field in d["loc"] for d in detail), detail
     assert all(d["msg"] for d in detail)
     assert counts() == before
-    assert fresh.redis.llen(QUEUE) == queued
+    assert fresh.queued() == queued
 
 
-def test_create_with_broker_down_commits_and_says_not_queued(fresh: Api) -> None:
+def test_create_with_broker_down_commits_the_request_and_answers_at_once(fresh: Api) -> None:
     # results in SQLite: with a dead Redis *result backend* Celery's own reconnect loop (20 x 1 s) would
     # hold the request; that retry policy belongs to celery_app's configuration
     dead = f"redis://127.0.0.1:{free_port()}/0"
@@ -391,9 +395,37 @@ def test_create_with_broker_down_commits_and_says_not_queued(fresh: Api) -> None
         set_settings(fresh.settings)
         lazy_app.reset()
     assert r.status_code == 202, r.text
-    assert r.json()["job_id"] is None
-    with session_scope(write=False) as s:  # committed: the reconciler will enqueue it
+    job = r.json()["job_id"]
+    with session_scope(write=False) as s:  # committed with its intent: dispatch relays it later
         assert s.get(Certificate, r.json()["certificate"]["id"]) is not None
+        intent = s.get(Intent, int(job.removeprefix("intent-")))
+        assert intent is not None and intent.status == "pending" and intent.kind == "issue"
+
+
+def test_bulk_create_writes_the_good_items_and_names_the_bad(fresh: Api) -> None:
+    items: list[Any] = [{"domains": [f"b{i}.bulk.example.com"]} for i in range(5)]
+    items[1] = {"domains": "b1.bulk.example.com"}  # not a list
+    items[3] = {"domains": ["*.b3.bulk.example.com"]}  # a wildcard needs dns-01
+    items.append({"domains": ["b0.bulk.example.com"]})  # the same names as item 0: one certificate
+    assert (
+        fresh.call("POST", "/v1/certificates/bulk", as_="read", json={"certificates": items}).status_code
+        == 403
+    )
+    before = counts()
+    r = fresh.call("POST", "/v1/certificates/bulk", as_="write", json={"certificates": items})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["created"], body["existing"], body["rejected"]) == (3, 1, 2)
+    assert [it["index"] for it in body["items"]] == list(range(6))
+    assert (
+        body["items"][1]["error"]["field"] == "domains"
+        and body["items"][3]["error"]["field"] == "challenge_type"
+    )
+    assert body["items"][5]["certificate"]["id"] == body["items"][0]["certificate"]["id"]
+    assert counts()["certificates"] == before["certificates"] + 3 and fresh.queued() == 3
+    too_many = {"certificates": [{"domains": [f"x{i}.example.com"]} for i in range(1001)]}
+    assert fresh.call("POST", "/v1/certificates/bulk", json=too_many).status_code == 422
+    assert counts()["certificates"] == before["certificates"] + 3
 
 
 # --- read ----------------------------------------------------------------------------------------------
@@ -497,8 +529,7 @@ def test_renew_enqueues_and_refuses_what_cannot_renew(fresh: Api) -> None:
         {"v": 1, "certificate_id": cid, "force": True},
     )
     r = fresh.call("POST", f"/v1/certificates/{cid}/renew", as_="write")
-    assert r.status_code == 202
-    assert fresh.take_message(r.json()["job_id"])[1]["force"] is False
+    assert r.status_code == 200 and r.json()["job_id"] is None  # not due, not forced: nothing to do
     revoked = add_certificate(["gone.renew.example.com"], state=State.REVOKED, days_left=50)
     assert fresh.call("POST", f"/v1/certificates/{revoked}/renew").status_code == 409
     imported = add_certificate(["ext.renew.example.com"], state=State.ACTIVE, days_left=50, external=True)
@@ -512,11 +543,11 @@ def test_renew_enqueues_and_refuses_what_cannot_renew(fresh: Api) -> None:
 @pytest.mark.parametrize("reason", ["affiliationChanged", "bogus", "privilegeWithdrawn"])
 def test_revoke_reason_is_refused_before_enqueueing(fresh: Api, reason: str) -> None:
     cid = add_certificate(["revoke.example.com"], state=State.ACTIVE, days_left=50)
-    before, queued = counts(), fresh.redis.llen(QUEUE)
+    before, queued = counts(), fresh.queued()
     r = fresh.call("POST", f"/v1/certificates/{cid}/revoke", as_="write", json={"reason": reason})
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"] == ["body", "reason"]
-    assert counts() == before and fresh.redis.llen(QUEUE) == queued
+    assert counts() == before and fresh.queued() == queued
 
 
 def test_revoke_enqueues_an_accepted_reason(fresh: Api) -> None:
@@ -542,8 +573,9 @@ def test_propagate(fresh: Api) -> None:
         "certqueue.propagate",
         {"v": 1, "certificate_id": cid, "regions": ["eu-west"]},
     )
+    # no subset and no regions of its own (multi_region is off): nothing to deploy, nothing written
     r = fresh.call("POST", f"/v1/certificates/{cid}/propagate")
-    assert fresh.take_message(r.json()["job_id"])[1] == {"v": 1, "certificate_id": cid}
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "regions"], r.text
     r = fresh.call("POST", f"/v1/certificates/{cid}/propagate", json={"regions": ["mars-1"]})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "regions"]
     nothing = add_certificate(["none.prop.example.com"])
@@ -639,7 +671,6 @@ def test_import(fresh: Api) -> None:
 def test_jobs(fresh: Api) -> None:
     r = fresh.call("POST", "/v1/certificates", json={"domains": ["job.example.com"]})
     job = r.json()["job_id"]
-    fresh.take_message(job)
     st = fresh.call("GET", f"/v1/jobs/{job}", as_="read").json()
     assert st == {
         "job_id": job,
@@ -649,6 +680,15 @@ def test_jobs(fresh: Api) -> None:
         "result": None,
         "error": None,
     }
+    # the request's outcome is read from the database: a revocation the CA refused for good
+    with session_scope() as s:
+        intent = s.get(Intent, int(job.removeprefix("intent-")))
+        assert intent is not None
+        intent.status, intent.outcome = "failed", "acme:unauthorized"
+    st = fresh.call("GET", f"/v1/jobs/{job}", as_="read").json()
+    assert st["state"] == "FAILURE" and st["ready"] is True and st["successful"] is False
+    assert st["error"] == "acme:unauthorized" and st["result"]["kind"] == "issue"
+    assert fresh.call("GET", "/v1/jobs/intent-999999", as_="read").status_code == 404
     backend = lazy_app.get().backend
     try:
         backend.store_result("cq-test-ok-" + job, {"certificate_id": "cert_x", "status": "noop"}, "SUCCESS")

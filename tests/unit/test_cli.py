@@ -60,6 +60,18 @@ class Cli:
         assert depths is not None
         return depths[queue]
 
+    def requests(self) -> int:
+        """Open intents: requests recorded and waiting for dispatch."""
+        from certqueue.intents import OPEN
+        from certqueue.models import Intent
+
+        with session_scope(write=False) as s:
+            return int(
+                s.execute(
+                    select(func.count()).select_from(Intent).where(Intent.status.in_(OPEN))
+                ).scalar_one()
+            )
+
     def messages(self) -> int:
         depths = queue_depths(get_settings())
         assert depths is not None
@@ -208,9 +220,11 @@ def test_issue_writes_the_row_and_enqueues_it(cli: Cli) -> None:
         c = s.get(Certificate, cid)
         assert c is not None and c.state == State.REQUESTED and c.key_type == "rsa2048"
         assert sorted(c.domains) == ["example.com", "www.example.com"]
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
+    assert cli.depth("scan") == 1  # the nudge: dispatch relays the request
     again = cli.json("issue", "example.com", "www.example.com", "--key-type", "rsa2048")
     assert again == {"certificate_id": cid, "created": False}  # one certificate per set of names
+    assert cli.requests() == 1
 
 
 @pytest.mark.parametrize(
@@ -226,7 +240,76 @@ def test_issue_writes_the_row_and_enqueues_it(cli: Cli) -> None:
 def test_issue_bad_input_writes_and_sends_nothing(cli: Cli, args: list[str], needle: str) -> None:
     assert_one_line_error(cli("issue", *args), 2, needle)
     assert rows(Certificate) == 0 and rows(Event) == 0
-    assert cli.messages() == 0
+    assert cli.messages() == 0 and cli.requests() == 0
+
+
+def _request_file(cli: Cli, n: int, bad: dict[int, str]) -> Path:
+    lines = []
+    for i in range(1, n + 1):
+        lines.append(bad.get(i, f"h{i}.bulk.example.com www.h{i}.bulk.example.com --key-type ec384"))
+    path = cli.tmp / "names.txt"
+    path.write_text("# one certificate per line\n" + "\n".join(lines) + "\n")
+    return path
+
+
+BAD_LINES = {
+    17: "not..a..name.bulk.example.com",
+    503: "ok503.bulk.example.com --region mars",
+    999: "*.wild.bulk.example.com",  # a wildcard needs dns-01
+}
+
+
+def test_issue_from_file_creates_the_good_lines_in_one_go_and_names_the_bad(cli: Cli) -> None:
+    path = _request_file(cli, 1000, BAD_LINES)
+    r = cli("issue", "--from-file", str(path), "--json")
+    assert r.exit_code == 2, r.output
+    out = json.loads(r.stdout)
+    # the file's first line is a comment: certificate line i is file line i + 1
+    assert [e["line"] for e in out["errors"]] == [n + 1 for n in sorted(BAD_LINES)]
+    assert "mars" in out["errors"][1]["message"] and "dns-01" in out["errors"][2]["message"]
+    assert len(out["certificates"]) == 997 and all(c["created"] for c in out["certificates"])
+    assert rows(Certificate) == 997 and cli.requests() == 997
+    assert cli.depth("scan") == 1  # one dispatch nudge for the whole set
+    with session_scope(write=False) as s:
+        assert {c.key_type for c in s.execute(select(Certificate)).scalars()} == {"ec384"}
+    # the same file again: nothing new, the existing certificates are named
+    again = json.loads(cli("issue", "--from-file", str(path), "--json").stdout)
+    assert not any(c["created"] for c in again["certificates"]) and rows(Certificate) == 997
+
+
+def test_issue_from_file_is_one_transaction(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    from certqueue import certificates as certs
+
+    real = certs.create_certificate
+    calls = {"n": 0}
+
+    def create(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise RuntimeError("the database went away")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(certs, "create_certificate", create)
+    path = _request_file(cli, 50, {})
+    r = cli.runner.invoke(main, ["issue", "--from-file", str(path)])
+    assert r.exit_code != 0
+    assert rows(Certificate) == 0 and rows(Event) == 0 and cli.requests() == 0  # all or nothing
+
+
+def test_issue_from_file_bad_input(cli: Cli) -> None:
+    (cli.tmp / "one.txt").write_text("a.example.com\n")
+    assert_one_line_error(
+        cli("issue", "x.example.com", "--from-file", str(cli.tmp / "one.txt")), 2, "not both"
+    )
+    assert_one_line_error(cli("issue"), 2, "--from-file")
+    (cli.tmp / "opts.txt").write_text("a.example.com --colour blue\nb.example.com --region\n")
+    r = cli("issue", "--from-file", str(cli.tmp / "opts.txt"))
+    assert (
+        r.exit_code == 2
+        and "line 1: unknown option --colour" in r.output
+        and "line 2: --region needs" in r.output
+    )
+    assert rows(Certificate) == 0
 
 
 def test_list_and_show(cli: Cli) -> None:
@@ -277,11 +360,11 @@ def test_renew_enqueues_and_refuses_what_it_cannot_renew(cli: Cli) -> None:
     cid, _ = active_certificate()
     r = cli.ok("renew", cid, "--force")
     assert "renewal requested for 1" in r.output
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
     imported = import_file(cli)
     assert_one_line_error(cli("renew", imported), 2, "imported")
     assert_one_line_error(cli("renew", "cert_" + "b" * 20), 3)
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
 
 
 def test_revoke_checks_the_reason_before_sending(cli: Cli) -> None:
@@ -290,17 +373,17 @@ def test_revoke_checks_the_reason_before_sending(cli: Cli) -> None:
     assert_one_line_error(cli("revoke", cid, "--reason", "because"), 2, "unknown revocation reason")
     assert cli.messages() == 0
     assert "revocation of" in cli.ok("revoke", cid, "--reason", "keyCompromise").output
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
 
 
 def test_propagate(cli: Cli) -> None:
     cid, _ = active_certificate()
     out = cli.json("propagate", cid, "--region", "edge")
     assert out["regions"] == ["edge"] and out["task_id"]
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
     assert_one_line_error(cli("propagate", cid, "--region", "mars"), 2, "unknown region")
     assert_one_line_error(cli("propagate", cid), 2, "no regions")  # multi_region is not enabled
-    assert cli.depth("acme") == 1
+    assert cli.requests() == 1
 
 
 def test_scan_enqueues_the_periodic_scans(cli: Cli) -> None:

@@ -1,0 +1,176 @@
+"""Durable intents: every request (issue, renew, revoke, propagate) is a row, written in the
+caller's transaction with the change it asks for. Owns the ``intents`` table.
+
+* :func:`record` is what every face calls (through ``certqueue.operations``): the request is
+  durable when the caller commits. A second request of the same kind for the same certificate
+  while the first is open returns the first (nothing is written twice).
+* :func:`claim` is what dispatch calls: pending intents whose time has come, and dispatched ones
+  whose deadline passed (their message was lost or their worker died), locked with SKIP LOCKED so
+  two dispatchers never take the same row.
+* :func:`complete` is called by the task that acts on an intent, in the same transaction as the
+  state change it makes; from then on the certificate's own state carries the work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from certqueue.db import is_postgres
+from certqueue.models import Intent, utcnow
+
+KINDS = ("issue", "renew", "revoke", "propagate")
+OPEN = ("pending", "dispatched")
+
+
+def record(
+    session: Session,
+    kind: str,
+    certificate_id: str,
+    params: dict[str, Any] | None = None,
+    *,
+    actor: str = "certqueue",
+    not_before: dt.datetime | None = None,
+) -> Intent:
+    """The open intent of ``kind`` for the certificate, created if there is none (parameters of a
+    newer request win: a forced renewal or a stronger revocation reason is not lost)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown intent kind {kind!r}")
+    now = utcnow()
+    existing = session.execute(
+        select(Intent)
+        .where(Intent.certificate_id == certificate_id, Intent.kind == kind, Intent.status.in_(OPEN))
+        .order_by(Intent.id)
+        .limit(1)
+    ).scalar_one_or_none()
+    if existing is not None:
+        if params:
+            existing.params = {**(existing.params or {}), **params}
+        return existing
+    intent = Intent(
+        kind=kind,
+        certificate_id=certificate_id,
+        params=dict(params or {}),
+        status="pending",
+        not_before=not_before or now,
+        attempts=0,
+        actor=actor[:128],
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(intent)
+    session.flush()
+    return intent
+
+
+def record_many(
+    session: Session, kind: str, certificate_ids: Sequence[str], *, actor: str = "certqueue"
+) -> int:
+    """Bulk intents for certificates just created (no open intent can exist for them yet)."""
+    if not certificate_ids:
+        return 0
+    now = utcnow()
+    session.execute(
+        insert(Intent),
+        [
+            {
+                "kind": kind,
+                "certificate_id": cid,
+                "params": {},
+                "status": "pending",
+                "not_before": now,
+                "attempts": 0,
+                "actor": actor[:128],
+                "created_at": now,
+                "updated_at": now,
+            }
+            for cid in certificate_ids
+        ],
+    )
+    return len(certificate_ids)
+
+
+def claim(
+    session: Session,
+    now: dt.datetime,
+    *,
+    kinds: Iterable[str],
+    limit: int,
+    lease_seconds: float,
+) -> list[Intent]:
+    """Lock and mark dispatched up to ``limit`` intents of ``kinds`` that may run now."""
+    if limit <= 0:
+        return []
+    stmt = (
+        select(Intent)
+        .where(
+            Intent.kind.in_(list(kinds)),
+            or_(
+                (Intent.status == "pending") & (Intent.not_before <= now),
+                (Intent.status == "dispatched") & (Intent.deadline <= now),
+            ),
+        )
+        .order_by(Intent.id)
+        .limit(limit)
+    )
+    if is_postgres(session):
+        stmt = stmt.with_for_update(skip_locked=True)
+    rows = list(session.execute(stmt).scalars())
+    deadline = now + dt.timedelta(seconds=lease_seconds)
+    for intent in rows:
+        intent.status = "dispatched"
+        intent.attempts += 1
+        intent.deadline = deadline
+        intent.updated_at = now
+    return rows
+
+
+def complete(
+    session: Session, certificate_id: str, kinds: Iterable[str], *, outcome: str, failed: bool = False
+) -> int:
+    """Close the certificate's open intents of ``kinds``; returns how many were open."""
+    now = utcnow()
+    res = session.execute(
+        update(Intent)
+        .where(
+            Intent.certificate_id == certificate_id,
+            Intent.kind.in_(list(kinds)),
+            Intent.status.in_(OPEN),
+        )
+        .values(status="failed" if failed else "done", outcome=outcome[:512], finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(res, "rowcount", 0) or 0)
+
+
+def open_intents(session: Session, certificate_id: str) -> list[Intent]:
+    return list(
+        session.execute(
+            select(Intent)
+            .where(Intent.certificate_id == certificate_id, Intent.status.in_(OPEN))
+            .order_by(Intent.id)
+        ).scalars()
+    )
+
+
+def waiting(session: Session, kinds: Iterable[str], now: dt.datetime) -> int:
+    """How many intents of ``kinds`` may run now (for dispatch capacity and metrics)."""
+    from sqlalchemy import func
+
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(Intent)
+            .where(
+                Intent.kind.in_(list(kinds)),
+                or_(
+                    (Intent.status == "pending") & (Intent.not_before <= now),
+                    (Intent.status == "dispatched") & (Intent.deadline <= now),
+                ),
+            )
+        ).scalar_one()
+    )

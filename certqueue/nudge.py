@@ -1,0 +1,127 @@
+"""Nudging dispatch: a best-effort hint that work is waiting in the database. Never blocks a caller.
+
+A request is durable when its intent commits; the nudge only shortens the wait until dispatch
+claims it (beat's heartbeat claims it anyway). So the nudge is sent from a background thread,
+coalesced (many requests in a burst give one message), and a broker that is down costs a log line,
+never the request: the API answers as soon as the transaction commits.
+
+Short-lived processes (the CLI) call :func:`flush` with a small timeout before exiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("certqueue.nudge")
+
+DISPATCH_TASK = "certqueue.scan.dispatch"
+#: the shortest gap between two nudges from one process (trailing edge: the last one is never lost)
+MIN_INTERVAL = 0.2
+
+
+class _Nudger:
+    def __init__(self, app_getter: Callable[[], Any] | None = None) -> None:
+        self._app_getter = app_getter
+        self._wanted = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._last_failure_logged = 0.0
+        self.sent = 0
+
+    def request(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._wanted = threading.Event()
+                self._idle = threading.Event()
+                self._thread = threading.Thread(target=self._run, name="certqueue-nudge", daemon=True)
+                self._thread.start()
+            self._idle.clear()
+            self._wanted.set()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for pending nudges to be sent (or given up)."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            self._send()
+            if not self._wanted.is_set():
+                self._idle.set()
+            time.sleep(MIN_INTERVAL)
+
+    def _send(self) -> None:
+        try:
+            if self._app_getter is not None:
+                app = self._app_getter()
+            else:
+                from certqueue.client import app_for_sending
+
+                app = app_for_sending()
+            app.send_task(DISPATCH_TASK, queue="scan", retry=False, expires=300)
+            self.sent += 1
+        except Exception as exc:  # noqa: BLE001  (best effort by design: beat dispatches anyway)
+            now = time.monotonic()
+            if now - self._last_failure_logged > 30:
+                self._last_failure_logged = now
+                log.warning(
+                    "dispatch nudge not sent (%s); beat's dispatch will pick the work up", type(exc).__name__
+                )
+
+
+_nudger = _Nudger()
+
+
+def nudge() -> None:
+    """Ask dispatch to run soon (through the process's broker); returns at once."""
+    _nudger.request()
+
+
+def flush(timeout: float = 1.0) -> bool:
+    return _nudger.flush(timeout)
+
+
+def nudger_for(app_getter: Callable[[], Any]) -> _Nudger:
+    """A nudger sending through another app (a manager with settings of its own)."""
+    return _Nudger(app_getter)
+
+
+_later_lock = threading.Lock()
+_later_due = 0.0
+
+
+def nudge_later(seconds: float) -> None:
+    """Ask dispatch to run in ``seconds`` (deferred work resumes on time even between beats): one
+    delayed message per process at a time, never further out than the longest countdown (beat's
+    heartbeat covers anything later). Best effort, like :func:`nudge`."""
+    global _later_due
+    from certqueue.lifecycle.failure import MAX_COUNTDOWN
+
+    seconds = max(0.5, min(float(seconds), MAX_COUNTDOWN))
+    due = time.monotonic() + seconds
+    with _later_lock:
+        if time.monotonic() < _later_due <= due + 1.0:
+            return  # one is already due sooner (or about then)
+        _later_due = due
+
+    def send() -> None:
+        try:
+            from certqueue.client import app_for_sending
+
+            app_for_sending().send_task(
+                DISPATCH_TASK, queue="scan", retry=False, countdown=seconds, expires=seconds + 300
+            )
+        except Exception as exc:  # noqa: BLE001  (best effort: beat dispatches anyway)
+            log.warning("delayed dispatch nudge not sent (%s)", type(exc).__name__)
+
+    threading.Thread(target=send, name="certqueue-nudge-later", daemon=True).start()
