@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-integration lint services install bench flower clean
+.PHONY: demo test test-unit test-integration lint services install bench flower clean mutation
 
 # every dependency pinned with its hash (requirements/dev.txt, made by scripts/lock-requirements
 # from pyproject.toml), then certqueue itself, editable, adding nothing unpinned
@@ -42,6 +42,15 @@ test-integration: install services
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+## make mutation: mutmut over the modules that decide (pyproject [tool.mutmut]), each mutant against the
+## unit tests that reach it; report in var/mutation/report.txt. MUTANTS='certqueue.http01*' narrows it.
+## Slow (hours for all modules on 2 cores); niced, since the machine is shared. docs/testing.md.
+mutation: install services
+	mkdir -p var/mutation
+	nice -n 15 $(VENV)/bin/mutmut run --max-children $${MUTATION_JOBS:-2} $(MUTANTS)
+	$(VENV)/bin/mutmut results --all true > var/mutation/results.txt
+	$(PY) scripts/mutation_report.py < var/mutation/results.txt | tee var/mutation/report.txt
 
 bench: install services
 	$(PY) -m pip install -q 'matplotlib>=3.7' 'py-spy>=0.3'  # charts and stack dumps (not in the test lock)

@@ -25,11 +25,11 @@ from certqueue.models import Http01Token, utcnow
 log = logging.getLogger("certqueue.http01")
 
 PREFIX = "/.well-known/acme-challenge/"
-TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,256}$")
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,256}")  # fullmatch: "$" would accept a trailing newline
 
 
 def lookup(token: str) -> str | None:
-    if not TOKEN_RE.match(token):
+    if not TOKEN_RE.fullmatch(token):
         return None
     with session_scope(write=False) as s:
         row = s.execute(

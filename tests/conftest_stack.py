@@ -24,48 +24,19 @@ from certqueue.devstack.ports import free_port
 from certqueue.devstack.stack import Stack
 from certqueue.keystore import generate_key_file
 from certqueue.models import Certificate, Order
+from tests.conftest_redis import CLAIMABLE, REDIS_HOST, NoFreeRedisDatabase, RedisClaim, claim_redis_db
 
 PG_ADMIN = os.environ.get("CERTQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_HOST = "127.0.0.1"
-#: Redis databases for pipelines; each live pipeline gets its own
-_REDIS_DBS = list(range(1, 13))  # 13 and 15 belong to the rate-limit and API tests
+#: Redis databases for pipelines come from the claim scheme of tests.conftest_redis (atomic, leased);
+#: ``_redis_in_use`` lets a caller keep databases out of this process's choice (test_flower_browser)
+_REDIS_DBS = list(CLAIMABLE)
 _redis_in_use: set[int] = set()
 
 
-def _take_redis_db() -> int:
+def _take_redis_db() -> RedisClaim:
     """A Redis database no other live pipeline uses, in this process or another test run on the
-    machine (a claim key in db 0, expiring in case a run dies without releasing it)."""
-    claims = redis_lib.Redis(host=REDIS_HOST, db=0)
-    for db in _REDIS_DBS:
-        if db in _redis_in_use:
-            continue
-        key = f"certqueue:test-redis-db:{db}"
-        if claims.set(key, os.getpid(), nx=True, ex=3600) or _steal_dead_claim(claims, key):
-            _redis_in_use.add(db)
-            return db
-    raise RuntimeError("no free Redis database for another pipeline")
-
-
-def _steal_dead_claim(claims: redis_lib.Redis, key: str) -> bool:
-    """Take over a claim whose process is gone (a run that was killed before its teardown)."""
-    owner = claims.get(key)
-    try:
-        pid = int(owner or 0)
-        if pid <= 0:
-            return False
-        os.kill(pid, 0)
-        return False  # alive: really in use
-    except ProcessLookupError:
-        claims.set(key, os.getpid(), ex=3600)
-        return True
-    except (ValueError, PermissionError):
-        return False
-
-
-def _release_redis_db(db: int) -> None:
-    redis_lib.Redis(host=REDIS_HOST, db=db).flushdb()  # leave it empty for the next pipeline
-    _redis_in_use.discard(db)
-    redis_lib.Redis(host=REDIS_HOST, db=0).delete(f"certqueue:test-redis-db:{db}")
+    machine. Raises NoFreeRedisDatabase when all are claimed."""
+    return claim_redis_db(exclude=_redis_in_use)
 
 
 def create_pg_database() -> tuple[str, Callable[[], None]]:
@@ -209,10 +180,10 @@ def build_pipeline(
         url, drop = create_pg_database()
         cleanups.append(drop)
         try:
-            redis_db = _take_redis_db()
-            cleanups.append(lambda: _release_redis_db(redis_db))
-            broker_url = f"redis://{REDIS_HOST}:6379/{redis_db}"
-        except RuntimeError:
+            claim = _take_redis_db()
+            cleanups.append(claim.release)
+            redis_db, broker_url = claim.db, claim.url
+        except NoFreeRedisDatabase:
             # every database of the machine's Redis is in use by live pipelines: a private one
             from certqueue.devstack.servers import PrivateRedis
 

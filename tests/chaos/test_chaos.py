@@ -15,9 +15,11 @@ wildcards through DNS-01).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +62,9 @@ class Chaos:
     edge: Path
     ids: list[str] = field(default_factory=list)
     expect_failed: set[str] = field(default_factory=set)
+    #: certificates whose ``certqueue.issue`` could not be published (the broker was down): they are
+    #: durable in the database, and only the reconciler can start them
+    unpublished: list[str] = field(default_factory=list)
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def request_batch(self, n: int, prefix: str, bad: tuple[str, ...] = ()) -> None:
@@ -93,7 +98,7 @@ class Chaos:
         try:
             lazy_app.get().send_task("certqueue.issue", args=[{"v": 1, "certificate_id": cid}], queue="acme")
         except Exception:
-            pass
+            self.unpublished.append(cid)  # publishing is a nudge; the reconciler relays (counted below)
         return cid
 
     def states(self) -> dict[str, str]:
@@ -205,6 +210,11 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
     try:
         pg = PrivatePostgres().start()
         cleanups.append(pg.stop)
+        # PrivatePostgres runs with synchronous_commit=off (fast, for benchmarks): a crash then loses
+        # commits already acknowledged, and the PostgreSQL case would "lose" certificates the API had
+        # confirmed. A database-level setting outranks the server's command line: commits here are
+        # durable against a process crash, as on a production server.
+        _pg(pg, "ALTER DATABASE postgres SET synchronous_commit = on")
         redis = PrivateRedis().start()
         cleanups.append(redis.stop)
         records = {"example.test": [f"{b} IN A 127.0.0.3" for b in BAD_NAMES]}
@@ -278,10 +288,102 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
         lazy_app.reset()
 
 
-def _in_background(fn: Callable[[], None]) -> threading.Thread:
-    t = threading.Thread(target=fn, daemon=True)
-    t.start()
-    return t
+@dataclass
+class Driver:
+    """A request driver on a thread whose exception is kept, not lost in the thread."""
+
+    thread: threading.Thread
+    error: BaseException | None = None
+
+    def finish(self, timeout: float) -> None:
+        """Wait for the driver; fail if it is still running or if it raised."""
+        self.thread.join(timeout=timeout)
+        assert not self.thread.is_alive(), f"the request driver did not finish within {timeout}s"
+        if self.error is not None:
+            raise AssertionError(f"the request driver failed: {self.error!r}") from self.error
+
+
+def _in_background(fn: Callable[[], None]) -> Driver:
+    driver = Driver(threading.Thread(daemon=True, name="chaos-driver", target=lambda: None))
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            driver.error = exc
+
+    driver.thread = threading.Thread(target=run, daemon=True, name="chaos-driver")
+    driver.thread.start()
+    return driver
+
+
+def _await(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.1)
+
+
+def _ready_messages(c: Chaos) -> int:
+    """Messages waiting in the broker's queues (lists), not yet taken by any worker: a Redis restart
+    loses exactly these (the private Redis keeps nothing on disk)."""
+    import redis
+
+    client = redis.Redis.from_url(c.redis.url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        return sum(int(client.llen(k)) for k in client.scan_iter(count=1000) if client.type(k) == b"list")
+    except redis.RedisError:
+        return 0
+    finally:
+        client.close()
+
+
+_RECONCILE_RESULT = re.compile(r"certqueue\.scan\.reconcile\[[^\]]+\] succeeded in [0-9.e-]+s: (\{.*?\})")
+
+
+def _reconciler_resumed(c: Chaos) -> int:
+    """How much work the reconciler re-dispatched, summed over its runs (the ``resumed`` of each
+    ``certqueue.scan.reconcile`` result, as the worker logs it)."""
+    total = 0
+    for m in _RECONCILE_RESULT.finditer(c.stack.all_logs()):
+        result = ast.literal_eval(m.group(1))
+        total += int(result["resumed"])
+    return total
+
+
+def _pg(pg: PrivatePostgres, sql: str) -> Any:
+    import psycopg
+
+    url = pg.url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(url, autocommit=True, connect_timeout=3) as conn:
+        cur = conn.execute(sql)
+        row = cur.fetchone() if cur.description else (None,)
+        assert row is not None
+        return row[0]
+
+
+def _app_connections(c: Chaos) -> int:
+    """Connections of certqueue's processes to the database (this probe's own excluded)."""
+    try:
+        return int(
+            _pg(
+                c.pg,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            )
+        )
+    except Exception:
+        return 0
+
+
+def _pg_started_at(c: Chaos, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _pg(c.pg, "SELECT pg_postmaster_start_time()")
+        except Exception:
+            assert time.monotonic() < deadline, "PostgreSQL did not come back"
+            time.sleep(0.2)
 
 
 def test_sigkill_random_workers_while_issuing(chaos: Chaos):
@@ -304,7 +406,8 @@ def test_sigkill_random_workers_while_issuing(chaos: Chaos):
             chaos.stack.kill(name)  # the whole worker: its unacked messages wait for the reconciler
             chaos.stack.start_worker(pool, regions=regions, concurrency=conc, name=name)
         kills += 1
-    driver.join(timeout=120)
+    driver.finish(timeout=120)
+    assert len(chaos.ids) == N
     chaos.wait_settled(timeout=300)
     _wait_cleanups(chaos)
     counts = audit(chaos)
@@ -314,22 +417,45 @@ def test_sigkill_random_workers_while_issuing(chaos: Chaos):
 
 def test_redis_restart_mid_run_loses_queued_messages_and_the_reconciler_recovers(chaos: Chaos):
     driver = _in_background(lambda: chaos.request_batch(N, "r"))
-    time.sleep(4)
+    # restart while messages are waiting in the queues (not after a fixed sleep that may miss them)
+    _await(lambda: _ready_messages(chaos) >= 1, timeout=120, what="messages queued in Redis")
+    lost = _ready_messages(chaos)
     chaos.redis.restart(down_seconds=3)  # everything queued in Redis is gone
-    driver.join(timeout=180)
+    assert _ready_messages(chaos) <= lost  # the new Redis did not get the old queues back
+    driver.finish(timeout=180)
+    assert len(chaos.ids) == N
     chaos.wait_settled(timeout=300)
     _wait_cleanups(chaos)
-    print(f"chaos redis: {audit(chaos)}")
+    resumed = _reconciler_resumed(chaos)
+    print(
+        f"chaos redis: {audit(chaos)}, queued messages lost={lost},"
+        f" unpublished={len(chaos.unpublished)}, reconciler resumed={resumed}"
+    )
+    assert lost >= 1, "the restart lost no message: the case tested nothing"
+    assert resumed >= 1, "every certificate settled, but the reconciler resumed none of the lost work"
 
 
 def test_postgres_restart_mid_run(chaos: Chaos):
     driver = _in_background(lambda: chaos.request_batch(N, "p"))
-    time.sleep(4)
+    # crash while the workers are connected and work is in flight, not after a fixed sleep
+    _await(
+        lambda: _app_connections(chaos) >= 2 and "ISSUING" in set(chaos.states().values()),
+        timeout=120,
+        what="workers connected to PostgreSQL with issuance in flight",
+    )
+    started = _pg_started_at(chaos)
+    connections = _app_connections(chaos)
     chaos.pg.restart(mode="immediate")  # a crash: every connection dies mid-transaction
-    driver.join(timeout=180)
+    assert _pg_started_at(chaos) > started, "PostgreSQL was not restarted"
+    driver.finish(timeout=180)
+    assert len(chaos.ids) == N
     chaos.wait_settled(timeout=300)
     _wait_cleanups(chaos)
-    print(f"chaos postgres: {audit(chaos)}")
+    print(
+        f"chaos postgres: {audit(chaos)}, connections killed={connections},"
+        f" reconciler resumed={_reconciler_resumed(chaos)}"
+    )
+    assert connections >= 2
 
 
 @pytest.mark.parametrize("chaos", [{"pebble_env": {"PEBBLE_WFE_NONCEREJECT": "30"}}], indirect=True)

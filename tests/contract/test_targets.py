@@ -19,6 +19,7 @@ import pytest
 
 from certqueue.errors import ConfigError, TargetError
 from certqueue.targets.base import Bundle, load_target, target_names
+from tests.conftest import skip_unless_required
 from tests.conftest_targets import TARGET_NAMES, TargetHarness
 
 pytestmark = pytest.mark.timeout(60)
@@ -345,8 +346,9 @@ def test_local_refuses_unsafe_certificate_ids(local_harness: TargetHarness, test
     assert info.value.reason == "local:invalid"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 def test_local_owner_and_group(local_harness: TargetHarness, issue_bundle: Issue) -> None:
+    if os.geteuid() != 0:
+        skip_unless_required("chown to another user needs root")
     ref = Path(local_harness.make(owner="nobody", group=0).deploy(issue_bundle(), None))
     import pwd
 

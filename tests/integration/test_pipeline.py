@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import select
@@ -267,21 +268,30 @@ def test_no_private_key_in_logs(pg_pipeline):
 
 
 def test_parallel_requests_all_complete(pg_pipeline):
-    ids: list[str] = []
-    lock = threading.Lock()
+    """Ten requests from ten threads at once: every request returns (a thread's exception fails the
+    test, it is not lost in the thread), ten distinct certificates exist, and each one is ACTIVE with
+    exactly one order and one issuance (no request was dropped, merged or ordered twice)."""
+    n = 10
+    names = [f"p{i}.parallel.example.test" for i in range(n)]
+    start = threading.Barrier(n)
 
-    def one(i: int) -> None:
-        cid = pg_pipeline.request([f"p{i}.parallel.example.test"])
-        with lock:
-            ids.append(cid)
+    def one(name: str) -> str:
+        start.wait(timeout=30)  # really at once
+        return pg_pipeline.request([name])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = [pool.submit(one, name) for name in names]
+        ids = [f.result(timeout=120) for f in futures]  # re-raises whatever a thread raised
+    assert len(ids) == n and len(set(ids)) == n
     for cid in ids:
         pg_pipeline.wait_state(cid, "ACTIVE", timeout=120)
+    with session_scope(write=False) as s:
+        rows = s.execute(select(Certificate).where(Certificate.id.in_(ids))).scalars().all()
+        assert sorted(r.domains[0] for r in rows) == names
+        assert {r.state for r in rows} == {"ACTIVE"}
+    for cid in ids:
+        assert len(pg_pipeline.orders(cid)) == 1, f"{cid} was ordered more than once"
+        assert pg_pipeline.count(Issuance, Issuance.certificate_id == cid) == 1
 
 
 def test_embedded_default_pipeline(embedded_pipeline):

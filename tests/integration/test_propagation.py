@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
+import redis
 from sqlalchemy import select
 
 from certqueue.db import session_scope
@@ -176,7 +176,15 @@ def test_region_without_worker_stays_pending_then_completes_without_redeploys(mu
             timeout=90,
             what="two regions",
         )
-        time.sleep(3)  # the stalled region stays pending and the certificate is not ACTIVE
+        # the stalled region's deploy is waiting in its queue (sent, with no consumer): then it is
+        # pending and the certificate not ACTIVE because nothing can run it, not because it is early
+        broker = redis.Redis.from_url(multi.env["CERTQUEUE_BROKER__URL"], socket_timeout=5)
+        queue = "propagate.europe-west1"
+        multi.wait_for(
+            lambda: sum(int(broker.llen(k)) for k in broker.scan_iter(match=queue + "*")) >= 1,
+            timeout=60,
+            what=f"the stalled region's deploy in {queue}",
+        )
         assert _deployments(cid)["europe-west1"].status == "pending"
         assert multi.state(cid) == "ISSUED"
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -43,10 +42,9 @@ from certqueue.models import (
     State,
     utcnow,
 )
+from tests.conftest import skip_unless_required
 from tests.conftest_db import BACKENDS, create_pg_database, drop_pg_database, pg_sqlalchemy_url
-
-REDIS_URL = os.environ.get("CERTQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
+from tests.conftest_redis import process_redis_url
 
 # --- throwaway certificates --------------------------------------------------------------------------
 
@@ -125,7 +123,7 @@ class Api:
         self.tokens = tokens_
         self.tmp = tmp
         self.http = httpx.Client(base_url=base, timeout=15)
-        self.redis = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+        self.redis = redis.Redis.from_url(process_redis_url(), socket_timeout=5, socket_connect_timeout=5)
 
     def call(self, method: str, path: str, *, as_: str | None = "admin", **kw: Any) -> httpx.Response:
         headers = dict(kw.pop("headers", {}))
@@ -180,7 +178,7 @@ def settings_for(tmp: Path, url: str, **extra: Any) -> Settings:
     overrides = {
         "database.url": url,
         "storage.encryption_key_path": str(tmp / "master.key"),
-        "broker.url": REDIS_URL,
+        "broker.url": process_redis_url(),  # a database claimed for this test process
         "multi_region.regions": [{"name": "eu-west", "provider": "local", "directory": str(tmp / "deploy")}],
         **extra,
     }
@@ -772,7 +770,10 @@ def test_fuzz_no_server_errors(fresh: Api) -> None:
     """Schemathesis drives every operation of the published schema (bounded: 30 examples each) with an
     admin token; no answer may be a 5xx. (Driven through hypothesis directly: schemathesis' pytest
     plugin does not load under pytest 9.)"""
-    schemathesis = pytest.importorskip("schemathesis")
+    try:
+        import schemathesis
+    except ImportError:
+        skip_unless_required("schemathesis not installed (it is in the dev extra: make install)")
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
     from schemathesis.checks import not_a_server_error

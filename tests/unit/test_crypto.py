@@ -24,10 +24,19 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certqueue import crypto
 from certqueue.errors import InvalidInput
+from tests.conftest import skip_unless_required
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 OPENSSL = shutil.which("openssl")
-needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed")
+
+
+@pytest.fixture
+def openssl_cli() -> None:
+    if OPENSSL is None:
+        skip_unless_required("openssl CLI not installed (apt-get install openssl)")
+
+
+needs_openssl = pytest.mark.usefixtures("openssl_cli")
 
 
 # --- a throwaway CA -----------------------------------------------------------------------------

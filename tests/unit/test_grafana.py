@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +20,8 @@ from certqueue.config import load_settings, set_settings
 from certqueue.db import dispose_all, session_scope
 from certqueue.lifecycle import states
 from certqueue.models import Certificate, Deployment, Issuance, RateBudget, utcnow
+from tests.conftest_redis import process_redis_url
 
-REDIS_URL = os.environ.get("CERTQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "CertificateMonitoring.json"
 RECORDING_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "recording_rules.yml"
 
@@ -77,7 +76,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
     url = f"sqlite:///{tmp / 'g.db'}"
     set_settings(
         load_settings(
-            overrides={"database.url": url, "broker.url": REDIS_URL}, directory=tmp, environ={}
+            overrides={"database.url": url, "broker.url": process_redis_url()}, directory=tmp, environ={}
         ).settings
     )
     migrate.upgrade(url)

@@ -30,8 +30,8 @@ from certqueue.db import session_scope
 from certqueue.devstack.ports import free_port
 from certqueue.lifecycle import states
 from certqueue.models import Certificate, Deployment, Issuance, RateBudget, State, utcnow
+from tests.conftest_redis import process_redis_url
 
-REDIS_URL = os.environ.get("CERTQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 NOW = utcnow().replace(microsecond=0)
 
 _CA_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -75,7 +75,7 @@ def install(db_url: str, settings_factory: Callable[..., Settings]) -> Callable[
     """Install settings for the test database (SQLite, and PostgreSQL when reachable) and Redis."""
 
     def make(**extra: Any) -> Settings:
-        return settings_factory(database_url=db_url, **{"broker.url": REDIS_URL, **extra})
+        return settings_factory(database_url=db_url, **{"broker.url": process_redis_url(), **extra})
 
     make()
     return make
@@ -327,7 +327,7 @@ def test_empty_database_exposes_every_state_and_zero_counters(db: Path) -> None:
 
 
 def test_queue_depth_from_redis(db: Path, install: Callable[..., Settings]) -> None:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    client = redis.Redis.from_url(process_redis_url(), socket_timeout=5)
     base = metrics.queue_depths(install())
     assert base is not None and {"scan", "acme", "dns"} <= set(base)
     marker = [f"metrics-test-{time.time_ns()}-{i}" for i in range(3)]

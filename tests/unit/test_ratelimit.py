@@ -1,13 +1,13 @@
 """certqueue.acme.ratelimit: budget keys (pure), GCRA decisions with a fake clock, on every backend.
 
-Each scenario runs on the in-process backend, Redis (127.0.0.1:6379, db 13, flushed), SQLite (a
+Each scenario runs on the in-process backend, Redis (127.0.0.1:6379, a database claimed
+for the test through tests.conftest_redis), SQLite (a
 migrated temp file) and PostgreSQL (skipped without a server unless CERTQUEUE_REQUIRE_POSTGRES is set).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,7 +49,6 @@ OTHER_CA = "https://other-ca.test/directory"
 T0 = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 H = 3600.0
 DAY = 86400.0
-REDIS_DB = 13
 
 
 class FakeClock:
@@ -303,20 +302,6 @@ BACKENDS = ["memory", "redis", "sqlite", pytest.param("postgres", marks=pytest.m
 MakeLimiter = Callable[[RateLimitPolicy], RateLimiter]
 
 
-def _redis_client() -> Any:
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=5, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        msg = f"Redis not reachable at 127.0.0.1:6379: {exc}"
-        if os.environ.get("CERTQUEUE_REQUIRE_REDIS") or os.environ.get("CERTQUEUE_REQUIRE_POSTGRES"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-    return client
-
-
 @pytest.fixture(params=BACKENDS)
 def make_limiter(
     request: pytest.FixtureRequest, settings_factory: Callable[..., Settings]
@@ -326,10 +311,9 @@ def make_limiter(
         yield MemoryRateLimiter
         return
     if backend == "redis":
-        client = _redis_client()
-        client.flushdb()
+        claim = request.getfixturevalue("redis_db")  # a fresh database of this test's own
+        client = claim.client()
         yield lambda policy: RedisRateLimiter(client, "certqueue-test:rl", policy)
-        client.flushdb()
         client.close()
         return
     url = str(request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url"))

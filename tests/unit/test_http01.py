@@ -1,0 +1,179 @@
+"""The HTTP-01 responder (certqueue.http01) against a real database (SQLite and PostgreSQL) and its
+real HTTP server on a free loopback port: only well-formed, stored, unexpired tokens are answered."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from certqueue import http01
+from certqueue.config import Settings
+from certqueue.db import session_scope
+from certqueue.models import Http01Token, utcnow
+
+GOOD = "tok_" + "A" * 12 + "-_z9"  # 20 characters of the base64url alphabet
+KEY_AUTH = GOOD + ".thumbprint-of-the-account-key"
+
+Store = Callable[..., None]
+Get = Callable[[str], tuple[int, str, bytes]]
+
+
+@pytest.fixture
+def store(db_settings: Settings) -> Store:
+    def put(token: str, key_authorization: str = KEY_AUTH, *, expires_at: dt.datetime | None = None) -> None:
+        with session_scope() as s:
+            s.add(
+                Http01Token(
+                    token=token,
+                    key_authorization=key_authorization,
+                    certificate_id="cert_http01test",
+                    challenge_id=None,
+                    expires_at=expires_at or utcnow() + dt.timedelta(hours=1),
+                )
+            )
+
+    return put
+
+
+@pytest.fixture
+def get(db_settings: Settings) -> Iterator[Get]:
+    """GET a path from a real responder on a free port: (status, content type, body)."""
+    srv, thread = http01.start_in_thread("127.0.0.1", 0)
+    port = srv.server_address[1]
+
+    def fetch(path: str) -> tuple[int, str, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.getheader("Content-Length") == str(len(body))
+            return resp.status, str(resp.getheader("Content-Type")), body
+        finally:
+            conn.close()
+
+    yield fetch
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    # checked after the shutdown (a failing check must not leave it running): a named daemon
+    # thread, so the responder never keeps a stopping process alive
+    assert thread.daemon and thread.name == "http01"
+
+
+def test_a_stored_live_token_is_served_with_its_key_authorization(store: Store, get: Get) -> None:
+    store(GOOD)
+    assert http01.lookup(GOOD) == KEY_AUTH
+    status, ctype, body = get(http01.PREFIX + GOOD)
+    assert (status, ctype, body) == (200, "application/octet-stream", KEY_AUTH.encode())
+    # a query string does not change the token asked for, whatever it holds
+    assert get(http01.PREFIX + GOOD + "?x=1")[::2] == (200, KEY_AUTH.encode())
+    assert get(http01.PREFIX + GOOD + "?x=1?y=2")[::2] == (200, KEY_AUTH.encode())
+
+
+def test_an_unknown_token_is_404(store: Store, get: Get) -> None:
+    store(GOOD)
+    other = "B" * 20
+    assert http01.lookup(other) is None
+    assert get(http01.PREFIX + other) == (404, "text/plain", b"not found\n")
+
+
+def test_an_expired_token_is_not_served(store: Store, get: Get) -> None:
+    store(GOOD, expires_at=utcnow() - dt.timedelta(seconds=1))
+    assert http01.lookup(GOOD) is None
+    assert get(http01.PREFIX + GOOD)[0] == 404
+
+
+def test_a_token_stops_being_served_at_its_expiry_instant(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The boundary, with the responder's clock fixed: served a microsecond before, not at it."""
+    expiry = utcnow().replace(microsecond=0) + dt.timedelta(minutes=5)
+    store(GOOD, expires_at=expiry)
+    monkeypatch.setattr(http01, "utcnow", lambda: expiry - dt.timedelta(microseconds=1))
+    assert http01.lookup(GOOD) == KEY_AUTH
+    monkeypatch.setattr(http01, "utcnow", lambda: expiry)
+    assert http01.lookup(GOOD) is None
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "A" * 15,  # too short
+        "A" * 19 + ".",  # a character outside base64url
+        "A" * 19 + "=",  # padding is not part of an ACME token
+        "A" * 19 + "/",
+        "A" * 19 + "\n",
+    ],
+)
+def test_a_malformed_token_is_refused_even_when_a_row_has_it(store: Store, get: Get, token: str) -> None:
+    """The format check is the responder's own, not the database's: a stored row with a malformed
+    token (written by anything) is still never answered."""
+    store(token)
+    assert http01.lookup(token) is None
+    if "\n" not in token:
+        assert get(http01.PREFIX + token)[0] == 404
+
+
+def test_a_token_longer_than_256_is_refused(get: Get) -> None:
+    assert http01.lookup("A" * 257) is None
+    assert get(http01.PREFIX + "A" * 257)[0] == 404
+
+
+@pytest.mark.parametrize("length", [16, 256])
+def test_tokens_at_the_length_limits_are_served(store: Store, length: int) -> None:
+    token = "a" * length
+    store(token)
+    assert http01.lookup(token) == KEY_AUTH
+
+
+def test_health_and_other_paths(get: Get, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="certqueue.http01")
+    assert get("/health") == (200, "application/octet-stream", b"ok\n")
+    not_found = (404, "text/plain", b"not found\n")
+    assert get("/") == not_found
+    assert get("/.well-known/acme-challenge") == not_found  # the prefix without its slash
+    assert get("/other/" + GOOD) == not_found
+    # each request is logged at DEBUG as "<client> <request line> <status> ..."
+    lines = [r.getMessage() for r in caplog.records if r.name == "certqueue.http01"]
+    assert any(line.startswith('127.0.0.1 "GET /health HTTP/1.1" 200') for line in lines), lines
+
+
+def test_a_database_failure_answers_503_not_404(
+    get: Get,
+    settings_factory: Callable[..., Settings],
+    tmp_path_factory: pytest.TempPathFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broken database must not look like "no such token" (the CA would fail the validation)."""
+    missing = tmp_path_factory.mktemp("gone") / "no-such-dir" / "db.sqlite"
+    settings_factory(database_url=f"sqlite:///{missing}")
+    with caplog.at_level(logging.ERROR, logger="certqueue.http01"):
+        status, ctype, body = get(http01.PREFIX + GOOD)
+    assert (status, ctype, body) == (503, "text/plain", b"unavailable\n")
+    (record,) = [r for r in caplog.records if r.name == "certqueue.http01" and r.levelno == logging.ERROR]
+    assert record.getMessage() == "token lookup failed" and record.exc_info is not None
+
+
+def test_a_lookup_takes_no_write_lock(
+    sqlite_url: str, settings_factory: Callable[..., Settings], get: Get
+) -> None:
+    """On SQLite the responder only reads: it answers while a worker holds the write lock, instead
+    of queueing behind it (the CA's validation request would time out)."""
+    settings_factory(database_url=sqlite_url)
+    with session_scope() as s:
+        s.add(Http01Token(token=GOOD, key_authorization=KEY_AUTH, certificate_id="cert_x",
+                          challenge_id=None, expires_at=utcnow() + dt.timedelta(hours=1)))  # fmt: skip
+    writer = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=1)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # the database's write lock, held
+        assert get(http01.PREFIX + GOOD)[::2] == (200, KEY_AUTH.encode())
+    finally:
+        writer.rollback()
+        writer.close()

@@ -1,0 +1,159 @@
+"""certqueue.dns.propagation with a zone served by TWO authoritative nameservers that disagree.
+
+Every BIND test zone has one nameserver, so "visible only when every authoritative server answers
+the value" was never tested (a mutant calling it visible when any one server had it survived). Here
+the zone ``multi.test`` has ``ns1`` at 127.0.0.1 and ``ns2`` at 127.0.0.2, both on one free port
+(the check asks every nameserver on ``Resolver.nameserver_port``). Each is a small authoritative
+server written for this test on dnspython (real UDP, real wire format): ns2 stands for a secondary
+that has not caught up yet.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from certqueue.devstack.ports import free_tcp_udp_port
+from certqueue.dns.propagation import check_visible
+from certqueue.dns.zones import Resolver
+
+ZONE = "multi.test"
+NAME = f"_acme-challenge.www.{ZONE}"
+STATIC = {
+    (ZONE, "SOA"): [f"ns1.{ZONE}. hostmaster.{ZONE}. 1 3600 600 86400 1"],
+    (ZONE, "NS"): [f"ns1.{ZONE}.", f"ns2.{ZONE}."],
+    (f"ns1.{ZONE}", "A"): ["127.0.0.1"],
+    (f"ns2.{ZONE}", "A"): ["127.0.0.2"],
+}
+
+
+@dataclass
+class Authority:
+    """One authoritative-only server for ``multi.test`` on (address, port), UDP."""
+
+    address: str
+    port: int
+    txt: dict[str, list[str]] = field(default_factory=dict)
+    queries: int = 0
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((self.address, self.port))
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True, name=f"dns-{self.address}")
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wire, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.queries += 1
+            self.sock.sendto(self._answer(dns.message.from_wire(wire)).to_wire(), peer)
+
+    def _answer(self, query: dns.message.Message) -> dns.message.Message:
+        resp = dns.message.make_response(query)
+        q = query.question[0]
+        name = q.name.to_text(omit_final_dot=True).lower()
+        if not (name == ZONE or name.endswith("." + ZONE)):
+            resp.set_rcode(dns.rcode.REFUSED)
+            return resp
+        resp.flags |= dns.flags.AA
+        rdtype = dns.rdatatype.to_text(q.rdtype)
+        values = self.txt.get(name, []) if rdtype == "TXT" else STATIC.get((name, rdtype), [])
+        if rdtype == "TXT":
+            values = [f'"{v}"' for v in values]
+        if values:
+            resp.answer.append(dns.rrset.from_text(q.name, 60, "IN", rdtype, *values))
+        else:  # NODATA: the zone's SOA in the authority section
+            resp.authority.append(
+                dns.rrset.from_text(dns.name.from_text(ZONE + "."), 60, "IN", "SOA", *STATIC[(ZONE, "SOA")])
+            )
+        return resp
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[Authority, Authority, Resolver]]:
+    for _ in range(20):  # one port free on both addresses
+        port = free_tcp_udp_port()
+        try:
+            ns1 = Authority("127.0.0.1", port)
+        except OSError:
+            continue
+        try:
+            ns2 = Authority("127.0.0.2", port)
+        except OSError:
+            ns1.stop()
+            continue
+        break
+    else:
+        pytest.fail("no UDP port free on both 127.0.0.1 and 127.0.0.2")
+    resolver = Resolver(nameservers=(f"127.0.0.1:{port}",), nameserver_port=port, timeout=1.0, lifetime=3.0)
+    try:
+        yield ns1, ns2, resolver
+    finally:
+        ns1.stop()
+        ns2.stop()
+
+
+def test_the_zone_really_has_two_nameservers(servers: tuple[Authority, Authority, Resolver]) -> None:
+    ns1, ns2, resolver = servers
+    ns1.txt[NAME] = ns2.txt[NAME] = ["v"]
+    result = check_visible(NAME, "v", resolver_cfg=resolver)
+    assert [(a.host, a.address) for a in result.answers] == [
+        (f"ns1.{ZONE}", "127.0.0.1"),
+        (f"ns2.{ZONE}", "127.0.0.2"),
+    ]
+    assert result.zone == ZONE and result.visible and result.reason == ""
+    assert ns2.queries >= 1  # the second server was asked, not only the one the resolver knows
+
+
+@pytest.mark.parametrize("lagging", ["ns1", "ns2"])
+def test_a_value_on_one_nameserver_only_is_not_visible(
+    servers: tuple[Authority, Authority, Resolver], lagging: str
+) -> None:
+    """A secondary that has not caught up: the CA may ask it, so the value is not visible yet."""
+    ns1, ns2, resolver = servers
+    behind, ahead = (ns1, ns2) if lagging == "ns1" else (ns2, ns1)
+    ahead.txt[NAME] = ["token-value"]
+    result = check_visible(NAME, "token-value", resolver_cfg=resolver)
+    assert not result.visible
+    assert f"{lagging}.{ZONE} ({behind.address}:{behind.port}): no TXT record" in result.reason
+    assert [a.has("token-value") for a in result.answers] == [lagging == "ns2", lagging == "ns1"]
+
+    behind.txt[NAME] = ["an-older-value"]  # the secondary serves a stale rrset
+    stale = check_visible(NAME, "token-value", resolver_cfg=resolver)
+    assert not stale.visible and "1 other value(s)" in stale.reason
+
+    behind.txt[NAME] = ["an-older-value", "token-value"]  # caught up
+    assert check_visible(NAME, "token-value", resolver_cfg=resolver).visible
+
+
+def test_a_nameserver_that_does_not_answer_keeps_the_value_invisible(
+    servers: tuple[Authority, Authority, Resolver],
+) -> None:
+    ns1, ns2, resolver = servers
+    ns1.txt[NAME] = ns2.txt[NAME] = ["v"]
+    ns2.stop()  # ns2 gone: its address no longer answers
+    result = check_visible(NAME, "v", resolver_cfg=resolver)
+    assert not result.visible
+    assert f"ns2.{ZONE} (127.0.0.2:{ns2.port}):" in result.reason and "timeout" in result.reason
