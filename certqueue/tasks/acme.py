@@ -421,11 +421,16 @@ def status(self: CertqueueTask, payload: Any, _transient: int = 0) -> Any:
 
 def _send_after(ctx: StepContext) -> None:
     """What a committed step asked for: its follow-ups, its replacement (a chord: sent as it is,
-    since a batch does not replace itself), and a nudge."""
-    for sig in ctx.follow_ups:
-        sig.apply_async()
-    if ctx.replacement is not None:
-        ctx.replacement.apply_async()
+    since a batch does not replace itself), and a nudge. The step is committed: a broker that is
+    down loses only the messages, and the certificate's deadline has the reconciler resend them,
+    so a failed send never fails the certificate."""
+    try:
+        for sig in ctx.follow_ups:
+            sig.apply_async()
+        if ctx.replacement is not None:
+            ctx.replacement.apply_async()
+    except Exception as exc:  # noqa: BLE001  (committed work: the reconciler resends it)
+        log.warning("batch: follow-up not sent (%s); the reconciler resends it", type(exc).__name__)
     send_nudges(ctx)
 
 
@@ -484,9 +489,14 @@ def _issue_one(task: CertqueueTask, job: dict[str, Any], window: float) -> str:
             _send_after(pctx)
             return "failed"
         # transient (or a key-store error, which stops the worker there): the single step resumes
-        signature("certqueue.acme.start", args=(job,), immutable=True).apply_async(
-            countdown=decision.delay if decision.action is failure.Action.RETRY else 0
-        )
+        try:
+            signature("certqueue.acme.start", args=(job,), immutable=True).apply_async(
+                countdown=decision.delay if decision.action is failure.Action.RETRY else 0
+            )
+        except Exception as send_exc:  # noqa: BLE001  (the broker is down too: its deadline resumes it)
+            log.warning(
+                "batch: %s not handed off (%s); the reconciler resumes it", cid, type(send_exc).__name__
+            )
         return "handed_off"
 
 

@@ -95,6 +95,8 @@ def classify(exc: BaseException) -> CertqueueError:
         return RetryableError("database unavailable", reason="database")
     if _is_redis_outage(exc):
         return RetryableError(f"Redis unavailable: {type(exc).__name__}", reason="redis")
+    if _is_broker_outage(exc):
+        return RetryableError(f"broker unavailable: {type(exc).__name__}", reason="broker")
     if isinstance(exc, ConnectionError | TimeoutError | OSError):
         return RetryableError(f"network error: {type(exc).__name__}", reason="network")
     return PermanentError(f"internal error: {type(exc).__name__}", reason="internal")
@@ -108,6 +110,13 @@ def kind_of(exc: CertqueueError) -> failure.Kind:
     if isinstance(exc, RetryableError):
         return failure.Kind.TRANSIENT
     return failure.Kind.PERMANENT
+
+
+def _is_broker_outage(exc: BaseException) -> bool:
+    """kombu's own connection errors (a publish to a broker that is down) are not OSErrors."""
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    return isinstance(exc, KombuOperationalError)
 
 
 def _is_redis_outage(exc: BaseException) -> bool:

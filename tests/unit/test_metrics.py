@@ -545,14 +545,14 @@ def test_latencies_recorded_by_one_process_are_served_by_another(
 ) -> None:
     """Workers record into Redis; the exporter (any process) reads the sum of every worker's."""
     settings = install()
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(process_redis_url())
     client.delete(
         "certqueue:metrics:certqueue_task_duration_seconds",
         "certqueue:metrics:certqueue_acme_request_duration_seconds",
     )
     code = (
         "from certqueue import metrics; from certqueue.config import configure;"
-        f"configure({{'broker.url': {REDIS_URL!r}}});"
+        f"configure({{'broker.url': {process_redis_url()!r}}});"
         "[metrics.observe('certqueue_task_duration_seconds', ['certqueue.t'], x) for x in (0.004, 0.2, 3.0)];"
         "metrics.observe_acme_request('https://ca.example.test/directory',"
         " 'https://ca.example.test/acme/authz/12', 0.07)"
@@ -605,7 +605,7 @@ def test_oldest_message_age_from_the_sent_at_header(db: Path, install: Callable[
     settings = install(
         **{"multi_region.regions": [{"name": "age-test-1", "provider": "local", "path": "/tmp/x"}]}
     )
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(process_redis_url())
     queue = "propagate.age-test-1"
     client.delete(queue)
     client.lpush(queue, json.dumps({"headers": {metrics.SENT_AT_HEADER: time.time() - 120}}))
@@ -622,7 +622,7 @@ def test_oldest_message_age_from_the_sent_at_header(db: Path, install: Callable[
     from celery import Celery
 
     metrics.install_celery_hooks()
-    app = Celery("age", broker=REDIS_URL, set_as_current=False)
+    app = Celery("age", broker=process_redis_url(), set_as_current=False)
     app.send_task("certqueue.nothing", queue=queue)
     try:
         (raw,) = client.lrange(queue, 0, -1)
