@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-integration lint services install bench flower clean mutation
+.PHONY: demo test test-random test-unit test-integration lint services install bench flower clean mutation
 
 # every dependency pinned with its hash (requirements/dev.txt, made by scripts/lock-requirements
 # from pyproject.toml), then certqueue itself, editable, adding nothing unpinned
@@ -31,7 +31,11 @@ demo: install
 test: install services lint
 	CERTQUEUE_REQUIRE_SERVICES=1 CERTQUEUE_REQUIRE_POSTGRES=1 CERTQUEUE_REQUIRE_PROMTOOL=1 \
 		CERTQUEUE_REQUIRE_BROWSER=1 CERTQUEUE_REQUIRE_DEPLOY_TOOLS=1 \
-		$(VENV)/bin/pytest -p no:cacheprovider -q $(PYTEST_ARGS)
+		$(VENV)/bin/pytest -p no:cacheprovider -p no:randomly -q $(PYTEST_ARGS)
+
+## make test-random: unit and contract tests in random order on two xdist workers (isolation check)
+test-random: install
+	$(VENV)/bin/pytest -p no:cacheprovider -q -n 2 tests/unit tests/contract $(PYTEST_ARGS)
 
 test-unit: install
 	$(VENV)/bin/pytest -q tests/unit tests/contract $(PYTEST_ARGS)

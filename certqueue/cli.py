@@ -172,7 +172,12 @@ def _rate_limit_rules(settings: Any) -> list[dict[str, Any]]:
     rl = settings.rate_limits
     named = [d for d, _ in (parse_ca_rule(i) for i in rl.ca_rules) if d != WILDCARD]
     directories = [settings.acme.directory, *settings.acme.fallback_directory_urls, *named]
-    return applied_rules(rules_from_settings(rl), directories)
+    from certqueue.logsafe import mask_url_password
+
+    rules = applied_rules(rules_from_settings(rl), directories)
+    for r in rules:  # a directory URL may carry credentials: never printed
+        r["directory"] = mask_url_password(r["directory"])
+    return rules
 
 
 @config.command("set")

@@ -123,6 +123,7 @@ def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sqlite_url(tmp_path: Path, _sqlite_template: Path) -> str:
     path = tmp_path / "certqueue.db"
     shutil.copyfile(_sqlite_template, path)
+    os.chmod(path, 0o600)  # as certqueue creates it (a wider mode is warned about)
     return f"sqlite:///{path}"
 
 

@@ -19,9 +19,10 @@ from sqlalchemy import select
 
 from certqueue import db, keyrotation
 from certqueue.config import Settings
+from certqueue.errors import KeyStoreError
 from certqueue.keystore import KeyStore
 from certqueue.models import Certificate, Order, utcnow
-from certqueue.tasks.acme import order_key_aad
+from certqueue.tasks.pipeline import order_key_aad
 
 CERT = "cert_retiretest0000001"
 
@@ -100,18 +101,22 @@ def test_a_row_written_under_the_old_key_during_rotation_keeps_that_key(
         return done
 
     monkeypatch.setattr(keyrotation, "reencrypt_all", pass_then_stale_write)
-    report = keyrotation.rotate(path)
+    report = keyrotation.rotate(path)  # phase 1: add the new key, make it active, re-encrypt
 
-    assert report.reencrypted == 3
-    assert old_kid not in report.retired
+    assert report.reencrypted == 3 and report.retired == []
     store = KeyStore.from_file(path)
     assert old_kid in store.kids  # still there: a row needs it
     assert _read_all(store) == {report.new_kid: 3, old_kid: 1}  # every row still readable
+    # phase 2 refuses while a row is under the old key, and changes nothing
+    with pytest.raises(KeyStoreError, match="rows are still under key"):
+        keyrotation.retire(path)
+    assert old_kid in KeyStore.from_file(path).kids
 
-    # a later run re-encrypts the straggler, and only then retires the old key
+    # a resumed pass re-encrypts the straggler; only then may the old key go
     monkeypatch.setattr(keyrotation, "reencrypt_all", real_pass)
     again = keyrotation.rotate(path, resume_only=True)
-    assert again.reencrypted == 1 and again.retired == [old_kid]
+    assert again.reencrypted == 1
+    assert keyrotation.retire(path) == [old_kid]
     store = KeyStore.from_file(path)
     assert old_kid not in store.kids
     assert _read_all(store) == {report.new_kid: 4}

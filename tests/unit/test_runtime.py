@@ -107,7 +107,7 @@ ATTACK_REGION = [
         ({"challenges.rfc2136": {"nameserver": "198.51.100.1"}}, "endpoints"),
         ({"challenges.dns_provider": "route53"}, "cannot be changed at runtime"),
         ({"monitoring.bind": "0.0.0.0"}, "cannot be changed at runtime"),
-        ({"enabled": False}, "cannot be changed at runtime"),
+        ({"enabled": False}, "unknown key"),  # not a setting at all (issue 14): refused the same
         ({"automation.renewal_threshold_days": [45]}, "a number or true/false"),
         ({"automation.renewal_threshold_days": "45"}, "a number or true/false"),
     ],
