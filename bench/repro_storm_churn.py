@@ -45,13 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     diag.ROOT = None
     out = run_storm(args)
-    per = (out.get("executions_per_renewal") or {}).get("certqueue.renew")
+    # every execution of a task that starts (or retries starting) an order, per renewal: the landed
+    # pipeline's capped renewals spun through certqueue.renew; pipeline v2 starts them in batches
+    # (certqueue.acme.issue_batch, a handful of certificates each) and hands stragglers to
+    # certqueue.acme.start
+    per_task = out.get("executions_per_renewal") or {}
+    starting = [
+        per_task.get(t) for t in ("certqueue.renew", "certqueue.acme.start", "certqueue.acme.issue_batch")
+    ]
+    per = sum(x for x in starting if x is not None) if any(x is not None for x in starting) else None
     summary = {
         "status": out["status"],
         "renewed": out["renewed"],
         "certificates": out["certificates"],
         "cap": own.cap,
-        "renew_executions_per_renewal": per,
+        "order_starting_executions_per_renewal": per,
+        "executions_per_renewal": per_task,
         "task_outcomes": out.get("task_outcomes"),
         "open_orders_db_vs_ca": [
             {

@@ -22,6 +22,8 @@ log = logging.getLogger("certqueue.nudge")
 DISPATCH_TASK = "certqueue.scan.dispatch"
 #: the shortest gap between two nudges from one process (trailing edge: the last one is never lost)
 MIN_INTERVAL = 0.2
+#: the longest one nudge may wait for the broker (seconds); beat's dispatch heartbeat covers the rest
+SEND_TIMEOUT = 2.0
 
 
 class _Nudger:
@@ -68,7 +70,11 @@ class _Nudger:
                 from certqueue.client import app_for_sending
 
                 app = app_for_sending()
-            app.send_task(DISPATCH_TASK, queue="scan", retry=False, expires=300)
+            # a connection of its own that gives up at once: with the broker down, kombu's default
+            # (up to 100 reconnects) would hold this thread for minutes and swallow later nudges
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=0, timeout=SEND_TIMEOUT)
+                app.send_task(DISPATCH_TASK, queue="scan", retry=False, expires=300, connection=conn)
             self.sent += 1
         except Exception as exc:  # noqa: BLE001  (best effort by design: beat dispatches anyway)
             now = time.monotonic()
@@ -118,10 +124,25 @@ def nudge_later(seconds: float) -> None:
         try:
             from certqueue.client import app_for_sending
 
-            app_for_sending().send_task(
-                DISPATCH_TASK, queue="scan", retry=False, countdown=seconds, expires=seconds + 300
-            )
+            app = app_for_sending()
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=0, timeout=SEND_TIMEOUT)
+                app.send_task(
+                    DISPATCH_TASK,
+                    queue="scan",
+                    retry=False,
+                    countdown=seconds,
+                    expires=seconds + 300,
+                    connection=conn,
+                )
         except Exception as exc:  # noqa: BLE001  (best effort: beat dispatches anyway)
             log.warning("delayed dispatch nudge not sent (%s)", type(exc).__name__)
 
     threading.Thread(target=send, name="certqueue-nudge-later", daemon=True).start()
+
+
+def reset() -> None:
+    """Forget this process's nudgers (tests: a nudger must not outlive the broker it was sending to)."""
+    global _nudger, _later_due
+    _nudger = _Nudger()
+    _later_due = 0.0

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import pytest
 
-from certqueue import certificates, config, db, failpoints, metrics, runtime
+from certqueue import certificates, config, db, failpoints, metrics, nudge, runtime
 from certqueue.acme import accounts
 from certqueue.acme import client as acme_client
 from certqueue.celery_app import lazy_app
@@ -73,6 +73,9 @@ def reset_process_caches() -> None:
     acme_client.clear_directory_cache()
     accounts.forget_cache()
     failpoints._points = None
+    nudge.reset()
+    with metrics._store_lock:
+        metrics._pending.clear()  # observations of an earlier test are not flushed into this one
 
 
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
