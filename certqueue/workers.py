@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from certqueue import embedded_broker
 from certqueue.celery_app import lazy_app, region_queue
 from certqueue.config import get_settings
 from certqueue.errors import ConfigError
@@ -71,11 +70,13 @@ def run_worker(
     loglevel: str | None = None,
     hostname: str | None = None,
 ) -> None:
-    """A worker pool. On the embedded default it runs under ``supervise`` (as beat always does):
-    nothing else restarts it there, and a worker that died left every queue unserved. With a
-    server broker the process manager (systemd, Kubernetes) restarts it and sees it crash."""
+    """A worker pool, under ``supervise`` (as beat is): a worker that dies is started again with
+    backoff. On the embedded default nothing else would restart it; with Redis, kombu can take the
+    whole worker down on a broker restart (an ack on the lost connection: "Unrecoverable error:
+    AttributeError ... hostname"), and the queue would stay unserved until the process manager
+    noticed."""
     spec = pool_spec(pool, regions)  # bad options fail here, before any child is started
-    if os.environ.get(WORKER_CHILD_ENV) or not embedded_broker.is_embedded(get_settings().broker.url):
+    if os.environ.get(WORKER_CHILD_ENV):
         _run_worker_now(spec, pool, regions, concurrency=concurrency, loglevel=loglevel, hostname=hostname)
         return
     raise SystemExit(supervise("worker", WORKER_CHILD_ENV, restart_clean_exit=False))

@@ -124,13 +124,19 @@ class Stack:
     def all_logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted((self.workdir / "logs").glob("*.log")))
 
+    def direct_children(self, name: str) -> list[int]:
+        """The processes ``name`` started itself (a supervisor's: the one worker process)."""
+        return _children_of(self.procs[name].pid)
+
     def children(self, name: str) -> list[int]:
-        proc = self.procs[name]
-        try:
-            text = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
-        except FileNotFoundError:
-            return []
-        return [int(x) for x in text.split()]
+        """The pool processes of a worker: through its supervisor (one child, the worker's main
+        process), the children of that child."""
+        kids = _children_of(self.procs[name].pid)
+        if len(kids) == 1:
+            grandchildren = _children_of(kids[0])
+            if grandchildren:
+                return grandchildren
+        return kids
 
     def kill_children(self, name: str) -> list[int]:
         pids = self.children(name)
@@ -166,3 +172,11 @@ class Stack:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(x) for x in text.split()]

@@ -145,12 +145,12 @@ def _alive(pid: int) -> bool:
 
 def test_supervisor_restarts_a_killed_worker(embedded: Stack) -> None:
     name = embedded.start_worker("all", concurrency=1)
-    (first,) = embedded.children(name)  # the supervisor's one child: the celery worker process
+    (first,) = embedded.direct_children(name)  # the supervisor's one child: the celery worker process
     mark = (embedded.workdir / "logs" / f"{name}.log").stat().st_size
     os.kill(first, signal.SIGKILL)
     embedded.wait_log(name, "exited unexpectedly (signal 9); restart 1", timeout=30, after=mark)
     embedded.wait_log(name, " ready.", timeout=90, after=mark)
-    (second,) = embedded.children(name)
+    (second,) = embedded.direct_children(name)
     assert second != first and not _alive(first)
     assert _run_status_task().state == "FAILURE"  # the restarted worker runs tasks
     # a requested stop is not a crash: the supervisor stops the worker and exits, no restart

@@ -67,7 +67,12 @@ def test_rotation_while_issuing_loses_no_key_and_retire_waits_for_the_worker(fle
     key_path = p.stack.workdir / "master.key"
     k0 = KeyStore.from_file(key_path).active_kid
     p.wait_for(lambda: _kids_reported(p) == {k0}, timeout=60, what="worker heartbeats")
-    assert len([v for v in keyrotation.live_processes() if v.role == "worker:acme"]) >= 2  # main + pool
+    # main + pool: the pool child writes its first heartbeat a moment after the main process
+    p.wait_for(
+        lambda: len([v for v in keyrotation.live_processes() if v.role == "worker:acme"]) >= 2,
+        timeout=60,
+        what="heartbeats of the worker's main and pool processes",
+    )
 
     # 1. rotate while the worker is issuing; keep requesting after the rotation too
     first = [p.request([f"rot{i}.example.test"]) for i in range(6)]
