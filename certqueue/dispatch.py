@@ -177,8 +177,7 @@ def run(
         .join(Certificate, Certificate.id == Intent.certificate_id)
         .where(
             Intent.kind.in_(ORDER_KINDS),
-            ((Intent.status == "pending") & (Intent.not_before <= now))
-            | ((Intent.status == "dispatched") & (Intent.deadline <= now)),
+            intents.ready(now),
         )
         .group_by(Certificate.directory_url)
     ).all()
@@ -216,8 +215,7 @@ def _claim_order_intents(
             .where(
                 Intent.kind.in_(ORDER_KINDS),
                 Certificate.directory_url == directory_url,
-                ((Intent.status == "pending") & (Intent.not_before <= now))
-                | ((Intent.status == "dispatched") & (Intent.deadline <= now)),
+                intents.ready(now),
             )
             .order_by(Intent.id)
             .limit(limit)
@@ -229,12 +227,7 @@ def _claim_order_intents(
     if is_postgres(session):
         stmt = stmt.with_for_update(skip_locked=True)
     rows = list(session.execute(stmt).scalars())
-    deadline = now + dt.timedelta(seconds=lease)
-    for intent in rows:
-        intent.status = "dispatched"
-        intent.attempts += 1
-        intent.deadline = deadline
-        intent.updated_at = now
+    intents.mark_dispatched(rows, now, lease)
     return rows
 
 

@@ -94,6 +94,24 @@ def record_many(
     return len(certificate_ids)
 
 
+def ready(now: dt.datetime) -> Any:
+    """The intents that may be dispatched at ``now``: pending and due, or dispatched with their
+    lease over (their message was lost or their worker died)."""
+    return or_(
+        (Intent.status == "pending") & (Intent.not_before <= now),
+        (Intent.status == "dispatched") & (Intent.deadline <= now),
+    )
+
+
+def mark_dispatched(rows: Sequence[Intent], now: dt.datetime, lease_seconds: float) -> None:
+    deadline = now + dt.timedelta(seconds=lease_seconds)
+    for intent in rows:
+        intent.status = "dispatched"
+        intent.attempts += 1
+        intent.deadline = deadline
+        intent.updated_at = now
+
+
 def claim(
     session: Session,
     now: dt.datetime,
@@ -105,27 +123,11 @@ def claim(
     """Lock and mark dispatched up to ``limit`` intents of ``kinds`` that may run now."""
     if limit <= 0:
         return []
-    stmt = (
-        select(Intent)
-        .where(
-            Intent.kind.in_(list(kinds)),
-            or_(
-                (Intent.status == "pending") & (Intent.not_before <= now),
-                (Intent.status == "dispatched") & (Intent.deadline <= now),
-            ),
-        )
-        .order_by(Intent.id)
-        .limit(limit)
-    )
+    stmt = select(Intent).where(Intent.kind.in_(list(kinds)), ready(now)).order_by(Intent.id).limit(limit)
     if is_postgres(session):
         stmt = stmt.with_for_update(skip_locked=True)
     rows = list(session.execute(stmt).scalars())
-    deadline = now + dt.timedelta(seconds=lease_seconds)
-    for intent in rows:
-        intent.status = "dispatched"
-        intent.attempts += 1
-        intent.deadline = deadline
-        intent.updated_at = now
+    mark_dispatched(rows, now, lease_seconds)
     return rows
 
 
@@ -177,14 +179,6 @@ def waiting(session: Session, kinds: Iterable[str], now: dt.datetime) -> int:
 
     return int(
         session.execute(
-            select(func.count())
-            .select_from(Intent)
-            .where(
-                Intent.kind.in_(list(kinds)),
-                or_(
-                    (Intent.status == "pending") & (Intent.not_before <= now),
-                    (Intent.status == "dispatched") & (Intent.deadline <= now),
-                ),
-            )
+            select(func.count()).select_from(Intent).where(Intent.kind.in_(list(kinds)), ready(now))
         ).scalar_one()
     )
