@@ -46,7 +46,6 @@ from certqueue.tasks.pipeline import (
     fail_certificate,
     open_order,
     order_key_aad,
-    parse_payload,
     rate_limiter,
     start_order,
 )
@@ -69,7 +68,6 @@ class RequestTask(CertqueueTask):
 
 
 def _issue_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
-    payload = parse_payload(payload, {"certificate_id", "request"}, set())
     session = ctx.session
     if "request" in payload:
         req = certificates.CertificateRequest.build(**(payload["request"] or {}))
@@ -105,7 +103,6 @@ def issue(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
 
 def _renew_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     payload = payloads.parse("certqueue.renew", payload)  # the broker boundary: ids and names only
-    payload = parse_payload(payload, {"certificate_id", "force", "reason"}, {"certificate_id"})
     cert = certificates.get(ctx.session, payload["certificate_id"])
     intent = operations.request_renew(
         ctx.session, cert.id, force=bool(payload.get("force")), reason=payload.get("reason"), actor="task"
@@ -128,7 +125,6 @@ def renew(self: RequestTask, payload: Any, _transient: int = 0) -> Any:
 
 def _request_revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     payload = payloads.parse("certqueue.revoke", payload)  # the broker boundary: ids and names only
-    payload = parse_payload(payload, {"certificate_id", "reason"}, {"certificate_id"})
     intent = operations.request_revoke(
         ctx.session, payload["certificate_id"], reason=payload.get("reason") or "unspecified", actor="task"
     )
@@ -395,7 +391,6 @@ def validate(self: PipelineTask, certificate_id: str, _transient: int = 0) -> An
 
 def _status_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     payload = payloads.parse("certqueue.status", payload)  # the broker boundary: ids and names only
-    payload = parse_payload(payload, {"certificate_id"}, {"certificate_id"})
     cert = ctx.session.get(Certificate, payload["certificate_id"])
     if cert is None:
         raise InvalidInput(f"no certificate {payload['certificate_id']}", field="certificate_id")

@@ -19,7 +19,7 @@ from celery.canvas import Signature
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, crypto, intents, validation
+from certqueue import certificates, crypto, intents
 from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
 from certqueue.acme.errors import IncompleteOrder
@@ -33,7 +33,7 @@ from certqueue.acme.ratelimit import (
 )
 from certqueue.config import get_settings
 from certqueue.db import is_postgres, lock_certificate
-from certqueue.errors import CertqueueError, InvalidInput, PermanentError, RateLimited
+from certqueue.errors import CertqueueError, PermanentError, RateLimited
 from certqueue.lifecycle import states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.lifecycle.failure import MAX_RATE_LIMIT_BLOCK, clamp_retry_after
@@ -46,7 +46,6 @@ log = logging.getLogger("certqueue.pipeline")
 OPEN_ORDER = ("creating", "pending", "ready", "processing")
 #: a CA rate limit longer than this sends the certificate to its next CA (when it has one)
 LONG_RATE_LIMIT_SECONDS = 3600
-PAYLOAD_VERSION = 1
 
 
 class Deferred(Exception):
@@ -109,25 +108,6 @@ def task(name: str, *args: Any, **options: Any) -> Signature:
 
 
 # --- payloads -----------------------------------------------------------------------------------
-
-
-def parse_payload(payload: Any, allowed: set[str], required: set[str]) -> dict[str, Any]:
-    """Validate a public task's versioned JSON payload; a bad one is InvalidInput (nothing written)."""
-    if not isinstance(payload, dict):
-        raise InvalidInput("payload must be a JSON object", field="payload")
-    if payload.get("v") != PAYLOAD_VERSION:
-        raise InvalidInput(
-            f"unsupported payload version {payload.get('v')!r}; expected {PAYLOAD_VERSION}", field="v"
-        )
-    unknown = sorted(set(payload) - allowed - {"v"})
-    if unknown:
-        raise InvalidInput(f"unknown payload field(s): {', '.join(unknown)}", field=unknown[0])
-    missing = sorted(required - set(payload))
-    if missing:
-        raise InvalidInput(f"missing payload field(s): {', '.join(missing)}", field=missing[0])
-    if "certificate_id" in payload:
-        validation.validate_certificate_id(payload["certificate_id"])
-    return payload
 
 
 # --- helpers ------------------------------------------------------------------------------------

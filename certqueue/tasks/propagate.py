@@ -30,7 +30,7 @@ from certqueue.lifecycle.backoff import backoff
 from certqueue.models import Deployment, Issuance, State, utcnow
 from certqueue.targets.base import Bundle, load_target
 from certqueue.tasks.base import CertqueueTask, StepContext
-from certqueue.tasks.pipeline import certificate_of, park_certificate, parks_so_far, parse_payload
+from certqueue.tasks.pipeline import certificate_of, park_certificate, parks_so_far
 
 log = logging.getLogger("certqueue.propagate")
 
@@ -102,7 +102,6 @@ def start(self: StartTask, job: dict[str, Any], _transient: int = 0) -> Any:
 
 def _request_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     payload = payloads.parse("certqueue.propagate", payload)  # the broker boundary: ids and names only
-    payload = parse_payload(payload, {"certificate_id", "regions", "force"}, {"certificate_id"})
     intent, wanted = operations.request_propagate(
         ctx.session,
         payload["certificate_id"],
