@@ -195,7 +195,7 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
     return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
 
 
-@shared_task(bind=True, base=PipelineTask, name="certqueue.acme.start")
+@shared_task(bind=True, base=PipelineTask, name="certqueue.acme.start", ignore_result=True)
 def start(self: PipelineTask, job: dict[str, Any], _transient: int = 0) -> Any:
     """``{"certificate_id": ..., "purpose": "issue" | "renew", "intent": id, "force": bool}``."""
     return self.run_step(_start_step, job)
@@ -384,7 +384,7 @@ def revoke_now(self: RevokeTask, payload: dict[str, Any], _transient: int = 0) -
     return self.run_step(_revoke_step, payload)
 
 
-@shared_task(bind=True, base=PipelineTask, name="certqueue.acme.validate")
+@shared_task(bind=True, base=PipelineTask, name="certqueue.acme.validate", ignore_result=True)
 def validate(self: PipelineTask, certificate_id: str, _transient: int = 0) -> Any:
     return self.run_step(_validate_step, certificate_id)
 
@@ -502,7 +502,7 @@ def _batch_concurrency() -> int:
     return max(1, settings.automation.batch_concurrency)
 
 
-@shared_task(bind=True, base=CertqueueTask, name="certqueue.acme.issue_batch")
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.acme.issue_batch", ignore_result=True)
 def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int = 0) -> Any:
     """``[{"certificate_id": ..., "purpose": ..., "intent": id}, ...]``: start every order and
     validate the HTTP-01 ones here, concurrently (one thread and ACME client per certificate, at most

@@ -148,6 +148,6 @@ class CleanupTask(CertqueueTask):
         return {"challenge": args[1], "status": "cleanup_failed", "reason": exc.reason}
 
 
-@shared_task(bind=True, base=CleanupTask, name="certqueue.dns.cleanup")
+@shared_task(bind=True, base=CleanupTask, name="certqueue.dns.cleanup", ignore_result=True)
 def cleanup(self: CleanupTask, certificate_id: str, challenge_id: int, _transient: int = 0) -> Any:
     return self.run_step(_cleanup_step, certificate_id, challenge_id)

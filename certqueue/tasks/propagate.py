@@ -94,7 +94,7 @@ class StartTask(CertqueueTask):
         return park_certificate(ctx, cid, exc, delay) if cid else None
 
 
-@shared_task(bind=True, base=StartTask, name="certqueue.propagate.start")
+@shared_task(bind=True, base=StartTask, name="certqueue.propagate.start", ignore_result=True)
 def start(self: StartTask, job: dict[str, Any], _transient: int = 0) -> Any:
     """``{"certificate_id": ..., "regions": [optional subset], "force": false, "intent": id}``."""
     return self.run_step(_propagate_step, job)
@@ -245,7 +245,7 @@ def _record_step(ctx: StepContext, results: Any, certificate_id: str, issuance_i
     return {"certificate_id": cert.id, "regions": summary, "state": cert.state}
 
 
-@shared_task(bind=True, base=CertqueueTask, name="certqueue.propagate.record")
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.propagate.record", ignore_result=True)
 def record(
     self: CertqueueTask, results: Any, certificate_id: str, issuance_id: int, _transient: int = 0
 ) -> Any:
