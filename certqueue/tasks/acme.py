@@ -38,6 +38,7 @@ from certqueue.models import Certificate, Challenge, State, utcnow
 from certqueue.tasks.base import CertqueueTask, StepContext, Wait, classify, kind_of, send_nudges
 from certqueue.tasks.pipeline import (
     Deferred,
+    OrderLease,
     PipelineTask,
     _client,
     _status_name,
@@ -186,7 +187,8 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
                 "reason": d.reason,
                 "until": d.until.isoformat(),
             }
-        intents.complete(session, cert.id, ("issue", "renew"), outcome="ordered")
+        if out.get("status") == "ordered":
+            intents.complete(session, cert.id, ("issue", "renew"), outcome="ordered")
         return out
     intents.complete(session, cert.id, ("issue", "renew"), outcome=f"noop:{cert.state}")
     if cert.state == State.ISSUED:
@@ -220,40 +222,103 @@ def _poll_countdown(polls: int) -> float:
 
 
 def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
+    """Answer the challenges, poll the order, finalize and download when it is ready.
+
+    What to do is read with the certificate locked; the CA is asked with no lock held (the order's
+    lease keeps a second step off it); the answers are written with the certificate locked again.
+    """
     session = ctx.session
     settings = get_settings()
+    cert = session.get(Certificate, certificate_id)
+    if cert is None:
+        return {"certificate_id": certificate_id, "status": "noop"}
+    client, _ = _client(session, cert)  # registers the account on first use: before any lock
     cert = lock_certificate(session, certificate_id)
     if cert is None or cert.state not in (State.ISSUING, State.RENEWING):
         return {"certificate_id": certificate_id, "status": "noop"}
     order = open_order(session, cert.id)
-    if order is None:
-        return {"certificate_id": cert.id, "status": "noop"}
-    client, _ = _client(session, cert)
+    if order is None or order.order_url is None:
+        return {"certificate_id": certificate_id, "status": "noop"}
     res = order_from_json(order.order_json or {})
     chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
-    for ch in chs:
-        if ch.status in ("presented", "visible"):
-            if ch.type == "dns-01" and ch.status != "visible":
-                continue  # the chord's header has not proven it visible (a resumed order)
-            client.answer_challenge(
-                ChallengeInfo(
-                    type=ch.type,
-                    url=ch.url,
-                    authz_url=ch.authz_url,
-                    identifier=ch.identifier.removeprefix("*."),
-                    wildcard=ch.identifier.startswith("*."),
-                    status="pending",
-                    token=ch.token or "",
-                    key_authorization="",
-                    dns_name=ch.dns_name,
-                    dns_value=ch.dns_value,
-                )
-            )
-            ch.status = "answered"
-    _touch(cert)
-    body, retry_after = _order_status(client, res)
-    status = _status_name(body.status)
-    order.polls += 1
+    to_answer = [
+        (
+            ch.id,
+            ChallengeInfo(
+                type=ch.type,
+                url=ch.url,
+                authz_url=ch.authz_url,
+                identifier=ch.identifier.removeprefix("*."),
+                wildcard=ch.identifier.startswith("*."),
+                status="pending",
+                token=ch.token or "",
+                key_authorization="",
+                dns_name=ch.dns_name,
+                dns_value=ch.dns_value,
+            ),
+        )
+        for ch in chs
+        # a DNS-01 challenge is answered only once the chord's header proved it visible
+        if ch.status == "visible" or (ch.status == "presented" and ch.type != "dns-01")
+    ]
+    csr_pem = order.csr_pem
+    preferred_chain = cert.preferred_chain
+    lease = OrderLease.take(ctx, cert, order)
+    try:
+        # -- the CA, with no lock held ----------------------------------------------------------
+        for _ch_id, info in to_answer:
+            client.answer_challenge(info)
+        body, retry_after = _order_status(client, res)
+        status = _status_name(body.status)
+        authz = None
+        fullchain = None
+        if status == "invalid":
+            authz = client.poll_authorizations(res)
+        elif status != "pending":
+            res = res.update(body=body)
+            failpoints.hit("validate.before_finalize")
+            if status == "ready":
+                res = client.finalize(res, csr_pem.encode())
+                status = _status_name(res.body.status)
+            if status == "valid":
+                fullchain, _alternatives = client.fetch_certificate(res, preferred_chain)
+        # -- the answers, with the certificate locked again --------------------------------------
+        got = lease.reacquire()
+        if got is None:
+            return {"certificate_id": certificate_id, "status": "superseded"}
+        cert, order = got
+        OrderLease.finish(order)
+        answered = {ch_id for ch_id, _ in to_answer}
+        chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
+        for ch in chs:
+            if ch.id in answered and ch.status in ("presented", "visible"):
+                ch.status = "answered"
+        _touch(cert)
+        order.polls += 1
+        if cert.state not in (State.ISSUING, State.RENEWING):
+            return {"certificate_id": cert.id, "status": "noop"}
+        return _record_validation(ctx, cert, order, chs, res, status, retry_after, authz, fullchain, settings)
+    except (Wait, Deferred):
+        raise
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _record_validation(
+    ctx: StepContext,
+    cert: Certificate,
+    order: Any,
+    chs: list[Challenge],
+    res: Any,
+    status: str,
+    retry_after: float | None,
+    authz: Any,
+    fullchain: str | None,
+    settings: Any,
+) -> dict[str, Any]:
+    """Write what the CA answered (the certificate is locked): wait, fail, or store the issuance."""
+    session = ctx.session
     if status == "pending":
         if (
             order.created_at
@@ -266,7 +331,6 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
             return {"certificate_id": cert.id, "status": "presenting"}
         raise Wait(max(_poll_countdown(order.polls), retry_after or 0))
     if status == "invalid":
-        authz = client.poll_authorizations(res)
         limiter = rate_limiter(session)
         for ch in chs:
             ident_status = authz.identifiers.get(ch.identifier)
@@ -275,18 +339,12 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
             if ident_status == "invalid":
                 limiter.record_failed_authorization(cert.directory_url, ch.identifier, utcnow())
         raise PermanentError("the CA rejected the order", reason=authz.reason or "acme:orderInvalid")
-    res = res.update(body=body)
-    failpoints.hit("validate.before_finalize")
-    if status == "ready":
-        res = client.finalize(res, order.csr_pem.encode())
-        status = _status_name(res.body.status)
     order.order_json = order_to_json(res)
     order.status = status
     if status == "processing" or status == "ready":
         raise Wait(max(_poll_countdown(0), retry_after or 0))
-    if status != "valid":
+    if status != "valid" or fullchain is None:
         raise PermanentError(f"unexpected order status {status}", reason="acme:orderStatus")
-    fullchain, _alternatives = client.fetch_certificate(res, cert.preferred_chain)
     key_pem = certificates.keystore().decrypt(order.key_enc, order_key_aad(cert.id, order.csr_pem))
     iss = certificates.store_issuance(session, cert, fullchain, key_pem, order_url=order.order_url)
     order.finished_at = utcnow()
@@ -340,8 +398,20 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
         # the request was checked when it was made; the certificate changed since
         raise PermanentError(f"{cert.id} is {cert.state}: nothing to revoke", reason="revoke:state")
     iss = cert.current_issuance
+    issuance_id, cert_pem = iss.id, iss.cert_pem
     client, _ = _client(session, cert)
-    client.revoke(iss.cert_pem, code)
+    session.commit()  # what changed so far is kept; the CA is asked with no lock held
+    client.revoke(cert_pem, code)  # idempotent: already revoked counts as success
+    cert = lock_certificate(session, payload["certificate_id"])
+    if cert is None:
+        return {"certificate_id": payload["certificate_id"], "status": "gone"}
+    if cert.state == State.REVOKED:  # another step revoked it meanwhile
+        intents.complete(session, cert.id, ("revoke",), outcome="revoked")
+        return {"certificate_id": cert.id, "status": "revoked"}
+    now_current = cert.current_issuance
+    if now_current is None or now_current.id != issuance_id:
+        raise PermanentError(f"{cert.id} changed while it was revoked", reason="revoke:state")
+    iss = now_current
     iss.revoked_at = utcnow()
     iss.revocation_reason = reason
     cert.renew_at = None
@@ -462,9 +532,19 @@ def _issue_one(task: CertqueueTask, job: dict[str, Any], window: float) -> str:
     handling (quick retries, parking, failing, fallback) is the one the policy table describes."""
     cid = job["certificate_id"]
     try:
+        start_wait: Wait | None = None
         with session_scope() as session:
             ctx = StepContext(session=session, task=task)
-            out = _start_step(ctx, job)
+            try:
+                out = _start_step(ctx, job)
+            except Wait as w:
+                start_wait = w  # another step holds the order's lease: keep what was written
+        if start_wait is not None:
+            _send_after(ctx)
+            signature("certqueue.acme.start", args=(job,), immutable=True).apply_async(
+                countdown=failure.countdown(start_wait.countdown)
+            )
+            return "waiting"
         in_task = out.get("status") == "ordered" and ctx.replacement is None
         if in_task:
             # the validate follow-up is done here instead of through the broker
