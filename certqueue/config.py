@@ -217,6 +217,10 @@ class AutomationSettings(Section):
     #: how long a batch polls the CA for a validation inside the task before the certificate waits
     #: with a countdown instead (seconds)
     validation_window_seconds: float = Field(10, ge=0, le=60)
+    #: how long one step may work on an order at the CA before another may take it over (seconds):
+    #: no row lock is held while the CA answers; a worker that dies mid-step leaves a lease that
+    #: runs out after this, so it bounds how long its certificates wait
+    order_lease_seconds: float = Field(60, ge=5, le=900)
 
 
 class RegionSettings(BaseModel):

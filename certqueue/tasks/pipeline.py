@@ -47,11 +47,6 @@ log = logging.getLogger("certqueue.pipeline")
 OPEN_ORDER = ("creating", "pending", "ready", "processing")
 #: a CA rate limit longer than this sends the certificate to its next CA (when it has one)
 LONG_RATE_LIMIT_SECONDS = 3600
-#: how long one step may work on an order at the CA before another step may take it over: longer
-#: than the step's own calls to the CA (each bounded by the client's HTTP timeout). A worker that
-#: dies mid-step leaves a lease that runs out after this; any other failure gives it back at once.
-ORDER_LEASE_SECONDS = 120.0
-
 
 class OrderLease:
     """A step's claim on one order while the CA answers, with no row lock held (STYLE rule 5).
@@ -79,7 +74,9 @@ class OrderLease:
             raise Wait((order.lease_until - now).total_seconds() + 0.5)
         token = secrets.token_hex(8)
         order.lease_token = token
-        order.lease_until = now + dt.timedelta(seconds=ORDER_LEASE_SECONDS)
+        # longer than the step's own calls to the CA (each bounded by the client's HTTP timeout); a
+        # worker that dies mid-step leaves a lease that runs out; any other failure gives it back
+        order.lease_until = now + dt.timedelta(seconds=get_settings().automation.order_lease_seconds)
         ctx.session.flush()
         lease = cls(ctx, cert.id, order.id, token)
         ctx.session.commit()

@@ -515,9 +515,12 @@ def test_promtool_check_metrics_is_clean(db: Path, install: Callable[..., Settin
     assert _lint(text) == []
     # (deployments, rate budgets: empty families are lint-clean too; the rest must have samples)
     empty = {n for n, f in fam.items() if not f.samples}
-    assert empty <= {"certqueue_deployments", "certqueue_region_pending_oldest_seconds",
-                     "certqueue_rate_limit_budget_remaining",
-                     "certqueue_broker_quarantined"}, empty  # fmt: skip  (quarantine: embedded only)
+    assert empty <= {
+        "certqueue_deployments",
+        "certqueue_region_pending_oldest_seconds",
+        "certqueue_rate_limit_budget_remaining",
+        "certqueue_broker_quarantined",
+    }, empty  # fmt: skip  (quarantine: embedded only)
     # the guide's names (opt-in) are what the lint would object to: the check can fail
     install(**{"monitoring.guide_names": True})
     text, _fam = scrape()
