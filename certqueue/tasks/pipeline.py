@@ -48,6 +48,7 @@ OPEN_ORDER = ("creating", "pending", "ready", "processing")
 #: a CA rate limit longer than this sends the certificate to its next CA (when it has one)
 LONG_RATE_LIMIT_SECONDS = 3600
 
+
 class OrderLease:
     """A step's claim on one order while the CA answers, with no row lock held (STYLE rule 5).
 

@@ -1,5 +1,6 @@
-"""orders.lease_until, orders.lease_token: which step works on an order at the CA, without a row lock
-held across the CA's answers (a worker that dies mid-step leaves a lease that simply expires)
+"""orders and deployments: lease_until, lease_token: which step works on an order at the CA (or on a
+region's target), without a row lock held while the remote side answers (a worker that dies
+mid-step leaves a lease that simply runs out)
 
 Revision ID: 0008
 Revises: 0005
@@ -19,12 +20,14 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("orders") as batch:
-        batch.add_column(sa.Column("lease_until", UTCDateTime(timezone=True), nullable=True))
-        batch.add_column(sa.Column("lease_token", sa.String(32), nullable=True))
+    for table in ("orders", "deployments"):
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(sa.Column("lease_until", UTCDateTime(timezone=True), nullable=True))
+            batch.add_column(sa.Column("lease_token", sa.String(32), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("orders") as batch:
-        batch.drop_column("lease_token")
-        batch.drop_column("lease_until")
+    for table in ("deployments", "orders"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("lease_token")
+            batch.drop_column("lease_until")
