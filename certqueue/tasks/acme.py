@@ -501,11 +501,15 @@ def _send_after(ctx: StepContext) -> None:
 
 def _validate_in_task(task: CertqueueTask, cid: str, window: float) -> str:
     """Answer, poll, finalize and download inside this task for at most ``window`` seconds; a
-    straggler is handed to ``certqueue.acme.validate`` with a countdown (never an unbounded wait)."""
+    straggler is handed to ``certqueue.acme.validate`` with a countdown (never an unbounded wait).
+
+    Between two runs of the step, only the CA is asked whether the order moved (one POST-as-GET,
+    no database, no lock); the step runs again, and writes, when it did."""
     import time
 
     deadline = time.monotonic() + window
     pause = 0.05
+    probe: tuple[AcmeClient, Any] | None = None
     while True:
         wait: Wait | None = None
         with session_scope() as session:
@@ -517,13 +521,40 @@ def _validate_in_task(task: CertqueueTask, cid: str, window: float) -> str:
         _send_after(ctx)
         if wait is None:
             return str(out.get("status"))
-        left = deadline - time.monotonic()
-        if left <= 0:
-            task_sig = signature("certqueue.acme.validate", args=(cid,), immutable=True)
-            task_sig.apply_async(countdown=failure.countdown(wait.countdown))
-            return "waiting"
-        time.sleep(min(pause, left, wait.countdown))
-        pause = min(pause * 2, 1.0)
+        if probe is None:
+            probe = _order_probe(cid)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                task_sig = signature("certqueue.acme.validate", args=(cid,), immutable=True)
+                task_sig.apply_async(countdown=failure.countdown(wait.countdown))
+                return "waiting"
+            time.sleep(min(pause, left, wait.countdown))
+            pause = min(pause * 2, 1.0)
+            if probe is None or _order_moved(probe):
+                break
+
+
+def _order_probe(cid: str) -> tuple[AcmeClient, Any] | None:
+    """The client and order to ask the CA about, read once (None: nothing to probe, run the step)."""
+    with session_scope(write=False) as session:
+        cert = session.get(Certificate, cid)
+        order = open_order(session, cid) if cert is not None else None
+        if cert is None or order is None or not order.order_url:
+            return None
+        client, _ = _client(session, cert)
+        return client, order_from_json(order.order_json or {})
+
+
+def _order_moved(probe: tuple[AcmeClient, Any]) -> bool:
+    """Whether the order left pending/processing at the CA (or the question failed: the step then
+    runs again and decides what the error means)."""
+    client, res = probe
+    try:
+        body, _ = _order_status(client, res)
+    except Exception:  # noqa: BLE001  (classified by the step, which asks again)
+        return True
+    return _status_name(body.status) not in ("pending", "processing")
 
 
 def _issue_one(task: CertqueueTask, job: dict[str, Any], window: float) -> str:

@@ -650,3 +650,30 @@ def test_renewal_overdue_counts_active_certificates_past_renew_at(
     install(**{"monitoring.renewal_overdue_grace_minutes": 240})
     _text, fam = scrape()
     assert samples(fam, "certqueue_certificates_renewal_overdue") == {(): 0}
+
+
+def test_deferred_certificates_counted_by_kind_of_reason(db: Path) -> None:
+    """certqueue_certificates_deferred: only work still waiting (a resume time ahead) in a working
+    state counts; the label is the kind of reason, never its text (which names domains)."""
+    waits = [
+        (State.ISSUING, "rate limit: certificates per domain a.example.com", 60),
+        (State.RENEWING, "rate limit: new orders per account", 60),
+        (State.ISSUING, "rate limit: the CA answered rateLimited", 60),
+        (State.REQUESTED, "capacity: open orders at this CA at the cap", 5),
+        (State.ISSUING, "rate limit: certificates per domain b.example.com", -5),  # resumed already
+        (State.ACTIVE, "rate limit: certificates per domain c.example.com", 60),  # not waiting
+    ]
+    for i, (state, reason, seconds) in enumerate(waits):
+        cid = add([f"w{i}.example.com"], state)
+        with session_scope() as s:
+            cert = s.get_one(Certificate, cid)
+            cert.waiting_reason = reason
+            cert.next_attempt_at = NOW + dt.timedelta(seconds=seconds)
+    _text, fams = scrape()
+    got = samples(fams, "certqueue_certificates_deferred")
+    assert got == {
+        (("reason", "rate_limited"),): 2.0,
+        (("reason", "ca_rate_limited"),): 1.0,
+        (("reason", "capacity"),): 1.0,
+        (("reason", "other"),): 0.0,
+    }
