@@ -188,7 +188,9 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
                 "until": d.until.isoformat(),
             }
         if out.get("status") == "ordered":
-            intents.complete(session, cert.id, ("issue", "renew"), outcome="ordered")
+            # the requests this order answers: one made after it was claimed stays open
+            up_to = job.get("intent") if isinstance(job.get("intent"), int) else None
+            intents.complete(session, cert.id, ("issue", "renew"), outcome="ordered", up_to=up_to)
         return out
     intents.complete(session, cert.id, ("issue", "renew"), outcome=f"noop:{cert.state}")
     if cert.state == State.ISSUED:

@@ -76,7 +76,9 @@ def _plan(ctx: StepContext, payload: Any) -> tuple[str, int, list[str]] | dict[s
         todo.append(r)
     cert.work_deadline = utcnow() + dt.timedelta(seconds=settings.automation.stuck_after_seconds)
     session.flush()
-    intents.complete(session, cert.id, ("propagate",), outcome="deploying")
+    # the requests this plan covers: a later one (say, forced) stays open and is dispatched itself
+    up_to = payload.get("intent") if isinstance(payload.get("intent"), int) else None
+    intents.complete(session, cert.id, ("propagate",), outcome="deploying", up_to=up_to)
     return cert.id, iss.id, todo
 
 
@@ -322,7 +324,7 @@ def _start_batch_step(ctx: StepContext, jobs: list[dict[str, Any]]) -> dict[str,
     per_region: dict[str, list[list[Any]]] = {}
     pairs: list[list[Any]] = []
     skipped = 0
-    for job in sorted(jobs, key=lambda j: str(j.get("certificate_id"))):
+    for job in _merged(jobs):
         plan = _plan(ctx, job)
         if isinstance(plan, dict):
             skipped += 1
@@ -343,6 +345,27 @@ def _start_batch_step(ctx: StepContext, jobs: list[dict[str, Any]]) -> dict[str,
     else:
         ctx.then(record_batch.si([], pairs))
     return {"certificates": len(pairs), "skipped": skipped, "deploys": len(header)}
+
+
+def _merged(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One job per certificate, in id order: several requests for one certificate in a batch are
+    planned once (forced if any was, every region if any asked for all, the newest intent)."""
+    by_cert: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        cid = str(job.get("certificate_id"))
+        have = by_cert.get(cid)
+        if have is None:
+            by_cert[cid] = dict(job)
+            continue
+        have["force"] = bool(have.get("force")) or bool(job.get("force"))
+        if have.get("regions") and job.get("regions"):
+            have["regions"] = sorted(set(have["regions"]) | set(job["regions"]))
+        else:
+            have.pop("regions", None)
+        ids = [i for i in (have.get("intent"), job.get("intent")) if isinstance(i, int)]
+        if ids:
+            have["intent"] = max(ids)
+    return [by_cert[c] for c in sorted(by_cert)]
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.propagate.start_batch", ignore_result=True)
