@@ -608,11 +608,17 @@ def _issue_one(task: CertqueueTask, job: dict[str, Any], window: float) -> str:
         return "handed_off"
 
 
+#: threads of one batch on SQLite: its one writer is held only for the steps' short transactions
+#: (no transaction is open while the CA answers), so a few threads overlap their waits on the CA
+SQLITE_BATCH_CONCURRENCY = 4
+
+
 def _batch_concurrency() -> int:
     settings = get_settings()
+    n = max(1, settings.automation.batch_concurrency)
     if not settings.database.url.startswith("postgresql"):
-        return 1  # SQLite has one writer: threads would only queue on its lock
-    return max(1, settings.automation.batch_concurrency)
+        return min(n, SQLITE_BATCH_CONCURRENCY)
+    return n
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.acme.issue_batch", ignore_result=True)
