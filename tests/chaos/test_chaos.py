@@ -9,8 +9,8 @@ Each case ends with the same audit (``audit``):
   * every stored private key decrypts and matches its certificate; every ACTIVE certificate is
     deployed to the region with its current fingerprint.
 
-The number of certificates per case is ``CERTQUEUE_CHAOS_CERTS`` (default 60, a quarter of them
-wildcards through DNS-01).
+The number of certificates per case is ``CERTQUEUE_CHAOS_CERTS`` (default 60; ``make test`` and CI
+run 200), a quarter of them wildcards through DNS-01.
 """
 
 from __future__ import annotations
