@@ -261,7 +261,7 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": "2",
             "CERTQUEUE_AUTOMATION__STUCK_AFTER_SECONDS": "12",
             # a killed worker's hold on its orders runs out this soon (steps here take a few seconds)
-            "CERTQUEUE_AUTOMATION__ORDER_LEASE_SECONDS": "15",
+            "CERTQUEUE_AUTOMATION__ORDER_LEASE_SECONDS": "30",
             "CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS": "2",
             "CERTQUEUE_MULTI_REGION__ENABLED": "true",
             "CERTQUEUE_MULTI_REGION__REGIONS": json.dumps(
