@@ -343,6 +343,16 @@ def import_certificate(
     propagation (or at once with no regions).
     """
     settings = settings or get_settings()
+    if isinstance(certificate_pem, str) and certificate_pem.count("-----BEGIN CERTIFICATE-----") > 1:
+        # certbot's fullchain.pem (and most CAs' downloads): the leaf first, then its chain
+        if chain_pem:
+            raise InvalidInput(
+                "the certificate file holds a chain already (a fullchain.pem) and a chain was given"
+                " too: give the fullchain alone, or the certificate and its chain",
+                field="chain_pem",
+            )
+        blocks = crypto.split_pem_chain(certificate_pem)
+        certificate_pem, chain_pem = blocks[0], "".join(blocks[1:])
     leaf = validation.validate_pem(certificate_pem, "certificate")
     key = validation.validate_pem(private_key_pem, "private_key") if private_key_pem else None
     chain = validation.validate_pem(chain_pem, "chain") if chain_pem else ""

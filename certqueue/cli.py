@@ -94,7 +94,26 @@ class _Group(click.Group):
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+            if _no_schema(exc):
+                _fail(_no_schema_message(ctx), EXIT_INPUT)
+            _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", EXIT_FAILED)
+
+
+def _no_schema(exc: BaseException) -> bool:
+    """The database has no certqueue tables (a new file, the wrong directory, no migration run)."""
+    text = str(getattr(exc, "orig", exc))
+    return "no such table" in text or ("relation" in text and "does not exist" in text)
+
+
+def _no_schema_message(ctx: click.Context) -> str:
+    from certqueue.logsafe import mask_url_password
+
+    loaded = (ctx.obj or {}).get("loaded")
+    url = mask_url_password(loaded.settings.database.url) if loaded is not None else "the database"
+    return (
+        f"{url} has no certqueue tables: run `certqueue db upgrade` (or point --database /"
+        " CERTQUEUE_DATABASE__URL at the right database)"
+    )
 
 
 def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
