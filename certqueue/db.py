@@ -127,7 +127,11 @@ def _make_engine(url: str, write: bool) -> Engine:
         return eng
     kwargs.update(
         pool_size=settings.database.pool_size,
-        pool_pre_ping=True,
+        # no pre-ping: it was a SELECT 1 round trip (and a PostgreSQL transaction) on every checkout,
+        # about half of all transactions per certificate. A connection that died (a server restart)
+        # fails its first statement instead; SQLAlchemy then drops every pooled connection as old as
+        # it, and the step is retried as a transient database error (certqueue.lifecycle.failure).
+        pool_pre_ping=False,
         max_overflow=10,
         connect_args=postgres_connect_args(settings),
     )

@@ -490,12 +490,41 @@ def _place_order(ctx: StepContext, client: AcmeClient, placing: _Placing, lease:
         keys = [*keys, *extra]
 
     def store_url(res: Any) -> None:
-        session.execute(
-            update(Order)
-            .where(Order.id == placing.order.id, Order.lease_token == lease.token)
-            .values(order_url=res.uri, order_json=order_to_json(res), status=_status_name(res.body.status))
-        )
-        session.commit()
+        """The CA created the order: its URL is the one thing that must not be lost (without it a
+        retry orders again). A database that is down for a moment (a restart, a failover) is waited
+        for, within the order's lease, rather than given up at the first error."""
+        import time
+
+        from sqlalchemy.exc import DBAPIError
+
+        values = {
+            "order_url": res.uri,
+            "order_json": order_to_json(res),
+            "status": _status_name(res.body.status),
+        }
+        give_up = time.monotonic() + 0.75 * get_settings().automation.order_lease_seconds
+        pause = 0.25
+        while True:
+            try:
+                session.execute(
+                    update(Order)
+                    .where(Order.id == placing.order.id, Order.lease_token == lease.token)
+                    .values(**values)
+                )
+                session.commit()
+                return
+            except DBAPIError as exc:
+                session.rollback()
+                if time.monotonic() + pause > give_up:
+                    raise
+                log.warning(
+                    "order %s created at the CA, its URL not stored yet (%s): again in %.1fs",
+                    placing.order.id,
+                    type(exc).__name__,
+                    pause,
+                )
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     try:
         return client.new_order(
