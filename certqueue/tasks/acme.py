@@ -155,6 +155,10 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
     if cert.external:
         intents.complete(session, cert.id, ("issue", "renew"), outcome="imported", failed=True)
         return {"certificate_id": cid, "status": "noop", "state": cert.state}
+    if _answered(session, job.get("intent")) and cert.state not in (State.ISSUING, State.RENEWING):
+        # its request was answered already (another start's order, which then failed or finished):
+        # a second message for it must not order again; work still in flight is resumed
+        return {"certificate_id": cid, "status": "answered", "state": cert.state}
     if cert.state == State.FAILED:
         states.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
     if cert.state == State.REQUESTED:
@@ -188,15 +192,25 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
                 "until": d.until.isoformat(),
             }
         if out.get("status") == "ordered":
-            # the requests this order answers: one made after it was claimed stays open
-            up_to = job.get("intent") if isinstance(job.get("intent"), int) else None
-            intents.complete(session, cert.id, ("issue", "renew"), outcome="ordered", up_to=up_to)
+            # every open issue/renew request of the certificate is answered by this order (a forced
+            # renewal asked meanwhile resumes the same order: it would not open another)
+            intents.complete(session, cert.id, ("issue", "renew"), outcome="ordered")
         return out
     intents.complete(session, cert.id, ("issue", "renew"), outcome=f"noop:{cert.state}")
     if cert.state == State.ISSUED:
         intents.record(session, "propagate", cert.id, actor="task")
         ctx.nudge = True
     return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
+
+
+def _answered(session: Any, intent_id: Any) -> bool:
+    """Whether the intent a message names is closed (None: the message names none)."""
+    from certqueue.models import Intent
+
+    if not isinstance(intent_id, int) or isinstance(intent_id, bool):
+        return False
+    intent = session.get(Intent, intent_id)
+    return intent is not None and intent.status not in intents.OPEN
 
 
 @shared_task(bind=True, base=PipelineTask, name="certqueue.acme.start", ignore_result=True)
