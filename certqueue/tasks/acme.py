@@ -170,7 +170,7 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
             reason=job.get("reason") or ("forced" if force else "due"),
             actor="task",
         )
-    if cert.state in (State.ISSUING, State.RENEWING):
+    if states.in_pipeline(cert.state, cert.work_deadline):
         if cert.pending_issuance_id is not None:
             # issued already; what is left is propagation
             intents.complete(session, cert.id, ("issue", "renew"), outcome="issued")
@@ -223,7 +223,7 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
     session = ctx.session
     settings = get_settings()
     cert = lock_certificate(session, certificate_id)
-    if cert is None or cert.state not in (State.ISSUING, State.RENEWING):
+    if cert is None or not states.in_pipeline(cert.state, cert.work_deadline):
         return {"certificate_id": certificate_id, "status": "noop"}
     order = open_order(session, cert.id)
     if order is None:
@@ -298,7 +298,7 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
         # a validated name starts its count of consecutive failures at this CA from zero again
         limiter.record_valid_authorization(cert.directory_url, ch.identifier, validated_at)
     cleanup_challenges(ctx, order)
-    renewing = cert.state == State.RENEWING
+    renewing = cert.state in states.RENEWAL_STATES
     states.record(
         session, cert.id, "renewal" if renewing else "issuance", reason="success", data={"serial": iss.serial}
     )

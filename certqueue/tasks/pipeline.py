@@ -91,7 +91,8 @@ def defer_work(ctx: StepContext, cert: Certificate, until: dt.datetime, reason: 
     cert.work_deadline = until + dt.timedelta(seconds=get_settings().automation.stuck_after_seconds)
     open_ = [i for i in intents.open_intents(session, cert.id) if i.kind in ("issue", "renew")]
     if not open_:
-        open_ = [intents.record(session, "renew" if cert.state == State.RENEWING else "issue", cert.id)]
+        kind = "renew" if cert.state in states.RENEWAL_STATES else "issue"
+        open_ = [intents.record(session, kind, cert.id)]
     for intent in open_:
         intent.status = "pending"
         intent.not_before = until
@@ -421,7 +422,7 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         # issuance did start, and it is what failed
         states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
     nxt = next_ca(cert, exc)
-    if nxt is not None and cert.state in (State.ISSUING, State.RENEWING):
+    if nxt is not None and states.in_pipeline(cert.state, cert.work_deadline):
         # this CA failed for good: the same work starts again at the next CA (its own account)
         states.record(
             session, cert.id, "ca_fallback", reason=exc.reason, data={"from": cert.directory_url, "to": nxt}
@@ -429,9 +430,10 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         cert.directory_url = nxt
         cert.last_error = exc.reason
         _touch(cert)
-        purpose = "renew" if cert.state == State.RENEWING else "issue"
+        purpose = "renew" if cert.state in states.RENEWAL_STATES else "issue"
         ctx.then(task("certqueue.acme.start", {"certificate_id": cert.id, "purpose": purpose}))
         return {"certificate_id": cert.id, "status": "fallback", "reason": exc.reason, "ca": nxt}
+    expired_in_flight = cert.state == State.EXPIRED and cert.work_deadline is not None
     cert.last_error = exc.reason
     cert.work_deadline = None
     ctx.nudge = True  # capacity freed: dispatch may start the next order
@@ -451,7 +453,21 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         cert.pending_issuance_id = None
         states.record(session, cert.id, "renewal", reason="failure", data={"reason": exc.reason})
         states.transition(session, cert, State.ACTIVE, reason=f"renewal failed: {exc.reason}")
+    elif expired_in_flight:
+        end_expired_renewal(session, cert, exc.reason)
     return {"certificate_id": cert.id, "status": "failed", "reason": exc.reason}
+
+
+def end_expired_renewal(session: Session, cert: Certificate, reason: str) -> None:
+    """The renewal that was in flight when the certificate expired failed for good: it stays EXPIRED
+    (nothing valid is served), with no renewal working on it."""
+    cert.attempts += 1
+    cert.renew_at = None
+    cert.next_attempt_at = None
+    cert.pending_issuance_id = None
+    cert.work_deadline = None
+    states.record(session, cert.id, "renewal", reason="failure", data={"reason": reason, "expired": True})
+    intents.complete(session, cert.id, ("renew",), outcome=reason, failed=True)
 
 
 #: failures that say "not at this CA" (its policy, its account rules, its availability), so the next
@@ -492,7 +508,7 @@ def next_ca(cert: Certificate, exc: CertqueueError) -> str | None:
 # --- parking: transient trouble never fails a certificate -----------------------------------------
 
 #: states in which a certificate's work can be parked and resumed by the reconciler
-PARKABLE = (State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED)
+PARKABLE = (State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED, State.EXPIRED)
 
 
 def park_certificate(

@@ -43,7 +43,7 @@ def _propagate_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
         intents.complete(session, payload["certificate_id"], ("propagate",), outcome="gone")
         return {"certificate_id": payload["certificate_id"], "status": "gone"}
     iss_id = cert.pending_issuance_id or cert.current_issuance_id
-    if iss_id is None or cert.state in (State.REVOKED, State.EXPIRED, State.FAILED):
+    if iss_id is None or not states.deployable(cert.state, cert.pending_issuance_id):
         intents.complete(session, cert.id, ("propagate",), outcome=f"noop:{cert.state}")
         return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
     iss = session.get(Issuance, iss_id)
@@ -230,7 +230,7 @@ def _record_step(ctx: StepContext, results: Any, certificate_id: str, issuance_i
     failed = [r for r in regions if r not in done]
     summary = {r: ("success" if r in done else (rows[r].status if r in rows else "pending")) for r in regions}
     if all(r in done for r in required):
-        if cert.pending_issuance_id == iss.id and cert.state in (State.ISSUED, State.RENEWING):
+        if cert.pending_issuance_id == iss.id and cert.state in (State.ISSUED, *states.RENEWAL_STATES):
             certificates.activate(session, cert, iss, reason="propagated")
             ctx.nudge = True
     if failed:

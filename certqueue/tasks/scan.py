@@ -1,6 +1,6 @@
 """The ``scan`` queue, driven by beat: dispatch (the heartbeat), expiry, the reconciler, drift, ARI.
 
-Owns ACTIVE -> EXPIRED. Dispatch (``certqueue.dispatch``) owns the claims: pending intents and due
+Owns ACTIVE/RENEWING -> EXPIRED. Dispatch (``certqueue.dispatch``) owns the claims: pending intents and due
 renewals, only up to capacity, with SKIP LOCKED on PostgreSQL through the ``(state, renew_at)``
 index. Beat runs it every few seconds, and every finished certificate nudges it (top-up), so new
 work starts as soon as there is room and never waits in the broker.
@@ -31,6 +31,8 @@ from certqueue.tasks.pipeline import task
 log = logging.getLogger("certqueue.scan")
 
 ENQUEUE_CHUNK = 200
+#: certificates moved to EXPIRED per run (the oldest first; the next run takes the rest)
+EXPIRE_BATCH = 1000
 #: kombu's Redis transport serves priority 0 before 3, 6 and 9 within one queue
 NEW_WORK_PRIORITY = 6
 
@@ -75,23 +77,39 @@ def due(self: CertqueueTask, limit: int | None = None, _transient: int = 0) -> A
 
 
 def _expire_step(ctx: StepContext) -> dict[str, Any]:
+    """Every served certificate past its notAfter shows EXPIRED: ACTIVE ones (nothing more to do)
+    and RENEWING ones, whose renewal goes on (``work_deadline`` stays set; see
+    ``lifecycle.states.renewal_in_flight``)."""
     from certqueue.lifecycle import states
 
     now = utcnow()
-    rows = (
-        ctx.session.execute(
-            select(Certificate)
-            .join(Issuance, Issuance.id == Certificate.current_issuance_id)
-            .where(Certificate.state == State.ACTIVE, Issuance.not_after <= now)
-            .limit(1000)
-        )
-        .scalars()
-        .all()
+    stmt = (
+        select(Certificate)
+        .join(Issuance, Issuance.id == Certificate.current_issuance_id)
+        .where(Certificate.state.in_([State.ACTIVE, State.RENEWING]), Issuance.not_after <= now)
+        .order_by(Issuance.not_after)
+        .limit(EXPIRE_BATCH)
     )
+    if is_postgres(ctx.session):
+        stmt = stmt.with_for_update(skip_locked=True, of=Certificate)
+    rows = ctx.session.execute(stmt).scalars().all()
+    renewing = 0
     for cert in rows:
         cert.renew_at = None
-        states.transition(ctx.session, cert, State.EXPIRED, reason="not_after passed", actor="scan")
-    return {"expired": len(rows)}
+        in_flight = cert.state == State.RENEWING
+        if in_flight:
+            renewing += 1
+        else:
+            cert.work_deadline = None  # nothing is working on it (a region retry ends with it)
+        states.transition(
+            ctx.session,
+            cert,
+            State.EXPIRED,
+            reason="not_after passed",
+            actor="scan",
+            data={"renewal_in_flight": in_flight},
+        )
+    return {"expired": len(rows), "renewing": renewing}
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.scan.expire")
@@ -109,7 +127,10 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
         session.execute(
             select(Certificate)
             .where(
-                Certificate.state.in_([State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED]),
+                # EXPIRED with a deadline: the renewal in flight when it expired
+                Certificate.state.in_(
+                    [State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED, State.EXPIRED]
+                ),
                 Certificate.work_deadline.is_not(None),
                 Certificate.work_deadline <= now,
             )
@@ -122,9 +143,10 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
     for cert in stuck:
         cert.work_deadline = deadline
         job = {"certificate_id": cert.id}
-        if cert.state == State.ISSUED or (cert.state == State.RENEWING and cert.pending_issuance_id):
+        renewing = cert.state in (State.RENEWING, State.EXPIRED)
+        if cert.state == State.ISSUED or (renewing and cert.pending_issuance_id):
             ctx.then(task("certqueue.propagate.start", job))
-        elif cert.state == State.RENEWING:
+        elif renewing:
             ctx.then(task("certqueue.acme.start", {**job, "purpose": "renew"}))
         elif cert.state == State.REQUESTED:
             intents.record(session, "issue", cert.id, actor="reconciler")
