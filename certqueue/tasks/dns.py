@@ -19,7 +19,7 @@ from certqueue.dns.propagation import check_visible
 from certqueue.dns.zones import Resolver, follow_cnames
 from certqueue.errors import CertqueueError, PermanentError
 from certqueue.lifecycle import states
-from certqueue.models import Certificate, Challenge, State, utcnow
+from certqueue.models import Certificate, Challenge, utcnow
 from certqueue.tasks.base import CertqueueTask, StepContext, Wait
 from certqueue.tasks.pipeline import PipelineTask
 
@@ -93,8 +93,6 @@ def _wait_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict
         ch.status = "visible"
         notes = result.notes()
         if notes:  # addresses this worker cannot route, or that stayed silent beside one that answered
-            from certqueue.lifecycle import states
-
             states.record(
                 ctx.session,
                 certificate_id,
