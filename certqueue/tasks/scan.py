@@ -256,6 +256,15 @@ def drift(self: CertqueueTask, _transient: int = 0) -> Any:
 ARI_BATCH = 100
 
 
+def store_ari_window(cert: Certificate, info: Any) -> None:
+    """Keep the CA's suggested window (a ``RenewalInfo``, or None: the CA has no ARI) so the
+    inventory shows why ``renew_at`` is where it is."""
+    cert.ari_window_start = info.window_start if info is not None else None
+    cert.ari_window_end = info.window_end if info is not None else None
+    url = info.explanation_url if info is not None else None
+    cert.ari_explanation_url = url[:512] if url else None
+
+
 def _ari_step(ctx: StepContext) -> dict[str, Any]:
     """Refresh ACME Renewal Information (RFC 9773) for certificates whose check is due.
 
@@ -285,12 +294,14 @@ def _ari_step(ctx: StepContext) -> dict[str, Any]:
         iss = session.get(Issuance, cert.current_issuance_id) if cert.current_issuance_id else None
         if iss is None or not iss.ari_cert_id:
             cert.ari_next_check_at = None
+            store_ari_window(cert, None)
             continue
         client, _ = client_for(session, cert.directory_url, cert.email)
         url = renewal_info_url(client.directory, iss.ari_cert_id)
         counts["checked"] += 1
         if url is None:
             cert.ari_next_check_at = None
+            store_ari_window(cert, None)
             counts["no_ari"] += 1
             continue
         try:
@@ -299,6 +310,7 @@ def _ari_step(ctx: StepContext) -> dict[str, Any]:
             cert.ari_next_check_at = now + dt.timedelta(seconds=exc.retry_after or 6 * 3600)
             counts["unavailable"] += 1
             continue
+        store_ari_window(cert, info)
         when = choose_renewal_time(info, now, rng)
         if cert.renew_at is None or when != cert.renew_at:
             cert.renew_at = when
