@@ -5,8 +5,8 @@ of Pebble, which has none)."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import itertools
+import json
 import os
 from collections.abc import Iterator
 
