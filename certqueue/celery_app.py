@@ -93,6 +93,9 @@ def configure(app: Celery, settings: Settings) -> None:
             "certqueue.acme.*": {"queue": "acme"},
             "certqueue.dns.*": {"queue": "dns"},
             "certqueue.scan.*": {"queue": "scan"},
+            "certqueue.removal.start": {"queue": "acme"},
+            "certqueue.removal.record": {"queue": "acme"},
+            # certqueue.removal.remove and certqueue.drift.check go to propagate.<region> explicitly
             # certqueue.propagate.deploy is sent with an explicit queue: propagate.<region>
         },
         task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
@@ -119,6 +122,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     import certqueue.tasks.acme
     import certqueue.tasks.dns
     import certqueue.tasks.propagate
+    import certqueue.tasks.removal
     import certqueue.tasks.scan  # noqa: F401
 
     return app

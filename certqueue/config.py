@@ -232,6 +232,12 @@ class RegionSettings(BaseModel):
     provider: Literal["aws", "aws_acm", "azure", "azure_keyvault", "gcp", "gcp_certmanager", "local"]
     #: a certificate is ACTIVE only when every required region has it
     required: bool = True
+    #: remove the deployed copy (``Target.remove``) when the certificate is revoked: a revoked
+    #: certificate fails every client that checks revocation, so it should not be served
+    remove_on_revoke: bool = True
+    #: remove the deployed copy when the certificate is deleted from the inventory: nothing would
+    #: renew it any more, so it would expire where it is served, unwatched
+    remove_on_delete: bool = True
 
     @property
     def target(self) -> str:

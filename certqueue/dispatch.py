@@ -29,7 +29,7 @@ log = logging.getLogger("certqueue.dispatch")
 IN_FLIGHT = (State.ISSUING, State.RENEWING)
 #: intents that start an order, limited by the per-CA cap; the others are not
 ORDER_KINDS = ("issue", "renew")
-OTHER_KINDS = ("revoke", "propagate")
+OTHER_KINDS = ("revoke", "propagate", "remove")
 
 
 @dataclass
@@ -246,6 +246,8 @@ def _send_for(intent: Intent) -> tuple[str, dict[str, Any]]:
         }
     if intent.kind == "revoke":
         return "certqueue.acme.revoke", {**payload, "reason": params.get("reason") or "unspecified"}
+    if intent.kind == "remove":
+        return "certqueue.removal.start", payload
     return "certqueue.propagate.start", {
         **payload,
         **({"regions": params["regions"]} if params.get("regions") else {}),

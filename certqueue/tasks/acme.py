@@ -27,7 +27,7 @@ from typing import Any
 from celery import shared_task, signature
 from sqlalchemy import select
 
-from certqueue import certificates, failpoints, intents, operations, payloads
+from certqueue import certificates, failpoints, intents, operations, payloads, removals
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
 from certqueue.config import get_settings
 from certqueue.db import lock_certificate, session_scope
@@ -349,6 +349,8 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     states.record(session, cert.id, "revocation", reason=reason, data={"serial": iss.serial})
     states.transition(session, cert, State.REVOKED, reason=reason)
     intents.complete(session, cert.id, ("revoke", "renew", "propagate"), outcome="revoked")
+    if removals.request_removal(session, cert.id, "revoke", actor="revocation") is not None:
+        ctx.nudge = True
     return {"certificate_id": cert.id, "status": "revoked", "serial": iss.serial}
 
 
