@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     install_celery_hooks()
     import certqueue.tasks.acme
     import certqueue.tasks.dns
+    import certqueue.tasks.drift
     import certqueue.tasks.propagate
     import certqueue.tasks.removal
     import certqueue.tasks.scan  # noqa: F401

@@ -255,6 +255,10 @@ class MultiRegionSettings(Section):
     enabled: bool = False
     propagation_strategy: Literal["sync", "async"] = "sync"
     regions: list[RegionSettings] = Field(default_factory=list)
+    #: drift: deployments of one region checked per run (the next run goes on from there)
+    drift_batch_size: int = Field(500, ge=1, le=10_000)
+    #: drift: a run stops asking the target after this long and goes on from there next time
+    drift_time_budget_seconds: float = Field(120, gt=0, le=200)
 
     @model_validator(mode="after")
     def _unique_names(self) -> MultiRegionSettings:

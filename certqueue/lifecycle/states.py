@@ -55,6 +55,18 @@ def can_transition(src: str | State, dst: str | State) -> bool:
     return State(dst) in TRANSITIONS[State(src)]
 
 
+def active_on_issue(propagation_strategy: str, has_regions: bool) -> bool:
+    """Whether a new issuance is ACTIVE (served, renewal scheduled) as soon as it is stored.
+
+    ``sync`` (the default): only once every required region holds it; without regions at once.
+    ``async``: at once, and the regions are deployed to afterwards (a failed region is retried
+    without holding the certificate back; ``certqueue_deployments`` shows what is pending).
+    """
+    if propagation_strategy not in ("sync", "async"):
+        raise ValueError(f"unknown propagation strategy {propagation_strategy!r}")
+    return not has_regions or propagation_strategy == "async"
+
+
 def deployable(state: str | State, pending_issuance_id: int | None) -> bool:
     """Whether a certificate has something to deploy: not REVOKED or FAILED, and EXPIRED only with
     the issuance of the renewal that was in flight when it expired."""

@@ -155,6 +155,7 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
         intents.complete(session, cert.id, ("issue", "renew"), outcome="imported", failed=True)
         return {"certificate_id": cid, "status": "noop", "state": cert.state}
     if cert.state == State.FAILED:
+        cert.attempts = 0  # a new request: automation.retry_attempts counts afresh
         states.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
     if cert.state == State.REQUESTED:
         states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
@@ -305,9 +306,11 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
     if not renewing:
         states.transition(session, cert, State.ISSUED, reason="issued", data={"serial": iss.serial})
     cert.pending_issuance_id = iss.id
-    if certificates.regions_for(cert):
+    has_regions = bool(certificates.regions_for(cert))
+    if has_regions:
         intents.record(session, "propagate", cert.id, actor="task")
         ctx.nudge = True
+    if not states.active_on_issue(get_settings().multi_region.propagation_strategy, has_regions):
         return {"certificate_id": cert.id, "status": "issued", "serial": iss.serial}
     certificates.activate(session, cert, iss, reason="renewed" if renewing else "issued")
     ctx.nudge = True  # capacity freed: dispatch may start the next order

@@ -35,9 +35,9 @@ from certqueue.config import get_settings
 from certqueue.db import is_postgres, lock_certificate
 from certqueue.errors import CertqueueError, PermanentError, RateLimited
 from certqueue.lifecycle import states
-from certqueue.lifecycle.backoff import backoff
 from certqueue.lifecycle.failure import MAX_RATE_LIMIT_BLOCK, clamp_retry_after
 from certqueue.lifecycle.ratelimit_policy import PreviousIssuance, ca_block, classify_order
+from certqueue.lifecycle.retry import AfterFailure, after_permanent_failure
 from certqueue.models import Certificate, Challenge, Http01Token, Issuance, Order, State, utcnow
 from certqueue.tasks.base import CertqueueTask, StepContext
 
@@ -387,7 +387,6 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
     certificate goes FAILED (first issuance) or back to ACTIVE with the next attempt scheduled
     (renewal: the old certificate keeps serving)."""
     session = ctx.session
-    settings = get_settings()
     cert = lock_certificate(session, certificate_id)
     if cert is None:
         return {"status": "failed", "reason": exc.reason}
@@ -438,16 +437,17 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
     cert.work_deadline = None
     ctx.nudge = True  # capacity freed: dispatch may start the next order
     if cert.state == State.ISSUING:
+        cert.attempts += 1
+        after = _after_failure("issue", cert.attempts)
         states.record(session, cert.id, "issuance", reason="failure", data={"reason": exc.reason})
-        states.transition(session, cert, State.FAILED, reason=exc.reason)
-        intents.complete(session, cert.id, ("issue", "renew"), outcome=exc.reason, failed=True)
+        if after.give_up:
+            states.transition(session, cert, State.FAILED, reason=exc.reason)
+            intents.complete(session, cert.id, ("issue", "renew"), outcome=exc.reason, failed=True)
+        else:
+            retry_issuance(ctx, cert, after.delay, exc.reason)
     elif cert.state == State.RENEWING:
         cert.attempts += 1
-        delay = backoff(
-            cert.attempts,
-            initial=settings.automation.retry_delay_seconds,
-            cap=max(settings.automation.retry_delay_seconds, 6 * 3600),
-        )
+        delay = _after_failure("renew", cert.attempts).delay
         cert.renew_at = utcnow() + dt.timedelta(seconds=delay)
         cert.next_attempt_at = cert.renew_at
         cert.pending_issuance_id = None
@@ -456,6 +456,28 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
     elif expired_in_flight:
         end_expired_renewal(session, cert, exc.reason)
     return {"certificate_id": cert.id, "status": "failed", "reason": exc.reason}
+
+
+def _after_failure(purpose: str, attempts: int) -> AfterFailure:
+    a = get_settings().automation
+    return after_permanent_failure(
+        purpose,
+        attempts,
+        retry_attempts=a.retry_attempts,
+        retry_delay=a.retry_delay_seconds,
+        check_interval_hours=a.check_interval_hours,
+    )
+
+
+def retry_issuance(ctx: StepContext, cert: Certificate, delay: float, reason: str) -> None:
+    """A first issuance the CA refused, with retries left (``automation.retry_attempts``): it stays
+    ISSUING and an issue intent waits in the database until the retry is due."""
+    when = utcnow() + dt.timedelta(seconds=delay)
+    retries = get_settings().automation.retry_attempts
+    cert.next_attempt_at = when
+    cert.waiting_reason = f"retry {cert.attempts} of {retries} after {reason}"[:256]
+    intents.record(ctx.session, "issue", cert.id, actor="retry", not_before=when)
+    ctx.wake(delay + 0.2)
 
 
 def end_expired_renewal(session: Session, cert: Certificate, reason: str) -> None:

@@ -17,7 +17,7 @@ import logging
 from typing import Any, cast
 
 from celery import group, shared_task
-from sqlalchemy import CursorResult, and_, delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session
 
 from certqueue import dispatch as dispatching
@@ -211,41 +211,14 @@ def reconcile(self: CertqueueTask, _transient: int = 0) -> Any:
 
 
 def _drift_step(ctx: StepContext) -> dict[str, Any]:
-    """Compare what each target serves with what should be live; redeploy on drift."""
-    from certqueue.models import Deployment
-    from certqueue.targets.base import load_target
+    """One drift check per region, on the region's own queue (its pool holds the credentials);
+    each goes on from the region's cursor (``certqueue.tasks.drift``)."""
+    from certqueue.celery_app import region_queue
 
-    settings = get_settings()
-    session = ctx.session
-    rows = session.execute(
-        select(Deployment, Certificate)
-        .join(Certificate, Certificate.id == Deployment.certificate_id)
-        .where(
-            Deployment.status == "deployed",
-            Certificate.state == State.ACTIVE,
-            and_(Deployment.remote_ref.is_not(None)),
-        )
-        .limit(1000)
-    ).all()
-    drifted: dict[str, list[str]] = {}
-    for d, cert in rows:
-        iss = session.get(Issuance, cert.current_issuance_id)
-        if iss is None:
-            continue
-        try:
-            reg = settings.region(d.region)
-            live = load_target(reg.target, reg.target_settings()).fingerprint(d.remote_ref or "")
-        except Exception as exc:  # noqa: BLE001  (one region's outage must not stop the check)
-            log.warning("drift check %s/%s: %s", cert.id, d.region, type(exc).__name__)
-            continue
-        if live != iss.fingerprint:
-            d.status = "pending"
-            drifted.setdefault(cert.id, []).append(d.region)
-    for cid, regions in drifted.items():
-        intents.record(session, "propagate", cid, {"regions": regions, "force": True}, actor="drift")
-    if drifted:
-        ctx.nudge = True
-    return {"checked": len(rows), "drifted": sum(len(v) for v in drifted.values())}
+    regions = [r.name for r in get_settings().multi_region.regions]
+    if regions:
+        ctx.then(group([task("certqueue.drift.check", r).set(queue=region_queue(r)) for r in regions]))
+    return {"regions": regions}
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.scan.drift")

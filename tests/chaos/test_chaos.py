@@ -251,6 +251,8 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": "0.1",
             "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": "2",
             "CERTQUEUE_AUTOMATION__STUCK_AFTER_SECONDS": "12",
+            # the cases that expect FAILED expect it from the CA's first refusal
+            "CERTQUEUE_AUTOMATION__RETRY_ATTEMPTS": "0",
             "CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS": "2",
             "CERTQUEUE_MULTI_REGION__ENABLED": "true",
             "CERTQUEUE_MULTI_REGION__REGIONS": json.dumps(
