@@ -46,9 +46,13 @@ def in_flight_by_ca(session: Session, now: dt.datetime) -> dict[str, int]:
     """Certificates working toward an order per CA: ISSUING, or RENEWING without a finished issuance
     waiting for propagation, and those whose issue or renew intent was just dispatched."""
     out: dict[str, int] = {}
+    # EXPIRED with a deadline: the renewal that was in flight when it expired (lifecycle.states)
+    working = Certificate.state.in_(IN_FLIGHT) | (
+        (Certificate.state == State.EXPIRED) & Certificate.work_deadline.is_not(None)
+    )
     rows = session.execute(
         select(Certificate.directory_url, func.count())
-        .where(Certificate.state.in_(IN_FLIGHT), Certificate.pending_issuance_id.is_(None))
+        .where(working, Certificate.pending_issuance_id.is_(None))
         .group_by(Certificate.directory_url)
     ).all()
     for url, n in rows:
