@@ -27,6 +27,7 @@ from certqueue.models import LIVE_STATES, Certificate, Issuance, State, utcnow
 
 CHALLENGE_TYPES = ("http-01", "dns-01")
 
+
 def keystore(settings: Settings | None = None) -> KeyStore:
     """The process's key store: loaded once per key file (PBKDF2 is slow on purpose), and again
     when the file changes (``certqueue.keystore.current``: key rotation without a restart)."""

@@ -36,7 +36,7 @@ from certqueue.errors import (
 console = Console()
 err_console = Console(stderr=True)
 
-EXIT_FAILED, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TIMEOUT = 1, 2, 3, 4
+EXIT_FAILED, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_DEFERRED = 1, 2, 3, 4, 5
 
 
 def _fail(msg: str, code: int) -> None:
@@ -486,7 +486,26 @@ def show_cmd(certificate_id: str, as_json: bool) -> None:
     console.print_json(json.dumps(data, default=str))
 
 
-def _wait_states(ids: list[str], done: Callable[[str], bool], timeout: float, label: str) -> dict[str, str]:
+class Deferred(Exception):
+    """A waited-for certificate's work was deferred and the caller asked to stop there."""
+
+    def __init__(self, certificate_id: str, waiting: dict[str, Any]) -> None:
+        super().__init__(certificate_id)
+        self.certificate_id = certificate_id
+        self.waiting = waiting
+
+
+def _wait_states(
+    ids: list[str],
+    done: Callable[[str], bool],
+    timeout: float,
+    label: str,
+    *,
+    stop_on_defer: bool = False,
+) -> dict[str, str]:
+    """Wait until every certificate is ``done``. A deferral (a rate limit, capacity) is printed on
+    stderr when it starts or changes, with its reason and resume time; then the wait goes on, or,
+    with ``stop_on_defer``, :class:`Deferred` is raised."""
     from rich.progress import Progress
 
     from certqueue.db import session_scope
@@ -494,13 +513,23 @@ def _wait_states(ids: list[str], done: Callable[[str], bool], timeout: float, la
 
     deadline = time.monotonic() + timeout
     result: dict[str, str] = {}
+    told: dict[str, str] = {}
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task(label, total=len(ids))
         while True:
+            deferred: list[tuple[str, dict[str, Any]]] = []
             with session_scope(write=False) as s:
                 for cid in ids:
                     c = s.get(Certificate, cid)
                     result[cid] = c.state if c else "MISSING"
+                    w = _waiting(c) if c is not None else None
+                    if w and told.get(cid) != _waiting_text(w):
+                        told[cid] = _waiting_text(w)
+                        deferred.append((cid, w))
+            for cid, w in deferred:
+                progress.console.print(f"{cid} waiting: {_waiting_text(w)}", style="yellow")
+                if stop_on_defer:
+                    raise Deferred(cid, w)
             finished = sum(1 for v in result.values() if done(v))
             progress.update(task, completed=finished)
             if finished == len(ids) or time.monotonic() > deadline:
@@ -533,6 +562,12 @@ def _nudge() -> None:
 @click.option("--region", "targets", multiple=True, help="Deploy to this region (repeatable).")
 @click.option("--no-auto-renew", is_flag=True)
 @click.option("--wait/--no-wait", default=False, help="Wait until ACTIVE or FAILED.")
+@click.option(
+    "--exit-on-defer",
+    is_flag=True,
+    help="With --wait: stop with exit code 5 when the work is deferred (a rate limit, capacity)"
+    " instead of waiting for it to resume.",
+)
 @click.option("--timeout", default=300.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def issue_cmd(
@@ -546,6 +581,7 @@ def issue_cmd(
     targets: Sequence[str],
     no_auto_renew: bool,
     wait: bool,
+    exit_on_defer: bool,
     timeout: float,
     as_json: bool,
 ) -> None:
@@ -579,7 +615,21 @@ def issue_cmd(
         _nudge()
     out: dict[str, Any] = {"certificate_id": cid, "created": created}
     if wait:
-        res = _wait_states([cid], lambda st: st in ("ACTIVE", "FAILED", "REVOKED"), timeout, "issuing")
+        try:
+            res = _wait_states(
+                [cid],
+                lambda st: st in ("ACTIVE", "FAILED", "REVOKED"),
+                timeout,
+                "issuing",
+                stop_on_defer=exit_on_defer,
+            )
+        except Deferred as d:
+            out.update(state="DEFERRED", waiting=d.waiting)
+            if as_json:
+                _print_json(out)
+            else:
+                console.print(f"{cid} requested: deferred ({_waiting_text(d.waiting)})")
+            sys.exit(EXIT_DEFERRED)
         out["state"] = res[cid]
     if as_json:
         _print_json(out)

@@ -217,6 +217,10 @@ class AutomationSettings(Section):
     #: how long a batch polls the CA for a validation inside the task before the certificate waits
     #: with a countdown instead (seconds)
     validation_window_seconds: float = Field(10, ge=0, le=60)
+    #: how long one step may work on an order at the CA before another may take it over (seconds):
+    #: no row lock is held while the CA answers; a worker that dies mid-step leaves a lease that
+    #: runs out after this, so it bounds how long its certificates wait
+    order_lease_seconds: float = Field(60, ge=5, le=900)
 
 
 class RegionSettings(BaseModel):
@@ -272,6 +276,9 @@ class MultiRegionSettings(Section):
 class MonitoringSettings(Section):
     #: false: ``certqueue metrics`` refuses to start and workers record no latencies
     enabled: bool = True
+    #: workers send Celery task events all the time (true), or only while Flower asks for them
+    #: (false: Flower broadcasts enable_events when it starts); each event is a Redis write
+    task_events: bool = False
     #: the metrics listener's own port (not the API's, not the Pushgateway's 9091)
     prometheus_port: int = Field(9745, ge=1, le=65535)
     bind: str = "127.0.0.1"

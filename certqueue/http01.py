@@ -91,7 +91,6 @@ def start_in_thread(host: str, port: int) -> tuple[Http01Server, threading.Threa
     return srv, t
 
 
-
 def stop_on_signals() -> threading.Event:
     """An event set by SIGTERM or SIGINT (main thread only). Install it before binding the port, so
     a signal sent as soon as the port answers is never missed."""

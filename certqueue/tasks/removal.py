@@ -71,7 +71,7 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
     return {"certificate_id": intent.certificate_id, "status": "removing", "regions": sorted(targets)}
 
 
-@shared_task(bind=True, base=CertqueueTask, name="certqueue.removal.start")
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.removal.start", ignore_result=True)
 def start(self: CertqueueTask, job: dict[str, Any], _transient: int = 0) -> Any:
     """``{"certificate_id": ..., "intent": id}``: sent by dispatch for an open remove intent."""
     return self.run_step(_start_step, job)
@@ -138,6 +138,6 @@ def _record_step(ctx: StepContext, results: Any, intent_id: int) -> dict[str, An
     return {"intent": intent.id, "status": "retrying", "regions": sorted(left), "at": retry_at.isoformat()}
 
 
-@shared_task(bind=True, base=CertqueueTask, name="certqueue.removal.record")
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.removal.record", ignore_result=True)
 def record(self: CertqueueTask, results: Any, intent_id: int, _transient: int = 0) -> Any:
     return self.run_step(_record_step, results, intent_id)

@@ -1,9 +1,10 @@
 """drift_cursors (drift checks every deployment of a region, a batch at a time); the CA's ARI window
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0008
 
-0006 is reserved for another branch: when both are merged, 0007 revises 0006 (one line below).
+Numbered 0007 (reserved for issue 14) but applied after 0008 (order leases), which reached main
+first; a 0006 merged later goes after this one.
 """
 
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from alembic import op
 import certqueue.models
 
 revision: str = "0007"
-down_revision: str | None = "0005"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
