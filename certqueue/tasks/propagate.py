@@ -203,6 +203,10 @@ def _deploy_step(ctx: StepContext, certificate_id: str, region: str, issuance_id
         return {"region": region, "status": "failed", "reason": "missing"}
     if d.status == "deployed" and d.fingerprint == iss.fingerprint:
         return {"region": region, "status": "success", "skipped": True}
+    owner = session.get(certificates.Certificate, certificate_id)
+    if owner is None or not states.deployable(owner.state, owner.pending_issuance_id):
+        # revoked (its copies are being removed) since this deploy was planned: never upload it again
+        return {"region": region, "status": "skipped", "reason": f"state:{owner.state if owner else 'gone'}"}
     now = utcnow()
     if d.lease_until is not None and d.lease_until > now:
         raise Wait((d.lease_until - now).total_seconds() + 0.5)  # another delivery is deploying it
