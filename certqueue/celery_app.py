@@ -121,8 +121,10 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("certqueue", set_as_current=True)
     configure(app, settings)
+    from certqueue.logconfig import connect_celery
     from certqueue.metrics import install_celery_hooks  # message send time, task run time
 
+    connect_celery()
     install_celery_hooks()
     import certqueue.tasks.acme
     import certqueue.tasks.dns

@@ -19,11 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from certqueue import __version__
-from certqueue.config import configure, masked_dump
 from certqueue.errors import (
     CertqueueError,
     ConfigError,
@@ -33,8 +30,40 @@ from certqueue.errors import (
     NotFound,
 )
 
-console = Console()
-err_console = Console(stderr=True)
+
+class _LazyConsole:
+    """A rich Console built on first use: a command that prints JSON (or nothing) does not import
+    rich, which costs every command tens of milliseconds."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Any = None
+
+    def _get(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._get(), name, value)
+
+
+def Table(*args: Any, **kwargs: Any) -> Any:  # rich's class, imported when a table is drawn
+    from rich.table import Table as RichTable
+
+    return RichTable(*args, **kwargs)
+
+
+console: Any = _LazyConsole()
+err_console: Any = _LazyConsole(stderr=True)
 
 EXIT_FAILED, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_DEFERRED = 1, 2, 3, 4, 5
 
@@ -65,10 +94,31 @@ class _Group(click.Group):
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+            if _no_schema(exc):
+                _fail(_no_schema_message(ctx), EXIT_INPUT)
+            _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", EXIT_FAILED)
+
+
+def _no_schema(exc: BaseException) -> bool:
+    """The database has no certqueue tables (a new file, the wrong directory, no migration run)."""
+    text = str(getattr(exc, "orig", exc))
+    return "no such table" in text or ("relation" in text and "does not exist" in text)
+
+
+def _no_schema_message(ctx: click.Context) -> str:
+    from certqueue.logsafe import mask_url_password
+
+    loaded = (ctx.obj or {}).get("loaded")
+    url = mask_url_password(loaded.settings.database.url) if loaded is not None else "the database"
+    return (
+        f"{url} has no certqueue tables: run `certqueue db upgrade` (or point --database /"
+        " CERTQUEUE_DATABASE__URL at the right database)"
+    )
 
 
 def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
+    from certqueue.config import configure
+
     # every layer, the runtime one read from the database; re-read as it ages (certqueue.runtime)
     loaded = configure(overrides or None)
     ctx.obj["loaded"] = loaded
@@ -137,6 +187,8 @@ def config() -> None:
 @click.pass_context
 def config_show(ctx: click.Context, as_json: bool) -> None:
     """The merged settings, secrets masked, with the layer each value came from."""
+    from certqueue.config import masked_dump
+
     dump = masked_dump(ctx.obj["loaded"])
     rules = _rate_limit_rules(ctx.obj["loaded"].settings)
     if as_json:
@@ -415,13 +467,13 @@ def print_inventory(rows: list[dict[str, Any]]) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(states_in: Sequence[str], domain: str | None, limit: int, offset: int, as_json: bool) -> None:
     """The inventory."""
-    from certqueue import certificates
+    from certqueue import inventory
     from certqueue.db import session_scope
 
     with session_scope(write=False) as s:
         rows = [
             _cert_row(c)
-            for c in certificates.list_certificates(
+            for c in inventory.list_certificates(
                 s, states_in=[x.upper() for x in states_in] or None, domain=domain, limit=limit, offset=offset
             )
         ]
@@ -438,12 +490,12 @@ def show_cmd(certificate_id: str, as_json: bool) -> None:
     """One certificate with its issuances, deployments and recent events."""
     from sqlalchemy import select
 
-    from certqueue import certificates
+    from certqueue import inventory
     from certqueue.db import session_scope
     from certqueue.models import Deployment, Event, Issuance
 
     with session_scope(write=False) as s:
-        c = certificates.get(s, certificate_id)
+        c = inventory.get(s, certificate_id)
         data = _cert_row(c)
         data["issuances"] = [
             {

@@ -42,7 +42,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from certqueue.errors import ConfigError
 from certqueue.logsafe import mask_url_password
@@ -392,10 +391,13 @@ class RateLimitSettings(Section):
         return v
 
 
-class Settings(BaseSettings):
-    """The merged settings. Build with ``load_settings()`` to get the layers and their sources."""
+class Settings(BaseModel):
+    """The merged settings. Build with ``load_settings()`` to get the layers and their sources:
+    it merges every layer itself (to remember where each value came from, ``CERTQUEUE_*`` included)
+    and validates the result here, so no other source may add values behind its back. (A plain
+    model, not pydantic-settings' BaseSettings: the CLI would pay its import on every command.)"""
 
-    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+    model_config = ConfigDict(extra="forbid")
 
     storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
     acme: AcmeSettings = Field(default_factory=lambda: AcmeSettings())
@@ -408,14 +410,6 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     rate_limits: RateLimitSettings = Field(default_factory=lambda: RateLimitSettings())
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-    ):  # type: ignore[no-untyped-def, override]
-        # load_settings() merges every layer itself (to remember where each value came from) and
-        # passes the result as init arguments; no other source may add values behind its back.
-        return (init_settings,)
 
     def region(self, name: str) -> RegionSettings:
         for r in self.multi_region.regions:

@@ -34,8 +34,11 @@ def first_hour(tmp_path: Path) -> Iterator[Pipeline]:
         "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "300",
     }
     p = build_pipeline(tmp_path, backend="sqlite", pools=("all",), extra_env=shipped)
-    yield p
-    teardown_pipeline(p)
+    try:
+        p.stack.start_beat()  # the embedded default as documented: one worker for every queue, and beat
+        yield p
+    finally:
+        teardown_pipeline(p)
 
 
 def test_sixty_certificates_under_one_domain_all_active_none_deferred(first_hour: Pipeline) -> None:
