@@ -93,6 +93,9 @@ def configure(app: Celery, settings: Settings) -> None:
             "certqueue.acme.*": {"queue": "acme"},
             "certqueue.dns.*": {"queue": "dns"},
             "certqueue.scan.*": {"queue": "scan"},
+            "certqueue.removal.start": {"queue": "acme"},
+            "certqueue.removal.record": {"queue": "acme"},
+            # certqueue.removal.remove and certqueue.drift.check go to propagate.<region> explicitly
             # certqueue.propagate.deploy is sent with an explicit queue: propagate.<region>
         },
         task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
@@ -125,7 +128,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     install_celery_hooks()
     import certqueue.tasks.acme
     import certqueue.tasks.dns
+    import certqueue.tasks.drift
     import certqueue.tasks.propagate
+    import certqueue.tasks.removal
     import certqueue.tasks.scan  # noqa: F401
 
     return app

@@ -394,11 +394,20 @@ def _cert_row(c: Any) -> dict[str, Any]:
         "issuer": iss.issuer if iss else None,
         "serial": iss.serial if iss else None,
         "renew_at": c.renew_at.isoformat() if c.renew_at else None,
+        "ari_window": _ari_window(c),
         "challenge_type": c.challenge_type,
         "last_error": c.last_error,
         "external": c.external,
         "waiting": _waiting(c),
     }
+
+
+def _ari_window(c: Any) -> dict[str, Any] | None:
+    """The CA's suggested renewal window (RFC 9773) at the last check, if the CA offers one."""
+    start, end = getattr(c, "ari_window_start", None), getattr(c, "ari_window_end", None)
+    if start is None or end is None:
+        return None
+    return {"start": start.isoformat(), "end": end.isoformat(), "explanation_url": c.ari_explanation_url}
 
 
 def _waiting(c: Any) -> dict[str, Any] | None:

@@ -235,6 +235,12 @@ class RegionSettings(BaseModel):
     provider: Literal["aws", "aws_acm", "azure", "azure_keyvault", "gcp", "gcp_certmanager", "local"]
     #: a certificate is ACTIVE only when every required region has it
     required: bool = True
+    #: remove the deployed copy (``Target.remove``) when the certificate is revoked: a revoked
+    #: certificate fails every client that checks revocation, so it should not be served
+    remove_on_revoke: bool = True
+    #: remove the deployed copy when the certificate is deleted from the inventory: nothing would
+    #: renew it any more, so it would expire where it is served, unwatched
+    remove_on_delete: bool = True
 
     @property
     def target(self) -> str:
@@ -252,6 +258,10 @@ class MultiRegionSettings(Section):
     enabled: bool = False
     propagation_strategy: Literal["sync", "async"] = "sync"
     regions: list[RegionSettings] = Field(default_factory=list)
+    #: drift: deployments of one region checked per run (the next run goes on from there)
+    drift_batch_size: int = Field(500, ge=1, le=10_000)
+    #: drift: a run stops asking the target after this long and goes on from there next time
+    drift_time_budget_seconds: float = Field(120, gt=0, le=200)
 
     @model_validator(mode="after")
     def _unique_names(self) -> MultiRegionSettings:

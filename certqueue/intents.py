@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from certqueue.db import is_postgres
 from certqueue.models import Intent, utcnow
 
-KINDS = ("issue", "renew", "revoke", "propagate")
+#: remove: take a revoked or deleted certificate's copies off its targets (``certqueue.removals``)
+KINDS = ("issue", "renew", "revoke", "propagate", "remove")
 OPEN = ("pending", "dispatched")
 
 

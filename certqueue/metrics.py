@@ -91,6 +91,9 @@ FAMILIES = (
     "certqueue_issuances_total",
     "certqueue_validation_errors_total",
     "certqueue_propagations_total",
+    "certqueue_removals_total",
+    "certqueue_drift_detected_total",
+    "certqueue_drift_errors_total",
     "certqueue_deployments",
     "certqueue_region_pending_oldest_seconds",
     "certqueue_broker_quarantined",
@@ -381,6 +384,44 @@ class CertqueueCollector(Collector):
         ).tuples():
             prop.add_metric([reg or "unknown", status or "unknown"], int(n))
         yield prop
+
+        rem = CounterMetricFamily(
+            "certqueue_removals",
+            "Removals of a revoked or deleted certificate's copy from a region, by outcome",
+            labels=["region", "status"],
+        )
+        for reg, status, n in session.execute(
+            select(region, Event.reason, func.count())
+            .where(Event.kind == "removal")
+            .group_by(region, Event.reason)
+        ).tuples():
+            rem.add_metric([reg or "unknown", status or "unknown"], int(n))
+        yield rem
+
+        found = CounterMetricFamily(
+            "certqueue_drift_detected",
+            "Deployed copies found serving something else (or nothing) and redeployed",
+            labels=["region"],
+        )
+        for reg, n in session.execute(
+            select(region, func.count()).where(Event.kind == "drift").group_by(region)
+        ).tuples():
+            found.add_metric([reg or "unknown"], int(n))
+        yield found
+
+        errs = CounterMetricFamily(
+            "certqueue_drift_errors",
+            "Drift checks a target answered with an error, by region and stable reason",
+            labels=["region", "reason"],
+        )
+        count = Event.data["count"].as_integer()
+        for reg, reason, n in session.execute(
+            select(region, Event.reason, func.sum(count))
+            .where(Event.kind == "drift_error")
+            .group_by(region, Event.reason)
+        ).tuples():
+            errs.add_metric([reg or "unknown", reason or "unknown"], int(n or 0))
+        yield errs
 
     def _deployments(self, session: Session, now: dt.datetime) -> Iterator[Metric]:
         fam = GaugeMetricFamily(

@@ -27,7 +27,7 @@ from typing import Any
 from celery import shared_task, signature
 from sqlalchemy import select
 
-from certqueue import certificates, failpoints, intents, operations, payloads
+from certqueue import certificates, failpoints, intents, operations, payloads, removals
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
 from certqueue.config import get_settings
 from certqueue.db import lock_certificate, session_scope
@@ -160,6 +160,7 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
         # a second message for it must not order again; work still in flight is resumed
         return {"certificate_id": cid, "status": "answered", "state": cert.state}
     if cert.state == State.FAILED:
+        cert.attempts = 0  # a new request: automation.retry_attempts counts afresh
         states.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
     if cert.state == State.REQUESTED:
         states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
@@ -175,7 +176,7 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
             reason=job.get("reason") or ("forced" if force else "due"),
             actor="task",
         )
-    if cert.state in (State.ISSUING, State.RENEWING):
+    if states.in_pipeline(cert.state, cert.work_deadline):
         if cert.pending_issuance_id is not None:
             # issued already; what is left is propagation
             intents.complete(session, cert.id, ("issue", "renew"), outcome="issued")
@@ -276,7 +277,7 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
         return {"certificate_id": certificate_id, "status": "noop"}
     client, _ = _client(session, cert)  # registers the account on first use: before any lock
     cert = lock_certificate(session, certificate_id)
-    if cert is None or cert.state not in (State.ISSUING, State.RENEWING):
+    if cert is None or not states.in_pipeline(cert.state, cert.work_deadline):
         return {"certificate_id": certificate_id, "status": "noop"}
     order = open_order(session, cert.id)
     if order is None or order.order_url is None:
@@ -342,7 +343,7 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
                 ch.status = "answered"
         _touch(cert)
         order.polls += 1
-        if cert.state not in (State.ISSUING, State.RENEWING):
+        if not states.in_pipeline(cert.state, cert.work_deadline):
             return {"certificate_id": cert.id, "status": "noop"}
         return _record_validation(ctx, cert, order, chs, res, status, retry_after, authz, fullchain, settings)
     except (Wait, Deferred):
@@ -403,16 +404,18 @@ def _record_validation(
         # a validated name starts its count of consecutive failures at this CA from zero again
         limiter.record_valid_authorization(cert.directory_url, ch.identifier, validated_at)
     cleanup_challenges(ctx, order)
-    renewing = cert.state == State.RENEWING
+    renewing = cert.state in states.RENEWAL_STATES
     states.record(
         session, cert.id, "renewal" if renewing else "issuance", reason="success", data={"serial": iss.serial}
     )
     if not renewing:
         states.transition(session, cert, State.ISSUED, reason="issued", data={"serial": iss.serial})
     cert.pending_issuance_id = iss.id
-    if certificates.regions_for(cert):
+    has_regions = bool(certificates.regions_for(cert))
+    if has_regions:
         intents.record(session, "propagate", cert.id, actor="task")
         ctx.nudge = True
+    if not states.active_on_issue(get_settings().multi_region.propagation_strategy, has_regions):
         return {"certificate_id": cert.id, "status": "issued", "serial": iss.serial}
     certificates.activate(session, cert, iss, reason="renewed" if renewing else "issued")
     ctx.nudge = True  # capacity freed: dispatch may start the next order
@@ -466,6 +469,8 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     states.record(session, cert.id, "revocation", reason=reason, data={"serial": iss.serial})
     states.transition(session, cert, State.REVOKED, reason=reason)
     intents.complete(session, cert.id, ("revoke", "renew", "propagate"), outcome="revoked")
+    if removals.request_removal(session, cert.id, "revoke", actor="revocation") is not None:
+        ctx.nudge = True
     return {"certificate_id": cert.id, "status": "revoked", "serial": iss.serial}
 
 

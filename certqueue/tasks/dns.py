@@ -18,7 +18,8 @@ from certqueue.dns.base import DNSProvider, load_provider
 from certqueue.dns.propagation import check_visible
 from certqueue.dns.zones import Resolver, follow_cnames
 from certqueue.errors import CertqueueError, PermanentError
-from certqueue.models import Certificate, Challenge, State, utcnow
+from certqueue.lifecycle import states
+from certqueue.models import Certificate, Challenge, utcnow
 from certqueue.tasks.base import CertqueueTask, StepContext, Wait
 from certqueue.tasks.pipeline import PipelineTask
 
@@ -58,7 +59,7 @@ def _end_reads(ctx: StepContext) -> None:
 
 def _present_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict[str, Any]:
     cert, ch = _load(ctx, certificate_id, challenge_id)
-    if cert is None or ch is None or cert.state not in (State.ISSUING, State.RENEWING):
+    if cert is None or ch is None or not states.in_pipeline(cert.state, cert.work_deadline):
         return {"challenge": challenge_id, "status": "noop"}
     if ch.status != "pending":
         return {"challenge": challenge_id, "status": ch.status}
@@ -83,7 +84,7 @@ def present(self: DnsTask, certificate_id: str, challenge_id: int, _transient: i
 
 def _wait_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict[str, Any]:
     cert, ch = _load(ctx, certificate_id, challenge_id)
-    if cert is None or ch is None or cert.state not in (State.ISSUING, State.RENEWING):
+    if cert is None or ch is None or not states.in_pipeline(cert.state, cert.work_deadline):
         return {"challenge": challenge_id, "status": "noop"}
     if ch.status != "presented":
         return {"challenge": challenge_id, "status": ch.status}
@@ -101,8 +102,6 @@ def _wait_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict
         ch.status = "visible"
         notes = result.notes()
         if notes:  # addresses this worker cannot route, or that stayed silent beside one that answered
-            from certqueue.lifecycle import states
-
             states.record(
                 ctx.session,
                 certificate_id,

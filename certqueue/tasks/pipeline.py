@@ -36,9 +36,9 @@ from certqueue.config import get_settings
 from certqueue.db import is_postgres, lock_certificate
 from certqueue.errors import CertqueueError, PermanentError, RateLimited
 from certqueue.lifecycle import states
-from certqueue.lifecycle.backoff import backoff
 from certqueue.lifecycle.failure import MAX_RATE_LIMIT_BLOCK, clamp_retry_after
 from certqueue.lifecycle.ratelimit_policy import PreviousIssuance, ca_block, classify_order
+from certqueue.lifecycle.retry import AfterFailure, after_permanent_failure
 from certqueue.models import Certificate, Challenge, Http01Token, Issuance, Order, State, utcnow
 from certqueue.tasks.base import CertqueueTask, StepContext, Wait
 
@@ -156,7 +156,8 @@ def defer_work(ctx: StepContext, cert: Certificate, until: dt.datetime, reason: 
     cert.work_deadline = until + dt.timedelta(seconds=get_settings().automation.stuck_after_seconds)
     open_ = [i for i in intents.open_intents(session, cert.id) if i.kind in ("issue", "renew")]
     if not open_:
-        open_ = [intents.record(session, "renew" if cert.state == State.RENEWING else "issue", cert.id)]
+        kind = "renew" if cert.state in states.RENEWAL_STATES else "issue"
+        open_ = [intents.record(session, kind, cert.id)]
     for intent in open_:
         intent.status = "pending"
         intent.not_before = until
@@ -613,7 +614,6 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
     certificate goes FAILED (first issuance) or back to ACTIVE with the next attempt scheduled
     (renewal: the old certificate keeps serving)."""
     session = ctx.session
-    settings = get_settings()
     cert = lock_certificate(session, certificate_id)
     if cert is None:
         return {"status": "failed", "reason": exc.reason}
@@ -648,7 +648,7 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         # issuance did start, and it is what failed
         states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
     nxt = next_ca(cert, exc)
-    if nxt is not None and cert.state in (State.ISSUING, State.RENEWING):
+    if nxt is not None and states.in_pipeline(cert.state, cert.work_deadline):
         # this CA failed for good: the same work starts again at the next CA (its own account)
         states.record(
             session, cert.id, "ca_fallback", reason=exc.reason, data={"from": cert.directory_url, "to": nxt}
@@ -656,29 +656,67 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         cert.directory_url = nxt
         cert.last_error = exc.reason
         _touch(cert)
-        purpose = "renew" if cert.state == State.RENEWING else "issue"
+        purpose = "renew" if cert.state in states.RENEWAL_STATES else "issue"
         ctx.then(task("certqueue.acme.start", {"certificate_id": cert.id, "purpose": purpose}))
         return {"certificate_id": cert.id, "status": "fallback", "reason": exc.reason, "ca": nxt}
+    expired_in_flight = cert.state == State.EXPIRED and cert.work_deadline is not None
     cert.last_error = exc.reason
     cert.work_deadline = None
     ctx.nudge = True  # capacity freed: dispatch may start the next order
     if cert.state == State.ISSUING:
+        cert.attempts += 1
+        after = _after_failure("issue", cert.attempts)
         states.record(session, cert.id, "issuance", reason="failure", data={"reason": exc.reason})
-        states.transition(session, cert, State.FAILED, reason=exc.reason)
-        intents.complete(session, cert.id, ("issue", "renew"), outcome=exc.reason, failed=True)
+        if after.give_up:
+            states.transition(session, cert, State.FAILED, reason=exc.reason)
+            intents.complete(session, cert.id, ("issue", "renew"), outcome=exc.reason, failed=True)
+        else:
+            retry_issuance(ctx, cert, after.delay, exc.reason)
     elif cert.state == State.RENEWING:
         cert.attempts += 1
-        delay = backoff(
-            cert.attempts,
-            initial=settings.automation.retry_delay_seconds,
-            cap=max(settings.automation.retry_delay_seconds, 6 * 3600),
-        )
+        delay = _after_failure("renew", cert.attempts).delay
         cert.renew_at = utcnow() + dt.timedelta(seconds=delay)
         cert.next_attempt_at = cert.renew_at
         cert.pending_issuance_id = None
         states.record(session, cert.id, "renewal", reason="failure", data={"reason": exc.reason})
         states.transition(session, cert, State.ACTIVE, reason=f"renewal failed: {exc.reason}")
+    elif expired_in_flight:
+        end_expired_renewal(session, cert, exc.reason)
     return {"certificate_id": cert.id, "status": "failed", "reason": exc.reason}
+
+
+def _after_failure(purpose: str, attempts: int) -> AfterFailure:
+    a = get_settings().automation
+    return after_permanent_failure(
+        purpose,
+        attempts,
+        retry_attempts=a.retry_attempts,
+        retry_delay=a.retry_delay_seconds,
+        check_interval_hours=a.check_interval_hours,
+    )
+
+
+def retry_issuance(ctx: StepContext, cert: Certificate, delay: float, reason: str) -> None:
+    """A first issuance the CA refused, with retries left (``automation.retry_attempts``): it stays
+    ISSUING and an issue intent waits in the database until the retry is due."""
+    when = utcnow() + dt.timedelta(seconds=delay)
+    retries = get_settings().automation.retry_attempts
+    cert.next_attempt_at = when
+    cert.waiting_reason = f"retry {cert.attempts} of {retries} after {reason}"[:256]
+    intents.record(ctx.session, "issue", cert.id, actor="retry", not_before=when)
+    ctx.wake(delay + 0.2)
+
+
+def end_expired_renewal(session: Session, cert: Certificate, reason: str) -> None:
+    """The renewal that was in flight when the certificate expired failed for good: it stays EXPIRED
+    (nothing valid is served), with no renewal working on it."""
+    cert.attempts += 1
+    cert.renew_at = None
+    cert.next_attempt_at = None
+    cert.pending_issuance_id = None
+    cert.work_deadline = None
+    states.record(session, cert.id, "renewal", reason="failure", data={"reason": reason, "expired": True})
+    intents.complete(session, cert.id, ("renew",), outcome=reason, failed=True)
 
 
 #: failures that say "not at this CA" (its policy, its account rules, its availability), so the next
@@ -719,7 +757,7 @@ def next_ca(cert: Certificate, exc: CertqueueError) -> str | None:
 # --- parking: transient trouble never fails a certificate -----------------------------------------
 
 #: states in which a certificate's work can be parked and resumed by the reconciler
-PARKABLE = (State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED)
+PARKABLE = (State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED, State.EXPIRED)
 
 
 def park_certificate(

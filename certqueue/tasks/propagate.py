@@ -50,7 +50,7 @@ def _plan(ctx: StepContext, payload: Any) -> tuple[str, int, list[str]] | dict[s
         intents.complete(session, payload["certificate_id"], ("propagate",), outcome="gone")
         return {"certificate_id": payload["certificate_id"], "status": "gone"}
     iss_id = cert.pending_issuance_id or cert.current_issuance_id
-    if iss_id is None or cert.state in (State.REVOKED, State.EXPIRED, State.FAILED):
+    if iss_id is None or not states.deployable(cert.state, cert.pending_issuance_id):
         intents.complete(session, cert.id, ("propagate",), outcome=f"noop:{cert.state}")
         return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
     iss = session.get(Issuance, iss_id)
@@ -203,6 +203,10 @@ def _deploy_step(ctx: StepContext, certificate_id: str, region: str, issuance_id
         return {"region": region, "status": "failed", "reason": "missing"}
     if d.status == "deployed" and d.fingerprint == iss.fingerprint:
         return {"region": region, "status": "success", "skipped": True}
+    owner = session.get(certificates.Certificate, certificate_id)
+    if owner is None or not states.deployable(owner.state, owner.pending_issuance_id):
+        # revoked (its copies are being removed) since this deploy was planned: never upload it again
+        return {"region": region, "status": "skipped", "reason": f"state:{owner.state if owner else 'gone'}"}
     now = utcnow()
     if d.lease_until is not None and d.lease_until > now:
         raise Wait((d.lease_until - now).total_seconds() + 0.5)  # another delivery is deploying it
@@ -291,7 +295,7 @@ def _record_step(ctx: StepContext, results: Any, certificate_id: str, issuance_i
     failed = [r for r in regions if r not in done]
     summary = {r: ("success" if r in done else (rows[r].status if r in rows else "pending")) for r in regions}
     if all(r in done for r in required):
-        if cert.pending_issuance_id == iss.id and cert.state in (State.ISSUED, State.RENEWING):
+        if cert.pending_issuance_id == iss.id and cert.state in (State.ISSUED, *states.RENEWAL_STATES):
             certificates.activate(session, cert, iss, reason="propagated")
             ctx.nudge = True
     if failed:

@@ -263,6 +263,8 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": "0.1",
             "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": "2",
             "CERTQUEUE_AUTOMATION__STUCK_AFTER_SECONDS": "12",
+            # the cases that expect FAILED expect it from the CA's first refusal
+            "CERTQUEUE_AUTOMATION__RETRY_ATTEMPTS": "0",
             # a killed worker's hold on its orders runs out this soon (steps here take a few seconds)
             "CERTQUEUE_AUTOMATION__ORDER_LEASE_SECONDS": "30",
             "CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS": "2",
