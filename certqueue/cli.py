@@ -1085,5 +1085,8 @@ def demo_cmd(keep: bool) -> None:
     sys.exit(code)
 
 
+# command groups kept in their own modules (they register themselves on ``main``)
+import certqueue.cli_events  # noqa: E402, F401
+
 if __name__ == "__main__":
     main()

@@ -375,6 +375,129 @@ class RateLimitSettings(Section):
         return v
 
 
+class SubscriberSettings(BaseModel):
+    """One receiver of lifecycle events (``events.subscribers[]``; docs/events.md).
+
+    ``kind: webhook`` POSTs each event as JSON to ``url``, signed with ``secret`` (HMAC-SHA256 in
+    the Standard Webhooks form: ``webhook-id``, ``webhook-timestamp``, ``webhook-signature``).
+    ``kind: celery`` publishes each event as the task ``task`` on the queue ``queue`` of certqueue's
+    broker, so a consuming service routes it to its own workers.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["webhook", "celery"] = "webhook"
+    #: event types wanted (empty: all): issued, renewed, deployed, failed, expiring, expired, revoked
+    events: list[str] = Field(default_factory=list)
+    url: str | None = None
+    secret: SecretStr | None = None
+    #: the secret read from this file instead (kept off settings files and the environment)
+    secret_file: Path | None = None
+    #: plain http to a non-loopback host; off by default (events carry names and serials)
+    allow_http: bool = False
+    #: CA certificates to trust for ``url`` (default: the system's)
+    ca_bundle: Path | None = None
+    task: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
+    queue: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, v: list[str]) -> list[str]:
+        from certqueue.lifecycle.events_out import EVENT_TYPES
+
+        unknown = sorted(set(v) - set(EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event types {unknown}; known: {', '.join(EVENT_TYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> SubscriberSettings:
+        if self.kind == "webhook":
+            from urllib.parse import urlsplit
+
+            if not self.url:
+                raise ValueError(f"subscriber {self.name}: a webhook needs url")
+            parts = urlsplit(self.url)
+            loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ValueError(f"subscriber {self.name}: url must be an http(s) URL")
+            if parts.scheme == "http" and not (loopback or self.allow_http):
+                raise ValueError(f"subscriber {self.name}: url must be https (or set allow_http)")
+            if self.secret is None and self.secret_file is None:
+                raise ValueError(f"subscriber {self.name}: a webhook needs secret or secret_file")
+            if self.secret is not None and self.secret_file is not None:
+                raise ValueError(f"subscriber {self.name}: set secret or secret_file, not both")
+            if self.task or self.queue:
+                raise ValueError(f"subscriber {self.name}: task and queue are for kind: celery")
+        else:
+            if not self.task or not self.queue:
+                raise ValueError(f"subscriber {self.name}: kind celery needs task and queue")
+            if self.url or self.secret or self.secret_file:
+                raise ValueError(f"subscriber {self.name}: url and secret are for kind: webhook")
+        return self
+
+    def secret_bytes(self) -> bytes:
+        """The signing key: a ``whsec_`` secret is base64 (Standard Webhooks), any other its UTF-8."""
+        import base64
+        import binascii
+
+        if self.secret_file is not None:
+            try:
+                raw = self.secret_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"subscriber {self.name}: cannot read secret_file ({type(exc).__name__})",
+                    key="events.subscribers",
+                ) from exc
+        else:
+            raw = self.secret.get_secret_value() if self.secret else ""
+        if not raw:
+            raise ConfigError(f"subscriber {self.name}: the secret is empty", key="events.subscribers")
+        if raw.startswith("whsec_"):
+            try:
+                return base64.b64decode(raw[len("whsec_") :], validate=True)
+            except binascii.Error as exc:
+                raise ConfigError(
+                    f"subscriber {self.name}: a whsec_ secret must be base64", key="events.subscribers"
+                ) from exc
+        return raw.encode()
+
+
+class EventsSettings(Section):
+    """Lifecycle events out to other services (certqueue.outbox, certqueue.tasks.events)."""
+
+    subscribers: list[SubscriberSettings] = Field(default_factory=list)
+    #: beat sends due deliveries this often (seconds)
+    deliver_interval_seconds: float = Field(5, gt=0)
+    #: deliveries claimed per run of the delivery task
+    batch_size: int = Field(100, ge=1, le=10_000)
+    #: deliveries sent at once (threads)
+    concurrency: int = Field(8, ge=1, le=64)
+    #: one webhook request gives up after this long (seconds)
+    timeout_seconds: float = Field(5, gt=0, le=60)
+    #: a claimed delivery not finished within this long (a killed worker) is due again
+    lease_seconds: float = Field(300, gt=0)
+    #: attempts before a delivery becomes a dead letter
+    max_attempts: int = Field(15, ge=1, le=1000)
+    #: retry delays: first, doubling up to max (seconds)
+    retry_initial_seconds: float = Field(10, gt=0)
+    retry_max_seconds: float = Field(3600, gt=0)
+    #: beat looks for certificates crossing their "expiring soon" threshold this often (seconds)
+    expiring_check_seconds: float = Field(3600, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EventsSettings:
+        names = [s.name for s in self.subscribers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"subscriber names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def subscriber(self, name: str) -> SubscriberSettings | None:
+        return next((s for s in self.subscribers if s.name == name), None)
+
+
 class Settings(BaseSettings):
     """The merged settings. Build with ``load_settings()`` to get the layers and their sources."""
 
@@ -391,6 +514,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     rate_limits: RateLimitSettings = Field(default_factory=lambda: RateLimitSettings())
+    events: EventsSettings = Field(default_factory=lambda: EventsSettings())
 
     @classmethod
     def settings_customise_sources(

@@ -370,3 +370,42 @@ class ProcessHeartbeat(Base):
     #: when this process loaded the keyring it reports
     loaded_at: Mapped[dt.datetime] = mapped_column()
     seen_at: Mapped[dt.datetime] = mapped_column()
+
+
+class EventDelivery(Base):
+    """One lifecycle event for one subscriber (the outbox of ``certqueue.outbox``).
+
+    Written in the transaction that records the event, so an event is never lost and never
+    announced for a change that rolled back. The delivery task (``certqueue.tasks.events``) claims
+    due rows by pushing ``next_attempt_at`` past a lease, sends outside any transaction, then
+    records the outcome: ``delivered``, back to ``pending`` with a later ``next_attempt_at``, or
+    ``dead`` (the dead-letter record: kept with its last error until redelivered by hand).
+    """
+
+    __tablename__ = "event_deliveries"
+    __table_args__ = (
+        Index("ix_event_deliveries_status_next", "status", "next_attempt_at"),
+        Index("ix_event_deliveries_certificate", "certificate_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("events.id"))
+    subscriber: Mapped[str] = mapped_column(String(64))
+    #: issued | renewed | deployed | failed | expiring | expired | revoked
+    event_type: Mapped[str] = mapped_column(String(32))
+    certificate_id: Mapped[str | None] = mapped_column(String(40))
+    #: the same on every attempt: a receiver drops a second copy by it
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: pending | delivered | dead
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: the receiver's last HTTP status (None: no answer, or a Celery subscriber)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column()
+
+    event: Mapped[Event | None] = relationship(lazy="select")

@@ -5,6 +5,9 @@ transaction, so the audit log and the state can never disagree.
 
 A failed renewal goes RENEWING -> ACTIVE: the old issuance keeps serving (it never stopped) and the
 next attempt is scheduled; the event says why.
+
+An event announced to subscribers (``certqueue.lifecycle.events_out``) is staged in the outbox
+(``certqueue.outbox``) in the same transaction.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from certqueue import outbox
 from certqueue.errors import InvalidTransition
 from certqueue.models import Certificate, Event, State, utcnow
 
@@ -61,6 +65,7 @@ def transition(
         data=data,
     )
     session.add(ev)
+    outbox.stage(session, ev)  # subscribers hear of it in this same transaction (events out)
     return ev
 
 
@@ -76,4 +81,5 @@ def record(
     """An event that is not a state change (renewal outcome, validation error, propagation)."""
     ev = Event(certificate_id=certificate_id, kind=kind, reason=reason, actor=actor, data=data)
     session.add(ev)
+    outbox.stage(session, ev)
     return ev

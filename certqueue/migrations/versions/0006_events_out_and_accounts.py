@@ -1,0 +1,50 @@
+"""event_deliveries: the outbox of lifecycle events for subscribers (webhooks, Celery tasks)
+
+Revision ID: 0006
+Revises: 0005
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+from certqueue.models import UTCDateTime
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "event_deliveries",
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+        sa.Column("event_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
+        sa.Column("subscriber", sa.String(64), nullable=False),
+        sa.Column("event_type", sa.String(32), nullable=False),
+        sa.Column("certificate_id", sa.String(40), nullable=True),
+        sa.Column("idempotency_key", sa.String(64), nullable=False),
+        sa.Column("data", sa.JSON(), nullable=False),
+        sa.Column("occurred_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("last_status", sa.Integer(), nullable=True),
+        sa.Column("last_error", sa.String(512), nullable=True),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("delivered_at", UTCDateTime(timezone=True), nullable=True),
+        sa.ForeignKeyConstraint(["event_id"], ["events.id"]),
+        sa.UniqueConstraint("idempotency_key"),
+    )
+    op.create_index("ix_event_deliveries_status_next", "event_deliveries", ["status", "next_attempt_at"])
+    op.create_index("ix_event_deliveries_certificate", "event_deliveries", ["certificate_id"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_event_deliveries_certificate", table_name="event_deliveries")
+    op.drop_index("ix_event_deliveries_status_next", table_name="event_deliveries")
+    op.drop_table("event_deliveries")
