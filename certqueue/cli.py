@@ -1086,6 +1086,7 @@ def demo_cmd(keep: bool) -> None:
 
 
 # command groups kept in their own modules (they register themselves on ``main``)
+import certqueue.cli_accounts  # noqa: E402
 import certqueue.cli_events  # noqa: E402, F401
 
 if __name__ == "__main__":

@@ -89,6 +89,11 @@ class Account(Base):
     account_url: Mapped[str | None] = mapped_column(String(512))
     eab_kid: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: valid | deactivated (RFC 8555 section 7.3.6: for good; the CA refuses it from then on)
+    status: Mapped[str] = mapped_column(String(16), default="valid", server_default="valid")
+    deactivated_at: Mapped[dt.datetime | None] = mapped_column()
+    #: when the account key last rolled over (RFC 8555 section 7.3.5)
+    key_changed_at: Mapped[dt.datetime | None] = mapped_column()
 
 
 class Certificate(Base):
@@ -409,3 +414,27 @@ class EventDelivery(Base):
     delivered_at: Mapped[dt.datetime | None] = mapped_column()
 
     event: Mapped[Event | None] = relationship(lazy="select")
+
+
+class AccountKeyRollover(Base):
+    """One account key rollover (``certqueue.acme.accounts.rollover``): the audit record, and the new
+    key kept here, encrypted, from before the CA is asked until it is the account's key. A rollover
+    interrupted after the CA switched (a crash, a lost answer) is finished by running it again."""
+
+    __tablename__ = "account_key_rollovers"
+    __table_args__ = (Index("ix_account_key_rollovers_account", "account_id", "status"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    #: the new key while pending; None once it moved into ``accounts.key_enc`` (or was abandoned)
+    key_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    key_type: Mapped[str] = mapped_column(String(16))
+    #: RFC 7638 thumbprints: which keys, without the keys
+    old_thumbprint: Mapped[str] = mapped_column(String(64))
+    new_thumbprint: Mapped[str] = mapped_column(String(64))
+    #: pending | done | failed
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(String(512))
+    actor: Mapped[str] = mapped_column(String(128), default="certqueue")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column()

@@ -1,4 +1,5 @@
-"""event_deliveries: the outbox of lifecycle events for subscribers (webhooks, Celery tasks)
+"""event_deliveries: the outbox of lifecycle events for subscribers (webhooks, Celery tasks);
+accounts.status, deactivated_at, key_changed_at and account_key_rollovers (RFC 8555 7.3.5, 7.3.6)
 
 Revision ID: 0006
 Revises: 0005
@@ -42,9 +43,39 @@ def upgrade() -> None:
     )
     op.create_index("ix_event_deliveries_status_next", "event_deliveries", ["status", "next_attempt_at"])
     op.create_index("ix_event_deliveries_certificate", "event_deliveries", ["certificate_id"])
+    with op.batch_alter_table("accounts") as batch:
+        batch.add_column(sa.Column("status", sa.String(16), nullable=False, server_default="valid"))
+        batch.add_column(sa.Column("deactivated_at", UTCDateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("key_changed_at", UTCDateTime(timezone=True), nullable=True))
+    op.create_table(
+        "account_key_rollovers",
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+        sa.Column("account_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("key_enc", sa.LargeBinary(), nullable=True),
+        sa.Column("key_type", sa.String(16), nullable=False),
+        sa.Column("old_thumbprint", sa.String(64), nullable=False),
+        sa.Column("new_thumbprint", sa.String(64), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("error", sa.String(512), nullable=True),
+        sa.Column("actor", sa.String(128), nullable=False),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", UTCDateTime(timezone=True), nullable=True),
+        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"]),
+    )
+    op.create_index(
+        "ix_account_key_rollovers_account", "account_key_rollovers", ["account_id", "status"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_account_key_rollovers_account", table_name="account_key_rollovers")
+    op.drop_table("account_key_rollovers")
+    with op.batch_alter_table("accounts") as batch:
+        batch.drop_column("key_changed_at")
+        batch.drop_column("deactivated_at")
+        batch.drop_column("status")
     op.drop_index("ix_event_deliveries_certificate", table_name="event_deliveries")
     op.drop_index("ix_event_deliveries_status_next", table_name="event_deliveries")
     op.drop_table("event_deliveries")
