@@ -49,7 +49,9 @@ def _account() -> Account:
 
 
 def _key(acct: Account):
-    return account_key_from_pem(keystore().decrypt(acct.key_enc, account_aad(acct.directory_url, acct.contact)))
+    return account_key_from_pem(
+        keystore().decrypt(acct.key_enc, account_aad(acct.directory_url, acct.contact))
+    )
 
 
 def _serial(cid: str) -> str:
