@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from certqueue import crypto, validation
 from certqueue import keystore as keystore_file
+from certqueue.acme.identifiers import check_ip_identifiers
 from certqueue.config import Settings, get_settings
 from certqueue.errors import InvalidInput, NotFound
 from certqueue.keystore import KeyStore
@@ -74,7 +75,8 @@ class CertificateRequest:
         unknown = sorted(set(kw) - known - {"force_new_key", "staging"})
         if unknown:
             raise InvalidInput(f"unknown parameter(s): {', '.join(unknown)}", field=unknown[0])
-        domains = validation.normalize_domains(kw.get("domains") or [])
+        # IP addresses are checked against the CA's profile below (certqueue.acme.identifiers)
+        domains = validation.normalize_domains(kw.get("domains") or [], allow_ip=True)
         email = kw.get("email") or settings.acme.email
         email = validation.validate_email(email) if email else None
         key_size = kw.get("key_size")
@@ -98,7 +100,7 @@ class CertificateRequest:
             raise InvalidInput("challenge_map must map names to challenge types", field="challenge_map")
         cmap: dict[str, str] = {}
         for name, typ in cmap_in.items():
-            norm = validation.normalize_domains([name])[0]
+            norm = validation.normalize_domains([name], allow_ip=True)[0]
             if norm not in domains:
                 raise InvalidInput(
                     f"challenge_map names {norm}, which is not requested", field="challenge_map"
@@ -143,6 +145,14 @@ class CertificateRequest:
             if not isinstance(url, str) or not url.startswith(("https://", "http://")) or len(url) > 512:
                 raise InvalidInput(f"not an http(s) ACME directory URL: {url!r}", field="directory_url")
         fallbacks = [u for u in dict.fromkeys(fallbacks) if u != directory_url]
+        profile = kw.get("profile") or settings.acme.profile
+        check_ip_identifiers(
+            domains,
+            profile=profile,
+            allowed_profiles=settings.acme.ip_identifier_profiles,
+            challenge_type=challenge_type,
+            challenge_map=cmap,
+        )
         return cls(
             domains=domains,
             email=email,
@@ -151,7 +161,7 @@ class CertificateRequest:
             challenge_type=challenge_type,
             challenge_map=cmap,
             dns_provider=dns_provider,
-            profile=kw.get("profile") or settings.acme.profile,
+            profile=profile,
             preferred_chain=kw.get("preferred_chain") or settings.acme.preferred_chain,
             directory_url=directory_url,
             fallback_directory_urls=list(fallbacks),

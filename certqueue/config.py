@@ -114,6 +114,9 @@ class AcmeSettings(Section):
     agree_tos: bool = True
     key_type: Literal["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"] = "ec256"
     profile: str | None = None
+    #: profiles under which the CA issues for IP addresses (RFC 8738; Let's Encrypt: shortlived);
+    #: "*" any profile, also none (Pebble, private CAs); [] never (certqueue.acme.identifiers)
+    ip_identifier_profiles: list[str] = Field(default_factory=lambda: ["shortlived"])
     #: most names one certificate may carry per ACME profile, as "profile=count" (Let's Encrypt's
     #: published limits); checked before the order (certqueue.acme.profiles). A list, not a mapping,
     #: so that one layer replaces it whole; a profile not listed has no limit of its own.

@@ -291,6 +291,7 @@ def _new_order(
         country=cert.country,
         state=cert.state_province,
         locality=cert.locality,
+        allow_ip=True,  # IP names were checked against the CA's profile when requested (RFC 8738)
     ).decode()
 
     def charge_as_renewal() -> None:
