@@ -26,7 +26,8 @@ from certqueue.keystore import KeyStore
 from certqueue.lifecycle import renewal, states
 from certqueue.models import LIVE_STATES, Certificate, Issuance, State, utcnow
 
-CHALLENGE_TYPES = ("http-01", "dns-01")
+CHALLENGE_TYPES = ("http-01", "dns-01", "tls-alpn-01")
+
 
 def keystore(settings: Settings | None = None) -> KeyStore:
     """The process's key store: loaded once per key file (PBKDF2 is slow on purpose), and again

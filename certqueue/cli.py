@@ -517,7 +517,7 @@ def _nudge() -> None:
     help="One certificate per line: names, then optional options (see docs/cli.md). '-' reads stdin.",
 )
 @click.option("--email")
-@click.option("--challenge", "challenge_type", type=click.Choice(["http-01", "dns-01"]))
+@click.option("--challenge", "challenge_type", type=click.Choice(["http-01", "dns-01", "tls-alpn-01"]))
 @click.option("--dns-provider")
 @click.option("--key-type", type=click.Choice(["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]))
 @click.option("--profile")
@@ -1087,7 +1087,8 @@ def demo_cmd(keep: bool) -> None:
 
 # command groups kept in their own modules (they register themselves on ``main``)
 import certqueue.cli_accounts  # noqa: E402
-import certqueue.cli_events  # noqa: E402, F401
+import certqueue.cli_events  # noqa: E402
+import certqueue.cli_responders  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

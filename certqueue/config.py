@@ -168,9 +168,12 @@ class AcmeSettings(Section):
 class ChallengeSettings(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    default_type: Literal["http-01", "dns-01"] = "http-01"
+    default_type: Literal["http-01", "dns-01", "tls-alpn-01"] = "http-01"
     http_port: int = Field(80, ge=1, le=65535)
     http_host: str = "0.0.0.0"
+    #: where ``certqueue tlsalpn01`` listens (TLS-ALPN-01, RFC 8737; the CA connects to port 443)
+    tls_alpn_port: int = Field(443, ge=1, le=65535)
+    tls_alpn_host: str = "0.0.0.0"
     dns_provider: str | None = None
     #: recursive resolvers used for zone lookup ("ip" or "ip:port"); empty = system resolver
     dns_resolvers: list[str] = Field(default_factory=list)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
@@ -91,7 +92,6 @@ def start_in_thread(host: str, port: int) -> tuple[Http01Server, threading.Threa
     return srv, t
 
 
-
 def stop_on_signals() -> threading.Event:
     """An event set by SIGTERM or SIGINT (main thread only). Install it before binding the port, so
     a signal sent as soon as the port answers is never missed."""
@@ -106,7 +106,7 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def serve_until_stopped(srv: Http01Server, stop: threading.Event) -> None:
+def serve_until_stopped(srv: socketserver.BaseServer, stop: threading.Event) -> None:
     """Serve in a thread until ``stop`` is set (:func:`stop_on_signals`), then close."""
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name="http01")
     thread.start()

@@ -289,6 +289,24 @@ class Http01Token(Base):
     expires_at: Mapped[dt.datetime] = mapped_column()
 
 
+class TlsAlpn01Token(Base):
+    """A pending TLS-ALPN-01 challenge (RFC 8737): what ``certqueue tlsalpn01`` presents for the
+    identifier a CA's TLS handshake names (SNI). Written and removed by the acme pool, read by
+    every responder replica."""
+
+    __tablename__ = "tls_alpn01_tokens"
+    __table_args__ = (Index("ix_tls_alpn01_tokens_identifier", "identifier", "expires_at"),)
+
+    token: Mapped[str] = mapped_column(String(256), primary_key=True)
+    #: the DNS name (lowercase A-labels) or IP address (canonical text) being validated
+    identifier: Mapped[str] = mapped_column(String(255))
+    key_authorization: Mapped[str] = mapped_column(String(512))
+    certificate_id: Mapped[str] = mapped_column(String(40))
+    challenge_id: Mapped[int | None] = mapped_column(BigId)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column()
+
+
 class RuntimeSetting(Base):
     """Runtime overrides (the guide's ``update_config``), seen by every worker."""
 

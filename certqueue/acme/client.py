@@ -42,6 +42,7 @@ from certqueue.acme.errors import (
     parse_retry_after,
     problem_from_error,
 )
+from certqueue.acme.tlsalpn import TLSALPN01Response  # registers the tls-alpn-01 challenge type
 from certqueue.errors import InvalidInput, PermanentError, RetryableError
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
     "select_chain",
 ]
 
-ChallengeType = Literal["http-01", "dns-01"]
+ChallengeType = Literal["http-01", "dns-01", "tls-alpn-01"]
 
 _VALID = messages.STATUS_VALID
 _INVALID = messages.STATUS_INVALID
@@ -518,7 +519,7 @@ class AcmeClient:
         PermanentError ``acme:no_challenge`` if the CA does not offer that type for this name (e.g.
         http-01 for a wildcard).
         """
-        if chall_type not in ("http-01", "dns-01"):
+        if chall_type not in ("http-01", "dns-01", "tls-alpn-01"):
             raise InvalidInput(f"unsupported challenge type {chall_type!r}", field="challenge_type")
         body = authz.body
         name = str(body.identifier.value)
@@ -562,6 +563,8 @@ class AcmeClient:
             response = challenges.HTTP01Response(key_authorization=info.key_authorization)
         elif info.type == "dns-01":
             response = challenges.DNS01Response(key_authorization=info.key_authorization)
+        elif info.type == "tls-alpn-01":
+            response = TLSALPN01Response(key_authorization=info.key_authorization)
         else:
             raise InvalidInput(f"unsupported challenge type {info.type!r}", field="challenge_type")
         try:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from certqueue.models import Certificate, Deployment, Issuance, State
 
 KeyType = Literal["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]
-ChallengeType = Literal["http-01", "dns-01"]
+ChallengeType = Literal["http-01", "dns-01", "tls-alpn-01"]
 
 
 DomainName = Annotated[str, StringConstraints(min_length=1, max_length=253)]

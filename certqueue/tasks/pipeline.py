@@ -19,7 +19,7 @@ from celery.canvas import Signature
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, crypto, intents
+from certqueue import certificates, challenge_tokens, crypto, intents
 from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
 from certqueue.acme.errors import IncompleteOrder
@@ -167,7 +167,7 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
             ident = authz.body.identifier.value
             name = f"*.{ident}" if authz.body.wildcard else ident
             ctype = _challenge_type_for(cert, name)
-            info = client.challenge_for(authz, cast(Literal["http-01", "dns-01"], ctype))
+            info = client.challenge_for(authz, cast(Literal["http-01", "dns-01", "tls-alpn-01"], ctype))
             ch = Challenge(
                 order_id=order.id,
                 certificate_id=cert.id,
@@ -194,6 +194,8 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
                     )
                 )
                 ch.status = "presented"
+            elif ctype == "tls-alpn-01":
+                challenge_tokens.present_tls_alpn01(session, ch, info.key_authorization, expires)
             existing.append(ch)  # type: ignore[attr-defined]
     _touch(cert)
     dns = [c for c in existing if c.type == "dns-01" and c.status in ("pending", "presented")]
@@ -369,11 +371,12 @@ def cleanup_challenges(ctx: StepContext, order: Order) -> None:
             Http01Token.challenge_id.in_(select(Challenge.id).where(Challenge.order_id == order.id))
         )
     )
+    challenge_tokens.remove_tls_alpn01(session, order.id)
     now = utcnow()
     for ch in session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars():
         if ch.status == "cleaned":
             continue
-        if ch.type == "http-01":
+        if ch.type in ("http-01", "tls-alpn-01"):
             ch.status = "cleaned"
             ch.cleaned_at = now
             continue

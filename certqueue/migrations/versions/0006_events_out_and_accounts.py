@@ -1,5 +1,6 @@
 """event_deliveries: the outbox of lifecycle events for subscribers (webhooks, Celery tasks);
-accounts.status, deactivated_at, key_changed_at and account_key_rollovers (RFC 8555 7.3.5, 7.3.6)
+accounts.status, deactivated_at, key_changed_at and account_key_rollovers (RFC 8555 7.3.5, 7.3.6);
+tls_alpn01_tokens (RFC 8737)
 
 Revision ID: 0006
 Revises: 0005
@@ -69,7 +70,24 @@ def upgrade() -> None:
     )
 
 
+    op.create_table(
+        "tls_alpn01_tokens",
+        sa.Column("token", sa.String(256), primary_key=True),
+        sa.Column("identifier", sa.String(255), nullable=False),
+        sa.Column("key_authorization", sa.String(512), nullable=False),
+        sa.Column("certificate_id", sa.String(40), nullable=False),
+        sa.Column("challenge_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", UTCDateTime(timezone=True), nullable=False),
+    )
+    op.create_index(
+        "ix_tls_alpn01_tokens_identifier", "tls_alpn01_tokens", ["identifier", "expires_at"]
+    )
+
+
 def downgrade() -> None:
+    op.drop_index("ix_tls_alpn01_tokens_identifier", table_name="tls_alpn01_tokens")
+    op.drop_table("tls_alpn01_tokens")
     op.drop_index("ix_account_key_rollovers_account", table_name="account_key_rollovers")
     op.drop_table("account_key_rollovers")
     with op.batch_alter_table("accounts") as batch:
