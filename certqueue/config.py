@@ -381,6 +381,55 @@ class RateLimitSettings(Section):
         return v
 
 
+KeyTypeName = Literal["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]
+
+
+class IssuerSettings(BaseModel):
+    """One named issuer (``issuers[]``; docs/issuers.md): an ACME CA with its own account and
+    defaults. Unset keys take the ``acme:`` section's value. ``default`` names the ``acme:`` section
+    itself and cannot be redefined."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    directory_url: str = Field(min_length=1, max_length=512)
+    #: the account's contact at this CA
+    email: str | None = None
+    account_key_type: KeyTypeName | None = None
+    eab_kid: str | None = None
+    eab_hmac_key: SecretStr | None = None
+    #: defaults for certificates of this issuer (a request may choose otherwise)
+    profile: str | None = None
+    key_type: KeyTypeName | None = None
+    preferred_chain: str | None = None
+    #: CA certificates to trust for this directory (default: ``acme.ca_bundle``, else the system's)
+    ca_bundle: Path | None = None
+    #: client-side rate limits: letsencrypt, letsencrypt-staging, custom (the rate_limits counts) or
+    #: none; unset: rate_limits.ca_rules decide, as for any directory
+    rate_limits: Literal["letsencrypt", "letsencrypt-staging", "custom", "none"] | None = None
+    #: profiles under which this CA issues for IP addresses; unset: acme.ip_identifier_profiles
+    ip_identifier_profiles: list[str] | None = None
+    #: issuers tried in order when this one fails for good (CA fallback)
+    fallback: list[str] = Field(default_factory=list)
+
+    @field_validator("directory_url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")):
+            raise ValueError("directory_url must be an http(s) URL")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> IssuerSettings:
+        if self.name == "default":
+            raise ValueError("the issuer name 'default' is the acme: section; choose another name")
+        if (self.eab_kid is None) != (self.eab_hmac_key is None):
+            raise ValueError(f"issuer {self.name}: external account binding needs eab_kid and eab_hmac_key")
+        if self.name in self.fallback:
+            raise ValueError(f"issuer {self.name}: an issuer cannot fall back to itself")
+        return self
+
+
 class SubscriberSettings(BaseModel):
     """One receiver of lifecycle events (``events.subscribers[]``; docs/events.md).
 
@@ -521,6 +570,21 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     rate_limits: RateLimitSettings = Field(default_factory=lambda: RateLimitSettings())
     events: EventsSettings = Field(default_factory=lambda: EventsSettings())
+    #: named issuers (certqueue.issuers); the acme: section is the issuer "default"
+    issuers: list[IssuerSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _issuer_names(self) -> Settings:
+        names = [i.name for i in self.issuers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"issuer names must be unique; repeated: {', '.join(dupes)}")
+        known = {"default", *names}
+        for i in self.issuers:
+            unknown = [f for f in i.fallback if f not in known]
+            if unknown:
+                raise ValueError(f"issuer {i.name}: unknown fallback issuer(s) {', '.join(unknown)}")
+        return self
 
     @classmethod
     def settings_customise_sources(

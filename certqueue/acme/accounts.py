@@ -36,6 +36,7 @@ from certqueue.acme.client import AcmeClient
 from certqueue.certificates import keystore
 from certqueue.config import Settings, get_settings
 from certqueue.errors import InvalidInput, NotFound, PermanentError
+from certqueue.issuers import DEFAULT, Issuer, for_directory
 from certqueue.models import Account, AccountKeyRollover, utcnow
 
 _lock = threading.Lock()
@@ -50,7 +51,7 @@ _clients = threading.local()
 def _reused_client(ck: tuple[str, str], key: jose.JWK, url: str, settings: Settings) -> AcmeClient:
     pool: dict[tuple[str, str, str, str], AcmeClient] = getattr(_clients, "pool", None) or {}
     _clients.pool = pool
-    verify = str(_verify(settings))
+    verify = str(_verify(settings, ck[0]))
     slot = (ck[0], ck[1], url, verify)
     client = pool.get(slot)
     if client is None:
@@ -71,8 +72,9 @@ def account_aad(directory_url: str, contact: str) -> bytes:
     return f"accounts:{directory_url}:{contact}:key".encode()
 
 
-def _verify(settings: Settings) -> str | bool:
-    return str(settings.acme.ca_bundle) if settings.acme.ca_bundle else True
+def _verify(settings: Settings, directory_url: str | None = None) -> str | bool:
+    bundle = for_directory(settings, directory_url).ca_bundle if directory_url else settings.acme.ca_bundle
+    return str(bundle) if bundle else True
 
 
 def make_client(
@@ -87,7 +89,7 @@ def make_client(
         directory_url,
         key,
         account_url,
-        verify=_verify(settings),
+        verify=_verify(settings, directory_url),
         timeout=settings.acme.request_timeout_seconds,
     )
     if contact is not None:
@@ -124,8 +126,12 @@ def _refuse_deactivated(row: Account) -> None:
 def client_for(
     session: Session, directory_url: str, contact: str | None, settings: Settings | None = None
 ) -> tuple[AcmeClient, int]:
-    """A client signed by the account for (directory, contact), registering it on first use."""
+    """A client signed by the account for (directory, contact), registering it on first use. A named
+    issuer's own contact, account key type and EAB pair apply to its directory (certqueue.issuers)."""
     settings = settings or get_settings()
+    issuer = for_directory(settings, directory_url)
+    if issuer.name != DEFAULT and issuer.email:
+        contact = issuer.email  # the account contact at this CA is the issuer's
     contact = contact or ""
     ck = (directory_url, contact)
     cached = _cache.get(ck)
@@ -146,24 +152,72 @@ def client_for(
             _cache[ck] = (row.id, row.account_url, key)
         return make_client(directory_url, key, row.account_url, settings, contact), row.id
 
-    key = _configured_key(settings) or generate_account_key(settings.acme.account_key_type)
+    # first use: the key is created once, in a row of its own committed before the CA is asked, so
+    # workers racing here all register the same key and the CA answers them with one account
+    # (newAccount for a known key returns it); then the account URL is stored
+    row_id, key = _claim_key(session, directory_url, contact, issuer, settings)
     client = make_client(directory_url, key, None, settings, contact)
-    eab_key = settings.acme.eab_hmac_key.get_secret_value() if settings.acme.eab_hmac_key else None
+    eab_key = issuer.eab_hmac_key(settings)
     acct = register_account(
         client,
         contact or None,
-        eab_kid=settings.acme.eab_kid if eab_key else None,
+        eab_kid=issuer.eab_kid if eab_key else None,
         eab_hmac_key=eab_key,
         agree_tos=settings.acme.agree_tos,
+    )
+    row = session.get_one(Account, row_id)
+    if row.account_url != acct.url:
+        row.account_url = acct.url
+    with _lock:
+        _cache[ck] = (row_id, acct.url, key)
+    return client, row_id
+
+
+def _claim_key(
+    session: Session, directory_url: str, contact: str, issuer: Issuer, settings: Settings
+) -> tuple[int, jose.JWK]:
+    """The account row of (directory, contact) with its key: the existing one (a registration that
+    did not finish, or another worker's), else a new one. On PostgreSQL the new row commits in a
+    transaction of its own, so racing workers see it; SQLite has one writer at a time anyway."""
+    from certqueue.db import is_postgres, session_scope
+
+    ks = keystore(settings)
+    aad = account_aad(directory_url, contact)
+
+    def existing(s: Session) -> tuple[int, jose.JWK] | None:
+        row = s.execute(
+            select(Account).where(Account.directory_url == directory_url, Account.contact == contact)
+        ).scalar_one_or_none()
+        if row is None:
+            return None
+        _refuse_deactivated(row)
+        return row.id, account_key_from_pem(ks.decrypt(row.key_enc, aad))
+
+    found = existing(session)
+    if found is not None:
+        return found
+    key = (_configured_key(settings) if issuer.name == DEFAULT else None) or generate_account_key(
+        issuer.account_key_type
     )
     new = Account(
         directory_url=directory_url,
         contact=contact,
-        key_enc=ks.encrypt(account_key_to_pem(key), account_aad(directory_url, contact)),
-        key_type=settings.acme.account_key_type,
-        account_url=acct.url,
-        eab_kid=settings.acme.eab_kid if eab_key else None,
+        key_enc=ks.encrypt(account_key_to_pem(key), aad),
+        key_type=issuer.account_key_type,
+        account_url=None,
+        eab_kid=issuer.eab_kid if issuer.eab_hmac_key(settings) else None,
     )
+    if is_postgres(session):
+        try:
+            with session_scope() as own:
+                own.add(new)
+                own.flush()
+                new_id = new.id
+        except IntegrityError:
+            found = existing(session)  # READ COMMITTED: the winner's row is visible now
+            assert found is not None
+            return found
+        return new_id, key
     nested = session.begin_nested()
     try:
         session.add(new)
@@ -171,16 +225,10 @@ def client_for(
         nested.commit()
     except IntegrityError:
         nested.rollback()
-        # another worker registered first: use its account
-        row = session.execute(
-            select(Account).where(Account.directory_url == directory_url, Account.contact == contact)
-        ).scalar_one()
-        key = account_key_from_pem(ks.decrypt(row.key_enc, account_aad(directory_url, contact)))
-        new = row
-        client = make_client(directory_url, key, row.account_url, settings, contact)
-    with _lock:
-        _cache[ck] = (new.id, new.account_url or acct.url, key)
-    return client, new.id
+        found = existing(session)
+        assert found is not None
+        return found
+    return new.id, key
 
 
 def _configured_key(settings: Settings) -> jose.JWK | None:

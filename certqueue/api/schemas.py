@@ -46,6 +46,7 @@ class CertificateCreate(_Strict):
     challenge_type: ChallengeType | None = None
     dns_provider: str | None = Field(None, max_length=64)
     profile: str | None = Field(None, max_length=64)
+    issuer: str | None = Field(None, max_length=64, description="A named issuer (docs/issuers.md)")
     targets: list[RegionName] = Field(
         default_factory=list, max_length=64, description="Region names to deploy to"
     )
