@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from certqueue import crypto, issuers, validation
+from certqueue import crypto, issuers, solvers, validation
 from certqueue import keystore as keystore_file
 from certqueue.acme.identifiers import check_ip_identifiers
 from certqueue.config import Settings, get_settings
@@ -112,13 +112,21 @@ class CertificateRequest:
             if typ not in CHALLENGE_TYPES:
                 raise InvalidInput(f"unknown challenge type {typ!r}", field="challenge_map")
             cmap[norm] = typ
+        if settings.challenges.solvers:
+            # named solvers choose the type of every name the request does not set (certqueue.solvers)
+            cmap = solvers.challenge_map(settings, domains, kw.get("challenge_type"), cmap)
         for d in domains:
             if d.startswith("*.") and cmap.get(d, challenge_type) != "dns-01":
                 raise InvalidInput(
                     f"{d}: wildcard names can only be validated with dns-01", field="challenge_type"
                 )
         dns_provider = kw.get("dns_provider") or settings.challenges.dns_provider
-        needs_dns = challenge_type == "dns-01" or "dns-01" in cmap.values()
+        unsolved = [
+            d
+            for d in domains
+            if cmap.get(d, challenge_type) == "dns-01" and solvers.dns_solver_for(settings, d) is None
+        ]
+        needs_dns = bool(unsolved)
         if needs_dns and not dns_provider:
             raise InvalidInput(
                 "dns-01 needs a dns_provider (argument or challenges.dns_provider)", field="dns_provider"

@@ -165,6 +165,43 @@ class AcmeSettings(Section):
         return {n.strip(): int(c) for n, _, c in (i.partition("=") for i in self.profile_max_names)}
 
 
+class SolverSelector(BaseModel):
+    """Which names a solver takes (cert-manager's selector): ``dns_names`` exactly, else the
+    longest matching ``dns_zones`` suffix; a solver with neither takes every name no other does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dns_names: list[str] = Field(default_factory=list)
+    dns_zones: list[str] = Field(default_factory=list)
+
+    @field_validator("dns_names", "dns_zones")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        return [n.strip().rstrip(".").lower() for n in v]
+
+
+class SolverSettings(BaseModel):
+    """One named way to prove control of names (``challenges.solvers[]``; docs/solvers.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    type: Literal["http-01", "dns-01", "tls-alpn-01"] = "dns-01"
+    #: the DNS provider plugin (dns-01 only): rfc2136, route53, cloudflare, azure or a third party's
+    provider: str | None = None
+    #: the provider's settings (its own keys: docs/dns-providers.md); only the dns pool reads them
+    config: dict[str, Any] = Field(default_factory=dict)
+    selector: SolverSelector = Field(default_factory=SolverSelector)
+
+    @model_validator(mode="after")
+    def _complete(self) -> SolverSettings:
+        if self.type == "dns-01" and not self.provider:
+            raise ValueError(f"solver {self.name}: a dns-01 solver needs provider")
+        if self.type != "dns-01" and (self.provider or self.config):
+            raise ValueError(f"solver {self.name}: provider and config are for dns-01 solvers")
+        return self
+
+
 class ChallengeSettings(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
@@ -181,7 +218,17 @@ class ChallengeSettings(Section):
     nameserver_port: int = Field(53, ge=1, le=65535)
     #: require the value at the recursive resolvers too, not only at every authoritative server
     check_recursive: bool = False
+    #: named solvers chosen per name by their selectors (certqueue.solvers); [] = the settings above
+    solvers: list[SolverSettings] = Field(default_factory=list)
     #: per-provider settings sections: cloudflare, route53, azure, rfc2136 (extra keys)
+
+    @model_validator(mode="after")
+    def _solver_names(self) -> ChallengeSettings:
+        names = [s.name for s in self.solvers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"solver names must be unique; repeated: {', '.join(dupes)}")
+        return self
 
     def provider_settings(self, name: str) -> dict[str, Any]:
         extra = self.model_extra or {}

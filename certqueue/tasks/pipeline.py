@@ -19,7 +19,7 @@ from celery.canvas import Signature
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, challenge_tokens, crypto, intents
+from certqueue import certificates, challenge_tokens, crypto, intents, solvers
 from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
 from certqueue.acme.errors import IncompleteOrder
@@ -178,7 +178,9 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
                 token=info.token,
                 dns_name=info.dns_name,
                 dns_value=info.dns_value,
-                provider=cert.dns_provider if ctype == "dns-01" else None,
+                provider=(solvers.dns_solver_for(settings, name) or cert.dns_provider)
+                if ctype == "dns-01"
+                else None,
                 status="pending",
             )
             session.add(ch)
