@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.table import Table
 
-from certqueue.cli import _cli_actor, _print_json, console, main
+from certqueue.cli import Table, _cli_actor, _print_json, console, main
 from certqueue.logsafe import mask_url_password
 
 

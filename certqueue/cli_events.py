@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
-from rich.table import Table
 
-from certqueue.cli import _print_json, console, main
+from certqueue.cli import Table, _print_json, console, main
 
 
 @main.group()

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.table import Table
 
-from certqueue.cli import _print_json, console, main
+from certqueue.cli import Table, _print_json, console, main
 
 
 def _rows(settings: Any, only: str | None = None) -> list[dict[str, Any]]:

@@ -42,7 +42,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from certqueue.errors import ConfigError
 from certqueue.logsafe import mask_url_password
@@ -270,6 +269,10 @@ class AutomationSettings(Section):
     #: how long a batch polls the CA for a validation inside the task before the certificate waits
     #: with a countdown instead (seconds)
     validation_window_seconds: float = Field(10, ge=0, le=60)
+    #: how long one step may work on an order at the CA before another may take it over (seconds):
+    #: no row lock is held while the CA answers; a worker that dies mid-step leaves a lease that
+    #: runs out after this, so it bounds how long its certificates wait
+    order_lease_seconds: float = Field(60, ge=5, le=900)
 
 
 class RegionSettings(BaseModel):
@@ -315,6 +318,9 @@ class MultiRegionSettings(Section):
 class MonitoringSettings(Section):
     #: false: ``certqueue metrics`` refuses to start and workers record no latencies
     enabled: bool = True
+    #: workers send Celery task events all the time (true), or only while Flower asks for them
+    #: (false: Flower broadcasts enable_events when it starts); each event is a Redis write
+    task_events: bool = False
     #: the metrics listener's own port (not the API's, not the Pushgateway's 9091)
     prometheus_port: int = Field(9745, ge=1, le=65535)
     bind: str = "127.0.0.1"
@@ -600,10 +606,13 @@ class EventsSettings(Section):
         return next((s for s in self.subscribers if s.name == name), None)
 
 
-class Settings(BaseSettings):
-    """The merged settings. Build with ``load_settings()`` to get the layers and their sources."""
+class Settings(BaseModel):
+    """The merged settings. Build with ``load_settings()`` to get the layers and their sources:
+    it merges every layer itself (to remember where each value came from, ``CERTQUEUE_*`` included)
+    and validates the result here, so no other source may add values behind its back. (A plain
+    model, not pydantic-settings' BaseSettings: the CLI would pay its import on every command.)"""
 
-    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+    model_config = ConfigDict(extra="forbid")
 
     storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
     acme: AcmeSettings = Field(default_factory=lambda: AcmeSettings())
@@ -632,14 +641,6 @@ class Settings(BaseSettings):
             if unknown:
                 raise ValueError(f"issuer {i.name}: unknown fallback issuer(s) {', '.join(unknown)}")
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-    ):  # type: ignore[no-untyped-def, override]
-        # load_settings() merges every layer itself (to remember where each value came from) and
-        # passes the result as init arguments; no other source may add values behind its back.
-        return (init_settings,)
 
     def region(self, name: str) -> RegionSettings:
         for r in self.multi_region.regions:
