@@ -158,19 +158,36 @@ def client_for(
     row_id, key = _claim_key(session, directory_url, contact, issuer, settings)
     client = make_client(directory_url, key, None, settings, contact)
     eab_key = issuer.eab_hmac_key(settings)
-    acct = register_account(
-        client,
-        contact or None,
-        eab_kid=issuer.eab_kid if eab_key else None,
-        eab_hmac_key=eab_key,
-        agree_tos=settings.acme.agree_tos,
-    )
+    try:
+        acct = register_account(
+            client,
+            contact or None,
+            eab_kid=issuer.eab_kid if eab_key else None,
+            eab_hmac_key=eab_key,
+            agree_tos=settings.acme.agree_tos,
+        )
+    except PermanentError:
+        _forget_unregistered(session, row_id)  # the CA refused us: no account row stays behind
+        raise
     row = session.get_one(Account, row_id)
     if row.account_url != acct.url:
         row.account_url = acct.url
     with _lock:
         _cache[ck] = (row_id, acct.url, key)
     return client, row_id
+
+
+def _forget_unregistered(session: Session, row_id: int) -> None:
+    """Delete a key row the CA never accepted (PostgreSQL: it was committed on its own; SQLite: the
+    task's rollback removes it anyway)."""
+    from sqlalchemy import delete
+
+    from certqueue.db import is_postgres, session_scope
+
+    if not is_postgres(session):
+        return
+    with session_scope() as own:
+        own.execute(delete(Account).where(Account.id == row_id, Account.account_url.is_(None)))
 
 
 def _claim_key(
