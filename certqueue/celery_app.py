@@ -1,7 +1,8 @@
 """The Celery application: queues, routes, reliability settings and the base task.
 
 Queues: ``scan`` (beat's periodic work), ``acme`` (orders, HTTP-01, answering, finalize, download,
-revoke), ``dns`` (DNS-01 present / visibility / cleanup), ``propagate.<region>`` (one per configured
+revoke), ``dns`` (DNS-01 present / visibility / cleanup), ``events`` (lifecycle events out to
+subscribers), ``propagate.<region>`` (one per configured
 region, so a region's credentials exist only where its pool runs). Missing queues are never created
 implicitly: a task routed to an unknown region fails loudly instead of waiting forever.
 
@@ -60,7 +61,7 @@ def region_queue(region: str) -> str:
 
 
 def make_queues(settings: Settings) -> list[Queue]:
-    names = ["scan", "acme", "dns"] + [region_queue(r.name) for r in settings.multi_region.regions]
+    names = ["scan", "acme", "dns", "events"] + [region_queue(r.name) for r in settings.multi_region.regions]
     return [Queue(n, routing_key=n) for n in names]
 
 
@@ -96,6 +97,7 @@ def configure(app: Celery, settings: Settings) -> None:
             "certqueue.removal.start": {"queue": "acme"},
             "certqueue.removal.record": {"queue": "acme"},
             # certqueue.removal.remove and certqueue.drift.check go to propagate.<region> explicitly
+            "certqueue.events.*": {"queue": "events"},
             # certqueue.propagate.deploy is sent with an explicit queue: propagate.<region>
         },
         task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
@@ -129,6 +131,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     import certqueue.tasks.acme
     import certqueue.tasks.dns
     import certqueue.tasks.drift
+    import certqueue.tasks.events
     import certqueue.tasks.propagate
     import certqueue.tasks.removal
     import certqueue.tasks.scan  # noqa: F401

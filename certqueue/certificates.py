@@ -17,8 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from certqueue import crypto, validation
+from certqueue import crypto, issuers, solvers, validation
 from certqueue import keystore as keystore_file
+from certqueue.acme.identifiers import check_ip_identifiers
 from certqueue.config import Settings, get_settings
 from certqueue.errors import InvalidInput, NotFound
 from certqueue.inventory import get, list_certificates  # noqa: F401  (public names, kept here)
@@ -26,7 +27,8 @@ from certqueue.keystore import KeyStore
 from certqueue.lifecycle import renewal, states
 from certqueue.models import LIVE_STATES, Certificate, Issuance, State, utcnow
 
-CHALLENGE_TYPES = ("http-01", "dns-01")
+CHALLENGE_TYPES = ("http-01", "dns-01", "tls-alpn-01")
+
 
 
 def keystore(settings: Settings | None = None) -> KeyStore:
@@ -67,17 +69,21 @@ class CertificateRequest:
     country: str | None = None
     state: str | None = None
     locality: str | None = None
+    #: the named issuer chosen (certqueue.issuers); its directory and fallbacks are the URLs above
+    issuer: str | None = None
 
     @classmethod
     def build(cls, settings: Settings | None = None, **kw: Any) -> CertificateRequest:
         """Validate everything before anything is written; bad input raises InvalidInput."""
         settings = settings or get_settings()
+        iss = _issuer_of(settings, kw)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(kw) - known - {"force_new_key", "staging"})
         if unknown:
             raise InvalidInput(f"unknown parameter(s): {', '.join(unknown)}", field=unknown[0])
-        domains = validation.normalize_domains(kw.get("domains") or [])
-        email = kw.get("email") or settings.acme.email
+        # IP addresses are checked against the CA's profile below (certqueue.acme.identifiers)
+        domains = validation.normalize_domains(kw.get("domains") or [], allow_ip=True)
+        email = kw.get("email") or (iss.email if iss else settings.acme.email)
         email = validation.validate_email(email) if email else None
         key_size = kw.get("key_size")
         if key_size is not None:
@@ -86,7 +92,7 @@ class CertificateRequest:
             key_type = (
                 crypto.key_type_from(key_size=key_size, key_type=kw.get("key_type"))
                 if (key_size or kw.get("key_type"))
-                else settings.acme.key_type
+                else (iss.key_type if iss else settings.acme.key_type)
             )
         except (ValueError, InvalidInput) as exc:
             raise InvalidInput(str(exc), field=getattr(exc, "field", None) or "key_type") from None
@@ -100,7 +106,7 @@ class CertificateRequest:
             raise InvalidInput("challenge_map must map names to challenge types", field="challenge_map")
         cmap: dict[str, str] = {}
         for name, typ in cmap_in.items():
-            norm = validation.normalize_domains([name])[0]
+            norm = validation.normalize_domains([name], allow_ip=True)[0]
             if norm not in domains:
                 raise InvalidInput(
                     f"challenge_map names {norm}, which is not requested", field="challenge_map"
@@ -108,13 +114,21 @@ class CertificateRequest:
             if typ not in CHALLENGE_TYPES:
                 raise InvalidInput(f"unknown challenge type {typ!r}", field="challenge_map")
             cmap[norm] = typ
+        if settings.challenges.solvers:
+            # named solvers choose the type of every name the request does not set (certqueue.solvers)
+            cmap = solvers.challenge_map(settings, domains, kw.get("challenge_type"), cmap)
         for d in domains:
             if d.startswith("*.") and cmap.get(d, challenge_type) != "dns-01":
                 raise InvalidInput(
                     f"{d}: wildcard names can only be validated with dns-01", field="challenge_type"
                 )
         dns_provider = kw.get("dns_provider") or settings.challenges.dns_provider
-        needs_dns = challenge_type == "dns-01" or "dns-01" in cmap.values()
+        unsolved = [
+            d
+            for d in domains
+            if cmap.get(d, challenge_type) == "dns-01" and solvers.dns_solver_for(settings, d) is None
+        ]
+        needs_dns = bool(unsolved)
         if needs_dns and not dns_provider:
             raise InvalidInput(
                 "dns-01 needs a dns_provider (argument or challenges.dns_provider)", field="dns_provider"
@@ -133,8 +147,10 @@ class CertificateRequest:
             v = kw.get(fname)
             if v is not None and (not isinstance(v, str) or len(v) > 128 or any(ord(c) < 32 for c in v)):
                 raise InvalidInput(f"{fname} must be a short printable string", field=fname)
-        directory_url = kw.get("directory_url") or settings.acme.directory
+        directory_url = kw.get("directory_url") or (iss.directory_url if iss else settings.acme.directory)
         fallbacks = kw.get("fallback_directory_urls")
+        if fallbacks is None and iss is not None:
+            fallbacks = issuers.fallback_urls(settings, iss)
         if fallbacks is None:
             fallbacks = settings.acme.fallback_directory_urls if not kw.get("directory_url") else []
         if not isinstance(fallbacks, list | tuple):
@@ -145,6 +161,14 @@ class CertificateRequest:
             if not isinstance(url, str) or not url.startswith(("https://", "http://")) or len(url) > 512:
                 raise InvalidInput(f"not an http(s) ACME directory URL: {url!r}", field="directory_url")
         fallbacks = [u for u in dict.fromkeys(fallbacks) if u != directory_url]
+        profile = kw.get("profile") or (iss.profile if iss else settings.acme.profile)
+        check_ip_identifiers(
+            domains,
+            profile=profile,
+            allowed_profiles=iss.ip_identifier_profiles if iss else settings.acme.ip_identifier_profiles,
+            challenge_type=challenge_type,
+            challenge_map=cmap,
+        )
         return cls(
             domains=domains,
             email=email,
@@ -153,8 +177,9 @@ class CertificateRequest:
             challenge_type=challenge_type,
             challenge_map=cmap,
             dns_provider=dns_provider,
-            profile=kw.get("profile") or settings.acme.profile,
-            preferred_chain=kw.get("preferred_chain") or settings.acme.preferred_chain,
+            profile=profile,
+            preferred_chain=kw.get("preferred_chain")
+            or (iss.preferred_chain if iss else settings.acme.preferred_chain),
             directory_url=directory_url,
             fallback_directory_urls=list(fallbacks),
             targets=targets,
@@ -164,12 +189,24 @@ class CertificateRequest:
             country=country,
             state=kw.get("state"),
             locality=kw.get("locality"),
+            issuer=iss.name if iss else None,
         )
 
     @property
     def dedupe_key(self) -> str:
         material = "\n".join([*sorted(self.domains), self.key_type, self.directory_url or ""])
         return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _issuer_of(settings: Settings, kw: dict[str, Any]) -> issuers.Issuer | None:
+    name = kw.get("issuer")
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise InvalidInput("issuer must be the name of a configured issuer", field="issuer")
+    if kw.get("directory_url"):
+        raise InvalidInput("choose an issuer or a directory_url, not both", field="issuer")
+    return issuers.get(settings, name)
 
 
 def create_certificate(

@@ -214,6 +214,7 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 
 def _rate_limit_rules(settings: Any) -> list[dict[str, Any]]:
     """Which client-side rate limits apply to each configured CA (issue 18: say it, don't guess)."""
+    from certqueue.issuers import ca_rules
     from certqueue.lifecycle.ratelimit_policy import (
         WILDCARD,
         applied_rules,
@@ -222,11 +223,13 @@ def _rate_limit_rules(settings: Any) -> list[dict[str, Any]]:
     )
 
     rl = settings.rate_limits
-    named = [d for d, _ in (parse_ca_rule(i) for i in rl.ca_rules) if d != WILDCARD]
-    directories = [settings.acme.directory, *settings.acme.fallback_directory_urls, *named]
+    extra = ca_rules(settings)
+    named = [d for d, _ in (parse_ca_rule(i) for i in [*extra, *rl.ca_rules]) if d != WILDCARD]
+    issuer_urls = [i.directory_url for i in settings.issuers]
+    directories = [settings.acme.directory, *settings.acme.fallback_directory_urls, *issuer_urls, *named]
     from certqueue.logsafe import mask_url_password
 
-    rules = applied_rules(rules_from_settings(rl), directories)
+    rules = applied_rules(rules_from_settings(rl, extra), directories)
     for r in rules:  # a directory URL may carry credentials: never printed
         r["directory"] = mask_url_password(r["directory"])
     return rules
@@ -607,10 +610,11 @@ def _nudge() -> None:
     help="One certificate per line: names, then optional options (see docs/cli.md). '-' reads stdin.",
 )
 @click.option("--email")
-@click.option("--challenge", "challenge_type", type=click.Choice(["http-01", "dns-01"]))
+@click.option("--challenge", "challenge_type", type=click.Choice(["http-01", "dns-01", "tls-alpn-01"]))
 @click.option("--dns-provider")
 @click.option("--key-type", type=click.Choice(["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]))
 @click.option("--profile")
+@click.option("--issuer", help="A named issuer (certqueue issuers list); default: the acme: section.")
 @click.option("--region", "targets", multiple=True, help="Deploy to this region (repeatable).")
 @click.option("--no-auto-renew", is_flag=True)
 @click.option("--wait/--no-wait", default=False, help="Wait until ACTIVE or FAILED.")
@@ -630,6 +634,7 @@ def issue_cmd(
     dns_provider: str | None,
     key_type: str | None,
     profile: str | None,
+    issuer: str | None,
     targets: Sequence[str],
     no_auto_renew: bool,
     wait: bool,
@@ -655,6 +660,7 @@ def issue_cmd(
         dns_provider=dns_provider,
         key_type=key_type,
         profile=profile,
+        issuer=issuer,
         targets=list(targets),
         auto_renew=not no_auto_renew,
     )
@@ -1195,6 +1201,9 @@ def demo_cmd(keep: bool) -> None:
     code = run_demo(keep=keep)
     sys.exit(code)
 
+
+# command groups kept in their own modules (they register themselves on ``main``)
+from certqueue import cli_accounts, cli_events, cli_issuers, cli_responders  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

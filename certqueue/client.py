@@ -59,7 +59,7 @@ class CertqueueClient:
         from certqueue.validation import new_certificate_id, normalize_domains
 
         cid = params.pop("certificate_id", None) or new_certificate_id()
-        request = {"domains": normalize_domains(domains), **params}
+        request = {"domains": normalize_domains(domains, allow_ip=True), **params}
         return self._send("certqueue.issue", {"certificate_id": cid, "request": request})
 
     def renew(self, certificate_id: str, force: bool = False) -> Job:

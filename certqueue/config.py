@@ -113,6 +113,9 @@ class AcmeSettings(Section):
     agree_tos: bool = True
     key_type: Literal["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"] = "ec256"
     profile: str | None = None
+    #: profiles under which the CA issues for IP addresses (RFC 8738; Let's Encrypt: shortlived);
+    #: "*" any profile, also none (Pebble, private CAs); [] never (certqueue.acme.identifiers)
+    ip_identifier_profiles: list[str] = Field(default_factory=lambda: ["shortlived"])
     #: most names one certificate may carry per ACME profile, as "profile=count" (Let's Encrypt's
     #: published limits); checked before the order (certqueue.acme.profiles). A list, not a mapping,
     #: so that one layer replaces it whole; a profile not listed has no limit of its own.
@@ -161,12 +164,52 @@ class AcmeSettings(Section):
         return {n.strip(): int(c) for n, _, c in (i.partition("=") for i in self.profile_max_names)}
 
 
+class SolverSelector(BaseModel):
+    """Which names a solver takes (cert-manager's selector): ``dns_names`` exactly, else the
+    longest matching ``dns_zones`` suffix; a solver with neither takes every name no other does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dns_names: list[str] = Field(default_factory=list)
+    dns_zones: list[str] = Field(default_factory=list)
+
+    @field_validator("dns_names", "dns_zones")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        return [n.strip().rstrip(".").lower() for n in v]
+
+
+class SolverSettings(BaseModel):
+    """One named way to prove control of names (``challenges.solvers[]``; docs/solvers.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    type: Literal["http-01", "dns-01", "tls-alpn-01"] = "dns-01"
+    #: the DNS provider plugin (dns-01 only): rfc2136, route53, cloudflare, azure or a third party's
+    provider: str | None = None
+    #: the provider's settings (its own keys: docs/dns-providers.md); only the dns pool reads them
+    config: dict[str, Any] = Field(default_factory=dict)
+    selector: SolverSelector = Field(default_factory=SolverSelector)
+
+    @model_validator(mode="after")
+    def _complete(self) -> SolverSettings:
+        if self.type == "dns-01" and not self.provider:
+            raise ValueError(f"solver {self.name}: a dns-01 solver needs provider")
+        if self.type != "dns-01" and (self.provider or self.config):
+            raise ValueError(f"solver {self.name}: provider and config are for dns-01 solvers")
+        return self
+
+
 class ChallengeSettings(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    default_type: Literal["http-01", "dns-01"] = "http-01"
+    default_type: Literal["http-01", "dns-01", "tls-alpn-01"] = "http-01"
     http_port: int = Field(80, ge=1, le=65535)
     http_host: str = "0.0.0.0"
+    #: where ``certqueue tlsalpn01`` listens (TLS-ALPN-01, RFC 8737; the CA connects to port 443)
+    tls_alpn_port: int = Field(443, ge=1, le=65535)
+    tls_alpn_host: str = "0.0.0.0"
     dns_provider: str | None = None
     #: recursive resolvers used for zone lookup ("ip" or "ip:port"); empty = system resolver
     dns_resolvers: list[str] = Field(default_factory=list)
@@ -174,7 +217,17 @@ class ChallengeSettings(Section):
     nameserver_port: int = Field(53, ge=1, le=65535)
     #: require the value at the recursive resolvers too, not only at every authoritative server
     check_recursive: bool = False
+    #: named solvers chosen per name by their selectors (certqueue.solvers); [] = the settings above
+    solvers: list[SolverSettings] = Field(default_factory=list)
     #: per-provider settings sections: cloudflare, route53, azure, rfc2136 (extra keys)
+
+    @model_validator(mode="after")
+    def _solver_names(self) -> ChallengeSettings:
+        names = [s.name for s in self.solvers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"solver names must be unique; repeated: {', '.join(dupes)}")
+        return self
 
     def provider_settings(self, name: str) -> dict[str, Any]:
         extra = self.model_extra or {}
@@ -391,6 +444,178 @@ class RateLimitSettings(Section):
         return v
 
 
+KeyTypeName = Literal["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]
+
+
+class IssuerSettings(BaseModel):
+    """One named issuer (``issuers[]``; docs/issuers.md): an ACME CA with its own account and
+    defaults. Unset keys take the ``acme:`` section's value. ``default`` names the ``acme:`` section
+    itself and cannot be redefined."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    directory_url: str = Field(min_length=1, max_length=512)
+    #: the account's contact at this CA
+    email: str | None = None
+    account_key_type: KeyTypeName | None = None
+    eab_kid: str | None = None
+    eab_hmac_key: SecretStr | None = None
+    #: defaults for certificates of this issuer (a request may choose otherwise)
+    profile: str | None = None
+    key_type: KeyTypeName | None = None
+    preferred_chain: str | None = None
+    #: CA certificates to trust for this directory (default: ``acme.ca_bundle``, else the system's)
+    ca_bundle: Path | None = None
+    #: client-side rate limits: letsencrypt, letsencrypt-staging, custom (the rate_limits counts) or
+    #: none; unset: rate_limits.ca_rules decide, as for any directory
+    rate_limits: Literal["letsencrypt", "letsencrypt-staging", "custom", "none"] | None = None
+    #: profiles under which this CA issues for IP addresses; unset: acme.ip_identifier_profiles
+    ip_identifier_profiles: list[str] | None = None
+    #: issuers tried in order when this one fails for good (CA fallback)
+    fallback: list[str] = Field(default_factory=list)
+
+    @field_validator("directory_url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")):
+            raise ValueError("directory_url must be an http(s) URL")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> IssuerSettings:
+        if self.name == "default":
+            raise ValueError("the issuer name 'default' is the acme: section; choose another name")
+        if (self.eab_kid is None) != (self.eab_hmac_key is None):
+            raise ValueError(f"issuer {self.name}: external account binding needs eab_kid and eab_hmac_key")
+        if self.name in self.fallback:
+            raise ValueError(f"issuer {self.name}: an issuer cannot fall back to itself")
+        return self
+
+
+class SubscriberSettings(BaseModel):
+    """One receiver of lifecycle events (``events.subscribers[]``; docs/events.md).
+
+    ``kind: webhook`` POSTs each event as JSON to ``url``, signed with ``secret`` (HMAC-SHA256 in
+    the Standard Webhooks form: ``webhook-id``, ``webhook-timestamp``, ``webhook-signature``).
+    ``kind: celery`` publishes each event as the task ``task`` on the queue ``queue`` of certqueue's
+    broker, so a consuming service routes it to its own workers.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["webhook", "celery"] = "webhook"
+    #: event types wanted (empty: all): issued, renewed, deployed, failed, expiring, expired, revoked
+    events: list[str] = Field(default_factory=list)
+    url: str | None = None
+    secret: SecretStr | None = None
+    #: the secret read from this file instead (kept off settings files and the environment)
+    secret_file: Path | None = None
+    #: plain http to a non-loopback host; off by default (events carry names and serials)
+    allow_http: bool = False
+    #: CA certificates to trust for ``url`` (default: the system's)
+    ca_bundle: Path | None = None
+    task: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
+    queue: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, v: list[str]) -> list[str]:
+        from certqueue.lifecycle.events_out import EVENT_TYPES
+
+        unknown = sorted(set(v) - set(EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event types {unknown}; known: {', '.join(EVENT_TYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> SubscriberSettings:
+        if self.kind == "webhook":
+            from urllib.parse import urlsplit
+
+            if not self.url:
+                raise ValueError(f"subscriber {self.name}: a webhook needs url")
+            parts = urlsplit(self.url)
+            loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ValueError(f"subscriber {self.name}: url must be an http(s) URL")
+            if parts.scheme == "http" and not (loopback or self.allow_http):
+                raise ValueError(f"subscriber {self.name}: url must be https (or set allow_http)")
+            if self.secret is None and self.secret_file is None:
+                raise ValueError(f"subscriber {self.name}: a webhook needs secret or secret_file")
+            if self.secret is not None and self.secret_file is not None:
+                raise ValueError(f"subscriber {self.name}: set secret or secret_file, not both")
+            if self.task or self.queue:
+                raise ValueError(f"subscriber {self.name}: task and queue are for kind: celery")
+        else:
+            if not self.task or not self.queue:
+                raise ValueError(f"subscriber {self.name}: kind celery needs task and queue")
+            if self.url or self.secret or self.secret_file:
+                raise ValueError(f"subscriber {self.name}: url and secret are for kind: webhook")
+        return self
+
+    def secret_bytes(self) -> bytes:
+        """The signing key: a ``whsec_`` secret is base64 (Standard Webhooks), any other its UTF-8."""
+        import base64
+        import binascii
+
+        if self.secret_file is not None:
+            try:
+                raw = self.secret_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"subscriber {self.name}: cannot read secret_file ({type(exc).__name__})",
+                    key="events.subscribers",
+                ) from exc
+        else:
+            raw = self.secret.get_secret_value() if self.secret else ""
+        if not raw:
+            raise ConfigError(f"subscriber {self.name}: the secret is empty", key="events.subscribers")
+        if raw.startswith("whsec_"):
+            try:
+                return base64.b64decode(raw[len("whsec_") :], validate=True)
+            except binascii.Error as exc:
+                raise ConfigError(
+                    f"subscriber {self.name}: a whsec_ secret must be base64", key="events.subscribers"
+                ) from exc
+        return raw.encode()
+
+
+class EventsSettings(Section):
+    """Lifecycle events out to other services (certqueue.outbox, certqueue.tasks.events)."""
+
+    subscribers: list[SubscriberSettings] = Field(default_factory=list)
+    #: beat sends due deliveries this often (seconds)
+    deliver_interval_seconds: float = Field(5, gt=0)
+    #: deliveries claimed per run of the delivery task
+    batch_size: int = Field(100, ge=1, le=10_000)
+    #: deliveries sent at once (threads)
+    concurrency: int = Field(8, ge=1, le=64)
+    #: one webhook request gives up after this long (seconds)
+    timeout_seconds: float = Field(5, gt=0, le=60)
+    #: a claimed delivery not finished within this long (a killed worker) is due again
+    lease_seconds: float = Field(300, gt=0)
+    #: attempts before a delivery becomes a dead letter
+    max_attempts: int = Field(15, ge=1, le=1000)
+    #: retry delays: first, doubling up to max (seconds)
+    retry_initial_seconds: float = Field(10, gt=0)
+    retry_max_seconds: float = Field(3600, gt=0)
+    #: beat looks for certificates crossing their "expiring soon" threshold this often (seconds)
+    expiring_check_seconds: float = Field(3600, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EventsSettings:
+        names = [s.name for s in self.subscribers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"subscriber names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def subscriber(self, name: str) -> SubscriberSettings | None:
+        return next((s for s in self.subscribers if s.name == name), None)
+
+
 class Settings(BaseModel):
     """The merged settings. Build with ``load_settings()`` to get the layers and their sources:
     it merges every layer itself (to remember where each value came from, ``CERTQUEUE_*`` included)
@@ -410,6 +635,22 @@ class Settings(BaseModel):
     logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     rate_limits: RateLimitSettings = Field(default_factory=lambda: RateLimitSettings())
+    events: EventsSettings = Field(default_factory=lambda: EventsSettings())
+    #: named issuers (certqueue.issuers); the acme: section is the issuer "default"
+    issuers: list[IssuerSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _issuer_names(self) -> Settings:
+        names = [i.name for i in self.issuers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"issuer names must be unique; repeated: {', '.join(dupes)}")
+        known = {"default", *names}
+        for i in self.issuers:
+            unknown = [f for f in i.fallback if f not in known]
+            if unknown:
+                raise ValueError(f"issuer {i.name}: unknown fallback issuer(s) {', '.join(unknown)}")
+        return self
 
     def region(self, name: str) -> RegionSettings:
         for r in self.multi_region.regions:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import socketserver
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -121,7 +122,7 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def serve_until_stopped(srv: Http01Server, stop: threading.Event) -> None:
+def serve_until_stopped(srv: socketserver.BaseServer, stop: threading.Event) -> None:
     """Serve in a thread until ``stop`` is set (:func:`stop_on_signals`), then close."""
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name="http01")
     thread.start()

@@ -1,7 +1,7 @@
 """Master key rotation in two phases, and the process heartbeats that make the second one safe.
 
 Owns the ``process_heartbeats`` table and the rotation of ``key_enc`` columns (issuances, accounts,
-orders); the key file format is ``certqueue.keystore``'s.
+account key rollovers, orders); the key file format is ``certqueue.keystore``'s.
 
 1. ``certqueue keys rotate`` (``rotate``): add a new active key to the key file, keeping the old
    ones, then re-encrypt every row under it in committed batches. Nothing is removed, so a crash at
@@ -62,13 +62,15 @@ class RotationReport:
 
 
 def _tables() -> list[tuple[Any, Callable[[Any], bytes]]]:
-    from certqueue.acme.accounts import account_aad
+    from certqueue.acme.accounts import account_aad, rollover_aad
+    from certqueue.models import AccountKeyRollover
     from certqueue.tasks.acme import order_key_aad
 
     return [
         (Issuance, lambda r: certificates.issuance_aad(r.certificate_id, r.fingerprint)),
         (Account, lambda r: account_aad(r.directory_url, r.contact)),
         (Order, lambda r: order_key_aad(r.certificate_id, r.csr_pem)),
+        (AccountKeyRollover, rollover_aad),
     ]
 
 

@@ -154,7 +154,7 @@ class CertificateMetadata(BaseModel):
     @field_validator("domains")
     @classmethod
     def _domains(cls, v: list[str]) -> list[str]:
-        return validation.normalize_domains(v)
+        return validation.normalize_domains(v, allow_ip=True)
 
     @field_validator("issued_at", "expires_at")
     @classmethod
@@ -951,7 +951,7 @@ class CertificateStore:
         states_in = _states(f.get("state"))
         domain = f.get("domain")
         if domain is not None:
-            domain = validation.normalize_domains([domain])[0]
+            domain = validation.normalize_domains([domain], allow_ip=True)[0]
         within = f.get("expiring_within_days")
         if within is not None and (
             isinstance(within, bool) or not isinstance(within, int | float) or within < 0

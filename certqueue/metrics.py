@@ -798,9 +798,10 @@ def _redis_client(url: str) -> Any:
 
 
 def pool_of(queue: str) -> str:
-    """The worker pool that consumes a queue (certqueue.workers.pool_spec): scan goes to acme."""
+    """The worker pool that consumes a queue (certqueue.workers.pool_spec): scan and events go to
+    acme."""
     head = queue.split(".", 1)[0]
-    return "acme" if head == "scan" else head
+    return "acme" if head in ("scan", "events") else head
 
 
 def _sent_at(raw: bytes | None) -> float | None:

@@ -89,6 +89,11 @@ class Account(Base):
     account_url: Mapped[str | None] = mapped_column(String(512))
     eab_kid: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: valid | deactivated (RFC 8555 section 7.3.6: for good; the CA refuses it from then on)
+    status: Mapped[str] = mapped_column(String(16), default="valid", server_default="valid")
+    deactivated_at: Mapped[dt.datetime | None] = mapped_column()
+    #: when the account key last rolled over (RFC 8555 section 7.3.5)
+    key_changed_at: Mapped[dt.datetime | None] = mapped_column()
 
 
 class Certificate(Base):
@@ -296,6 +301,24 @@ class Http01Token(Base):
     expires_at: Mapped[dt.datetime] = mapped_column()
 
 
+class TlsAlpn01Token(Base):
+    """A pending TLS-ALPN-01 challenge (RFC 8737): what ``certqueue tlsalpn01`` presents for the
+    identifier a CA's TLS handshake names (SNI). Written and removed by the acme pool, read by
+    every responder replica."""
+
+    __tablename__ = "tls_alpn01_tokens"
+    __table_args__ = (Index("ix_tls_alpn01_tokens_identifier", "identifier", "expires_at"),)
+
+    token: Mapped[str] = mapped_column(String(256), primary_key=True)
+    #: the DNS name (lowercase A-labels) or IP address (canonical text) being validated
+    identifier: Mapped[str] = mapped_column(String(255))
+    key_authorization: Mapped[str] = mapped_column(String(512))
+    certificate_id: Mapped[str] = mapped_column(String(40))
+    challenge_id: Mapped[int | None] = mapped_column(BigId)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column()
+
+
 class RuntimeSetting(Base):
     """Runtime overrides (the guide's ``update_config``), seen by every worker."""
 
@@ -399,3 +422,66 @@ class ProcessHeartbeat(Base):
     #: when this process loaded the keyring it reports
     loaded_at: Mapped[dt.datetime] = mapped_column()
     seen_at: Mapped[dt.datetime] = mapped_column()
+
+
+class EventDelivery(Base):
+    """One lifecycle event for one subscriber (the outbox of ``certqueue.outbox``).
+
+    Written in the transaction that records the event, so an event is never lost and never
+    announced for a change that rolled back. The delivery task (``certqueue.tasks.events``) claims
+    due rows by pushing ``next_attempt_at`` past a lease, sends outside any transaction, then
+    records the outcome: ``delivered``, back to ``pending`` with a later ``next_attempt_at``, or
+    ``dead`` (the dead-letter record: kept with its last error until redelivered by hand).
+    """
+
+    __tablename__ = "event_deliveries"
+    __table_args__ = (
+        Index("ix_event_deliveries_status_next", "status", "next_attempt_at"),
+        Index("ix_event_deliveries_certificate", "certificate_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("events.id"))
+    subscriber: Mapped[str] = mapped_column(String(64))
+    #: issued | renewed | deployed | failed | expiring | expired | revoked
+    event_type: Mapped[str] = mapped_column(String(32))
+    certificate_id: Mapped[str | None] = mapped_column(String(40))
+    #: the same on every attempt: a receiver drops a second copy by it
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: pending | delivered | dead
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: the receiver's last HTTP status (None: no answer, or a Celery subscriber)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column()
+
+    event: Mapped[Event | None] = relationship(lazy="select")
+
+
+class AccountKeyRollover(Base):
+    """One account key rollover (``certqueue.acme.accounts.rollover``): the audit record, and the new
+    key kept here, encrypted, from before the CA is asked until it is the account's key. A rollover
+    interrupted after the CA switched (a crash, a lost answer) is finished by running it again."""
+
+    __tablename__ = "account_key_rollovers"
+    __table_args__ = (Index("ix_account_key_rollovers_account", "account_id", "status"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    #: the new key while pending; None once it moved into ``accounts.key_enc`` (or was abandoned)
+    key_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    key_type: Mapped[str] = mapped_column(String(16))
+    #: RFC 7638 thumbprints: which keys, without the keys
+    old_thumbprint: Mapped[str] = mapped_column(String(64))
+    new_thumbprint: Mapped[str] = mapped_column(String(64))
+    #: pending | done | failed
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(String(512))
+    actor: Mapped[str] = mapped_column(String(128), default="certqueue")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column()

@@ -153,7 +153,10 @@ def parse(task: str, payload: Any, settings: Any = None) -> dict[str, Any]:
 
     settings = settings or get_settings()
     resolved = {k: v for k, v in request.items() if k not in ("ca", "fallback_cas")}
-    if request.get("ca") is not None:
+    named = {i.name for i in settings.issuers} | {"default"}
+    if request.get("ca") in named and request["ca"] not in settings.acme.authorities:
+        resolved["issuer"] = request["ca"]  # a named issuer: its own account, defaults, fallbacks
+    elif request.get("ca") is not None:
         resolved["directory_url"] = ca_url(settings, request["ca"])
     if request.get("fallback_cas"):
         resolved["fallback_directory_urls"] = [ca_url(settings, n) for n in request["fallback_cas"]]
@@ -162,7 +165,8 @@ def parse(task: str, payload: Any, settings: Any = None) -> dict[str, Any]:
 
 
 def ca_url(settings: Any, name: str) -> str:
-    authorities: dict[str, str] = dict(settings.acme.authorities)
+    authorities: dict[str, str] = {i.name: i.directory_url for i in settings.issuers}
+    authorities.update(settings.acme.authorities)
     if name not in authorities:
         known = ", ".join(sorted(authorities)) or "none configured"
         raise InvalidInput(f"unknown CA {name!r} (acme.authorities: {known})", field="ca")

@@ -33,4 +33,17 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"queue": "scan"},
         },
         "drift": {"task": "certqueue.scan.drift", "schedule": 3600.0, "options": {"queue": "scan"}},
+        "events-deliver": {
+            "task": "certqueue.events.deliver",
+            "schedule": settings.events.deliver_interval_seconds,
+            "options": {
+                "queue": "events",
+                "expires": max(settings.events.deliver_interval_seconds * 4, 30.0),
+            },
+        },
+        "events-expiring": {
+            "task": "certqueue.events.expiring",
+            "schedule": settings.events.expiring_check_seconds,
+            "options": {"queue": "events"},
+        },
     }

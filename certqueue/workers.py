@@ -2,8 +2,9 @@
 supervisor that restarts them: beat always, a worker on the embedded default.
 
 Per-pool settings: the queues each pool consumes, concurrency, pool type, prefetch. The acme pool
-also consumes ``scan`` (beat's periodic tasks are light); the propagate pool consumes only the
-queues of the regions it is started for, so a region's credentials exist only where it runs.
+also consumes ``scan`` (beat's periodic tasks are light) and ``events`` (deliveries to
+subscribers); the propagate pool consumes only the queues of the regions it is started for, so a
+region's credentials exist only where it runs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def pool_spec(pool: str, regions: list[str]) -> PoolSpec:
     s = get_settings()
     b = s.broker
     if pool == "acme":
-        return PoolSpec(("acme", "scan"), b.acme_concurrency)
+        return PoolSpec(("acme", "scan", "events"), b.acme_concurrency)
     if pool == "dns":
         return PoolSpec(("dns",), b.dns_concurrency)
     if pool == "propagate":
@@ -50,7 +51,7 @@ def pool_spec(pool: str, regions: list[str]) -> PoolSpec:
             s.region(r)
         return PoolSpec(tuple(region_queue(r) for r in regions), b.propagate_concurrency)
     if pool == "all":  # the embedded default: one process tree serves everything
-        qs = ["acme", "scan", "dns"] + [region_queue(r.name) for r in s.multi_region.regions]
+        qs = ["acme", "scan", "dns", "events"] + [region_queue(r.name) for r in s.multi_region.regions]
         return PoolSpec(tuple(qs), max(b.acme_concurrency, 2))
     raise ConfigError(f"unknown pool {pool!r}", key="--pool")
 

@@ -195,3 +195,53 @@ def find_account(client: AcmeClient) -> Account | None:
         raise PermanentError("find account: the CA returned no account URL", reason="acme:protocol")
     client.use_account(url)
     return Account(url=url, registration=_registration_json(response.json()), created=False)
+
+
+def key_thumbprint(key: jose.JWK) -> str:
+    """RFC 7638 thumbprint (SHA-256, base64url) of the key's public part: names a key without it."""
+    return jose.encode_b64jose(key.public_key().thumbprint())  # SHA-256
+
+
+def change_key(client: AcmeClient, new_key: jose.JWK) -> None:
+    """Roll the account of ``client`` over to ``new_key`` (RFC 8555 section 7.3.5).
+
+    The inner JWS, signed by the new key with it as ``jwk``, says which account and which old key;
+    the outer one is an ordinary request signed by the current key. On success the client signs with
+    the new key. A CA that already holds the new key for another account answers 409 (``acme:conflict``).
+    """
+    from acme import jws as acme_jws
+
+    client._require_account()
+    try:
+        url = client.directory["keyChange"]
+    except KeyError:
+        url = None
+    if not url:
+        raise PermanentError("the CA offers no keyChange resource", reason="acme:noKeyChange")
+    payload = json.dumps(
+        {"account": client.account_url, "oldKey": client.account_key.public_key().to_json()}
+    ).encode()
+    inner = acme_jws.JWS.sign(payload, key=new_key, alg=signing_alg(new_key), nonce=None, url=url)
+    with mapped("account key rollover"):
+        try:
+            client.acme._post(url, inner)
+        except acme_errors.ConflictError as exc:
+            raise PermanentError(
+                "account key rollover: the new key belongs to another account", reason="acme:conflict"
+            ) from exc
+    client.set_account_key(new_key)
+
+
+def deactivate(client: AcmeClient) -> str:
+    """Deactivate the account of ``client`` at the CA (RFC 8555 section 7.3.6); returns its status.
+    For good: the CA refuses every later request signed by this account."""
+    client._require_account()
+    body = messages.UpdateRegistration.from_json({"status": "deactivated"})
+    with mapped("account deactivation"):
+        response = client.acme._post(client.account_url, body)
+    status = str(response.json().get("status", ""))
+    if status != "deactivated":
+        raise PermanentError(
+            f"account deactivation: the CA answered status {status or 'none'}", reason="acme:protocol"
+        )
+    return status

@@ -42,6 +42,7 @@ from certqueue.acme.errors import (
     parse_retry_after,
     problem_from_error,
 )
+from certqueue.acme.tlsalpn import TLSALPN01Response  # registers the tls-alpn-01 challenge type
 from certqueue.errors import InvalidInput, PermanentError, RetryableError
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
     "select_chain",
 ]
 
-ChallengeType = Literal["http-01", "dns-01"]
+ChallengeType = Literal["http-01", "dns-01", "tls-alpn-01"]
 
 _VALID = messages.STATUS_VALID
 _INVALID = messages.STATUS_INVALID
@@ -98,6 +99,11 @@ class _NewOrder(messages.NewOrder):
     replaces: str | None = jose.field("replaces", omitempty=True)
 
 
+#: problems a CA answers to a request signed by a key the account no longer has (Pebble and
+#: Boulder: ``malformed`` "JWS verification error"; RFC 8555 suggests ``unauthorized``)
+KEY_REFUSED_CODES = frozenset({"malformed", "unauthorized"})
+
+
 class _Network(acme_client.ClientNetwork):
     """``ClientNetwork`` that retries badNonce several times and keeps what errors need.
 
@@ -112,6 +118,9 @@ class _Network(acme_client.ClientNetwork):
         self.bad_nonce_attempts = max(1, bad_nonce_attempts)
         self.bad_nonce_retries = 0
         self.directory_url = directory_url
+        #: called once when the CA refuses a request signed by the account: True when the client
+        #: now holds a newer account key (another process rolled it over), so the request is resent
+        self.on_key_refused: Callable[[], bool] | None = None
 
     def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         started = time.perf_counter()
@@ -123,14 +132,25 @@ class _Network(acme_client.ClientNetwork):
             observe_acme_request(self.directory_url or url, url, time.perf_counter() - started)
 
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
-        for attempt in range(1, self.bad_nonce_attempts + 1):
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return self._post_once(*args, **kwargs)
             except messages.Error as error:
-                if error.code != "badNonce" or attempt == self.bad_nonce_attempts:
+                if (
+                    error.code in KEY_REFUSED_CODES
+                    and not refreshed
+                    and self.account is not None
+                    and self.on_key_refused is not None
+                ):
+                    refreshed = True
+                    if self.on_key_refused():
+                        continue
+                if error.code != "badNonce" or attempt >= self.bad_nonce_attempts:
                     raise
                 self.bad_nonce_retries += 1
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _post_once(
         self,
@@ -330,6 +350,19 @@ class AcmeClient:
         self._account_url: str | None = None
         self.use_account(account_url)
         self._acme: acme_client.ClientV2 | None = None
+        #: where the account's current key can be read again (``certqueue.acme.accounts``): asked
+        #: when the CA refuses this client's key, because another process rolled it over
+        self.key_source: Callable[[], jose.JWK | None] | None = None
+        self.net.on_key_refused = self._reload_key
+
+    def _reload_key(self) -> bool:
+        if self.key_source is None:
+            return False
+        fresh = self.key_source()
+        if fresh is None or fresh.thumbprint() == self.account_key.thumbprint():
+            return False
+        self.set_account_key(fresh)
+        return True
 
     def __repr__(self) -> str:
         return f"AcmeClient(directory_url={self.directory_url!r}, account_url={self._account_url!r})"
@@ -353,6 +386,12 @@ class AcmeClient:
             if account_url
             else None
         )
+
+    def set_account_key(self, key: jose.JWK) -> None:
+        """Sign with ``key`` from now on (after an account key rollover)."""
+        self.account_key = key
+        self.net.key = key
+        self.net.alg = signing_alg(key)
 
     @property
     def directory(self) -> messages.Directory:
@@ -487,7 +526,7 @@ class AcmeClient:
         PermanentError ``acme:no_challenge`` if the CA does not offer that type for this name (e.g.
         http-01 for a wildcard).
         """
-        if chall_type not in ("http-01", "dns-01"):
+        if chall_type not in ("http-01", "dns-01", "tls-alpn-01"):
             raise InvalidInput(f"unsupported challenge type {chall_type!r}", field="challenge_type")
         body = authz.body
         name = str(body.identifier.value)
@@ -531,6 +570,8 @@ class AcmeClient:
             response = challenges.HTTP01Response(key_authorization=info.key_authorization)
         elif info.type == "dns-01":
             response = challenges.DNS01Response(key_authorization=info.key_authorization)
+        elif info.type == "tls-alpn-01":
+            response = TLSALPN01Response(key_authorization=info.key_authorization)
         else:
             raise InvalidInput(f"unsupported challenge type {info.type!r}", field="challenge_type")
         try:

@@ -139,9 +139,10 @@ def policy_for(rules: Rules | None, directory_url: str) -> RateLimitPolicy:
     return as_rules(rules).for_ca(directory_url)
 
 
-def policy_from_settings(settings: RateLimitSettings) -> RateLimitRules:
-    """The per-CA rules of the ``rate_limits`` settings section (see ``lifecycle.ratelimit_policy``)."""
-    return rules_from_settings(settings)
+def policy_from_settings(settings: RateLimitSettings, extra_rules: Sequence[str] = ()) -> RateLimitRules:
+    """The per-CA rules of the ``rate_limits`` settings section (see ``lifecycle.ratelimit_policy``),
+    after the named issuers' own (``extra_rules``)."""
+    return rules_from_settings(settings, extra_rules)
 
 
 @dataclass(frozen=True)
@@ -899,8 +900,10 @@ class RedisRateLimiter:
 
 def rate_limiter_for(settings: Settings) -> RateLimiter:
     """Redis when the broker is Redis (every worker shares it), else the database."""
+    from certqueue.issuers import ca_rules
+
     rl = settings.rate_limits
-    policy = policy_from_settings(rl)
+    policy = policy_from_settings(rl, ca_rules(settings))
     url = settings.broker.url
     backend = rl.backend
     if backend == "auto":

@@ -207,7 +207,7 @@ def list_certificates(
     where_domain = None
     if domain is not None:
         try:
-            where_domain = validation.normalize_domain(domain)
+            where_domain = validation.normalize_domain(domain, allow_ip=True)
         except InvalidInput as exc:
             raise InvalidInput(exc.message, field="domain") from None
     after = _decode_cursor(cursor) if cursor else None

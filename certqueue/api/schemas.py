@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from certqueue.models import Certificate, Deployment, Issuance, State
 
 KeyType = Literal["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]
-ChallengeType = Literal["http-01", "dns-01"]
+ChallengeType = Literal["http-01", "dns-01", "tls-alpn-01"]
 
 
 DomainName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
@@ -46,6 +46,7 @@ class CertificateCreate(_Strict):
     challenge_type: ChallengeType | None = None
     dns_provider: str | None = Field(None, max_length=64)
     profile: str | None = Field(None, max_length=64)
+    issuer: str | None = Field(None, max_length=64, description="A named issuer (docs/issuers.md)")
     targets: list[RegionName] = Field(
         default_factory=list, max_length=64, description="Region names to deploy to"
     )

@@ -239,11 +239,12 @@ def custom_policy(settings: Any) -> RateLimitPolicy:
     )
 
 
-def rules_from_settings(settings: Any) -> RateLimitRules:
-    """The per-CA rules of a ``rate_limits`` settings section (``RateLimitSettings``)."""
+def rules_from_settings(settings: Any, extra_rules: Iterable[str] = ()) -> RateLimitRules:
+    """The per-CA rules of a ``rate_limits`` settings section (``RateLimitSettings``); ``extra_rules``
+    (the named issuers' own, ``certqueue.issuers.ca_rules``) apply first, so ``ca_rules`` wins."""
     custom = custom_policy(settings)
     assignments: dict[str, RateLimitPolicy] = {}
-    for item in settings.ca_rules:
+    for item in [*extra_rules, *settings.ca_rules]:
         directory, name = parse_ca_rule(item)
         assignments[directory] = custom if name == "custom" else BUILTIN[name]
     return RateLimitRules(assignments, enabled=bool(settings.enabled))

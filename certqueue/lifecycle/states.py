@@ -11,6 +11,9 @@ one, and a RENEWING one whose renewal did not finish in time. That renewal goes 
 certificate with ``work_deadline`` set is one whose renewal is in flight, see
 :func:`renewal_in_flight`): when its issuance is served the certificate goes EXPIRED -> ACTIVE; when
 it fails for good the certificate stays EXPIRED (nothing valid is served any more).
+
+An event announced to subscribers (``certqueue.lifecycle.events_out``) is staged in the outbox
+(``certqueue.outbox``) in the same transaction.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from certqueue import outbox
 from certqueue.errors import InvalidTransition
 from certqueue.models import Certificate, Event, State, utcnow
 
@@ -102,6 +106,7 @@ def transition(
         data=data,
     )
     session.add(ev)
+    outbox.stage(session, ev)  # subscribers hear of it in this same transaction (events out)
     return ev
 
 
@@ -117,4 +122,5 @@ def record(
     """An event that is not a state change (renewal outcome, validation error, propagation)."""
     ev = Event(certificate_id=certificate_id, kind=kind, reason=reason, actor=actor, data=data)
     session.add(ev)
+    outbox.stage(session, ev)
     return ev

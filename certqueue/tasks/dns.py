@@ -14,7 +14,7 @@ from typing import Any
 from celery import shared_task
 
 from certqueue.config import get_settings
-from certqueue.dns.base import DNSProvider, load_provider
+from certqueue.dns.base import DNSProvider
 from certqueue.dns.propagation import check_visible
 from certqueue.dns.zones import Resolver, follow_cnames
 from certqueue.errors import CertqueueError, PermanentError
@@ -32,7 +32,11 @@ def resolver_config() -> Resolver:
 
 
 def provider_for(name: str) -> DNSProvider:
-    return load_provider(name, get_settings().challenges.provider_settings(name))
+    """A provider by DNS solver name (challenges.solvers) or by provider name."""
+    from certqueue import solvers
+
+    provider: DNSProvider = solvers.load(get_settings(), name)
+    return provider
 
 
 class DnsTask(PipelineTask):

@@ -20,7 +20,7 @@ from celery.canvas import Signature
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, crypto, intents
+from certqueue import certificates, challenge_tokens, crypto, intents, solvers
 from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
 from certqueue.acme.errors import IncompleteOrder
@@ -288,7 +288,7 @@ def _present_challenges(
         ident = authz.body.identifier.value
         name = f"*.{ident}" if authz.body.wildcard else ident
         ctype = _challenge_type_for(cert, name)
-        info = client.challenge_for(authz, cast(Literal["http-01", "dns-01"], ctype))  # no I/O
+        info = client.challenge_for(authz, cast(Literal["http-01", "dns-01", "tls-alpn-01"], ctype))  # no I/O
         ch = Challenge(
             order_id=order.id,
             certificate_id=cert.id,
@@ -299,7 +299,10 @@ def _present_challenges(
             token=info.token,
             dns_name=info.dns_name,
             dns_value=info.dns_value,
-            provider=cert.dns_provider if ctype == "dns-01" else None,
+            # a named DNS solver for this name (certqueue.solvers), else the certificate's provider
+            provider=(solvers.dns_solver_for(settings, name) or cert.dns_provider)
+            if ctype == "dns-01"
+            else None,
             status="pending",
         )
         session.add(ch)
@@ -315,6 +318,8 @@ def _present_challenges(
                 )
             )
             ch.status = "presented"
+        elif ctype == "tls-alpn-01":
+            challenge_tokens.present_tls_alpn01(session, ch, info.key_authorization, expires)
         out.append(ch)
     return out
 
@@ -437,6 +442,7 @@ def _prepare_order(
             country=cert.country,
             state=cert.state_province,
             locality=cert.locality,
+            allow_ip=True,  # IP names were checked against the CA's profile when requested (RFC 8738)
         ).decode()
         order = Order(
             certificate_id=cert.id,
@@ -596,11 +602,12 @@ def cleanup_challenges(ctx: StepContext, order: Order) -> None:
             Http01Token.challenge_id.in_(select(Challenge.id).where(Challenge.order_id == order.id))
         )
     )
+    challenge_tokens.remove_tls_alpn01(session, order.id)
     now = utcnow()
     for ch in session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars():
         if ch.status == "cleaned":
             continue
-        if ch.type == "http-01":
+        if ch.type in ("http-01", "tls-alpn-01"):
             ch.status = "cleaned"
             ch.cleaned_at = now
             continue

@@ -207,6 +207,9 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
             ch.cleaned_at = now
     expired = delete(Http01Token).where(Http01Token.expires_at <= now)
     tokens = cast(CursorResult[Any], session.execute(expired))
+    from certqueue import challenge_tokens
+
+    challenge_tokens.remove_expired(session, now)
     return {"resumed": resumed, "cleanups": len(leftovers), "expired_tokens": tokens.rowcount or 0}
 
 

@@ -59,7 +59,7 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"domains": ["example.com"], "key_size": "abc"}, "key_size"),
     ({"domains": ["example.com"], "key_size": 2048, "key_type": "ec256"}, "key_size"),
     ({"domains": ["example.com"], "key_type": "dsa1024"}, "key_type"),
-    ({"domains": ["example.com"], "challenge_type": "tls-alpn-01"}, "challenge_type"),
+    ({"domains": ["example.com"], "challenge_type": "dns-persist-01"}, "challenge_type"),
     ({"domains": ["*.example.com"]}, "challenge_type"),  # wildcard with the default http-01
     (
         {"domains": ["*.example.com"], "challenge_type": "http-01", "dns_provider": "rfc2136"},
@@ -75,7 +75,7 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
         "challenge_type",
     ),
     ({"domains": ["example.com"], "challenge_map": {"other.example.com": "dns-01"}}, "challenge_map"),
-    ({"domains": ["example.com"], "challenge_map": {"example.com": "tls-alpn-01"}}, "challenge_map"),
+    ({"domains": ["example.com"], "challenge_map": {"example.com": "dns-persist-01"}}, "challenge_map"),
     ({"domains": ["example.com"], "challenge_map": ["example.com"]}, "challenge_map"),
     ({"domains": ["example.com"], "challenge_type": "dns-01"}, "dns_provider"),  # no provider anywhere
     ({"domains": ["example.com"], "challenge_map": {"example.com": "dns-01"}}, "dns_provider"),

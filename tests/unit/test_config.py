@@ -325,7 +325,7 @@ ERRORS: list[tuple[str, Any, str, str]] = [
     ),
     ("yaml", "automation:\n  renewal_jitter: 1.5\n", "automation.renewal_jitter", "less than 1"),
     ("yaml", "challenges:\n  http_port: 70000\n", "challenges.http_port", "less than or equal to 65535"),
-    ("yaml", "challenges:\n  default_type: tls-alpn-01\n", "challenges.default_type", "http-01"),
+    ("yaml", "challenges:\n  default_type: dns-persist-01\n", "challenges.default_type", "http-01"),
     (
         "yaml",
         "multi_region:\n  regions:\n    - name: us-east-1\n",

@@ -3,7 +3,7 @@ region's target), without a row lock held while the remote side answers (a worke
 mid-step leaves a lease that simply runs out)
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0006
 """
 
 from collections.abc import Sequence
@@ -14,7 +14,7 @@ from alembic import op
 from certqueue.models import UTCDateTime
 
 revision: str = "0008"
-down_revision: str | None = "0005"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
