@@ -24,7 +24,7 @@ import dns.rrset
 import pytest
 
 from certqueue.devstack.ports import free_tcp_udp_port
-from certqueue.dns.propagation import check_visible
+from certqueue.dns.propagation import check_visible, query_txt
 from certqueue.dns.zones import Resolver
 
 ZONE = "multi.test"
@@ -45,6 +45,10 @@ class Authority:
     port: int
     txt: dict[str, list[str]] = field(default_factory=dict)
     queries: int = 0
+    #: (question name as sent, header flags) of every query
+    seen: list[tuple[str, int]] = field(default_factory=list)
+    #: answer TXT questions with REFUSED (a server that lost the zone)
+    refuse_txt: bool = False
 
     def __post_init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -68,7 +72,9 @@ class Authority:
             except OSError:
                 return
             self.queries += 1
-            self.sock.sendto(self._answer(dns.message.from_wire(wire)).to_wire(), peer)
+            query = dns.message.from_wire(wire)
+            self.seen.append((query.question[0].name.to_text(), int(query.flags)))
+            self.sock.sendto(self._answer(query).to_wire(), peer)
 
     def _answer(self, query: dns.message.Message) -> dns.message.Message:
         resp = dns.message.make_response(query)
@@ -79,6 +85,9 @@ class Authority:
             return resp
         resp.flags |= dns.flags.AA
         rdtype = dns.rdatatype.to_text(q.rdtype)
+        if rdtype == "TXT" and self.refuse_txt:
+            resp.set_rcode(dns.rcode.REFUSED)
+            return resp
         values = self.txt.get(name, []) if rdtype == "TXT" else STATIC.get((name, rdtype), [])
         if rdtype == "TXT":
             values = [f'"{v}"' for v in values]
@@ -157,3 +166,52 @@ def test_a_nameserver_that_does_not_answer_keeps_the_value_invisible(
     result = check_visible(NAME, "v", resolver_cfg=resolver)
     assert not result.visible
     assert f"ns2.{ZONE} (127.0.0.2:{ns2.port}):" in result.reason and "timeout" in result.reason
+
+
+# --- one query (query_txt): what goes on the wire ------------------------------------------------------
+
+
+def test_an_authoritative_query_asks_for_no_recursion(servers: tuple[Authority, Authority, Resolver]) -> None:
+    """An authority must be asked what it holds itself (RD clear); only the optional recursive
+    check sets RD."""
+    ns1, _, resolver = servers
+    ns1.txt[NAME] = ["v"]
+    assert query_txt(NAME, ns1.address, resolver.nameserver_port, timeout=2.0) == (("v",), None)
+    assert query_txt(NAME, ns1.address, resolver.nameserver_port, timeout=2.0, recursion=True) == (
+        ("v",),
+        None,
+    )
+    (_, plain), (_, recursive) = ns1.seen
+    assert not plain & dns.flags.RD
+    assert recursive & dns.flags.RD
+
+
+@pytest.mark.parametrize("name", [NAME, NAME + ".", "_acme-challenge.FOX"])
+def test_the_name_asked_is_the_name_given_with_one_final_dot(
+    servers: tuple[Authority, Authority, Resolver], name: str
+) -> None:
+    ns1, _, resolver = servers
+    query_txt(name, ns1.address, resolver.nameserver_port, timeout=2.0)
+    assert [q for q, _ in ns1.seen] == [name.rstrip(".") + "."]
+
+
+def test_a_nameserver_that_refuses_is_named_with_its_error(
+    servers: tuple[Authority, Authority, Resolver],
+) -> None:
+    ns1, ns2, resolver = servers
+    ns1.txt[NAME] = ["VALUE"]
+    ns2.refuse_txt = True
+    result = check_visible(NAME, "VALUE", resolver_cfg=resolver)
+    assert not result.visible
+    assert f"ns2.{ZONE} (127.0.0.2:{resolver.nameserver_port}): REFUSED" in result.reason
+
+
+def test_the_visibility_check_asks_every_authority_without_recursion(
+    servers: tuple[Authority, Authority, Resolver],
+) -> None:
+    ns1, ns2, resolver = servers
+    ns1.txt[NAME] = ns2.txt[NAME] = ["VALUE"]
+    assert check_visible(NAME, "VALUE", resolver_cfg=resolver).visible
+    txt_queries = [flags for ns in (ns1, ns2) for q, flags in ns.seen if q == NAME + "."]
+    assert len(txt_queries) >= 2
+    assert not any(flags & dns.flags.RD for flags in txt_queries)
