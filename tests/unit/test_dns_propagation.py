@@ -72,8 +72,13 @@ def test_two_nameservers_value_on_one_only_is_not_visible(
     assert check_visible(CHALLENGE, value, resolver_cfg=resolver).visible
 
 
-def test_route_error_names_the_family() -> None:
+def test_route_error_names_the_family(without_ipv6: dict[str, Any]) -> None:
+    """Inside the namespace only loopback is up: no route to any other address, of either family
+    (computed there by ``netns_main``; called here too, so mutation testing runs this test)."""
     assert route_error("127.0.0.1", 53) is None
+    assert without_ipv6["route_v6"].startswith("no IPv6 route from this worker (")
+    assert without_ipv6["route_v4"].startswith("no IPv4 route from this worker (")
+    assert without_ipv6["route_lo"] is None
 
 
 # --- a worker without an IPv6 route (inside a network namespace) ----------------------------------
@@ -117,7 +122,11 @@ def netns_main() -> None:
         first.update(_zone(zone, hosts, txt_first))
         second.update(_zone(zone, hosts, txt_second))
     zones = tuple(SCENARIOS)
-    out: dict[str, Any] = {"route_v6": route_error("2001:db8::53", port)}
+    out: dict[str, Any] = {
+        "route_v6": route_error("2001:db8::53", port),
+        "route_v4": route_error("192.0.2.53", port),
+        "route_lo": route_error("127.0.0.1", port),
+    }
     with FakeAuthority("127.0.0.1", port, zones, first), FakeAuthority("127.0.0.2", port, zones, second):
         resolver = Resolver(
             nameservers=(f"127.0.0.1:{port}",), nameserver_port=port, timeout=0.5, lifetime=2.0
