@@ -78,6 +78,7 @@ def test_route_error_names_the_family(without_ipv6: dict[str, Any]) -> None:
     assert route_error("127.0.0.1", 53) is None
     assert without_ipv6["route_v6"].startswith("no IPv6 route from this worker (")
     assert without_ipv6["route_v4"].startswith("no IPv4 route from this worker (")
+    assert "is unreachable" in without_ipv6["route_v4"]  # the system's words, not the errno name
     assert without_ipv6["route_lo"] is None
 
 
@@ -197,3 +198,17 @@ def test_a_nameserver_with_no_routable_address_keeps_it_not_visible(without_ipv6
     assert r["reason"].startswith(
         "value not yet at _acme-challenge.four.test: no address of ns6.four.test answered"
     )
+
+
+def test_route_error_sends_nothing() -> None:
+    """It asks the kernel for a route (``connect`` on a UDP socket) and must not contact the
+    nameserver: a TCP connect would open a connection to it."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.3)
+        assert route_error("127.0.0.1", listener.getsockname()[1]) is None
+        with pytest.raises(TimeoutError):
+            listener.accept()
