@@ -198,6 +198,8 @@ def test_a_nameserver_with_no_routable_address_keeps_it_not_visible(without_ipv6
     assert r["reason"].startswith(
         "value not yet at _acme-challenge.four.test: no address of ns6.four.test answered"
     )
+    # each address tried is named with its port and why it gave nothing
+    assert "ns6.four.test (2001:db8::55:5353): no IPv6 route from this worker (" in r["reason"]
 
 
 def test_route_error_sends_nothing() -> None:
