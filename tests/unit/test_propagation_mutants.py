@@ -217,3 +217,16 @@ def test_the_visibility_check_asks_every_authority_without_recursion(
     txt_queries = [flags for ns in (ns1, ns2) for q, t, flags in ns.seen if (q, t) == (NAME + ".", "TXT")]
     assert len(txt_queries) == 2
     assert not any(flags & dns.flags.RD for flags in txt_queries)
+
+
+def test_a_silent_server_is_a_timeout_after_the_given_seconds() -> None:
+    """A server that never answers costs ``timeout``, reported as such (not a hang, not an error)."""
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        started = time.monotonic()
+        values, error = query_txt(NAME, "127.0.0.1", silent.getsockname()[1], timeout=0.3)
+        took = time.monotonic() - started
+    assert (values, error) == ((), "timeout after 0.3s")
+    assert took < 10  # bounded; the exact time is the machine's
