@@ -230,3 +230,43 @@ def test_a_silent_server_is_a_timeout_after_the_given_seconds() -> None:
         took = time.monotonic() - started
     assert (values, error) == ((), "timeout after 0.3s")
     assert took < 10  # bounded; the exact time is the machine's
+
+
+def test_a_silent_address_beside_one_that_answers_is_tolerated(
+    servers: tuple[Authority, Authority, Resolver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ns1 has a second address where nothing listens (127.0.0.3): the nameserver answered on its
+    other address, so the silent one is recorded, not counted as lacking the value."""
+    ns1, ns2, resolver = servers
+    monkeypatch.setitem(STATIC, (f"ns1.{ZONE}", "A"), ["127.0.0.1", "127.0.0.3"])
+    ns1.txt[NAME] = ns2.txt[NAME] = ["VALUE"]
+    result = check_visible(NAME, "VALUE", resolver_cfg=resolver)
+    assert result.visible, result.reason
+    assert [a.address for a in result.unanswered] == ["127.0.0.3"]
+    assert result.notes() == [
+        f"no answer from ns1.{ZONE} (127.0.0.3:{resolver.nameserver_port}): {result.unanswered[0].error}"
+    ]
+
+
+def test_the_optional_recursive_check_asks_the_resolvers_with_recursion(
+    servers: tuple[Authority, Authority, Resolver],
+) -> None:
+    ns1, ns2, resolver = servers
+    ns1.txt[NAME] = ns2.txt[NAME] = ["VALUE"]
+    result = check_visible(NAME, "VALUE", resolver_cfg=resolver, also_recursive=True)
+    assert result.visible, result.reason
+    (recursive,) = [a for a in result.answers if a.recursive]
+    assert (recursive.host, recursive.address, recursive.values) == ("recursive", "127.0.0.1", ("VALUE",))
+    txt = [flags for q, t, flags in ns1.seen if (q, t) == (NAME + ".", "TXT")]
+    assert sum(1 for f in txt if f & dns.flags.RD) == 1  # the resolver's query; the authority's has none
+
+
+def test_a_resolver_without_the_value_keeps_it_invisible_and_is_named(
+    servers: tuple[Authority, Authority, Resolver],
+) -> None:
+    """The resolver here is ns1's address: its answer lacks the value like ns1's own."""
+    _, ns2, resolver = servers
+    ns2.txt[NAME] = ["VALUE"]
+    result = check_visible(NAME, "VALUE", resolver_cfg=resolver, also_recursive=True)
+    assert not result.visible
+    assert f"recursive (127.0.0.1:{resolver.nameserver_port}): no TXT record" in result.reason
