@@ -9,7 +9,7 @@ Stop times are behaviour here (issue 17: "within a second"), so they are asserte
 process is started and stopped ``RUNS`` times and the median must be under ``IDLE_STOP_BOUND``; a
 process still running ``STOP_DEADLINE`` after SIGTERM fails at once. Measured on the shared 2-core
 machine (other engineers' test runs beside it), medians: http01 0.1 s, metrics 0.6 s, serve 0.4 s,
-beat 0.3 s, worker 0.4 s (embedded) and 0.4 s (Redis); the worker took 5-8 s before
+beat 0.2 s, worker 0.4 s (embedded) and 0.4 s (Redis); the worker took 5-8 s before
 certqueue.worker_pool. ``-s`` prints every measurement.
 """
 
