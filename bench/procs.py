@@ -183,7 +183,10 @@ def create_database(prefix: str = "cq_bench") -> tuple[str, Callable[[], None]]:
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", drop
+    from urllib.parse import urlsplit
+
+    admin = urlsplit(PG_ADMIN)  # the same server (host and port) as the admin URL names
+    return f"postgresql+psycopg://{admin.netloc}/{name}", drop
 
 
 def pg_stat(url: str) -> dict[str, int]:

@@ -127,7 +127,11 @@ def _make_engine(url: str, write: bool) -> Engine:
         return eng
     kwargs.update(
         pool_size=settings.database.pool_size,
-        pool_pre_ping=True,
+        # no pre-ping: it was a SELECT 1 round trip (and a PostgreSQL transaction) on every checkout,
+        # about half of all transactions per certificate. A connection that died (a server restart)
+        # fails its first statement instead; SQLAlchemy then drops every pooled connection as old as
+        # it, and the step is retried as a transient database error (certqueue.lifecycle.failure).
+        pool_pre_ping=False,
         max_overflow=10,
         connect_args=postgres_connect_args(settings),
     )
@@ -165,7 +169,11 @@ def is_postgres(session: Session) -> bool:
 def lock_certificate(session: Session, certificate_id: str) -> Certificate | None:
     """Load and lock one certificate row for this transaction (SELECT ... FOR UPDATE on PostgreSQL;
     on SQLite the transaction already holds the database's write lock)."""
-    stmt = select(Certificate).where(Certificate.id == certificate_id)
+    # populate_existing: a row locked again after an earlier commit (a step that talked to the CA
+    # in between) is read fresh, not taken from the session's identity map
+    stmt = (
+        select(Certificate).where(Certificate.id == certificate_id).execution_options(populate_existing=True)
+    )
     if is_postgres(session):
         # OF certificates: the joined-eager current_issuance is an outer join, and PostgreSQL
         # refuses FOR UPDATE on the nullable side of one

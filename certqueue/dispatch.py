@@ -29,7 +29,7 @@ log = logging.getLogger("certqueue.dispatch")
 IN_FLIGHT = (State.ISSUING, State.RENEWING)
 #: intents that start an order, limited by the per-CA cap; the others are not
 ORDER_KINDS = ("issue", "renew")
-OTHER_KINDS = ("revoke", "propagate")
+OTHER_KINDS = ("revoke", "propagate", "remove")
 
 
 @dataclass
@@ -46,9 +46,13 @@ def in_flight_by_ca(session: Session, now: dt.datetime) -> dict[str, int]:
     """Certificates working toward an order per CA: ISSUING, or RENEWING without a finished issuance
     waiting for propagation, and those whose issue or renew intent was just dispatched."""
     out: dict[str, int] = {}
+    # EXPIRED with a deadline: the renewal that was in flight when it expired (lifecycle.states)
+    working = Certificate.state.in_(IN_FLIGHT) | (
+        (Certificate.state == State.EXPIRED) & Certificate.work_deadline.is_not(None)
+    )
     rows = session.execute(
         select(Certificate.directory_url, func.count())
-        .where(Certificate.state.in_(IN_FLIGHT), Certificate.pending_issuance_id.is_(None))
+        .where(working, Certificate.pending_issuance_id.is_(None))
         .group_by(Certificate.directory_url)
     ).all()
     for url, n in rows:
@@ -246,6 +250,8 @@ def _send_for(intent: Intent) -> tuple[str, dict[str, Any]]:
         }
     if intent.kind == "revoke":
         return "certqueue.acme.revoke", {**payload, "reason": params.get("reason") or "unspecified"}
+    if intent.kind == "remove":
+        return "certqueue.removal.start", payload
     return "certqueue.propagate.start", {
         **payload,
         **({"regions": params["regions"]} if params.get("regions") else {}),

@@ -45,8 +45,6 @@ T = TypeVar("T")
 
 POLL_INTERVAL_SECONDS = 0.2
 STORE_BACKENDS = ("local", "aws", "azure")
-#: states in which a certificate may be deleted without ``force``
-DELETABLE = (State.REVOKED, State.EXPIRED, State.FAILED)
 IN_SERVICE = (State.ACTIVE, State.RENEWING)
 #: states whose work may wait for a budget or capacity
 WORKING = (State.REQUESTED, State.ISSUING, State.RENEWING)
@@ -975,30 +973,13 @@ class CertificateStore:
     async def delete_certificate(self, certificate_id: str, *, force: bool = False) -> None:
         """Remove a certificate with its issuances, orders and deployment records. Only REVOKED,
         EXPIRED or FAILED ones unless ``force`` (a live one is still served: revoke it, or force).
-        Copies already deployed to targets stay; the audit log keeps its events."""
+        Copies deployed to targets are removed from them (regions with ``remove_on_delete``, the
+        default), durably, after this returns; the audit log keeps its events."""
 
         def run() -> None:
-            from sqlalchemy import delete
-
-            from certqueue.lifecycle import states
-
-            with self.manager._session() as s:
-                row = certificates.get(s, certificate_id)
-                if row.state not in DELETABLE and not force:
-                    raise InvalidTransition(
-                        f"{row.id} is {row.state}; only {', '.join(DELETABLE)} certificates are deleted "
-                        "without force=True"
-                    )
-                cid, was = row.id, row.state
-                s.expunge(row)
-                states.record(
-                    s, cid, "deleted", actor="store", reason="forced" if force else None, data={"state": was}
-                )
-                s.execute(
-                    delete(CertificateRow)
-                    .where(CertificateRow.id == cid)
-                    .execution_options(synchronize_session=False)
-                )
+            self.manager._request(
+                lambda s: operations.delete_certificate(s, certificate_id, force=force, actor="store")
+            )
 
         await asyncio.to_thread(run)
 

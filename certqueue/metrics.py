@@ -85,11 +85,15 @@ FAMILIES = (
     "certqueue_certificate_series_omitted",
     "certqueue_certificate_expiry_seconds",
     "certqueue_certificates",
+    "certqueue_certificates_deferred",
     "certqueue_certificates_renewal_overdue",
     "certqueue_renewals_total",
     "certqueue_issuances_total",
     "certqueue_validation_errors_total",
     "certqueue_propagations_total",
+    "certqueue_removals_total",
+    "certqueue_drift_detected_total",
+    "certqueue_drift_errors_total",
     "certqueue_deployments",
     "certqueue_region_pending_oldest_seconds",
     "certqueue_broker_quarantined",
@@ -126,6 +130,10 @@ def _epoch(col: Any, dialect: str) -> ColumnElement[Any]:
 
 def _served_join() -> Any:
     return (Issuance.id == Certificate.current_issuance_id) & (Issuance.certificate_id == Certificate.id)
+
+
+#: the reasons ``certqueue_certificates_deferred`` counts (each is always exported, 0 when none)
+DEFERRAL_REASONS = ("rate_limited", "ca_rate_limited", "capacity", "other")
 
 
 class CertqueueCollector(Collector):
@@ -194,6 +202,7 @@ class CertqueueCollector(Collector):
         yield self._expiry_histogram(session, now, dialect)
         yield self._states(session)
         yield self._renewal_overdue(session, settings, now)
+        yield self._deferred(session, now)
         yield from self._event_counters(session)
         yield from self._deployments(session, now)
         yield self._rate_budgets(session, settings, now)
@@ -279,6 +288,40 @@ class CertqueueCollector(Collector):
             fam.add_metric([st.value], float(counts.get(st.value, 0)))
         return fam
 
+    def _deferred(self, session: Session, now: dt.datetime) -> Metric:
+        """Certificates whose work waits in the database until a stated time, by why: a client-side
+        rate-limit budget, the CA's own rateLimited answer, or the per-CA in-flight cap. The label is
+        the kind of reason (a few values), never the reason's text (it names domains)."""
+        text = Certificate.waiting_reason
+        kind = case(
+            (text.like("capacity%"), "capacity"),
+            (text.like("%the CA answered%"), "ca_rate_limited"),
+            (text.like("rate limit%"), "rate_limited"),
+            else_="other",
+        )
+        counts: dict[str, int] = dict(
+            session.execute(
+                select(kind, func.count())
+                .where(
+                    text.is_not(None),
+                    Certificate.state.in_([State.REQUESTED.value, State.ISSUING.value, State.RENEWING.value]),
+                    Certificate.next_attempt_at.is_not(None),
+                    Certificate.next_attempt_at > now,
+                )
+                .group_by(kind)
+            )
+            .tuples()
+            .all()
+        )
+        fam = GaugeMetricFamily(
+            "certqueue_certificates_deferred",
+            "Certificates waiting for a rate-limit budget, the CA's rate limit or capacity, by reason",
+            labels=["reason"],
+        )
+        for reason in DEFERRAL_REASONS:
+            fam.add_metric([reason], float(counts.get(reason, 0)))
+        return fam
+
     def _renewal_overdue(self, session: Session, settings: Settings, now: dt.datetime) -> Metric:
         """ACTIVE auto-renewing certificates past ``renew_at`` by more than the grace, not RENEWING:
         nothing picked them up (no dispatch, no capacity, no worker)."""
@@ -341,6 +384,44 @@ class CertqueueCollector(Collector):
         ).tuples():
             prop.add_metric([reg or "unknown", status or "unknown"], int(n))
         yield prop
+
+        rem = CounterMetricFamily(
+            "certqueue_removals",
+            "Removals of a revoked or deleted certificate's copy from a region, by outcome",
+            labels=["region", "status"],
+        )
+        for reg, status, n in session.execute(
+            select(region, Event.reason, func.count())
+            .where(Event.kind == "removal")
+            .group_by(region, Event.reason)
+        ).tuples():
+            rem.add_metric([reg or "unknown", status or "unknown"], int(n))
+        yield rem
+
+        found = CounterMetricFamily(
+            "certqueue_drift_detected",
+            "Deployed copies found serving something else (or nothing) and redeployed",
+            labels=["region"],
+        )
+        for reg, n in session.execute(
+            select(region, func.count()).where(Event.kind == "drift").group_by(region)
+        ).tuples():
+            found.add_metric([reg or "unknown"], int(n))
+        yield found
+
+        errs = CounterMetricFamily(
+            "certqueue_drift_errors",
+            "Drift checks a target answered with an error, by region and stable reason",
+            labels=["region", "reason"],
+        )
+        count = Event.data["count"].as_integer()
+        for reg, reason, n in session.execute(
+            select(region, Event.reason, func.sum(count))
+            .where(Event.kind == "drift_error")
+            .group_by(region, Event.reason)
+        ).tuples():
+            errs.add_metric([reg or "unknown", reason or "unknown"], int(n or 0))
+        yield errs
 
     def _deployments(self, session: Session, now: dt.datetime) -> Iterator[Metric]:
         fam = GaugeMetricFamily(

@@ -136,6 +136,10 @@ class Certificate(Base):
     not_after: Mapped[dt.datetime | None] = mapped_column()
     #: when to ask the CA's ACME Renewal Information again (None: the CA has no ARI)
     ari_next_check_at: Mapped[dt.datetime | None] = mapped_column()
+    #: the CA's suggested renewal window (RFC 9773) at the last check, and its explanation link
+    ari_window_start: Mapped[dt.datetime | None] = mapped_column()
+    ari_window_end: Mapped[dt.datetime | None] = mapped_column()
+    ari_explanation_url: Mapped[str | None] = mapped_column(String(512))
     current_issuance_id: Mapped[int | None] = mapped_column(ForeignKey("issuances.id", use_alter=True))
     #: the issuance being propagated (first issue or renewal); becomes current at ACTIVE
     pending_issuance_id: Mapped[int | None] = mapped_column(ForeignKey("issuances.id", use_alter=True))
@@ -207,6 +211,10 @@ class Order(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+    #: the step working on this order at the CA, until when (``certqueue.tasks.pipeline.OrderLease``):
+    #: no row lock is held while the CA answers, and a worker that dies leaves a lease that expires
+    lease_until: Mapped[dt.datetime | None] = mapped_column()
+    lease_token: Mapped[str | None] = mapped_column(String(32))
 
 
 class Challenge(Base):
@@ -250,6 +258,10 @@ class Deployment(Base):
     last_error: Mapped[str | None] = mapped_column(String(512))
     deployed_at: Mapped[dt.datetime | None] = mapped_column()
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    #: the deploy working on this region's target, until when: the row is not locked while the
+    #: target's API answers, and a deploy that dies leaves a lease that runs out
+    lease_until: Mapped[dt.datetime | None] = mapped_column()
+    lease_token: Mapped[str | None] = mapped_column(String(32))
 
 
 class Event(Base):
@@ -350,6 +362,23 @@ class Intent(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class DriftCursor(Base):
+    """Where a region's drift check stands: deployments are checked in id order, a batch per run,
+    from ``after_id`` on; past the last one the pass ends and the next starts from the beginning.
+    Written only by the region's own drift task (``certqueue.tasks.drift``)."""
+
+    __tablename__ = "drift_cursors"
+
+    region: Mapped[str] = mapped_column(String(64), primary_key=True)
+    after_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    pass_started_at: Mapped[dt.datetime | None] = mapped_column()
+    #: complete passes over the region's deployments so far
+    passes: Mapped[int] = mapped_column(Integer, default=0)
+    #: deployments checked in the current pass
+    checked: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class ProcessHeartbeat(Base):

@@ -23,6 +23,8 @@ from certqueue.models import Certificate, Intent, State, utcnow
 RENEWABLE = (State.ACTIVE, State.RENEWING, State.ISSUING, State.FAILED)
 REVOCABLE = (State.ACTIVE, State.RENEWING)
 NOTHING_TO_DEPLOY = (State.REVOKED, State.EXPIRED, State.FAILED)
+#: states in which a certificate may be deleted without ``force``
+DELETABLE = (State.REVOKED, State.EXPIRED, State.FAILED)
 
 
 def check_revocation_reason(reason: str, settings: Settings | None = None) -> int:
@@ -172,6 +174,44 @@ def import_certificate(
         certificates.activate(session, cert, iss, reason="imported", settings=settings)
         return cert, None
     return cert, intents.record(session, "propagate", cert.id, actor=actor)
+
+
+def delete_certificate(
+    session: Session,
+    certificate_id: str,
+    *,
+    force: bool = False,
+    actor: str,
+    settings: Settings | None = None,
+) -> Intent | None:
+    """Remove a certificate from the inventory with its issuances, orders and deployment rows; the
+    audit log keeps its events. Only REVOKED, EXPIRED or FAILED ones unless ``force``. Its deployed
+    copies are removed from their targets (regions with ``remove_on_delete``, the default) through a
+    remove intent recorded first, in the same transaction: it outlives the rows. Returns that intent
+    (None when nothing is to be removed)."""
+    from sqlalchemy import delete
+
+    from certqueue.lifecycle import states
+    from certqueue.removals import request_removal
+
+    cert = certificates.get(session, certificate_id)
+    if cert.state not in DELETABLE and not force:
+        raise InvalidTransition(
+            f"{cert.id} is {cert.state}; only {', '.join(DELETABLE)} certificates are deleted without force",
+            reason="delete:state",
+        )
+    cid, was = cert.id, cert.state
+    removal = request_removal(session, cid, "delete", actor=actor, settings=settings)
+    # the open work of the certificate ends with it; its removal is what is left
+    intents.complete(session, cid, ("issue", "renew", "revoke", "propagate"), outcome="deleted")
+    session.expunge(cert)
+    states.record(
+        session, cid, "deleted", actor=actor, reason="forced" if force else None, data={"state": was}
+    )
+    session.execute(
+        delete(Certificate).where(Certificate.id == cid).execution_options(synchronize_session=False)
+    )
+    return removal
 
 
 def intent_outcome(session: Session, intent_id: int) -> Intent | None:

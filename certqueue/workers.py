@@ -102,9 +102,8 @@ def _run_worker_now(
     # an idle worker stops at once on SIGTERM (billiard's fixed sleeps made it 5-8 s): worker_pool
     app.conf.worker_timer = worker_pool.TIMER
     worker_pool.install_shutdown_tick()
-    app.conf.worker_pool = (
-        worker_pool.POOL if spec.pool == "prefork" else spec.pool
-    )  # -P allows no class path
+    # -P takes no class path: the pool is set here
+    app.conf.worker_pool = worker_pool.POOL if spec.pool == "prefork" else spec.pool
     argv = [
         "worker",
         "-Q",
@@ -117,8 +116,9 @@ def _run_worker_now(
         loglevel or get_settings().logging.level,
         "--without-mingle",
         "--without-gossip",
-        "-E",
     ]
+    if get_settings().monitoring.task_events:
+        argv.append("-E")  # else Flower turns events on while it watches (enable_events)
     try:
         app.worker_main(argv)
         code = 0

@@ -215,6 +215,8 @@ REGION_DESCRIPTIONS = {
     "name": "the region's name, used by `--region`, certificate `targets` and worker queues",
     "provider": "the target plugin",
     "required": "a certificate becomes ACTIVE only when every required region has it",
+    "remove_on_revoke": "remove the deployed copy (`Target.remove`) when the certificate is revoked",
+    "remove_on_delete": "remove the deployed copy when the certificate is deleted from the inventory",
 }
 
 

@@ -16,7 +16,7 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response, status
-from sqlalchemy import Select, cast, delete, func, literal, select
+from sqlalchemy import Select, cast, func, literal, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
@@ -41,7 +41,6 @@ from certqueue.api.schemas import (
 from certqueue.config import get_settings
 from certqueue.db import session_scope
 from certqueue.errors import InvalidInput
-from certqueue.lifecycle import states
 from certqueue.models import Certificate, Deployment, State, utcnow
 from certqueue.nudge import nudge
 
@@ -50,8 +49,6 @@ log = logging.getLogger("certqueue.api")
 router = APIRouter(prefix="/v1/certificates", tags=["certificates"])
 
 MAX_PAGE = 500
-#: states in which a certificate may be deleted without ?force=true
-DELETABLE = (State.REVOKED, State.EXPIRED, State.FAILED)
 _IMPORT_FIELDS = {"certificate": "certificate_pem", "private_key": "private_key_pem", "chain": "chain_pem"}
 
 Read = Annotated[Principal, Depends(require("read"))]
@@ -334,28 +331,13 @@ def delete_certificate(
     force: Annotated[bool, Query(description="Delete in any state (admin)")] = False,
 ) -> Response:
     """Remove a REVOKED, EXPIRED or FAILED certificate from the inventory, with its issuances, orders
-    and deployment records (``?force=true`` with an admin token: any state). Copies already deployed
-    to targets are not removed; the audit log keeps the certificate's events."""
+    and deployment records (``?force=true`` with an admin token: any state). Its copies deployed to
+    targets are removed from them (regions with ``remove_on_delete``, the default), durably, after
+    the answer; the audit log keeps the certificate's events."""
     if force and not principal.can("admin"):
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="force-deletion needs the 'admin' scope")
     with session_scope() as session:
-        cert = certificates.get(session, certificate_id)
-        if cert.state not in DELETABLE and not force:
-            raise _conflict(
-                f"{cert.id} is {cert.state}; only {', '.join(DELETABLE)} certificates can be "
-                "deleted (or ?force=true with an admin token)"
-            )
-        cid, was = cert.id, cert.state
-        session.expunge(cert)
-        states.record(
-            session,
-            cid,
-            "deleted",
-            actor=principal.actor,
-            reason="forced" if force else None,
-            data={"state": was},
-        )
-        session.execute(
-            delete(Certificate).where(Certificate.id == cid).execution_options(synchronize_session=False)
-        )
+        removal = operations.delete_certificate(session, certificate_id, force=force, actor=principal.actor)
+    if removal is not None:
+        nudge()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -147,6 +147,20 @@ class Waiting(BaseModel):
         return cls(reason=c.waiting_reason, until=c.next_attempt_at)
 
 
+class AriWindow(BaseModel):
+    """The CA's suggested renewal window (ACME Renewal Information, RFC 9773) at the last check."""
+
+    start: dt.datetime
+    end: dt.datetime
+    explanation_url: str | None = None
+
+    @classmethod
+    def of(cls, c: Certificate) -> AriWindow | None:
+        if c.ari_window_start is None or c.ari_window_end is None:
+            return None
+        return cls(start=c.ari_window_start, end=c.ari_window_end, explanation_url=c.ari_explanation_url)
+
+
 class CertificateOut(BaseModel):
     id: str
     domains: list[str]
@@ -162,6 +176,9 @@ class CertificateOut(BaseModel):
     external: bool
     subject: Subject
     renew_at: dt.datetime | None = None
+    ari_window: AriWindow | None = Field(
+        None, description="The CA's suggested renewal window (RFC 9773), when the CA offers one"
+    )
     attempts: int
     last_error: str | None = None
     waiting: Waiting | None = Field(None, description="Why the work waits and when it resumes, if it does")
@@ -188,6 +205,7 @@ class CertificateOut(BaseModel):
                 organization=c.organization, country=c.country, state=c.state_province, locality=c.locality
             ),
             renew_at=c.renew_at,
+            ari_window=AriWindow.of(c),
             attempts=c.attempts or 0,
             last_error=c.last_error,
             waiting=Waiting.of(c),

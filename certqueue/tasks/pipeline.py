@@ -12,11 +12,12 @@ import datetime as dt
 import hashlib
 import logging
 import random
+import secrets
 from typing import Any, Literal, cast
 
 from celery import chain, chord, signature
 from celery.canvas import Signature
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from certqueue import certificates, crypto, intents
@@ -35,17 +36,81 @@ from certqueue.config import get_settings
 from certqueue.db import is_postgres, lock_certificate
 from certqueue.errors import CertqueueError, PermanentError, RateLimited
 from certqueue.lifecycle import states
-from certqueue.lifecycle.backoff import backoff
 from certqueue.lifecycle.failure import MAX_RATE_LIMIT_BLOCK, clamp_retry_after
 from certqueue.lifecycle.ratelimit_policy import PreviousIssuance, ca_block, classify_order
+from certqueue.lifecycle.retry import AfterFailure, after_permanent_failure
 from certqueue.models import Certificate, Challenge, Http01Token, Issuance, Order, State, utcnow
-from certqueue.tasks.base import CertqueueTask, StepContext
+from certqueue.tasks.base import CertqueueTask, StepContext, Wait
 
 log = logging.getLogger("certqueue.pipeline")
 
 OPEN_ORDER = ("creating", "pending", "ready", "processing")
 #: a CA rate limit longer than this sends the certificate to its next CA (when it has one)
 LONG_RATE_LIMIT_SECONDS = 3600
+
+
+class OrderLease:
+    """A step's claim on one order while the CA answers, with no row lock held (STYLE rule 5).
+
+    The step locks the certificate, reads what it needs and calls :meth:`take`, which marks the order
+    as this step's until ``lease_until`` and commits: the certificate's row lock (and SQLite's write
+    lock) is released before the first request to the CA. A step meeting a live lease of another
+    waits (``Wait``) rather than talk to the CA about the same order at the same time. When the CA
+    has answered, :meth:`reacquire` locks the certificate again and reloads the order, or returns
+    None when it is no longer this step's (closed meanwhile, e.g. a revoke abandoned the renewal,
+    or taken over after the lease ran out); :meth:`finish` clears the lease in the step's final
+    commit. Any exception in between gives the lease back in a short transaction (:meth:`release`).
+    """
+
+    def __init__(self, ctx: StepContext, certificate_id: str, order_id: int, token: str) -> None:
+        self.ctx = ctx
+        self.certificate_id = certificate_id
+        self.order_id = order_id
+        self.token = token
+
+    @classmethod
+    def take(cls, ctx: StepContext, cert: Certificate, order: Order) -> OrderLease:
+        now = utcnow()
+        if order.lease_until is not None and order.lease_until > now:
+            raise Wait((order.lease_until - now).total_seconds() + 0.5)
+        token = secrets.token_hex(8)
+        order.lease_token = token
+        # longer than the step's own calls to the CA (each bounded by the client's HTTP timeout); a
+        # worker that dies mid-step leaves a lease that runs out; any other failure gives it back
+        order.lease_until = now + dt.timedelta(seconds=get_settings().automation.order_lease_seconds)
+        ctx.session.flush()
+        lease = cls(ctx, cert.id, order.id, token)
+        ctx.session.commit()
+        return lease
+
+    def reacquire(self) -> tuple[Certificate, Order] | None:
+        session = self.ctx.session
+        cert = lock_certificate(session, self.certificate_id)
+        order = session.execute(
+            select(Order).where(Order.id == self.order_id).execution_options(populate_existing=True)
+        ).scalar_one_or_none()
+        if cert is None or order is None or order.lease_token != self.token:
+            return None
+        return cert, order
+
+    @staticmethod
+    def finish(order: Order) -> None:
+        order.lease_token = None
+        order.lease_until = None
+
+    def release(self) -> None:
+        session = self.ctx.session
+        try:
+            session.rollback()
+            session.execute(
+                update(Order)
+                .where(Order.id == self.order_id, Order.lease_token == self.token)
+                .values(lease_token=None, lease_until=None)
+            )
+            session.commit()
+        except Exception as exc:  # noqa: BLE001  (the lease then simply runs out)
+            session.rollback()
+            log.info("order %s: lease not given back (%s); it runs out", self.order_id, type(exc).__name__)
 
 
 class Deferred(Exception):
@@ -91,7 +156,8 @@ def defer_work(ctx: StepContext, cert: Certificate, until: dt.datetime, reason: 
     cert.work_deadline = until + dt.timedelta(seconds=get_settings().automation.stuck_after_seconds)
     open_ = [i for i in intents.open_intents(session, cert.id) if i.kind in ("issue", "renew")]
     if not open_:
-        open_ = [intents.record(session, "renew" if cert.state == State.RENEWING else "issue", cert.id)]
+        kind = "renew" if cert.state in states.RENEWAL_STATES else "issue"
+        open_ = [intents.record(session, kind, cert.id)]
     for intent in open_:
         intent.status = "pending"
         intent.not_before = until
@@ -144,57 +210,56 @@ def _challenge_type_for(cert: Certificate, name: str) -> str:
 
 
 def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, Any]:
-    """Create or resume the certificate's ACME order and present its challenges."""
+    """Create or resume the certificate's ACME order and present its challenges.
+
+    Called with the certificate locked. The budget and cap checks and the order's row (``creating``,
+    with its key and CSR) are committed first; the CA is asked with no lock held (``OrderLease``);
+    its URL is committed the moment the CA answers, before the authorizations are fetched; the
+    challenges are written with the certificate locked again.
+    """
     session = ctx.session
     settings = get_settings()
-    order = open_order(session, cert.id)
     client, account_id = _client(session, cert)
-    if order is None:
-        order = _new_order(ctx, cert, client, account_id, purpose)
-        res = order_from_json(order.order_json or {})
-    else:
-        res = order_from_json(order.order_json or {})
-    if not res.authorizations:
-        # an order stored after IncompleteOrder: fetch its authorizations now
-        res = client.refresh_order(res)
+    order = open_order(session, cert.id)
+    if order is not None and order.order_url is None:
+        if order.lease_until is not None and order.lease_until > utcnow():
+            raise Wait((order.lease_until - utcnow()).total_seconds() + 0.5)  # another step places it
+        # a newOrder that was never confirmed (its step died): nothing to resume, order again
+        order.status = "abandoned"
+        order.error = "newOrder not confirmed"
+        order.finished_at = utcnow()
+        order = None
+    placing = _prepare_order(ctx, cert, client, account_id, purpose) if order is None else None
+    if placing is not None:
+        order = placing.order
+    assert order is not None
+    lease = OrderLease.take(ctx, cert, order)
+    try:
+        if placing is not None:
+            res = _place_order(ctx, client, placing, lease)
+        else:
+            res = order_from_json(order.order_json or {})
+        if not res.authorizations:
+            # an order stored before its authorizations were fetched: fetch them now
+            res = client.refresh_order(res)
+        got = lease.reacquire()
+        if got is None:
+            return {"certificate_id": cert.id, "status": "superseded"}
+        cert, order = got
+        OrderLease.finish(order)
         order.order_json = order_to_json(res)
-    existing = session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars().all()
-    if not existing:
-        expires = utcnow() + dt.timedelta(seconds=settings.automation.order_timeout_seconds + 600)
-        for authz in res.authorizations:
-            if _status_name(authz.body.status) == "valid":
-                continue  # reused authorization: nothing to prove
-            ident = authz.body.identifier.value
-            name = f"*.{ident}" if authz.body.wildcard else ident
-            ctype = _challenge_type_for(cert, name)
-            info = client.challenge_for(authz, cast(Literal["http-01", "dns-01"], ctype))
-            ch = Challenge(
-                order_id=order.id,
-                certificate_id=cert.id,
-                identifier=name,
-                authz_url=authz.uri,
-                type=ctype,
-                url=info.url,
-                token=info.token,
-                dns_name=info.dns_name,
-                dns_value=info.dns_value,
-                provider=cert.dns_provider if ctype == "dns-01" else None,
-                status="pending",
-            )
-            session.add(ch)
-            session.flush()
-            if ctype == "http-01":
-                session.add(
-                    Http01Token(
-                        token=info.token,
-                        key_authorization=info.key_authorization,
-                        certificate_id=cert.id,
-                        challenge_id=ch.id,
-                        expires_at=expires,
-                    )
-                )
-                ch.status = "presented"
-            existing.append(ch)  # type: ignore[attr-defined]
+        if placing is not None:
+            cert.next_attempt_at = None
+            cert.waiting_reason = None
+            states.record(session, cert.id, "order", reason=purpose, data={"order": order.id})
+        existing = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
+        if not existing:
+            existing = _present_challenges(session, cert, client, order, res, settings)
+    except (Wait, Deferred):
+        raise
+    except BaseException:
+        lease.release()
+        raise
     _touch(cert)
     dns = [c for c in existing if c.type == "dns-01" and c.status in ("pending", "presented")]
     if dns:
@@ -209,6 +274,49 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     else:
         ctx.then(task("certqueue.acme.validate", cert.id))
     return {"certificate_id": cert.id, "order": order.id, "status": "ordered"}
+
+
+def _present_challenges(
+    session: Session, cert: Certificate, client: AcmeClient, order: Order, res: Any, settings: Any
+) -> list[Challenge]:
+    """The order's challenges (and HTTP-01 tokens, served at once), one per name still to prove."""
+    expires = utcnow() + dt.timedelta(seconds=settings.automation.order_timeout_seconds + 600)
+    out: list[Challenge] = []
+    for authz in res.authorizations:
+        if _status_name(authz.body.status) == "valid":
+            continue  # reused authorization: nothing to prove
+        ident = authz.body.identifier.value
+        name = f"*.{ident}" if authz.body.wildcard else ident
+        ctype = _challenge_type_for(cert, name)
+        info = client.challenge_for(authz, cast(Literal["http-01", "dns-01"], ctype))  # no I/O
+        ch = Challenge(
+            order_id=order.id,
+            certificate_id=cert.id,
+            identifier=name,
+            authz_url=authz.uri,
+            type=ctype,
+            url=info.url,
+            token=info.token,
+            dns_name=info.dns_name,
+            dns_value=info.dns_value,
+            provider=cert.dns_provider if ctype == "dns-01" else None,
+            status="pending",
+        )
+        session.add(ch)
+        session.flush()
+        if ctype == "http-01":
+            session.add(
+                Http01Token(
+                    token=info.token,
+                    key_authorization=info.key_authorization,
+                    certificate_id=cert.id,
+                    challenge_id=ch.id,
+                    expires_at=expires,
+                )
+            )
+            ch.status = "presented"
+        out.append(ch)
+    return out
 
 
 _limiter_cache: dict[str, RateLimiter] = {}
@@ -234,14 +342,51 @@ def _process_rate_limiter() -> RateLimiter:
     return lim
 
 
-def _new_order(
-    ctx: StepContext, cert: Certificate, client: AcmeClient, account_id: int, purpose: str
-) -> Order:
-    """Check the profile and the shared rate-limit budget, then open one order at the CA.
+class _Placing:
+    """An order about to be placed: its row (``creating``), and what it was charged."""
 
-    Over budget, nothing is sent: ``Deferred`` hands the work back to the database until the budget
-    returns. A ``rateLimited`` answer from the CA sets the budget from its Retry-After, and defers
-    too. The in-flight cap (dispatch keeps under it; a race can still meet it) defers briefly.
+    def __init__(
+        self,
+        order: Order,
+        csr: str,
+        keys: list[Any],
+        account_id: int,
+        replaces: str | None,
+        order_purpose: str,
+        profile: str | None,
+        directory_url: str,
+        domains: list[str],
+    ) -> None:
+        self.order = order
+        self.csr = csr
+        self.keys = keys
+        self.account_id = account_id
+        self.replaces = replaces
+        self.order_purpose = order_purpose
+        self.profile = profile
+        self.directory_url = directory_url
+        self.domains = domains
+
+
+class _Blocked(Exception):
+    """The CA's answer (or a budget met while answering it) says: wait until ``until``."""
+
+    def __init__(self, until: dt.datetime, why: str, kind: str) -> None:
+        super().__init__(why)
+        self.until = until
+        self.why = why
+        self.kind = kind
+
+
+def _prepare_order(
+    ctx: StepContext, cert: Certificate, client: AcmeClient, account_id: int, purpose: str
+) -> _Placing:
+    """With the certificate locked: check the profile, the in-flight cap and the shared rate-limit
+    budget, and write the order's row (``creating``, its new key encrypted, its CSR).
+
+    Over budget, nothing is written or sent: ``Deferred`` hands the work back to the database until
+    the budget returns. The in-flight cap (dispatch keeps under it; a race can still meet it)
+    defers briefly.
     """
     session = ctx.session
     settings = get_settings()
@@ -283,72 +428,155 @@ def _new_order(
         until = decision.retry_at or now + dt.timedelta(seconds=60)
         defer_work(ctx, cert, until, describe_budgets(decision.blocked), kind="rate_limited")
         raise Deferred(until, "rate_limited")
-    key_pem = _order_key(session, cert)
-    csr = crypto.make_csr(
-        key_pem,
-        cert.domains,
-        organization=cert.organization,
-        country=cert.country,
-        state=cert.state_province,
-        locality=cert.locality,
-    ).decode()
+    try:
+        key_pem = _order_key(session, cert)
+        csr = crypto.make_csr(
+            key_pem,
+            cert.domains,
+            organization=cert.organization,
+            country=cert.country,
+            state=cert.state_province,
+            locality=cert.locality,
+        ).decode()
+        order = Order(
+            certificate_id=cert.id,
+            account_id=account_id,
+            purpose=purpose,
+            csr_pem=csr,
+            key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)),
+            order_url=None,
+            order_json=None,
+            status="creating",
+        )
+        session.add(order)
+        session.flush()
+    except BaseException:
+        limiter.release(keys, now)
+        raise
+    return _Placing(
+        order,
+        csr,
+        list(keys),
+        account_id,
+        replaces,
+        order_purpose,
+        cert.profile,
+        cert.directory_url,
+        list(cert.domains),
+    )
+
+
+def _place_order(ctx: StepContext, client: AcmeClient, placing: _Placing, lease: OrderLease) -> Any:
+    """Ask the CA for the order (no lock held). Its URL is committed as soon as the CA answers, so a
+    redelivered step finds it and resumes instead of ordering again. A ``rateLimited`` answer sets
+    the budget from its Retry-After and defers the certificate."""
+    session = ctx.session
+    limiter = rate_limiter()
+    now = utcnow()
+    keys = placing.keys
 
     def charge_as_renewal() -> None:
         """The CA answered alreadyReplaced: the order goes again without ``replaces``, so it is a
         plain renewal and is charged as one."""
         nonlocal keys
-        if order_purpose != "ari_renewal":
+        if placing.order_purpose != "ari_renewal":
             return
-        extra = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy, purpose="renewal")
+        extra = budget_keys(
+            placing.account_id, placing.directory_url, placing.domains, limiter.policy, purpose="renewal"
+        )
         again = limiter.try_acquire(extra, now)
         if not again.allowed:
             until = again.retry_at or now + dt.timedelta(seconds=60)
-            defer_work(ctx, cert, until, describe_budgets(again.blocked), kind="rate_limited")
-            raise Deferred(until, "rate_limited")
+            raise _Blocked(until, describe_budgets(again.blocked), "rate_limited")
         keys = [*keys, *extra]
 
+    def store_url(res: Any) -> None:
+        """The CA created the order: its URL is the one thing that must not be lost (without it a
+        retry orders again). A database that is down for a moment (a restart, a failover) is waited
+        for, within the order's lease, rather than given up at the first error."""
+        import time
+
+        from sqlalchemy.exc import DBAPIError
+
+        values = {
+            "order_url": res.uri,
+            "order_json": order_to_json(res),
+            "status": _status_name(res.body.status),
+        }
+        give_up = time.monotonic() + 0.75 * get_settings().automation.order_lease_seconds
+        pause = 0.25
+        while True:
+            try:
+                session.execute(
+                    update(Order)
+                    .where(Order.id == placing.order.id, Order.lease_token == lease.token)
+                    .values(**values)
+                )
+                session.commit()
+                return
+            except DBAPIError as exc:
+                session.rollback()
+                if time.monotonic() + pause > give_up:
+                    raise
+                log.warning(
+                    "order %s created at the CA, its URL not stored yet (%s): again in %.1fs",
+                    placing.order.id,
+                    type(exc).__name__,
+                    pause,
+                )
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
     try:
-        res = client.new_order(
-            csr.encode(), profile=cert.profile, replaces=replaces, on_already_replaced=charge_as_renewal
+        return client.new_order(
+            placing.csr.encode(),
+            profile=placing.profile,
+            replaces=placing.replaces,
+            on_already_replaced=charge_as_renewal,
+            on_created=store_url,
         )
     except IncompleteOrder as exc:
-        res = exc.order  # the order exists at the CA: store it and resume, never order again
+        return exc.order  # the order exists at the CA and its URL is stored: resume, never order again
+    except _Blocked as blocked:
+        limiter.release(keys, now)
+        _defer_placing(ctx, lease, blocked.until, blocked.why, blocked.kind)
+        raise Deferred(blocked.until, blocked.kind) from None
     except RateLimited as exc:
         limiter.release(keys, now)
         exc.retry_after = clamp_retry_after(exc.retry_after, MAX_RATE_LIMIT_BLOCK)
-        if (exc.retry_after or 3600) > LONG_RATE_LIMIT_SECONDS and next_ca(
-            cert, PermanentError(exc.message, reason="acme:rateLimited")
-        ) is not None:
+        got = lease.reacquire()
+        cert = got[0] if got else None
+        if (
+            cert is not None
+            and (exc.retry_after or 3600) > LONG_RATE_LIMIT_SECONDS
+            and next_ca(cert, PermanentError(exc.message, reason="acme:rateLimited")) is not None
+        ):
             raise PermanentError(
                 f"rate limited for {int(exc.retry_after or 3600)}s: trying the next CA",
                 reason="acme:rateLimited",
             ) from None
         until = now + ca_block(exc.message, exc.retry_after)  # a pause is checked again daily
+        bound = rate_limiter(session)  # SQLite: inside the transaction that now holds the lock
         for k in keys_for_ca_problem(keys, exc.message):
-            limiter.block(k, until, now)
-        defer_work(ctx, cert, until, "rate limit: the CA answered rateLimited", kind="ca_rate_limited")
+            bound.block(k, until, now)
+        _defer_placing(ctx, lease, until, "rate limit: the CA answered rateLimited", "ca_rate_limited")
         raise Deferred(until, "ca_rate_limited") from None
     except BaseException:
         limiter.release(keys, now)
         raise
-    cert.next_attempt_at = None
-    cert.waiting_reason = None
-    # The order URL is stored in the same commit as the row: a redelivered task finds it and resumes
-    # instead of ordering again.
-    order = Order(
-        certificate_id=cert.id,
-        account_id=account_id,
-        purpose=purpose,
-        csr_pem=csr,
-        key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)),
-        order_url=res.uri,
-        order_json=order_to_json(res),
-        status=_status_name(res.body.status),
-    )
-    session.add(order)
-    session.flush()
-    states.record(session, cert.id, "order", reason=purpose, data={"order": order.id})
-    return order
+
+
+def _defer_placing(ctx: StepContext, lease: OrderLease, until: dt.datetime, why: str, kind: str) -> None:
+    """The order was not placed: its row is closed and the certificate waits until ``until``."""
+    got = lease.reacquire()
+    if got is None:
+        return
+    cert, order = got
+    OrderLease.finish(order)
+    order.status = "abandoned"
+    order.error = kind
+    order.finished_at = utcnow()
+    defer_work(ctx, cert, until, why, kind=kind)
 
 
 def _order_key(session: Session, cert: Certificate) -> bytes:
@@ -386,7 +614,6 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
     certificate goes FAILED (first issuance) or back to ACTIVE with the next attempt scheduled
     (renewal: the old certificate keeps serving)."""
     session = ctx.session
-    settings = get_settings()
     cert = lock_certificate(session, certificate_id)
     if cert is None:
         return {"status": "failed", "reason": exc.reason}
@@ -421,7 +648,7 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         # issuance did start, and it is what failed
         states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
     nxt = next_ca(cert, exc)
-    if nxt is not None and cert.state in (State.ISSUING, State.RENEWING):
+    if nxt is not None and states.in_pipeline(cert.state, cert.work_deadline):
         # this CA failed for good: the same work starts again at the next CA (its own account)
         states.record(
             session, cert.id, "ca_fallback", reason=exc.reason, data={"from": cert.directory_url, "to": nxt}
@@ -429,29 +656,67 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         cert.directory_url = nxt
         cert.last_error = exc.reason
         _touch(cert)
-        purpose = "renew" if cert.state == State.RENEWING else "issue"
+        purpose = "renew" if cert.state in states.RENEWAL_STATES else "issue"
         ctx.then(task("certqueue.acme.start", {"certificate_id": cert.id, "purpose": purpose}))
         return {"certificate_id": cert.id, "status": "fallback", "reason": exc.reason, "ca": nxt}
+    expired_in_flight = cert.state == State.EXPIRED and cert.work_deadline is not None
     cert.last_error = exc.reason
     cert.work_deadline = None
     ctx.nudge = True  # capacity freed: dispatch may start the next order
     if cert.state == State.ISSUING:
+        cert.attempts += 1
+        after = _after_failure("issue", cert.attempts)
         states.record(session, cert.id, "issuance", reason="failure", data={"reason": exc.reason})
-        states.transition(session, cert, State.FAILED, reason=exc.reason)
-        intents.complete(session, cert.id, ("issue", "renew"), outcome=exc.reason, failed=True)
+        if after.give_up:
+            states.transition(session, cert, State.FAILED, reason=exc.reason)
+            intents.complete(session, cert.id, ("issue", "renew"), outcome=exc.reason, failed=True)
+        else:
+            retry_issuance(ctx, cert, after.delay, exc.reason)
     elif cert.state == State.RENEWING:
         cert.attempts += 1
-        delay = backoff(
-            cert.attempts,
-            initial=settings.automation.retry_delay_seconds,
-            cap=max(settings.automation.retry_delay_seconds, 6 * 3600),
-        )
+        delay = _after_failure("renew", cert.attempts).delay
         cert.renew_at = utcnow() + dt.timedelta(seconds=delay)
         cert.next_attempt_at = cert.renew_at
         cert.pending_issuance_id = None
         states.record(session, cert.id, "renewal", reason="failure", data={"reason": exc.reason})
         states.transition(session, cert, State.ACTIVE, reason=f"renewal failed: {exc.reason}")
+    elif expired_in_flight:
+        end_expired_renewal(session, cert, exc.reason)
     return {"certificate_id": cert.id, "status": "failed", "reason": exc.reason}
+
+
+def _after_failure(purpose: str, attempts: int) -> AfterFailure:
+    a = get_settings().automation
+    return after_permanent_failure(
+        purpose,
+        attempts,
+        retry_attempts=a.retry_attempts,
+        retry_delay=a.retry_delay_seconds,
+        check_interval_hours=a.check_interval_hours,
+    )
+
+
+def retry_issuance(ctx: StepContext, cert: Certificate, delay: float, reason: str) -> None:
+    """A first issuance the CA refused, with retries left (``automation.retry_attempts``): it stays
+    ISSUING and an issue intent waits in the database until the retry is due."""
+    when = utcnow() + dt.timedelta(seconds=delay)
+    retries = get_settings().automation.retry_attempts
+    cert.next_attempt_at = when
+    cert.waiting_reason = f"retry {cert.attempts} of {retries} after {reason}"[:256]
+    intents.record(ctx.session, "issue", cert.id, actor="retry", not_before=when)
+    ctx.wake(delay + 0.2)
+
+
+def end_expired_renewal(session: Session, cert: Certificate, reason: str) -> None:
+    """The renewal that was in flight when the certificate expired failed for good: it stays EXPIRED
+    (nothing valid is served), with no renewal working on it."""
+    cert.attempts += 1
+    cert.renew_at = None
+    cert.next_attempt_at = None
+    cert.pending_issuance_id = None
+    cert.work_deadline = None
+    states.record(session, cert.id, "renewal", reason="failure", data={"reason": reason, "expired": True})
+    intents.complete(session, cert.id, ("renew",), outcome=reason, failed=True)
 
 
 #: failures that say "not at this CA" (its policy, its account rules, its availability), so the next
@@ -492,7 +757,7 @@ def next_ca(cert: Certificate, exc: CertqueueError) -> str | None:
 # --- parking: transient trouble never fails a certificate -----------------------------------------
 
 #: states in which a certificate's work can be parked and resumed by the reconciler
-PARKABLE = (State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED)
+PARKABLE = (State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED, State.EXPIRED)
 
 
 def park_certificate(

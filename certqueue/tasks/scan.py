@@ -1,6 +1,6 @@
 """The ``scan`` queue, driven by beat: dispatch (the heartbeat), expiry, the reconciler, drift, ARI.
 
-Owns ACTIVE -> EXPIRED. Dispatch (``certqueue.dispatch``) owns the claims: pending intents and due
+Owns ACTIVE/RENEWING -> EXPIRED. Dispatch (``certqueue.dispatch``) owns the claims: pending intents and due
 renewals, only up to capacity, with SKIP LOCKED on PostgreSQL through the ``(state, renew_at)``
 index. Beat runs it every few seconds, and every finished certificate nudges it (top-up), so new
 work starts as soon as there is room and never waits in the broker.
@@ -17,7 +17,7 @@ import logging
 from typing import Any, cast
 
 from celery import group, shared_task
-from sqlalchemy import CursorResult, and_, delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session
 
 from certqueue import dispatch as dispatching
@@ -31,6 +31,8 @@ from certqueue.tasks.pipeline import task
 log = logging.getLogger("certqueue.scan")
 
 ENQUEUE_CHUNK = 200
+#: certificates moved to EXPIRED per run (the oldest first; the next run takes the rest)
+EXPIRE_BATCH = 1000
 #: kombu's Redis transport serves priority 0 before 3, 6 and 9 within one queue
 NEW_WORK_PRIORITY = 6
 
@@ -46,8 +48,13 @@ def _dispatch_step(ctx: StepContext, batch: int | None = None) -> dict[str, Any]
     settings = get_settings()
     claimed = dispatching.run(ctx.session, settings, utcnow(), batch=batch)
     starts = [job for name, job in claimed.sends if name == "certqueue.acme.start"]
+    deploys = [job for name, job in claimed.sends if name == "certqueue.propagate.start"]
     size = settings.automation.batch_size
-    sigs = [task(name, job) for name, job in claimed.sends if name != "certqueue.acme.start"]
+    batched = ("certqueue.acme.start", "certqueue.propagate.start")
+    sigs = [task(name, job) for name, job in claimed.sends if name not in batched]
+    sigs += [
+        task("certqueue.propagate.start_batch", deploys[i : i + size]) for i in range(0, len(deploys), size)
+    ]
     # new orders at a lower priority than everything else on the acme queue: the steps that close
     # orders already open (validate, DNS-01 chord bodies, revocations) are served first (Redis)
     sigs += [
@@ -75,23 +82,39 @@ def due(self: CertqueueTask, limit: int | None = None, _transient: int = 0) -> A
 
 
 def _expire_step(ctx: StepContext) -> dict[str, Any]:
+    """Every served certificate past its notAfter shows EXPIRED: ACTIVE ones (nothing more to do)
+    and RENEWING ones, whose renewal goes on (``work_deadline`` stays set; see
+    ``lifecycle.states.renewal_in_flight``)."""
     from certqueue.lifecycle import states
 
     now = utcnow()
-    rows = (
-        ctx.session.execute(
-            select(Certificate)
-            .join(Issuance, Issuance.id == Certificate.current_issuance_id)
-            .where(Certificate.state == State.ACTIVE, Issuance.not_after <= now)
-            .limit(1000)
-        )
-        .scalars()
-        .all()
+    stmt = (
+        select(Certificate)
+        .join(Issuance, Issuance.id == Certificate.current_issuance_id)
+        .where(Certificate.state.in_([State.ACTIVE, State.RENEWING]), Issuance.not_after <= now)
+        .order_by(Issuance.not_after)
+        .limit(EXPIRE_BATCH)
     )
+    if is_postgres(ctx.session):
+        stmt = stmt.with_for_update(skip_locked=True, of=Certificate)
+    rows = ctx.session.execute(stmt).scalars().all()
+    renewing = 0
     for cert in rows:
         cert.renew_at = None
-        states.transition(ctx.session, cert, State.EXPIRED, reason="not_after passed", actor="scan")
-    return {"expired": len(rows)}
+        in_flight = cert.state == State.RENEWING
+        if in_flight:
+            renewing += 1
+        else:
+            cert.work_deadline = None  # nothing is working on it (a region retry ends with it)
+        states.transition(
+            ctx.session,
+            cert,
+            State.EXPIRED,
+            reason="not_after passed",
+            actor="scan",
+            data={"renewal_in_flight": in_flight},
+        )
+    return {"expired": len(rows), "renewing": renewing}
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.scan.expire")
@@ -109,7 +132,10 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
         session.execute(
             select(Certificate)
             .where(
-                Certificate.state.in_([State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED]),
+                # EXPIRED with a deadline: the renewal in flight when it expired
+                Certificate.state.in_(
+                    [State.REQUESTED, State.ISSUING, State.RENEWING, State.ISSUED, State.EXPIRED]
+                ),
                 Certificate.work_deadline.is_not(None),
                 Certificate.work_deadline <= now,
             )
@@ -122,9 +148,10 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
     for cert in stuck:
         cert.work_deadline = deadline
         job = {"certificate_id": cert.id}
-        if cert.state == State.ISSUED or (cert.state == State.RENEWING and cert.pending_issuance_id):
+        renewing = cert.state in (State.RENEWING, State.EXPIRED)
+        if cert.state == State.ISSUED or (renewing and cert.pending_issuance_id):
             ctx.then(task("certqueue.propagate.start", job))
-        elif cert.state == State.RENEWING:
+        elif renewing:
             ctx.then(task("certqueue.acme.start", {**job, "purpose": "renew"}))
         elif cert.state == State.REQUESTED:
             intents.record(session, "issue", cert.id, actor="reconciler")
@@ -189,41 +216,14 @@ def reconcile(self: CertqueueTask, _transient: int = 0) -> Any:
 
 
 def _drift_step(ctx: StepContext) -> dict[str, Any]:
-    """Compare what each target serves with what should be live; redeploy on drift."""
-    from certqueue.models import Deployment
-    from certqueue.targets.base import load_target
+    """One drift check per region, on the region's own queue (its pool holds the credentials);
+    each goes on from the region's cursor (``certqueue.tasks.drift``)."""
+    from certqueue.celery_app import region_queue
 
-    settings = get_settings()
-    session = ctx.session
-    rows = session.execute(
-        select(Deployment, Certificate)
-        .join(Certificate, Certificate.id == Deployment.certificate_id)
-        .where(
-            Deployment.status == "deployed",
-            Certificate.state == State.ACTIVE,
-            and_(Deployment.remote_ref.is_not(None)),
-        )
-        .limit(1000)
-    ).all()
-    drifted: dict[str, list[str]] = {}
-    for d, cert in rows:
-        iss = session.get(Issuance, cert.current_issuance_id)
-        if iss is None:
-            continue
-        try:
-            reg = settings.region(d.region)
-            live = load_target(reg.target, reg.target_settings()).fingerprint(d.remote_ref or "")
-        except Exception as exc:  # noqa: BLE001  (one region's outage must not stop the check)
-            log.warning("drift check %s/%s: %s", cert.id, d.region, type(exc).__name__)
-            continue
-        if live != iss.fingerprint:
-            d.status = "pending"
-            drifted.setdefault(cert.id, []).append(d.region)
-    for cid, regions in drifted.items():
-        intents.record(session, "propagate", cid, {"regions": regions, "force": True}, actor="drift")
-    if drifted:
-        ctx.nudge = True
-    return {"checked": len(rows), "drifted": sum(len(v) for v in drifted.values())}
+    regions = [r.name for r in get_settings().multi_region.regions]
+    if regions:
+        ctx.then(group([task("certqueue.drift.check", r).set(queue=region_queue(r)) for r in regions]))
+    return {"regions": regions}
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.scan.drift")
@@ -232,6 +232,15 @@ def drift(self: CertqueueTask, _transient: int = 0) -> Any:
 
 
 ARI_BATCH = 100
+
+
+def store_ari_window(cert: Certificate, info: Any) -> None:
+    """Keep the CA's suggested window (a ``RenewalInfo``, or None: the CA has no ARI) so the
+    inventory shows why ``renew_at`` is where it is."""
+    cert.ari_window_start = info.window_start if info is not None else None
+    cert.ari_window_end = info.window_end if info is not None else None
+    url = info.explanation_url if info is not None else None
+    cert.ari_explanation_url = url[:512] if url else None
 
 
 def _ari_step(ctx: StepContext) -> dict[str, Any]:
@@ -263,12 +272,14 @@ def _ari_step(ctx: StepContext) -> dict[str, Any]:
         iss = session.get(Issuance, cert.current_issuance_id) if cert.current_issuance_id else None
         if iss is None or not iss.ari_cert_id:
             cert.ari_next_check_at = None
+            store_ari_window(cert, None)
             continue
         client, _ = client_for(session, cert.directory_url, cert.email)
         url = renewal_info_url(client.directory, iss.ari_cert_id)
         counts["checked"] += 1
         if url is None:
             cert.ari_next_check_at = None
+            store_ari_window(cert, None)
             counts["no_ari"] += 1
             continue
         try:
@@ -277,6 +288,7 @@ def _ari_step(ctx: StepContext) -> dict[str, Any]:
             cert.ari_next_check_at = now + dt.timedelta(seconds=exc.retry_after or 6 * 3600)
             counts["unavailable"] += 1
             continue
+        store_ari_window(cert, info)
         when = choose_renewal_time(info, now, rng)
         if cert.renew_at is None or when != cert.renew_at:
             cert.renew_at = when

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import os
 from collections.abc import Iterator
 
@@ -166,14 +167,19 @@ def test_ari_window_sets_renewal_and_an_incident_renews_now_with_replaces(with_a
         c = s.get(Certificate, cid)
         iss = s.get(Issuance, c.current_issuance_id)
         assert iss.ari_cert_id and c.ari_next_check_at is not None
-    start = utcnow() + dt.timedelta(days=20)
+    start = (utcnow() + dt.timedelta(days=20)).replace(microsecond=0)
     end = start + dt.timedelta(days=2)
-    proxy.set_window(iss.ari_cert_id, start, end)
+    proxy.set_window(iss.ari_cert_id, start, end, "https://ca.test/why/1")
     assert _run("certqueue.scan.ari")["checked"] >= 1
     with session_scope(write=False) as s:
         c = s.get(Certificate, cid)
         assert start <= c.renew_at <= end  # inside the CA's suggested window
         assert c.ari_next_check_at > utcnow() + dt.timedelta(hours=5)  # after Retry-After
+        # the window itself is kept, to the second the CA sent it, and shown
+        assert (c.ari_window_start, c.ari_window_end) == (start, end)
+        assert c.ari_explanation_url == "https://ca.test/why/1"
+    shown = json.loads(p.stack.cli("show", cid, "--json").stdout)["ari_window"]
+    assert shown == {"start": start.isoformat(), "end": end.isoformat(), "explanation_url": "https://ca.test/why/1"}
     # an incident: the window is in the past, so renewal is due now; the new order replaces the old
     proxy.mark_incident(iss.ari_cert_id)
     with session_scope() as s:

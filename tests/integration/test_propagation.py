@@ -216,7 +216,7 @@ def test_drift_is_detected_and_redeployed(multi):
     from certqueue.celery_app import lazy_app
 
     result = lazy_app.get().send_task("certqueue.scan.drift", queue="scan").get(timeout=60)
-    assert result["drifted"] >= 1
+    assert sorted(result["regions"]) == sorted(REGIONS)  # one check per region, on its own queue
     with session_scope(write=False) as s:
         iss = s.get(Issuance, s.get(Certificate, cid).current_issuance_id)
     multi.wait_for(
@@ -227,3 +227,93 @@ def test_drift_is_detected_and_redeployed(multi):
     after = _deployments(cid)
     assert after["edge"].attempts == before["edge"].attempts + 1
     assert after["us-east-1"].attempts == before["us-east-1"].attempts  # the other regions untouched
+
+
+def _removal_events(cid: str) -> list[tuple[str, str, str | None]]:
+    with session_scope(write=False) as s:
+        return [
+            (e.data["region"], e.reason or "", e.data.get("reason"))
+            for e in s.execute(
+                select(Event).where(Event.certificate_id == cid, Event.kind == "removal").order_by(Event.id)
+            ).scalars()
+        ]
+
+
+def _removal_done(cid: str) -> bool:
+    from certqueue.models import Intent
+
+    with session_scope(write=False) as s:
+        rows = list(
+            s.execute(select(Intent).where(Intent.certificate_id == cid, Intent.kind == "remove")).scalars()
+        )
+    return bool(rows) and all(i.status == "done" for i in rows)
+
+
+def _still_served(moto: MotoServer, gcp: FakeCertificateManager, vault: FakeKeyVault, refs: dict[str, str]):
+    """Which of the four places still hold the copy ``refs`` names (asked of each service itself)."""
+    from botocore.exceptions import ClientError
+
+    held = set()
+    try:
+        _acm(moto).describe_certificate(CertificateArn=refs["us-east-1"])
+        held.add("us-east-1")
+    except ClientError as exc:
+        assert exc.response["Error"]["Code"] == "ResourceNotFoundException"
+    if any(name.endswith(refs["europe-west1"].rsplit("/", 1)[-1]) for name in gcp.certificates):
+        held.add("europe-west1")
+    if refs["westeurope"].rstrip("/").rsplit("/", 1)[-1] in vault.certificates:
+        held.add("westeurope")
+    if Path(refs["edge"]).exists():
+        held.add("edge")
+    return held
+
+
+def test_a_revoked_certificate_is_removed_from_every_region_and_a_failed_removal_is_retried(
+    multi, clouds, keyvault
+):
+    moto, gcp, _edge = clouds
+    cid = multi.request(["revoked-removed.example.test"])
+    multi.wait_state(cid, "ACTIVE", timeout=90)
+    refs = {r: d.remote_ref for r, d in _deployments(cid).items()}
+    assert _still_served(moto, gcp, keyvault, refs) == set(REGIONS)
+    keyvault.fail_next(1, 503)  # the vault's first answer to the removal: it is retried, not lost
+    multi.send("certqueue.revoke", {"v": 1, "certificate_id": cid, "reason": "keyCompromise"})
+    multi.wait_state(cid, "REVOKED", timeout=60)
+    multi.wait_for(lambda: _removal_done(cid), timeout=120, what="the removal finished")
+    assert not _still_served(moto, gcp, keyvault, refs)
+    events = _removal_events(cid)
+    assert sorted(r for r, outcome, _ in events if outcome == "success") == sorted(REGIONS)
+    failures = [(r, why) for r, outcome, why in events if outcome == "failure"]
+    assert failures == [("westeurope", "azure_keyvault:unavailable")], events
+    deps = _deployments(cid)
+    assert {d.status for d in deps.values()} == {"removed"}
+    with session_scope(write=False) as s:
+        from certqueue.models import Intent
+
+        (intent,) = s.execute(
+            select(Intent).where(Intent.certificate_id == cid, Intent.kind == "remove")
+        ).scalars()
+        assert intent.status == "done" and intent.params["targets"] == {} and intent.params["why"] == "revoke"
+    # drift leaves removed copies alone (nothing is redeployed behind the revocation)
+    from certqueue.celery_app import lazy_app
+
+    lazy_app.get().send_task("certqueue.scan.drift", queue="scan").get(timeout=60)
+    assert not _still_served(moto, gcp, keyvault, refs)
+
+
+def test_a_deleted_certificate_is_removed_from_every_region(multi, clouds, keyvault):
+    from certqueue import operations
+    from certqueue.nudge import nudge
+
+    moto, gcp, _edge = clouds
+    cid = multi.request(["deleted-removed.example.test"])
+    multi.wait_state(cid, "ACTIVE", timeout=90)
+    refs = {r: d.remote_ref for r, d in _deployments(cid).items()}
+    with session_scope() as s:
+        removal = operations.delete_certificate(s, cid, force=True, actor="test")
+        assert removal is not None
+    nudge()
+    assert multi.state(cid) is None  # the rows are gone at once; the removal outlives them
+    multi.wait_for(lambda: _removal_done(cid), timeout=120, what="the removal finished")
+    assert not _still_served(moto, gcp, keyvault, refs)
+    assert sorted(r for r, outcome, _ in _removal_events(cid) if outcome == "success") == sorted(REGIONS)

@@ -319,6 +319,31 @@ def _signed_leaf(
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
 
 
+def test_import_of_a_fullchain_splits_the_leaf_from_its_chain(settings: Settings) -> None:
+    """certbot's fullchain.pem (leaf, then chain, one file) imports as the leaf with that chain; the
+    same file with a chain given as well is refused, with nothing written."""
+    ca, chain_pem = _ca()
+    cert_pem, key_text = _signed_leaf(("full.example.com",), ca)
+    fullchain = cert_pem + chain_pem
+    with db.session_scope() as s:
+        cid = certificates.import_certificate(
+            s, certificate_pem=fullchain, private_key_pem=key_text, actor="pytest"
+        ).id
+    with db.session_scope() as s:
+        cert = s.get_one(Certificate, cid)
+        iss = s.get_one(Issuance, cert.current_issuance_id or cert.pending_issuance_id)
+        assert iss.cert_pem.strip() == cert_pem.strip()
+        assert iss.chain_pem.strip() == chain_pem.strip()
+    other_pem, other_key = _signed_leaf(("twice.example.com",), ca)
+    with pytest.raises(InvalidInput, match="fullchain") as err, db.session_scope() as s:
+        certificates.import_certificate(
+            s, certificate_pem=other_pem + chain_pem, private_key_pem=other_key, chain_pem=chain_pem
+        )
+    assert err.value.field == "chain_pem"
+    with db.session_scope() as s:
+        assert [c.domains for c in s.execute(select(Certificate)).scalars()] == [["full.example.com"]]
+
+
 def test_import_is_external_and_never_renewed(settings: Settings) -> None:
     ca, chain_pem = _ca()
     cert_pem, key_text = _signed_leaf(("ev.example.com", "www.ev.example.com"), ca)

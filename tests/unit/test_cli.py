@@ -117,7 +117,7 @@ def cli(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Ite
         monkeypatch.setenv(k, v)
     from certqueue import cli as cli_module
 
-    monkeypatch.setattr(cli_module.console, "width", 200)  # tables unwrapped, for the asserts
+    monkeypatch.setattr(cli_module, "console", cli_module._LazyConsole(width=200))  # tables unwrapped
     dispose_all()
     certificates.forget_keystores()
     lazy_app.reset()
@@ -572,3 +572,22 @@ def test_metrics_and_serve_answer_on_loopback(cli: Cli) -> None:
         cli.tmp,
     )
     assert r.status_code == 200 and r.json()["total"] == 1
+
+
+def test_a_database_without_tables_says_run_db_upgrade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wrong working directory (or no migration yet): one line that says what to do, exit 2,
+    not a page of SQL."""
+    empty = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("CERTQUEUE_SETTINGS_DIR", str(tmp_path / "no-settings"))
+    monkeypatch.setenv("CERTQUEUE_RUNTIME_TTL_SECONDS", "0")
+    dispose_all()
+    result = CliRunner().invoke(main, ["--database", f"sqlite:///{empty}", "list"])
+    dispose_all()
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "has no certqueue tables: run `certqueue db upgrade`" in lines[0], (
+        result.output
+    )
+    assert "SELECT" not in result.output

@@ -120,6 +120,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
             ("issuance", None),
             ("validation_error", {"type": "dns-01"}),
             ("propagation", {"region": "eu-west"}),
+            ("removal", {"region": "eu-west"}),
+            ("drift", {"region": "eu-west"}),
+            ("drift_error", {"region": "eu-west", "count": 2}),
         ):
             states.record(s, "cert_grafanaaaaaaaaaaaaa", kind, reason="success", data=data)
     metrics.observe("certqueue_task_duration_seconds", ["certqueue.grafana"], 0.1)

@@ -31,6 +31,8 @@ OURS = {
     "CertificateDatabaseDown",
     "CertificateValidationErrors",
     "CertificateExporterDown",
+    "CertificateDriftCheckFailing",
+    "CertificateRemovalFailing",
 }
 RUNBOOKS = PROM.parents[1] / "docs" / "runbooks.md"
 

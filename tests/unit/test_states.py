@@ -25,9 +25,11 @@ GUIDE: dict[State, set[State]] = {
     S.ISSUING: {S.ISSUED, S.FAILED},
     S.ISSUED: {S.ACTIVE},
     S.ACTIVE: {S.RENEWING, S.REVOKED, S.EXPIRED},
-    S.RENEWING: {S.ACTIVE},
+    # past notAfter a renewing certificate shows EXPIRED; the renewal in flight goes on and, when
+    # it is served, takes it to ACTIVE (issue 14: the guide's table had no way out of RENEWING)
+    S.RENEWING: {S.ACTIVE, S.EXPIRED},
     S.REVOKED: set(),
-    S.EXPIRED: set(),
+    S.EXPIRED: {S.ACTIVE},
     S.FAILED: {S.REQUESTED},
 }
 ALLOWED = sorted((a, b) for a, nxt in GUIDE.items() for b in nxt)
@@ -41,8 +43,8 @@ def test_transitions_are_exactly_the_guides() -> None:
 
 def test_the_matrix_covers_every_pair() -> None:
     assert len(ALLOWED) + len(FORBIDDEN) == len(State) ** 2
-    assert len(ALLOWED) == 9
-    assert len(FORBIDDEN) == 55
+    assert len(ALLOWED) == 11
+    assert len(FORBIDDEN) == 53
 
 
 @pytest.mark.parametrize(("src", "dst"), list(itertools.product(State, State)), ids=lambda s: str(s))
@@ -52,11 +54,56 @@ def test_can_transition_matrix(src: State, dst: State) -> None:
 
 
 def test_terminal_states() -> None:
-    assert TERMINAL == {S.REVOKED, S.EXPIRED}
+    assert TERMINAL == {S.REVOKED}
     for t in TERMINAL:
         assert not any(can_transition(t, d) for d in State)
     # FAILED is not terminal: the guide retries it through REQUESTED
     assert S.FAILED not in TERMINAL
+
+
+MARK = object()  # a work_deadline (any value: only its presence counts)
+
+
+@pytest.mark.parametrize(
+    ("state", "deadline", "renewing", "working"),
+    [
+        (S.RENEWING, MARK, True, True),
+        (S.RENEWING, None, True, True),
+        (S.EXPIRED, MARK, True, True),  # the renewal in flight at expiry
+        (S.EXPIRED, None, False, False),  # expired with nothing working on it
+        (S.ISSUING, MARK, False, True),
+        (S.ISSUING, None, False, True),
+        (S.ACTIVE, MARK, False, False),  # a region retry sets the deadline of an ACTIVE one
+        (S.ACTIVE, None, False, False),
+        (S.ISSUED, MARK, False, False),
+        (S.REQUESTED, MARK, False, False),
+        (S.REVOKED, MARK, False, False),
+        (S.FAILED, MARK, False, False),
+    ],
+    ids=lambda v: "deadline" if v is MARK else str(v),
+)
+def test_renewal_in_flight_and_in_pipeline(
+    state: State, deadline: object, renewing: bool, working: bool
+) -> None:
+    assert states.renewal_in_flight(state, deadline) is renewing
+    assert states.in_pipeline(state.value, deadline) is working
+
+
+@pytest.mark.parametrize(
+    ("state", "pending", "want"),
+    [
+        (S.ISSUED, 1, True),
+        (S.ACTIVE, None, True),
+        (S.RENEWING, 1, True),
+        (S.EXPIRED, 1, True),  # the renewal finished issuing after expiry: deploy it
+        (S.EXPIRED, None, False),
+        (S.REVOKED, 1, False),
+        (S.REVOKED, None, False),
+        (S.FAILED, 1, False),
+    ],
+)
+def test_deployable(state: State, pending: int | None, want: bool) -> None:
+    assert states.deployable(state, pending) is want
 
 
 def _new_cert(state: State, n: int = 0) -> str:
@@ -139,7 +186,11 @@ def test_every_forbidden_transition_raises_and_writes_nothing(db_settings: Setti
 
 
 def test_a_full_lifecycle_leaves_an_ordered_audit_trail(db_settings: Settings) -> None:
-    path = [S.ISSUING, S.FAILED, S.REQUESTED, S.ISSUING, S.ISSUED, S.ACTIVE, S.RENEWING, S.ACTIVE, S.EXPIRED]
+    path = [
+        *(S.ISSUING, S.FAILED, S.REQUESTED, S.ISSUING, S.ISSUED, S.ACTIVE, S.RENEWING, S.ACTIVE),
+        *(S.RENEWING, S.EXPIRED, S.ACTIVE),  # expired while renewing; the renewal is served later
+        S.EXPIRED,
+    ]
     cid = _new_cert(S.REQUESTED)
     for dst in path:
         with db.session_scope() as s:
@@ -156,4 +207,4 @@ def test_a_full_lifecycle_leaves_an_ordered_audit_trail(db_settings: Settings) -
         cert = db.lock_certificate(s, cid)
         assert cert is not None
         with pytest.raises(InvalidTransition):
-            transition(s, cert, S.ACTIVE)  # EXPIRED is the end
+            transition(s, cert, S.RENEWING)  # an expired certificate is not renewed again
