@@ -34,7 +34,7 @@ def settings(db_url: str, settings_factory: Callable[..., Settings], tmp_path: P
     return settings_factory(
         database_url=db_url,
         broker={"filesystem_path": str(tmp_path / "broker")},
-        automation={"retry_delay_seconds": RETRY_DELAY},
+        automation={"retry_delay_seconds": RETRY_DELAY, "retry_attempts": 3},
     )
 
 
@@ -48,7 +48,11 @@ def _sent(ctx: StepContext) -> list[tuple[str, tuple[Any, ...]]]:
     return [(sig.task, tuple(sig.args)) for sig in ctx.follow_ups]
 
 
-def _cert(name: str, state: State, *, fallbacks: tuple[str, ...] = ()) -> str:
+#: automation.retry_attempts (the default): a first issuance is retried this often before FAILED
+RETRIES = 3
+
+
+def _cert(name: str, state: State, *, fallbacks: tuple[str, ...] = (), attempts: int = 0) -> str:
     with session_scope() as s:
         cert, _ = create_certificate(
             s,
@@ -57,6 +61,7 @@ def _cert(name: str, state: State, *, fallbacks: tuple[str, ...] = ()) -> str:
             ),
         )
         cert.state = state
+        cert.attempts = attempts
         cert.work_deadline = utcnow() + dt.timedelta(minutes=10)
         return cert.id
 
@@ -125,7 +130,7 @@ def _intents(cid: str) -> list[tuple[str, str]]:
 def test_a_first_issuance_that_fails_for_good_is_failed_with_its_order_and_intents_closed(
     settings: Settings,
 ) -> None:
-    cid = _cert("first.example.com", State.ISSUING)
+    cid = _cert("first.example.com", State.ISSUING, attempts=RETRIES)  # its retries used up
     order_id, (http, dns) = _order(cid, "http-01", "dns-01")
     with session_scope() as s:
         intents.record(s, "issue", cid, actor="api")
@@ -147,6 +152,23 @@ def test_a_first_issuance_that_fails_for_good_is_failed_with_its_order_and_inten
     assert ("issuance", "failure") in _events(cid)
     assert _intents(cid) == [("issue", "failed")]
     assert ctx.nudge  # capacity freed
+
+
+def test_a_first_issuance_with_retries_left_waits_in_the_database_and_stays_issuing(
+    settings: Settings,
+) -> None:
+    cid = _cert("retry.example.com", State.ISSUING)
+    before = utcnow()
+    out, ctx = _step(pipeline.fail_certificate, cid, PermanentError("bad csr", reason="acme:badCSR"))
+    assert out["status"] == "failed"
+    c = _load(cid)
+    assert (c.state, c.attempts) == (State.ISSUING, 1)
+    assert c.next_attempt_at is not None and c.next_attempt_at > before
+    with session_scope(write=False) as s:
+        (i,) = s.execute(select(Intent).where(Intent.certificate_id == cid)).scalars()
+        assert (i.kind, i.status) == ("issue", "pending")
+        assert i.not_before == c.next_attempt_at  # dispatch sends it when the retry is due
+    assert ctx.wake_after is not None
 
 
 def test_a_failed_renewal_keeps_the_certificate_active_and_schedules_the_next_attempt(
@@ -186,7 +208,7 @@ def test_each_failed_renewal_waits_longer(settings: Settings) -> None:
 
 
 def test_a_failure_before_the_first_commit_still_fails_the_issuance(settings: Settings) -> None:
-    cid = _cert("early.example.com", State.REQUESTED)
+    cid = _cert("early.example.com", State.REQUESTED, attempts=RETRIES)
     _step(pipeline.fail_certificate, cid, PermanentError("no account", reason="acme:malformed"))
     assert _load(cid).state == State.FAILED
 
@@ -209,7 +231,7 @@ def test_a_failure_this_ca_alone_may_cause_starts_again_at_the_next_ca(
 
 
 def test_a_failure_that_would_fail_anywhere_does_not_fall_back(settings: Settings) -> None:
-    cid = _cert("nofallback.example.com", State.ISSUING, fallbacks=(CA_B,))
+    cid = _cert("nofallback.example.com", State.ISSUING, fallbacks=(CA_B,), attempts=RETRIES)
     out, ctx = _step(pipeline.fail_certificate, cid, PermanentError("bad csr", reason="acme:badCSR"))
     assert out["status"] == "failed"
     c = _load(cid)
@@ -218,7 +240,7 @@ def test_a_failure_that_would_fail_anywhere_does_not_fall_back(settings: Setting
 
 
 def test_the_last_ca_failing_fails_the_certificate(settings: Settings) -> None:
-    cid = _cert("lastca.example.com", State.ISSUING, fallbacks=(CA_B,))
+    cid = _cert("lastca.example.com", State.ISSUING, fallbacks=(CA_B,), attempts=RETRIES)
     with session_scope() as s:
         s.get_one(Certificate, cid).directory_url = CA_B
     out, _ = _step(pipeline.fail_certificate, cid, PermanentError("CAA", reason="acme:caa"))

@@ -203,7 +203,7 @@ def test_start_ignores_a_region_no_longer_configured(settings: Settings) -> None
     assert set(_deployments(cid)) == {"eu"}
 
 
-@pytest.mark.parametrize("state", [State.REVOKED, State.EXPIRED, State.FAILED])
+@pytest.mark.parametrize("state", [State.REVOKED, State.FAILED])
 def test_start_does_nothing_for_a_certificate_that_must_not_be_deployed(
     settings: Settings, state: State
 ) -> None:

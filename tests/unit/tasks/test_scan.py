@@ -98,26 +98,39 @@ def test_expire_moves_an_active_certificate_past_not_after_to_expired(settings: 
     fine = _cert("fine.example.com", State.ACTIVE, renew_at=utcnow() + dt.timedelta(days=30))
     _issue(fine, days_left=60)
     out, _ = _step(scan._expire_step)
-    assert out == {"expired": 1}
+    assert out == {"expired": 1, "renewing": 0}
     assert _state(gone).state == State.EXPIRED
+    assert _state(gone).work_deadline is None  # nothing works on it any more
     assert _state(gone).renew_at is None  # never renewed from EXPIRED by the due scan
     assert _state(fine).state == State.ACTIVE
     assert _state(fine).renew_at is not None
 
 
-def test_expire_leaves_certificates_that_are_not_active(settings: Settings) -> None:
-    renewing = _cert("renewing.example.com", State.RENEWING)
-    _issue(renewing, days_left=-1)  # its renewal is running: the reconciler's business, not expiry's
+def test_expire_shows_an_expired_renewing_certificate_expired_and_its_renewal_goes_on(
+    settings: Settings,
+) -> None:
+    renewing = _cert("renewing.example.com", State.RENEWING, deadline_ago=-600)
+    _issue(renewing, days_left=-1)
     out, _ = _step(scan._expire_step)
-    assert out == {"expired": 0}
-    assert _state(renewing).state == State.RENEWING
+    assert out == {"expired": 1, "renewing": 1}
+    assert _state(renewing).state == State.EXPIRED
+    assert _state(renewing).work_deadline is not None  # the renewal in flight keeps its deadline
+
+
+@pytest.mark.parametrize("state", [State.ISSUING, State.FAILED, State.REVOKED])
+def test_expire_leaves_certificates_that_serve_nothing_valid_anyway(settings: Settings, state: State) -> None:
+    cid = _cert("other.example.com", state)
+    _issue(cid, days_left=-1)
+    out, _ = _step(scan._expire_step)
+    assert out == {"expired": 0, "renewing": 0}
+    assert _state(cid).state == state
 
 
 def test_expire_is_idempotent(settings: Settings) -> None:
     gone = _cert("twice.example.com", State.ACTIVE)
     _issue(gone, days_left=-1)
-    assert _step(scan._expire_step)[0] == {"expired": 1}
-    assert _step(scan._expire_step)[0] == {"expired": 0}
+    assert _step(scan._expire_step)[0] == {"expired": 1, "renewing": 0}
+    assert _step(scan._expire_step)[0] == {"expired": 0, "renewing": 0}
 
 
 # --- reconcile: work past its deadline -----------------------------------------------------------------
