@@ -59,6 +59,8 @@ READY, STAGING, CLAIMED, QUARANTINE, CONTROL = "out", "tmp", "claimed", "quarant
 _SUFFIX = ".msg"
 #: a claimed message not read after this many seconds belongs to a consumer that died
 ORPHAN_SECONDS = 30.0
+#: the longest one wait for messages lasts (a worker notices SIGTERM between two waits)
+DRAIN_SLICE_SECONDS = 0.1
 
 
 def is_embedded(url: str) -> bool:
@@ -418,3 +420,10 @@ class Transport(kombu_fs.Transport):
     Channel = Channel
     driver_type = "filesystem"
     driver_name = "certqueue-fs"
+
+    def drain_events(self, connection: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        # celery's blocking loop (this transport has no event loop) looks at a pending SIGTERM only
+        # between two calls, each of them up to 2 s: it now hears it within DRAIN_SLICE_SECONDS
+        if kwargs.get("timeout") is not None:
+            kwargs["timeout"] = min(kwargs["timeout"], DRAIN_SLICE_SECONDS)
+        return super().drain_events(connection, **kwargs)

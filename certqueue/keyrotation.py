@@ -250,6 +250,19 @@ class _Heartbeat:
             log.debug("could not remove heartbeat: %s", type(exc).__name__)
 
 
+def forget_processes(pids: list[int]) -> int:
+    """Delete the heartbeats of processes of this host that ended without removing their own (the
+    idle pool processes a worker stops, certqueue.worker_pool); returns the rows deleted."""
+    if not pids:
+        return 0
+    host = socket.gethostname()[:80]
+    with session_scope() as s:
+        res = s.execute(
+            delete(ProcessHeartbeat).where(ProcessHeartbeat.host == host, ProcessHeartbeat.pid.in_(pids))
+        )
+        return int(getattr(res, "rowcount", 0) or 0)
+
+
 _current: _Heartbeat | None = None
 _start_lock = threading.Lock()
 

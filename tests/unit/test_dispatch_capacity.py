@@ -57,3 +57,14 @@ def test_claimable(
 )
 def test_queue_room(max_depth: int, depth: int | None, expected: int | None) -> None:
     assert queue_room(max_depth, depth) == expected
+
+
+def test_a_cap_of_one_is_a_cap() -> None:
+    """``cap`` 0 means no per-CA cap; 1 means one order in flight per CA."""
+    assert claimable({"a": 5}, {}, cap=1, room=None, batch=100) == {"a": 1}
+    assert claimable({"a": 5}, {"a": 1}, cap=1, room=None, batch=100) == {}
+
+
+def test_a_ca_with_nothing_in_flight_gets_its_whole_cap() -> None:
+    """A CA absent from ``in_flight`` has nothing running (not one)."""
+    assert claimable({"a": 5, "b": 5}, {"b": 2}, cap=3, room=None, batch=100) == {"a": 3, "b": 1}

@@ -72,8 +72,14 @@ def test_two_nameservers_value_on_one_only_is_not_visible(
     assert check_visible(CHALLENGE, value, resolver_cfg=resolver).visible
 
 
-def test_route_error_names_the_family() -> None:
+def test_route_error_names_the_family(without_ipv6: dict[str, Any]) -> None:
+    """Inside the namespace only loopback is up: no route to any other address, of either family
+    (computed there by ``netns_main``; called here too, so mutation testing runs this test)."""
     assert route_error("127.0.0.1", 53) is None
+    assert without_ipv6["route_v6"].startswith("no IPv6 route from this worker (")
+    assert without_ipv6["route_v4"].startswith("no IPv4 route from this worker (")
+    assert "is unreachable" in without_ipv6["route_v4"]  # the system's words, not the errno name
+    assert without_ipv6["route_lo"] is None
 
 
 # --- a worker without an IPv6 route (inside a network namespace) ----------------------------------
@@ -117,7 +123,11 @@ def netns_main() -> None:
         first.update(_zone(zone, hosts, txt_first))
         second.update(_zone(zone, hosts, txt_second))
     zones = tuple(SCENARIOS)
-    out: dict[str, Any] = {"route_v6": route_error("2001:db8::53", port)}
+    out: dict[str, Any] = {
+        "route_v6": route_error("2001:db8::53", port),
+        "route_v4": route_error("192.0.2.53", port),
+        "route_lo": route_error("127.0.0.1", port),
+    }
     with FakeAuthority("127.0.0.1", port, zones, first), FakeAuthority("127.0.0.2", port, zones, second):
         resolver = Resolver(
             nameservers=(f"127.0.0.1:{port}",), nameserver_port=port, timeout=0.5, lifetime=2.0
@@ -188,3 +198,19 @@ def test_a_nameserver_with_no_routable_address_keeps_it_not_visible(without_ipv6
     assert r["reason"].startswith(
         "value not yet at _acme-challenge.four.test: no address of ns6.four.test answered"
     )
+    # each address tried is named with its port and why it gave nothing
+    assert "ns6.four.test (2001:db8::55:5353): no IPv6 route from this worker (" in r["reason"]
+
+
+def test_route_error_sends_nothing() -> None:
+    """It asks the kernel for a route (``connect`` on a UDP socket) and must not contact the
+    nameserver: a TCP connect would open a connection to it."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.3)
+        assert route_error("127.0.0.1", listener.getsockname()[1]) is None
+        with pytest.raises(TimeoutError):
+            listener.accept()

@@ -87,3 +87,54 @@ def test_a_ten_year_retry_after_never_becomes_a_ten_year_wait() -> None:
 
 def test_retry_after_is_a_floor() -> None:
     assert decide(Kind.TRANSIENT, retries=0, retry_after=120, rng=random.Random(0)).delay == 120
+
+
+class _FixedRandom(random.Random):
+    """``random()`` always returns ``value``: the jitter factor is ``1 + 0.2 * (2 * value - 1)``."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize(
+    ("retries", "expected"),
+    [
+        (0, 1.0),
+        (1, 2.0),
+        (2, 4.0),
+        (3, 8.0),
+        (TRANSIENT_IN_TASK_RETRIES - 1, 2.0 ** (TRANSIENT_IN_TASK_RETRIES - 1)),
+    ],
+)
+def test_the_n_th_quick_retry_waits_initial_times_two_to_the_n(retries: int, expected: float) -> None:
+    """No jitter (random() = 0.5): the table's exact values (mutmut: ``retries + 2``, ``retries - 1``)."""
+    assert decide(Kind.TRANSIENT, retries=retries, rng=_FixedRandom(0.5)).delay == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("parks", "expected"), [(0, PARK_INITIAL), (1, 2 * PARK_INITIAL), (3, 8 * PARK_INITIAL)]
+)
+def test_the_n_th_parking_waits_park_initial_times_two_to_the_n(parks: int, expected: float) -> None:
+    decision = decide(Kind.TRANSIENT, retries=TRANSIENT_IN_TASK_RETRIES, parks=parks, rng=_FixedRandom(0.5))
+    assert decision.delay == pytest.approx(expected)
+
+
+def test_a_first_parking_is_the_default() -> None:
+    """``parks`` left out means no earlier parking (not one)."""
+    assert decide(
+        Kind.TRANSIENT, retries=TRANSIENT_IN_TASK_RETRIES, rng=_FixedRandom(0.5)
+    ).delay == pytest.approx(PARK_INITIAL)
+
+
+@pytest.mark.parametrize("retries", [0, TRANSIENT_IN_TASK_RETRIES])
+def test_the_callers_randomness_decides_the_jitter(retries: int) -> None:
+    """The jitter comes from the ``rng`` given (a seeded clock of randomness in tests, one per
+    worker in production), never from the global one: random() = 1 is the largest factor, 1.2."""
+    top = decide(Kind.TRANSIENT, retries=retries, rng=_FixedRandom(1.0)).delay
+    bottom = decide(Kind.TRANSIENT, retries=retries, rng=_FixedRandom(0.0)).delay
+    assert top == pytest.approx(1.2 * bottom / 0.8)
+    assert top / bottom == pytest.approx(1.5)

@@ -318,3 +318,32 @@ def test_keys_rotate_cli(
     store = KeyStore.from_file(path)
     assert old_kid not in store.kids
     assert _check_all(store) == {store.active_kid: TOTAL}
+
+
+def test_forget_processes_deletes_only_the_named_pids_of_this_host(db_settings: Settings) -> None:
+    """An idle worker kills its pool processes (certqueue.worker_pool) and removes their heartbeats
+    by pid: another host's process with the same pid, and this host's other pids, stay."""
+    import socket
+
+    here = socket.gethostname()[:80]
+    now = utcnow()
+    rows = [("a", here, 101), ("b", here, 102), ("c", here, 103), ("d", "elsewhere", 101)]
+    with db.session_scope() as s:
+        for process, host, pid in rows:
+            s.add(
+                ProcessHeartbeat(
+                    process=process,
+                    role="worker:dns",
+                    host=host,
+                    pid=pid,
+                    keyring_id="kr0",
+                    active_kid="k1",
+                    loaded_at=now,
+                    seen_at=now,
+                )
+            )
+    assert keyrotation.forget_processes([101, 102]) == 2
+    assert keyrotation.forget_processes([]) == 0
+    with db.session_scope(write=False) as s:
+        left = sorted(s.execute(select(ProcessHeartbeat.process)).scalars())
+    assert left == ["c", "d"]

@@ -24,7 +24,7 @@ import dns.rrset
 import pytest
 
 from certqueue.devstack.ports import free_tcp_udp_port
-from certqueue.dns.propagation import check_visible
+from certqueue.dns.propagation import check_visible, query_txt
 from certqueue.dns.zones import Resolver
 
 ZONE = "multi.test"
@@ -45,6 +45,10 @@ class Authority:
     port: int
     txt: dict[str, list[str]] = field(default_factory=dict)
     queries: int = 0
+    #: (question name as sent, question type, header flags) of every query
+    seen: list[tuple[str, str, int]] = field(default_factory=list)
+    #: answer TXT questions with REFUSED (a server that lost the zone)
+    refuse_txt: bool = False
 
     def __post_init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -68,7 +72,10 @@ class Authority:
             except OSError:
                 return
             self.queries += 1
-            self.sock.sendto(self._answer(dns.message.from_wire(wire)).to_wire(), peer)
+            query = dns.message.from_wire(wire)
+            q = query.question[0]
+            self.seen.append((q.name.to_text(), dns.rdatatype.to_text(q.rdtype), int(query.flags)))
+            self.sock.sendto(self._answer(query).to_wire(), peer)
 
     def _answer(self, query: dns.message.Message) -> dns.message.Message:
         resp = dns.message.make_response(query)
@@ -79,6 +86,9 @@ class Authority:
             return resp
         resp.flags |= dns.flags.AA
         rdtype = dns.rdatatype.to_text(q.rdtype)
+        if rdtype == "TXT" and self.refuse_txt:
+            resp.set_rcode(dns.rcode.REFUSED)
+            return resp
         values = self.txt.get(name, []) if rdtype == "TXT" else STATIC.get((name, rdtype), [])
         if rdtype == "TXT":
             values = [f'"{v}"' for v in values]
@@ -157,3 +167,106 @@ def test_a_nameserver_that_does_not_answer_keeps_the_value_invisible(
     result = check_visible(NAME, "v", resolver_cfg=resolver)
     assert not result.visible
     assert f"ns2.{ZONE} (127.0.0.2:{ns2.port}):" in result.reason and "timeout" in result.reason
+
+
+# --- one query (query_txt): what goes on the wire ------------------------------------------------------
+
+
+def test_an_authoritative_query_asks_for_no_recursion(servers: tuple[Authority, Authority, Resolver]) -> None:
+    """An authority must be asked what it holds itself (RD clear); only the optional recursive
+    check sets RD."""
+    ns1, _, resolver = servers
+    ns1.txt[NAME] = ["v"]
+    assert query_txt(NAME, ns1.address, resolver.nameserver_port, timeout=2.0) == (("v",), None)
+    assert query_txt(NAME, ns1.address, resolver.nameserver_port, timeout=2.0, recursion=True) == (
+        ("v",),
+        None,
+    )
+    (_, _, plain), (_, _, recursive) = ns1.seen
+    assert not plain & dns.flags.RD
+    assert recursive & dns.flags.RD
+
+
+@pytest.mark.parametrize("name", [NAME, NAME + ".", "_acme-challenge.FOX"])
+def test_the_name_asked_is_the_name_given_with_one_final_dot(
+    servers: tuple[Authority, Authority, Resolver], name: str
+) -> None:
+    ns1, _, resolver = servers
+    query_txt(name, ns1.address, resolver.nameserver_port, timeout=2.0)
+    assert [(q, t) for q, t, _ in ns1.seen] == [(name.rstrip(".") + ".", "TXT")]
+
+
+def test_a_nameserver_that_refuses_is_named_with_its_error(
+    servers: tuple[Authority, Authority, Resolver],
+) -> None:
+    ns1, ns2, resolver = servers
+    ns1.txt[NAME] = ["VALUE"]
+    ns2.refuse_txt = True
+    result = check_visible(NAME, "VALUE", resolver_cfg=resolver)
+    assert not result.visible
+    assert f"ns2.{ZONE} (127.0.0.2:{resolver.nameserver_port}): REFUSED" in result.reason
+
+
+def test_the_visibility_check_asks_every_authority_without_recursion(
+    servers: tuple[Authority, Authority, Resolver],
+) -> None:
+    ns1, ns2, resolver = servers
+    ns1.txt[NAME] = ns2.txt[NAME] = ["VALUE"]
+    assert check_visible(NAME, "VALUE", resolver_cfg=resolver).visible
+    # (the resolver, 127.0.0.1 here too, is asked recursively where the zone and CNAMEs are: other types)
+    txt_queries = [flags for ns in (ns1, ns2) for q, t, flags in ns.seen if (q, t) == (NAME + ".", "TXT")]
+    assert len(txt_queries) == 2
+    assert not any(flags & dns.flags.RD for flags in txt_queries)
+
+
+def test_a_silent_server_is_a_timeout_after_the_given_seconds() -> None:
+    """A server that never answers costs ``timeout``, reported as such (not a hang, not an error)."""
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        started = time.monotonic()
+        values, error = query_txt(NAME, "127.0.0.1", silent.getsockname()[1], timeout=0.3)
+        took = time.monotonic() - started
+    assert (values, error) == ((), "timeout after 0.3s")
+    assert took < 10  # bounded; the exact time is the machine's
+
+
+def test_a_silent_address_beside_one_that_answers_is_tolerated(
+    servers: tuple[Authority, Authority, Resolver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ns1 has a second address where nothing listens (127.0.0.3): the nameserver answered on its
+    other address, so the silent one is recorded, not counted as lacking the value."""
+    ns1, ns2, resolver = servers
+    monkeypatch.setitem(STATIC, (f"ns1.{ZONE}", "A"), ["127.0.0.1", "127.0.0.3"])
+    ns1.txt[NAME] = ns2.txt[NAME] = ["VALUE"]
+    result = check_visible(NAME, "VALUE", resolver_cfg=resolver)
+    assert result.visible, result.reason
+    assert [a.address for a in result.unanswered] == ["127.0.0.3"]
+    assert result.notes() == [
+        f"no answer from ns1.{ZONE} (127.0.0.3:{resolver.nameserver_port}): {result.unanswered[0].error}"
+    ]
+
+
+def test_the_optional_recursive_check_asks_the_resolvers_with_recursion(
+    servers: tuple[Authority, Authority, Resolver],
+) -> None:
+    ns1, ns2, resolver = servers
+    ns1.txt[NAME] = ns2.txt[NAME] = ["VALUE"]
+    result = check_visible(NAME, "VALUE", resolver_cfg=resolver, also_recursive=True)
+    assert result.visible, result.reason
+    (recursive,) = [a for a in result.answers if a.recursive]
+    assert (recursive.host, recursive.address, recursive.values) == ("recursive", "127.0.0.1", ("VALUE",))
+    txt = [flags for q, t, flags in ns1.seen if (q, t) == (NAME + ".", "TXT")]
+    assert sum(1 for f in txt if f & dns.flags.RD) == 1  # the resolver's query; the authority's has none
+
+
+def test_a_resolver_without_the_value_keeps_it_invisible_and_is_named(
+    servers: tuple[Authority, Authority, Resolver],
+) -> None:
+    """The resolver here is ns1's address: its answer lacks the value like ns1's own."""
+    _, ns2, resolver = servers
+    ns2.txt[NAME] = ["VALUE"]
+    result = check_visible(NAME, "VALUE", resolver_cfg=resolver, also_recursive=True)
+    assert not result.visible
+    assert f"recursive (127.0.0.1:{resolver.nameserver_port}): no TXT record" in result.reason
