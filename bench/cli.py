@@ -91,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=300.0,
         help="seconds between live looks at the storm (orders in the database vs at the CA); 0: none",
     )
+    ap.add_argument(
+        "--storm-profile",
+        action="store_true",
+        help="profile the storm instead (instrumented workers + py-spy record): counts per renewal",
+    )
     ap.add_argument("--storm-workers", type=int, default=2, help="acme worker processes in the storm")
     ap.add_argument("--storm-concurrency", type=int, default=4, help="prefork children per storm worker")
     ap.add_argument(
