@@ -246,6 +246,7 @@ def profile_counts(instr: dict[str, dict[str, Any]], renewed: int) -> dict[str, 
     per_task = {
         name: {k: round(int(c.get(k, 0)) / renewed, 2) for k in keys if c.get(k)}
         for name, c in sorted(instr.items())
+        if renewed
     }
     return {
         "sql_statements_per_renewal": round(total["sql_n"] / renewed, 2) if renewed else None,
