@@ -96,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="profile the storm instead (instrumented workers + py-spy record): counts per renewal",
     )
+    ap.add_argument(
+        "--storm-no-guard",
+        action="store_true",
+        help="let newOrder and authz fetches overlap at Pebble in the storm (reproduces its 2.4.0 deadlock)",
+    )
     ap.add_argument("--storm-workers", type=int, default=2, help="acme worker processes in the storm")
     ap.add_argument("--storm-concurrency", type=int, default=4, help="prefork children per storm worker")
     ap.add_argument(

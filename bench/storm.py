@@ -280,7 +280,19 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
     profile = bool(getattr(args, "storm_profile", False))
     if profile:
         out["profiled"] = "instrumented + py-spy: a profile, not the storm's throughput"
-    cs = build_stack(instrument=profile, case="storm", counting_proxy=True, extra_env=extra_env)
+    guard = not getattr(args, "storm_no_guard", False)
+    out["ca_guard"] = (
+        "counting proxy keeps newOrder and authz fetches from overlapping at Pebble (its 2.4.0 deadlock)"
+        if guard
+        else "none (--storm-no-guard): Pebble 2.4.0 can deadlock"
+    )
+    cs = build_stack(
+        instrument=profile,
+        case="storm",
+        counting_proxy=True,
+        guard_pebble_deadlock=guard,
+        extra_env=extra_env,
+    )
     spies: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
         out["artifacts"] = str(cs.artifacts)
