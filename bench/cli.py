@@ -116,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CERTQUEUE_KEY=VALUE",
         help="extra certqueue setting for every stack (repeatable)",
     )
+    ap.add_argument(
+        "--private-postgres",
+        action="store_true",
+        help="run the cases' databases on a private PostgreSQL cluster (max_connections 300), "
+        "not the machine's shared server",
+    )
     ap.add_argument("--out", default=None, help="results directory (bench/results)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -230,7 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("celery", "kombu", "urllib3", "acme", "amqp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    report = run(args)
+    pg = None
+    if args.private_postgres:
+        from bench import procs
+
+        pg = procs.PostgresServer().start()
+        procs.PG_ADMIN = pg.admin_url
+        log.info("private PostgreSQL on port %d", pg.port)
+    try:
+        report = run(args)
+    finally:
+        if pg is not None:
+            pg.stop()
     path = report.write(Path(args.out)) if args.out else report.write()
     from bench import diag
 
