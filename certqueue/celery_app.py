@@ -97,11 +97,16 @@ def configure(app: Celery, settings: Settings) -> None:
         },
         task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
         task_time_limit=TASK_TIME_LIMIT,
-        task_track_started=True,
-        task_send_sent_event=True,
-        worker_send_task_events=True,
+        # Each of these costs a Redis write per execution and buys nothing the database does not
+        # record: no STARTED results, no task arguments copied into results. Task events are sent
+        # only when monitoring.task_events asks for them, or while Flower runs (it broadcasts
+        # enable_events to every worker); the "sent" event is the publisher's, so it follows the
+        # setting alone.
+        task_track_started=False,
+        task_send_sent_event=settings.monitoring.task_events,
+        worker_send_task_events=settings.monitoring.task_events,
         result_expires=24 * 3600,
-        result_extended=True,
+        result_extended=False,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         timezone="UTC",
@@ -113,8 +118,10 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("certqueue", set_as_current=True)
     configure(app, settings)
+    from certqueue.logconfig import connect_celery
     from certqueue.metrics import install_celery_hooks  # message send time, task run time
 
+    connect_celery()
     install_celery_hooks()
     import certqueue.tasks.acme
     import certqueue.tasks.dns

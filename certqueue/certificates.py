@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +21,13 @@ from certqueue import crypto, validation
 from certqueue import keystore as keystore_file
 from certqueue.config import Settings, get_settings
 from certqueue.errors import InvalidInput, NotFound
+from certqueue.inventory import get, list_certificates  # noqa: F401  (public names, kept here)
 from certqueue.keystore import KeyStore
 from certqueue.lifecycle import renewal, states
 from certqueue.models import LIVE_STATES, Certificate, Issuance, State, utcnow
 
 CHALLENGE_TYPES = ("http-01", "dns-01")
+
 
 def keystore(settings: Settings | None = None) -> KeyStore:
     """The process's key store: loaded once per key file (PBKDF2 is slow on purpose), and again
@@ -235,14 +237,6 @@ def find_live(session: Session, dedupe_key: str) -> Certificate | None:
     ).scalar_one_or_none()
 
 
-def get(session: Session, certificate_id: str) -> Certificate:
-    validation.validate_certificate_id(certificate_id)
-    cert = session.get(Certificate, certificate_id)
-    if cert is None:
-        raise NotFound(f"no certificate {certificate_id}")
-    return cert
-
-
 def store_issuance(
     session: Session,
     cert: Certificate,
@@ -410,21 +404,3 @@ def regions_for(cert: Certificate, settings: Settings | None = None) -> list[str
     if settings.multi_region.enabled:
         return [r.name for r in settings.multi_region.regions]
     return []
-
-
-def list_certificates(
-    session: Session,
-    *,
-    states_in: Iterable[str] | None = None,
-    domain: str | None = None,
-    limit: int = 100,
-    offset: int = 0,
-) -> list[Certificate]:
-    stmt = select(Certificate).order_by(Certificate.created_at, Certificate.id)
-    if states_in:
-        stmt = stmt.where(Certificate.state.in_(list(states_in)))
-    rows = list(session.execute(stmt.offset(offset).limit(limit if not domain else None)).scalars())
-    if domain:
-        d = domain.lower().rstrip(".")
-        rows = [c for c in rows if d in c.domains][:limit]
-    return rows

@@ -19,11 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from certqueue import __version__
-from certqueue.config import configure, masked_dump
 from certqueue.errors import (
     CertqueueError,
     ConfigError,
@@ -33,10 +30,42 @@ from certqueue.errors import (
     NotFound,
 )
 
-console = Console()
-err_console = Console(stderr=True)
 
-EXIT_FAILED, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TIMEOUT = 1, 2, 3, 4
+class _LazyConsole:
+    """A rich Console built on first use: a command that prints JSON (or nothing) does not import
+    rich, which costs every command tens of milliseconds."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Any = None
+
+    def _get(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._get(), name, value)
+
+
+def Table(*args: Any, **kwargs: Any) -> Any:  # rich's class, imported when a table is drawn
+    from rich.table import Table as RichTable
+
+    return RichTable(*args, **kwargs)
+
+
+console: Any = _LazyConsole()
+err_console: Any = _LazyConsole(stderr=True)
+
+EXIT_FAILED, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_DEFERRED = 1, 2, 3, 4, 5
 
 
 def _fail(msg: str, code: int) -> None:
@@ -69,6 +98,8 @@ class _Group(click.Group):
 
 
 def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
+    from certqueue.config import configure
+
     # every layer, the runtime one read from the database; re-read as it ages (certqueue.runtime)
     loaded = configure(overrides or None)
     ctx.obj["loaded"] = loaded
@@ -137,6 +168,8 @@ def config() -> None:
 @click.pass_context
 def config_show(ctx: click.Context, as_json: bool) -> None:
     """The merged settings, secrets masked, with the layer each value came from."""
+    from certqueue.config import masked_dump
+
     dump = masked_dump(ctx.obj["loaded"])
     rules = _rate_limit_rules(ctx.obj["loaded"].settings)
     if as_json:
@@ -406,13 +439,13 @@ def print_inventory(rows: list[dict[str, Any]]) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(states_in: Sequence[str], domain: str | None, limit: int, offset: int, as_json: bool) -> None:
     """The inventory."""
-    from certqueue import certificates
+    from certqueue import inventory
     from certqueue.db import session_scope
 
     with session_scope(write=False) as s:
         rows = [
             _cert_row(c)
-            for c in certificates.list_certificates(
+            for c in inventory.list_certificates(
                 s, states_in=[x.upper() for x in states_in] or None, domain=domain, limit=limit, offset=offset
             )
         ]
@@ -429,12 +462,12 @@ def show_cmd(certificate_id: str, as_json: bool) -> None:
     """One certificate with its issuances, deployments and recent events."""
     from sqlalchemy import select
 
-    from certqueue import certificates
+    from certqueue import inventory
     from certqueue.db import session_scope
     from certqueue.models import Deployment, Event, Issuance
 
     with session_scope(write=False) as s:
-        c = certificates.get(s, certificate_id)
+        c = inventory.get(s, certificate_id)
         data = _cert_row(c)
         data["issuances"] = [
             {
@@ -477,7 +510,26 @@ def show_cmd(certificate_id: str, as_json: bool) -> None:
     console.print_json(json.dumps(data, default=str))
 
 
-def _wait_states(ids: list[str], done: Callable[[str], bool], timeout: float, label: str) -> dict[str, str]:
+class Deferred(Exception):
+    """A waited-for certificate's work was deferred and the caller asked to stop there."""
+
+    def __init__(self, certificate_id: str, waiting: dict[str, Any]) -> None:
+        super().__init__(certificate_id)
+        self.certificate_id = certificate_id
+        self.waiting = waiting
+
+
+def _wait_states(
+    ids: list[str],
+    done: Callable[[str], bool],
+    timeout: float,
+    label: str,
+    *,
+    stop_on_defer: bool = False,
+) -> dict[str, str]:
+    """Wait until every certificate is ``done``. A deferral (a rate limit, capacity) is printed on
+    stderr when it starts or changes, with its reason and resume time; then the wait goes on, or,
+    with ``stop_on_defer``, :class:`Deferred` is raised."""
     from rich.progress import Progress
 
     from certqueue.db import session_scope
@@ -485,13 +537,23 @@ def _wait_states(ids: list[str], done: Callable[[str], bool], timeout: float, la
 
     deadline = time.monotonic() + timeout
     result: dict[str, str] = {}
+    told: dict[str, str] = {}
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task(label, total=len(ids))
         while True:
+            deferred: list[tuple[str, dict[str, Any]]] = []
             with session_scope(write=False) as s:
                 for cid in ids:
                     c = s.get(Certificate, cid)
                     result[cid] = c.state if c else "MISSING"
+                    w = _waiting(c) if c is not None else None
+                    if w and told.get(cid) != _waiting_text(w):
+                        told[cid] = _waiting_text(w)
+                        deferred.append((cid, w))
+            for cid, w in deferred:
+                progress.console.print(f"{cid} waiting: {_waiting_text(w)}", style="yellow")
+                if stop_on_defer:
+                    raise Deferred(cid, w)
             finished = sum(1 for v in result.values() if done(v))
             progress.update(task, completed=finished)
             if finished == len(ids) or time.monotonic() > deadline:
@@ -524,6 +586,12 @@ def _nudge() -> None:
 @click.option("--region", "targets", multiple=True, help="Deploy to this region (repeatable).")
 @click.option("--no-auto-renew", is_flag=True)
 @click.option("--wait/--no-wait", default=False, help="Wait until ACTIVE or FAILED.")
+@click.option(
+    "--exit-on-defer",
+    is_flag=True,
+    help="With --wait: stop with exit code 5 when the work is deferred (a rate limit, capacity)"
+    " instead of waiting for it to resume.",
+)
 @click.option("--timeout", default=300.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def issue_cmd(
@@ -537,6 +605,7 @@ def issue_cmd(
     targets: Sequence[str],
     no_auto_renew: bool,
     wait: bool,
+    exit_on_defer: bool,
     timeout: float,
     as_json: bool,
 ) -> None:
@@ -570,7 +639,21 @@ def issue_cmd(
         _nudge()
     out: dict[str, Any] = {"certificate_id": cid, "created": created}
     if wait:
-        res = _wait_states([cid], lambda st: st in ("ACTIVE", "FAILED", "REVOKED"), timeout, "issuing")
+        try:
+            res = _wait_states(
+                [cid],
+                lambda st: st in ("ACTIVE", "FAILED", "REVOKED"),
+                timeout,
+                "issuing",
+                stop_on_defer=exit_on_defer,
+            )
+        except Deferred as d:
+            out.update(state="DEFERRED", waiting=d.waiting)
+            if as_json:
+                _print_json(out)
+            else:
+                console.print(f"{cid} requested: deferred ({_waiting_text(d.waiting)})")
+            sys.exit(EXIT_DEFERRED)
         out["state"] = res[cid]
     if as_json:
         _print_json(out)

@@ -42,7 +42,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from certqueue.errors import ConfigError
 from certqueue.logsafe import mask_url_password
@@ -217,6 +216,10 @@ class AutomationSettings(Section):
     #: how long a batch polls the CA for a validation inside the task before the certificate waits
     #: with a countdown instead (seconds)
     validation_window_seconds: float = Field(10, ge=0, le=60)
+    #: how long one step may work on an order at the CA before another may take it over (seconds):
+    #: no row lock is held while the CA answers; a worker that dies mid-step leaves a lease that
+    #: runs out after this, so it bounds how long its certificates wait
+    order_lease_seconds: float = Field(60, ge=5, le=900)
 
 
 class RegionSettings(BaseModel):
@@ -262,6 +265,9 @@ class MultiRegionSettings(Section):
 class MonitoringSettings(Section):
     #: false: ``certqueue metrics`` refuses to start and workers record no latencies
     enabled: bool = True
+    #: workers send Celery task events all the time (true), or only while Flower asks for them
+    #: (false: Flower broadcasts enable_events when it starts); each event is a Redis write
+    task_events: bool = False
     #: the metrics listener's own port (not the API's, not the Pushgateway's 9091)
     prometheus_port: int = Field(9745, ge=1, le=65535)
     bind: str = "127.0.0.1"
@@ -375,10 +381,13 @@ class RateLimitSettings(Section):
         return v
 
 
-class Settings(BaseSettings):
-    """The merged settings. Build with ``load_settings()`` to get the layers and their sources."""
+class Settings(BaseModel):
+    """The merged settings. Build with ``load_settings()`` to get the layers and their sources:
+    it merges every layer itself (to remember where each value came from, ``CERTQUEUE_*`` included)
+    and validates the result here, so no other source may add values behind its back. (A plain
+    model, not pydantic-settings' BaseSettings: the CLI would pay its import on every command.)"""
 
-    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+    model_config = ConfigDict(extra="forbid")
 
     storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
     acme: AcmeSettings = Field(default_factory=lambda: AcmeSettings())
@@ -391,14 +400,6 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     rate_limits: RateLimitSettings = Field(default_factory=lambda: RateLimitSettings())
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-    ):  # type: ignore[no-untyped-def, override]
-        # load_settings() merges every layer itself (to remember where each value came from) and
-        # passes the result as init arguments; no other source may add values behind its back.
-        return (init_settings,)
 
     def region(self, name: str) -> RegionSettings:
         for r in self.multi_region.regions:

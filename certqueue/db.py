@@ -165,7 +165,11 @@ def is_postgres(session: Session) -> bool:
 def lock_certificate(session: Session, certificate_id: str) -> Certificate | None:
     """Load and lock one certificate row for this transaction (SELECT ... FOR UPDATE on PostgreSQL;
     on SQLite the transaction already holds the database's write lock)."""
-    stmt = select(Certificate).where(Certificate.id == certificate_id)
+    # populate_existing: a row locked again after an earlier commit (a step that talked to the CA
+    # in between) is read fresh, not taken from the session's identity map
+    stmt = (
+        select(Certificate).where(Certificate.id == certificate_id).execution_options(populate_existing=True)
+    )
     if is_postgres(session):
         # OF certificates: the joined-eager current_issuance is an outer join, and PostgreSQL
         # refuses FOR UPDATE on the nullable side of one

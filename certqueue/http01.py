@@ -14,6 +14,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 
@@ -40,6 +41,21 @@ def lookup(token: str) -> str | None:
     return str(row.key_authorization)
 
 
+#: pauses between lookups of one request when the database fails (a connection limit reached, a
+#: failover): a failed answer costs the whole order, and the CA waits seconds for one
+LOOKUP_RETRY_PAUSES = (0.1, 0.4, 1.0)
+
+
+def _lookup_retrying(token: str) -> str | None:
+    for pause in LOOKUP_RETRY_PAUSES:
+        try:
+            return lookup(token)
+        except Exception as exc:  # noqa: BLE001  (the last attempt's error is raised below)
+            log.warning("token lookup failed (%s); again in %.1fs", type(exc).__name__, pause)
+            time.sleep(pause)
+    return lookup(token)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "certqueue-http01"
     sys_version = ""
@@ -53,7 +69,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found\n")
             return
         try:
-            body = lookup(path[len(PREFIX) :])
+            body = _lookup_retrying(path[len(PREFIX) :])
         except Exception:
             log.exception("token lookup failed")
             self._send(503, b"unavailable\n")
@@ -89,7 +105,6 @@ def start_in_thread(host: str, port: int) -> tuple[Http01Server, threading.Threa
     t = threading.Thread(target=srv.serve_forever, name="http01", daemon=True)
     t.start()
     return srv, t
-
 
 
 def stop_on_signals() -> threading.Event:

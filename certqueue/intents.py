@@ -132,17 +132,27 @@ def claim(
 
 
 def complete(
-    session: Session, certificate_id: str, kinds: Iterable[str], *, outcome: str, failed: bool = False
+    session: Session,
+    certificate_id: str,
+    kinds: Iterable[str],
+    *,
+    outcome: str,
+    failed: bool = False,
+    up_to: int | None = None,
 ) -> int:
-    """Close the certificate's open intents of ``kinds``; returns how many were open."""
+    """Close the certificate's open intents of ``kinds`` (only those up to intent ``up_to`` when
+    given: a request made after the work was planned is not covered by it); returns how many."""
     now = utcnow()
+    where = [
+        Intent.certificate_id == certificate_id,
+        Intent.kind.in_(list(kinds)),
+        Intent.status.in_(OPEN),
+    ]
+    if up_to is not None:
+        where.append(Intent.id <= up_to)
     res = session.execute(
         update(Intent)
-        .where(
-            Intent.certificate_id == certificate_id,
-            Intent.kind.in_(list(kinds)),
-            Intent.status.in_(OPEN),
-        )
+        .where(*where)
         .values(status="failed" if failed else "done", outcome=outcome[:512], finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )

@@ -116,7 +116,10 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> logging.Hand
     from certqueue.logsafe import install
 
     install(root)
-    _connect_celery()
+    if "celery" in sys.modules:
+        # else the Celery app connects them when it is built (certqueue.celery_app.create_app):
+        # a CLI read command does not pay for importing Celery
+        connect_celery()
     if settings.monitoring.tracing:
         setup_tracing(settings)
     return handler
@@ -144,7 +147,8 @@ def _task_fields(task: Any, args: Any, kwargs: Any) -> dict[str, str]:
     return fields
 
 
-def _connect_celery() -> None:
+def connect_celery() -> None:
+    """Task context in every log line of a task, and Celery leaving the root logger as set here."""
     global _celery_connected
     if _celery_connected:
         return

@@ -85,6 +85,7 @@ FAMILIES = (
     "certqueue_certificate_series_omitted",
     "certqueue_certificate_expiry_seconds",
     "certqueue_certificates",
+    "certqueue_certificates_deferred",
     "certqueue_certificates_renewal_overdue",
     "certqueue_renewals_total",
     "certqueue_issuances_total",
@@ -126,6 +127,10 @@ def _epoch(col: Any, dialect: str) -> ColumnElement[Any]:
 
 def _served_join() -> Any:
     return (Issuance.id == Certificate.current_issuance_id) & (Issuance.certificate_id == Certificate.id)
+
+
+#: the reasons ``certqueue_certificates_deferred`` counts (each is always exported, 0 when none)
+DEFERRAL_REASONS = ("rate_limited", "ca_rate_limited", "capacity", "other")
 
 
 class CertqueueCollector(Collector):
@@ -194,6 +199,7 @@ class CertqueueCollector(Collector):
         yield self._expiry_histogram(session, now, dialect)
         yield self._states(session)
         yield self._renewal_overdue(session, settings, now)
+        yield self._deferred(session, now)
         yield from self._event_counters(session)
         yield from self._deployments(session, now)
         yield self._rate_budgets(session, settings, now)
@@ -277,6 +283,40 @@ class CertqueueCollector(Collector):
         fam = GaugeMetricFamily("certqueue_certificates", "Certificates by lifecycle state", labels=["state"])
         for st in State:
             fam.add_metric([st.value], float(counts.get(st.value, 0)))
+        return fam
+
+    def _deferred(self, session: Session, now: dt.datetime) -> Metric:
+        """Certificates whose work waits in the database until a stated time, by why: a client-side
+        rate-limit budget, the CA's own rateLimited answer, or the per-CA in-flight cap. The label is
+        the kind of reason (a few values), never the reason's text (it names domains)."""
+        text = Certificate.waiting_reason
+        kind = case(
+            (text.like("capacity%"), "capacity"),
+            (text.like("%the CA answered%"), "ca_rate_limited"),
+            (text.like("rate limit%"), "rate_limited"),
+            else_="other",
+        )
+        counts: dict[str, int] = dict(
+            session.execute(
+                select(kind, func.count())
+                .where(
+                    text.is_not(None),
+                    Certificate.state.in_([State.REQUESTED.value, State.ISSUING.value, State.RENEWING.value]),
+                    Certificate.next_attempt_at.is_not(None),
+                    Certificate.next_attempt_at > now,
+                )
+                .group_by(kind)
+            )
+            .tuples()
+            .all()
+        )
+        fam = GaugeMetricFamily(
+            "certqueue_certificates_deferred",
+            "Certificates waiting for a rate-limit budget, the CA's rate limit or capacity, by reason",
+            labels=["reason"],
+        )
+        for reason in DEFERRAL_REASONS:
+            fam.add_metric([reason], float(counts.get(reason, 0)))
         return fam
 
     def _renewal_overdue(self, session: Session, settings: Settings, now: dt.datetime) -> Metric:

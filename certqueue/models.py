@@ -207,6 +207,10 @@ class Order(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+    #: the step working on this order at the CA, until when (``certqueue.tasks.pipeline.OrderLease``):
+    #: no row lock is held while the CA answers, and a worker that dies leaves a lease that expires
+    lease_until: Mapped[dt.datetime | None] = mapped_column()
+    lease_token: Mapped[str | None] = mapped_column(String(32))
 
 
 class Challenge(Base):
@@ -250,6 +254,10 @@ class Deployment(Base):
     last_error: Mapped[str | None] = mapped_column(String(512))
     deployed_at: Mapped[dt.datetime | None] = mapped_column()
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    #: the deploy working on this region's target, until when: the row is not locked while the
+    #: target's API answers, and a deploy that dies leaves a lease that runs out
+    lease_until: Mapped[dt.datetime | None] = mapped_column()
+    lease_token: Mapped[str | None] = mapped_column(String(32))
 
 
 class Event(Base):

@@ -20,8 +20,10 @@ from typing import Any
 log = logging.getLogger("certqueue.nudge")
 
 DISPATCH_TASK = "certqueue.scan.dispatch"
-#: the shortest gap between two nudges from one process (trailing edge: the last one is never lost)
-MIN_INTERVAL = 0.2
+#: the shortest gap between two nudges from one process (trailing edge: the last one is never lost).
+#: A second: every finished certificate nudges, and topping up capacity one certificate at a time
+#: would send batches of one and run dispatch once per certificate.
+MIN_INTERVAL = 1.0
 #: the longest one nudge may wait for the broker (seconds); beat's dispatch heartbeat covers the rest
 SEND_TIMEOUT = 2.0
 

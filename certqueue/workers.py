@@ -110,8 +110,9 @@ def _run_worker_now(
         loglevel or get_settings().logging.level,
         "--without-mingle",
         "--without-gossip",
-        "-E",
     ]
+    if get_settings().monitoring.task_events:
+        argv.append("-E")  # else Flower turns events on while it watches (enable_events)
     app.worker_main(argv)
 
 

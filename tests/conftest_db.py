@@ -44,7 +44,8 @@ from certqueue.keystore import generate_key_file
 from certqueue.models import Base
 
 PG_HOST = "127.0.0.1"
-PG_PORT = 5432
+#: another server than the machine's (say, a private one with more connections): CERTQUEUE_TEST_PG_PORT
+PG_PORT = int(os.environ.get("CERTQUEUE_TEST_PG_PORT", "5432"))
 PG_USER = "postgres"
 REQUIRE_POSTGRES_ENV = "CERTQUEUE_REQUIRE_POSTGRES"
 

@@ -26,7 +26,8 @@ from certqueue.keystore import generate_key_file
 from certqueue.models import Certificate, Order
 from tests.conftest_redis import CLAIMABLE, REDIS_HOST, NoFreeRedisDatabase, RedisClaim, claim_redis_db
 
-PG_ADMIN = os.environ.get("CERTQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_PORT = int(os.environ.get("CERTQUEUE_TEST_PG_PORT", "5432"))
+PG_ADMIN = os.environ.get("CERTQUEUE_TEST_PG", f"postgresql://postgres@127.0.0.1:{PG_PORT}/postgres")
 #: Redis databases for pipelines come from the claim scheme of tests.conftest_redis (atomic, leased);
 #: ``_redis_in_use`` lets a caller keep databases out of this process's choice (test_flower_browser)
 _REDIS_DBS = list(CLAIMABLE)
@@ -51,7 +52,7 @@ def create_pg_database() -> tuple[str, Callable[[], None]]:
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", drop
+    return f"postgresql+psycopg://postgres@127.0.0.1:{PG_PORT}/{name}", drop
 
 
 def services_available() -> str | None:

@@ -396,6 +396,7 @@ class AcmeClient:
         replaces: str | None = None,
         *,
         on_already_replaced: Callable[[], None] | None = None,
+        on_created: Callable[[messages.OrderResource], None] | None = None,
     ) -> messages.OrderResource:
         """Open an order for the names (and IPs) of ``csr_pem`` and fetch its authorizations.
 
@@ -410,6 +411,10 @@ class AcmeClient:
         order is no longer an ARI renewal, so the CA's rate limits apply to it:
         ``on_already_replaced`` is called first (the caller charges its budgets there, and may raise
         to wait instead; nothing has been created at the CA).
+
+        ``on_created`` is called with the order (no authorizations yet) as soon as the CA answered,
+        before the authorizations are fetched: the caller commits the order's URL there, so a crash
+        while they are fetched resumes this order instead of opening another.
         """
         self._require_account()
         try:
@@ -443,6 +448,8 @@ class AcmeClient:
         if not uri:
             raise PermanentError("new order: the CA returned no order URL", reason="acme:protocol")
         order = messages.OrderResource(body=order_body, uri=uri, authorizations=[], csr_pem=csr_pem)
+        if on_created is not None:
+            on_created(order)
         try:
             with mapped("fetch authorizations"):
                 authzs = [self._fetch_authz(url) for url in order_body.authorizations]

@@ -49,6 +49,13 @@ def _load(
     return ctx.session.get(Certificate, certificate_id), ch
 
 
+def _end_reads(ctx: StepContext) -> None:
+    """End the read transaction before a call to a DNS provider or nameserver: nothing is held
+    while it answers (on SQLite a write transaction holds the whole database's write lock); what the
+    step writes afterwards goes into a transaction of its own."""
+    ctx.session.commit()
+
+
 def _present_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict[str, Any]:
     cert, ch = _load(ctx, certificate_id, challenge_id)
     if cert is None or ch is None or cert.state not in (State.ISSUING, State.RENEWING):
@@ -56,6 +63,7 @@ def _present_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> d
     if ch.status != "pending":
         return {"challenge": challenge_id, "status": ch.status}
     provider = provider_for(ch.provider or "")
+    _end_reads(ctx)
     fqdn = follow_cnames(ch.dns_name or "", resolver_config())
     handle = provider.present(fqdn, ch.dns_value or "")
     ch.handle = {
@@ -82,6 +90,7 @@ def _wait_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict
     provider = provider_for(ch.provider or "")
     timeout, interval = provider.timeout()
     fqdn = (ch.handle or {}).get("fqdn") or ch.dns_name or ""
+    _end_reads(ctx)
     result = check_visible(
         fqdn,
         ch.dns_value or "",
@@ -128,6 +137,7 @@ def _cleanup_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> d
         return {"challenge": challenge_id, "status": "cleaned"}
     if ch.type == "dns-01" and ch.provider:
         provider = provider_for(ch.provider)
+        _end_reads(ctx)
         handle = ch.handle or {}
         # no handle: the present may have happened without its commit; find the name the same way
         fqdn = handle.get("fqdn") or follow_cnames(ch.dns_name or "", resolver_config())
@@ -148,6 +158,6 @@ class CleanupTask(CertqueueTask):
         return {"challenge": args[1], "status": "cleanup_failed", "reason": exc.reason}
 
 
-@shared_task(bind=True, base=CleanupTask, name="certqueue.dns.cleanup")
+@shared_task(bind=True, base=CleanupTask, name="certqueue.dns.cleanup", ignore_result=True)
 def cleanup(self: CleanupTask, certificate_id: str, challenge_id: int, _transient: int = 0) -> Any:
     return self.run_step(_cleanup_step, certificate_id, challenge_id)

@@ -12,11 +12,12 @@ import datetime as dt
 import hashlib
 import logging
 import random
+import secrets
 from typing import Any, Literal, cast
 
 from celery import chain, chord, signature
 from celery.canvas import Signature
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from certqueue import certificates, crypto, intents
@@ -39,13 +40,77 @@ from certqueue.lifecycle.backoff import backoff
 from certqueue.lifecycle.failure import MAX_RATE_LIMIT_BLOCK, clamp_retry_after
 from certqueue.lifecycle.ratelimit_policy import PreviousIssuance, ca_block, classify_order
 from certqueue.models import Certificate, Challenge, Http01Token, Issuance, Order, State, utcnow
-from certqueue.tasks.base import CertqueueTask, StepContext
+from certqueue.tasks.base import CertqueueTask, StepContext, Wait
 
 log = logging.getLogger("certqueue.pipeline")
 
 OPEN_ORDER = ("creating", "pending", "ready", "processing")
 #: a CA rate limit longer than this sends the certificate to its next CA (when it has one)
 LONG_RATE_LIMIT_SECONDS = 3600
+
+
+class OrderLease:
+    """A step's claim on one order while the CA answers, with no row lock held (STYLE rule 5).
+
+    The step locks the certificate, reads what it needs and calls :meth:`take`, which marks the order
+    as this step's until ``lease_until`` and commits: the certificate's row lock (and SQLite's write
+    lock) is released before the first request to the CA. A step meeting a live lease of another
+    waits (``Wait``) rather than talk to the CA about the same order at the same time. When the CA
+    has answered, :meth:`reacquire` locks the certificate again and reloads the order, or returns
+    None when it is no longer this step's (closed meanwhile, e.g. a revoke abandoned the renewal,
+    or taken over after the lease ran out); :meth:`finish` clears the lease in the step's final
+    commit. Any exception in between gives the lease back in a short transaction (:meth:`release`).
+    """
+
+    def __init__(self, ctx: StepContext, certificate_id: str, order_id: int, token: str) -> None:
+        self.ctx = ctx
+        self.certificate_id = certificate_id
+        self.order_id = order_id
+        self.token = token
+
+    @classmethod
+    def take(cls, ctx: StepContext, cert: Certificate, order: Order) -> OrderLease:
+        now = utcnow()
+        if order.lease_until is not None and order.lease_until > now:
+            raise Wait((order.lease_until - now).total_seconds() + 0.5)
+        token = secrets.token_hex(8)
+        order.lease_token = token
+        # longer than the step's own calls to the CA (each bounded by the client's HTTP timeout); a
+        # worker that dies mid-step leaves a lease that runs out; any other failure gives it back
+        order.lease_until = now + dt.timedelta(seconds=get_settings().automation.order_lease_seconds)
+        ctx.session.flush()
+        lease = cls(ctx, cert.id, order.id, token)
+        ctx.session.commit()
+        return lease
+
+    def reacquire(self) -> tuple[Certificate, Order] | None:
+        session = self.ctx.session
+        cert = lock_certificate(session, self.certificate_id)
+        order = session.execute(
+            select(Order).where(Order.id == self.order_id).execution_options(populate_existing=True)
+        ).scalar_one_or_none()
+        if cert is None or order is None or order.lease_token != self.token:
+            return None
+        return cert, order
+
+    @staticmethod
+    def finish(order: Order) -> None:
+        order.lease_token = None
+        order.lease_until = None
+
+    def release(self) -> None:
+        session = self.ctx.session
+        try:
+            session.rollback()
+            session.execute(
+                update(Order)
+                .where(Order.id == self.order_id, Order.lease_token == self.token)
+                .values(lease_token=None, lease_until=None)
+            )
+            session.commit()
+        except Exception as exc:  # noqa: BLE001  (the lease then simply runs out)
+            session.rollback()
+            log.info("order %s: lease not given back (%s); it runs out", self.order_id, type(exc).__name__)
 
 
 class Deferred(Exception):
@@ -144,57 +209,56 @@ def _challenge_type_for(cert: Certificate, name: str) -> str:
 
 
 def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, Any]:
-    """Create or resume the certificate's ACME order and present its challenges."""
+    """Create or resume the certificate's ACME order and present its challenges.
+
+    Called with the certificate locked. The budget and cap checks and the order's row (``creating``,
+    with its key and CSR) are committed first; the CA is asked with no lock held (``OrderLease``);
+    its URL is committed the moment the CA answers, before the authorizations are fetched; the
+    challenges are written with the certificate locked again.
+    """
     session = ctx.session
     settings = get_settings()
-    order = open_order(session, cert.id)
     client, account_id = _client(session, cert)
-    if order is None:
-        order = _new_order(ctx, cert, client, account_id, purpose)
-        res = order_from_json(order.order_json or {})
-    else:
-        res = order_from_json(order.order_json or {})
-    if not res.authorizations:
-        # an order stored after IncompleteOrder: fetch its authorizations now
-        res = client.refresh_order(res)
+    order = open_order(session, cert.id)
+    if order is not None and order.order_url is None:
+        if order.lease_until is not None and order.lease_until > utcnow():
+            raise Wait((order.lease_until - utcnow()).total_seconds() + 0.5)  # another step places it
+        # a newOrder that was never confirmed (its step died): nothing to resume, order again
+        order.status = "abandoned"
+        order.error = "newOrder not confirmed"
+        order.finished_at = utcnow()
+        order = None
+    placing = _prepare_order(ctx, cert, client, account_id, purpose) if order is None else None
+    if placing is not None:
+        order = placing.order
+    assert order is not None
+    lease = OrderLease.take(ctx, cert, order)
+    try:
+        if placing is not None:
+            res = _place_order(ctx, client, placing, lease)
+        else:
+            res = order_from_json(order.order_json or {})
+        if not res.authorizations:
+            # an order stored before its authorizations were fetched: fetch them now
+            res = client.refresh_order(res)
+        got = lease.reacquire()
+        if got is None:
+            return {"certificate_id": cert.id, "status": "superseded"}
+        cert, order = got
+        OrderLease.finish(order)
         order.order_json = order_to_json(res)
-    existing = session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars().all()
-    if not existing:
-        expires = utcnow() + dt.timedelta(seconds=settings.automation.order_timeout_seconds + 600)
-        for authz in res.authorizations:
-            if _status_name(authz.body.status) == "valid":
-                continue  # reused authorization: nothing to prove
-            ident = authz.body.identifier.value
-            name = f"*.{ident}" if authz.body.wildcard else ident
-            ctype = _challenge_type_for(cert, name)
-            info = client.challenge_for(authz, cast(Literal["http-01", "dns-01"], ctype))
-            ch = Challenge(
-                order_id=order.id,
-                certificate_id=cert.id,
-                identifier=name,
-                authz_url=authz.uri,
-                type=ctype,
-                url=info.url,
-                token=info.token,
-                dns_name=info.dns_name,
-                dns_value=info.dns_value,
-                provider=cert.dns_provider if ctype == "dns-01" else None,
-                status="pending",
-            )
-            session.add(ch)
-            session.flush()
-            if ctype == "http-01":
-                session.add(
-                    Http01Token(
-                        token=info.token,
-                        key_authorization=info.key_authorization,
-                        certificate_id=cert.id,
-                        challenge_id=ch.id,
-                        expires_at=expires,
-                    )
-                )
-                ch.status = "presented"
-            existing.append(ch)  # type: ignore[attr-defined]
+        if placing is not None:
+            cert.next_attempt_at = None
+            cert.waiting_reason = None
+            states.record(session, cert.id, "order", reason=purpose, data={"order": order.id})
+        existing = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
+        if not existing:
+            existing = _present_challenges(session, cert, client, order, res, settings)
+    except (Wait, Deferred):
+        raise
+    except BaseException:
+        lease.release()
+        raise
     _touch(cert)
     dns = [c for c in existing if c.type == "dns-01" and c.status in ("pending", "presented")]
     if dns:
@@ -209,6 +273,49 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     else:
         ctx.then(task("certqueue.acme.validate", cert.id))
     return {"certificate_id": cert.id, "order": order.id, "status": "ordered"}
+
+
+def _present_challenges(
+    session: Session, cert: Certificate, client: AcmeClient, order: Order, res: Any, settings: Any
+) -> list[Challenge]:
+    """The order's challenges (and HTTP-01 tokens, served at once), one per name still to prove."""
+    expires = utcnow() + dt.timedelta(seconds=settings.automation.order_timeout_seconds + 600)
+    out: list[Challenge] = []
+    for authz in res.authorizations:
+        if _status_name(authz.body.status) == "valid":
+            continue  # reused authorization: nothing to prove
+        ident = authz.body.identifier.value
+        name = f"*.{ident}" if authz.body.wildcard else ident
+        ctype = _challenge_type_for(cert, name)
+        info = client.challenge_for(authz, cast(Literal["http-01", "dns-01"], ctype))  # no I/O
+        ch = Challenge(
+            order_id=order.id,
+            certificate_id=cert.id,
+            identifier=name,
+            authz_url=authz.uri,
+            type=ctype,
+            url=info.url,
+            token=info.token,
+            dns_name=info.dns_name,
+            dns_value=info.dns_value,
+            provider=cert.dns_provider if ctype == "dns-01" else None,
+            status="pending",
+        )
+        session.add(ch)
+        session.flush()
+        if ctype == "http-01":
+            session.add(
+                Http01Token(
+                    token=info.token,
+                    key_authorization=info.key_authorization,
+                    certificate_id=cert.id,
+                    challenge_id=ch.id,
+                    expires_at=expires,
+                )
+            )
+            ch.status = "presented"
+        out.append(ch)
+    return out
 
 
 _limiter_cache: dict[str, RateLimiter] = {}
@@ -234,14 +341,51 @@ def _process_rate_limiter() -> RateLimiter:
     return lim
 
 
-def _new_order(
-    ctx: StepContext, cert: Certificate, client: AcmeClient, account_id: int, purpose: str
-) -> Order:
-    """Check the profile and the shared rate-limit budget, then open one order at the CA.
+class _Placing:
+    """An order about to be placed: its row (``creating``), and what it was charged."""
 
-    Over budget, nothing is sent: ``Deferred`` hands the work back to the database until the budget
-    returns. A ``rateLimited`` answer from the CA sets the budget from its Retry-After, and defers
-    too. The in-flight cap (dispatch keeps under it; a race can still meet it) defers briefly.
+    def __init__(
+        self,
+        order: Order,
+        csr: str,
+        keys: list[Any],
+        account_id: int,
+        replaces: str | None,
+        order_purpose: str,
+        profile: str | None,
+        directory_url: str,
+        domains: list[str],
+    ) -> None:
+        self.order = order
+        self.csr = csr
+        self.keys = keys
+        self.account_id = account_id
+        self.replaces = replaces
+        self.order_purpose = order_purpose
+        self.profile = profile
+        self.directory_url = directory_url
+        self.domains = domains
+
+
+class _Blocked(Exception):
+    """The CA's answer (or a budget met while answering it) says: wait until ``until``."""
+
+    def __init__(self, until: dt.datetime, why: str, kind: str) -> None:
+        super().__init__(why)
+        self.until = until
+        self.why = why
+        self.kind = kind
+
+
+def _prepare_order(
+    ctx: StepContext, cert: Certificate, client: AcmeClient, account_id: int, purpose: str
+) -> _Placing:
+    """With the certificate locked: check the profile, the in-flight cap and the shared rate-limit
+    budget, and write the order's row (``creating``, its new key encrypted, its CSR).
+
+    Over budget, nothing is written or sent: ``Deferred`` hands the work back to the database until
+    the budget returns. The in-flight cap (dispatch keeps under it; a race can still meet it)
+    defers briefly.
     """
     session = ctx.session
     settings = get_settings()
@@ -283,72 +427,126 @@ def _new_order(
         until = decision.retry_at or now + dt.timedelta(seconds=60)
         defer_work(ctx, cert, until, describe_budgets(decision.blocked), kind="rate_limited")
         raise Deferred(until, "rate_limited")
-    key_pem = _order_key(session, cert)
-    csr = crypto.make_csr(
-        key_pem,
-        cert.domains,
-        organization=cert.organization,
-        country=cert.country,
-        state=cert.state_province,
-        locality=cert.locality,
-    ).decode()
+    try:
+        key_pem = _order_key(session, cert)
+        csr = crypto.make_csr(
+            key_pem,
+            cert.domains,
+            organization=cert.organization,
+            country=cert.country,
+            state=cert.state_province,
+            locality=cert.locality,
+        ).decode()
+        order = Order(
+            certificate_id=cert.id,
+            account_id=account_id,
+            purpose=purpose,
+            csr_pem=csr,
+            key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)),
+            order_url=None,
+            order_json=None,
+            status="creating",
+        )
+        session.add(order)
+        session.flush()
+    except BaseException:
+        limiter.release(keys, now)
+        raise
+    return _Placing(
+        order,
+        csr,
+        list(keys),
+        account_id,
+        replaces,
+        order_purpose,
+        cert.profile,
+        cert.directory_url,
+        list(cert.domains),
+    )
+
+
+def _place_order(ctx: StepContext, client: AcmeClient, placing: _Placing, lease: OrderLease) -> Any:
+    """Ask the CA for the order (no lock held). Its URL is committed as soon as the CA answers, so a
+    redelivered step finds it and resumes instead of ordering again. A ``rateLimited`` answer sets
+    the budget from its Retry-After and defers the certificate."""
+    session = ctx.session
+    limiter = rate_limiter()
+    now = utcnow()
+    keys = placing.keys
 
     def charge_as_renewal() -> None:
         """The CA answered alreadyReplaced: the order goes again without ``replaces``, so it is a
         plain renewal and is charged as one."""
         nonlocal keys
-        if order_purpose != "ari_renewal":
+        if placing.order_purpose != "ari_renewal":
             return
-        extra = budget_keys(account_id, cert.directory_url, cert.domains, limiter.policy, purpose="renewal")
+        extra = budget_keys(
+            placing.account_id, placing.directory_url, placing.domains, limiter.policy, purpose="renewal"
+        )
         again = limiter.try_acquire(extra, now)
         if not again.allowed:
             until = again.retry_at or now + dt.timedelta(seconds=60)
-            defer_work(ctx, cert, until, describe_budgets(again.blocked), kind="rate_limited")
-            raise Deferred(until, "rate_limited")
+            raise _Blocked(until, describe_budgets(again.blocked), "rate_limited")
         keys = [*keys, *extra]
 
+    def store_url(res: Any) -> None:
+        session.execute(
+            update(Order)
+            .where(Order.id == placing.order.id, Order.lease_token == lease.token)
+            .values(order_url=res.uri, order_json=order_to_json(res), status=_status_name(res.body.status))
+        )
+        session.commit()
+
     try:
-        res = client.new_order(
-            csr.encode(), profile=cert.profile, replaces=replaces, on_already_replaced=charge_as_renewal
+        return client.new_order(
+            placing.csr.encode(),
+            profile=placing.profile,
+            replaces=placing.replaces,
+            on_already_replaced=charge_as_renewal,
+            on_created=store_url,
         )
     except IncompleteOrder as exc:
-        res = exc.order  # the order exists at the CA: store it and resume, never order again
+        return exc.order  # the order exists at the CA and its URL is stored: resume, never order again
+    except _Blocked as blocked:
+        limiter.release(keys, now)
+        _defer_placing(ctx, lease, blocked.until, blocked.why, blocked.kind)
+        raise Deferred(blocked.until, blocked.kind) from None
     except RateLimited as exc:
         limiter.release(keys, now)
         exc.retry_after = clamp_retry_after(exc.retry_after, MAX_RATE_LIMIT_BLOCK)
-        if (exc.retry_after or 3600) > LONG_RATE_LIMIT_SECONDS and next_ca(
-            cert, PermanentError(exc.message, reason="acme:rateLimited")
-        ) is not None:
+        got = lease.reacquire()
+        cert = got[0] if got else None
+        if (
+            cert is not None
+            and (exc.retry_after or 3600) > LONG_RATE_LIMIT_SECONDS
+            and next_ca(cert, PermanentError(exc.message, reason="acme:rateLimited")) is not None
+        ):
             raise PermanentError(
                 f"rate limited for {int(exc.retry_after or 3600)}s: trying the next CA",
                 reason="acme:rateLimited",
             ) from None
         until = now + ca_block(exc.message, exc.retry_after)  # a pause is checked again daily
+        bound = rate_limiter(session)  # SQLite: inside the transaction that now holds the lock
         for k in keys_for_ca_problem(keys, exc.message):
-            limiter.block(k, until, now)
-        defer_work(ctx, cert, until, "rate limit: the CA answered rateLimited", kind="ca_rate_limited")
+            bound.block(k, until, now)
+        _defer_placing(ctx, lease, until, "rate limit: the CA answered rateLimited", "ca_rate_limited")
         raise Deferred(until, "ca_rate_limited") from None
     except BaseException:
         limiter.release(keys, now)
         raise
-    cert.next_attempt_at = None
-    cert.waiting_reason = None
-    # The order URL is stored in the same commit as the row: a redelivered task finds it and resumes
-    # instead of ordering again.
-    order = Order(
-        certificate_id=cert.id,
-        account_id=account_id,
-        purpose=purpose,
-        csr_pem=csr,
-        key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)),
-        order_url=res.uri,
-        order_json=order_to_json(res),
-        status=_status_name(res.body.status),
-    )
-    session.add(order)
-    session.flush()
-    states.record(session, cert.id, "order", reason=purpose, data={"order": order.id})
-    return order
+
+
+def _defer_placing(ctx: StepContext, lease: OrderLease, until: dt.datetime, why: str, kind: str) -> None:
+    """The order was not placed: its row is closed and the certificate waits until ``until``."""
+    got = lease.reacquire()
+    if got is None:
+        return
+    cert, order = got
+    OrderLease.finish(order)
+    order.status = "abandoned"
+    order.error = kind
+    order.finished_at = utcnow()
+    defer_work(ctx, cert, until, why, kind=kind)
 
 
 def _order_key(session: Session, cert: Certificate) -> bytes:

@@ -46,8 +46,13 @@ def _dispatch_step(ctx: StepContext, batch: int | None = None) -> dict[str, Any]
     settings = get_settings()
     claimed = dispatching.run(ctx.session, settings, utcnow(), batch=batch)
     starts = [job for name, job in claimed.sends if name == "certqueue.acme.start"]
+    deploys = [job for name, job in claimed.sends if name == "certqueue.propagate.start"]
     size = settings.automation.batch_size
-    sigs = [task(name, job) for name, job in claimed.sends if name != "certqueue.acme.start"]
+    batched = ("certqueue.acme.start", "certqueue.propagate.start")
+    sigs = [task(name, job) for name, job in claimed.sends if name not in batched]
+    sigs += [
+        task("certqueue.propagate.start_batch", deploys[i : i + size]) for i in range(0, len(deploys), size)
+    ]
     # new orders at a lower priority than everything else on the acme queue: the steps that close
     # orders already open (validate, DNS-01 chord bodies, revocations) are served first (Redis)
     sigs += [

@@ -9,8 +9,8 @@ Each case ends with the same audit (``audit``):
   * every stored private key decrypts and matches its certificate; every ACTIVE certificate is
     deployed to the region with its current fingerprint.
 
-The number of certificates per case is ``CERTQUEUE_CHAOS_CERTS`` (default 60, a quarter of them
-wildcards through DNS-01).
+The number of certificates per case is ``CERTQUEUE_CHAOS_CERTS`` (default 60; ``make test`` and CI
+run 200), a quarter of them wildcards through DNS-01.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from certqueue.devstack.servers import PrivatePostgres, PrivateRedis
 from certqueue.devstack.stack import Stack
 from certqueue.keystore import generate_key_file
 from certqueue.models import Certificate, Challenge, Deployment, Http01Token, Issuance, Order, utcnow
+from tests.fakes.acme_counting_proxy import CountingProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 
@@ -60,6 +61,8 @@ class Chaos:
     redis: PrivateRedis
     env: dict[str, str]
     edge: Path
+    #: the ACME requests counted at the CA's door, when the case puts the counting proxy there
+    proxy: CountingProxy | None = None
     ids: list[str] = field(default_factory=list)
     expect_failed: set[str] = field(default_factory=set)
     #: certificates whose ``certqueue.issue`` could not be published (the broker was down): they are
@@ -225,6 +228,12 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             http_port=http_port, dns_server=bind.nameserver, env=params.get("pebble_env", {})
         ).start()
         cleanups.append(pebble.stop)
+        directory_url, ca_bundle = pebble.directory_url, str(pebble.ca_bundle)
+        proxy = None
+        if params.get("counting_proxy"):
+            proxy = CountingProxy(pebble.directory_url, pebble.ca_bundle, tmp_path / "proxy").start()
+            cleanups.append(proxy.stop)
+            directory_url, ca_bundle = proxy.directory_url, str(proxy.combined_ca_bundle)
         key = tmp_path / "master.key"
         generate_key_file(key)
         edge = tmp_path / "edge"
@@ -234,8 +243,8 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             "CERTQUEUE_DATABASE__URL": pg.url,
             "CERTQUEUE_BROKER__URL": redis.url,
             "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
-            "CERTQUEUE_ACME__DIRECTORY_URL": pebble.directory_url,
-            "CERTQUEUE_ACME__CA_BUNDLE": str(pebble.ca_bundle),
+            "CERTQUEUE_ACME__DIRECTORY_URL": directory_url,
+            "CERTQUEUE_ACME__CA_BUNDLE": ca_bundle,
             "CERTQUEUE_ACME__EMAIL": "chaos@example.test",
             "CERTQUEUE_CHALLENGES__HTTP_PORT": str(http_port),
             "CERTQUEUE_CHALLENGES__HTTP_HOST": "127.0.0.1",
@@ -251,6 +260,8 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": "0.1",
             "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": "2",
             "CERTQUEUE_AUTOMATION__STUCK_AFTER_SECONDS": "12",
+            # a killed worker's hold on its orders runs out this soon (steps here take a few seconds)
+            "CERTQUEUE_AUTOMATION__ORDER_LEASE_SECONDS": "30",
             "CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS": "2",
             "CERTQUEUE_MULTI_REGION__ENABLED": "true",
             "CERTQUEUE_MULTI_REGION__REGIONS": json.dumps(
@@ -266,7 +277,10 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
         certificates.forget_keystores()
         lazy_app.reset()
         stack.start_http01(http_port)
-        stack.start_worker("acme", concurrency=2)
+        acme_env = (
+            {"CERTQUEUE_FAILPOINTS": params["acme_failpoints"]} if params.get("acme_failpoints") else None
+        )
+        stack.start_worker("acme", concurrency=2, extra_env=acme_env)
         stack.start_worker("dns", concurrency=1)
         propagate_env = None
         if params.get("region_down_seconds"):
@@ -275,7 +289,15 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
         stack.start_worker("propagate", regions=("edge",), concurrency=1, extra_env=propagate_env)
         stack.start_beat()
         yield Chaos(
-            stack=stack, pebble=pebble, bind=bind, pg=pg, redis=redis, env=env, edge=edge, cleanups=cleanups
+            stack=stack,
+            pebble=pebble,
+            bind=bind,
+            pg=pg,
+            redis=redis,
+            env=env,
+            edge=edge,
+            proxy=proxy,
+            cleanups=cleanups,
         )
     finally:
         for fn in reversed(cleanups):
@@ -428,6 +450,65 @@ def test_sigkill_random_workers_while_issuing(chaos: Chaos):
     counts = audit(chaos)
     print(f"chaos sigkill: {counts}, kills={kills}")
     assert kills >= 8
+
+
+#: every order of the batch parks here (orders created, challenges answered, nothing finalized) long
+#: enough for the case to SIGKILL the worker in the middle of its batches
+MID_BATCH_PAUSE_S = 6
+
+
+def _orders_waiting_to_finalize(c: Chaos) -> int:
+    try:
+        with session_scope(write=False) as s:
+            return int(
+                s.execute(
+                    select(func.count())
+                    .select_from(Order)
+                    .where(Order.certificate_id.in_(c.ids), Order.order_url.is_not(None))
+                    .where(Order.status.in_(("pending", "ready")), Order.lease_until.is_not(None))
+                ).scalar_one()
+            )
+    except Exception:
+        dispose_all()
+        return 0
+
+
+@pytest.mark.parametrize(
+    "chaos",
+    [
+        {
+            "counting_proxy": True,
+            "acme_failpoints": f"validate.before_finalize=sleep:{MID_BATCH_PAUSE_S}",
+        }
+    ],
+    indirect=True,
+)
+def test_sigkill_in_the_middle_of_a_batch_orders_once_at_the_ca(chaos: Chaos):
+    """The acme worker's pool process is killed (SIGKILL) while its batches hold orders that the CA
+    has created and validated but nobody finalized; twice. The redelivered batches resume those
+    orders: every certificate ends ACTIVE with exactly one newOrder counted at the CA itself (the
+    counting proxy in front of Pebble), not only one order row in our database."""
+    assert chaos.proxy is not None
+    driver = _in_background(lambda: chaos.request_batch(N, "m"))
+    kills = 0
+    killed_with_orders_open = 0
+    for _ in range(2):
+        _await(lambda: _orders_waiting_to_finalize(chaos) >= 2, timeout=180, what="orders held mid-batch")
+        killed_with_orders_open += _orders_waiting_to_finalize(chaos)
+        assert chaos.stack.kill_children("worker-acme"), "no acme pool process to kill"
+        kills += 1
+    driver.finish(timeout=180)
+    assert len(chaos.ids) == N
+    chaos.wait_settled(timeout=400)
+    _wait_cleanups(chaos)
+    counts = audit(chaos)
+    at_ca = chaos.proxy.counts()
+    print(
+        f"chaos mid-batch sigkill: {counts}, kills={kills},"
+        f" orders open at the kills={killed_with_orders_open}, at the CA={at_ca}"
+    )
+    assert kills == 2 and killed_with_orders_open >= 4
+    assert at_ca.get("newOrder 201", 0) == N, f"newOrders the CA created: {at_ca}"
 
 
 def test_redis_restart_mid_run_loses_queued_messages_and_the_reconciler_recovers(chaos: Chaos):

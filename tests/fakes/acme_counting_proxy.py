@@ -142,6 +142,9 @@ class CountingProxy:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
+        #: an outage of the CA: while set, every request's connection is closed without an answer
+        #: (open keep-alive connections too, which stopping the listener would not reach)
+        self.down = False
 
     # -- what callers use ----------------------------------------------------------------------------
 
@@ -180,6 +183,11 @@ class CountingProxy:
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if proxy.down and urlsplit(self.path).path != COUNTS_PATH:
+                    with proxy._lock:
+                        proxy._counts["refused (CA down)"] += 1
+                    self.close_connection = True  # no answer: the client sees the connection drop
+                    return
                 status, headers, content = proxy._handle(
                     self.command, self.path, body, self.headers.get("Content-Type")
                 )

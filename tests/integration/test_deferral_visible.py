@@ -19,7 +19,7 @@ from certqueue.manager import CertificateManager
 from certqueue.models import Certificate, Event
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
@@ -80,8 +80,33 @@ def test_a_deferred_certificate_shows_why_and_when_then_resumes(
 
     cert = asyncio.run(CertificateManager().get_certificate(second))
     assert cert.waiting_reason and cert.waiting_until is not None
+    assert _deferred_gauge() == {"rate_limited": 1.0, "ca_rate_limited": 0.0, "capacity": 0.0, "other": 0.0}
+
+    # `issue --wait` says so when it meets the deferral; --exit-on-defer stops there with code 5
+    third = limited.stack.cli(
+        "issue", "c.waiting.example.test", "--wait", "--exit-on-defer", "--timeout", "60", check=False
+    )
+    assert third.returncode == 5, (third.returncode, third.stdout, third.stderr)
+    assert "waiting: rate limit: certificates per domain example.test, resumes" in third.stderr
+    assert "deferred (rate limit: certificates per domain example.test" in third.stdout
+    third_id = third.stdout.split()[0]
 
     # the budget returns: it resumes by itself, and the waiting note goes
     limited.wait_state(second, "ACTIVE", timeout=120)
     with session_scope(write=False) as s:
         assert s.get_one(Certificate, second).waiting_reason is None
+    limited.wait_state(third_id, "ACTIVE", timeout=180)
+    assert _deferred_gauge()["rate_limited"] == 0.0
+
+
+def _deferred_gauge() -> dict[str, float]:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from certqueue.metrics import CertqueueCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CertqueueCollector())
+    text = generate_latest(registry).decode()
+    (fam,) = [f for f in text_string_to_metric_families(text) if f.name == "certqueue_certificates_deferred"]
+    return {s.labels["reason"]: s.value for s in fam.samples}

@@ -117,7 +117,7 @@ def cli(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Ite
         monkeypatch.setenv(k, v)
     from certqueue import cli as cli_module
 
-    monkeypatch.setattr(cli_module.console, "width", 200)  # tables unwrapped, for the asserts
+    monkeypatch.setattr(cli_module, "console", cli_module._LazyConsole(width=200))  # tables unwrapped
     dispose_all()
     certificates.forget_keystores()
     lazy_app.reset()

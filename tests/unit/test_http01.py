@@ -10,6 +10,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from certqueue import http01
 from certqueue.config import Settings
@@ -159,6 +160,27 @@ def test_a_database_failure_answers_503_not_404(
     assert (status, ctype, body) == (503, "text/plain", b"unavailable\n")
     (record,) = [r for r in caplog.records if r.name == "certqueue.http01" and r.levelno == logging.ERROR]
     assert record.getMessage() == "token lookup failed" and record.exc_info is not None
+
+
+def test_a_database_failure_is_retried_before_answering(
+    store: Store, get: Get, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup that fails (the server out of connections, a failover) is tried again within the
+    request: the CA gets the key authorization, not a 503 that would cost the order."""
+    store(GOOD)
+    real = http01.lookup
+    calls: list[str] = []
+
+    def flaky(token: str) -> str | None:
+        calls.append(token)
+        if len(calls) <= 2:
+            raise OperationalError("SELECT", {}, Exception("too many clients already"))
+        return real(token)
+
+    monkeypatch.setattr(http01, "lookup", flaky)
+    monkeypatch.setattr(http01, "LOOKUP_RETRY_PAUSES", (0.01, 0.01, 0.01))
+    assert get(http01.PREFIX + GOOD) == (200, "application/octet-stream", KEY_AUTH.encode())
+    assert len(calls) == 3
 
 
 def test_a_lookup_takes_no_write_lock(

@@ -515,9 +515,12 @@ def test_promtool_check_metrics_is_clean(db: Path, install: Callable[..., Settin
     assert _lint(text) == []
     # (deployments, rate budgets: empty families are lint-clean too; the rest must have samples)
     empty = {n for n, f in fam.items() if not f.samples}
-    assert empty <= {"certqueue_deployments", "certqueue_region_pending_oldest_seconds",
-                     "certqueue_rate_limit_budget_remaining",
-                     "certqueue_broker_quarantined"}, empty  # fmt: skip  (quarantine: embedded only)
+    assert empty <= {
+        "certqueue_deployments",
+        "certqueue_region_pending_oldest_seconds",
+        "certqueue_rate_limit_budget_remaining",
+        "certqueue_broker_quarantined",
+    }, empty  # fmt: skip  (quarantine: embedded only)
     # the guide's names (opt-in) are what the lint would object to: the check can fail
     install(**{"monitoring.guide_names": True})
     text, _fam = scrape()
@@ -647,3 +650,30 @@ def test_renewal_overdue_counts_active_certificates_past_renew_at(
     install(**{"monitoring.renewal_overdue_grace_minutes": 240})
     _text, fam = scrape()
     assert samples(fam, "certqueue_certificates_renewal_overdue") == {(): 0}
+
+
+def test_deferred_certificates_counted_by_kind_of_reason(db: Path) -> None:
+    """certqueue_certificates_deferred: only work still waiting (a resume time ahead) in a working
+    state counts; the label is the kind of reason, never its text (which names domains)."""
+    waits = [
+        (State.ISSUING, "rate limit: certificates per domain a.example.com", 60),
+        (State.RENEWING, "rate limit: new orders per account", 60),
+        (State.ISSUING, "rate limit: the CA answered rateLimited", 60),
+        (State.REQUESTED, "capacity: open orders at this CA at the cap", 5),
+        (State.ISSUING, "rate limit: certificates per domain b.example.com", -5),  # resumed already
+        (State.ACTIVE, "rate limit: certificates per domain c.example.com", 60),  # not waiting
+    ]
+    for i, (state, reason, seconds) in enumerate(waits):
+        cid = add([f"w{i}.example.com"], state)
+        with session_scope() as s:
+            cert = s.get_one(Certificate, cid)
+            cert.waiting_reason = reason
+            cert.next_attempt_at = NOW + dt.timedelta(seconds=seconds)
+    _text, fams = scrape()
+    got = samples(fams, "certqueue_certificates_deferred")
+    assert got == {
+        (("reason", "rate_limited"),): 2.0,
+        (("reason", "ca_rate_limited"),): 1.0,
+        (("reason", "capacity"),): 1.0,
+        (("reason", "other"),): 0.0,
+    }
