@@ -91,6 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=300.0,
         help="seconds between live looks at the storm (orders in the database vs at the CA); 0: none",
     )
+    ap.add_argument(
+        "--storm-profile",
+        action="store_true",
+        help="profile the storm instead (instrumented workers + py-spy record): counts per renewal",
+    )
+    ap.add_argument(
+        "--storm-no-guard",
+        action="store_true",
+        help="let newOrder and authz fetches overlap at Pebble in the storm (reproduces its 2.4.0 deadlock)",
+    )
     ap.add_argument("--storm-workers", type=int, default=2, help="acme worker processes in the storm")
     ap.add_argument("--storm-concurrency", type=int, default=4, help="prefork children per storm worker")
     ap.add_argument(
@@ -105,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="CERTQUEUE_KEY=VALUE",
         help="extra certqueue setting for every stack (repeatable)",
+    )
+    ap.add_argument(
+        "--private-postgres",
+        action="store_true",
+        help="run the cases' databases on a private PostgreSQL cluster (max_connections 300), "
+        "not the machine's shared server",
     )
     ap.add_argument("--out", default=None, help="results directory (bench/results)")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -220,7 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("celery", "kombu", "urllib3", "acme", "amqp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    report = run(args)
+    pg = None
+    if args.private_postgres:
+        from bench import procs
+
+        pg = procs.PostgresServer().start()
+        procs.PG_ADMIN = pg.admin_url
+        log.info("private PostgreSQL on port %d", pg.port)
+    try:
+        report = run(args)
+    finally:
+        if pg is not None:
+            pg.stop()
     path = report.write(Path(args.out)) if args.out else report.write()
     from bench import diag
 

@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -86,6 +87,9 @@ def pyspy_binary() -> Path | None:
 
     if peers.PYSPY.exists():
         return peers.PYSPY
+    beside = Path(sys.executable).parent / "py-spy"  # `make bench` installs it into the venv
+    if beside.exists():
+        return beside
     found = shutil.which("py-spy")
     return Path(found) if found else None
 

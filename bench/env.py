@@ -65,7 +65,7 @@ class CountingProxyProcess:
         stop_process(self.proc)
 
 
-def start_counting_proxy(peb: PebbleServer, workdir: Path) -> CountingProxyProcess:
+def start_counting_proxy(peb: PebbleServer, workdir: Path, *, guard: bool = False) -> CountingProxyProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "counting-proxy.log"
     root = Path(__file__).resolve().parent.parent
@@ -81,6 +81,7 @@ def start_counting_proxy(peb: PebbleServer, workdir: Path) -> CountingProxyProce
                 str(peb.ca_bundle),
                 "--workdir",
                 str(workdir),
+                *(["--guard-pebble-deadlock"] if guard else []),
             ],
             cwd=root,
             stdout=log,
@@ -227,6 +228,7 @@ def build_stack(
     case: str = "certqueue",
     pebble_env: dict[str, str] | None = None,
     counting_proxy: bool = False,
+    guard_pebble_deadlock: bool = False,
     shipped: bool = False,
     backend: str = "postgres",
 ) -> CertqueueStack:
@@ -242,7 +244,11 @@ def build_stack(
         cleanups.append(peb.stop)
         if dns is not None:
             cleanups.append(dns.stop)
-        proxy = start_counting_proxy(peb, workdir / "proxy") if counting_proxy else None
+        proxy = (
+            start_counting_proxy(peb, workdir / "proxy", guard=guard_pebble_deadlock)
+            if counting_proxy
+            else None
+        )
         if proxy is not None:
             cleanups.append(proxy.stop)
         # the embedded default uses neither: the Redis is started anyway (idle, so the stack has one

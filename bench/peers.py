@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -434,14 +434,25 @@ def _lego_cmd(ca: PeerCA, path: str, name: str, challenge: list[str]) -> tuple[l
     )
 
 
-def warm_lego(ca: PeerCA, d: str, parallel: int, chal: list[str], prefix: str, env: dict[str, str]) -> None:
+def warm_lego(
+    ca: PeerCA,
+    d: str,
+    parallel: int,
+    chal: list[str],
+    prefix: str,
+    env: dict[str, str],
+    name_for: Callable[[int], str] | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
+) -> None:
     """One uncounted certificate per slot folder: lego registers its account on the first run, and a
-    fleet's lego has its account already."""
+    fleet's lego has its account already. ``name_for(k)`` names slot k's certificate (default
+    ``<prefix>-warm<k>.bench.test``); ``wrap`` rewrites the command line as the timed runs do."""
     log_path = (ca.artifacts or Path(d)) / "register.log"
 
     def one(k: int) -> int | None:
-        argv, e = _lego_cmd(ca, f"{d}/p{k}", f"{prefix}-warm{k}.bench.test", chal)
-        return run_measured(argv, {**e, **env}, log_path, 120)[0]
+        name = name_for(k) if name_for else f"{prefix}-warm{k}.bench.test"
+        argv, e = _lego_cmd(ca, f"{d}/p{k}", name, chal)
+        return run_measured(wrap(argv) if wrap else argv, {**e, **env}, log_path, 120)[0]
 
     with ThreadPoolExecutor(max_workers=min(parallel, 8)) as pool:
         rcs = list(pool.map(one, range(parallel)))

@@ -10,6 +10,12 @@ it sends ``certqueue.scan.due`` every ``SCAN_EVERY`` seconds, each claiming up t
 Reported: time until every certificate is ACTIVE with a new issuance, renewals per 10 s bucket, the
 peak depth of the ``acme`` queue (``LLEN``), the peak RSS (VmHWM) of every worker process, the ACME
 orders created (must equal the number of certificates) and any certificate with more than one.
+
+``--storm-profile`` makes the run a profile instead (its timing is not the storm's throughput): the
+workers are instrumented (SQL statements, commits and HTTP requests counted per process, see
+``bench/instrument``) and ``py-spy record`` samples every worker tree (``--subprocesses``,
+``--nonblocking``, ``--rate`` 50) for the whole storm; the JSON gets ``profile`` with the per-renewal
+counts and the py-spy summary (top functions, layers, certqueue's steps inclusive).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import hashlib
 import logging
 import os
 import re
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy import func, insert, select, text
 
-from bench.diag import stall_snapshot
-from bench.env import CertqueueStack, build_stack
+from bench.diag import pyspy_binary, stall_snapshot
+from bench.env import CertqueueStack, build_stack, read_instrument
 from bench.procs import SystemMeter, descendants, vm_hwm_mb
 
 log = logging.getLogger("bench")
@@ -189,6 +197,69 @@ def live_probe(cs: CertqueueStack, t: float) -> dict[str, Any]:
     return probe
 
 
+def start_profilers(
+    cs: CertqueueStack, dest: Path, rate: int = 50
+) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """``py-spy record`` of every worker tree (raw collapsed stacks into ``dest``)."""
+    spy = pyspy_binary()
+    if spy is None:
+        raise RuntimeError("--storm-profile needs py-spy (pip install py-spy)")
+    dest.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for root in cs.worker_pids():
+        out = dest / f"pyspy-record-{root}.txt"
+        argv = [str(spy), "record", "--pid", str(root), "--subprocesses", "--nonblocking"]
+        argv += ["--rate", str(rate), "--format", "raw", "--output", str(out)]
+        with open(dest / f"pyspy-record-{root}.log", "wb") as err:
+            proc = subprocess.Popen(argv, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
+        spies.append((proc, out))
+    return spies
+
+
+def stop_profilers(spies: list[tuple[subprocess.Popen[bytes], Path]]) -> dict[str, Any]:
+    """Stop the recorders (SIGINT makes py-spy write its file) and summarise all their samples."""
+    from bench.pyspy import summarise
+
+    texts = []
+    for proc, out in spies:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if out.exists():
+            texts.append(out.read_text(errors="replace"))
+    if not texts:
+        return {"status": "error", "note": "py-spy wrote no samples (see pyspy-record-*.log)"}
+    summary = summarise("\n".join(texts), top=25)
+    summary["files"] = [str(out) for _, out in spies]
+    return summary
+
+
+def profile_counts(instr: dict[str, dict[str, Any]], renewed: int) -> dict[str, Any]:
+    """Per renewal: SQL statements, commits, HTTP requests and task executions, in all and per task
+    name (``-`` is work done outside a task's own thread, e.g. ``issue_batch``'s thread pool)."""
+    keys = ("sql_n", "commit_n", "http_n", "task_n")
+    total = {k: sum(int(c.get(k, 0)) for c in instr.values()) for k in keys}
+    per_task = {
+        name: {k: round(int(c.get(k, 0)) / renewed, 2) for k in keys if c.get(k)}
+        for name, c in sorted(instr.items())
+        if renewed
+    }
+    return {
+        "sql_statements_per_renewal": round(total["sql_n"] / renewed, 2) if renewed else None,
+        "commits_per_renewal": round(total["commit_n"] / renewed, 2) if renewed else None,
+        "http_requests_per_renewal": round(total["http_n"] / renewed, 2) if renewed else None,
+        "sql_s_per_renewal": round(sum(float(c.get("sql_s", 0)) for c in instr.values()) / renewed, 4)
+        if renewed
+        else None,
+        "per_task_per_renewal": per_task,
+        "totals": total,
+    }
+
+
 def run_storm(args: argparse.Namespace) -> dict[str, Any]:
     import secrets
 
@@ -206,7 +277,23 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
         "beat": "real beat, shipped schedule"
         + (f" except scan_interval_seconds={scan_every} (--storm-scan-interval)" if scan_every else ""),
     }
-    cs = build_stack(instrument=False, case="storm", counting_proxy=True, extra_env=extra_env)
+    profile = bool(getattr(args, "storm_profile", False))
+    if profile:
+        out["profiled"] = "instrumented + py-spy: a profile, not the storm's throughput"
+    guard = not getattr(args, "storm_no_guard", False)
+    out["ca_guard"] = (
+        "counting proxy keeps newOrder and authz fetches from overlapping at Pebble (its 2.4.0 deadlock)"
+        if guard
+        else "none (--storm-no-guard): Pebble 2.4.0 can deadlock"
+    )
+    cs = build_stack(
+        instrument=profile,
+        case="storm",
+        counting_proxy=True,
+        guard_pebble_deadlock=guard,
+        extra_env=extra_env,
+    )
+    spies: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
         out["artifacts"] = str(cs.artifacts)
         top, seed_s = seed_active(cs, n, secrets.token_hex(2))
@@ -223,6 +310,8 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
             "order_timeout_seconds": auto.order_timeout_seconds,
         }
         cs.start_workers("acme", args.storm_workers, args.storm_concurrency)
+        if profile:
+            spies = start_profilers(cs, (cs.artifacts or cs.workdir) / "profile")
         r = redis_lib.Redis.from_url(cs.redis.url, socket_timeout=5)
         counts0 = cs.proxy.counts() if cs.proxy else {}
         meter = SystemMeter(cs)
@@ -267,6 +356,9 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(2.0)
         elapsed = time.monotonic() - t0
         out["loadavg_after"] = os.getloadavg()
+        if spies:
+            out["pyspy"] = stop_profilers(spies)
+            spies = []
         cpu = meter.stop()
         if status != "ok" and cs.artifacts is not None:
             log.warning("storm %s at %d/%d: taking the stall snapshot in %s", status, done, n, cs.artifacts)
@@ -314,6 +406,8 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
             )
         out.update(orders=orders, certificates_with_more_than_one_order=dups, states_at_end=states)
         cs.stop_workers()
+        if profile and done:
+            out["profile"] = profile_counts(read_instrument(cs.instrument_dir), done)
         outcomes = task_outcomes(cs.workdir / "logs")
         out["task_outcomes"] = outcomes
         if done:
@@ -333,4 +427,7 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
         }
         return out
     finally:
+        for proc, _ in spies:
+            if proc.poll() is None:
+                proc.kill()
         cs.teardown()

@@ -2,14 +2,17 @@
 
 Owns one ``named`` process and its work folder: the configuration, the zone files, the journal and
 the TSIG key. ``named`` runs in the foreground (``-g``) as ``nobody`` when we are root, listens on
-127.0.0.1 on a free high port (TCP and UDP), answers only for its own zones (``recursion no``) and has
-no control channel. Each zone accepts signed dynamic updates of TXT records only
-(``update-policy { grant <key> zonesub TXT; }``).
+``address`` (127.0.0.1) at ``port`` (a free high port unless one is given; a port below 1024, e.g. 53,
+is bound with the ``net_bind_service`` capability only), TCP and UDP, answers only for its own zones
+(``recursion no``) and has no control channel. The zone's ``ns`` A record is ``address``, so a client
+that asks the zone's nameserver on port 53 (lego's propagation check) finds this server when it
+listens on port 53 of a loopback address of its own. Each zone accepts signed dynamic updates of TXT
+records only (``update-policy { grant <key> zonesub TXT; }``).
 
-The primary zone (``example.test`` by default) also has an apex A, ``ns`` A and a wildcard A, all
-127.0.0.1, so a CA resolving through this server (Pebble's ``-dnsserver``) can validate HTTP-01 for
-any name in it against a loopback responder. Secondary zones (``validation.test`` by default) are for
-CNAME-delegated validation tests.
+The primary zone (``example.test`` by default) also has an apex A and a wildcard A, both 127.0.0.1,
+and an ``ns`` A at ``address``, so a CA resolving through this server (Pebble's ``-dnsserver``) can
+validate HTTP-01 for any name in it against a loopback responder. Secondary zones (``validation.test``
+by default) are for CNAME-delegated validation tests.
 
 Not used by a production deployment.
 """
@@ -48,7 +51,7 @@ class BindError(RuntimeError):
     """named could not be configured or started; carries the tail of its log (never the key)."""
 
 
-def _zone_file(zone: str, primary: str, extra: Sequence[str]) -> str:
+def _zone_file(zone: str, primary: str, extra: Sequence[str], ns_address: str = "127.0.0.1") -> str:
     ns = f"ns.{primary}."
     lines = [
         "$TTL 60",
@@ -58,7 +61,7 @@ def _zone_file(zone: str, primary: str, extra: Sequence[str]) -> str:
     if zone == primary:
         lines += [
             "@ IN A 127.0.0.1",
-            "ns IN A 127.0.0.1",
+            f"ns IN A {ns_address}",
             "* IN A 127.0.0.1",
         ]
     lines += list(extra)
@@ -80,6 +83,7 @@ class BindServer:
     algorithm: str = "hmac-sha256"
     start_timeout: float = 15.0
     port: int = 0
+    address: str = "127.0.0.1"
     workdir: Path | None = None
     secret: str = field(default="", repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -92,8 +96,8 @@ class BindServer:
 
     @property
     def nameserver(self) -> str:
-        """``"127.0.0.1:PORT"``, the form the rfc2136 provider and the resolver settings take."""
-        return f"127.0.0.1:{self.port}"
+        """``"ADDRESS:PORT"``, the form the rfc2136 provider and the resolver settings take."""
+        return f"{self.address}:{self.port}"
 
     def provider_config(self, **overrides: Any) -> dict[str, Any]:
         """Settings for ``certqueue.dns.rfc2136.RFC2136Provider`` against this server."""
@@ -117,7 +121,8 @@ class BindServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="certqueue-bind-"))
         try:
             self.secret = self._make_key()
-            self.port = free_tcp_udp_port()
+            if not self.port:
+                self.port = free_tcp_udp_port()
             self._write_config()
             self._check()
             self._chown()
@@ -176,7 +181,9 @@ class BindServer:
         wd = self.workdir
         zone_stanzas = []
         for zone in self.zones:
-            (wd / f"{zone}.zone").write_text(_zone_file(zone, self.zone, self.records.get(zone, ())))
+            (wd / f"{zone}.zone").write_text(
+                _zone_file(zone, self.zone, self.records.get(zone, ()), self.address)
+            )
             zone_stanzas.append(
                 f'zone "{zone}" {{\n  type primary;\n  file "{wd}/{zone}.zone";\n'
                 f'  update-policy {{ grant "{self.key_name}" zonesub TXT; }};\n}};\n'
@@ -189,7 +196,7 @@ class BindServer:
             f'  pid-file "{wd}/named.pid";\n'
             f'  session-keyfile "{wd}/session.key";\n'
             f'  managed-keys-directory "{wd}";\n'
-            f"  listen-on port {self.port} {{ 127.0.0.1; }};\n"
+            f"  listen-on port {self.port} {{ {self.address}; }};\n"
             "  listen-on-v6 { none; };\n"
             "  recursion no;\n"
             "  dnssec-validation no;\n"
@@ -238,7 +245,10 @@ class BindServer:
         assert self.workdir is not None
         cmd = [NAMED, "-g", "-4", "-c", str(self.workdir / "named.conf")]
         if self._run_as_nobody():
-            cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *cmd]
+            caps = []
+            if self.port < 1024:  # e.g. 53, for a client that asks the zone's NS on the DNS port
+                caps = ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
+            cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *caps, *cmd]
         log = (self.workdir / "named.log").open("wb")
         try:
             self.process = subprocess.Popen(
@@ -255,7 +265,7 @@ class BindServer:
             if self.process.poll() is not None:
                 raise BindError(f"named exited with {self.process.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(Exception):
-                resp = dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.3)
+                resp = dns.query.udp(query, self.address, port=self.port, timeout=0.3)
                 if resp.rcode() == dns.rcode.NOERROR and resp.answer:
                     return
             if time.monotonic() > deadline:

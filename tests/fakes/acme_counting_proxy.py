@@ -15,6 +15,15 @@ not the client's: ``python -m tests.fakes.acme_counting_proxy --upstream URL --c
 prints ``counting proxy ready <directory url> <combined CA bundle>``; ``GET /counts`` answers the counts
 as JSON (that path is the proxy's, not ACME's). :attr:`CountingProxy.combined_ca_bundle` trusts both
 Pebble's CA and the proxy's.
+
+``--guard-pebble-deadlock`` (:class:`Lanes`) keeps newOrder requests and authorization fetches
+(``/authZ/``) from overlapping at Pebble; each kind still runs concurrently with its own kind. Pebble
+2.4.0 deadlocks when they overlap under load (seen in a 10,000-certificate storm, goroutine dump in
+docs/performance.md): an authz POST-as-GET holds that authorization's lock and asks the store's
+read lock (``GetAccountByKey``); a newOrder waits for the store's write lock (``AddAuthorization``),
+which blocks new readers; another newOrder holds the store's read lock in ``FindValidAuthorization``
+and waits for the same authorization's lock. The guard is the proxy's behaviour, not the CA's, and
+counted (``guard waits``).
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import ssl
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -49,8 +60,69 @@ def classify(path: str, named_paths: dict[str, str]) -> str:
     return f"/{first}/" if first else "/"
 
 
+class Lanes:
+    """Requests of one lane run concurrently; requests of different lanes never overlap. Turns are
+    taken in phases: while a request of another lane waits, new requests of the running lane wait
+    too; when the lane is free, the other lane goes first and every request of it that was waiting
+    enters together. A steady stream of one kind cannot starve the other."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._lane: str | None = None
+        self._last: str | None = None
+        self._running = 0
+        self._admit = 0  # waiters of the running lane let in although the other lane waits
+        self._waiting: Counter[str] = Counter()
+        self.waits = 0
+
+    def _try_enter(self, lane: str, waiting: bool) -> bool:
+        others_wait = any(n for k, n in self._waiting.items() if k != lane)
+        if self._running == 0 and (not others_wait or lane != self._last):
+            self._lane = self._last = lane
+            self._admit = self._waiting[lane] - (1 if waiting else 0)
+        elif self._lane == lane and self._running > 0 and (not others_wait or self._admit > 0):
+            if others_wait:
+                self._admit -= 1
+        else:
+            return False
+        self._running += 1
+        return True
+
+    @contextmanager
+    def hold(self, lane: str) -> Iterator[None]:
+        with self._cond:
+            if not self._try_enter(lane, waiting=False):
+                self.waits += 1
+                self._waiting[lane] += 1
+                try:
+                    while not self._try_enter(lane, waiting=True):
+                        self._cond.wait()
+                finally:
+                    self._waiting[lane] -= 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                if self._running == 0:
+                    self._lane = None
+                    self._admit = 0
+                self._cond.notify_all()
+
+
+# the request kinds the guard keeps apart (see the module docstring)
+GUARDED = ("newOrder", "/authZ/")
+
+
 class CountingProxy:
-    def __init__(self, upstream_directory_url: str, upstream_ca_bundle: str | Path, workdir: Path) -> None:
+    def __init__(
+        self,
+        upstream_directory_url: str,
+        upstream_ca_bundle: str | Path,
+        workdir: Path,
+        *,
+        guard_pebble_deadlock: bool = False,
+    ) -> None:
         self.upstream_directory_url = upstream_directory_url
         self.upstream_ca_bundle = str(upstream_ca_bundle)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +138,7 @@ class CountingProxy:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._local = threading.local()
+        self.lanes = Lanes() if guard_pebble_deadlock else None
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -84,9 +157,13 @@ class CountingProxy:
         return f"{self.url}{self._directory_path}"
 
     def counts(self) -> dict[str, int]:
-        """Requests relayed, by counter (``newOrder``, ``newOrder 201``, ``/my-order/``, ...)."""
+        """Requests relayed, by counter (``newOrder``, ``newOrder 201``, ``/my-order/``, ...), and
+        ``guard waits`` (requests the deadlock guard held back) when it is on."""
         with self._lock:
-            return dict(self._counts)
+            out = dict(self._counts)
+        if self.lanes is not None:
+            out["guard waits"] = self.lanes.waits
+        return out
 
     @property
     def new_orders(self) -> int:
@@ -176,16 +253,18 @@ class CountingProxy:
         headers = {"Host": f"127.0.0.1:{self.port}"}
         if content_type:
             headers["Content-Type"] = content_type
+        guard = self.lanes.hold(kind) if self.lanes is not None and kind in GUARDED else _unguarded()
         try:
-            up = self._session().request(
-                method,
-                f"{self._upstream_base}{raw_path}",
-                data=body or None,
-                headers=headers,
-                verify=self.upstream_ca_bundle,
-                timeout=_UPSTREAM_TIMEOUT,
-                allow_redirects=False,
-            )
+            with guard:
+                up = self._session().request(
+                    method,
+                    f"{self._upstream_base}{raw_path}",
+                    data=body or None,
+                    headers=headers,
+                    verify=self.upstream_ca_bundle,
+                    timeout=_UPSTREAM_TIMEOUT,
+                    allow_redirects=False,
+                )
         except requests.RequestException as exc:
             with self._lock:
                 self._counts[kind] += 1
@@ -216,14 +295,26 @@ class CountingProxy:
         return data
 
 
+@contextmanager
+def _unguarded() -> Iterator[None]:
+    yield
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.fakes.acme_counting_proxy")
     ap.add_argument("--upstream", required=True, help="Pebble's directory URL")
     ap.add_argument("--ca", required=True, help="the CA bundle Pebble's listener is signed by")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument(
+        "--guard-pebble-deadlock",
+        action="store_true",
+        help="never let newOrder and authorization fetches overlap at Pebble (its 2.4.0 deadlock)",
+    )
     args = ap.parse_args(argv)
-    proxy = CountingProxy(args.upstream, args.ca, Path(args.workdir)).start(args.port)
+    proxy = CountingProxy(
+        args.upstream, args.ca, Path(args.workdir), guard_pebble_deadlock=args.guard_pebble_deadlock
+    ).start(args.port)
     print(f"counting proxy ready {proxy.directory_url} {proxy.combined_ca_bundle}", flush=True)
     try:
         threading.Event().wait()

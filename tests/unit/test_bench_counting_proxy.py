@@ -7,6 +7,8 @@ the client was handed names the proxy, so nothing bypasses the count."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import requests
 from certqueue import crypto
 from certqueue.acme.account import generate_account_key, register_account
 from certqueue.acme.client import AcmeClient, clear_directory_cache
-from tests.fakes.acme_counting_proxy import CountingProxy, classify
+from tests.fakes.acme_counting_proxy import CountingProxy, Lanes, classify
 
 NAMED = {"newOrder": "/order-plz", "newAccount": "/sign-me-up", "newNonce": "/nonce-plz"}
 
@@ -93,3 +95,77 @@ def test_counts_endpoint(proxy):
     resp = requests.get(f"{proxy.url}/counts", verify=str(proxy.combined_ca_bundle), timeout=10)
     assert resp.status_code == 200
     assert resp.json()["newAccount"] >= 1
+
+
+def _overlaps(lanes: Lanes, plan: list[str], hold_s: float = 0.05) -> tuple[set[tuple[str, str]], int]:
+    """Run one thread per lane name in ``plan`` at once; returns the pairs of lanes seen running at
+    the same moment and the most requests of one lane seen at once."""
+    running: list[str] = []
+    lock = threading.Lock()
+    pairs: set[tuple[str, str]] = set()
+    most = [0]
+    start = threading.Barrier(len(plan))
+
+    def one(lane: str) -> None:
+        start.wait()
+        with lanes.hold(lane):
+            with lock:
+                running.append(lane)
+                pairs.update((a, b) for a in running for b in running if a != b)
+                most[0] = max(most[0], running.count(lane))
+            time.sleep(hold_s)
+            with lock:
+                running.remove(lane)
+
+    threads = [threading.Thread(target=one, args=(lane,)) for lane in plan]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "a request never got its turn"
+    return pairs, most[0]
+
+
+def test_guard_lanes_never_overlap_but_each_runs_concurrently():
+    lanes = Lanes()
+    pairs, most = _overlaps(lanes, ["newOrder"] * 6 + ["/authZ/"] * 6)
+    assert pairs == set()  # a newOrder never ran beside an authz fetch
+    assert most > 1  # but newOrders (or authz fetches) ran beside each other
+    assert lanes.waits > 0
+
+
+def test_guard_takes_turns_under_a_steady_stream():
+    # a stream of newOrders that would keep the lane busy forever must still let an authz through
+    lanes = Lanes()
+    stop = threading.Event()
+    got_in = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            with lanes.hold("newOrder"):
+                time.sleep(0.01)
+
+    workers = [threading.Thread(target=stream) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(0.05)
+
+    def authz() -> None:
+        with lanes.hold("/authZ/"):
+            got_in.set()
+
+    t = threading.Thread(target=authz)
+    t.start()
+    try:
+        assert got_in.wait(5), "the authz fetch starved behind the newOrders"
+    finally:
+        stop.set()
+        for w in [*workers, t]:
+            w.join(timeout=5)
+
+
+def test_guard_is_off_unless_asked(pebble, tmp_path: Path):
+    off = CountingProxy(pebble.directory_url, pebble.ca_bundle, tmp_path / "off")
+    on = CountingProxy(pebble.directory_url, pebble.ca_bundle, tmp_path / "on", guard_pebble_deadlock=True)
+    assert off.lanes is None and "guard waits" not in off.counts()
+    assert on.counts()["guard waits"] == 0
