@@ -569,7 +569,7 @@ def _wait_states(
     deadline = time.monotonic() + timeout
     result: dict[str, str] = {}
     told: dict[str, str] = {}
-    with Progress(console=err_console, transient=True) as progress:
+    with Progress(console=err_console._get(), transient=True) as progress:
         task = progress.add_task(label, total=len(ids))
         while True:
             deferred: list[tuple[str, dict[str, Any]]] = []

@@ -328,9 +328,9 @@ class MultiRegionSettings(Section):
 class MonitoringSettings(Section):
     #: false: ``certqueue metrics`` refuses to start and workers record no latencies
     enabled: bool = True
-    #: workers send Celery task events all the time (true), or only while Flower asks for them
-    #: (false: Flower broadcasts enable_events when it starts); each event is a Redis write
-    task_events: bool = False
+    #: workers send Celery task events (what Flower shows); false saves a Redis write per event,
+    #: and Flower then shows no tasks
+    task_events: bool = True
     #: the metrics listener's own port (not the API's, not the Pushgateway's 9091)
     prometheus_port: int = Field(9745, ge=1, le=65535)
     bind: str = "127.0.0.1"
