@@ -35,7 +35,7 @@ from certqueue.errors import InvalidInput, InvalidTransition, NotFound, Permanen
 from certqueue.lifecycle import failure, states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.models import Certificate, Challenge, State, utcnow
-from certqueue.tasks.base import CertqueueTask, StepContext, Wait, classify, kind_of, send_nudges
+from certqueue.tasks.base import CertqueueTask, StepContext, Wait, bound, classify, kind_of, send_nudges
 from certqueue.tasks.pipeline import (
     Deferred,
     OrderLease,
@@ -543,9 +543,9 @@ def _send_after(ctx: StepContext) -> None:
     so a failed send never fails the certificate."""
     try:
         for sig in ctx.follow_ups:
-            sig.apply_async()
+            bound(sig, ctx.task.app).apply_async()
         if ctx.replacement is not None:
-            ctx.replacement.apply_async()
+            bound(ctx.replacement, ctx.task.app).apply_async()
     except Exception as exc:  # noqa: BLE001  (committed work: the reconciler resends it)
         log.warning("batch: follow-up not sent (%s); the reconciler resends it", type(exc).__name__)
     send_nudges(ctx)

@@ -238,8 +238,15 @@ class CertqueueTask(Task):  # type: ignore[misc]
 
     def _send(self, ctx: StepContext) -> None:
         for sig in ctx.follow_ups:
-            sig.apply_async()
+            bound(sig, self.app).apply_async()
         send_nudges(ctx)
+
+
+def bound(sig: Signature, app: Any) -> Signature:
+    """``sig`` sent through ``app`` (the task's own), not whatever app is current in the thread:
+    a follow-up by name must go to the broker the step's worker uses."""
+    sig._app = app
+    return sig
 
 
 def send_nudges(ctx: StepContext) -> None:

@@ -65,9 +65,11 @@ class _Probe(CertqueueTask):
 
 @pytest.fixture
 def probe(settings: Settings) -> Iterator[Any]:
-    from certqueue.celery_app import lazy_app
+    from certqueue.celery_app import create_app
 
-    app: Celery = lazy_app.get()
+    # an app of this test's own settings (its broker folder): the process-wide one may have been
+    # built by an earlier test's module fixtures
+    app: Celery = create_app(settings)
 
     @app.task(bind=True, base=_Probe, name="tests.tasks.probe", shared=False)
     def probe_task(self: Any, *_args: Any, **_kw: Any) -> None:  # never run: run_step is driven
