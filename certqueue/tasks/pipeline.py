@@ -99,18 +99,26 @@ class OrderLease:
         order.lease_until = None
 
     def release(self) -> None:
-        session = self.ctx.session
-        try:
-            session.rollback()
-            session.execute(
-                update(Order)
-                .where(Order.id == self.order_id, Order.lease_token == self.token)
-                .values(lease_token=None, lease_until=None)
-            )
-            session.commit()
-        except Exception as exc:  # noqa: BLE001  (the lease then simply runs out)
-            session.rollback()
-            log.info("order %s: lease not given back (%s); it runs out", self.order_id, type(exc).__name__)
+        give_back_lease(self.ctx.session, Order, self.order_id, self.token)
+
+
+def give_back_lease(session: Session, model: Any, row_id: int, token: str) -> None:
+    """After a failure, clear the lease on ``model`` row ``row_id`` if it is still ``token``'s, in a
+    short transaction of its own (a retry need not wait for it to run out). Orders and deployments
+    carry the same two lease columns."""
+    try:
+        session.rollback()
+        session.execute(
+            update(model)
+            .where(model.id == row_id, model.lease_token == token)
+            .values(lease_token=None, lease_until=None)
+        )
+        session.commit()
+    except Exception as exc:  # noqa: BLE001  (the lease then simply runs out)
+        session.rollback()
+        log.info(
+            "%s %s: lease not given back (%s); it runs out", model.__tablename__, row_id, type(exc).__name__
+        )
 
 
 class Deferred(Exception):

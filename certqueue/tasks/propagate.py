@@ -23,7 +23,7 @@ import secrets
 from typing import Any
 
 from celery import chord, shared_task
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from certqueue import certificates, failpoints, intents, operations, payloads
 from certqueue.celery_app import region_queue
@@ -35,7 +35,7 @@ from certqueue.lifecycle.backoff import backoff
 from certqueue.models import Deployment, Issuance, State, utcnow
 from certqueue.targets.base import Bundle, load_target
 from certqueue.tasks.base import CertqueueTask, StepContext, Wait
-from certqueue.tasks.pipeline import certificate_of, park_certificate, parks_so_far
+from certqueue.tasks.pipeline import certificate_of, give_back_lease, park_certificate, parks_so_far
 
 log = logging.getLogger("certqueue.propagate")
 
@@ -230,7 +230,7 @@ def _deploy_step(ctx: StepContext, certificate_id: str, region: str, issuance_id
         target = load_target(reg.target, reg.target_settings())
         ref = target.deploy(bundle, remote_ref)
     except BaseException:
-        _release_deployment(session, d.id, token)
+        give_back_lease(session, Deployment, d.id, token)
         raise
     d = _lock_deployment(session, certificate_id, region)
     if d is None or d.lease_token != token:
@@ -252,21 +252,6 @@ def _deploy_step(ctx: StepContext, certificate_id: str, region: str, issuance_id
         data={"region": region, "issuance": issuance_id},
     )
     return {"region": region, "status": "success"}
-
-
-def _release_deployment(session: Any, deployment_id: int, token: str) -> None:
-    """Give a failed deploy's lease back at once (a retry need not wait for it to run out)."""
-    try:
-        session.rollback()
-        session.execute(
-            update(Deployment)
-            .where(Deployment.id == deployment_id, Deployment.lease_token == token)
-            .values(lease_token=None, lease_until=None)
-        )
-        session.commit()
-    except Exception as exc:  # noqa: BLE001  (the lease then runs out by itself)
-        session.rollback()
-        log.info("deployment %s: lease not given back (%s)", deployment_id, type(exc).__name__)
 
 
 @shared_task(bind=True, base=DeployTask, name="certqueue.propagate.deploy")
