@@ -38,9 +38,17 @@ class _Nudger:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._last_failure_logged = 0.0
+        self._closed = False
         self.sent = 0
 
+    def close(self) -> None:
+        """Send nothing more (a nudge still waiting for its interval is dropped)."""
+        self._closed = True
+        self._wanted.set()
+
     def request(self) -> None:
+        if self._closed:
+            return
         with self._lock:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 self._pid = os.getpid()
@@ -59,6 +67,9 @@ class _Nudger:
         while True:
             self._wanted.wait()
             self._wanted.clear()
+            if self._closed:
+                self._idle.set()
+                return
             self._send()
             if not self._wanted.is_set():
                 self._idle.set()
@@ -72,6 +83,8 @@ class _Nudger:
                 from certqueue.client import app_for_sending
 
                 app = app_for_sending()
+            if self._closed:
+                return
             # a connection of its own that gives up at once: with the broker down, kombu's default
             # (up to 100 reconnects) would hold this thread for minutes and swallow later nudges
             with app.connection_for_write() as conn:
@@ -106,6 +119,7 @@ def nudger_for(app_getter: Callable[[], Any]) -> _Nudger:
 
 _later_lock = threading.Lock()
 _later_due = 0.0
+_generation = 0  # raised by reset(): a delayed nudge of an earlier generation is not sent
 
 
 def nudge_later(seconds: float) -> None:
@@ -121,8 +135,11 @@ def nudge_later(seconds: float) -> None:
         if time.monotonic() < _later_due <= due + 1.0:
             return  # one is already due sooner (or about then)
         _later_due = due
+        generation = _generation
 
     def send() -> None:
+        if generation != _generation:
+            return
         try:
             from certqueue.client import app_for_sending
 
@@ -145,6 +162,9 @@ def nudge_later(seconds: float) -> None:
 
 def reset() -> None:
     """Forget this process's nudgers (tests: a nudger must not outlive the broker it was sending to)."""
-    global _nudger, _later_due
+    global _nudger, _later_due, _generation
+    _nudger.close()
     _nudger = _Nudger()
-    _later_due = 0.0
+    with _later_lock:
+        _later_due = 0.0
+        _generation += 1

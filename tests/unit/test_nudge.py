@@ -1,0 +1,117 @@
+"""The dispatch nudge (certqueue/nudge.py): a burst coalesces into few messages, the last request is
+never lost, and a nudger that was reset sends nothing more (a test's nudge must not land in the
+next test's broker: CI once saw a stray ``certqueue.scan.dispatch`` there)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from certqueue import nudge
+
+
+class _Conn:
+    def __enter__(self) -> _Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def ensure_connection(self, **_kw: Any) -> None:
+        return None
+
+
+class _App:
+    """Records what would have gone to the broker."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def connection_for_write(self) -> _Conn:
+        return _Conn()
+
+    def send_task(self, name: str, **kw: Any) -> None:
+        with self.lock:
+            self.sent.append({"name": name, **kw})
+
+
+@pytest.fixture
+def fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nudge, "MIN_INTERVAL", 0.2)
+
+
+def _wait_for(pred: Any, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def test_a_burst_coalesces_and_the_last_request_is_sent(fast: None) -> None:
+    app = _App()
+    n = nudge.nudger_for(lambda: app)
+    for _ in range(50):
+        n.request()
+    assert n.flush(5.0)
+    # the first request is sent at once, the rest of the burst at most once more (trailing edge)
+    assert 1 <= len(app.sent) <= 2
+    assert all(m["name"] == nudge.DISPATCH_TASK and m["queue"] == "scan" for m in app.sent)
+    before = len(app.sent)
+    time.sleep(0.3)
+    n.request()  # after a quiet interval: a new message
+    assert _wait_for(lambda: len(app.sent) == before + 1)
+    n.close()
+
+
+def test_a_closed_nudger_drops_what_was_waiting_and_sends_nothing_more(fast: None) -> None:
+    app = _App()
+    n = nudge.nudger_for(lambda: app)
+    n.request()
+    assert _wait_for(lambda: len(app.sent) == 1)
+    n.request()  # waits for the interval to pass
+    n.close()
+    n.request()
+    time.sleep(0.6)
+    assert len(app.sent) == 1
+    assert n.flush(1.0)  # nothing pending: a CLI's flush does not hang on a closed nudger
+
+
+def test_reset_drops_a_delayed_nudge_of_the_earlier_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = _App()
+    import certqueue.client
+
+    monkeypatch.setattr(certqueue.client, "app_for_sending", lambda: app)
+    gate = threading.Event()
+    started: list[threading.Thread] = []
+    real_thread = threading.Thread
+
+    def held_thread(*a: Any, **kw: Any) -> threading.Thread:
+        target = kw.pop("target")
+
+        def run() -> None:
+            gate.wait(5)
+            target()
+
+        kw["target"] = run
+        t = real_thread(*a, **kw)
+        started.append(t)
+        return t
+
+    monkeypatch.setattr(nudge.threading, "Thread", held_thread)
+    nudge.nudge_later(30)
+    nudge.reset()  # the next test begins before the delayed message went out
+    gate.set()
+    for t in started:
+        t.join(5)
+    assert app.sent == []
+
+    monkeypatch.setattr(nudge.threading, "Thread", real_thread)
+    nudge.nudge_later(30)  # the new generation sends
+    assert _wait_for(lambda: len(app.sent) == 1)
+    assert app.sent[0]["countdown"] == 30
