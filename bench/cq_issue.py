@@ -307,8 +307,20 @@ def build_profile(
             "pg_tuples_deleted": delta.get("tup_deleted", 0) / n,
         },
         "pg_stat_delta": delta,
+        # with BENCH_SQL_SHAPES=1: statements per certificate by verb and table, most first
+        "sql_shapes_per_cert": _shapes(instr, n),
         "instrument_raw": instr,
     }
+
+
+def _shapes(instr: dict[str, dict[str, float]], n: int) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for c in instr.values():
+        for key, value in c.items():
+            if key.startswith("shape:") and key.endswith("_n"):
+                shape = key[len("shape:") : -len("_n")]
+                merged[shape] = merged.get(shape, 0) + value
+    return {k: round(v / n, 2) for k, v in sorted(merged.items(), key=lambda kv: -kv[1])}
 
 
 def run_certqueue_timed(

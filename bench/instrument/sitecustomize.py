@@ -55,6 +55,24 @@ if _DIR:
         except OSError:
             pass
 
+    _SHAPES = os.environ.get("BENCH_SQL_SHAPES", "") not in ("", "0")
+    _shape_re: list[object] = []
+
+    def _shape(statement: str) -> str:
+        """``SELECT certificates``, ``UPDATE orders``, ``INSERT events``: the verb and the first
+        table named, never a value (statements carry parameters as placeholders)."""
+        import re
+
+        if not _shape_re:
+            _shape_re.append(
+                re.compile(r"^\s*(UPDATE|\w+\b.*?\b(?:FROM|INTO))\s+\"?(\w+)", re.I | re.S)
+            )
+        m = _shape_re[0].match(statement)  # type: ignore[attr-defined]
+        if m is None:
+            return statement.split(None, 1)[0].upper() if statement.strip() else "?"
+        verb, table = m.group(1).split(None, 1)[0].upper(), m.group(2)
+        return f"{verb} {table}"
+
     def _install_sqlalchemy() -> None:
         from sqlalchemy import event
         from sqlalchemy.engine import Engine
@@ -65,7 +83,10 @@ if _DIR:
         def after(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
             stack = conn.info.get("_bench_t0")
             if stack:
-                _add("sql", time.perf_counter() - stack.pop())
+                dt = time.perf_counter() - stack.pop()
+                _add("sql", dt)
+                if _SHAPES:
+                    _add("shape:" + _shape(statement), dt)
 
         event.listen(Engine, "before_cursor_execute", before)
         event.listen(Engine, "after_cursor_execute", after)
