@@ -64,9 +64,7 @@ if _DIR:
         import re
 
         if not _shape_re:
-            _shape_re.append(
-                re.compile(r"^\s*(UPDATE|\w+\b.*?\b(?:FROM|INTO))\s+\"?(\w+)", re.I | re.S)
-            )
+            _shape_re.append(re.compile(r"^\s*(UPDATE|\w+\b.*?\b(?:FROM|INTO))\s+\"?(\w+)", re.I | re.S))
         m = _shape_re[0].match(statement)  # type: ignore[attr-defined]
         if m is None:
             return statement.split(None, 1)[0].upper() if statement.strip() else "?"
