@@ -73,6 +73,7 @@ def reset_process_caches() -> None:
     acme_client.clear_directory_cache()
     accounts.forget_cache()
     failpoints._points = None
+    failpoints._hits.clear()
     nudge.reset()
     with metrics._store_lock:
         metrics._pending.clear()  # observations of an earlier test are not flushed into this one

@@ -29,12 +29,13 @@ def limited(tmp_path) -> Iterator[Pipeline]:
         if os.environ.get("CERTQUEUE_REQUIRE_SERVICES"):
             pytest.fail(why)
         pytest.skip(why)
-    # one certificate per registered domain per ~60 s: the second waits for the budget
+    # one certificate per registered domain per ~43 s: the second waits for the budget (long enough
+    # for the checks below to see it waiting), the third for the one after
     env = {
         # Pebble is no Let's Encrypt: its budgets apply only when the rules are forced on for it
         "CERTQUEUE_RATE_LIMITS__CA_RULES": '["*=custom"]',
         "CERTQUEUE_RATE_LIMITS__CERTIFICATES_PER_REGISTERED_DOMAIN": "1",
-        "CERTQUEUE_RATE_LIMITS__CERTIFICATES_PER_REGISTERED_DOMAIN_PERIOD_DAYS": "0.0007",
+        "CERTQUEUE_RATE_LIMITS__CERTIFICATES_PER_REGISTERED_DOMAIN_PERIOD_DAYS": "0.0005",
     }
     p = build_pipeline(tmp_path, backend="postgres", extra_env=env, pools=("acme",))
     yield p
