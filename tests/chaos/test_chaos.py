@@ -16,6 +16,7 @@ run 200), a quarter of them wildcards through DNS-01.
 from __future__ import annotations
 
 import ast
+import collections
 import json
 import os
 import random
@@ -132,7 +133,8 @@ class Chaos:
             i: st.get(i) for i in self.ids if st.get(i) != ("FAILED" if i in self.expect_failed else "ACTIVE")
         }
         raise AssertionError(
-            f"{len(bad)} certificates did not settle: {dict(list(bad.items())[:10])}\n"
+            f"{len(bad)} certificates did not settle: {dict(list(bad.items())[:10])}"
+            f" (all states: {dict(collections.Counter(st.get(i) for i in self.ids))})\n"
             f"{self.stack.all_logs()[-5000:]}"
         )
 
@@ -521,9 +523,15 @@ def test_sigkill_in_the_middle_of_a_batch_orders_once_at_the_ca(chaos: Chaos):
 def test_redis_restart_mid_run_loses_queued_messages_and_the_reconciler_recovers(chaos: Chaos):
     driver = _in_background(lambda: chaos.request_batch(N, "r"))
     # restart while messages are waiting in the queues (not after a fixed sleep that may miss them)
-    _await(lambda: _ready_messages(chaos) >= 1, timeout=120, what="messages queued in Redis")
-    lost = _ready_messages(chaos)
+    seen: list[int] = []
+
+    def queued() -> bool:
+        seen.append(_ready_messages(chaos))
+        return seen[-1] >= 1
+
+    _await(queued, timeout=120, what="messages queued in Redis")
     chaos.redis.restart(down_seconds=3)  # everything queued in Redis is gone
+    lost = seen[-1]  # what was queued just before (read again, a worker may have taken it meanwhile)
     assert _ready_messages(chaos) <= lost  # the new Redis did not get the old queues back
     driver.finish(timeout=180)
     assert len(chaos.ids) == N
