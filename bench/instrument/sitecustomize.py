@@ -55,17 +55,15 @@ if _DIR:
         except OSError:
             pass
 
+    import re
+
     _SHAPES = os.environ.get("BENCH_SQL_SHAPES", "") not in ("", "0")
-    _shape_re: list[object] = []
+    _SHAPE_RE = re.compile(r"^\s*(UPDATE|\w+\b.*?\b(?:FROM|INTO))\s+\"?(\w+)", re.I | re.S)
 
     def _shape(statement: str) -> str:
         """``SELECT certificates``, ``UPDATE orders``, ``INSERT events``: the verb and the first
         table named, never a value (statements carry parameters as placeholders)."""
-        import re
-
-        if not _shape_re:
-            _shape_re.append(re.compile(r"^\s*(UPDATE|\w+\b.*?\b(?:FROM|INTO))\s+\"?(\w+)", re.I | re.S))
-        m = _shape_re[0].match(statement)  # type: ignore[attr-defined]
+        m = _SHAPE_RE.match(statement)
         if m is None:
             return statement.split(None, 1)[0].upper() if statement.strip() else "?"
         verb, table = m.group(1).split(None, 1)[0].upper(), m.group(2)

@@ -485,8 +485,8 @@ def _orders_waiting_to_finalize(c: Chaos) -> int:
     [
         {
             "counting_proxy": True,
-            # every order, not only the first MID_BATCH_HELD of each process: with the count, a run
-            # on this code ordered one certificate twice at the CA (201 for 200; see the notes)
+            # every order: holding only the first few of each process (sleep:<s>:<n>), a run on
+            # this code ordered one certificate twice at the CA (201 for 200; see the notes)
             "acme_failpoints": f"validate.before_finalize=sleep:{MID_BATCH_PAUSE_S}",
         }
     ],
@@ -523,15 +523,9 @@ def test_sigkill_in_the_middle_of_a_batch_orders_once_at_the_ca(chaos: Chaos):
 def test_redis_restart_mid_run_loses_queued_messages_and_the_reconciler_recovers(chaos: Chaos):
     driver = _in_background(lambda: chaos.request_batch(N, "r"))
     # restart while messages are waiting in the queues (not after a fixed sleep that may miss them)
-    seen: list[int] = []
-
-    def queued() -> bool:
-        seen.append(_ready_messages(chaos))
-        return seen[-1] >= 1
-
-    _await(queued, timeout=120, what="messages queued in Redis")
+    _await(lambda: _ready_messages(chaos) >= 1, timeout=120, what="messages queued in Redis")
+    lost = _ready_messages(chaos)
     chaos.redis.restart(down_seconds=3)  # everything queued in Redis is gone
-    lost = seen[-1]  # what was queued just before (read again, a worker may have taken it meanwhile)
     assert _ready_messages(chaos) <= lost  # the new Redis did not get the old queues back
     driver.finish(timeout=180)
     assert len(chaos.ids) == N
