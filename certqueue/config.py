@@ -273,6 +273,12 @@ class AutomationSettings(Section):
     #: no row lock is held while the CA answers; a worker that dies mid-step leaves a lease that
     #: runs out after this, so it bounds how long its certificates wait
     order_lease_seconds: float = Field(60, ge=5, le=900)
+    #: the first of the quick retries inside a message after a transient error (a CA, DNS,
+    #: PostgreSQL or Redis outage), doubling: 1, 2, 4, 8, 16 s by default (seconds)
+    transient_retry_initial_seconds: float = Field(1.0, gt=0, le=60)
+    #: after the quick retries, the work is parked in the database and resumed after this long,
+    #: doubling per parking up to an hour; transient trouble never fails a certificate (seconds)
+    park_initial_seconds: float = Field(60, gt=0, le=3600)
 
 
 class RegionSettings(BaseModel):

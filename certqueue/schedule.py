@@ -24,7 +24,9 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         },
         "reconcile": {
             "task": "certqueue.scan.reconcile",
-            "schedule": max(min(a.stuck_after_seconds / 3, 300), 1),
+            # it resends lost work (past ``stuck_after_seconds``) and resumes parked work (past its
+            # park delay): often enough for both, so a 60 s parking is not a five-minute one
+            "schedule": max(min(a.stuck_after_seconds / 3, a.park_initial_seconds / 2, 300), 1),
             "options": {"queue": "scan"},
         },
         "ari": {

@@ -69,6 +69,11 @@ REVOCATION_REASONS = frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 10})
 #: RFC 9773: the certificate named in ``replaces`` already has a replacement order
 ALREADY_REPLACED = "acme:alreadyReplaced"
 
+#: how far :meth:`AcmeClient.find_open_order` reads an account's order list (pages), and how many
+#: of the listed orders it fetches at most: a bounded recovery path, never a scan of a whole history
+ORDER_LIST_MAX_PAGES = 1000
+ORDER_LIST_MAX_FETCHES = 50
+
 _directories: dict[str, messages.Directory] = {}
 _directories_lock = threading.Lock()
 
@@ -258,6 +263,20 @@ class AuthzStatus:
         if self.status != "invalid":
             return None
         return next(iter(self.problems.values())).reason if self.problems else "acme:orderInvalid"
+
+
+def _identifiers_of(csr_pem: bytes) -> list[messages.Identifier]:
+    """The ACME identifiers (DNS names, then IP addresses) a CSR asks for."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise InvalidInput("CSR is not a PEM certificate request", field="csr") from exc
+    dns_names, ips = crypto_util.get_identifiers_from_x509(csr.subject, csr.extensions)
+    identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in dns_names]
+    identifiers += [messages.Identifier(typ=messages.IDENTIFIER_IP, value=str(ip)) for ip in ips]
+    if not identifiers:
+        raise InvalidInput("CSR names no identifier", field="csr")
+    return identifiers
 
 
 def _status(status: messages.Status | None) -> str:
@@ -456,15 +475,7 @@ class AcmeClient:
         while they are fetched resumes this order instead of opening another.
         """
         self._require_account()
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise InvalidInput("CSR is not a PEM certificate request", field="csr") from exc
-        dns_names, ips = crypto_util.get_identifiers_from_x509(csr.subject, csr.extensions)
-        identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in dns_names]
-        identifiers += [messages.Identifier(typ=messages.IDENTIFIER_IP, value=str(ip)) for ip in ips]
-        if not identifiers:
-            raise InvalidInput("CSR names no identifier", field="csr")
+        identifiers = _identifiers_of(csr_pem)
         directory = self.directory
         if profile:
             meta = getattr(directory, "meta", None)
@@ -515,6 +526,59 @@ class AcmeClient:
         with mapped("fetch authorizations"):
             authzs = [self._fetch_authz(url) for url in body.authorizations]
         return order.update(body=body, authorizations=authzs)
+
+    def find_open_order(
+        self,
+        csr_pem: bytes,
+        known: Callable[[list[str]], set[str]],
+        *,
+        max_pages: int = ORDER_LIST_MAX_PAGES,
+        max_fetches: int = ORDER_LIST_MAX_FETCHES,
+    ) -> messages.OrderResource | None:
+        """An order this account has open at the CA (pending or ready) for exactly the identifiers of
+        ``csr_pem``, that ``known`` does not claim; None when there is none, or when the CA does not
+        list an account's orders.
+
+        This is how an order the CA created but whose URL was never stored (the worker died between
+        the CA's answer and the commit) is found again instead of ordered twice. RFC 8555 section
+        7.1.2.1: the account object's ``orders`` URL lists its orders, paged by ``Link: rel="next"``
+        (Pebble lists every order that is not invalid, oldest first; Boulder has no list and reuses
+        an open order for the same names itself). ``known`` gets each batch of listed URLs and
+        answers those already stored (another certificate's, or this one's earlier ones): only the
+        rest are fetched, newest first, at most ``max_fetches``. No authorizations are fetched
+        (:meth:`refresh_order` does that). The CSR is sent at finalization, not with the order, so
+        an order found here is finalized with the CSR of the row that lost it.
+        """
+        self._require_account()
+        assert self._account_url is not None
+        wanted = {(str(i.typ.name), str(i.value).lower()) for i in _identifiers_of(csr_pem)}
+        with mapped("list orders"):
+            url = self.acme._post_as_get(self._account_url).json().get("orders")
+            listed: list[str] = []
+            pages = 0
+            while url and pages < max_pages:
+                response = self.acme._post_as_get(url)
+                listed += [str(u) for u in response.json().get("orders") or []]
+                pages += 1
+                nxt = self.acme._get_links(response, "next")
+                url = nxt[0] if nxt else None
+        if not listed:
+            return None
+        claimed: set[str] = set()
+        for i in range(0, len(listed), 500):
+            claimed |= known(listed[i : i + 500])
+        fresh = [u for u in reversed(listed) if u not in claimed][:max_fetches]
+        now = time.time()
+        for uri in fresh:
+            body, _ = self._fetch_order_body(messages.OrderResource(uri=uri))
+            if body.status not in (_PENDING, _READY):
+                continue
+            if body.expires is not None and body.expires.timestamp() < now + 300:
+                continue  # about to expire: not worth resuming
+            got = {(str(i.typ.name), str(i.value).lower()) for i in body.identifiers or ()}
+            if got == wanted:
+                return messages.OrderResource(body=body, uri=uri, authorizations=[], csr_pem=csr_pem)
+        return None
 
     # -- challenges ---------------------------------------------------------------------------
 

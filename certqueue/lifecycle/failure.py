@@ -85,9 +85,13 @@ def decide(
     parks: int = 0,
     retry_after: float | None = None,
     rng: random.Random | None = None,
+    initial: float = TRANSIENT_INITIAL,
+    park_initial: float = PARK_INITIAL,
 ) -> Decision:
     """What to do with an error of ``kind`` after ``retries`` quick retries of this message and
-    ``parks`` earlier parkings of the same work."""
+    ``parks`` earlier parkings of the same work. ``initial`` and ``park_initial`` start the two
+    doubling schedules (``automation.transient_retry_initial_seconds`` and
+    ``automation.park_initial_seconds``; the table's values by default)."""
     if kind is Kind.KEYSTORE:
         return Decision(Action.STOP_WORKER)
     if kind is Kind.INVALID_INPUT:
@@ -96,9 +100,9 @@ def decide(
         return Decision(Action.FAIL)
     floor = clamp_retry_after(retry_after, MAX_ORDER_RETRY_AFTER)
     if retries < TRANSIENT_IN_TASK_RETRIES:
-        delay = backoff(retries + 1, initial=TRANSIENT_INITIAL, cap=TRANSIENT_CAP, rng=rng, retry_after=floor)
+        delay = backoff(retries + 1, initial=initial, cap=TRANSIENT_CAP, rng=rng, retry_after=floor)
         return Decision(Action.RETRY, min(delay, MAX_COUNTDOWN))
-    delay = backoff(parks + 1, initial=PARK_INITIAL, cap=PARK_CAP, rng=rng, retry_after=floor)
+    delay = backoff(parks + 1, initial=park_initial, cap=PARK_CAP, rng=rng, retry_after=floor)
     return Decision(Action.PARK, delay)
 
 

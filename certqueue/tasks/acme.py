@@ -35,7 +35,16 @@ from certqueue.errors import InvalidInput, InvalidTransition, NotFound, Permanen
 from certqueue.lifecycle import failure, states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.models import Certificate, Challenge, State, utcnow
-from certqueue.tasks.base import CertqueueTask, StepContext, Wait, bound, classify, kind_of, send_nudges
+from certqueue.tasks.base import (
+    CertqueueTask,
+    StepContext,
+    Wait,
+    bound,
+    classify,
+    decide,
+    kind_of,
+    send_nudges,
+)
 from certqueue.tasks.pipeline import (
     Deferred,
     OrderLease,
@@ -638,7 +647,7 @@ def _issue_one(task: CertqueueTask, job: dict[str, Any], window: float) -> str:
         return _validate_in_task(task, cid, window)
     except Exception as exc:  # noqa: BLE001  (mapped to the policy below, per certificate)
         kind = classify(exc)
-        decision = failure.decide(kind_of(kind), retries=0, retry_after=getattr(kind, "retry_after", None))
+        decision = decide(kind_of(kind), retries=0, retry_after=getattr(kind, "retry_after", None))
         log.info("batch: %s: %s; handing it to the single-certificate steps", cid, kind.reason)
         if decision.action is failure.Action.FAIL:
             with session_scope() as session:

@@ -31,6 +31,7 @@ from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from certqueue.config import get_settings
 from certqueue.db import session_scope
 from certqueue.errors import (
     CertqueueError,
@@ -100,6 +101,22 @@ def classify(exc: BaseException) -> CertqueueError:
     if isinstance(exc, ConnectionError | TimeoutError | OSError):
         return RetryableError(f"network error: {type(exc).__name__}", reason="network")
     return PermanentError(f"internal error: {type(exc).__name__}", reason="internal")
+
+
+def decide(
+    kind: failure.Kind, *, retries: int, parks: int = 0, retry_after: float | None = None
+) -> failure.Decision:
+    """``failure.decide`` with the two schedules started where the settings say
+    (``automation.transient_retry_initial_seconds``, ``automation.park_initial_seconds``)."""
+    a = get_settings().automation
+    return failure.decide(
+        kind,
+        retries=retries,
+        parks=parks,
+        retry_after=retry_after,
+        initial=a.transient_retry_initial_seconds,
+        park_initial=a.park_initial_seconds,
+    )
 
 
 def kind_of(exc: CertqueueError) -> failure.Kind:
@@ -186,7 +203,7 @@ class CertqueueTask(Task):  # type: ignore[misc]
             )
         retry_after = kind.retry_after if isinstance(kind, RetryableError) else None
         kind_name = failure.Kind.INVALID_INPUT if isinstance(kind, self.request_errors) else kind_of(kind)
-        decision = failure.decide(kind_name, retries=transient, retry_after=retry_after)
+        decision = decide(kind_name, retries=transient, retry_after=retry_after)
         if decision.action is failure.Action.RETRY:
             log.warning(
                 "%s%s: retryable %s, retry %d in %.1fs",
@@ -214,9 +231,7 @@ class CertqueueTask(Task):  # type: ignore[misc]
             with session_scope() as session:
                 pctx = StepContext(session=session, task=self)
                 parks = self.parks(pctx, *args)
-                delay = failure.decide(
-                    kind_name, retries=transient, parks=parks, retry_after=retry_after
-                ).delay
+                delay = decide(kind_name, retries=transient, parks=parks, retry_after=retry_after).delay
                 outcome = self.on_park(pctx, kind, delay, *args)
             self._send(pctx)
             return outcome if outcome is not None else {"status": "backing_off", "reason": kind.reason}

@@ -20,7 +20,7 @@ from celery.canvas import Signature
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, challenge_tokens, crypto, intents, solvers
+from certqueue import certificates, challenge_tokens, crypto, failpoints, intents, solvers
 from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
 from certqueue.acme.errors import IncompleteOrder
@@ -232,11 +232,11 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     if order is not None and order.order_url is None:
         if order.lease_until is not None and order.lease_until > utcnow():
             raise Wait((order.lease_until - utcnow()).total_seconds() + 0.5)  # another step places it
-        # a newOrder that was never confirmed (its step died): nothing to resume, order again
-        order.status = "abandoned"
-        order.error = "newOrder not confirmed"
-        order.finished_at = utcnow()
-        order = None
+        # a newOrder that was never confirmed (its step died): find it at the CA, or order again
+        found = _find_unconfirmed(ctx, cert, client, order, purpose)
+        if found is None:
+            return {"certificate_id": cert.id, "status": "superseded"}
+        cert, order = found
     placing = _prepare_order(ctx, cert, client, account_id, purpose) if order is None else None
     if placing is not None:
         order = placing.order
@@ -282,6 +282,53 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     else:
         ctx.then(task("certqueue.acme.validate", cert.id))
     return {"certificate_id": cert.id, "order": order.id, "status": "ordered"}
+
+
+def _find_unconfirmed(
+    ctx: StepContext, cert: Certificate, client: AcmeClient, order: Order, purpose: str
+) -> tuple[Certificate, Order | None] | None:
+    """The order row whose newOrder was sent but whose URL was never stored (its step died between
+    the CA's answer and the commit): the CA's list of the account's orders is searched for an open
+    order of exactly these names that no row claims (``AcmeClient.find_open_order``), with no lock
+    held. Found, the row takes its URL and resumes it: the CA created one order, and one is used.
+    Not found (or a CA without an order list), the row is abandoned and the caller orders again.
+    Returns the certificate locked again with the resumed order or None; None in all when the
+    certificate's work moved on meanwhile (closed, or taken over)."""
+    lease = OrderLease.take(ctx, cert, order)
+    session = ctx.session
+
+    def stored(urls: list[str]) -> set[str]:
+        try:
+            rows = session.execute(select(Order.order_url).where(Order.order_url.in_(urls))).scalars()
+            return {u for u in rows if u}
+        finally:
+            session.rollback()  # a read of its own: no transaction stays open across the CA's answers
+
+    try:
+        res = client.find_open_order(order.csr_pem.encode(), stored)
+    except BaseException:
+        lease.release()
+        raise
+    got = lease.reacquire()
+    if got is None:
+        return None
+    cert, order = got
+    OrderLease.finish(order)
+    if res is not None and session.execute(select(Order.id).where(Order.order_url == res.uri)).first():
+        res = None  # stored by another row since the list was read
+    if res is None:
+        order.status = "abandoned"
+        order.error = "newOrder not confirmed, and the CA lists no such order"
+        order.finished_at = utcnow()
+        return cert, None
+    order.order_url = res.uri
+    order.order_json = order_to_json(res)
+    order.status = _status_name(res.body.status)
+    cert.next_attempt_at = None
+    cert.waiting_reason = None
+    states.record(session, cert.id, "order", reason=purpose, data={"order": order.id, "found_at_ca": True})
+    log.info("order %s: newOrder not confirmed; found at the CA and resumed", order.id)
+    return cert, order
 
 
 def _present_challenges(
@@ -512,6 +559,7 @@ def _place_order(ctx: StepContext, client: AcmeClient, placing: _Placing, lease:
 
         from sqlalchemy.exc import DBAPIError
 
+        failpoints.hit("order.created")  # the chaos suite's kill between the CA's answer and the commit
         values = {
             "order_url": res.uri,
             "order_json": order_to_json(res),

@@ -44,7 +44,7 @@ from certqueue.devstack.ports import free_port
 from certqueue.devstack.servers import PrivatePostgres, PrivateRedis
 from certqueue.devstack.stack import Stack
 from certqueue.keystore import generate_key_file
-from certqueue.models import Certificate, Challenge, Deployment, Http01Token, Issuance, Order, utcnow
+from certqueue.models import Certificate, Challenge, Deployment, Event, Http01Token, Issuance, Order, utcnow
 from tests.fakes.acme_counting_proxy import CountingProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
@@ -459,9 +459,17 @@ def test_sigkill_random_workers_while_issuing(chaos: Chaos):
     assert kills >= 8
 
 
-#: every order of the batch parks here (orders created, challenges answered, nothing finalized) long
-#: enough for the case to SIGKILL the worker in the middle of its batches
+#: orders park here (created, challenges answered, nothing finalized) long enough for the case to
+#: SIGKILL the worker in the middle of its batches: the first MID_BATCH_HELD of each pool process
+#: (each kill brings a new one, which holds its first ones again); the rest of the run goes at speed,
+#: so a kill also lands on orders the CA has just created whose URL is not stored yet (found again
+#: in the account's order list, tests/integration/test_unconfirmed_order.py)
 MID_BATCH_PAUSE_S = 6
+MID_BATCH_HELD = 4
+#: and the first orders of each process wait here between the CA's answer and the commit of their
+#: URL, so the second kill is sure to meet orders the CA created that the database does not know
+UNCONFIRMED_PAUSE_S = 4
+UNCONFIRMED_HELD = 2
 
 
 def _orders_waiting_to_finalize(c: Chaos) -> int:
@@ -480,44 +488,83 @@ def _orders_waiting_to_finalize(c: Chaos) -> int:
         return 0
 
 
+def _unconfirmed_at_ca(c: Chaos) -> int:
+    """Orders the CA created (the proxy's count) beyond the ones whose URL the database holds."""
+    assert c.proxy is not None
+    created = c.proxy.counts().get("newOrder 201", 0)
+    try:
+        with session_scope(write=False) as s:
+            stored = s.execute(
+                select(func.count())
+                .select_from(Order)
+                .where(Order.certificate_id.in_(c.ids), Order.order_url.is_not(None))
+            ).scalar_one()
+    except Exception:
+        dispose_all()
+        return 0
+    return int(created) - int(stored)
+
+
+def _found_at_ca(c: Chaos) -> int:
+    """Orders whose newOrder was never confirmed (the kill landed between the CA's answer and the
+    commit of the URL) and that were found again in the account's order list."""
+    with session_scope(write=False) as s:
+        rows = s.execute(
+            select(Event.data).where(Event.certificate_id.in_(c.ids), Event.kind == "order")
+        ).scalars()
+        return sum(1 for d in rows if d and d.get("found_at_ca"))
+
+
 @pytest.mark.parametrize(
     "chaos",
     [
         {
             "counting_proxy": True,
-            # every order: holding only the first few of each process (sleep:<s>:<n>), a run on
-            # this code ordered one certificate twice at the CA (201 for 200; see the notes)
-            "acme_failpoints": f"validate.before_finalize=sleep:{MID_BATCH_PAUSE_S}",
+            "acme_failpoints": (
+                f"validate.before_finalize=sleep:{MID_BATCH_PAUSE_S}:{MID_BATCH_HELD},"
+                f"order.created=sleep:{UNCONFIRMED_PAUSE_S}:{UNCONFIRMED_HELD}"
+            ),
         }
     ],
     indirect=True,
 )
 def test_sigkill_in_the_middle_of_a_batch_orders_once_at_the_ca(chaos: Chaos):
     """The acme worker's pool process is killed (SIGKILL) while its batches hold orders that the CA
-    has created and validated but nobody finalized; twice. The redelivered batches resume those
-    orders: every certificate ends ACTIVE with exactly one newOrder counted at the CA itself (the
-    counting proxy in front of Pebble), not only one order row in our database."""
+    has created and validated but nobody finalized; twice. The rest of the run goes at speed, so a
+    kill also meets orders the CA has just created whose URL is not stored yet. The redelivered
+    batches resume the first and find the second in the account's order list: every certificate
+    ends ACTIVE with exactly one newOrder counted at the CA itself (the counting proxy in front of
+    Pebble), not only one order row in our database."""
     assert chaos.proxy is not None
     driver = _in_background(lambda: chaos.request_batch(N, "m"))
     kills = 0
     killed_with_orders_open = 0
-    for _ in range(2):
-        _await(lambda: _orders_waiting_to_finalize(chaos) >= 2, timeout=180, what="orders held mid-batch")
-        killed_with_orders_open += _orders_waiting_to_finalize(chaos)
-        assert chaos.stack.kill_children("worker-acme"), "no acme pool process to kill"
-        kills += 1
+    _await(lambda: _orders_waiting_to_finalize(chaos) >= 2, timeout=180, what="orders held mid-batch")
+    killed_with_orders_open += _orders_waiting_to_finalize(chaos)
+    assert chaos.stack.kill_children("worker-acme"), "no acme pool process to kill"
+    kills += 1
+    # the new pool processes hold their first orders between the CA's answer and the commit
+    _await(lambda: _unconfirmed_at_ca(chaos) >= 1, timeout=180, what="orders the CA created, URL not stored")
+    unconfirmed = _unconfirmed_at_ca(chaos)
+    killed_with_orders_open += _orders_waiting_to_finalize(chaos)
+    assert chaos.stack.kill_children("worker-acme"), "no acme pool process to kill"
+    kills += 1
     driver.finish(timeout=180)
     assert len(chaos.ids) == N
     chaos.wait_settled(timeout=400)
     _wait_cleanups(chaos)
     counts = audit(chaos)
     at_ca = chaos.proxy.counts()
+    found = _found_at_ca(chaos)
     print(
         f"chaos mid-batch sigkill: {counts}, kills={kills},"
-        f" orders open at the kills={killed_with_orders_open}, at the CA={at_ca}"
+        f" orders open at the kills={killed_with_orders_open}, unconfirmed at the second={unconfirmed},"
+        f" at the CA={at_ca}, unconfirmed orders found at the CA={found}"
     )
-    assert kills == 2 and killed_with_orders_open >= 4
+    assert kills == 2 and killed_with_orders_open >= 2 and unconfirmed >= 1
     assert at_ca.get("newOrder 201", 0) == N, f"newOrders the CA created: {at_ca}"
+    # every order the kill left unconfirmed was found again (none ordered twice: the line above)
+    assert found >= unconfirmed, f"unconfirmed at the kill: {unconfirmed}, found again: {found}"
 
 
 def test_redis_restart_mid_run_loses_queued_messages_and_the_reconciler_recovers(chaos: Chaos):

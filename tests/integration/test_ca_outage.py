@@ -2,11 +2,13 @@
 
 The old pipeline retried a transient CA error for a budget (about 23 minutes with the shipped
 settings) and then failed the certificate for good. Now transient trouble never fails one: a few
-quick retries inside the message (1, 2, 4, 8, 16 s: ``certqueue.lifecycle.failure``), then the
-work is parked in the database and resumed. Here the CA (the counting proxy in front of Pebble, so
-the CA's side of the outage is counted too) refuses connections for longer than all the quick
-retries together, so every certificate has to be parked and resumed to finish: the ``backoff``
-events prove it was, and the states prove nothing failed.
+quick retries inside the message (1, 2, 4, 8, 16 s shipped; started shorter here by
+``automation.transient_retry_initial_seconds``: ``certqueue.lifecycle.failure``), then the work is
+parked in the database and resumed (after ``automation.park_initial_seconds``, doubling). Here
+the CA (the counting proxy in front of Pebble, so the CA's side of the outage is counted too)
+refuses connections for longer than all the quick retries together, so every certificate has to
+be parked and resumed to finish: the ``backoff`` events prove it was, and the states prove nothing
+failed.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ from tests.fakes.acme_counting_proxy import CountingProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-#: the quick retries inside one message, all together (the outage must outlast them)
-QUICK_RETRY_BUDGET_S = sum(failure.TRANSIENT_INITIAL * 2**i for i in range(failure.TRANSIENT_IN_TASK_RETRIES))
-OUTAGE_S = QUICK_RETRY_BUDGET_S + 15
+#: the failure policy's two schedules, started shorter than shipped (the same table: 5 quick retries
+#: doubling, then parking doubling), so the case takes seconds, not the shipped minutes
+TRANSIENT_INITIAL_S = 0.25
+PARK_INITIAL_S = 6.0
+#: the quick retries inside one message, all together, with their jitter (the outage must outlast them)
+QUICK_RETRY_BUDGET_S = 1.2 * sum(TRANSIENT_INITIAL_S * 2**i for i in range(failure.TRANSIENT_IN_TASK_RETRIES))
+OUTAGE_S = QUICK_RETRY_BUDGET_S + 12
 
 
 @pytest.fixture
@@ -52,6 +58,8 @@ def outage(tmp_path: Path) -> Iterator[tuple[Pipeline, CountingProxy]]:
             "CERTQUEUE_AUTOMATION__DISPATCH_INTERVAL_SECONDS": "1",
             "CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS": "2",
             "CERTQUEUE_AUTOMATION__ORDER_LEASE_SECONDS": "10",
+            "CERTQUEUE_AUTOMATION__TRANSIENT_RETRY_INITIAL_SECONDS": str(TRANSIENT_INITIAL_S),
+            "CERTQUEUE_AUTOMATION__PARK_INITIAL_SECONDS": str(PARK_INITIAL_S),
         },
     )
     p.cleanups.insert(0, proxies[0].stop)

@@ -138,3 +138,22 @@ def test_the_callers_randomness_decides_the_jitter(retries: int) -> None:
     bottom = decide(Kind.TRANSIENT, retries=retries, rng=_FixedRandom(0.0)).delay
     assert top == pytest.approx(1.2 * bottom / 0.8)
     assert top / bottom == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize(("initial", "park_initial"), [(0.25, 5.0), (3.0, 600.0)])
+def test_both_schedules_start_where_they_are_told(initial: float, park_initial: float) -> None:
+    """``automation.transient_retry_initial_seconds`` and ``automation.park_initial_seconds``
+    start the two doubling schedules; the table's shape (retries, then parking) is the same."""
+    quick = [
+        decide(Kind.TRANSIENT, retries=r, rng=_FixedRandom(0.5), initial=initial).delay
+        for r in range(TRANSIENT_IN_TASK_RETRIES)
+    ]
+    assert quick == pytest.approx([initial * 2**r for r in range(TRANSIENT_IN_TASK_RETRIES)])
+    parked = decide(
+        Kind.TRANSIENT,
+        retries=TRANSIENT_IN_TASK_RETRIES,
+        parks=2,
+        rng=_FixedRandom(0.5),
+        park_initial=park_initial,
+    )
+    assert parked.action is Action.PARK and parked.delay == pytest.approx(4 * park_initial)
