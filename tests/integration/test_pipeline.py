@@ -203,7 +203,12 @@ def test_sigkill_of_acme_worker_mid_order_resumes_same_order(pg_pipeline):
     slow = stack.start_worker(
         "acme",
         name="worker-acme-slow",
-        extra_env={"CERTQUEUE_FAILPOINTS": "validate.before_finalize=sleep:60"},
+        # the killed step's lease on the order runs out after 10 s (shipped: 60), then the new run
+        # takes the order over
+        extra_env={
+            "CERTQUEUE_FAILPOINTS": "validate.before_finalize=sleep:60",
+            "CERTQUEUE_AUTOMATION__ORDER_LEASE_SECONDS": "10",
+        },
     )
     try:
         cid = pg_pipeline.request(["killed.example.test"])
