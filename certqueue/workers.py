@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from certqueue.celery_app import lazy_app, region_queue
 from certqueue.config import get_settings
@@ -120,12 +121,35 @@ def _run_worker_now(
     ]
     if get_settings().monitoring.task_events:
         argv.append("-E")  # else Flower turns events on while it watches (enable_events)
+    _exit_after_shutdown(_celery_exit_code(app, argv))
+
+
+def _celery_exit_code(app: Any, argv: list[str]) -> int:
+    """Run celery's command line for ``app`` (as ``app.start`` does) and return its exit status.
+    ``app.start`` and ``app.worker_main`` throw it away: a worker that ends on "Unrecoverable
+    error" (kombu, when Redis goes away while a message is unacknowledged) returns 1 from click's
+    main, which they drop, so the process exited 0 and the supervisor took it for a deliberate
+    stop and left the queue unserved."""
+    from celery.bin.celery import celery
+    from click.exceptions import Abort, ClickException, Exit
+
+    celery.params[0].default = app  # what app.start does: the command line's --app is this app
     try:
-        app.worker_main(argv)
-        code = 0
-    except SystemExit as exc:  # celery's command line ends with sys.exit
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    _exit_after_shutdown(code)
+        got = celery.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        got = exc.exit_code
+    except ClickException as exc:  # a bad option: said as click says it, status 2
+        exc.show()
+        got = exc.exit_code
+    except Abort:
+        got = 1
+    except SystemExit as exc:  # a command that ends with sys.exit
+        got = exc.code
+    finally:
+        celery.params[0].default = None
+    if got is None:
+        return 0
+    return got if isinstance(got, int) else 1
 
 
 def _exit_after_shutdown(code: int) -> None:
@@ -244,9 +268,5 @@ def _run_beat_now(*, loglevel: str | None = None) -> None:
         schedule = Path(s.broker.filesystem_path).resolve().parent / "celerybeat-schedule"
         schedule.parent.mkdir(parents=True, exist_ok=True)
         argv += ["-s", str(schedule)]
-    try:
-        app.start(argv)  # returns after beat's shutdown: the schedule synced and closed
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    _exit_after_shutdown(code)
+    # returns after beat's shutdown: the schedule synced and closed
+    _exit_after_shutdown(_celery_exit_code(app, argv))
