@@ -28,7 +28,7 @@ from celery import shared_task, signature
 from sqlalchemy import select
 
 from certqueue import certificates, failpoints, intents, operations, payloads, removals
-from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
+from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
 from certqueue.config import get_settings
 from certqueue.db import lock_certificate, session_scope
 from certqueue.errors import InvalidInput, InvalidTransition, NotFound, PermanentError
@@ -47,11 +47,13 @@ from certqueue.tasks.base import (
 )
 from certqueue.tasks.pipeline import (
     Deferred,
+    Handoff,
     OrderLease,
     PipelineTask,
     _client,
     _status_name,
     _touch,
+    answerable,
     cleanup_challenges,
     fail_certificate,
     open_order,
@@ -273,49 +275,38 @@ def _poll_countdown(polls: int) -> float:
     return backoff(polls + 1, initial=a.poll_initial_seconds, cap=a.poll_max_seconds, jitter=0.1)
 
 
-def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
+def _validate_step(ctx: StepContext, certificate_id: str, handoff: Handoff | None = None) -> dict[str, Any]:
     """Answer the challenges, poll the order, finalize and download when it is ready.
 
     What to do is read with the certificate locked; the CA is asked with no lock held (the order's
     lease keeps a second step off it); the answers are written with the certificate locked again.
+    ``handoff``: the start step that placed the order in this same task left its lease and what
+    this step would read (``certqueue.acme.issue_batch``); the reading is then skipped.
     """
     session = ctx.session
     settings = get_settings()
-    cert = session.get(Certificate, certificate_id)
-    if cert is None:
-        return {"certificate_id": certificate_id, "status": "noop"}
-    client, _ = _client(session, cert)  # registers the account on first use: before any lock
-    cert = lock_certificate(session, certificate_id)
-    if cert is None or not states.in_pipeline(cert.state, cert.work_deadline):
-        return {"certificate_id": certificate_id, "status": "noop"}
-    order = open_order(session, cert.id)
-    if order is None or order.order_url is None:
-        return {"certificate_id": certificate_id, "status": "noop"}
-    res = order_from_json(order.order_json or {})
-    chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
-    to_answer = [
-        (
-            ch.id,
-            ChallengeInfo(
-                type=ch.type,
-                url=ch.url,
-                authz_url=ch.authz_url,
-                identifier=ch.identifier.removeprefix("*."),
-                wildcard=ch.identifier.startswith("*."),
-                status="pending",
-                token=ch.token or "",
-                key_authorization="",
-                dns_name=ch.dns_name,
-                dns_value=ch.dns_value,
-            ),
-        )
-        for ch in chs
+    if handoff is not None:
+        client, res, to_answer = handoff.client, handoff.res, handoff.to_answer
+        csr_pem, preferred_chain = handoff.csr_pem, handoff.preferred_chain
+        lease = OrderLease(ctx, certificate_id, handoff.order_id, handoff.token)
+    else:
+        cert = session.get(Certificate, certificate_id)
+        if cert is None:
+            return {"certificate_id": certificate_id, "status": "noop"}
+        client, _ = _client(session, cert)  # registers the account on first use: before any lock
+        cert = lock_certificate(session, certificate_id)
+        if cert is None or not states.in_pipeline(cert.state, cert.work_deadline):
+            return {"certificate_id": certificate_id, "status": "noop"}
+        order = open_order(session, cert.id)
+        if order is None or order.order_url is None:
+            return {"certificate_id": certificate_id, "status": "noop"}
+        res = order_from_json(order.order_json or {})
+        chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
         # a DNS-01 challenge is answered only once the chord's header proved it visible
-        if ch.status == "visible" or (ch.status == "presented" and ch.type != "dns-01")
-    ]
-    csr_pem = order.csr_pem
-    preferred_chain = cert.preferred_chain
-    lease = OrderLease.take(ctx, cert, order)
+        to_answer = answerable(chs)
+        csr_pem = order.csr_pem
+        preferred_chain = cert.preferred_chain
+        lease = OrderLease.take(ctx, cert, order)
     try:
         # -- the CA, with no lock held ----------------------------------------------------------
         for _ch_id, info in to_answer:
@@ -345,13 +336,16 @@ def _validate_step(ctx: StepContext, certificate_id: str) -> dict[str, Any]:
             return {"certificate_id": certificate_id, "status": "superseded"}
         cert, order = got
         OrderLease.finish(order)
+        order.polls += 1
         answered = {ch_id for ch_id, _ in to_answer}
+        # issued in this step: the answered challenges are valid at once (one write, not two)
+        done = status == "valid" and fullchain is not None
         chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
         for ch in chs:
             if ch.id in answered and ch.status in ("presented", "visible"):
-                ch.status = "answered"
-        _touch(cert)
-        order.polls += 1
+                ch.status = "valid" if done else "answered"
+        if not done:
+            _touch(cert)  # issued: the certificate is written once, by what the issuance changes
         if not states.in_pipeline(cert.state, cert.work_deadline):
             return {"certificate_id": cert.id, "status": "noop"}
         return _record_validation(ctx, cert, order, chs, res, status, retry_after, authz, fullchain, settings)
@@ -403,16 +397,20 @@ def _record_validation(
     if status != "valid" or fullchain is None:
         raise PermanentError(f"unexpected order status {status}", reason="acme:orderStatus")
     key_pem = certificates.keystore().decrypt(order.key_enc, order_key_aad(cert.id, order.csr_pem))
-    iss = certificates.store_issuance(session, cert, fullchain, key_pem, order_url=order.order_url)
     order.finished_at = utcnow()
     limiter = rate_limiter(session)
     validated_at = utcnow()
     for ch in chs:
-        if ch.status == "answered":
-            ch.status = "valid"
         # a validated name starts its count of consecutive failures at this CA from zero again
         limiter.record_valid_authorization(cert.directory_url, ch.identifier, validated_at)
-    cleanup_challenges(ctx, order)
+    for ch in chs:
+        if ch.status == "answered":
+            ch.status = "valid"
+    # the order's challenges and tokens first, then the issuance: store_issuance flushes (its id is
+    # needed below), and whatever is changed before it is then written once
+    cleanup_challenges(ctx, order, chs)
+    iss = certificates.store_issuance(session, cert, fullchain, key_pem, order_url=order.order_url)
+    _touch(cert)
     renewing = cert.state in states.RENEWAL_STATES
     states.record(
         session, cert.id, "renewal" if renewing else "issuance", reason="success", data={"serial": iss.serial}
@@ -560,9 +558,10 @@ def _send_after(ctx: StepContext) -> None:
     send_nudges(ctx)
 
 
-def _validate_in_task(task: CertqueueTask, cid: str, window: float) -> str:
+def _validate_in_task(task: CertqueueTask, cid: str, window: float, handoff: Handoff | None = None) -> str:
     """Answer, poll, finalize and download inside this task for at most ``window`` seconds; a
     straggler is handed to ``certqueue.acme.validate`` with a countdown (never an unbounded wait).
+    ``handoff``: what the start step left for the first run (its lease, the order, the challenges).
 
     Between two runs of the step, only the CA is asked whether the order moved (one POST-as-GET,
     no database, no lock); the step runs again, and writes, when it did."""
@@ -576,9 +575,11 @@ def _validate_in_task(task: CertqueueTask, cid: str, window: float) -> str:
         with session_scope() as session:
             ctx = StepContext(session=session, task=task)
             try:
-                out = _validate_step(ctx, cid)
+                out = _validate_step(ctx, cid, handoff)
             except Wait as w:
                 wait = w  # commit what the step wrote (answered challenges, poll count)
+            finally:
+                handoff = None  # the first run only: the lease is given back or finished by now
         _send_after(ctx)
         if wait is None:
             return str(out.get("status"))
@@ -626,7 +627,8 @@ def _issue_one(task: CertqueueTask, job: dict[str, Any], window: float) -> str:
     try:
         start_wait: Wait | None = None
         with session_scope() as session:
-            ctx = StepContext(session=session, task=task)
+            # validated next in this task: the start step may leave its lease and reads for it
+            ctx = StepContext(session=session, task=task, hand_over=True)
             try:
                 out = _start_step(ctx, job)
             except Wait as w:
@@ -644,7 +646,7 @@ def _issue_one(task: CertqueueTask, job: dict[str, Any], window: float) -> str:
         _send_after(ctx)
         if not in_task:
             return str(out.get("status"))
-        return _validate_in_task(task, cid, window)
+        return _validate_in_task(task, cid, window, ctx.handoff)
     except Exception as exc:  # noqa: BLE001  (mapped to the policy below, per certificate)
         kind = classify(exc)
         decision = decide(kind_of(kind), retries=0, retry_after=getattr(kind, "retry_after", None))

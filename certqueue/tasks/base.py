@@ -70,6 +70,12 @@ class StepContext:
     #: after the commit, ask dispatch to run again in this many seconds (deferred work resumes)
     wake_after: float | None = None
 
+    #: the caller runs the next step in this same task (``certqueue.acme.issue_batch``): a step may
+    #: then leave what it holds and read (an order's lease, its challenges) in ``handoff`` for it,
+    #: instead of giving it back and having the next step read and take it again
+    hand_over: bool = False
+    handoff: Any = None
+
     def wake(self, seconds: float) -> None:
         self.wake_after = seconds if self.wake_after is None else min(self.wake_after, seconds)
 

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import random
 import secrets
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from celery import chain, chord, signature
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from certqueue import certificates, challenge_tokens, crypto, failpoints, intents, solvers
 from certqueue.acme.accounts import client_for
-from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
+from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
 from certqueue.acme.errors import IncompleteOrder
 from certqueue.acme.profiles import check_profile
 from certqueue.acme.ratelimit import (
@@ -119,6 +120,45 @@ def give_back_lease(session: Session, model: Any, row_id: int, token: str) -> No
         log.info(
             "%s %s: lease not given back (%s); it runs out", model.__tablename__, row_id, type(exc).__name__
         )
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """What a start step that placed an order leaves for the validation that runs next in the same
+    task: the order's lease (still this task's, committed with the challenges) and what validation
+    would otherwise read again. ``to_answer`` holds ``(challenge id, ChallengeInfo)`` pairs."""
+
+    order_id: int
+    token: str
+    client: AcmeClient
+    res: Any
+    to_answer: list[tuple[int, ChallengeInfo]]
+    csr_pem: str
+    preferred_chain: str | None
+
+
+def answerable(chs: list[Challenge]) -> list[tuple[int, ChallengeInfo]]:
+    """The order's challenges to answer now: presented HTTP-01 and TLS-ALPN-01 ones, and DNS-01 ones
+    the chord's header proved visible."""
+    return [
+        (
+            ch.id,
+            ChallengeInfo(
+                type=ch.type,
+                url=ch.url,
+                authz_url=ch.authz_url,
+                identifier=ch.identifier.removeprefix("*."),
+                wildcard=ch.identifier.startswith("*."),
+                status="pending",
+                token=ch.token or "",
+                key_authorization="",
+                dns_name=ch.dns_name,
+                dns_value=ch.dns_value,
+            ),
+        )
+        for ch in chs
+        if ch.status == "visible" or (ch.status == "presented" and ch.type != "dns-01")
+    ]
 
 
 class Deferred(Exception):
@@ -254,15 +294,32 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
         if got is None:
             return {"certificate_id": cert.id, "status": "superseded"}
         cert, order = got
-        OrderLease.finish(order)
         order.order_json = order_to_json(res)
         if placing is not None:
             cert.next_attempt_at = None
             cert.waiting_reason = None
             states.record(session, cert.id, "order", reason=purpose, data={"order": order.id})
-        existing = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
-        if not existing:
+            # a new order has no challenges yet: nothing to read
             existing = _present_challenges(session, cert, client, order, res, settings)
+        else:
+            existing = list(
+                session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars()
+            )
+            if not existing:
+                existing = _present_challenges(session, cert, client, order, res, settings)
+        if ctx.hand_over and placing is not None and all(c.type != "dns-01" for c in existing):
+            # validated next in this task: the lease stays this task's, committed with the challenges
+            ctx.handoff = Handoff(
+                order_id=order.id,
+                token=lease.token,
+                client=client,
+                res=res,
+                to_answer=answerable(existing),
+                csr_pem=order.csr_pem,
+                preferred_chain=cert.preferred_chain,
+            )
+        else:
+            OrderLease.finish(order)
     except (Wait, Deferred):
         raise
     except BaseException:
@@ -358,7 +415,8 @@ def _present_challenges(
             provider=(solvers.dns_solver_for(settings, name) or cert.dns_provider)
             if ctype == "dns-01"
             else None,
-            status="pending",
+            # served from this transaction on (its token row below): inserted as presented
+            status="pending" if ctype == "dns-01" else "presented",
         )
         session.add(ch)
         session.flush()
@@ -372,7 +430,6 @@ def _present_challenges(
                     expires_at=expires,
                 )
             )
-            ch.status = "presented"
         elif ctype == "tls-alpn-01":
             challenge_tokens.present_tls_alpn01(session, ch, info.key_authorization, expires)
         out.append(ch)
@@ -650,17 +707,18 @@ def _order_key(session: Session, cert: Certificate) -> bytes:
     return crypto.new_private_key_pem(cert.key_type)
 
 
-def cleanup_challenges(ctx: StepContext, order: Order) -> None:
-    """Remove HTTP-01 tokens now and send DNS-01 cleanups to the dns pool; success or failure."""
+def cleanup_challenges(ctx: StepContext, order: Order, chs: list[Challenge] | None = None) -> None:
+    """Remove HTTP-01 and TLS-ALPN-01 tokens now and send DNS-01 cleanups to the dns pool; success or
+    failure. ``chs``: the order's challenges, when the caller has just read all of them (the token
+    tables are then only touched for the types the order has)."""
     session = ctx.session
-    session.execute(
-        delete(Http01Token).where(
-            Http01Token.challenge_id.in_(select(Challenge.id).where(Challenge.order_id == order.id))
-        )
-    )
-    challenge_tokens.remove_tls_alpn01(session, order.id)
+    if chs is None:
+        chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
+        types = {"http-01", "tls-alpn-01"}
+    else:
+        types = {ch.type for ch in chs}
     now = utcnow()
-    for ch in session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars():
+    for ch in chs:  # before the deletes below flush them: one UPDATE per challenge
         if ch.status == "cleaned":
             continue
         if ch.type in ("http-01", "tls-alpn-01"):
@@ -670,6 +728,14 @@ def cleanup_challenges(ctx: StepContext, order: Order) -> None:
         # DNS-01, even when no handle was recorded: a present whose commit was lost (a database
         # crash right after the provider call) still left a record, and cleanup is idempotent
         ctx.then(task("certqueue.dns.cleanup", order.certificate_id, ch.id))
+    if "http-01" in types:
+        session.execute(
+            delete(Http01Token).where(
+                Http01Token.challenge_id.in_(select(Challenge.id).where(Challenge.order_id == order.id))
+            )
+        )
+    if "tls-alpn-01" in types:
+        challenge_tokens.remove_tls_alpn01(session, order.id)
 
 
 def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError) -> dict[str, Any]:

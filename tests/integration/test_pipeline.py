@@ -299,6 +299,71 @@ def test_parallel_requests_all_complete(pg_pipeline):
         assert pg_pipeline.count(Issuance, Issuance.certificate_id == cid) == 1
 
 
+def test_a_batch_validates_its_new_order_without_reading_or_leasing_it_again(pg_pipeline):
+    """``issue_batch`` run in this process (the acme worker stopped), every SQL statement counted:
+    the start step leaves its order's lease and what it read to the validation that follows in the
+    same task, so the order is leased once, the certificate row locked three times (the start, the
+    start's write-back after newOrder, the validation's write-back) and each challenge row written
+    once after its insert; the certificate ends ACTIVE with one order."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from certqueue.tasks.acme import issue_batch
+
+    stack = pg_pipeline.stack
+    stack.stop("worker-acme")
+    statements: list[tuple[str, object]] = []
+    lock = threading.Lock()
+
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        with lock:
+            statements.append((" ".join(statement.split()), parameters))
+
+    try:
+        with session_scope() as s:
+            req = certificates.CertificateRequest.build(
+                domains=["handoff.example.test", "www.handoff.example.test"]
+            )
+            cert, _ = certificates.create_certificate(s, req, actor="test")
+            cid = cert.id
+        event.listen(Engine, "before_cursor_execute", count)
+        try:
+            out = issue_batch.run([{"certificate_id": cid, "purpose": "issue"}])
+        finally:
+            event.remove(Engine, "before_cursor_execute", count)
+        assert out == {"certificates": 1, "outcomes": {"active": 1}}
+    finally:
+        stack.start_worker("acme")
+    assert pg_pipeline.state(cid) == "ACTIVE"
+    assert len(pg_pipeline.orders(cid)) == 1
+
+    def taken(params: object) -> bool:
+        return isinstance(params, dict) and params.get("lease_token") is not None
+
+    lease_takes = [p for sql, p in statements if sql.startswith("UPDATE orders") and taken(p)]
+    assert len(lease_takes) == 1, [sql[:80] for sql, _ in statements if sql.startswith("UPDATE orders")]
+    locks = [
+        sql
+        for sql, _ in statements
+        if sql.startswith("SELECT") and "FROM certificates" in sql and "FOR UPDATE" in sql
+    ]
+    assert len(locks) == 3, locks
+
+    def rows(prefix: str) -> int:  # a flush of several rows may be one executemany
+        return sum(
+            len(p) if isinstance(p, list | tuple) else 1 for sql, p in statements if sql.startswith(prefix)
+        )
+
+    # inserted as presented, then written once: cleaned (never presented -> answered -> valid -> cleaned)
+    assert rows("INSERT INTO challenges") == 2
+    assert rows("UPDATE challenges") == 2
+    with session_scope(write=False) as s:
+        chs = s.execute(select(Challenge).where(Challenge.certificate_id == cid)).scalars().all()
+        assert {c.status for c in chs} == {"cleaned"}
+    assert pg_pipeline.count(Http01Token, Http01Token.certificate_id == cid) == 0
+    _verify(pg_pipeline, cid, ["handoff.example.test", "www.handoff.example.test"])
+
+
 def test_embedded_default_pipeline(embedded_pipeline):
     cid = embedded_pipeline.request(["embedded.example.test", "www.embedded.example.test"])
     embedded_pipeline.wait_state(cid, "ACTIVE", timeout=90)
