@@ -570,8 +570,16 @@ def test_sigkill_in_the_middle_of_a_batch_orders_once_at_the_ca(chaos: Chaos):
 def test_redis_restart_mid_run_loses_queued_messages_and_the_reconciler_recovers(chaos: Chaos):
     driver = _in_background(lambda: chaos.request_batch(N, "r"))
     # restart while messages are waiting in the queues (not after a fixed sleep that may miss them)
-    _await(lambda: _ready_messages(chaos) >= 1, timeout=120, what="messages queued in Redis")
-    lost = _ready_messages(chaos)
+    # the count is the one read just before the restart, and the restart follows a read that saw
+    # messages (the workers may drain a short queue between two reads)
+    seen: list[int] = []
+
+    def queued() -> bool:
+        seen.append(_ready_messages(chaos))
+        return seen[-1] >= 1
+
+    _await(queued, timeout=120, what="messages queued in Redis")
+    lost = seen[-1]
     chaos.redis.restart(down_seconds=3)  # everything queued in Redis is gone
     assert _ready_messages(chaos) <= lost  # the new Redis did not get the old queues back
     driver.finish(timeout=180)
