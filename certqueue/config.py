@@ -277,7 +277,8 @@ class AutomationSettings(Section):
     #: PostgreSQL or Redis outage), doubling: 1, 2, 4, 8, 16 s by default (seconds)
     transient_retry_initial_seconds: float = Field(1.0, gt=0, le=60)
     #: after the quick retries, the work is parked in the database and resumed after this long,
-    #: doubling per parking up to an hour; transient trouble never fails a certificate (seconds)
+    #: doubling per parking up to an hour (the reconciler runs at least every half of it);
+    #: transient trouble never fails a certificate (seconds)
     park_initial_seconds: float = Field(60, gt=0, le=3600)
 
 
