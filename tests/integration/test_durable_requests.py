@@ -151,9 +151,14 @@ def test_requests_made_while_redis_is_down_all_complete_when_it_returns(
     p.wait_for(
         lambda: all(_intent(j).status == "done" for j in jobs.values()), timeout=180, what="every intent done"
     )
+
+    def renewed_and_served() -> bool:  # the renew intent is done once its order is placed
+        with session_scope(write=False) as s:
+            c = s.get_one(Certificate, to_renew)
+            return c.state == "ACTIVE" and c.current_issuance_id != served_before
+
+    p.wait_for(renewed_and_served, timeout=180, what="the forced renewal served")
     with session_scope(write=False) as s:
-        renewed = s.get_one(Certificate, to_renew)
-        assert renewed.state == "ACTIVE" and renewed.current_issuance_id != served_before
         # nothing twice: one order per certificate and purpose, one revocation
         orders = s.execute(select(Order.certificate_id, Order.purpose)).all()
         assert sorted(orders) == sorted(set(orders)), orders

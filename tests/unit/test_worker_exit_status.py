@@ -6,66 +6,67 @@ then exits 1. ``app.worker_main`` drops that status, so the process exited 0 and
 which does not restart a worker that stopped by itself with 0 (a remote-control shutdown, the
 key-store stop), left the queue unserved. Here a real celery worker (in-memory broker, solo pool)
 meets an unrecoverable error in a bootstep: the status is 1; a worker told to shut down is 0.
+
+Each worker runs in a child process: a worker started in the test process would leave celery's
+process state behind (its app as the default app, "joining a result would block"), which breaks
+later tests that wait on a result.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Any
+import subprocess
+import sys
+import textwrap
 
+import pytest
+
+_PRELUDE = """
 from celery import Celery, bootsteps
-
 from certqueue.workers import _celery_exit_code
 
+ARGV = ["worker", "-P", "solo", "--without-mingle", "--without-gossip", "--without-heartbeat",
+        "--loglevel", "WARNING"]
+app = Celery("exit-status", broker="memory://", backend="cache+memory://")
+app.conf.worker_hijack_root_logger = False
+app.conf.worker_redirect_stdouts = False  # the status line below goes to stdout, not the log
+"""
 
-class _Broken(bootsteps.StartStopStep):
+_CASES = {
+    "unrecoverable": """
+class Broken(bootsteps.StartStopStep):
     requires = {"celery.worker.components:Pool"}
 
-    def start(self, worker: Any) -> None:
+    def start(self, worker):
         raise AttributeError("'NoneType' object has no attribute 'hostname'")
 
+app.steps["worker"].add(Broken)
+code = _celery_exit_code(app, ARGV)
+""",
+    "shutdown": """
+@app.task(name="stop-now")
+def stop_now():
+    from celery.exceptions import WorkerShutdown
 
-def _app() -> Celery:
-    app = Celery("exit-status", broker="memory://", backend="cache+memory://")
-    app.conf.worker_hijack_root_logger = False
-    return app
+    raise WorkerShutdown(0)
 
-
-ARGV = [
-    "worker",
-    "-P",
-    "solo",
-    "--without-mingle",
-    "--without-gossip",
-    "--without-heartbeat",
-    "--loglevel",
-    "WARNING",
-]
-
-
-def test_an_unrecoverable_error_is_exit_status_1() -> None:
-    app = _app()
-    app.steps["worker"].add(_Broken)
-    assert _celery_exit_code(app, ARGV) == 1
+stop_now.delay()
+code = _celery_exit_code(app, ARGV)
+""",
+    "bad option": """
+code = _celery_exit_code(app, ["worker", "--no-such-option"])
+""",
+}
 
 
-def test_a_worker_told_to_shut_down_exits_0() -> None:
-    app = _app()
-
-    @app.task(name="stop-now")
-    def stop_now() -> None:
-        from celery.exceptions import WorkerShutdown
-
-        raise WorkerShutdown(0)
-
-    stop_now.delay()
-    result: list[int] = []
-    t = threading.Thread(target=lambda: result.append(_celery_exit_code(app, ARGV)), daemon=True)
-    t.start()
-    t.join(30)
-    assert result == [0]
+def _status(case: str) -> int:
+    script = _PRELUDE + textwrap.dedent(_CASES[case]) + "\nprint('status', code)\n"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("status ")]
+    assert lines, out.stdout[-2000:] + out.stderr[-2000:]
+    return int(lines[-1].split()[1])
 
 
-def test_a_command_line_that_fails_to_parse_is_not_a_clean_stop() -> None:
-    app = _app()
-    assert _celery_exit_code(app, ["worker", "--no-such-option"]) != 0
+@pytest.mark.parametrize(("case", "status"), [("unrecoverable", 1), ("shutdown", 0), ("bad option", 2)])
+def test_celery_s_exit_status_is_the_process_s(case: str, status: int) -> None:
+    assert _status(case) == status
