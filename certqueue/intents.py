@@ -38,20 +38,32 @@ def record(
     not_before: dt.datetime | None = None,
 ) -> Intent:
     """The open intent of ``kind`` for the certificate, created if there is none (parameters of a
-    newer request win: a forced renewal or a stronger revocation reason is not lost)."""
+    newer request win: a forced renewal or a stronger revocation reason is not lost).
+
+    An intent already dispatched has had its parameters read by the step working on it: a request
+    that would change them (``force`` on a propagation or renewal in flight) is a new intent of its
+    own, not merged into one that can no longer see it; the step closes only the intents it planned
+    for (``complete(..., up_to=...)``). A request that changes nothing is covered by the one in
+    flight."""
     if kind not in KINDS:
         raise ValueError(f"unknown intent kind {kind!r}")
     now = utcnow()
-    existing = session.execute(
-        select(Intent)
-        .where(Intent.certificate_id == certificate_id, Intent.kind == kind, Intent.status.in_(OPEN))
-        .order_by(Intent.id)
-        .limit(1)
-    ).scalar_one_or_none()
-    if existing is not None:
+    open_ = list(
+        session.execute(
+            select(Intent)
+            .where(Intent.certificate_id == certificate_id, Intent.kind == kind, Intent.status.in_(OPEN))
+            .order_by(Intent.id)
+        ).scalars()
+    )
+    pending = next((i for i in open_ if i.status == "pending"), None)
+    if pending is not None:
         if params:
-            existing.params = {**(existing.params or {}), **params}
-        return existing
+            pending.params = {**(pending.params or {}), **params}
+        return pending
+    if open_:
+        in_flight = open_[0]
+        if not any(v and (in_flight.params or {}).get(k) != v for k, v in (params or {}).items()):
+            return in_flight
     intent = Intent(
         kind=kind,
         certificate_id=certificate_id,

@@ -66,6 +66,9 @@ def world(
             "CERTQUEUE_EVENTS__RETRY_INITIAL_SECONDS": "0.5",
             "CERTQUEUE_EVENTS__RETRY_MAX_SECONDS": "2",
             "CERTQUEUE_EVENTS__MAX_ATTEMPTS": "1000",
+            # deliveries a killed worker had claimed are due again after 15 s (shipped: 300 s); the
+            # case kills the worker while deliver runs every half second, so it often holds some
+            "CERTQUEUE_EVENTS__LEASE_SECONDS": "15",
             "CERTQUEUE_EVENTS__EXPIRING_CHECK_SECONDS": "1",
             # every certificate is "expiring soon" at once (the whole lifetime): one expiring event
             # per issuance, which the expiring scan must not repeat
@@ -134,8 +137,10 @@ def test_receiver_down_then_every_event_exactly_once_signed(world) -> None:
     p.stack.start_beat()
 
     hook.start()
+    # the new beat first waits for the killed one's RedBeat lock to run out (up to its 60 s), then
+    # every event goes out twice (the receiver loses its first answer)
     p.wait_for(
-        lambda: {d.status for d in _deliveries("hook")} == {"delivered"}, what="every delivery", timeout=90
+        lambda: {d.status for d in _deliveries("hook")} == {"delivered"}, what="every delivery", timeout=180
     )
     rows = _deliveries("hook")
     keys = {d.idempotency_key for d in rows}

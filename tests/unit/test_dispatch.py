@@ -91,6 +91,28 @@ def test_an_open_intent_is_never_written_twice(settings: Settings) -> None:
             intents.record(s, "explode", cid)
 
 
+def test_a_request_that_changes_an_intent_in_flight_is_an_intent_of_its_own(settings: Settings) -> None:
+    """A forced propagation asked while a plain one is dispatched (its step has read its parameters)
+    is not merged into it, where nothing would see ``force``; one that changes nothing is."""
+    cid = _cert("inflight.example.com", state=State.ACTIVE)
+    with session_scope() as s:
+        first = intents.record(s, "propagate", cid, {"regions": None}, actor="api")
+        first.status = "dispatched"
+        first_id = first.id
+    with session_scope() as s:
+        same = intents.record(s, "propagate", cid, {"regions": None}, actor="api")
+        plain = intents.record(s, "propagate", cid, actor="api")
+        assert same.id == plain.id == first_id  # covered by the one in flight
+        forced = intents.record(s, "propagate", cid, {"force": True}, actor="api")
+        assert forced.id != first_id and forced.status == "pending" and forced.params == {"force": True}
+        again = intents.record(s, "propagate", cid, {"force": True, "regions": ["edge"]}, actor="api")
+        assert again.id == forced.id and again.params == {"force": True, "regions": ["edge"]}
+    with session_scope() as s:
+        # the step that planned the first closes it alone; the forced request stays open
+        assert intents.complete(s, cid, ("propagate",), outcome="deploying", up_to=first_id) == 1
+    assert _open() == [("propagate", cid, "pending")]
+
+
 def test_request_issue_writes_the_row_and_its_intent_in_one_transaction(settings: Settings) -> None:
     req = CertificateRequest.build(domains=["one.example.com"], directory_url=CA_A)
     with session_scope() as s:
