@@ -104,6 +104,18 @@ def _start_killed_after_the_ca_answered(cid: str, monkeypatch: pytest.MonkeyPatc
             _start(cid)
 
 
+def _start_killed_before_the_request(cid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step dies after its order row is committed and before newOrder leaves: the CA has none."""
+
+    def never_sent(self: AcmeClient, *args: Any, **kwargs: Any) -> Any:
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(AcmeClient, "_post_new_order", never_sent)
+        with pytest.raises(_Killed):
+            _start(cid)
+
+
 def _expire_leases(cid: str) -> None:
     """What the dead step's lease does by itself, after ``order_lease_seconds``."""
     with session_scope() as s:
@@ -167,14 +179,7 @@ def test_a_new_order_that_never_reached_the_ca_is_placed_again(
     settings: Settings, new_orders: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cid = _cert(f"unsent-{next(_names)}.unconfirmed.test")
-
-    def never_sent(self: AcmeClient, *args: Any, **kwargs: Any) -> Any:
-        raise _Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(AcmeClient, "_post_new_order", never_sent)
-        with pytest.raises(_Killed):
-            _start(cid)
+    _start_killed_before_the_request(cid, monkeypatch)
     _expire_leases(cid)
 
     assert _start(cid)["status"] == "ordered"
@@ -195,14 +200,7 @@ def test_an_open_order_of_the_same_names_that_another_row_holds_is_not_taken(
     holder = _cert(name)
     assert _start(holder)["status"] == "ordered"
     lost = _cert(name, key_type="rsa2048")
-
-    def never_sent(self: AcmeClient, *args: Any, **kwargs: Any) -> Any:
-        raise _Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(AcmeClient, "_post_new_order", never_sent)
-        with pytest.raises(_Killed):
-            _start(lost)
+    _start_killed_before_the_request(lost, monkeypatch)
     _expire_leases(lost)
 
     assert _start(lost)["status"] == "ordered"
