@@ -132,8 +132,8 @@ def nudge_later(seconds: float) -> None:
     seconds = max(0.5, min(float(seconds), MAX_COUNTDOWN))
     due = time.monotonic() + seconds
     with _later_lock:
-        if time.monotonic() < _later_due <= due + 1.0:
-            return  # one is already due sooner (or about then)
+        if due <= _later_due <= due + 1.0:
+            return  # one is already due then (at most a second after): it finds this work due too
         _later_due = due
         generation = _generation
 

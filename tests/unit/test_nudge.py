@@ -115,3 +115,22 @@ def test_reset_drops_a_delayed_nudge_of_the_earlier_generation(monkeypatch: pyte
     nudge.nudge_later(30)  # the new generation sends
     assert _wait_for(lambda: len(app.sent) == 1)
     assert app.sent[0]["countdown"] == 30
+
+
+def test_a_delayed_nudge_is_covered_only_by_one_due_at_or_just_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wake due sooner does not cover work due later: dispatch then finds it not yet due, and
+    without beat (a one-node stack between heartbeats) nothing would run it. Seen: two
+    certificates whose retries were due 4 s apart by a fraction of a second; one was retried, the
+    other waited 90 s."""
+    app = _App()
+    import certqueue.client
+
+    monkeypatch.setattr(certqueue.client, "app_for_sending", lambda: app)
+    nudge.nudge_later(4.0)
+    nudge.nudge_later(4.4)  # due later than the one pending: sent too
+    nudge.nudge_later(4.2)  # the one due at 4.4 finds it due: covered
+    assert _wait_for(lambda: len(app.sent) == 2)
+    time.sleep(0.2)
+    assert [round(m["countdown"], 1) for m in app.sent] == [4.0, 4.4]
