@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -277,6 +277,11 @@ def _identifiers_of(csr_pem: bytes) -> list[messages.Identifier]:
     if not identifiers:
         raise InvalidInput("CSR names no identifier", field="csr")
     return identifiers
+
+
+def _identifier_set(identifiers: Iterable[messages.Identifier]) -> set[tuple[str, str]]:
+    """Identifiers as a set to compare two orders by: (type, value), names case-insensitively."""
+    return {(str(i.typ.name), str(i.value).lower()) for i in identifiers}
 
 
 def _status(status: messages.Status | None) -> str:
@@ -551,7 +556,7 @@ class AcmeClient:
         """
         self._require_account()
         assert self._account_url is not None
-        wanted = {(str(i.typ.name), str(i.value).lower()) for i in _identifiers_of(csr_pem)}
+        wanted = _identifier_set(_identifiers_of(csr_pem))
         with mapped("list orders"):
             url = self.acme._post_as_get(self._account_url).json().get("orders")
             listed: list[str] = []
@@ -575,8 +580,7 @@ class AcmeClient:
                 continue
             if body.expires is not None and body.expires.timestamp() < now + 300:
                 continue  # about to expire: not worth resuming
-            got = {(str(i.typ.name), str(i.value).lower()) for i in body.identifiers or ()}
-            if got == wanted:
+            if _identifier_set(body.identifiers or ()) == wanted:
                 return messages.OrderResource(body=body, uri=uri, authorizations=[], csr_pem=csr_pem)
         return None
 

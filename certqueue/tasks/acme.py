@@ -403,7 +403,6 @@ def _record_validation(
     for ch in chs:
         # a validated name starts its count of consecutive failures at this CA from zero again
         limiter.record_valid_authorization(cert.directory_url, ch.identifier, validated_at)
-    for ch in chs:
         if ch.status == "answered":
             ch.status = "valid"
     # the order's challenges and tokens first, then the issuance: store_issuance flushes (its id is

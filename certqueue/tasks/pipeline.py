@@ -296,9 +296,7 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
         cert, order = got
         order.order_json = order_to_json(res)
         if placing is not None:
-            cert.next_attempt_at = None
-            cert.waiting_reason = None
-            states.record(session, cert.id, "order", reason=purpose, data={"order": order.id})
+            _record_ordered(session, cert, order, purpose)
             # a new order has no challenges yet: nothing to read
             existing = _present_challenges(session, cert, client, order, res, settings)
         else:
@@ -341,6 +339,13 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     return {"certificate_id": cert.id, "order": order.id, "status": "ordered"}
 
 
+def _record_ordered(session: Session, cert: Certificate, order: Order, purpose: str, **data: Any) -> None:
+    """The certificate has an order at the CA: it waits for nothing else, and the event says so."""
+    cert.next_attempt_at = None
+    cert.waiting_reason = None
+    states.record(session, cert.id, "order", reason=purpose, data={"order": order.id, **data})
+
+
 def _find_unconfirmed(
     ctx: StepContext, cert: Certificate, client: AcmeClient, order: Order, purpose: str
 ) -> tuple[Certificate, Order | None] | None:
@@ -381,9 +386,7 @@ def _find_unconfirmed(
     order.order_url = res.uri
     order.order_json = order_to_json(res)
     order.status = _status_name(res.body.status)
-    cert.next_attempt_at = None
-    cert.waiting_reason = None
-    states.record(session, cert.id, "order", reason=purpose, data={"order": order.id, "found_at_ca": True})
+    _record_ordered(session, cert, order, purpose, found_at_ca=True)
     log.info("order %s: newOrder not confirmed; found at the CA and resumed", order.id)
     return cert, order
 
@@ -714,9 +717,7 @@ def cleanup_challenges(ctx: StepContext, order: Order, chs: list[Challenge] | No
     session = ctx.session
     if chs is None:
         chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
-        types = {"http-01", "tls-alpn-01"}
-    else:
-        types = {ch.type for ch in chs}
+    types = {ch.type for ch in chs}  # tokens exist only for the order's own challenges
     now = utcnow()
     for ch in chs:  # before the deletes below flush them: one UPDATE per challenge
         if ch.status == "cleaned":
