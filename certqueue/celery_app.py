@@ -19,12 +19,15 @@ in Redis).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
 from certqueue import embedded_broker
+from certqueue.brokerstate import SENT_AT_HEADER, queue_names
+from certqueue.brokerstate import region_queue as region_queue  # re-exported: where workers look
 from certqueue.config import Settings, get_settings
 
 PUBLIC_TASKS = ("certqueue.issue", "certqueue.renew", "certqueue.revoke", "certqueue.propagate")
@@ -59,13 +62,8 @@ def broker_urls(settings: Settings) -> tuple[str, str, dict[str, Any]]:
     return url, backend, opts
 
 
-def region_queue(region: str) -> str:
-    return f"propagate.{region}"
-
-
 def make_queues(settings: Settings) -> list[Queue]:
-    names = ["scan", "acme", "dns", "events"] + [region_queue(r.name) for r in settings.multi_region.regions]
-    return [Queue(n, routing_key=n) for n in names]
+    return [Queue(n, routing_key=n) for n in queue_names(settings)]
 
 
 def configure(app: Celery, settings: Settings) -> None:
@@ -122,12 +120,36 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
-def create_app(settings: Settings | None = None) -> Celery:
+_stamping = False
+
+
+def stamp_sent_at() -> None:
+    """Stamp every message this process publishes with its send time (the queues' oldest-message
+    age, certqueue.brokerstate). Idempotent."""
+    global _stamping
+    if _stamping:
+        return
+    from celery import signals
+
+    def _stamp(headers: dict[str, Any] | None = None, **_kw: Any) -> None:
+        if headers is not None:
+            headers.setdefault(SENT_AT_HEADER, time.time())
+
+    signals.before_task_publish.connect(_stamp, weak=False)
+    _stamping = True
+
+
+def create_app(settings: Settings | None = None, *, tasks: bool = True) -> Celery:
+    """The configured app. ``tasks=False``: an app that only sends (tasks by name), without the task
+    modules and the worker-side hooks, for a process that has nothing to run (the CLI's nudge)."""
     settings = settings or get_settings()
-    app = Celery("certqueue", set_as_current=True)
+    app = Celery("certqueue", set_as_current=tasks)
     configure(app, settings)
+    stamp_sent_at()
+    if not tasks:
+        return app
     from certqueue.logconfig import connect_celery
-    from certqueue.metrics import install_celery_hooks  # message send time, task run time
+    from certqueue.metrics import install_celery_hooks  # task run time
 
     connect_celery()
     install_celery_hooks()
@@ -146,14 +168,26 @@ class _LazyApp:
     """The process-wide app, built on first use so settings are read after the CLI set them."""
 
     _app: Celery | None = None
+    _sender: Celery | None = None
 
     def get(self) -> Celery:
         if self._app is None:
             self._app = create_app()
         return self._app
 
+    def for_sending(self) -> Celery:
+        """The process's app if it is built, else one that only sends (built once): publishing a
+        task by name needs no task module, and importing them all costs a short-lived process
+        (the CLI) more than the rest of its command."""
+        if self._app is not None:
+            return self._app
+        if self._sender is None:
+            self._sender = create_app(tasks=False)
+        return self._sender
+
     def reset(self) -> None:
         self._app = None
+        self._sender = None
 
 
 lazy_app = _LazyApp()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -116,6 +117,19 @@ def _no_schema_message(ctx: click.Context) -> str:
     )
 
 
+#: set by the entry point (certqueue.__main__), which pauses the garbage collector over startup
+startup_gc_paused = False
+
+
+def end_startup() -> None:
+    """Resume the collector the entry point paused, with what startup made frozen out of its view."""
+    global startup_gc_paused
+    if startup_gc_paused:
+        startup_gc_paused = False
+        gc.freeze()
+        gc.enable()
+
+
 def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
     from certqueue.config import configure
 
@@ -161,6 +175,8 @@ def main(
         if debug:
             raise
         _fail(exc.message, _exit_code(exc))
+    finally:
+        end_startup()
 
 
 def _parse_value(v: str) -> Any:
@@ -944,9 +960,9 @@ def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
     budgets and queue depths."""
     from sqlalchemy import func, select
 
+    from certqueue.brokerstate import queue_depths
     from certqueue.db import session_scope
     from certqueue.health import certificate_health
-    from certqueue.metrics import queue_depths
     from certqueue.models import Certificate, RateBudget, State, utcnow
 
     settings = ctx.obj["loaded"].settings

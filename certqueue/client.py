@@ -101,10 +101,11 @@ class CertqueueClient:
 
 
 def app_for_sending() -> Celery:
-    """Inside certqueue (CLI, API, manager): the fully configured app."""
+    """Inside certqueue (CLI, API, manager): the process's configured app, or one that only sends
+    when the process has not built it (tasks are sent by name)."""
     from certqueue.celery_app import lazy_app
 
-    return lazy_app.get()
+    return lazy_app.for_sending()
 
 
 def send(task: str, payload: dict[str, Any], *, queue: str = "acme", countdown: float | None = None) -> str:

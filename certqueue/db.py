@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import ColumnElement, Engine, create_engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from certqueue.config import get_settings
@@ -187,3 +187,10 @@ def dispose_all() -> None:
             eng.dispose()
         _engines.clear()
         _makers.clear()
+
+
+def epoch_seconds(col: Any, dialect: str) -> ColumnElement[Any]:
+    """Seconds since the epoch of a UTCDateTime column, in SQL (naive UTC text on SQLite)."""
+    if dialect == "sqlite":
+        return (func.julianday(col) - 2440587.5) * 86400.0
+    return func.extract("epoch", col)

@@ -77,7 +77,7 @@ def in_flight_by_ca(session: Session, now: dt.datetime) -> dict[str, int]:
 def acme_pressure(settings: Settings) -> int | None:
     """Messages waiting on the acme queue plus those reserved or unacknowledged by workers; None
     when the broker cannot be asked (dispatch then goes by the per-CA caps alone)."""
-    from certqueue.metrics import _redis_client, queue_depths
+    from certqueue.brokerstate import queue_depths, redis_client
 
     depths = queue_depths(settings)
     if depths is None:
@@ -87,7 +87,7 @@ def acme_pressure(settings: Settings) -> int | None:
     if url.startswith(("redis://", "rediss://")):
         try:
             # the process's one client (a connection pool): dispatch asks on every run
-            total += int(_redis_client(url).hlen("unacked"))
+            total += int(redis_client(url).hlen("unacked"))
         except Exception as exc:  # noqa: BLE001  (unknown depth: fall back to what we have)
             log.debug("dispatch: unacked count unavailable (%s)", type(exc).__name__)
     return total

@@ -56,8 +56,8 @@ def certificate_health(
     than :func:`expiring_threshold` of its own lifetime (or than ``threshold_days`` when given).
     ``unhealthy`` if anything expired, ``degraded`` if anything expires soon, else ``healthy``.
     """
+    from certqueue.db import epoch_seconds as _epoch
     from certqueue.db import session_scope
-    from certqueue.metrics import _epoch
 
     now = now or utcnow()
     monitoring = get_settings().monitoring

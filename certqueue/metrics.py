@@ -48,12 +48,21 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, case, func, literal, select
+from sqlalchemy import case, func, literal, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from certqueue import __version__, embedded_broker
+from certqueue.brokerstate import (  # noqa: F401  (re-exported: metrics.queue_depths and friends)
+    SENT_AT_HEADER,
+    broker_snapshot,
+    queue_depths,
+    queue_names,
+    redis_client,
+    sent_at,
+)
 from certqueue.config import Settings, get_settings
+from certqueue.db import epoch_seconds as _epoch
 from certqueue.models import Certificate, Deployment, Event, Issuance, RateBudget, State, utcnow
 
 log = logging.getLogger("certqueue.metrics")
@@ -69,12 +78,6 @@ OUTCOMES = ("success", "failure")
 DEPLOYMENT_STATUSES = ("pending", "deployed", "failed")
 #: latency histogram buckets (seconds): a bare ACME exchange is ~20 ms, a slow CA a few seconds
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-#: kombu's Redis transport keeps one list per priority step: "<queue>", "<queue>\x06\x163", ...
-_KOMBU_PRIORITY_SEP = "\x06\x16"
-_KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
-BROKER_TIMEOUT_SECONDS = 1.0
-#: the header every published task message carries (``install_celery_hooks``): its oldest age
-SENT_AT_HEADER = "certqueue_sent_at"
 
 #: every family this exporter serves by default (the Grafana and alert tests check their PromQL
 #: against it, with the recording rules' names)
@@ -119,13 +122,6 @@ GUIDE_ALIASES = {
     "certificate_validation_errors_total": "certqueue_validation_errors_total",
     "certificate_propagation_total": "certqueue_propagations_total",
 }
-
-
-def _epoch(col: Any, dialect: str) -> ColumnElement[Any]:
-    """Seconds since the epoch of a UTCDateTime column, in SQL (naive UTC text on SQLite)."""
-    if dialect == "sqlite":
-        return (func.julianday(col) - 2440587.5) * 86400.0
-    return func.extract("epoch", col)
 
 
 def _served_join() -> Any:
@@ -608,7 +604,7 @@ def flush(settings: Settings | None = None) -> None:
     try:
         kind, where = _store_target(settings or get_settings())
         if kind == "redis":
-            pipe = _redis_client(where).pipeline(transaction=False)
+            pipe = redis_client(where).pipeline(transaction=False)
             for family, fields in batch.items():
                 for f, v in fields.items():
                     if f.endswith("\tsum"):
@@ -644,7 +640,7 @@ def _store_target(settings: Settings) -> tuple[str, str]:
 
         url, _backend, _opts = broker_urls(settings)
         if url.startswith(("redis://", "rediss://", "unix://")):
-            _redis_client(url)
+            redis_client(url)
             target = ("redis", url)
         else:
             target = ("dir", str(_metrics_dir(settings)))
@@ -663,7 +659,7 @@ def _read_store(settings: Settings) -> dict[str, dict[str, float]] | None:
         import redis
 
         try:
-            client = _redis_client(url)
+            client = redis_client(url)
             pipe = client.pipeline(transaction=False)
             for fam in _LATENCY_DOCS:
                 pipe.hgetall(_REDIS_PREFIX + fam)
@@ -750,18 +746,12 @@ _hooks_installed = False
 
 def install_celery_hooks() -> None:
     """Connect the Celery signals this module needs (idempotent; called by celery_app):
-
-    * ``before_task_publish``: stamp each message with its send time (the oldest-message age);
-    * ``task_prerun`` / ``task_postrun``: each task execution's run time.
-    """
+    ``task_prerun`` / ``task_postrun``, each task execution's run time. (The send time every
+    message carries is stamped by ``certqueue.celery_app.stamp_sent_at``.)"""
     global _hooks_installed
     if _hooks_installed:
         return
     from celery import signals
-
-    def _stamp(headers: dict[str, Any] | None = None, **_kw: Any) -> None:
-        if headers is not None:
-            headers.setdefault(SENT_AT_HEADER, time.time())
 
     def _pre(task_id: str | None = None, **_kw: Any) -> None:
         if task_id:
@@ -772,7 +762,6 @@ def install_celery_hooks() -> None:
         if started is not None and task is not None:
             observe("certqueue_task_duration_seconds", [str(task.name)], time.perf_counter() - started)
 
-    signals.before_task_publish.connect(_stamp, weak=False)
     signals.task_prerun.connect(_pre, weak=False)
     signals.task_postrun.connect(_post, weak=False)
     _hooks_installed = True
@@ -780,88 +769,12 @@ def install_celery_hooks() -> None:
 
 # --- the broker ------------------------------------------------------------------------------------
 
-_redis_lock = threading.Lock()
-_redis_clients: dict[str, Any] = {}
-
-
-def _redis_client(url: str) -> Any:
-    import redis
-
-    with _redis_lock:
-        client = _redis_clients.get(url)
-        if client is None:
-            client = redis.Redis.from_url(
-                url, socket_timeout=BROKER_TIMEOUT_SECONDS, socket_connect_timeout=BROKER_TIMEOUT_SECONDS
-            )
-            _redis_clients[url] = client
-        return client
-
 
 def pool_of(queue: str) -> str:
     """The worker pool that consumes a queue (certqueue.workers.pool_spec): scan and events go to
     acme."""
     head = queue.split(".", 1)[0]
     return "acme" if head in ("scan", "events") else head
-
-
-def _sent_at(raw: bytes | None) -> float | None:
-    if not raw:
-        return None
-    try:
-        msg = json.loads(raw)
-        value = msg.get("headers", {}).get(SENT_AT_HEADER)
-        return float(value) if value is not None else None
-    except (ValueError, TypeError, AttributeError):
-        return None
-
-
-def broker_snapshot(
-    settings: Settings, *, ages: bool = True
-) -> tuple[dict[str, int], dict[str, float]] | None:
-    """(messages waiting per queue, send time of the oldest waiting message per queue), or None when
-    the broker cannot be reached (or is not supported). ``ages=False``: depths only (LLEN alone, for
-    dispatch, which asks often)."""
-    from certqueue.celery_app import broker_urls, make_queues
-
-    names = [q.name for q in make_queues(settings)]
-    url, _backend, _opts = broker_urls(settings)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        import redis
-
-        keys = [
-            (name, name if pri == 0 else f"{name}{_KOMBU_PRIORITY_SEP}{pri}")
-            for name in names
-            for pri in _KOMBU_PRIORITY_STEPS
-        ]
-        try:
-            pipe = _redis_client(url).pipeline(transaction=False)
-            for _name, key in keys:
-                pipe.llen(key)
-                if ages:
-                    pipe.lindex(key, -1)  # kombu LPUSHes and BRPOPs: the oldest is last
-            replies = pipe.execute()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("metrics: broker unreachable (%s)", type(exc).__name__)
-            return None
-        depths = dict.fromkeys(names, 0)
-        oldest: dict[str, float] = {}
-        step = 2 if ages else 1
-        for i, (name, _key) in enumerate(keys):
-            depths[name] += int(replies[step * i])
-            sent = _sent_at(replies[step * i + 1]) if ages else None
-            if sent is not None:
-                oldest[name] = min(sent, oldest.get(name, sent))
-        return depths, oldest
-    if embedded_broker.is_embedded(url):
-        found = embedded_broker.queue_depths(settings, names)
-        return None if found is None else (found, {})
-    return None
-
-
-def queue_depths(settings: Settings) -> dict[str, int] | None:
-    """Messages waiting per queue, or None when the broker cannot be reached (or is not supported)."""
-    snap = broker_snapshot(settings, ages=False)
-    return None if snap is None else snap[0]
 
 
 def broker_families(settings: Settings) -> Iterator[Metric]:
@@ -896,10 +809,8 @@ def broker_families(settings: Settings) -> Iterator[Metric]:
         labels=["queue"],
     )
     if embedded_broker.is_embedded(settings.broker.url):  # no samples with a server broker
-        from certqueue.celery_app import make_queues
-
         counts = embedded_broker.quarantined(settings)
-        for name in sorted({q.name for q in make_queues(settings)} | set(counts)):
+        for name in sorted(set(queue_names(settings)) | set(counts)):
             quarantined.add_metric([name], float(counts.get(name, 0)))
     yield quarantined
 

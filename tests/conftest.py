@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import pytest
 
-from certqueue import certificates, config, db, failpoints, metrics, nudge, runtime
+from certqueue import brokerstate, certificates, config, db, failpoints, metrics, nudge, runtime
 from certqueue.acme import accounts
 from certqueue.acme import client as acme_client
 from certqueue.celery_app import lazy_app
@@ -66,10 +66,10 @@ def reset_process_caches() -> None:
         runtime._engines.clear()
         runtime._last_good.clear()
         runtime._retry_after.clear()
-    with metrics._redis_lock:
-        for client in metrics._redis_clients.values():
+    with brokerstate._redis_lock:
+        for client in brokerstate._redis_clients.values():
             client.close()
-        metrics._redis_clients.clear()
+        brokerstate._redis_clients.clear()
     acme_client.clear_directory_cache()
     accounts.forget_cache()
     failpoints._points = None

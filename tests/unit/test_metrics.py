@@ -625,10 +625,12 @@ def test_oldest_message_age_from_the_sent_at_header(db: Path, install: Callable[
     assert samples(fam, "certqueue_queue_depth")[key] == 2
     assert 119 < samples(fam, "certqueue_queue_oldest_message_age_seconds")[key] < 200
     del settings
-    # and Celery's publish path really stamps the header (the signal receiver of install_celery_hooks)
+    # and Celery's publish path really stamps the header (the signal receiver of stamp_sent_at)
     from celery import Celery
 
-    metrics.install_celery_hooks()
+    from certqueue.celery_app import stamp_sent_at
+
+    stamp_sent_at()
     app = Celery("age", broker=process_redis_url(), set_as_current=False)
     app.send_task("certqueue.nothing", queue=queue)
     try:
