@@ -11,34 +11,40 @@ import datetime as dt
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from certqueue import crypto, issuers, solvers, validation
-from certqueue import keystore as keystore_file
+from certqueue import issuers, solvers, validation
 from certqueue.acme.identifiers import check_ip_identifiers
 from certqueue.config import Settings, get_settings
 from certqueue.errors import InvalidInput, NotFound
 from certqueue.inventory import get, list_certificates  # noqa: F401  (public names, kept here)
-from certqueue.keystore import KeyStore
 from certqueue.lifecycle import renewal, states
 from certqueue.models import LIVE_STATES, Certificate, Issuance, State, utcnow
 
-CHALLENGE_TYPES = ("http-01", "dns-01", "tls-alpn-01")
+if TYPE_CHECKING:  # the key and certificate stack (cryptography) is imported where a PEM is read:
+    # a request (the CLI's ``issue``, the API) needs none of it
+    from certqueue import crypto
+    from certqueue.keystore import KeyStore
 
+CHALLENGE_TYPES = ("http-01", "dns-01", "tls-alpn-01")
 
 
 def keystore(settings: Settings | None = None) -> KeyStore:
     """The process's key store: loaded once per key file (PBKDF2 is slow on purpose), and again
     when the file changes (``certqueue.keystore.current``: key rotation without a restart)."""
+    from certqueue import keystore as keystore_file
+
     settings = settings or get_settings()
     return keystore_file.current(settings.storage.encryption_key_path)
 
 
 def forget_keystores() -> None:
+    from certqueue import keystore as keystore_file
+
     keystore_file.forget()
 
 
@@ -90,7 +96,7 @@ class CertificateRequest:
             validation.validate_key_size(key_size)  # not int(): "abc" must be InvalidInput, not ValueError
         try:
             key_type = (
-                crypto.key_type_from(key_size=key_size, key_type=kw.get("key_type"))
+                validation.key_type_from(key_size=key_size, key_type=kw.get("key_type"))
                 if (key_size or kw.get("key_type"))
                 else (iss.key_type if iss else settings.acme.key_type)
             )
@@ -284,6 +290,8 @@ def store_issuance(
     settings: Settings | None = None,
 ) -> Issuance:
     """Parse, check and store an issued certificate with its private key encrypted."""
+    from certqueue import crypto
+
     pems = crypto.split_pem_chain(fullchain_pem)
     if not pems:
         raise InvalidInput("no certificate in the chain", field="certificate_pem")
@@ -379,6 +387,8 @@ def import_certificate(
     expiry alerts cover it. State goes REQUESTED -> ISSUING -> ISSUED at once, then ACTIVE after
     propagation (or at once with no regions).
     """
+    from certqueue import crypto
+
     settings = settings or get_settings()
     if isinstance(certificate_pem, str) and certificate_pem.count("-----BEGIN CERTIFICATE-----") > 1:
         # certbot's fullchain.pem (and most CAs' downloads): the leaf first, then its chain

@@ -31,18 +31,16 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
 
 from certqueue.errors import InvalidInput
-from certqueue.validation import (
+from certqueue.validation import (  # key types are checked there (no cryptography needed)
+    DEFAULT_KEY_TYPE,
+    key_type_from,
     normalize_domains,
     validate_country,
-    validate_key_size,
     validate_subject_field,
 )
+from certqueue.validation import KEY_TYPES as KEY_TYPES  # re-exported
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-
-KEY_TYPES: Final = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
-#: the guide's default (``key_size: 2048``)
-DEFAULT_KEY_TYPE: Final = "rsa2048"
 
 _CURVES: Final[dict[str, type[ec.EllipticCurve]]] = {"ec256": ec.SECP256R1, "ec384": ec.SECP384R1}
 _CURVE_NAMES: Final = {"secp256r1": "ec256", "secp384r1": "ec384", "secp521r1": "ec521"}
@@ -75,29 +73,6 @@ class CertInfo:
 
 
 # --- keys ---------------------------------------------------------------------------------------
-
-
-def key_type_from(key_size: int | None = None, key_type: str | None = None) -> str:
-    """The key type for the guide's ``key_size`` and/or an explicit ``key_type``.
-
-    ``key_type`` wins when given; a ``key_size`` that contradicts it is an error (``key_size`` only
-    applies to RSA). Neither given: ``DEFAULT_KEY_TYPE``.
-    """
-    if key_type is not None:
-        kt = key_type.strip().lower() if isinstance(key_type, str) else key_type
-        if kt not in KEY_TYPES:
-            raise InvalidInput(
-                f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}", field="key_type"
-            )
-        if key_size is not None:
-            if not kt.startswith("rsa"):
-                raise InvalidInput(f"key_size applies to RSA keys only, not {kt}", field="key_size")
-            if f"rsa{validate_key_size(key_size)}" != kt:
-                raise InvalidInput(f"key_size {key_size} contradicts key type {kt}", field="key_size")
-        return str(kt)
-    if key_size is not None:
-        return f"rsa{validate_key_size(key_size)}"
-    return DEFAULT_KEY_TYPE
 
 
 def generate_private_key(key_type: str = DEFAULT_KEY_TYPE) -> PrivateKey:

@@ -243,6 +243,34 @@ def validate_key_size(n: int) -> int:
     return n
 
 
+KEY_TYPES: Final = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
+#: the guide's default (``key_size: 2048``)
+DEFAULT_KEY_TYPE: Final = "rsa2048"
+
+
+def key_type_from(key_size: int | None = None, key_type: str | None = None) -> str:
+    """The key type for the guide's ``key_size`` and/or an explicit ``key_type``.
+
+    ``key_type`` wins when given; a ``key_size`` that contradicts it is an error (``key_size`` only
+    applies to RSA). Neither given: ``DEFAULT_KEY_TYPE``.
+    """
+    if key_type is not None:
+        kt = key_type.strip().lower() if isinstance(key_type, str) else key_type
+        if kt not in KEY_TYPES:
+            raise InvalidInput(
+                f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}", field="key_type"
+            )
+        if key_size is not None:
+            if not kt.startswith("rsa"):
+                raise InvalidInput(f"key_size applies to RSA keys only, not {kt}", field="key_size")
+            if f"rsa{validate_key_size(key_size)}" != kt:
+                raise InvalidInput(f"key_size {key_size} contradicts key type {kt}", field="key_size")
+        return str(kt)
+    if key_size is not None:
+        return f"rsa{validate_key_size(key_size)}"
+    return DEFAULT_KEY_TYPE
+
+
 def validate_dns_provider(name: str) -> str:
     """A DNS provider registered as a plugin (entry point group ``certqueue.dns_providers``)."""
     from importlib.metadata import entry_points
