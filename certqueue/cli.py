@@ -707,8 +707,8 @@ def issue_cmd(
         out["state"] = res[cid]
     if as_json:
         _print_json(out)
-    else:
-        console.print(
+    else:  # one plain line (scripts read it; no terminal styling to load)
+        click.echo(
             f"{cid} {'requested' if created else 'already requested'}"
             + (f": {out['state']}" if "state" in out else "")
         )
