@@ -755,9 +755,10 @@ def _issue_many(text: str, as_json: bool) -> None:
 @main.command("renew")
 @click.argument("certificate_ids", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Renew even if not due.")
-@click.option("--wait/--no-wait", default=False)
-@click.option("--timeout", default=300.0)
-def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: float) -> None:
+@click.option("--wait/--no-wait", default=False, help="Wait until each is renewed (or FAILED).")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: float, as_json: bool) -> None:
     """Renew certificates (due ones only unless --force)."""
     from sqlalchemy import func, select
 
@@ -775,11 +776,24 @@ def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: 
                 not_due.append(cid)
     if len(not_due) < len(certificate_ids):
         _nudge()
-    for cid in not_due:
-        console.print(f"{cid} is not due for renewal (use --force)")
     certificate_ids = [c for c in certificate_ids if c not in not_due]
+
+    def report(renewed_ids: Sequence[str] | None = None) -> None:
+        if as_json:
+            out: dict[str, Any] = {"requested": list(certificate_ids), "not_due": not_due}
+            if renewed_ids is not None:
+                out["renewed"] = list(renewed_ids)
+            _print_json(out)
+            return
+        for cid in not_due:
+            click.echo(f"{cid} is not due for renewal (use --force)")
+        if renewed_ids is None:
+            click.echo(f"renewal requested for {len(certificate_ids)} certificate(s)")
+        else:
+            click.echo(f"renewed {len(renewed_ids)} certificate(s)")
+
     if not wait or not certificate_ids:
-        console.print(f"renewal requested for {len(certificate_ids)} certificate(s)")
+        report()
         return
 
     def renewed(cid: str) -> bool:
@@ -795,30 +809,46 @@ def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: 
         time.sleep(0.3)
     if pending:
         _fail(f"timed out waiting for {', '.join(sorted(pending))}", EXIT_TIMEOUT)
-    console.print(f"renewed {len(certificate_ids)} certificate(s)")
+    report(certificate_ids)
 
 
 @main.command("revoke")
 @click.argument("certificate_id")
-@click.option("--reason", default="unspecified", show_default=True)
-@click.option("--wait/--no-wait", default=False)
-@click.option("--timeout", default=120.0)
-def revoke_cmd(certificate_id: str, reason: str, wait: bool, timeout: float) -> None:
+@click.option(
+    "--reason",
+    default="unspecified",
+    show_default=True,
+    help="RFC 5280 reason: unspecified, keyCompromise, superseded, cessationOfOperation, ...",
+)
+@click.option("--wait/--no-wait", default=False, help="Wait until the CA has revoked it.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def revoke_cmd(certificate_id: str, reason: str, wait: bool, timeout: float, as_json: bool) -> None:
     """Revoke a certificate at its CA (RFC 5280 reason name)."""
     from certqueue import operations
     from certqueue.db import session_scope
 
     with session_scope() as s:
         intent = operations.request_revoke(s, certificate_id, reason=reason, actor="cli")
+    out: dict[str, Any] = {"certificate_id": certificate_id, "reason": reason}
     if intent is None:
-        console.print(f"{certificate_id} is already revoked")
+        out.update(requested=False, state="REVOKED")
+        if as_json:
+            _print_json(out)
+        else:
+            click.echo(f"{certificate_id} is already revoked")
         return
+    out.update(requested=True, job_id=f"intent-{intent.id}")
     _nudge()
     if wait:
         res = _wait_states([certificate_id], lambda st: st == "REVOKED", timeout, "revoking")
         if res[certificate_id] != "REVOKED":
             _fail(f"{certificate_id} is {res[certificate_id]}", EXIT_TIMEOUT)
-    console.print(f"revocation of {certificate_id} requested ({reason})")
+        out["state"] = "REVOKED"
+    if as_json:
+        _print_json(out)
+    else:
+        click.echo(f"revocation of {certificate_id} requested ({reason})")
 
 
 @main.command("propagate")
@@ -851,8 +881,9 @@ def propagate_cmd(
 @click.option("--cert", "cert_file", type=click.File("r"), required=True)
 @click.option("--key", "key_file", type=click.File("r"), required=True)
 @click.option("--chain", "chain_file", type=click.File("r"))
-@click.option("--region", "targets", multiple=True)
-def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence[str]) -> None:
+@click.option("--region", "targets", multiple=True, help="Deploy to this region (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence[str], as_json: bool) -> None:
     """Import an externally issued certificate: monitored and propagated, never renewed."""
     from certqueue import operations
     from certqueue.db import session_scope
@@ -866,23 +897,30 @@ def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence
             targets=list(targets),
             actor="cli",
         )
-        cid = cert.id
+        cid, state = cert.id, str(cert.state)
     if intent is not None:
         _nudge()
-    console.print(f"imported {cid}")
+    if as_json:
+        _print_json({"certificate_id": cid, "state": state, "regions": list(targets)})
+    else:
+        click.echo(f"imported {cid}")
 
 
 @main.command("scan")
-@click.option("--limit", type=int)
-def scan_cmd(limit: int | None) -> None:
+@click.option("--limit", type=int, help="Claim at most this many due renewals.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def scan_cmd(limit: int | None, as_json: bool) -> None:
     """Run dispatch now: claim pending requests and due renewals up to capacity (what beat does
     periodically), and mark expired certificates."""
     payload = [limit] if limit else []
     from certqueue.client import app_for_sending
 
-    app_for_sending().send_task("certqueue.scan.due", args=payload, queue="scan")
-    app_for_sending().send_task("certqueue.scan.expire", queue="scan")
-    console.print("scan queued")
+    due = app_for_sending().send_task("certqueue.scan.due", args=payload, queue="scan")
+    expire = app_for_sending().send_task("certqueue.scan.expire", queue="scan")
+    if as_json:
+        _print_json({"queued": {"certqueue.scan.due": due.id, "certqueue.scan.expire": expire.id}})
+    else:
+        click.echo("scan queued")
 
 
 @main.command("export")

@@ -410,6 +410,30 @@ def test_propagate(cli: Cli) -> None:
 def test_scan_enqueues_the_periodic_scans(cli: Cli) -> None:
     cli.ok("scan")
     assert cli.depth("scan") == 2
+    out = cli.json("scan")
+    assert set(out["queued"]) == {"certqueue.scan.due", "certqueue.scan.expire"}
+    assert all(out["queued"].values()) and cli.depth("scan") == 4
+
+
+def test_renew_revoke_and_import_answer_in_json(cli: Cli) -> None:
+    cid, _ = active_certificate(("json.example.com",))
+    not_due, _ = active_certificate(("json-not-due.example.com",))
+    out = cli.json("renew", cid, "--force")
+    assert out == {"requested": [cid], "not_due": []}
+    out = cli.json("renew", not_due)
+    assert out == {"requested": [], "not_due": [not_due]}
+    assert cli.requests() == 1
+    out = cli.json("revoke", cid, "--reason", "superseded")
+    assert out["certificate_id"] == cid and out["requested"] is True and out["reason"] == "superseded"
+    assert out["job_id"].startswith("intent-")
+    leaf, key = make_cert_pem(("json-imported.example.com",), days=30)
+    (cli.tmp / "c.pem").write_text(leaf)
+    (cli.tmp / "k.pem").write_bytes(key)
+    out = cli.json("import", "--cert", str(cli.tmp / "c.pem"), "--key", str(cli.tmp / "k.pem"))
+    assert out["state"] == "ACTIVE" and out["regions"] == []
+    with session_scope(write=False) as s:
+        c = s.get(Certificate, out["certificate_id"])
+        assert c is not None and c.state == State.ACTIVE and c.external
 
 
 # --- export ---------------------------------------------------------------------------------------
