@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -759,6 +758,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         return {}
+    import yaml  # only with a settings file to read (a command with none does not load the parser)
+
     try:
         return _unwrap(yaml.safe_load(text), str(path))
     except yaml.YAMLError as exc:

@@ -114,6 +114,20 @@ def test_a_read_command_imports_only_what_it_needs(home: Path, args: tuple[str, 
     assert proc.returncode == 0, proc.stderr
     json.loads(proc.stdout)  # it answered
     assert _loaded(report, NOT_FOR_READS) == []
+    if args[0] != "status":  # (status reads the embedded queues through kombu, which loads YAML)
+        assert _loaded(report, ("yaml",)) == []  # no settings file here: no YAML parser
+
+
+def test_a_settings_file_is_still_read(home: Path) -> None:
+    (home / "settings" / "local.yaml").write_text("automation:\n  renewal_threshold_days: 21\n")
+    try:
+        proc, report = _probe(home, "config", "show", "--json")
+    finally:
+        (home / "settings" / "local.yaml").unlink()
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)["automation.renewal_threshold_days"]
+    assert shown["value"] == 21 and shown["source"].endswith("local.yaml")
+    assert _loaded(report, ("yaml",)) == ["yaml"]
 
 
 def test_status_reads_the_embedded_queues_without_celery(home: Path) -> None:
