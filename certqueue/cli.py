@@ -753,25 +753,32 @@ def _issue_many(text: str, as_json: bool) -> None:
 
 
 @main.command("renew")
-@click.argument("certificate_ids", nargs=-1, required=True)
-@click.option("--force", is_flag=True, help="Renew even if not due.")
+@click.argument("certificate_ids", nargs=-1)
+@click.option("--force", is_flag=True, help="Renew even if not due (only with ids).")
 @click.option("--wait/--no-wait", default=False, help="Wait until each is renewed (or FAILED).")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: float, as_json: bool) -> None:
-    """Renew certificates (due ones only unless --force)."""
+    """Renew certificates (due ones only unless --force); with no ids, every certificate that is due
+    (what beat's scan would claim next, now)."""
     from sqlalchemy import func, select
 
-    from certqueue import certificates, operations, validation
+    from certqueue import certificates, dispatch, operations, validation
     from certqueue.db import session_scope
-    from certqueue.models import Issuance
+    from certqueue.models import Issuance, utcnow
 
     before: dict[str, int] = {}
     not_due: list[str] = []
     with session_scope() as s:  # one transaction: every request is recorded, or none
+        if not certificate_ids:
+            if force:
+                raise InvalidInput("--force renews what is not due: name the certificates", field="force")
+            certificate_ids = dispatch.due_ids(s, utcnow())
         for cid in certificate_ids:
             validation.validate_certificate_id(cid)
-            before[cid] = s.execute(select(func.count()).where(Issuance.certificate_id == cid)).scalar_one()
+            if wait:  # renewed = a new issuance
+                issued = select(func.count()).where(Issuance.certificate_id == cid)
+                before[cid] = s.execute(issued).scalar_one()
             if operations.request_renew(s, cid, force=force, actor="cli") is None:
                 not_due.append(cid)
     if len(not_due) < len(certificate_ids):

@@ -93,16 +93,26 @@ def acme_pressure(settings: Settings) -> int | None:
     return total
 
 
+def due(now: dt.datetime) -> tuple[Any, ...]:
+    """What makes a certificate due for renewal at ``now``: ACTIVE, renewed automatically, issued
+    here (not imported), its renewal time reached (an index range scan on state, renew_at)."""
+    return (
+        Certificate.state == State.ACTIVE,
+        Certificate.renew_at <= now,
+        Certificate.auto_renew.is_(True),
+        Certificate.external.is_(False),
+    )
+
+
+def due_ids(session: Session, now: dt.datetime, limit: int | None = None) -> list[str]:
+    """The certificates due at ``now``, the longest due first."""
+    stmt = select(Certificate.id).where(*due(now)).order_by(Certificate.renew_at, Certificate.id)
+    return list(session.execute(stmt.limit(limit) if limit is not None else stmt).scalars())
+
+
 def _wanted_due(session: Session, now: dt.datetime, limit: int) -> dict[str, int]:
     stmt = (
-        select(Certificate.directory_url, func.count())
-        .where(
-            Certificate.state == State.ACTIVE,
-            Certificate.renew_at <= now,
-            Certificate.auto_renew.is_(True),
-            Certificate.external.is_(False),
-        )
-        .group_by(Certificate.directory_url)
+        select(Certificate.directory_url, func.count()).where(*due(now)).group_by(Certificate.directory_url)
     )
     return {str(url): min(int(n), limit) for url, n in session.execute(stmt).all()}
 
@@ -116,12 +126,7 @@ def claim_due(
     """
     if limit <= 0:
         return []
-    stmt = select(Certificate.id).where(
-        Certificate.state == State.ACTIVE,
-        Certificate.renew_at <= now,
-        Certificate.auto_renew.is_(True),
-        Certificate.external.is_(False),
-    )
+    stmt = select(Certificate.id).where(*due(now))
     if directory_url is not None:
         stmt = stmt.where(Certificate.directory_url == directory_url)
     stmt = stmt.order_by(Certificate.renew_at).limit(limit)

@@ -5,6 +5,7 @@ Every command: its happy path, and its bad-input path (exit 2, one error line, n
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
@@ -386,6 +387,28 @@ def test_renew_enqueues_and_refuses_what_it_cannot_renew(cli: Cli) -> None:
     assert_one_line_error(cli("renew", imported), 2, "imported")
     assert_one_line_error(cli("renew", "cert_" + "b" * 20), 3)
     assert cli.requests() == 1
+
+
+def test_renew_with_no_ids_renews_what_is_due(cli: Cli) -> None:
+    due, _ = active_certificate(("due.example.com",))
+    not_due, _ = active_certificate(("not-due.example.com",))
+    manual, _ = active_certificate(("manual.example.com",))
+    imported = import_file(cli, ("imported-due.example.com",))
+    past = utcnow() - dt.timedelta(hours=1)
+    with session_scope() as s:
+        for cid in (due, manual, imported):
+            c = s.get(Certificate, cid)
+            assert c is not None
+            c.renew_at = past
+        c = s.get(Certificate, manual)
+        assert c is not None
+        c.auto_renew = False
+    assert_one_line_error(cli("renew", "--force"), 2, "name the certificates")
+    assert cli.requests() == 0
+    # due: ACTIVE, renewed automatically, issued here, its time reached (what the scan claims)
+    assert cli.json("renew") == {"requested": [due], "not_due": []}
+    assert cli.requests() == 1
+    del not_due
 
 
 def test_revoke_checks_the_reason_before_sending(cli: Cli) -> None:
