@@ -44,8 +44,24 @@ class _LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(**self._options)
+            options = dict(self._options)
+            if not options.get("stderr") and not _stdout_is_terminal():
+                options.setdefault("soft_wrap", True)  # a line piped is one line, not folded at 80
+            self._console = Console(**options)
         return self._console
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        """Tables print as tab-separated lines when stdout is not a terminal (a pipe, a file): every
+        value whole on its line, for grep, cut and awk, with no box drawing and no folding at 80
+        columns. A terminal gets the drawn table."""
+        if objects and not self._options.get("stderr") and not _stdout_is_terminal():
+            from rich.table import Table as RichTable
+
+            if all(isinstance(o, RichTable) for o in objects):
+                for table in objects:
+                    _print_plain_table(table)
+                return
+        self._get().print(*objects, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._get(), name)
@@ -55,6 +71,31 @@ class _LazyConsole:
             object.__setattr__(self, name, value)
         else:
             setattr(self._get(), name, value)
+
+
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+def _plain(cell: Any) -> str:
+    from rich.text import Text
+
+    text = cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
+    return " ".join(text.split())  # one line per row, whatever a value holds
+
+
+def _print_plain_table(table: Any) -> None:
+    """A rich Table as lines: its title, the column names, then one line per row, tab-separated."""
+    columns = list(table.columns)
+    if table.title:
+        click.echo(_plain(table.title))
+    click.echo("\t".join(_plain(c.header) for c in columns))
+    for row in zip(*(list(c.cells) for c in columns), strict=True):
+        click.echo("\t".join(_plain(cell) for cell in row))
+    click.echo("")
 
 
 def Table(*args: Any, **kwargs: Any) -> Any:  # rich's class, imported when a table is drawn

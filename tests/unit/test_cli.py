@@ -389,6 +389,19 @@ def test_renew_enqueues_and_refuses_what_it_cannot_renew(cli: Cli) -> None:
     assert cli.requests() == 1
 
 
+def test_tables_piped_are_tab_separated_lines_with_every_value_whole(cli: Cli) -> None:
+    long_name = "a-name-long-enough-to-fold-in-a-drawn-table.example.com"
+    cid, _ = active_certificate((long_name,))
+    lines = cli.ok("list").output.splitlines()  # CliRunner's stdout is not a terminal
+    assert lines[0] == "certificates (1)"
+    assert lines[1].split("\t") == ["id", "names", "state", "expires", "issuer"]
+    row = lines[2].split("\t")
+    assert row[:3] == [cid, long_name, "ACTIVE"]  # no markup, no folding, no box drawing
+    assert not any(ch in cli.ok("list").output for ch in "│┃━─")
+    setting = [line for line in cli.ok("config", "show").output.splitlines() if "renewal_threshold" in line]
+    assert setting == ["automation.renewal_threshold_days\t30\tdefault"]
+
+
 def test_renew_with_no_ids_renews_what_is_due(cli: Cli) -> None:
     due, _ = active_certificate(("due.example.com",))
     not_due, _ = active_certificate(("not-due.example.com",))
