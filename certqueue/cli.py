@@ -522,9 +522,9 @@ def print_inventory(rows: list[dict[str, Any]]) -> None:
 @main.command("list")
 @click.option("--state", "states_in", multiple=True, help="Only these states.")
 @click.option("--domain", help="Only certificates naming this domain.")
-@click.option("--limit", default=100, show_default=True)
-@click.option("--offset", default=0)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", default=100, show_default=True, help="At most this many certificates.")
+@click.option("--offset", default=0, help="Skip this many first (with --limit: pages).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(states_in: Sequence[str], domain: str | None, limit: int, offset: int, as_json: bool) -> None:
     """The inventory."""
     from certqueue import inventory
@@ -545,7 +545,7 @@ def list_cmd(states_in: Sequence[str], domain: str | None, limit: int, offset: i
 
 @main.command("show")
 @click.argument("certificate_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show_cmd(certificate_id: str, as_json: bool) -> None:
     """One certificate with its issuances, deployments and recent events."""
     from sqlalchemy import select
@@ -666,14 +666,23 @@ def _nudge() -> None:
     type=click.File("r"),
     help="One certificate per line: names, then optional options (see docs/cli.md). '-' reads stdin.",
 )
-@click.option("--email")
-@click.option("--challenge", "challenge_type", type=click.Choice(["http-01", "dns-01", "tls-alpn-01"]))
-@click.option("--dns-provider")
-@click.option("--key-type", type=click.Choice(["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]))
-@click.option("--profile")
+@click.option("--email", help="ACME account contact (default: acme.email).")
+@click.option(
+    "--challenge",
+    "challenge_type",
+    type=click.Choice(["http-01", "dns-01", "tls-alpn-01"]),
+    help="Challenge type (default: challenges.default_type; wildcards need dns-01).",
+)
+@click.option("--dns-provider", help="DNS-01 provider name (default: challenges.dns_provider).")
+@click.option(
+    "--key-type",
+    type=click.Choice(["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]),
+    help="Certificate key type (default: acme.key_type).",
+)
+@click.option("--profile", help="ACME certificate profile the CA offers (e.g. tlsserver, shortlived).")
 @click.option("--issuer", help="A named issuer (certqueue issuers list); default: the acme: section.")
 @click.option("--region", "targets", multiple=True, help="Deploy to this region (repeatable).")
-@click.option("--no-auto-renew", is_flag=True)
+@click.option("--no-auto-renew", is_flag=True, help="Do not renew it automatically (monitored only).")
 @click.option("--wait/--no-wait", default=False, help="Wait until ACTIVE or FAILED.")
 @click.option(
     "--exit-on-defer",
@@ -681,8 +690,8 @@ def _nudge() -> None:
     help="With --wait: stop with exit code 5 when the work is deferred (a rate limit, capacity)"
     " instead of waiting for it to resume.",
 )
-@click.option("--timeout", default=300.0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def issue_cmd(
     domains: Sequence[str],
     from_file: Any,
@@ -901,9 +910,11 @@ def revoke_cmd(certificate_id: str, reason: str, wait: bool, timeout: float, as_
 
 @main.command("propagate")
 @click.argument("certificate_id")
-@click.option("--region", "regions", multiple=True)
+@click.option(
+    "--region", "regions", multiple=True, help="Only this region (repeatable; default: its regions)."
+)
 @click.option("--force", is_flag=True, help="Redeploy even where the current issuance is deployed.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def propagate_cmd(
     ctx: click.Context, certificate_id: str, regions: Sequence[str], force: bool, as_json: bool
@@ -926,9 +937,15 @@ def propagate_cmd(
 
 
 @main.command("import")
-@click.option("--cert", "cert_file", type=click.File("r"), required=True)
-@click.option("--key", "key_file", type=click.File("r"), required=True)
-@click.option("--chain", "chain_file", type=click.File("r"))
+@click.option(
+    "--cert",
+    "cert_file",
+    type=click.File("r"),
+    required=True,
+    help="The certificate (PEM; a fullchain.pem too).",
+)
+@click.option("--key", "key_file", type=click.File("r"), required=True, help="Its private key (PEM).")
+@click.option("--chain", "chain_file", type=click.File("r"), help="The issuer chain (PEM), if not in --cert.")
 @click.option("--region", "targets", multiple=True, help="Deploy to this region (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence[str], as_json: bool) -> None:
@@ -973,8 +990,21 @@ def scan_cmd(limit: int | None, as_json: bool) -> None:
 
 @main.command("export")
 @click.argument("certificate_id")
-@click.option("--format", "fmt", type=click.Choice(["pem", "pkcs12"]), default="pem", show_default=True)
-@click.option("--out", "out", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["pem", "pkcs12"]),
+    default="pem",
+    show_default=True,
+    help="pem: key, certificate and chain in one file; pkcs12: a .p12 bundle.",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="File to write (mode 0600).",
+)
 @click.option("--password-env", metavar="VAR", help="PKCS#12: encrypt with the password in this variable.")
 @click.option("--legacy", is_flag=True, help="PKCS#12: 3DES/SHA-1 for old consumers (default AES-256).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
@@ -1039,7 +1069,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 @main.command("status")
 @click.option("--due-within", default=24.0, show_default=True, help="Hours: renewals due within this.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
     """The fleet at a glance: certificates by state, renewals due soon, expiry health, rate-limit
@@ -1153,8 +1183,9 @@ def tokens() -> None:
     type=click.Choice(["read", "write", "admin"]),
     default=("read",),
     show_default=True,
+    help="What the token may do (repeatable).",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def tokens_create(name: str, scopes: Sequence[str], as_json: bool) -> None:
     """Create a token for NAME (who or what uses it). It is shown once; only its hash is stored."""
     from certqueue.db import session_scope
@@ -1171,7 +1202,7 @@ def tokens_create(name: str, scopes: Sequence[str], as_json: bool) -> None:
 
 @tokens.command("list")
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def tokens_list(include_revoked: bool, as_json: bool) -> None:
     """Tokens (never their values)."""
     from certqueue.db import session_scope
@@ -1223,13 +1254,18 @@ def tokens_revoke(token_id: str) -> None:
 
 
 @main.command("worker")
-@click.option("--pool", type=click.Choice(["acme", "dns", "propagate", "all"]), required=True)
+@click.option(
+    "--pool",
+    type=click.Choice(["acme", "dns", "propagate", "all"]),
+    required=True,
+    help="Which queues it consumes (all: every pool, the embedded default).",
+)
 @click.option(
     "--region", "regions", multiple=True, help="propagate pool: the region(s) served, or `all` configured."
 )
-@click.option("--concurrency", "-c", type=int)
-@click.option("--loglevel", default=None)
-@click.option("--hostname", "-n", default=None)
+@click.option("--concurrency", "-c", type=int, help="Worker processes (default: the pool's setting).")
+@click.option("--loglevel", default=None, help="Log level (default: logging.level).")
+@click.option("--hostname", "-n", default=None, help="Celery node name (default: pool@host).")
 def worker_cmd(
     pool: str, regions: Sequence[str], concurrency: int | None, loglevel: str | None, hostname: str | None
 ) -> None:
@@ -1240,7 +1276,7 @@ def worker_cmd(
 
 
 @main.command("beat")
-@click.option("--loglevel", default=None)
+@click.option("--loglevel", default=None, help="Log level (default: logging.level).")
 def beat_cmd(loglevel: str | None) -> None:
     """Run the periodic scheduler (one active beat; a Redis lock with RedBeat)."""
     from certqueue.workers import run_beat
@@ -1249,8 +1285,8 @@ def beat_cmd(loglevel: str | None) -> None:
 
 
 @main.command("http01")
-@click.option("--host", default=None)
-@click.option("--port", type=int, default=None)
+@click.option("--host", default=None, help="Default challenges.http_host.")
+@click.option("--port", type=int, default=None, help="Default challenges.http_port.")
 @click.pass_context
 def http01_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Serve HTTP-01 challenge tokens from the database."""

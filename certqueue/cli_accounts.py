@@ -17,7 +17,7 @@ def accounts() -> None:
 
 
 @accounts.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def accounts_list(as_json: bool) -> None:
     """Every account with its URL at the CA, status, key type and last key change."""
     from sqlalchemy import func, select
@@ -77,7 +77,7 @@ def accounts_list(as_json: bool) -> None:
     type=click.Choice(["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]),
     help="Type of the new key (default: the current key's type).",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def accounts_rollover(account_id: int, key_type: str | None, as_json: bool) -> None:
     """Give ACCOUNT_ID a new key at its CA; the new key is stored encrypted. Running it again after
     a failure finishes the interrupted rollover. Orders in flight carry on."""

@@ -21,8 +21,14 @@ def events() -> None:
 @click.option("--dead", is_flag=True, help="Only dead letters (the same as --status dead).")
 @click.option("--subscriber", help="Only this subscriber.")
 @click.option("--certificate", "certificate_id", help="Only this certificate.")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=50,
+    show_default=True,
+    help="At most this many.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def events_list(
     status: str | None,
     dead: bool,

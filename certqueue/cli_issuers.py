@@ -60,7 +60,7 @@ def issuers() -> None:
 
 
 @issuers.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def issuers_list(ctx: click.Context, as_json: bool) -> None:
     """Every issuer with its directory, contact, EAB key id, account URL and account status."""
@@ -87,7 +87,7 @@ def issuers_list(ctx: click.Context, as_json: bool) -> None:
 
 @issuers.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def issuers_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """One issuer: every setting (the EAB HMAC key never) and its account."""

@@ -651,3 +651,22 @@ def test_a_database_without_tables_says_run_db_upgrade(
         result.output
     )
     assert "SELECT" not in result.output
+
+
+def test_every_command_and_option_says_what_it_does() -> None:
+    import click
+
+    missing: list[str] = []
+
+    def walk(cmd: click.Command, path: str) -> None:
+        if not (cmd.help or cmd.short_help):
+            missing.append(path)
+        for p in cmd.params:
+            if isinstance(p, click.Option) and not p.hidden and not p.help:
+                missing.append(f"{path} {p.opts[0]}")
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, f"{path} {name}")
+
+    walk(main, "certqueue")
+    assert missing == []
