@@ -78,3 +78,11 @@ def test_ci_and_the_image_install_from_the_locks() -> None:
     assert "pip install -q --no-deps -e ." in make
     docker = (REPO / "docker" / "Dockerfile").read_text()
     assert "--require-hashes -r requirements/runtime.txt" in docker
+
+
+def test_the_postgresql_driver_is_in_the_base_install() -> None:
+    """PostgreSQL is the production database: `pip install certqueue` must be able to reach it."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base = {Requirement(r).name.lower() for r in project["dependencies"]}
+    assert "psycopg" in base
+    assert "psycopg" in _pins(REPO / "requirements" / "runtime.txt")
