@@ -111,7 +111,9 @@ EXIT_FAILED, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_DEFERRED = 1, 2, 3, 
 
 
 def _fail(msg: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # a message is text: "certqueue[aws]" is not a style tag
+
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -138,6 +140,8 @@ class _Group(click.Group):
                 raise
             if _no_schema(exc):
                 _fail(_no_schema_message(ctx), EXIT_INPUT)
+            if isinstance(exc, ModuleNotFoundError):
+                _fail(_missing_module_message(exc), EXIT_INPUT)
             _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", EXIT_FAILED)
 
 
@@ -145,6 +149,36 @@ def _no_schema(exc: BaseException) -> bool:
     """The database has no certqueue tables (a new file, the wrong directory, no migration run)."""
     text = str(getattr(exc, "orig", exc))
     return "no such table" in text or ("relation" in text and "does not exist" in text)
+
+
+#: the extra (pyproject's optional dependencies) that installs a module a feature needs
+EXTRA_OF_MODULE = {
+    "boto3": "aws",
+    "botocore": "aws",
+    "azure": "azure",
+    "google": "gcp",
+    "cloudflare": "cloudflare",
+    "fastapi": "api",
+    "fastapi_offline": "api",
+    "starlette": "api",
+    "uvicorn": "api",
+    "httpx": "api",
+    "flower": "flower",
+    "tornado": "flower",
+    "opentelemetry": "tracing",
+    "matplotlib": "bench",
+}
+
+
+def _missing_module_message(exc: ModuleNotFoundError) -> str:
+    """One line that says what to install (a feature whose extra is not installed)."""
+    name = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(name)
+    if extra is None:
+        return (
+            f"{exc.name or 'a module'} is not installed (the installation is incomplete: reinstall certqueue)"
+        )
+    return f"this needs {exc.name}, which is not installed: pip install 'certqueue[{extra}]'"
 
 
 def _no_schema_message(ctx: click.Context) -> str:

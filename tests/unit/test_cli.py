@@ -670,3 +670,15 @@ def test_every_command_and_option_says_what_it_does() -> None:
 
     walk(main, "certqueue")
     assert missing == []
+
+
+def test_a_missing_extra_is_one_line_that_says_what_to_install(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from certqueue import inventory
+
+    def needs_boto3(*_a: Any, **_kw: Any) -> Any:
+        raise ModuleNotFoundError("No module named 'boto3'", name="boto3")
+
+    monkeypatch.setattr(inventory, "list_certificates", needs_boto3)
+    assert_one_line_error(cli("list"), 2, "pip install 'certqueue[aws]'")
