@@ -139,6 +139,7 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             if _no_schema(exc):
+                _discard_created_database(ctx)
                 _fail(_no_schema_message(ctx), EXIT_INPUT)
             if isinstance(exc, ModuleNotFoundError):
                 _fail(_missing_module_message(exc), EXIT_INPUT)
@@ -181,6 +182,40 @@ def _missing_module_message(exc: ModuleNotFoundError) -> str:
     return f"this needs {exc.name}, which is not installed: pip install 'certqueue[{extra}]'"
 
 
+def _sqlite_file(url: str) -> Path | None:
+    if not url.startswith("sqlite") or ":///" not in url:
+        return None
+    path = url.split(":///", 1)[1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _discard_created_database(ctx: click.Context) -> None:
+    """A command run in the wrong directory must not leave an empty SQLite file behind it (the next
+    command would find that file, and the same error): the file this command created, still
+    without a table, is removed."""
+    from certqueue.db import dispose_all
+
+    created = (ctx.obj or {}).get("new_sqlite_file")
+    if created is None:
+        return
+    dispose_all()
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        extra = created.with_name(created.name + suffix)
+        with contextlib.suppress(OSError):
+            if suffix or extra.stat().st_size == 0 or not _has_tables(extra):
+                extra.unlink()
+
+
+def _has_tables(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return bool(conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0])
+    except sqlite3.Error:
+        return True  # not ours to judge: keep it
+
+
 def _no_schema_message(ctx: click.Context) -> str:
     from certqueue.logsafe import mask_url_password
 
@@ -211,6 +246,9 @@ def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
     # every layer, the runtime one read from the database; re-read as it ages (certqueue.runtime)
     loaded = configure(overrides or None)
     ctx.obj["loaded"] = loaded
+    db_file = _sqlite_file(loaded.settings.database.url)
+    if db_file is not None and not db_file.exists():
+        ctx.obj["new_sqlite_file"] = db_file  # removed again if it is the wrong place (no tables)
     from certqueue.logconfig import configure_logging  # text or JSON lines, redacted, task context
 
     configure_logging(loaded.settings)

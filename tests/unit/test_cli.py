@@ -651,6 +651,13 @@ def test_a_database_without_tables_says_run_db_upgrade(
         result.output
     )
     assert "SELECT" not in result.output
+    assert not empty.exists()  # nothing left behind for the next command to trip on
+    # a database file that was there before is never removed, with or without tables
+    empty.write_bytes(b"")
+    dispose_all()
+    result = CliRunner().invoke(main, ["--database", f"sqlite:///{empty}", "list"])
+    dispose_all()
+    assert result.exit_code == 2 and empty.exists()
 
 
 def test_every_command_and_option_says_what_it_does() -> None:
