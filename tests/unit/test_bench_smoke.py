@@ -192,3 +192,16 @@ def test_quick_run_completes_and_writes_json(tmp_path):
     assert (artifacts / "storm" / "logs" / "pebble.log").exists()
     assert (artifacts / "storm" / "logs" / "beat.log").exists()
     assert (artifacts / "bare-acme-1x8" / "logs" / "pebble.log").exists()
+
+
+def test_the_scan_case_runs_against_the_current_pipeline():
+    """The due-scan case imports the pipeline's own claim and message shapes: a rename there must
+    fail here, not in a two-hour ``make bench`` (the full run of 2026-12-02 met exactly that).
+    A few thousand rows; the timings it reports are not looked at."""
+    from bench.scan import run_scan
+
+    out = run_scan(2000, repeats=1)
+    assert out["due"] == 20  # 1% of the rows are ACTIVE and due (bench/scan.py FILL_SQL)
+    assert out["enqueued"] == 20 and out["messages"] >= 1
+    assert out["queue_depth_after"] == out["messages"]
+    assert out["index_scan_on_state_renew_at"] in (True, False) and out["explain"]
