@@ -5,7 +5,12 @@ change on a shared machine hits every command alike); the table gives the median
 (min..max) and the ratio to the interpreter's own start (``python -c pass``), which is the floor no
 import work can go under. Writes JSON under ``bench/results/`` (``<stamp>-cli.json``).
 
-    python -m bench.cli_speed [--reps 9] [--rows 1000]
+    python -m bench.cli_speed [--reps 9] [--rows 1000] [--baseline OTHER_CHECKOUT/.venv/bin/python]
+
+``--baseline`` runs every command also with another checkout's interpreter (an older certqueue, on
+the same inventory: the schema must match), interleaved with this one, and the table gives both and
+their ratio: a before/after in one run. Both source trees are byte-compiled first (a machine that
+sets PYTHONDONTWRITEBYTECODE would otherwise recompile certqueue in every command, about 0.3 s).
 
 Not a test: timings never decide pass or fail; the targets (read commands under 0.4 s, ``issue``
 without ``--wait`` under 0.5 s on this kind of machine) are read off the table.
@@ -36,6 +41,17 @@ def _env(work: Path) -> dict[str, str]:
         "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(work / "master.key"),
         "CERTQUEUE_ACME__EMAIL": "bench@example.test",
     }
+
+
+def _compile(python: str) -> None:
+    """Byte-compile the certqueue that ``python`` imports (its .pyc may be missing)."""
+    where = subprocess.run(
+        [python, "-c", "import certqueue, os; print(os.path.dirname(certqueue.__file__))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    subprocess.run([python, "-m", "compileall", "-q", where], check=True, capture_output=True)
 
 
 def _run(argv: list[str], env: dict[str, str], cwd: Path) -> float:
@@ -72,46 +88,68 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--baseline", help="another checkout's python, run interleaved (before/after)")
     args = ap.parse_args(argv)
+    pythons = {"": sys.executable, **({"baseline ": args.baseline} if args.baseline else {})}
+    for py in pythons.values():
+        _compile(py)
     with tempfile.TemporaryDirectory(prefix="certqueue-cli-bench-") as tmp:
         work = Path(tmp)
         env = _env(work)
         cid = _seed(work, env, args.rows)
-        cq = [sys.executable, "-m", "certqueue"]
-        commands: dict[str, list[str]] = {
-            "python -c pass": [sys.executable, "-c", "pass"],
-            "--version": [*cq, "--version"],
-            "list --json --limit 1": [*cq, "list", "--json", "--limit", "1"],
-            "list (table, 50 rows)": [*cq, "list", "--limit", "50"],
-            "show ID --json": [*cq, "show", cid, "--json"],
-            "status --json": [*cq, "status", "--json"],
-            "config show --json": [*cq, "config", "show", "--json"],
-        }
+        commands: dict[str, list[str]] = {}
+        for label, py in pythons.items():
+            cq = [py, "-m", "certqueue"]
+            commands.update(
+                {
+                    f"{label}python -c pass": [py, "-c", "pass"],
+                    f"{label}--version": [*cq, "--version"],
+                    f"{label}list --json --limit 1": [*cq, "list", "--json", "--limit", "1"],
+                    f"{label}list (table, 50 rows)": [*cq, "list", "--limit", "50"],
+                    f"{label}show ID --json": [*cq, "show", cid, "--json"],
+                    f"{label}status --json": [*cq, "status", "--json"],
+                    f"{label}config show --json": [*cq, "config", "show", "--json"],
+                }
+            )
         times: dict[str, list[float]] = {k: [] for k in commands}
-        times["issue NAME"] = []
+        for label in pythons:
+            times[f"{label}issue NAME"] = []
         load_before = os.getloadavg()
         for rep in range(args.reps):
             for name, cmd in commands.items():
                 times[name].append(_run(cmd, env, work))
-            times["issue NAME"].append(_run([*cq, "issue", f"new{rep}.cli-bench.example.test"], env, work))
+            for label, py in pythons.items():
+                name = f"new{rep}{label.strip()}.cli-bench.example.test"
+                times[f"{label}issue NAME"].append(_run([py, "-m", "certqueue", "issue", name], env, work))
         load_after = os.getloadavg()
     floor = statistics.median(times["python -c pass"])
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append(
-            {"command": name, "median_s": med, "min_s": min(ts), "max_s": max(ts), "x_floor": med / floor}
-        )
+        row = {"command": name, "median_s": med, "min_s": min(ts), "max_s": max(ts), "x_floor": med / floor}
+        if args.baseline and not name.startswith("baseline "):
+            base = statistics.median(times[f"baseline {name}"])
+            row["baseline_median_s"] = base
+            row["x_baseline"] = med / base
+        rows.append(row)
     print(
         f"CLI wall time, {args.reps} interleaved runs, {args.rows} certificates;"
         f" load {load_before[0]:.1f} -> {load_after[0]:.1f}"
     )
-    print("| command | median s | spread s | x python start |")
-    print("| --- | --- | --- | --- |")
+    if args.baseline:
+        print(f"baseline: {args.baseline}")
+        print("| command | median s | spread s | x python start | baseline median s | x baseline |")
+        print("| --- | --- | --- | --- | --- | --- |")
+    else:
+        print("| command | median s | spread s | x python start |")
+        print("| --- | --- | --- | --- |")
     for r in rows:
+        if r["command"].startswith("baseline "):
+            continue
+        extra = f" | {r['baseline_median_s']:.3f} | {r['x_baseline']:.2f}" if "x_baseline" in r else ""
         print(
             f"| `{r['command']}` | {r['median_s']:.3f} | {r['min_s']:.3f}..{r['max_s']:.3f}"
-            f" | {r['x_floor']:.1f} |"
+            f" | {r['x_floor']:.1f}{extra} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d-%H%M%S")
@@ -123,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": args.rows,
                 "load": [load_before, load_after],
                 "python": sys.version,
+                "baseline": args.baseline,
                 "results": rows,
             },
             indent=2,
