@@ -8,8 +8,8 @@ it sends ``certqueue.scan.due`` every ``SCAN_EVERY`` seconds, each claiming up t
 ``--storm-concurrency``).
 
 Reported: time until every certificate is ACTIVE with a new issuance, renewals per 10 s bucket, the
-peak depth of the ``acme`` queue (``LLEN``), the peak RSS (VmHWM) of every worker process, the ACME
-orders created (must equal the number of certificates) and any certificate with more than one.
+peak depth of the ``acme`` queue (``LLEN`` summed over kombu's priority lists), the peak RSS (VmHWM)
+of every worker process, the ACME orders created (must equal the number of certificates) and any certificate with more than one.
 
 ``--storm-profile`` makes the run a profile instead (its timing is not the storm's throughput): the
 workers are instrumented (SQL statements, commits and HTTP requests counted per process, see
@@ -42,8 +42,12 @@ from sqlalchemy import func, insert, select, text
 from bench.diag import pyspy_binary, stall_snapshot
 from bench.env import CertqueueStack, build_stack, read_instrument
 from bench.procs import SystemMeter, descendants, vm_hwm_mb
+from certqueue.brokerstate import KOMBU_PRIORITY_SEP, KOMBU_PRIORITY_STEPS
 
 log = logging.getLogger("bench")
+
+#: the acme queue's Redis lists, one per kombu priority step
+ACME_LISTS = ["acme" if p == 0 else f"acme{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS]
 
 
 def _name(cn: str) -> x509.Name:
@@ -334,7 +338,8 @@ def run_storm(args: argparse.Namespace) -> dict[str, Any]:
             if now >= next_probe:
                 probes.append(live_probe(cs, round(now - t0, 1)))
                 next_probe = now + probe_every
-            q = int(r.llen("acme"))
+            # kombu keeps one list per priority step (new orders go at NEW_WORK_PRIORITY): all of them
+            q = sum(int(r.llen(k)) for k in ACME_LISTS)
             peak_q = max(peak_q, q)
             for root in cs.worker_pids():
                 for pid in descendants(root):
