@@ -9,7 +9,8 @@ it sends ``certqueue.scan.due`` every ``SCAN_EVERY`` seconds, each claiming up t
 
 Reported: time until every certificate is ACTIVE with a new issuance, renewals per 10 s bucket, the
 peak depth of the ``acme`` queue (``LLEN`` summed over kombu's priority lists), the peak RSS (VmHWM)
-of every worker process, the ACME orders created (must equal the number of certificates) and any certificate with more than one.
+of every worker process, the ACME orders created (must equal the number of certificates) and any
+certificate with more than one.
 
 ``--storm-profile`` makes the run a profile instead (its timing is not the storm's throughput): the
 workers are instrumented (SQL statements, commits and HTTP requests counted per process, see
