@@ -147,7 +147,12 @@ def test_ca_block(detail: str, retry_after: float | None, expected: dt.timedelta
 
 @pytest.mark.parametrize(
     ("count", "period"),
-    [(0, dt.timedelta(hours=1)), (-1, dt.timedelta(hours=1)), (1, dt.timedelta(0)), (1, -dt.timedelta(seconds=1))],
+    [
+        (0, dt.timedelta(hours=1)),
+        (-1, dt.timedelta(hours=1)),
+        (1, dt.timedelta(0)),
+        (1, -dt.timedelta(seconds=1)),
+    ],
 )
 def test_a_limit_needs_a_positive_count_and_period(count: int, period: dt.timedelta) -> None:
     with pytest.raises(ValueError, match=r"^a limit needs count >= 1 and a positive period$"):
@@ -186,7 +191,8 @@ def test_a_policy_has_limits_only_for_its_budget_scopes() -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("  HTTPS://CA.Example:14000/Dir/Sub/ ", "https://ca.example:14000/Dir/Sub"),  # the path keeps its case
+        # scheme and host lower case, the path keeps its case
+        ("  HTTPS://CA.Example:14000/Dir/Sub/ ", "https://ca.example:14000/Dir/Sub"),
         ("https://ca.example/BOX/", "https://ca.example/BOX"),  # only slashes are stripped
         ("HTTPS://CA.Example/next/http://X/", "https://ca.example/next/http://X"),  # the first :// splits
         ("ca.example/BOX/", "ca.example/BOX"),  # no scheme: compared as given, without the trailing slash
@@ -209,7 +215,8 @@ def test_rules_source_says_why_a_ca_has_its_rules() -> None:
     [
         ("https://CA.test/dir/=custom", ("https://ca.test/dir", "custom")),
         ("http://ca.test/dir = none", ("http://ca.test/dir", "none")),  # plain http is a directory too
-        ("https://ca.test/dir?a=b=letsencrypt", ("https://ca.test/dir?a=b", "letsencrypt")),  # the last = splits
+        # the last = splits
+        ("https://ca.test/dir?a=b=letsencrypt", ("https://ca.test/dir?a=b", "letsencrypt")),
         (" * =letsencrypt-staging", ("*", "letsencrypt-staging")),
     ],
 )
