@@ -488,7 +488,9 @@ def test_a_heartbeat_removed_twice_or_in_a_forked_child_deletes_nothing(db_setti
 
 
 def test_a_heartbeat_that_cannot_remove_its_row_logs_the_class_name_only(
-    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    settings_factory: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings_factory()
     hb = keyrotation._Heartbeat("worker:test")
@@ -594,9 +596,9 @@ def test_retire_names_every_old_key_rows_are_still_under(db_settings: Settings) 
             store = KeyStore.from_file(path)
             kids.append(store.active_kid)
             contact = f"mailto:k{i}@example.com"
+            blob = store.encrypt(b"k", account_aad("https://acme.example/dir", contact))
             s.add(Account(directory_url="https://acme.example/dir", contact=contact, key_type="ec256",
-                          created_at=utcnow(),
-                          key_enc=store.encrypt(b"k", account_aad("https://acme.example/dir", contact))))  # fmt: skip
+                          created_at=utcnow(), key_enc=blob))  # fmt: skip
             rotate_key_file(path)
     store = KeyStore.from_file(path)
     assert keyrotation.retire_blockers(store) == [
