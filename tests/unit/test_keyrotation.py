@@ -424,6 +424,7 @@ def test_a_heartbeat_reports_when_its_keyring_was_loaded(
         "worker:test",
         certificates.keystore(db_settings).active_kid,
     )
+    assert before <= view.seen_at <= after
     if loaded is None:
         assert before <= view.loaded_at <= after
     else:
@@ -604,3 +605,70 @@ def test_retire_names_every_old_key_rows_are_still_under(db_settings: Settings) 
     assert keyrotation.retire_blockers(store) == [
         f"rows are still under key(s) {', '.join(sorted(kids))}: run `certqueue keys rotate --resume`"
     ]
+
+
+def _issuances_in_reverse_id_order(store: KeyStore, n: int, *, keyless: int) -> None:
+    """``n`` issuances of one certificate written from the highest id down (the table's physical order
+    is not the id order), the one with id ``keyless`` holding no key (a key kept elsewhere)."""
+    now = utcnow()
+    cert = "cert_rev000000000000001"
+    with db.session_scope() as s:
+        s.add(Certificate(id=cert, domains=["rev.example.com"], dedupe_key="rev", state="ACTIVE",
+                          key_type="ec256", challenge_type="http-01", challenge_map={},
+                          directory_url="https://acme.example/dir", targets=[], created_at=now,
+                          updated_at=now))  # fmt: skip
+    for i in range(n, 0, -1):  # one commit each: the rows are laid down in this order
+        fp = f"{i:064x}"
+        blob = None if i == keyless else store.encrypt(_plain("iss", i), issuance_aad(cert, fp))
+        with db.session_scope() as s:
+            s.add(Issuance(id=i, certificate_id=cert, serial=f"{i:x}", not_before=now, not_after=now,
+                           cert_pem="x", key_type="ec256", fingerprint=fp, key_enc=blob))  # fmt: skip
+
+
+def _issuance_kids(store: KeyStore) -> dict[int, str | None]:
+    with db.session_scope(write=False) as s:
+        return {
+            r.id: (store.kid_of(r.key_enc) if r.key_enc is not None else None)
+            for r in s.execute(select(Issuance)).scalars()
+        }
+
+
+def test_reencrypt_all_walks_every_row_in_id_order_and_skips_rows_without_a_key(
+    db_settings: Settings,
+) -> None:
+    path = Path(db_settings.storage.encryption_key_path)
+    _issuances_in_reverse_id_order(KeyStore.from_file(path), 10, keyless=4)
+    new_kid = rotate_key_file(path)
+    assert keyrotation.reencrypt_all(KeyStore.from_file(path), batch=3) == 9
+    kids = _issuance_kids(KeyStore.from_file(path))
+    assert kids == {i: (None if i == 4 else new_kid) for i in range(1, 11)}
+
+
+def test_a_pass_that_fails_halfway_keeps_the_batches_it_committed(
+    db_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = Path(db_settings.storage.encryption_key_path)
+    old_kid = KeyStore.from_file(path).active_kid
+    _issuances_in_reverse_id_order(KeyStore.from_file(path), 5, keyless=0)
+    new_kid = rotate_key_file(path)
+    real = keyrotation.reencrypt
+    calls = 0
+
+    def fails_on_the_fourth_row(store: KeyStore, blob: bytes, aad: bytes) -> bytes | None:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise RuntimeError("the database went away")
+        return real(store, blob, aad)
+
+    monkeypatch.setattr(keyrotation, "reencrypt", fails_on_the_fourth_row)
+    with pytest.raises(RuntimeError):
+        keyrotation.reencrypt_all(KeyStore.from_file(path), batch=2)
+    # the first batch (ids 1, 2) was committed; the second (3, 4) rolled back with the failure
+    assert _issuance_kids(KeyStore.from_file(path)) == {
+        1: new_kid,
+        2: new_kid,
+        3: old_kid,
+        4: old_kid,
+        5: old_kid,
+    }
