@@ -672,3 +672,33 @@ def test_a_pass_that_fails_halfway_keeps_the_batches_it_committed(
         4: old_kid,
         5: old_kid,
     }
+
+
+def test_rotate_and_retire_work_on_the_key_file_given(db_settings: Settings, tmp_path: Path) -> None:
+    configured = Path(db_settings.storage.encryption_key_path)
+    before = configured.read_bytes()
+    other = tmp_path / "other.key"
+    keyfile.generate_key_file(other)
+    first = KeyStore.from_file(other).active_kid
+    report = keyrotation.rotate(other)
+    assert KeyStore.from_file(other).kids == {first, report.new_kid}
+    assert keyrotation.retire(other) == [first]
+    assert KeyStore.from_file(other).kids == {report.new_kid}
+    assert configured.read_bytes() == before  # the configured key file was not touched
+
+
+def test_a_refused_retire_lists_each_reason_on_its_own_line(
+    db_url: str, settings_factory: Callable[..., Settings], key_file: Path
+) -> None:
+    settings_factory(database_url=db_url, **{"storage.process_stale_seconds": 60})
+    old_kid = KeyStore.from_file(key_file).active_kid
+    keyrotation.rotate(key_file)
+    _heartbeat("a:1", old_kid)
+    _heartbeat("b:2", old_kid)
+    with pytest.raises(KeyStoreError) as exc:
+        keyrotation.retire(key_file)
+    assert exc.value.message == (
+        "old keys are still in use; nothing retired:\n"
+        f"  process a:1 (worker:acme) still encrypts with key {old_kid}\n"
+        f"  process b:2 (worker:acme) still encrypts with key {old_kid}"
+    )
