@@ -182,3 +182,28 @@ def test_a_new_key_whose_kid_is_taken_is_drawn_again_the_same_way(
     line = next(ln for ln in path.read_text().splitlines() if ln.startswith(f"key {new_kid} "))
     assert line.split()[2:4] == ["pbkdf2-sha256", "100000"]  # the redrawn key keeps passphrase and count
     assert KeyStore.from_file(path).kids == {taken, new_kid}
+
+
+def test_a_blob_that_does_not_decrypt_says_why_in_full(tmp_path: Path) -> None:
+    from certqueue import keystore
+
+    path = tmp_path / "master.key"
+    keystore.generate_key_file(path)
+    store = KeyStore.from_file(path)
+    blob = store.encrypt(b"secret", b"issuances:1:key")
+    with pytest.raises(KeyStoreError) as exc:
+        store.decrypt(blob, b"issuances:2:key")  # stored for another row
+    assert (exc.value.reason, exc.value.message) == (
+        "keystore:auth_failed",
+        f"cannot decrypt blob under key {store.active_kid}: wrong key file, blob stored for another row, "
+        "or tampered data",
+    )
+    other = tmp_path / "other.key"
+    keystore.generate_key_file(other)
+    with pytest.raises(KeyStoreError) as exc:
+        KeyStore.from_file(other).decrypt(blob, b"issuances:1:key")
+    assert (exc.value.reason, exc.value.message) == (
+        "keystore:unknown_kid",
+        f"blob is under key {store.active_kid}, which is not in the keyring (retired too early, "
+        "or the wrong key file)",
+    )
