@@ -207,3 +207,16 @@ def test_a_blob_that_does_not_decrypt_says_why_in_full(tmp_path: Path) -> None:
         f"blob is under key {store.active_kid}, which is not in the keyring (retired too early, "
         "or the wrong key file)",
     )
+
+
+def test_a_key_line_whose_base64_holds_a_stray_character_is_refused(tmp_path: Path) -> None:
+    """Strict base64: a character outside the alphabet is an error, not silently dropped (which would
+    load a key from a damaged line)."""
+    import base64
+
+    good = base64.b64encode(bytes(range(32))).decode()
+    damaged = f"certqueue-keyring 1\nkey k1 raw {good[:8]}!{good[8:]}\nactive k1\n"
+    path = _private(tmp_path / "k.key", damaged.encode())
+    with pytest.raises(KeyStoreError) as exc:
+        KeyStore.from_file(path)
+    assert exc.value.message == f"key file {path} is malformed: entry 2: malformed number or base64"
