@@ -198,3 +198,24 @@ def test_checking_a_token_takes_no_write_lock(
     finally:
         writer.rollback()
         writer.close()
+
+
+def test_a_token_longer_than_any_issued_is_refused_before_any_lookup(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to 256 characters a token is looked up (and, unknown, refused); a longer one is refused
+    the same way, as invalid_token, without hashing it or asking the database."""
+    looked_up: list[int] = []
+    real = tokens.verify_token
+
+    def verify(session: object, plaintext: str) -> object:
+        looked_up.append(len(plaintext))
+        return real(session, plaintext)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tokens, "verify_token", verify)
+    for length in (256, 257):
+        r = client.get("/who", headers=_bearer("x" * length))
+        assert r.status_code == 401
+        assert r.headers["WWW-Authenticate"] == REALM + ', error="invalid_token"'
+        assert r.json() == {"detail": "the token is unknown or revoked"}
+    assert looked_up == [256]

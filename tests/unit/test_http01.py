@@ -7,6 +7,7 @@ import datetime as dt
 import http.client
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -58,6 +59,8 @@ def get(db_settings: Settings) -> Iterator[Get]:
         finally:
             conn.close()
 
+    # serving before the test starts (a thread that does not serve would hang the shutdown below)
+    assert fetch("/health")[0] == 200
     yield fetch
     srv.shutdown()
     srv.server_close()
@@ -199,3 +202,102 @@ def test_a_lookup_takes_no_write_lock(
     finally:
         writer.rollback()
         writer.close()
+
+
+def test_each_failed_lookup_is_logged_by_class_name_with_its_pause_and_the_last_try_is_the_token(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three failures: each logged (the error's class, never its text) with the pause that follows,
+    then a fourth, last lookup of the same token answers."""
+    store(GOOD)
+    real = http01.lookup
+    calls: list[str] = []
+    pauses: list[float] = []
+
+    def flaky(token: str) -> str | None:
+        calls.append(token)
+        if len(calls) <= 3:
+            raise OperationalError("SELECT", {}, Exception("password=secret too many clients"))
+        return real(token)
+
+    monkeypatch.setattr(http01, "lookup", flaky)
+    monkeypatch.setattr(http01.time, "sleep", pauses.append)
+    with caplog.at_level(logging.WARNING, logger="certqueue.http01"):
+        assert http01._lookup_retrying(GOOD) == KEY_AUTH
+    assert calls == [GOOD] * 4
+    assert pauses == [0.1, 0.4, 1.0]
+    assert [r.getMessage() for r in caplog.records if r.name == "certqueue.http01"] == [
+        "token lookup failed (OperationalError); again in 0.1s",
+        "token lookup failed (OperationalError); again in 0.4s",
+        "token lookup failed (OperationalError); again in 1.0s",
+    ]
+
+
+def test_sigterm_and_sigint_set_the_stop_event(caplog: pytest.LogCaptureFixture) -> None:
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with caplog.at_level(logging.INFO, logger="certqueue.http01"):
+            stop = http01.stop_on_signals()
+            assert not stop.is_set()
+            signal.raise_signal(signal.SIGINT)
+            assert stop.wait(10)
+            stop.clear()
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.wait(10)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert [r.getMessage() for r in caplog.records if r.name == "certqueue.http01"] == [
+        "http01: SIGINT, stopping",
+        "http01: SIGTERM, stopping",
+    ]
+
+
+class _StopAfter(threading.Event):
+    """A stop event that is "set" on its ``n``-th wait (recording each wait's timeout), after
+    running ``on_wait`` on each: the waits of serve_until_stopped, without waiting."""
+
+    def __init__(self, n: int, on_wait: Callable[[], None]) -> None:
+        super().__init__()
+        self.n, self.on_wait = n, on_wait
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        self.on_wait()
+        return len(self.waits) >= self.n
+
+
+def test_serve_until_stopped_serves_in_a_named_thread_polling_every_200ms_until_stopped(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store(GOOD)
+    srv = http01.serve("127.0.0.1", 0)
+    port = srv.server_address[1]
+    real_serve_forever = srv.serve_forever
+    serving: list[tuple[str, float]] = []
+
+    def serve_forever(poll_interval: float = 0.5) -> None:
+        serving.append((threading.current_thread().name, poll_interval))
+        real_serve_forever(poll_interval)
+
+    monkeypatch.setattr(srv, "serve_forever", serve_forever)
+    answers: list[tuple[int, bytes]] = []
+
+    def ask() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", http01.PREFIX + GOOD)
+            resp = conn.getresponse()
+            answers.append((resp.status, resp.read()))
+        finally:
+            conn.close()
+
+    stop = _StopAfter(3, ask)
+    http01.serve_until_stopped(srv, stop)
+    assert stop.waits == [0.2, 0.2, 0.2]  # a stop is noticed within 0.2 s, while the port answers
+    assert answers == [(200, KEY_AUTH.encode())] * 3
+    assert serving == [("http01", 0.2)]
+    assert srv.socket.fileno() == -1  # closed: the port is free again

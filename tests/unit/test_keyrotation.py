@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -347,3 +348,357 @@ def test_forget_processes_deletes_only_the_named_pids_of_this_host(db_settings: 
     with db.session_scope(write=False) as s:
         left = sorted(s.execute(select(ProcessHeartbeat.process)).scalars())
     assert left == ["c", "d"]
+
+
+# --- the heartbeat, step by step (no thread started: each method called as the thread would) --------
+
+
+class _RecordingEvent:
+    """Stands in for the heartbeat's wake event: records each wait's timeout and returns at once."""
+
+    def __init__(self) -> None:
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return False
+
+    def clear(self) -> None:
+        pass
+
+    def set(self) -> None:
+        pass
+
+
+def test_a_heartbeat_names_its_process_by_host_pid_and_a_short_random_tag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    long_host = "h" * 100
+    monkeypatch.setattr("socket.gethostname", lambda: long_host)
+    hb = keyrotation._Heartbeat("r" * 70)
+    assert hb.role == "r" * 64  # the column widths: role 64, host 80
+    assert hb.host == "h" * 80
+    assert hb.pid == os.getpid()
+    assert re.fullmatch(rf"h{{80}}:{os.getpid()}:[0-9a-f]{{6}}", hb.process)
+    assert hb.thread.name == "certqueue-key-heartbeat"
+    assert hb.thread.daemon is True  # never keeps a process from exiting
+
+
+def test_a_failing_heartbeat_is_logged_by_class_name_and_retried_after_the_check_interval(
+    settings_factory: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings_factory(**{"storage.key_check_seconds": 7.5})
+    hb = keyrotation._Heartbeat("test")
+    hb.wake = _RecordingEvent()  # type: ignore[assignment]
+    beats = 0
+
+    def beat() -> None:
+        nonlocal beats
+        beats += 1
+        if beats == 2:
+            hb.stop.set()
+        raise RuntimeError("postgresql://certqueue:secret@db/certqueue refused")
+
+    hb.beat = beat  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="certqueue.keyrotation"):
+        hb._run()
+    assert beats == 2
+    assert hb.wake.waits == [7.5, 7.5]  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in caplog.records] == ["key heartbeat failed: RuntimeError"] * 2
+
+
+@pytest.mark.parametrize("loaded", [1_000_000_000.0, None])
+def test_a_heartbeat_reports_when_its_keyring_was_loaded(
+    db_settings: Settings, monkeypatch: pytest.MonkeyPatch, loaded: float | None
+) -> None:
+    """The load time of the keyring held (the retire grace period counts from it); a process that
+    holds none reports the time of the beat."""
+    monkeypatch.setattr(keyfile, "loaded_at", lambda _path: loaded)
+    hb = keyrotation._Heartbeat("worker:test")
+    before = utcnow()
+    hb.beat()
+    after = utcnow()
+    (view,) = keyrotation.live_processes()
+    assert (view.process, view.role, view.active_kid) == (
+        hb.process,
+        "worker:test",
+        certificates.keystore(db_settings).active_kid,
+    )
+    assert before <= view.seen_at <= after
+    if loaded is None:
+        assert before <= view.loaded_at <= after
+    else:
+        assert view.loaded_at == dt.datetime.fromtimestamp(loaded, dt.UTC)
+    hb.beat()  # a second beat updates the row, it adds none
+    assert [p.process for p in keyrotation.live_processes()] == [hb.process]
+
+
+def test_forget_processes_matches_a_long_host_name_as_stored(
+    db_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "h" * 100)
+    hb = keyrotation._Heartbeat("worker:test")
+    hb.beat()
+    assert keyrotation.forget_processes([hb.pid + 1]) == 0  # no such pid here: nothing deleted
+    assert keyrotation.forget_processes([hb.pid]) == 1
+    assert keyrotation.live_processes() == []
+
+
+def test_a_forked_child_forgets_the_parents_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    parent = keyrotation._Heartbeat("test")
+    monkeypatch.setattr(keyrotation, "_current", parent)
+    keyrotation._after_fork_in_child()
+    keyrotation._wake()  # nothing to wake in the child
+    keyrotation.stop_heartbeat()  # and nothing to stop: the parent's row is the parent's
+    assert not parent.wake.is_set() and not parent.stop.is_set()
+
+
+def test_a_celery_worker_starts_a_heartbeat_in_each_pool_process_and_stops_it_at_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    from celery import signals
+    from celery.utils.dispatch import Signal
+
+    names = ("worker_process_init", "worker_ready", "worker_process_shutdown", "worker_shutdown")
+    for name in names:  # fresh signals: only what install_worker_heartbeat connects is called
+        monkeypatch.setattr(signals, name, Signal(name=name))
+    calls: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(keyrotation, "start_heartbeat", lambda role: calls.append(("start", role)))
+    monkeypatch.setattr(keyrotation, "stop_heartbeat", lambda: calls.append(("stop", None)))
+
+    keyrotation.install_worker_heartbeat("worker:acme")
+    gc.collect()  # the receivers are held strongly: they outlive the call that connected them
+    for name in names:
+        getattr(signals, name).send(sender=None)
+    assert calls == [("start", "worker:acme"), ("start", "worker:acme"), ("stop", None), ("stop", None)]
+
+
+def test_a_heartbeat_removed_twice_or_in_a_forked_child_deletes_nothing(db_settings: Settings) -> None:
+    hb = keyrotation._Heartbeat("worker:test")
+    hb.beat()
+    real_pid = hb.pid
+    hb.pid = real_pid + 1  # as a forked child sees the parent's heartbeat object
+    hb.remove()
+    assert not hb.stop.is_set()
+    assert [p.process for p in keyrotation.live_processes()] == [hb.process]  # the parent's row stays
+    hb.pid = real_pid
+    hb.remove()
+    assert hb.stop.is_set() and keyrotation.live_processes() == []
+
+
+def test_a_heartbeat_that_cannot_remove_its_row_logs_the_class_name_only(
+    settings_factory: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings_factory()
+    hb = keyrotation._Heartbeat("worker:test")
+
+    def broken_session(**_kw: object) -> None:
+        raise RuntimeError("postgresql://certqueue:secret@db/certqueue refused")
+
+    monkeypatch.setattr(keyrotation, "session_scope", broken_session)
+    with caplog.at_level("DEBUG", logger="certqueue.keyrotation"):
+        hb.remove()
+    assert hb.stop.is_set() and hb.wake.is_set()  # the thread is told to stop regardless
+    assert [r.getMessage() for r in caplog.records] == ["could not remove heartbeat: RuntimeError"]
+
+
+def test_a_key_file_reload_wakes_the_heartbeat(
+    key_file: Path, settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start_heartbeat hooks the keyring reload, so a rotation is reported without waiting for the
+    next check (the heartbeat's thread is a no-op here: only the wake is looked at)."""
+    import threading
+
+    class Idle(keyrotation._Heartbeat):
+        def __init__(self, role: str) -> None:
+            super().__init__(role)
+            self.thread = threading.Thread(target=lambda: None)
+
+    settings = settings_factory()
+    certificates.keystore(settings)
+    monkeypatch.setattr(keyfile, "_reload_hooks", [])
+    monkeypatch.setattr(keyrotation, "_Heartbeat", Idle)
+    keyrotation.start_heartbeat("test")
+    try:
+        hb = keyrotation._current
+        assert isinstance(hb, Idle) and not hb.wake.is_set()
+        rotate_key_file(key_file)
+        certificates.keystore(settings)  # the changed file is reloaded: the hooks run
+        assert hb.wake.is_set()
+    finally:
+        keyrotation.stop_heartbeat()
+    keyrotation._wake()  # no heartbeat any more: nothing to wake, no error
+
+
+def test_retire_checks_read_while_a_worker_holds_the_sqlite_write_lock(
+    sqlite_url: str, settings_factory: Callable[..., Settings], key_file: Path
+) -> None:
+    """``keys retire`` only reads to decide: it answers while a worker holds the write lock."""
+    import sqlite3
+
+    settings_factory(database_url=sqlite_url)
+    _heartbeat("live:1", "k1")
+    store = KeyStore.from_file(key_file)
+    writer = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=1)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # the database's write lock, held
+        assert [p.process for p in keyrotation.live_processes()] == ["live:1"]
+        assert keyrotation.remaining_kids(store) == set()
+    finally:
+        writer.rollback()
+        writer.close()
+
+
+def _heartbeat_at(process: str, kid: str, *, seen_at: dt.datetime, loaded_at: dt.datetime) -> None:
+    with db.session_scope() as s:
+        s.add(ProcessHeartbeat(process=process, role="worker:acme", host="h", pid=1, keyring_id="kr0",
+                               active_kid=kid, loaded_at=loaded_at, seen_at=seen_at))  # fmt: skip
+
+
+def test_a_process_seen_exactly_the_stale_time_ago_is_still_live(
+    db_url: str, settings_factory: Callable[..., Settings]
+) -> None:
+    settings_factory(database_url=db_url, **{"storage.process_stale_seconds": 60})
+    now = utcnow().replace(microsecond=0)
+    _heartbeat_at("edge", "k1", seen_at=now - dt.timedelta(seconds=60), loaded_at=now)
+    _heartbeat_at("gone", "k1", seen_at=now - dt.timedelta(seconds=61), loaded_at=now)
+    assert [p.process for p in keyrotation.live_processes(now)] == ["edge"]
+
+
+def test_retire_blockers_judge_processes_at_the_time_given(
+    db_url: str, settings_factory: Callable[..., Settings], key_file: Path
+) -> None:
+    settings_factory(
+        database_url=db_url, **{"storage.process_stale_seconds": 60, "storage.key_retire_grace_seconds": 300}
+    )
+    store = KeyStore.from_file(key_file)
+    kid = store.active_kid
+    now = utcnow().replace(microsecond=0)
+    _heartbeat_at("old:1", "k-old", seen_at=now, loaded_at=now - dt.timedelta(hours=1))
+    _heartbeat_at("fresh:2", kid, seen_at=now, loaded_at=now - dt.timedelta(seconds=10))
+    _heartbeat_at("edge:3", kid, seen_at=now, loaded_at=now - dt.timedelta(seconds=300))  # grace just over
+    assert keyrotation.retire_blockers(store, now) == [
+        f"process fresh:2 (worker:acme) loaded key {kid} only now; retry in 290s",
+        "process old:1 (worker:acme) still encrypts with key k-old",
+    ]
+    # an hour later (as given) none of them has been seen for the stale time: nothing blocks
+    assert keyrotation.retire_blockers(store, now + dt.timedelta(hours=1)) == []
+
+
+def test_retire_names_every_old_key_rows_are_still_under(db_settings: Settings) -> None:
+    path = Path(db_settings.storage.encryption_key_path)
+    kids = []
+    with db.session_scope() as s:
+        for i in range(2):
+            store = KeyStore.from_file(path)
+            kids.append(store.active_kid)
+            contact = f"mailto:k{i}@example.com"
+            blob = store.encrypt(b"k", account_aad("https://acme.example/dir", contact))
+            s.add(Account(directory_url="https://acme.example/dir", contact=contact, key_type="ec256",
+                          created_at=utcnow(), key_enc=blob))  # fmt: skip
+            rotate_key_file(path)
+    store = KeyStore.from_file(path)
+    assert keyrotation.retire_blockers(store) == [
+        f"rows are still under key(s) {', '.join(sorted(kids))}: run `certqueue keys rotate --resume`"
+    ]
+
+
+def _issuances_in_reverse_id_order(store: KeyStore, n: int, *, keyless: int) -> None:
+    """``n`` issuances of one certificate written from the highest id down (the table's physical order
+    is not the id order), the one with id ``keyless`` holding no key (a key kept elsewhere)."""
+    now = utcnow()
+    cert = "cert_rev000000000000001"
+    with db.session_scope() as s:
+        s.add(Certificate(id=cert, domains=["rev.example.com"], dedupe_key="rev", state="ACTIVE",
+                          key_type="ec256", challenge_type="http-01", challenge_map={},
+                          directory_url="https://acme.example/dir", targets=[], created_at=now,
+                          updated_at=now))  # fmt: skip
+    for i in range(n, 0, -1):  # one commit each: the rows are laid down in this order
+        fp = f"{i:064x}"
+        blob = None if i == keyless else store.encrypt(_plain("iss", i), issuance_aad(cert, fp))
+        with db.session_scope() as s:
+            s.add(Issuance(id=i, certificate_id=cert, serial=f"{i:x}", not_before=now, not_after=now,
+                           cert_pem="x", key_type="ec256", fingerprint=fp, key_enc=blob))  # fmt: skip
+
+
+def _issuance_kids(store: KeyStore) -> dict[int, str | None]:
+    with db.session_scope(write=False) as s:
+        return {
+            r.id: (store.kid_of(r.key_enc) if r.key_enc is not None else None)
+            for r in s.execute(select(Issuance)).scalars()
+        }
+
+
+def test_reencrypt_all_walks_every_row_in_id_order_and_skips_rows_without_a_key(
+    db_settings: Settings,
+) -> None:
+    path = Path(db_settings.storage.encryption_key_path)
+    _issuances_in_reverse_id_order(KeyStore.from_file(path), 10, keyless=4)
+    new_kid = rotate_key_file(path)
+    assert keyrotation.reencrypt_all(KeyStore.from_file(path), batch=3) == 9
+    kids = _issuance_kids(KeyStore.from_file(path))
+    assert kids == {i: (None if i == 4 else new_kid) for i in range(1, 11)}
+
+
+def test_a_pass_that_fails_halfway_keeps_the_batches_it_committed(
+    db_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = Path(db_settings.storage.encryption_key_path)
+    old_kid = KeyStore.from_file(path).active_kid
+    _issuances_in_reverse_id_order(KeyStore.from_file(path), 5, keyless=0)
+    new_kid = rotate_key_file(path)
+    real = keyrotation.reencrypt
+    calls = 0
+
+    def fails_on_the_fourth_row(store: KeyStore, blob: bytes, aad: bytes) -> bytes | None:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise RuntimeError("the database went away")
+        return real(store, blob, aad)
+
+    monkeypatch.setattr(keyrotation, "reencrypt", fails_on_the_fourth_row)
+    with pytest.raises(RuntimeError):
+        keyrotation.reencrypt_all(KeyStore.from_file(path), batch=2)
+    # the first batch (ids 1, 2) was committed; the second (3, 4) rolled back with the failure
+    assert _issuance_kids(KeyStore.from_file(path)) == {
+        1: new_kid,
+        2: new_kid,
+        3: old_kid,
+        4: old_kid,
+        5: old_kid,
+    }
+
+
+def test_rotate_and_retire_work_on_the_key_file_given(db_settings: Settings, tmp_path: Path) -> None:
+    configured = Path(db_settings.storage.encryption_key_path)
+    before = configured.read_bytes()
+    other = tmp_path / "other.key"
+    keyfile.generate_key_file(other)
+    first = KeyStore.from_file(other).active_kid
+    report = keyrotation.rotate(other)
+    assert KeyStore.from_file(other).kids == {first, report.new_kid}
+    assert keyrotation.retire(other) == [first]
+    assert KeyStore.from_file(other).kids == {report.new_kid}
+    assert configured.read_bytes() == before  # the configured key file was not touched
+
+
+def test_a_refused_retire_lists_each_reason_on_its_own_line(
+    db_url: str, settings_factory: Callable[..., Settings], key_file: Path
+) -> None:
+    settings_factory(database_url=db_url, **{"storage.process_stale_seconds": 60})
+    old_kid = KeyStore.from_file(key_file).active_kid
+    keyrotation.rotate(key_file)
+    _heartbeat("a:1", old_kid)
+    _heartbeat("b:2", old_kid)
+    with pytest.raises(KeyStoreError) as exc:
+        keyrotation.retire(key_file)
+    assert exc.value.message == (
+        "old keys are still in use; nothing retired:\n"
+        f"  process a:1 (worker:acme) still encrypts with key {old_kid}\n"
+        f"  process b:2 (worker:acme) still encrypts with key {old_kid}"
+    )

@@ -83,3 +83,140 @@ def test_a_bad_keyring_is_refused_with_a_stable_reason(
     with pytest.raises(KeyStoreError) as info:
         KeyStore(keys, active)
     assert (str(info.value), info.value.reason) == (message, "keystore:bad_key_file")
+
+
+# --- the process's keyring: current(), loaded_at(), reload hooks --------------------------------------
+
+
+def _fresh_cache(monkeypatch: pytest.MonkeyPatch) -> list[KeyStore]:
+    """An empty keyring cache and one recording reload hook, for this test only."""
+    from certqueue import keystore
+
+    monkeypatch.setattr(keystore, "_cache", {})
+    reloaded: list[KeyStore] = []
+    monkeypatch.setattr(keystore, "_reload_hooks", [reloaded.append])
+    return reloaded
+
+
+def test_loaded_at_is_when_this_process_loaded_the_keyring_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from certqueue import keystore
+
+    _fresh_cache(monkeypatch)
+    path = tmp_path / "master.key"
+    keystore.generate_key_file(path)
+    assert keystore.loaded_at(path) is None  # not loaded yet
+    monkeypatch.setattr(keystore.time, "time", lambda: 1_000_000_000.0)
+    keystore.current(path)
+    assert keystore.loaded_at(path) == 1_000_000_000.0
+    assert keystore.loaded_at(tmp_path / "." / "master.key") == 1_000_000_000.0  # the same file
+    assert keystore.loaded_at(tmp_path / "other.key") is None
+
+
+def test_a_key_file_that_vanishes_for_a_moment_keeps_the_keyring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from certqueue import keystore
+
+    _fresh_cache(monkeypatch)
+    path = tmp_path / "master.key"
+    keystore.generate_key_file(path)
+    store = keystore.current(path)
+    path.rename(tmp_path / "moved.key")  # an editor's save, a remount
+    assert keystore.current(path) is store
+    with pytest.raises(FileNotFoundError):
+        keystore.current(tmp_path / "never.key")  # a file never loaded: the error stands
+
+
+def test_a_reload_is_logged_and_handed_to_the_hooks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from certqueue import keystore
+
+    reloaded = _fresh_cache(monkeypatch)
+    path = tmp_path / "master.key"
+    old_kid = keystore.generate_key_file(path)
+    keystore.current(path)
+    new_kid = keystore.rotate_key_file(path)
+    with caplog.at_level("INFO", logger="certqueue.keystore"):
+        store = keystore.current(path)
+    assert store.active_kid == new_kid and reloaded == [store]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"key file {path.resolve()} reloaded: active key {new_kid} (was {old_kid})"
+    ]
+
+
+def test_a_changed_key_file_that_does_not_load_is_logged_once_and_the_keyring_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from certqueue import keystore
+
+    reloaded = _fresh_cache(monkeypatch)
+    path = tmp_path / "master.key"
+    keystore.generate_key_file(path)
+    store = keystore.current(path)
+    _private(path, b"certqueue-keyring 1\nnot a key line\n")
+    with caplog.at_level("INFO", logger="certqueue.keystore"):
+        assert keystore.current(path) is store
+        assert keystore.current(path) is store  # the same broken file: not read again, not logged again
+    assert [r.getMessage() for r in caplog.records] == [
+        f"key file {path.resolve()} changed but does not load (keystore:bad_key_file); "
+        f"keeping keyring {store.keyring_id}"
+    ]
+    assert reloaded == []
+
+
+def test_a_new_key_whose_kid_is_taken_is_drawn_again_the_same_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kid-collision loop (40 random bits: reached here by forcing the first draw to collide)."""
+    from certqueue import keystore
+
+    path = tmp_path / "master.key"
+    taken = keystore.generate_key_file(path)
+    draws = iter([taken[1:], "0123456789"])
+    monkeypatch.setattr(keystore.secrets, "token_hex", lambda _n: next(draws))
+    new_kid = keystore.rotate_key_file(path, passphrase="a long passphrase", iterations=100_000)
+    assert new_kid == "k0123456789"
+    line = next(ln for ln in path.read_text().splitlines() if ln.startswith(f"key {new_kid} "))
+    assert line.split()[2:4] == ["pbkdf2-sha256", "100000"]  # the redrawn key keeps passphrase and count
+    assert KeyStore.from_file(path).kids == {taken, new_kid}
+
+
+def test_a_blob_that_does_not_decrypt_says_why_in_full(tmp_path: Path) -> None:
+    from certqueue import keystore
+
+    path = tmp_path / "master.key"
+    keystore.generate_key_file(path)
+    store = KeyStore.from_file(path)
+    blob = store.encrypt(b"secret", b"issuances:1:key")
+    with pytest.raises(KeyStoreError) as exc:
+        store.decrypt(blob, b"issuances:2:key")  # stored for another row
+    assert (exc.value.reason, exc.value.message) == (
+        "keystore:auth_failed",
+        f"cannot decrypt blob under key {store.active_kid}: wrong key file, blob stored for another row, "
+        "or tampered data",
+    )
+    other = tmp_path / "other.key"
+    keystore.generate_key_file(other)
+    with pytest.raises(KeyStoreError) as exc:
+        KeyStore.from_file(other).decrypt(blob, b"issuances:1:key")
+    assert (exc.value.reason, exc.value.message) == (
+        "keystore:unknown_kid",
+        f"blob is under key {store.active_kid}, which is not in the keyring (retired too early, "
+        "or the wrong key file)",
+    )
+
+
+def test_a_key_line_whose_base64_holds_a_stray_character_is_refused(tmp_path: Path) -> None:
+    """Strict base64: a character outside the alphabet is an error, not silently dropped (which would
+    load a key from a damaged line)."""
+    import base64
+
+    good = base64.b64encode(bytes(range(32))).decode()
+    damaged = f"certqueue-keyring 1\nkey k1 raw {good[:8]}!{good[8:]}\nactive k1\n"
+    path = _private(tmp_path / "k.key", damaged.encode())
+    with pytest.raises(KeyStoreError) as exc:
+        KeyStore.from_file(path)
+    assert exc.value.message == f"key file {path} is malformed: entry 2: malformed number or base64"
