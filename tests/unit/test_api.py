@@ -795,7 +795,9 @@ def test_fuzz_no_server_errors(fresh: Api) -> None:
             and case.path == "/v1/certificates"
             and isinstance(case.body, dict)
         ):
-            case.body["domains"] = [f"f{n}.fuzz.example.com"]
+            # the names alone: with the other fuzzed fields kept, every one of the ~15 such cases
+            # could still fail validation (a random key type or email) and the check below flaked
+            case.body = {"domains": [f"f{n}.fuzz.example.com"]}
         return case
 
     for operation in operations:
