@@ -293,3 +293,23 @@ def test_rotating_keeps_a_passphrase_key_line_verbatim(tmp_path: Path) -> None:
     assert old_line in lines
     assert f"active {new_kid}" in lines
     assert KeyStore.from_file(path).decrypt(blob, b"aad") == b"secret"
+
+
+@pytest.mark.parametrize(
+    ("tail", "why"),
+    [
+        ("active k1\nactive k1\n", "more than one 'active' line"),
+        ("active k1 k2\n", "unrecognized entry 3"),
+    ],
+)
+def test_a_bad_active_line_is_refused_naming_the_file_and_the_problem(
+    tmp_path: Path, tail: str, why: str
+) -> None:
+    text = f"certqueue-keyring 1\nkey k1 raw {_b64(bytes(32))}\n{tail}"
+    path = _private(tmp_path / "k.key", text.encode())
+    with pytest.raises(KeyStoreError) as exc:
+        KeyStore.from_file(path)
+    assert (exc.value.reason, exc.value.message) == (
+        "keystore:bad_key_file",
+        f"key file {path} is malformed: {why}",
+    )
