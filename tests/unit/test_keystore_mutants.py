@@ -220,3 +220,96 @@ def test_a_key_line_whose_base64_holds_a_stray_character_is_refused(tmp_path: Pa
     with pytest.raises(KeyStoreError) as exc:
         KeyStore.from_file(path)
     assert exc.value.message == f"key file {path} is malformed: entry 2: malformed number or base64"
+
+
+def test_a_key_file_that_is_not_utf8_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = _private(tmp_path / "binary.key", b"\xff\xfe" * 20)  # 40 bytes: not raw, not text
+    with pytest.raises(KeyStoreError) as exc:
+        KeyStore.from_file(path)
+    assert (exc.value.reason, exc.value.message) == (
+        "keystore:bad_key_file",
+        f"key file {path} is malformed: neither 32 raw bytes nor a 'certqueue-keyring 1' keyring",
+    )
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+SALT, PASS = _b64(bytes(range(16))), _b64(b"a long passphrase")
+
+
+@pytest.mark.parametrize(
+    ("key_line", "why"),
+    [
+        (f"key K1 raw {_b64(bytes(32))}", "key id must be 1 to 32 of a-z, 0-9"),
+        (f"key k1 raw {_b64(bytes(16))}", "a raw key is 32 bytes"),
+        (f"key k1 pbkdf2-sha256 99999 {SALT} {PASS}", "PBKDF2 iterations below 100000"),
+        (
+            f"key k1 pbkdf2-sha256 100000 {_b64(bytes(15))} {PASS}",
+            "salt under 16 bytes or empty passphrase",
+        ),
+        (f"key k1 pbkdf2-sha256 many {SALT} {PASS}", "malformed number or base64"),
+        (f"key k1 scrypt 100000 {SALT} {PASS}", "unknown key kind or wrong field count"),
+        (f"key k1 pbkdf2-sha256 100000 {SALT}", "unknown key kind or wrong field count"),
+    ],
+)
+def test_a_bad_key_line_is_refused_naming_the_file_the_entry_and_the_problem(
+    tmp_path: Path, key_line: str, why: str
+) -> None:
+    """Every refusal of a ``key`` line says which file, which entry, and what is wrong with it."""
+    path = _private(tmp_path / "k.key", f"certqueue-keyring 1\n{key_line}\nactive k1\n".encode())
+    with pytest.raises(KeyStoreError) as exc:
+        KeyStore.from_file(path)
+    assert (exc.value.reason, exc.value.message) == (
+        "keystore:bad_key_file",
+        f"key file {path} is malformed: entry 2: {why}",
+    )
+
+
+def test_a_passphrase_key_at_exactly_the_minimum_iterations_loads(tmp_path: Path) -> None:
+    import hashlib
+
+    line = f"key k1 pbkdf2-sha256 100000 {SALT} {PASS}"
+    path = _private(tmp_path / "k.key", f"certqueue-keyring 1\n{line}\nactive k1\n".encode())
+    store = KeyStore.from_file(path)
+    expected = hashlib.pbkdf2_hmac("sha256", b"a long passphrase", bytes(range(16)), 100_000, dklen=32)
+    blob = KeyStore({"k1": expected}, "k1").encrypt(b"secret", b"aad")
+    assert store.decrypt(blob, b"aad") == b"secret"
+
+
+def test_rotating_keeps_a_passphrase_key_line_verbatim(tmp_path: Path) -> None:
+    """The old entries are written back as they were read, so the old key still derives the same."""
+    from certqueue import keystore
+
+    path = tmp_path / "master.key"
+    old_kid = keystore.generate_key_file(path, passphrase="a long passphrase", iterations=100_000)
+    old_line = next(ln for ln in path.read_text().splitlines() if ln.startswith(f"key {old_kid} "))
+    blob = KeyStore.from_file(path).encrypt(b"secret", b"aad")
+    new_kid = keystore.rotate_key_file(path)
+    lines = path.read_text().splitlines()
+    assert old_line in lines
+    assert f"active {new_kid}" in lines
+    assert KeyStore.from_file(path).decrypt(blob, b"aad") == b"secret"
+
+
+@pytest.mark.parametrize(
+    ("tail", "why"),
+    [
+        ("active k1\nactive k1\n", "more than one 'active' line"),
+        ("active k1 k2\n", "unrecognized entry 3"),
+    ],
+)
+def test_a_bad_active_line_is_refused_naming_the_file_and_the_problem(
+    tmp_path: Path, tail: str, why: str
+) -> None:
+    text = f"certqueue-keyring 1\nkey k1 raw {_b64(bytes(32))}\n{tail}"
+    path = _private(tmp_path / "k.key", text.encode())
+    with pytest.raises(KeyStoreError) as exc:
+        KeyStore.from_file(path)
+    assert (exc.value.reason, exc.value.message) == (
+        "keystore:bad_key_file",
+        f"key file {path} is malformed: {why}",
+    )
