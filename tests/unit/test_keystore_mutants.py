@@ -209,6 +209,13 @@ def test_a_blob_that_does_not_decrypt_says_why_in_full(tmp_path: Path) -> None:
     )
 
 
+def _load_refusal(path: Path) -> tuple[str, str]:
+    """(reason, message) of the KeyStoreError that loading ``path`` raises."""
+    with pytest.raises(KeyStoreError) as exc:
+        KeyStore.from_file(path)
+    return exc.value.reason, exc.value.message
+
+
 def test_a_key_line_whose_base64_holds_a_stray_character_is_refused(tmp_path: Path) -> None:
     """Strict base64: a character outside the alphabet is an error, not silently dropped (which would
     load a key from a damaged line)."""
@@ -217,16 +224,12 @@ def test_a_key_line_whose_base64_holds_a_stray_character_is_refused(tmp_path: Pa
     good = base64.b64encode(bytes(range(32))).decode()
     damaged = f"certqueue-keyring 1\nkey k1 raw {good[:8]}!{good[8:]}\nactive k1\n"
     path = _private(tmp_path / "k.key", damaged.encode())
-    with pytest.raises(KeyStoreError) as exc:
-        KeyStore.from_file(path)
-    assert exc.value.message == f"key file {path} is malformed: entry 2: malformed number or base64"
+    assert _load_refusal(path)[1] == f"key file {path} is malformed: entry 2: malformed number or base64"
 
 
 def test_a_key_file_that_is_not_utf8_is_refused_naming_the_file(tmp_path: Path) -> None:
     path = _private(tmp_path / "binary.key", b"\xff\xfe" * 20)  # 40 bytes: not raw, not text
-    with pytest.raises(KeyStoreError) as exc:
-        KeyStore.from_file(path)
-    assert (exc.value.reason, exc.value.message) == (
+    assert _load_refusal(path) == (
         "keystore:bad_key_file",
         f"key file {path} is malformed: neither 32 raw bytes nor a 'certqueue-keyring 1' keyring",
     )
@@ -261,9 +264,7 @@ def test_a_bad_key_line_is_refused_naming_the_file_the_entry_and_the_problem(
 ) -> None:
     """Every refusal of a ``key`` line says which file, which entry, and what is wrong with it."""
     path = _private(tmp_path / "k.key", f"certqueue-keyring 1\n{key_line}\nactive k1\n".encode())
-    with pytest.raises(KeyStoreError) as exc:
-        KeyStore.from_file(path)
-    assert (exc.value.reason, exc.value.message) == (
+    assert _load_refusal(path) == (
         "keystore:bad_key_file",
         f"key file {path} is malformed: entry 2: {why}",
     )
@@ -307,9 +308,7 @@ def test_a_bad_active_line_is_refused_naming_the_file_and_the_problem(
 ) -> None:
     text = f"certqueue-keyring 1\nkey k1 raw {_b64(bytes(32))}\n{tail}"
     path = _private(tmp_path / "k.key", text.encode())
-    with pytest.raises(KeyStoreError) as exc:
-        KeyStore.from_file(path)
-    assert (exc.value.reason, exc.value.message) == (
+    assert _load_refusal(path) == (
         "keystore:bad_key_file",
         f"key file {path} is malformed: {why}",
     )
