@@ -182,13 +182,6 @@ def _missing_module_message(exc: ModuleNotFoundError) -> str:
     return f"this needs {exc.name}, which is not installed: pip install 'certqueue[{extra}]'"
 
 
-def _sqlite_file(url: str) -> Path | None:
-    if not url.startswith("sqlite") or ":///" not in url:
-        return None
-    path = url.split(":///", 1)[1].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
 def _discard_created_database(ctx: click.Context) -> None:
     """A command run in the wrong directory must not leave an empty SQLite file behind it (the next
     command would find that file, and the same error): the file this command created, still
@@ -246,7 +239,9 @@ def _setup(ctx: click.Context, overrides: dict[str, Any]) -> None:
     # every layer, the runtime one read from the database; re-read as it ages (certqueue.runtime)
     loaded = configure(overrides or None)
     ctx.obj["loaded"] = loaded
-    db_file = _sqlite_file(loaded.settings.database.url)
+    from certqueue.runtime import sqlite_file  # (imported by the settings load above)
+
+    db_file = sqlite_file(loaded.settings.database.url)
     if db_file is not None and not db_file.exists():
         ctx.obj["new_sqlite_file"] = db_file  # removed again if it is the wrong place (no tables)
     from certqueue.logconfig import configure_logging  # text or JSON lines, redacted, task context

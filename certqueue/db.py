@@ -20,7 +20,6 @@ import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, create_engine, event, func, select
@@ -28,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from certqueue.config import get_settings
 from certqueue.models import Certificate
+from certqueue.runtime import sqlite_file
 
 log = logging.getLogger("certqueue.db")
 _lock = threading.Lock()
@@ -54,10 +54,10 @@ def database_url() -> str:
 def _ensure_sqlite_dir(url: str) -> None:
     """The folder of a SQLite database, and the file itself created 0600 before SQLite opens it
     (SQLite would create it with the umask's mode, and its -wal and -shm files copy that mode)."""
-    path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
-    if not path or path == ":memory:" or path.startswith("file:"):
+    path = sqlite_file(url)
+    if path is None:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

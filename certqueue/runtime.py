@@ -303,9 +303,13 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _sqlite_path(url: str) -> str | None:
-    path = url.split(":///", 1)[1] if ":///" in url else ""
-    return path.split("?", 1)[0] or None
+def sqlite_file(url: str) -> Path | None:
+    """The database file a SQLite URL names; None for another database, an in-memory one or a
+    ``file:`` URI (read by the runtime layer, certqueue.db and the CLI)."""
+    if not url.startswith("sqlite") or ":///" not in url:
+        return None
+    path = url.split(":///", 1)[1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" and not path.startswith("file:") else None
 
 
 def _engine(url: str) -> Engine:
@@ -339,8 +343,8 @@ def read_runtime_layer(database_url: str) -> dict[str, Any]:
     if getattr(_reading, "active", False):
         return {}
     if database_url.startswith("sqlite"):
-        path = _sqlite_path(database_url)
-        if path is None or path == ":memory:" or not Path(path).exists():
+        path = sqlite_file(database_url)
+        if path is None or not path.exists():
             return {}
     elif time.monotonic() < _retry_after.get(database_url, 0.0):
         return dict(_last_good.get(database_url, {}))
