@@ -63,7 +63,9 @@ def cpu_chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
     if not rows:
         return None
     plt = _plt()
-    columns = sorted({k for r in rows for k in r["system_cpu_per_cert_s"] if k != "total"})
+    columns = sorted(
+        {k for r in rows for k in r["system_cpu_per_cert_s"] if k != "total" and not k.startswith("client:")}
+    )
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
     y = list(range(len(rows)))[::-1]
     left = [0.0] * len(rows)

@@ -309,16 +309,18 @@ def build_profile(
         "pg_stat_delta": delta,
         # with BENCH_SQL_SHAPES=1: statements per certificate by verb and table, most first
         "sql_shapes_per_cert": _shapes(instr, n),
+        # with BENCH_SQL_SITES=1: the same by the certqueue code that issued them
+        "sql_sites_per_cert": _shapes(instr, n, prefix="site:"),
         "instrument_raw": instr,
     }
 
 
-def _shapes(instr: dict[str, dict[str, float]], n: int) -> dict[str, float]:
+def _shapes(instr: dict[str, dict[str, float]], n: int, prefix: str = "shape:") -> dict[str, float]:
     merged: dict[str, float] = {}
     for c in instr.values():
         for key, value in c.items():
-            if key.startswith("shape:") and key.endswith("_n"):
-                shape = key[len("shape:") : -len("_n")]
+            if key.startswith(prefix) and key.endswith("_n"):
+                shape = key[len(prefix) : -len("_n")]
                 merged[shape] = merged.get(shape, 0) + value
     return {k: round(v / n, 2) for k, v in sorted(merged.items(), key=lambda kv: -kv[1])}
 

@@ -407,7 +407,7 @@ class CpuMeter:
         out: dict[str, float] = {name: 0.0 for name in self.groups}
         for (name, root), last in self._last.items():
             out[name] += max(0.0, last - self._first.get((name, root), 0.0))
-        out["total"] = sum(out.values())
+        out["total"] = sum(v for k, v in out.items() if not k.startswith("client:"))
         return out
 
     @property
@@ -429,4 +429,10 @@ def SystemMeter(cs: Any) -> CpuMeter:
         ]
     if getattr(cs, "proxy", None) is not None:
         groups["counting proxy (bench)"] = lambda: [cs.proxy.proc.pid]
+    # the client's share per process of the stack ("client:acme-1", "client:scan", ...): a detail
+    # of "client", left out of the total
+    for pname in list(cs.stack.procs):
+        groups[f"client:{pname}"] = lambda pname=pname: [
+            p.pid for n, p in cs.stack.procs.items() if n == pname and p.poll() is None
+        ]
     return CpuMeter(groups)

@@ -127,7 +127,12 @@ def run_pyspy(args: argparse.Namespace) -> dict[str, Any]:
             _, err = spy.communicate(timeout=10)
         if not out_file.exists():
             return {"status": "error", "note": (err or b"").decode(errors="replace")[-300:]}
-        summary = summarise(out_file.read_text())
+        raw = out_file.read_text()
+        if cs.artifacts is not None:
+            # the collapsed stacks themselves, for a flame graph or a closer look
+            cs.artifacts.mkdir(parents=True, exist_ok=True)
+            (cs.artifacts / "pyspy-raw.txt").write_text(raw)
+        summary = summarise(raw)
         summary.update(
             status=status,
             certificates=n,

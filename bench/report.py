@@ -189,7 +189,14 @@ def table(report: RunReport) -> str:
     per certificate by column, and certqueue's ratio to each contender."""
     rows = report.rows()
     ratios = report.ratios(rows)
-    columns = sorted({k for r in rows for k in (r["system_cpu_per_cert_s"] or {}) if k != "total"})
+    columns = sorted(
+        {
+            k
+            for r in rows
+            for k in (r["system_cpu_per_cert_s"] or {})
+            if k != "total" and not k.startswith("client:")
+        }
+    )
     head = ["group", "case", "n", "reps", "status", "certs/s (median)", "spread", "p50 s", "p95 s"]
     head += [f"CPU s/cert {k}" for k in columns] + [
         "CPU s/cert total",
@@ -225,6 +232,17 @@ def table(report: RunReport) -> str:
 def render_sections(report: RunReport) -> str:
     """Short human summaries of the non-throughput sections (the JSON has everything)."""
     lines: list[str] = []
+    for r in report.rows():
+        detail = {
+            k.split(":", 1)[1]: v
+            for k, v in (r["system_cpu_per_cert_s"] or {}).items()
+            if k.startswith("client:") and v
+        }
+        if detail:
+            lines.append(
+                f"\nclient CPU s/cert by process, {r['name']}: "
+                + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in sorted(detail.items(), key=lambda kv: -kv[1]))
+            )
     prof = report.sections.get("profile")
     if prof:
         lines.append("\nWhere the time goes in certqueue (HTTP-01 case):")

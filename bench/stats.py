@@ -64,12 +64,14 @@ def ratio(mine: float | None, theirs: float | None) -> float | None:
 
 
 def per_cert(cpu_s: dict[str, float], certificates: int) -> dict[str, float | None]:
-    """CPU seconds per certificate for each column, plus ``total`` (the sum of the columns)."""
+    """CPU seconds per certificate for each column, plus ``total`` (the sum of the columns; a
+    ``client:<process>`` column is a detail of ``client``, not added again)."""
     out: dict[str, float | None] = {}
-    columns = {k: v for k, v in cpu_s.items() if k != "total"}
-    for k, v in columns.items():
-        out[k] = v / certificates if certificates else None
-    out["total"] = sum(columns.values()) / certificates if certificates else None
+    for k, v in cpu_s.items():
+        if k != "total":
+            out[k] = v / certificates if certificates else None
+    columns = [v for k, v in cpu_s.items() if k != "total" and not k.startswith("client:")]
+    out["total"] = sum(columns) / certificates if certificates else None
     return out
 
 

@@ -23,14 +23,18 @@ if _DIR:
     _stats: dict[str, dict[str, float]] = {}
     _last_dump = [0.0]
 
+    #: the task this process runs now (a prefork child runs one at a time): Celery's current_task
+    #: is per thread, so the statements of a batch's worker threads are counted under their task
+    _running: list[str] = ["-"]
+
     def _task_name() -> str:
         try:
             from celery import current_task
 
             t = current_task
-            return str(t.name) if t is not None and getattr(t, "name", None) else "-"
+            return str(t.name) if t is not None and getattr(t, "name", None) else _running[0]
         except Exception:
-            return "-"
+            return _running[0]
 
     def _add(key: str, dt: float) -> None:
         name = _task_name()
@@ -69,6 +73,22 @@ if _DIR:
         verb, table = m.group(1).split(None, 1)[0].upper(), m.group(2)
         return f"{verb} {table}"
 
+    _SITES = os.environ.get("BENCH_SQL_SITES", "") not in ("", "0")
+
+    def _site() -> str:
+        """The certqueue code that issued a statement: its innermost certqueue frames (file:line
+        function), outside the session helpers; costly, so only with BENCH_SQL_SITES=1."""
+        import sys
+
+        f = sys._getframe(2)
+        out: list[str] = []
+        while f is not None and len(out) < 3:
+            path = f.f_code.co_filename
+            if "/certqueue/" in path and "/certqueue/db.py" not in path:
+                out.append(f"{path.rsplit('/certqueue/', 1)[1]}:{f.f_lineno} {f.f_code.co_name}")
+            f = f.f_back
+        return " < ".join(out) or "?"
+
     def _install_sqlalchemy() -> None:
         from sqlalchemy import event
         from sqlalchemy.engine import Engine
@@ -83,6 +103,8 @@ if _DIR:
                 _add("sql", dt)
                 if _SHAPES:
                     _add("shape:" + _shape(statement), dt)
+                if _SITES:
+                    _add("site:" + _shape(statement) + " @ " + _site(), dt)
 
         event.listen(Engine, "before_cursor_execute", before)
         event.listen(Engine, "after_cursor_execute", after)
@@ -109,13 +131,18 @@ if _DIR:
     def _install_celery() -> None:
         from celery import signals
 
+        def prerun(task=None, **_kw):  # type: ignore[no-untyped-def]
+            _running[0] = str(getattr(task, "name", None) or "-")
+
         def postrun(**_kw):  # type: ignore[no-untyped-def]
             _add("task", 0.0)
+            _running[0] = "-"
             _dump()
 
         def shutdown(**_kw):  # type: ignore[no-untyped-def]
             _dump(force=True)
 
+        signals.task_prerun.connect(prerun, weak=False)
         signals.task_postrun.connect(postrun, weak=False)
         signals.worker_process_shutdown.connect(shutdown, weak=False)
 
