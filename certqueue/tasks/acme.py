@@ -39,6 +39,7 @@ from certqueue.tasks.base import (
     CertqueueTask,
     StepContext,
     Wait,
+    batch_map,
     bound,
     classify,
     decide,
@@ -340,7 +341,8 @@ def _validate_step(ctx: StepContext, certificate_id: str, handoff: Handoff | Non
         answered = {ch_id for ch_id, _ in to_answer}
         # issued in this step: the answered challenges are valid at once (one write, not two)
         done = status == "valid" and fullchain is not None
-        chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
+        with session.no_autoflush:  # the order's changes go out with the rest, in one UPDATE
+            chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
         for ch in chs:
             if ch.id in answered and ch.status in ("presented", "visible"):
                 ch.status = "valid" if done else "answered"
@@ -686,11 +688,8 @@ def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int
     """``[{"certificate_id": ..., "purpose": ..., "intent": id}, ...]``: start every order and
     validate the HTTP-01 ones here, concurrently (one thread and ACME client per certificate, at most
     ``automation.batch_concurrency``). Idempotent: a redelivered batch resumes the same orders."""
-    from concurrent.futures import ThreadPoolExecutor
-
     window = get_settings().automation.validation_window_seconds
     outcomes: dict[str, int] = {}
-    with ThreadPoolExecutor(max_workers=min(len(jobs), _batch_concurrency()) or 1) as pool:
-        for outcome in pool.map(lambda job: _issue_one(self, job, window), jobs):
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    for outcome in batch_map(lambda job: _issue_one(self, job, window), jobs, _batch_concurrency()):
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
     return {"certificates": len(jobs), "outcomes": outcomes}

@@ -21,6 +21,8 @@ Task arguments and results carry ids and stable reasons only: never keys, tokens
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,3 +279,39 @@ def send_nudges(ctx: StepContext) -> None:
         nudge.nudge()
     if ctx.wake_after is not None:
         nudge.nudge_later(ctx.wake_after)
+
+
+# --- a batch's threads, kept between batches -------------------------------------------------------
+
+_batch_threads = threading.local()
+
+
+def _forget_batch_threads() -> None:
+    global _batch_threads
+    _batch_threads = threading.local()  # a forked child starts its own threads
+
+
+os.register_at_fork(after_in_child=_forget_batch_threads)
+
+
+def batch_map(fn: Callable[[Any], Any], items: list[Any], concurrency: int) -> list[Any]:
+    """``fn`` over ``items`` on at most ``concurrency`` threads, results in order.
+
+    The threads are the calling thread's own (a prefork child's main thread, or one thread of a
+    threads pool) and live from batch to batch, so what a thread keeps for itself (its ACME clients
+    and their kept-alive connections, ``certqueue.acme.accounts``) serves the next batch too
+    instead of a new TLS handshake and a new nonce per certificate. A change of the concurrency
+    (``automation.batch_concurrency`` at run time) starts a new set of threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = max(1, min(concurrency, len(items)))
+    if n == 1 or len(items) == 1:
+        return [fn(item) for item in items]
+    size = max(1, concurrency)
+    pool: ThreadPoolExecutor | None = getattr(_batch_threads, "pool", None)
+    if pool is None or getattr(_batch_threads, "size", None) != size:
+        if pool is not None:
+            pool.shutdown(wait=False)
+        pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="certqueue-batch")
+        _batch_threads.pool, _batch_threads.size = pool, size
+    return list(pool.map(fn, items))

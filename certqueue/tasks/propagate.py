@@ -34,7 +34,7 @@ from certqueue.lifecycle import failure, states
 from certqueue.lifecycle.backoff import backoff
 from certqueue.models import Deployment, Issuance, State, utcnow
 from certqueue.targets.base import Bundle, load_target
-from certqueue.tasks.base import CertqueueTask, StepContext, Wait
+from certqueue.tasks.base import CertqueueTask, StepContext, Wait, batch_map
 from certqueue.tasks.pipeline import certificate_of, give_back_lease, park_certificate, parks_so_far
 
 log = logging.getLogger("certqueue.propagate")
@@ -404,10 +404,9 @@ def _deploy_concurrency() -> int:
 def deploy_batch(self: DeployTask, region: str, items: list[list[Any]], _transient: int = 0) -> Any:
     """``(region, [[certificate_id, issuance_id], ...])`` on ``propagate.<region>``: deploy each
     (concurrently, at most ``automation.batch_concurrency``); a per-item result list, never raises."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(len(items), _deploy_concurrency()) or 1) as pool:
-        results = list(pool.map(lambda it: _deploy_one(self, str(it[0]), region, int(it[1])), items))
+    results = batch_map(
+        lambda it: _deploy_one(self, str(it[0]), region, int(it[1])), items, _deploy_concurrency()
+    )
     return [{"certificate_id": str(it[0]), **r} for it, r in zip(items, results, strict=True)]
 
 

@@ -302,8 +302,9 @@ def test_parallel_requests_all_complete(pg_pipeline):
 def test_a_batch_validates_its_new_order_without_reading_or_leasing_it_again(pg_pipeline):
     """``issue_batch`` run in this process (the acme worker stopped), every SQL statement counted:
     the start step leaves its order's lease and what it read to the validation that follows in the
-    same task, so the order is leased once, the certificate row locked three times (the start, the
-    start's write-back after newOrder, the validation's write-back) and each challenge row written
+    same task, so the order is leased once (its row is inserted leased), the certificate row locked
+    three times (the start, the start's write-back after newOrder, the validation's write-back, each
+    write-back reading the order in the same statement) and each challenge row written
     once after its insert; the certificate ends ACTIVE with one order."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
@@ -340,8 +341,17 @@ def test_a_batch_validates_its_new_order_without_reading_or_leasing_it_again(pg_
     def taken(params: object) -> bool:
         return isinstance(params, dict) and params.get("lease_token") is not None
 
+    # the new order's row is inserted with its lease: no UPDATE takes it afterwards
+    inserted_leased = [p for sql, p in statements if sql.startswith("INSERT INTO orders") and taken(p)]
+    assert len(inserted_leased) == 1, [
+        sql[:80] for sql, _ in statements if sql.startswith("INSERT INTO orders")
+    ]
     lease_takes = [p for sql, p in statements if sql.startswith("UPDATE orders") and taken(p)]
-    assert len(lease_takes) == 1, [sql[:80] for sql, _ in statements if sql.startswith("UPDATE orders")]
+    assert lease_takes == [], [sql[:80] for sql, _ in statements if sql.startswith("UPDATE orders")]
+    import sys
+
+    for sql, _ in statements:
+        print(sql[:150], file=sys.stderr)
     locks = [
         sql
         for sql, _ in statements
@@ -354,8 +364,17 @@ def test_a_batch_validates_its_new_order_without_reading_or_leasing_it_again(pg_
             len(p) if isinstance(p, list | tuple) else 1 for sql, p in statements if sql.startswith(prefix)
         )
 
+    def count(prefix: str) -> int:
+        return sum(1 for sql, _ in statements if sql.startswith(prefix))
+
+    # both challenges in one INSERT (ids returned), both tokens in one more; order rows: written
+    # with the URL, with the challenges, and with the issuance (the lease rides on those)
+    assert count("INSERT INTO challenges") == 1
+    assert count("INSERT INTO http01_tokens") == 1
+    assert count("UPDATE orders") == 3, [sql[:80] for sql, _ in statements if sql.startswith("UPDATE orders")]
+    # the order read on its own once (is there an open one?); the write-backs read it in their lock
+    assert count("SELECT orders.") == 1
     # inserted as presented, then written once: cleaned (never presented -> answered -> valid -> cleaned)
-    assert rows("INSERT INTO challenges") == 2
     assert rows("UPDATE challenges") == 2
     with session_scope(write=False) as s:
         chs = s.execute(select(Challenge).where(Challenge.certificate_id == cid)).scalars().all()
