@@ -200,6 +200,14 @@ class CertqueueStack:
             from bench.diag import copy_logs
 
             copy_logs(self.artifacts, self.log_files())
+            # BENCH_YAPPI=1: the pool processes' CPU profiles (bench/instrument)
+            profiles = sorted(self.instrument_dir.glob("yappi-*.pstat")) if self.instrument_dir.exists() else []
+            if profiles:
+                import shutil
+
+                self.artifacts.mkdir(parents=True, exist_ok=True)
+                for p in profiles:
+                    shutil.copy2(p, self.artifacts / p.name)
 
     def teardown(self) -> None:
         try:

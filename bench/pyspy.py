@@ -10,6 +10,7 @@ cryptography, certqueue's own code), attributed to the innermost frame that belo
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import secrets
 import signal
@@ -84,7 +85,7 @@ def run_pyspy(args: argparse.Namespace) -> dict[str, Any]:
         why = peers.ensure_certbot()
         if why or not peers.PYSPY.exists():
             return {"status": "skipped", "note": why or "py-spy not installed"}
-    n = min(args.n, 100)
+    n = min(args.n, 300)
     cs = build_stack(instrument=False)
     try:
         cs.start_workers("acme", args.cq_workers, args.cq_concurrency)
@@ -109,6 +110,9 @@ def run_pyspy(args: argparse.Namespace) -> dict[str, Any]:
                 "--output",
                 str(out_file),
                 "--nonblocking",
+                # BENCH_PYSPY_GIL=1: only the thread holding the GIL is sampled (a proxy for
+                # Python's CPU time: a thread waiting on a socket or PostgreSQL has released it)
+                *(["--gil"] if os.environ.get("BENCH_PYSPY_GIL", "") not in ("", "0") else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

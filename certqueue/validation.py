@@ -134,7 +134,7 @@ def normalize_domain(name: str, *, allow_ip: bool = False) -> str:
             )
     if labels[-1].isdigit():
         raise InvalidInput(f"{shown}: the last label cannot be all digits", field="domains")
-    if wildcard and _public_suffixes().is_public(ascii_name):
+    if wildcard and public_suffixes().is_public(ascii_name):
         raise InvalidInput(
             f"{shown}: a wildcard over a public suffix would cover every registrant under it",
             field="domains",
@@ -149,8 +149,11 @@ _psl_lock = threading.Lock()
 _psl: Any = None
 
 
-def _public_suffixes() -> Any:
-    """The public suffix list bundled with ``publicsuffixlist`` (ICANN and private sections)."""
+def public_suffixes() -> Any:
+    """The public suffix list bundled with ``publicsuffixlist`` (ICANN and private sections): one
+    per process, shared by name checks and the rate limiter's registered domains. Parsing it costs
+    about 0.3 s of CPU, so a worker builds it before it forks its pool processes
+    (``certqueue.workers``): each would otherwise parse it again on its first certificate."""
     global _psl
     if _psl is None:
         with _psl_lock:

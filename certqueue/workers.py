@@ -96,6 +96,9 @@ def _run_worker_now(
 ) -> None:
     app = lazy_app.get()
     from certqueue.keyrotation import install_worker_heartbeat
+    from certqueue.validation import public_suffixes
+
+    public_suffixes()  # parsed once here, before the pool forks: its processes share it
 
     install_worker_heartbeat(f"worker:{pool}")
     name = hostname or f"{pool}{'-' + '-'.join(regions) if regions else ''}@%h"

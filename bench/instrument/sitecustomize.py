@@ -146,7 +146,28 @@ if _DIR:
         signals.task_postrun.connect(postrun, weak=False)
         signals.worker_process_shutdown.connect(shutdown, weak=False)
 
+    def _install_yappi() -> None:
+        """With BENCH_YAPPI=1: a CPU-time profile (yappi, every thread) of each pool process, from
+        its start to its exit, saved as ``yappi-<pid>.pstat`` beside the counters."""
+        if os.environ.get("BENCH_YAPPI", "") in ("", "0"):
+            return
+        import yappi  # type: ignore[import-not-found]
+        from celery import signals
+
+        def start(**_kw):  # type: ignore[no-untyped-def]
+            yappi.set_clock_type("cpu")
+            yappi.start(builtins=False, profile_threads=True)
+
+        def stop(**_kw):  # type: ignore[no-untyped-def]
+            yappi.stop()
+            path = os.path.join(str(_DIR), f"yappi-{os.getpid()}.pstat")
+            yappi.get_func_stats().save(path, type="pstat")
+
+        signals.worker_process_init.connect(start, weak=False)
+        signals.worker_process_shutdown.connect(stop, weak=False)
+
     try:
+        _install_yappi()
         _install_sqlalchemy()
         _install_requests()
         _install_celery()

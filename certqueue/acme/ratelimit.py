@@ -221,21 +221,6 @@ def consecutive_failures_key(
     return _key(SCOPE_CONSECUTIVE_FAILED_AUTHZ, directory_url, _base_identifier(identifier), limit, consume)
 
 
-_psl_lock = threading.Lock()
-_psl: Any = None
-
-
-def _public_suffix_list() -> Any:
-    global _psl
-    if _psl is None:
-        with _psl_lock:
-            if _psl is None:
-                from publicsuffixlist import PublicSuffixList
-
-                _psl = PublicSuffixList()  # the list bundled in the package; reads no network
-    return _psl
-
-
 def registered_domain(name: str) -> str:
     """The registered domain of a DNS name (public suffix list, private section included), or of an
     IP address (IPv4: itself; IPv6: its /64). A name that is itself a public suffix is its own."""
@@ -248,7 +233,9 @@ def registered_domain(name: str) -> str:
         if ip.version == 6:
             return str(ipaddress.ip_network(f"{ip}/64", strict=False))
         return str(ip)
-    private = _public_suffix_list().privatesuffix(name)
+    from certqueue.validation import public_suffixes
+
+    private = public_suffixes().privatesuffix(name)
     return str(private) if private else name
 
 

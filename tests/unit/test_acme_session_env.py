@@ -1,0 +1,68 @@
+"""The ACME client's HTTP session reads the proxy and CA-bundle environment once per host
+(``certqueue.acme.client._EnvReadOnceSession``), and honours it as requests does.
+
+requests scans ``os.environ`` twice on every request to find proxies; in a worker that was about
+2 ms of CPU per ACME request (a yappi profile of the acme pool), a fifth of a certificate's client
+CPU. The environment of a running process does not change, so the answer is kept per host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import requests.utils
+
+from certqueue.acme.client import _EnvReadOnceSession, _Network
+
+
+def _merge(session: requests.Session, url: str, verify: Any = True) -> dict[str, Any]:
+    return session.merge_environment_settings(url, {}, None, verify, None)
+
+
+def test_proxies_from_the_environment_are_used_and_no_proxy_is_honoured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "ca.local")
+    s = _EnvReadOnceSession()
+    assert _merge(s, "https://acme.example.org/directory")["proxies"]["https"] == "http://proxy.internal:3128"
+    assert "https" not in _merge(s, "https://ca.local:14000/dir")["proxies"]
+    # what plain requests decides, for the same environment
+    plain = requests.Session()
+    for url in ("https://acme.example.org/directory", "https://ca.local:14000/dir"):
+        assert _merge(s, url)["proxies"] == _merge(plain, url)["proxies"]
+
+
+def test_the_environment_is_read_once_per_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = requests.utils.get_environ_proxies
+
+    def counting(url: str, no_proxy: Any = None) -> dict[str, str]:
+        calls.append(url)
+        return real(url, no_proxy=no_proxy)
+
+    monkeypatch.setattr(requests.utils, "get_environ_proxies", counting)
+    s = _EnvReadOnceSession()
+    for i in range(5):
+        _merge(s, f"https://acme.example.org/acme/order/{i}")
+    _merge(s, "https://other.example.org/x")
+    assert [u.split("/")[2] for u in calls] == ["acme.example.org", "other.example.org"]
+
+
+def test_a_ca_bundle_from_the_environment_applies_only_without_an_explicit_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/env-bundle.pem")
+    s = _EnvReadOnceSession()
+    assert _merge(s, "https://acme.example.org/", verify=True)["verify"] == "/etc/ssl/env-bundle.pem"
+    assert _merge(s, "https://acme.example.org/", verify="/mine.pem")["verify"] == "/mine.pem"
+    assert _merge(s, "https://acme.example.org/", verify=False)["verify"] is False
+
+
+def test_the_client_network_uses_it_with_acme_s_adapter() -> None:
+    net = _Network(user_agent="test")
+    assert isinstance(net.session, _EnvReadOnceSession)
+    # the adapter acme mounted (its retries) is the one requests go through
+    assert net.session.get_adapter("https://acme.example.org/") is net.session.adapters["https://"]
+    assert type(net.session.adapters["https://"]).__name__ == "HTTPAdapter"
