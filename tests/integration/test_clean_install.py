@@ -202,8 +202,13 @@ def test_the_metadata_an_index_shows(installed: Installed) -> None:
     assert md["scripts"] == {"certqueue": "certqueue.__main__:run"}
     base = {re.split(r"[\[<>=;! ]", r, maxsplit=1)[0].lower() for r in md["requires"] if "extra ==" not in r}
     assert "psycopg" in base  # PostgreSQL, the production database, needs no extra
-    # what `db upgrade` reads at run time is in the wheel, not only in the checkout
+    # what `db upgrade` reads at run time is in the wheel, not only in the checkout, and so are
+    # the payload schemas of the wire contract (docs/wire-contract.md)
     assert any(f.startswith("certqueue/migrations/versions/") for f in md["files"])
+    schemas = {
+        f"certqueue/{p.relative_to(REPO / 'certqueue')}" for p in REPO.glob("certqueue/schemas/*/*.json")
+    }
+    assert schemas and schemas <= set(md["files"]), sorted(schemas - set(md["files"]))
 
 
 def test_shell_completion_through_the_installed_script(installed: Installed, tmp_path: Path) -> None:
