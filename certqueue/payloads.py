@@ -14,12 +14,18 @@ field, before anything is written.
 ``certqueue.client`` builds (the same checks, on the sender's side, so a mistake fails there).
 ``parse`` turns a request's CA names into the directory URLs configured for them, which is the only
 way a directory URL reaches ``CertificateRequest.build`` from the broker.
+
+The contract other services read is docs/wire-contract.md, with a JSON Schema per task and version
+shipped in the package (``certqueue/schemas/v<version>/<task>.json``, ``json_schema``); a test holds
+those schemas to this module (fields, required fields, limits, the URL and CA-name rules).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
+from importlib.resources import files
 from typing import Any, Final
 
 from certqueue import validation
@@ -178,3 +184,14 @@ def issue_payload(certificate_id: str, request: Mapping[str, Any]) -> dict[str, 
     return check(
         "certqueue.issue", {"v": PAYLOAD_VERSION, "certificate_id": certificate_id, "request": dict(request)}
     )
+
+
+def json_schema(task: str, version: int = PAYLOAD_VERSION) -> dict[str, Any]:
+    """The published JSON Schema of ``task``'s payload at ``version`` (docs/wire-contract.md)."""
+    if task not in TASK_FIELDS:
+        raise InvalidInput(f"{task!r} is not a public task", field="task")
+    resource = files("certqueue").joinpath("schemas", f"v{version}", f"{task}.json")
+    if not resource.is_file():
+        raise InvalidInput(f"no schema for {task} payload version {version}", field="v")
+    schema: dict[str, Any] = json.loads(resource.read_text(encoding="utf-8"))
+    return schema
