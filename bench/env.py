@@ -201,7 +201,9 @@ class CertqueueStack:
 
             copy_logs(self.artifacts, self.log_files())
             # BENCH_YAPPI=1: the pool processes' CPU profiles (bench/instrument)
-            profiles = sorted(self.instrument_dir.glob("yappi-*.pstat")) if self.instrument_dir.exists() else []
+            profiles = (
+                sorted(self.instrument_dir.glob("yappi-*.pstat")) if self.instrument_dir.exists() else []
+            )
             if profiles:
                 import shutil
 
