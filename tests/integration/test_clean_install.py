@@ -57,6 +57,19 @@ class Installed:
     def script(self) -> Path:
         return self.venv / "bin" / "certqueue"
 
+    def probe(self, code: str) -> Any:
+        """What ``code`` prints as JSON, run by the installed interpreter from the empty directory."""
+        r = subprocess.run(
+            [str(self.python), "-c", code],
+            cwd=self.home,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return json.loads(r.stdout)
+
     def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(self.script), *args],
@@ -117,15 +130,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 def test_the_checkout_is_out_of_reach(installed: Installed) -> None:
     """The installed copy is the one imported, and nothing on sys.path leads to the checkout."""
     probe = "import json, sys, certqueue; print(json.dumps([certqueue.__file__, sys.path]))"
-    r = subprocess.run(
-        [str(installed.python), "-c", probe],
-        cwd=installed.home,
-        env=installed.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    where, path = json.loads(r.stdout)
+    where, path = installed.probe(probe)
     assert Path(where).is_relative_to(installed.venv), where
     assert not [p for p in path if p and Path(p).resolve().is_relative_to(REPO)], path
     pth = [f.read_text() for f in installed.venv.glob("lib/python*/site-packages/*.pth")]
@@ -178,15 +183,7 @@ def _metadata(installed: Installed) -> dict[str, Any]:
         " 'scripts': {e.name: e.value for e in d.entry_points if e.group == 'console_scripts'},"
         " 'files': [str(f) for f in d.files]}))"
     )
-    r = subprocess.run(
-        [str(installed.python), "-c", probe],
-        cwd=installed.home,
-        env=installed.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return dict(json.loads(r.stdout))
+    return dict(installed.probe(probe))
 
 
 def test_the_metadata_an_index_shows(installed: Installed) -> None:
