@@ -395,6 +395,13 @@ def test_a_passphrase_under_eight_characters_or_not_text_is_refused_with_a_stabl
     assert not (tmp_path / "k.key").exists()
 
 
+def test_a_passphrase_of_exactly_eight_characters_is_accepted(tmp_path: Path) -> None:
+    from certqueue import keystore
+
+    kid = keystore.generate_key_file(tmp_path / "k.key", passphrase="8 chars!", iterations=100_000)
+    assert KeyStore.from_file(tmp_path / "k.key").active_kid == kid
+
+
 def test_a_new_passphrase_key_under_the_minimum_iterations_is_refused_with_a_stable_reason(
     tmp_path: Path,
 ) -> None:
