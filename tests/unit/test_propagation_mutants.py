@@ -10,11 +10,13 @@ that has not caught up yet.
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import dns.flags
 import dns.message
@@ -533,3 +535,48 @@ def test_only_txt_records_at_the_name_asked_are_values(
     port = resolver.nameserver_port
     assert query_txt(alias, ns1.address, port, timeout=2.0) == ((), None)
     assert query_txt(NAME, ns1.address, port, timeout=2.0) == (("v",), None)
+
+
+# --- route_error: what the worker says when it cannot route ---------------------------------------------
+
+
+def _sockets(*, on_open: OSError | None = None, on_connect: OSError | None = None) -> SimpleNamespace:
+    """A stand-in for the ``socket`` module whose sockets fail to open or to connect as given."""
+
+    class Sock:
+        def __init__(self, family: int, kind: int) -> None:
+            if on_open is not None:
+                raise on_open
+
+        def connect(self, address: tuple[str, int]) -> None:
+            if on_connect is not None:
+                raise on_connect
+
+        def close(self) -> None:
+            pass
+
+    return SimpleNamespace(
+        AF_INET=socket.AF_INET, AF_INET6=socket.AF_INET6, SOCK_DGRAM=socket.SOCK_DGRAM, socket=Sock
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        (
+            OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol"),
+            "Address family not supported by protocol",
+        ),
+        (OSError("an error without the system's words"), "OSError"),  # then its kind
+    ],
+)
+def test_a_worker_that_cannot_open_an_ipv6_socket_says_so_in_the_systems_words(
+    monkeypatch: pytest.MonkeyPatch, error: OSError, why: str
+) -> None:
+    monkeypatch.setattr(propagation, "socket", _sockets(on_open=error))
+    assert propagation.route_error("2001:db8::1", 53) == f"no IPv6 on this worker ({why})"
+
+
+def test_no_route_without_the_systems_words_is_named_by_its_errno(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(propagation, "socket", _sockets(on_connect=OSError(errno.ENETUNREACH, "")))
+    assert propagation.route_error("192.0.2.1", 53) == "no IPv4 route from this worker (ENETUNREACH)"
