@@ -6,6 +6,10 @@ the zone ``multi.test`` has ``ns1`` at 127.0.0.1 and ``ns2`` at 127.0.0.2, both 
 (the check asks every nameserver on ``Resolver.nameserver_port``). Each is a small authoritative
 server written for this test on dnspython (real UDP, real wire format): ns2 stands for a secondary
 that has not caught up yet.
+
+Then how each kind of answer counts (silent, unroutable, refused, NXDOMAIN, not DNS at all, an
+address the kernel will not send to, a silent recursive resolver), how a TXT rrset becomes values,
+and what ``route_error`` says: the behaviours ``make mutation`` found untested.
 """
 
 from __future__ import annotations
