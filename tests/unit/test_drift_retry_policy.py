@@ -94,6 +94,6 @@ def test_active_on_issue(strategy: str, regions: bool, want: bool) -> None:
     assert active_on_issue(strategy, regions) is want
 
 
-def test_unknown_strategy_is_refused() -> None:
-    with pytest.raises(ValueError):
+def test_unknown_strategy_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"^unknown propagation strategy 'eventually'$"):
         active_on_issue("eventually", True)

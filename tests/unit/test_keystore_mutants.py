@@ -257,6 +257,7 @@ SALT, PASS = _b64(bytes(range(16))), _b64(b"a long passphrase")
         (f"key k1 pbkdf2-sha256 many {SALT} {PASS}", "malformed number or base64"),
         (f"key k1 scrypt 100000 {SALT} {PASS}", "unknown key kind or wrong field count"),
         (f"key k1 pbkdf2-sha256 100000 {SALT}", "unknown key kind or wrong field count"),
+        ("key k1 raw", "unknown key kind or wrong field count"),  # the shortest line read as a key
     ],
 )
 def test_a_bad_key_line_is_refused_naming_the_file_the_entry_and_the_problem(
@@ -301,6 +302,8 @@ def test_rotating_keeps_a_passphrase_key_line_verbatim(tmp_path: Path) -> None:
     [
         ("active k1\nactive k1\n", "more than one 'active' line"),
         ("active k1 k2\n", "unrecognized entry 3"),
+        ("", "no 'active' line"),
+        ("active k2\n", "the active key 'k2' is not in the file"),
     ],
 )
 def test_a_bad_active_line_is_refused_naming_the_file_and_the_problem(
@@ -312,3 +315,211 @@ def test_a_bad_active_line_is_refused_naming_the_file_and_the_problem(
         "keystore:bad_key_file",
         f"key file {path} is malformed: {why}",
     )
+
+
+def test_a_kid_that_appears_twice_is_refused_naming_the_file_and_the_kid(tmp_path: Path) -> None:
+    """Two keys under one kid: a blob's kid could not say which key sealed it."""
+    text = (
+        f"certqueue-keyring 1\nkey k1 raw {_b64(bytes(32))}\nkey k1 raw {_b64(bytes(range(32)))}\nactive k1\n"
+    )
+    path = _private(tmp_path / "k.key", text.encode())
+    assert _load_refusal(path) == (
+        "keystore:bad_key_file",
+        f"key file {path} is malformed: key id k1 appears twice",
+    )
+
+
+# --- read_private_file: what a secret file must be -------------------------------------------------------
+
+
+def test_a_path_that_is_no_regular_file_is_refused_naming_it(tmp_path: Path) -> None:
+    d = tmp_path / "dir"
+    d.mkdir(mode=0o700)
+    assert _load_refusal(d) == ("keystore:bad_key_file", f"key file {d} is not a regular file")
+
+
+def test_a_key_file_this_user_may_not_open_is_refused_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's EACCES is simulated: the tests run as root here, where no mode forbids a read."""
+    from certqueue import keystore
+
+    path = _private(tmp_path / "k.key", bytes(32))
+    real_open = os.open
+
+    def open_refused(file: object, *args: object, **kwargs: object) -> int:
+        if Path(str(file)) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(keystore.os, "open", open_refused)
+    assert _load_refusal(path) == ("keystore:permissions", f"key file {path} is not readable by this user")
+
+
+def test_a_secret_file_is_read_up_to_one_mib_and_no_further(tmp_path: Path) -> None:
+    """A secret is small: a huge file named by mistake costs 1 MiB of memory, not its size."""
+    from certqueue.keystore import read_private_file
+
+    path = _private(tmp_path / "big.pem", bytes(range(256)) * (8 * 1024))  # 2 MiB
+    data = read_private_file(path)
+    assert data == path.read_bytes()[: 1024 * 1024]
+
+
+# --- new keys and the keyring file as written -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("passphrase", [None, "eight ch"])
+def test_a_new_kid_is_k_and_ten_hex_digits(tmp_path: Path, passphrase: str | None) -> None:
+    """40 random bits, the form the docs show (``k3f9c01d2a7``), distinct from a raw file's ``r...``."""
+    import re
+
+    from certqueue import keystore
+
+    kid = keystore.generate_key_file(tmp_path / "k.key", passphrase=passphrase, iterations=100_000)
+    assert re.fullmatch(r"k[0-9a-f]{10}", kid)
+    assert KeyStore.from_file(tmp_path / "k.key").active_kid == kid
+
+
+@pytest.mark.parametrize("passphrase", ["seven c", b"a long passphrase as bytes"])
+def test_a_passphrase_under_eight_characters_or_not_text_is_refused_with_a_stable_reason(
+    tmp_path: Path, passphrase: object
+) -> None:
+    from certqueue import keystore
+
+    with pytest.raises(KeyStoreError) as info:
+        keystore.generate_key_file(tmp_path / "k.key", passphrase=passphrase)  # type: ignore[arg-type]
+    assert (info.value.reason, info.value.message) == (
+        "keystore:weak_passphrase",
+        "a passphrase must be at least 8 characters",
+    )
+    assert not (tmp_path / "k.key").exists()
+
+
+def test_a_passphrase_of_exactly_eight_characters_is_accepted(tmp_path: Path) -> None:
+    from certqueue import keystore
+
+    kid = keystore.generate_key_file(tmp_path / "k.key", passphrase="8 chars!", iterations=100_000)
+    assert KeyStore.from_file(tmp_path / "k.key").active_kid == kid
+
+
+def test_a_new_passphrase_key_under_the_minimum_iterations_is_refused_with_a_stable_reason(
+    tmp_path: Path,
+) -> None:
+    from certqueue import keystore
+
+    with pytest.raises(KeyStoreError) as info:
+        keystore.generate_key_file(tmp_path / "k.key", passphrase="a long passphrase", iterations=99_999)
+    assert (info.value.reason, info.value.message) == (
+        "keystore:bad_key_file",
+        "PBKDF2 iterations below 100000",
+    )
+    assert not (tmp_path / "k.key").exists()
+
+
+def test_a_generated_keyring_is_the_documented_text(tmp_path: Path) -> None:
+    """Magic line, the two comments that tell an operator how to keep it, the key, the active line."""
+    from certqueue import keystore
+
+    path = tmp_path / "k.key"
+    kid = keystore.generate_key_file(path)
+    lines = path.read_text().split("\n")
+    assert lines[:3] == [
+        "certqueue-keyring 1",
+        "# certqueue master keys: keep this file secret (mode 0600) and backed up.",
+        "# Do not remove a key while any stored blob is still under it (see `certqueue keys`).",
+    ]
+    assert lines[3].startswith(f"key {kid} raw ") and lines[4:] == [f"active {kid}", ""]
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[Path, Path]]:
+    """Record the (source, destination) of every ``os.<name>`` (replace or link) keystore makes."""
+    from certqueue import keystore
+
+    real = getattr(os, name)
+    calls: list[tuple[Path, Path]] = []
+
+    def spy(src: str, dst: str) -> None:
+        calls.append((Path(src), Path(dst)))
+        real(src, dst)
+
+    monkeypatch.setattr(keystore.os, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize(("write", "call"), [("generate", "link"), ("rotate", "replace")])
+def test_a_key_file_is_written_as_a_hidden_temporary_beside_it_then_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write: str, call: str
+) -> None:
+    """Beside it, so the rename stays on one filesystem (atomic); named after it and hidden, so a
+    leftover from a crash says what it was and is not taken for a key file."""
+    import re
+
+    from certqueue import keystore
+
+    path = tmp_path / "master.key"
+    if write == "rotate":
+        keystore.generate_key_file(path)
+    calls = _spy(monkeypatch, call)
+    if write == "rotate":
+        keystore.rotate_key_file(path)
+    else:
+        keystore.generate_key_file(path)
+    ((src, dst),) = calls
+    assert dst == path and src.parent == tmp_path
+    assert re.fullmatch(r"\.master\.key\.[^.]+\.tmp", src.name), src.name
+    assert [p.name for p in tmp_path.iterdir()] == ["master.key"]
+
+
+def test_a_key_file_that_appears_while_one_is_generated_is_kept_and_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ``keys generate`` at once: the one that links second fails with keystore:exists, the first
+    one's file is kept as it was, and no temporary is left."""
+    import tempfile
+
+    from certqueue import keystore
+
+    path = tmp_path / "master.key"
+    real_mkstemp = tempfile.mkstemp
+
+    def the_other_one_wins(*args: object, **kwargs: object) -> tuple[int, str]:
+        _private(path, b"the other generate's keyring")  # after the exists check, before the link
+        return real_mkstemp(*args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(keystore.tempfile, "mkstemp", the_other_one_wins)
+    with pytest.raises(KeyStoreError) as info:
+        keystore.generate_key_file(path)
+    assert (info.value.reason, info.value.message) == (
+        "keystore:exists",
+        f"key file {path} already exists; refusing to overwrite it",
+    )
+    assert path.read_bytes() == b"the other generate's keyring"
+    assert [p.name for p in tmp_path.iterdir()] == ["master.key"]
+
+
+def test_an_interrupt_after_the_rename_is_raised_as_itself_and_the_new_file_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once renamed, the temporary is gone: the clean-up finds nothing to remove and must not turn
+    the interrupt into another error."""
+    from certqueue import keystore
+
+    path = tmp_path / "master.key"
+    old = keystore.generate_key_file(path)
+
+    def interrupted(directory: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keystore, "_fsync_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        keystore.rotate_key_file(path)
+    monkeypatch.undo()
+    store = KeyStore.from_file(path)
+    assert old in store.kids and store.active_kid != old
+
+
+def test_syncing_the_directory_is_best_effort(tmp_path: Path) -> None:
+    """A directory that cannot be opened (some filesystems) is no error: the file is already written."""
+    from certqueue import keystore
+
+    assert keystore._fsync_dir(tmp_path / "no such directory") is None
