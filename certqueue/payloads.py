@@ -113,7 +113,8 @@ def check(task: str, payload: Any) -> dict[str, Any]:
         raise InvalidInput(f"{task!r} is not a public task", field="task")
     if not isinstance(payload, Mapping):
         raise InvalidInput("payload must be a JSON object", field="payload")
-    if payload.get("v") != PAYLOAD_VERSION:
+    version = payload.get("v")
+    if type(version) is not int or version != PAYLOAD_VERSION:  # not True: Python's True == 1
         raise InvalidInput(
             f"unsupported payload version {payload.get('v')!r}; expected {PAYLOAD_VERSION}", field="v"
         )
@@ -126,6 +127,9 @@ def check(task: str, payload: Any) -> dict[str, Any]:
         raise InvalidInput(f"missing payload field(s): {', '.join(missing)}", field=missing[0])
     if "certificate_id" in payload:
         validation.validate_certificate_id(payload["certificate_id"])
+    if "force" in payload and not isinstance(payload["force"], bool):
+        # "no" or 0 read as a truth value would force, or not, by accident
+        raise InvalidInput("force is true or false", field="force")
     request = payload.get("request")
     if request is not None:
         if not isinstance(request, Mapping):

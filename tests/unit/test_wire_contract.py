@@ -296,6 +296,9 @@ INVALID: list[tuple[str, Any]] = [
     ("certqueue.renew", {"certificate_id": CID}),  # no version
     ("certqueue.renew", {"v": 2, "certificate_id": CID}),  # a version the workers do not know
     ("certqueue.renew", {"v": "1", "certificate_id": CID}),
+    ("certqueue.renew", {"v": True, "certificate_id": CID}),  # Python's True == 1: not a version
+    ("certqueue.renew", {"v": 1, "certificate_id": CID, "force": "yes"}),  # not a truth value
+    ("certqueue.propagate", {"v": 1, "certificate_id": CID, "force": 0}),
     ("certqueue.renew", {"v": 1}),  # no certificate_id
     ("certqueue.renew", {"v": 1, "certificate_id": "cert_NOT-AN-ID"}),
     ("certqueue.renew", {"v": 1, "certificate_id": 42}),
@@ -334,8 +337,6 @@ SCHEMA_ONLY: list[tuple[str, Any]] = [
     ("certqueue.issue", {"v": 1, "request": {"domains": []}}),  # build: no domains
     ("certqueue.issue", {"v": 1, "request": {"domains": ["a.example"], "key_type": "ec999"}}),  # build
     ("certqueue.revoke", {"v": 1, "certificate_id": CID, "reason": "bored"}),  # the task: unknown reason
-    ("certqueue.renew", {"v": 1, "certificate_id": CID, "force": "yes"}),  # read as a truth value
-    ("certqueue.renew", {"v": True, "certificate_id": CID}),  # Python's True == 1
 ]
 
 
