@@ -399,6 +399,8 @@ class Outcome:
     ca: str | None = None
     state: str | None = None
     renew_at: str | None = None
+    #: a propagation intent was recorded (the certificate has regions)
+    propagating: bool = False
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -423,7 +425,7 @@ def adopt_all(
             o.domains, o.notes = list(p.request.domains), p.notes
             o.expires = p.external.info.not_after.isoformat()
             o.challenge, o.dns_provider, o.ca = p.request.challenge_type, p.request.dns_provider, p.ca
-            cert, _ = adopt(session, p, actor=actor, settings=settings)
+            cert, o.propagating = adopt(session, p, actor=actor, settings=settings)
             o.state = str(cert.state)
             o.renew_at = cert.renew_at.isoformat() if cert.renew_at else None
             if dry_run:

@@ -52,8 +52,8 @@ def _run(ctx: click.Context, candidates: list[Any], dry_run: bool, as_json: bool
     settings = ctx.obj["loaded"].settings
     outcomes = adopting.adopt_all(candidates, settings=settings, actor=_cli_actor(), dry_run=dry_run)
     failed = [o for o in outcomes if o.status == "failed"]
-    if not dry_run and len(failed) < len(outcomes):
-        _nudge()  # propagation intents, when there are regions
+    if not dry_run and any(o.propagating for o in outcomes):
+        _nudge()  # dispatch relays the propagation intents
     if as_json:
         _print_json({"dry_run": dry_run, "items": [o.to_json() for o in outcomes]})
     else:

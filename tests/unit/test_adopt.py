@@ -267,6 +267,9 @@ def test_plan_refuses_wildcards_without_dns01_expired_and_mismatched_certificate
     _, other_key = make_cert_pem(("old.example.com",))
     with pytest.raises(InvalidInput, match="does not match"):
         adopt.plan(adopt.Candidate("certbot", "mix", leaf, other_key.decode(), "dns-01"), plan_settings)
+    bad, bad_key = make_cert_pem(("bad_name!.example.com",))
+    with pytest.raises(InvalidInput, match="bad_name"):
+        adopt.plan(adopt.Candidate("certbot", "bad", bad, bad_key.decode(), "http-01"), plan_settings)
     no_provider = adopt.Candidate(
         "certbot",
         "ovh",
@@ -443,3 +446,24 @@ def test_adopt_of_an_empty_directory_is_one_error_line(cli: Cli) -> None:
     r = cli("adopt", "certbot", str(cli.tmp / "empty"))
     assert r.exit_code == 2 and r.stderr.startswith("error: no certbot lineage in")
     assert rows(Certificate) == 0
+
+
+def test_adopt_with_regions_is_issued_and_deployed_as_an_issued_certificate_would_be(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CERTQUEUE_MULTI_REGION__ENABLED", "true")
+    monkeypatch.setenv(
+        "CERTQUEUE_MULTI_REGION__REGIONS",
+        json.dumps([{"name": "edge", "provider": "local", "path": str(cli.tmp / "edge")}]),
+    )
+    leaf, key = make_cert_pem(("edge.example.com",))
+    doc = kubectl_list(tls_secret("edge-tls", leaf, key))
+    r = cli.runner.invoke(main, ["adopt", "cert-manager", "-", "--json"], input=doc, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    (item,) = json.loads(r.stdout)["items"]
+    assert item["state"] == "ISSUED" and item["propagating"] is True and item["renew_at"] is None
+    with session_scope(write=False) as s:
+        c = s.get_one(Certificate, item["certificate_id"])
+        assert c.pending_issuance_id is not None and c.current_issuance_id is None
+        (intent,) = s.execute(select(Intent)).scalars().all()
+        assert (intent.kind, intent.certificate_id) == ("propagate", c.id)
