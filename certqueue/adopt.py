@@ -108,6 +108,8 @@ def challenge_for_authenticator(
 
     Raises InvalidInput for an authenticator certqueue cannot stand in for."""
     auth = authenticator.split(":")[-1].strip()  # "certbot-dns-cloudflare:dns-cloudflare" (old form)
+    if not auth:
+        raise InvalidInput("the renewal conf names no authenticator", field="authenticator")
     if auth in HTTP_AUTHENTICATORS:
         return (
             "http-01",
@@ -177,7 +179,9 @@ def _read_lineage(directory: Path, conf: Path) -> Candidate:
         try:
             pems[label] = Path(path).read_text()
         except (OSError, UnicodeDecodeError) as exc:
-            return Candidate("certbot", name, error=f"cannot read {label} {path}: {_why(exc)}")
+            link = Path(path)
+            shown = f"{link} (a link to {link.readlink()})" if link.is_symlink() else str(link)
+            return Candidate("certbot", name, error=f"cannot read {label} {shown}: {_why(exc)}")
     try:
         challenge, provider, notes = challenge_for_authenticator(params.get("authenticator", ""), params)
     except InvalidInput as exc:

@@ -178,7 +178,10 @@ def test_unknown_authenticator_and_unreadable_files_are_the_lineages_error(tmp_p
     add_lineage(tmp_path, "gone.example.com", WEBROOT_CONF, leaf, key)
     (tmp_path / "archive" / "gone.example.com" / "privkey1.pem").unlink()  # a dangling symlink now
     (cand,) = adopt.read_certbot(tmp_path)
-    assert cand.error is not None and "cannot read privkey" in cand.error and "privkey.pem" in cand.error
+    assert cand.error is not None and "cannot read privkey" in cand.error
+    assert "privkey.pem (a link to ../../archive/gone.example.com/privkey1.pem)" in cand.error
+    with pytest.raises(InvalidInput, match="names no authenticator"):
+        adopt.challenge_for_authenticator("", {})
     with pytest.raises(InvalidInput, match="no certbot lineage"):
         adopt.read_certbot(tmp_path / "nothing-here")
 
