@@ -371,25 +371,25 @@ def activate(
     states.transition(session, cert, State.ACTIVE, reason=reason, data={"serial": iss.serial})
 
 
-def import_certificate(
-    session: Session,
-    *,
-    certificate_pem: str,
-    private_key_pem: str | None,
-    chain_pem: str | None = None,
-    targets: Sequence[str] = (),
-    actor: str = "certqueue",
-    settings: Settings | None = None,
-) -> Certificate:
-    """Import an externally issued certificate (the guide's manual EV case).
+@dataclass(frozen=True)
+class ExternalCertificate:
+    """A certificate issued elsewhere, parsed and checked: the leaf, its chain, its key (PEM)."""
 
-    It is monitored and propagated like any other, never renewed (there is no order to repeat); the
-    expiry alerts cover it. State goes REQUESTED -> ISSUING -> ISSUED at once, then ACTIVE after
-    propagation (or at once with no regions).
-    """
+    leaf_pem: str
+    chain_pem: str
+    key_pem: str | None
+    info: crypto.CertInfo
+    #: its DNS names (SANs, else the common name), normalized
+    domains: list[str]
+
+
+def read_external(
+    certificate_pem: str, private_key_pem: str | None, chain_pem: str | None = None
+) -> ExternalCertificate:
+    """Parse and check a certificate issued elsewhere (``import``, ``certqueue.adopt``): PEM that
+    parses, a chain that verifies, a key that matches, not expired, DNS names. InvalidInput if not."""
     from certqueue import crypto
 
-    settings = settings or get_settings()
     if isinstance(certificate_pem, str) and certificate_pem.count("-----BEGIN CERTIFICATE-----") > 1:
         # certbot's fullchain.pem (and most CAs' downloads): the leaf first, then its chain
         if chain_pem:
@@ -413,6 +413,28 @@ def import_certificate(
     domains = validation.normalize_domains(names) if names else []
     if not domains:
         raise InvalidInput("the certificate names no DNS names", field="certificate_pem")
+    return ExternalCertificate(leaf, chain, key, info, domains)
+
+
+def import_certificate(
+    session: Session,
+    *,
+    certificate_pem: str,
+    private_key_pem: str | None,
+    chain_pem: str | None = None,
+    targets: Sequence[str] = (),
+    actor: str = "certqueue",
+    settings: Settings | None = None,
+) -> Certificate:
+    """Import an externally issued certificate (the guide's manual EV case).
+
+    It is monitored and propagated like any other, never renewed (there is no order to repeat); the
+    expiry alerts cover it. State goes REQUESTED -> ISSUING -> ISSUED at once, then ACTIVE after
+    propagation (or at once with no regions).
+    """
+    settings = settings or get_settings()
+    ext = read_external(certificate_pem, private_key_pem, chain_pem)
+    leaf, key, chain, info, domains = ext.leaf_pem, ext.key_pem, ext.chain_pem, ext.info, ext.domains
     known_regions = {r.name for r in settings.multi_region.regions}
     for t in targets:
         if t not in known_regions:

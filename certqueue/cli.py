@@ -1408,7 +1408,7 @@ def demo_cmd(keep: bool) -> None:
 
 
 # command groups kept in their own modules (they register themselves on ``main``)
-from certqueue import cli_accounts, cli_events, cli_issuers, cli_responders  # noqa: E402, F401
+from certqueue import cli_accounts, cli_adopt, cli_events, cli_issuers, cli_responders  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()
