@@ -8,28 +8,24 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from sqlalchemy import select
 
 from certqueue import adopt, certificates, crypto
-from certqueue.celery_app import lazy_app
 from certqueue.cli import main
-from certqueue.config import Settings, set_settings
-from certqueue.db import dispose_all, session_scope
+from certqueue.config import Settings
+from certqueue.db import session_scope
 from certqueue.errors import InvalidInput
-from certqueue.keystore import generate_key_file
 from certqueue.lifecycle import renewal
 from certqueue.models import Certificate, Event, Intent, Issuance, State
 from tests.conftest_db import make_cert_pem
 from tests.unit.test_certificates import _ca, _signed_leaf
-from tests.unit.test_cli import Cli, rows
+from tests.unit.test_cli import Cli, cli_session, rows
 
 LE = "https://acme-v02.api.letsencrypt.org/directory"
 PEBBLE = "https://pebble.test:14000/dir"
@@ -290,40 +286,15 @@ def test_plan_refuses_wildcards_without_dns01_expired_and_mismatched_certificate
 
 @pytest.fixture
 def cli(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
-    """tests/unit/test_cli.py's fixture on ``db_url`` (SQLite and PostgreSQL), renewal jitter off."""
-    for var in list(os.environ):
-        if var.startswith("CERTQUEUE_"):
-            monkeypatch.delenv(var)
-    (tmp_path / "settings").mkdir()
-    key = tmp_path / "master.key"
-    generate_key_file(key)
-    env = {
-        "CERTQUEUE_SETTINGS_DIR": str(tmp_path / "settings"),
-        "CERTQUEUE_DATABASE__URL": db_url,
-        "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
-        "CERTQUEUE_BROKER__FILESYSTEM_PATH": str(tmp_path / "broker"),
-        "CERTQUEUE_ACME__EMAIL": "ops@example.com",
-        "CERTQUEUE_ACME__DIRECTORY_URL": PEBBLE,
-        "CERTQUEUE_ISSUERS": json.dumps([{"name": "letsencrypt", "directory_url": LE}]),
-        "CERTQUEUE_AUTOMATION__RENEWAL_JITTER": "0",
-        "CERTQUEUE_LOGGING__LEVEL": "WARNING",
-        "CERTQUEUE_RUNTIME_TTL_SECONDS": "0",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    from certqueue import cli as cli_module
-
-    monkeypatch.setattr(cli_module, "console", cli_module._LazyConsole(width=200))
-    dispose_all()
-    certificates.forget_keystores()
-    lazy_app.reset()
-    c = Cli(tmp=tmp_path, db_url=db_url, runner=CliRunner())
-    c.ok("config", "show", "--json")
-    yield c
-    lazy_app.reset()
-    set_settings(None)
-    dispose_all()
-    certificates.forget_keystores()
+    """tests/unit/test_cli.py's CLI on ``db_url`` (SQLite and PostgreSQL), renewal jitter off."""
+    yield from cli_session(
+        tmp_path,
+        db_url,
+        monkeypatch,
+        CERTQUEUE_ACME__DIRECTORY_URL=PEBBLE,
+        CERTQUEUE_ISSUERS=json.dumps([{"name": "letsencrypt", "directory_url": LE}]),
+        CERTQUEUE_AUTOMATION__RENEWAL_JITTER="0",
+    )
 
 
 def certbot_dir(tmp: Path) -> tuple[Path, dict[str, str]]:

@@ -94,8 +94,12 @@ def assert_one_line_error(r: Result, code: int, *needles: str) -> None:
         assert n in lines[0], lines[0]
 
 
-@pytest.fixture
-def cli(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
+def cli_session(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch, **extra_env: str
+) -> Iterator[Cli]:
+    """A CLI on ``db_url`` with its own settings folder, key file and embedded broker (no other
+    CERTQUEUE_ variable from the outside); ``extra_env`` adds or overrides settings. For fixtures:
+    ``yield from cli_session(...)``."""
     for var in list(os.environ):
         if var.startswith("CERTQUEUE_"):
             monkeypatch.delenv(var)
@@ -104,15 +108,13 @@ def cli(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     generate_key_file(key)
     env = {
         "CERTQUEUE_SETTINGS_DIR": str(tmp_path / "settings"),
-        "CERTQUEUE_DATABASE__URL": sqlite_url,
+        "CERTQUEUE_DATABASE__URL": db_url,
         "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
         "CERTQUEUE_BROKER__FILESYSTEM_PATH": str(tmp_path / "broker"),
         "CERTQUEUE_ACME__EMAIL": "ops@example.com",
-        "CERTQUEUE_MULTI_REGION__REGIONS": json.dumps(
-            [{"name": "edge", "provider": "local", "path": str(tmp_path / "edge")}]
-        ),
         "CERTQUEUE_LOGGING__LEVEL": "WARNING",
         "CERTQUEUE_RUNTIME_TTL_SECONDS": "0",
+        **extra_env,
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -122,13 +124,21 @@ def cli(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     dispose_all()
     certificates.forget_keystores()
     lazy_app.reset()
-    c = Cli(tmp=tmp_path, db_url=sqlite_url, runner=CliRunner())
+    c = Cli(tmp=tmp_path, db_url=db_url, runner=CliRunner())
     c.ok("config", "show", "--json")  # installs the settings (configure) for the checks below
     yield c
     lazy_app.reset()
     set_settings(None)
     dispose_all()
     certificates.forget_keystores()
+
+
+@pytest.fixture
+def cli(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
+    regions = [{"name": "edge", "provider": "local", "path": str(tmp_path / "edge")}]
+    yield from cli_session(
+        tmp_path, sqlite_url, monkeypatch, CERTQUEUE_MULTI_REGION__REGIONS=json.dumps(regions)
+    )
 
 
 def active_certificate(domains: tuple[str, ...] = ("active.example.com",)) -> tuple[str, bytes]:
