@@ -32,6 +32,8 @@ def test_is_drift(deployed: str | None, live: str | None, want: bool) -> None:
         ("local:invalid", "skip"),
         ("local:io", "skip"),
         ("aws_acm:ConnectTimeout", "skip"),
+        ("vault:kv/prod:auth", "stop"),  # the kind is after the last colon, not the first
+        ("vault:auth:timeout", "skip"),
     ],
 )
 def test_error_action(reason: str, action: str) -> None:
@@ -46,6 +48,7 @@ def test_error_action(reason: str, action: str) -> None:
         (0, None, 0, 1000, False, Advance(0, True)),  # nothing deployed in the region
         (200, 250, 50, 1000, True, Advance(250, False)),  # stopped (time budget): go on from 250
         (200, None, 10, 1000, True, Advance(200, False)),  # stopped at once (bad credentials): stay
+        (200, None, 1000, 1000, False, Advance(200, False)),  # a full batch, none finished: stay
     ],
 )
 def test_advance(after: int, last: int | None, rows: int, batch: int, stopped: bool, want: Advance) -> None:
@@ -82,8 +85,19 @@ def test_after_permanent_failure(
 
 
 def test_unknown_purpose_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^unknown purpose 'revoke'$"):
         after_permanent_failure("revoke", 1, retry_attempts=3, retry_delay=1, check_interval_hours=1)
+
+
+@pytest.mark.parametrize("purpose", ["issue", "renew"])
+def test_a_quick_retry_draws_its_jitter_from_the_rng_given(purpose: str) -> None:
+    def delay(seed: int) -> float:
+        return after_permanent_failure(
+            purpose, 1, retry_attempts=3, retry_delay=300, check_interval_hours=24, rng=random.Random(seed)
+        ).delay
+
+    assert delay(11) == delay(11)  # the same seed, the same delay: reproducible with a seeded rng
+    assert delay(11) != delay(12)
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ def test_refusing_4xx_is_dead_at_once(status: int) -> None:
     assert after_attempt(status, 1, **KW).outcome is Outcome.DEAD
 
 
-@pytest.mark.parametrize("status", [None, 408, 409, 425, 429, 500, 502, 503, 504, 301, 199])
+@pytest.mark.parametrize("status", [None, 408, 409, 425, 429, 500, 502, 503, 504, 300, 301, 199])
 def test_no_answer_5xx_and_try_later_4xx_retry_with_backoff(status: int | None) -> None:
     d1, d3 = after_attempt(status, 1, **KW), after_attempt(status, 3, **KW)
     assert d1.outcome is Outcome.RETRY and d1.delay == 10.0
@@ -93,3 +93,9 @@ def test_retry_after_is_a_floor(retry_after: float | None, expected: float) -> N
 
 def test_retry_after_is_clamped() -> None:
     assert after_attempt(503, 1, retry_after=10**9, **KW).delay == 3600.0
+
+
+@pytest.mark.parametrize("retry_after", [0.5, 1.0])
+def test_a_retry_after_of_a_second_or_less_is_still_a_floor(retry_after: float) -> None:
+    d = after_attempt(429, 1, max_attempts=5, initial=0.25, cap=100.0, jitter=0.0, retry_after=retry_after)
+    assert d.delay == retry_after

@@ -33,7 +33,7 @@ def test_copies_to_remove(copy: DeployedCopy, policy: dict[str, bool], removed: 
 
 
 def test_unknown_reason_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown removal reason"):
+    with pytest.raises(ValueError, match=r"^unknown removal reason 'expire'; known: revoke, delete$"):
         copies_to_remove([], {}, "expire")
 
 
@@ -72,3 +72,31 @@ def test_a_region_without_a_result_keeps_its_count_and_unknown_results_are_ignor
     )
     assert left == _targets(a=1, b=0) and when is not None
     assert 8 <= (when - NOW).total_seconds() <= 12  # the largest count so far (1): the first delay
+
+
+def test_a_result_for_an_unknown_region_does_not_end_the_round() -> None:
+    left, _ = after_attempt(
+        _targets(a=0), [{"region": "zzz", "status": "failed"}, {"region": "a", "status": "removed"}], NOW
+    )
+    assert left == {}
+
+
+def test_a_failure_without_a_reason_is_recorded_as_unknown_and_a_long_one_is_cut_to_128() -> None:
+    left, _ = after_attempt(
+        _targets(a=0, b=0),
+        [{"region": "a", "status": "failed"}, {"region": "b", "status": "failed", "reason": "x" * 200}],
+        NOW,
+        rng=random.Random(1),
+    )
+    assert left["a"]["error"] == "unknown"
+    assert left["b"]["error"] == "x" * 128
+
+
+def test_the_retry_draws_its_jitter_from_the_rng_given() -> None:
+    def when(seed: int) -> dt.datetime | None:
+        return after_attempt(
+            _targets(a=0), [{"region": "a", "status": "failed"}], NOW, rng=random.Random(seed)
+        )[1]
+
+    assert when(5) == when(5)  # the same seed, the same moment: reproducible with a seeded rng
+    assert when(5) != when(6)
