@@ -20,17 +20,6 @@ from typing import Any
 log = logging.getLogger("certqueue.nudge")
 
 DISPATCH_TASK = "certqueue.scan.dispatch"
-#: Redis keys (the broker's database) that let dispatch drop a nudge a later run already answered:
-#: every nudge takes the next number of ``ASKED_KEY`` before it is sent (after its sender's
-#: commit), and a dispatch that committed records in ``COVERED_KEY`` the number it read when it
-#: began. A nudge numbered at or below it was sent before that run began, so the run saw its work.
-ASKED_KEY = "certqueue:dispatch:asked"
-COVERED_KEY = "certqueue:dispatch:covered"
-#: COVERED_KEY := max(COVERED_KEY, ARGV[1]), atomically (two dispatches may commit at once)
-_RAISE_TO = (
-    "local c = tonumber(redis.call('GET', KEYS[1]) or '0') "
-    "if tonumber(ARGV[1]) > c then redis.call('SET', KEYS[1], ARGV[1]) end return 0"
-)
 #: the shortest gap between two nudges from one process (trailing edge: the last one is never lost).
 #: A second: every finished certificate nudges, and topping up capacity one certificate at a time
 #: would send batches of one and run dispatch once per certificate.
@@ -112,15 +101,7 @@ class _Nudger:
                     # gives up at once: with the broker down, kombu's default (up to 100
                     # reconnects) would hold this thread for minutes and swallow later nudges
                     conn.ensure_connection(max_retries=0, timeout=SEND_TIMEOUT)
-                    asked = take_number(str(app.conf.broker_url or ""))
-                    app.send_task(
-                        DISPATCH_TASK,
-                        kwargs={"asked": asked} if asked is not None else {},
-                        queue="scan",
-                        retry=False,
-                        expires=300,
-                        connection=conn,
-                    )
+                    app.send_task(DISPATCH_TASK, queue="scan", retry=False, expires=300, connection=conn)
                     break
                 except Exception:
                     _close_quietly(conn)
@@ -138,60 +119,6 @@ class _Nudger:
                     "dispatch nudge not sent (%s); beat's dispatch will pick the work up", type(exc).__name__
                 )
             return None
-
-
-def _redis_for(broker_url: str) -> Any:
-    """The broker's Redis (the process's one client), or None for another broker."""
-    if not broker_url.startswith(("redis://", "rediss://")):
-        return None
-    from certqueue.brokerstate import redis_client
-
-    return redis_client(broker_url)
-
-
-def take_number(broker_url: str) -> int | None:
-    """The next nudge number (None: not a Redis broker, or it did not answer: the nudge is then
-    never dropped as answered)."""
-    try:
-        r = _redis_for(broker_url)
-        return None if r is None else int(r.incr(ASKED_KEY))
-    except Exception as exc:  # noqa: BLE001  (an unnumbered nudge is still a nudge)
-        log.debug("nudge: no number (%s)", type(exc).__name__)
-        return None
-
-
-def answered(broker_url: str, asked: int | None) -> bool:
-    """Whether a dispatch that began after nudge ``asked`` was sent has committed since."""
-    if asked is None:
-        return False
-    try:
-        r = _redis_for(broker_url)
-        return r is not None and int(r.get(COVERED_KEY) or 0) >= asked
-    except Exception as exc:  # noqa: BLE001  (unknown: run, as without numbers)
-        log.debug("dispatch: coverage unknown (%s)", type(exc).__name__)
-        return False
-
-
-def numbers_taken(broker_url: str) -> int | None:
-    """How many nudges were numbered so far (read by a dispatch as it begins)."""
-    try:
-        r = _redis_for(broker_url)
-        return None if r is None else int(r.get(ASKED_KEY) or 0)
-    except Exception as exc:  # noqa: BLE001
-        log.debug("dispatch: nudge count unknown (%s)", type(exc).__name__)
-        return None
-
-
-def mark_answered(broker_url: str, seen: int | None) -> None:
-    """A dispatch committed: every nudge numbered up to ``seen`` (read as it began) is answered."""
-    if seen is None:
-        return
-    try:
-        r = _redis_for(broker_url)
-        if r is not None:
-            r.eval(_RAISE_TO, 1, COVERED_KEY, seen)
-    except Exception as exc:  # noqa: BLE001  (the next nudges then simply run)
-        log.debug("dispatch: coverage not recorded (%s)", type(exc).__name__)
 
 
 def _close_quietly(conn: Any) -> None:

@@ -64,29 +64,16 @@ def _dispatch_step(ctx: StepContext, batch: int | None = None) -> dict[str, Any]
     for i in range(0, len(sigs), ENQUEUE_CHUNK):
         ctx.then(group(sigs[i : i + ENQUEUE_CHUNK]))
     if claimed.intents + claimed.due >= (batch or settings.automation.scan_batch_size):
-        # the batch limit, not the work, ended this run: another run claims the rest, without
-        # waiting for a finished batch's nudge (an earlier nudge this run answered is dropped)
+        # the batch limit, not the work, ended this run: another run claims the rest at once,
+        # without waiting for a finished batch's nudge or beat's next heartbeat
         ctx.nudge = True
     return {"intents": claimed.intents, "claimed": claimed.due, "deferred": claimed.deferred}
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.scan.dispatch")
-def dispatch(self: CertqueueTask, _transient: int = 0, asked: int | None = None) -> Any:
-    """Claim what may run now (intents, then due renewals) and send it.
-
-    ``asked``: the number of the nudge that sent this message (``certqueue.nudge``). A nudge that a
-    dispatch begun after it has answered (committed) is dropped: that run saw its work. Beat's and
-    delayed nudges carry no number and always run."""
-    from certqueue import nudge
-
-    broker_url = str(self.app.conf.broker_url or "")
-    if asked is not None and nudge.answered(broker_url, asked):
-        return {"status": "answered", "asked": asked}
-    seen = nudge.numbers_taken(broker_url)
-    out = self.run_step(_dispatch_step)
-    if isinstance(out, dict) and "status" not in out:  # committed (not parked, not failed)
-        nudge.mark_answered(broker_url, seen)
-    return out
+def dispatch(self: CertqueueTask, _transient: int = 0) -> Any:
+    """Claim what may run now (intents, then due renewals) and send it."""
+    return self.run_step(_dispatch_step)
 
 
 def _due_step(ctx: StepContext, limit: int | None = None) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,8 +33,6 @@ class _Conn:
 
 class _App:
     """Records what would have gone to the broker, and on which connection."""
-
-    conf = SimpleNamespace(broker_url="memory://")  # not Redis: nudges go unnumbered
 
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
@@ -171,46 +168,3 @@ def test_a_delayed_nudge_is_covered_only_by_one_due_at_or_just_after_it(
     assert _wait_for(lambda: len(app.sent) == 2)
     time.sleep(0.2)
     assert [round(m["countdown"], 1) for m in app.sent] == [4.0, 4.4]
-
-
-# --- numbered nudges: a dispatch drops one that a later run answered (real Redis) ----------------
-
-
-def test_a_nudge_is_answered_only_by_a_dispatch_that_began_after_it_and_committed(redis_db: Any) -> None:
-    url = redis_db.url
-    first = nudge.take_number(url)
-    second = nudge.take_number(url)
-    assert (first, second) == (1, 2)
-    assert not nudge.answered(url, first)  # no dispatch has committed yet
-    seen = nudge.numbers_taken(url)  # a dispatch begins: it will see the work of nudges 1 and 2
-    third = nudge.take_number(url)  # sent while it runs: its work may be after the run's reads
-    nudge.mark_answered(url, seen)  # the run committed
-    assert nudge.answered(url, first) and nudge.answered(url, second)
-    assert not nudge.answered(url, third)
-    nudge.mark_answered(url, 1)  # a slower run that began earlier commits last: never lowers it
-    assert nudge.answered(url, second)
-    assert not nudge.answered(url, None)  # beat's and delayed nudges are never dropped
-
-
-def test_numbers_need_redis_and_fail_open() -> None:
-    """Another broker, or a Redis that does not answer: nudges go unnumbered and always run."""
-    assert nudge.take_number("filesystem://") is None
-    assert nudge.numbers_taken("filesystem://") is None
-    assert not nudge.answered("filesystem://", 5)
-    dead = "redis://127.0.0.1:9/0"  # nothing listens on the discard port
-    assert nudge.take_number(dead) is None
-    assert not nudge.answered(dead, 1)
-    nudge.mark_answered(dead, 3)  # no error
-
-
-def test_a_nudger_numbers_its_messages_on_a_redis_broker(redis_db: Any, fast: None) -> None:
-    app = _App()
-    app.conf = SimpleNamespace(broker_url=redis_db.url)
-    n = nudge.nudger_for(lambda: app)
-    n.request()
-    assert n.flush(5.0)
-    time.sleep(0.25)
-    n.request()
-    assert n.flush(5.0)
-    assert [m["kwargs"] for m in app.sent] == [{"asked": 1}, {"asked": 2}]
-    n.close()

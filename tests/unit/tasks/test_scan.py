@@ -343,7 +343,7 @@ def test_reconcile_deletes_expired_http01_tokens_only(settings: Settings) -> Non
         assert list(s.execute(select(Http01Token.token)).scalars()) == ["new"]
 
 
-# --- dispatch: numbered nudges and the batch limit ---------------------------------------------------
+# --- dispatch: the batch limit ------------------------------------------------------------------
 
 
 def _requested_with_intent(name: str) -> str:
@@ -351,55 +351,6 @@ def _requested_with_intent(name: str) -> str:
     with session_scope() as s:
         intents.record(s, "issue", cid, actor="test")
     return cid
-
-
-def test_dispatch_drops_a_nudge_a_later_run_answered_and_claims_nothing(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from certqueue import nudge
-
-    cid = _requested_with_intent("answered.example.com")
-    asked: list[int | None] = []
-    monkeypatch.setattr(nudge, "answered", lambda url, n: asked.append(n) or True)
-    out = scan.dispatch.run(asked=7)
-    assert out == {"status": "answered", "asked": 7}
-    assert asked == [7]
-    with session_scope(write=False) as s:  # the intent is still waiting: nothing was claimed
-        assert s.execute(select(Intent.status).where(Intent.certificate_id == cid)).scalar_one() == "pending"
-
-
-def test_a_dispatch_that_committed_answers_the_nudges_numbered_before_it_began(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from certqueue import nudge
-
-    _requested_with_intent("covers.example.com")
-    calls: list[tuple[str, Any]] = []
-    monkeypatch.setattr(nudge, "answered", lambda url, n: False)
-    monkeypatch.setattr(nudge, "numbers_taken", lambda url: calls.append(("read", None)) or 41)
-    monkeypatch.setattr(nudge, "mark_answered", lambda url, seen: calls.append(("mark", seen)))
-    out = scan.dispatch.run(asked=40)
-    assert out["intents"] == 1
-    assert calls == [("read", None), ("mark", 41)]  # read before the claims, recorded after the commit
-
-
-def test_a_dispatch_that_did_not_commit_answers_nothing(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from certqueue import nudge
-    from certqueue.tasks import scan as scan_mod
-
-    marked: list[Any] = []
-    monkeypatch.setattr(nudge, "answered", lambda url, n: False)
-    monkeypatch.setattr(nudge, "numbers_taken", lambda url: 5)
-    monkeypatch.setattr(nudge, "mark_answered", lambda url, seen: marked.append(seen))
-
-    def parked(step: Any, *a: Any) -> dict[str, Any]:
-        return {"status": "backing_off", "reason": "db:unavailable"}
-
-    monkeypatch.setattr(scan_mod.dispatch, "run_step", parked)
-    assert scan.dispatch.run(asked=5)["status"] == "backing_off"
-    assert marked == []
 
 
 def test_a_dispatch_ended_by_its_batch_limit_asks_for_another_run(settings: Settings) -> None:
