@@ -72,7 +72,7 @@ mutation: install services
 	$(PY) scripts/mutation_report.py < var/mutation/results.txt | tee var/mutation/report.txt
 
 bench: install services
-	$(PY) -m pip install -q 'matplotlib>=3.7' 'py-spy>=0.3'  # charts and stack dumps (not in the test lock)
+	$(PY) -m pip install -q 'matplotlib>=3.7' 'py-spy>=0.3' 'yappi>=1.6'  # charts, stack dumps, BENCH_YAPPI (not in the test lock)
 	$(PY) -m bench $(BENCH_ARGS)
 
 ## make flower: task monitoring. Basic auth is required: Flower reads FLOWER_BASIC_AUTH=user:password

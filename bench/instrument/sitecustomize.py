@@ -167,10 +167,13 @@ if _DIR:
         signals.worker_process_shutdown.connect(stop, weak=False)
 
     try:
-        _install_yappi()
         _install_sqlalchemy()
         _install_requests()
         _install_celery()
     except Exception:  # instrumentation must never stop a worker
+        pass
+    try:
+        _install_yappi()  # on its own: a missing yappi must not take the counters with it
+    except Exception:
         pass
     atexit.register(_dump, True)
