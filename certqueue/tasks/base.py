@@ -304,14 +304,12 @@ def batch_map(fn: Callable[[Any], Any], items: list[Any], concurrency: int) -> l
     (``automation.batch_concurrency`` at run time) starts a new set of threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    n = max(1, min(concurrency, len(items)))
-    if n == 1 or len(items) == 1:
+    if min(concurrency, len(items)) <= 1:
         return [fn(item) for item in items]
-    size = max(1, concurrency)
     pool: ThreadPoolExecutor | None = getattr(_batch_threads, "pool", None)
-    if pool is None or getattr(_batch_threads, "size", None) != size:
+    if pool is None or getattr(_batch_threads, "size", None) != concurrency:
         if pool is not None:
             pool.shutdown(wait=False)
-        pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="certqueue-batch")
-        _batch_threads.pool, _batch_threads.size = pool, size
+        pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="certqueue-batch")
+        _batch_threads.pool, _batch_threads.size = pool, concurrency
     return list(pool.map(fn, items))

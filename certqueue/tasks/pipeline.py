@@ -74,11 +74,7 @@ class OrderLease:
         now = utcnow()
         if order.lease_until is not None and order.lease_until > now:
             raise Wait((order.lease_until - now).total_seconds() + 0.5)
-        token = secrets.token_hex(8)
-        order.lease_token = token
-        # longer than the step's own calls to the CA (each bounded by the client's HTTP timeout); a
-        # worker that dies mid-step leaves a lease that runs out; any other failure gives it back
-        order.lease_until = now + dt.timedelta(seconds=get_settings().automation.order_lease_seconds)
+        token = cls.mark_new(order)
         ctx.session.flush()
         lease = cls(ctx, cert.id, order.id, token)
         ctx.session.commit()
@@ -86,10 +82,13 @@ class OrderLease:
 
     @staticmethod
     def mark_new(order: Order) -> str:
-        """Lease a new order before its row is written: it is inserted leased (one INSERT, not an
-        INSERT and then an UPDATE). The token; :meth:`taken` commits it."""
+        """Put a fresh lease on ``order`` and return its token. :meth:`take` uses it on an existing
+        row; a new order is marked before its row is written, so it is inserted leased (one INSERT,
+        not an INSERT and then an UPDATE), and :meth:`taken` commits it."""
         token = secrets.token_hex(8)
         order.lease_token = token
+        # longer than the step's own calls to the CA (each bounded by the client's HTTP timeout); a
+        # worker that dies mid-step leaves a lease that runs out; any other failure gives it back
         order.lease_until = utcnow() + dt.timedelta(seconds=get_settings().automation.order_lease_seconds)
         return token
 
