@@ -65,8 +65,8 @@ class _Nudger:
 
     def _run(self) -> None:
         # this thread's own broker connection, kept from nudge to nudge (a new one per nudge cost a
-        # TCP connect, kombu's channel setup and redis-py's metadata lookup: about 20 ms of CPU
-        # each, and every finished batch nudges); dropped after any error, made again next time
+        # TCP connect, kombu's channel setup and redis-py's metadata lookup each time, and every
+        # finished batch nudges); dropped after any error, made again next time
         conn: Any = None
         try:
             while True:

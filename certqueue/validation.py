@@ -152,7 +152,7 @@ _psl: Any = None
 def public_suffixes() -> Any:
     """The public suffix list bundled with ``publicsuffixlist`` (ICANN and private sections): one
     per process, shared by name checks and the rate limiter's registered domains. Parsing it costs
-    about 0.3 s of CPU, so a worker builds it before it forks its pool processes
+    about 26 ms of CPU, so a worker builds it before it forks its pool processes
     (``certqueue.workers``): each would otherwise parse it again on its first certificate."""
     global _psl
     if _psl is None:

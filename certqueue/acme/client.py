@@ -113,9 +113,10 @@ KEY_REFUSED_CODES = frozenset({"malformed", "unauthorized"})
 class _EnvReadOnceSession(requests.Session):
     """A ``requests.Session`` that reads the proxy and CA-bundle environment once per host, not on
     every request. requests' own ``merge_environment_settings`` scans ``os.environ`` twice per
-    request (``getproxies_environment``, decoding every variable): about 2 ms of CPU per ACME
-    request in a worker's environment, measured (yappi), a fifth of a certificate's client CPU. A
-    process's environment does not change under it, so the answer per (scheme, host) is kept; what
+    request (``getproxies_environment``, decoding every variable): 0.077 ms of CPU per request
+    with 35 variables, timed on its own (a yappi profile had charged it 2 ms: a deterministic
+    profiler overcharges many small calls), about 1% of a certificate's client CPU. A process's
+    environment does not change under it, so the answer per (scheme, host) is kept; what
     is honoured is what requests honours (``HTTPS_PROXY``/``NO_PROXY`` and the rest,
     ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``)."""
 

@@ -1,9 +1,8 @@
 """The ACME client's HTTP session reads the proxy and CA-bundle environment once per host
 (``certqueue.acme.client._EnvReadOnceSession``), and honours it as requests does.
 
-requests scans ``os.environ`` twice on every request to find proxies; in a worker that was about
-2 ms of CPU per ACME request (a yappi profile of the acme pool), a fifth of a certificate's client
-CPU. The environment of a running process does not change, so the answer is kept per host.
+requests scans ``os.environ`` twice on every request to find proxies: 0.077 ms of CPU per request
+with 35 variables, timed on its own (a yappi profile had overcharged it at 2 ms). The environment of a running process does not change, so the answer is kept per host.
 """
 
 from __future__ import annotations

@@ -83,8 +83,8 @@ def test_a_burst_coalesces_and_the_last_request_is_sent(fast: None) -> None:
 
 
 def test_nudges_share_one_connection_and_a_dropped_one_is_replaced_at_once(fast: None) -> None:
-    """One broker connection per nudger thread, kept between nudges (a new one per nudge cost about
-    20 ms of CPU); when the broker dropped it (a restart), the nudge goes out on a new one, not lost."""
+    """One broker connection per nudger thread, kept between nudges (not a new connection per
+    nudge); when the broker dropped it (a restart), the nudge goes out on a new one, not lost."""
     app = _App()
     n = nudge.nudger_for(lambda: app)
     for _ in range(3):

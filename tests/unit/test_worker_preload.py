@@ -1,8 +1,8 @@
 """What a worker builds before it forks its pool processes, so they share it instead of each
 building its own on its first certificate (``workers._run_worker_now``).
 
-The public suffix list costs about 0.3 s of CPU to parse (a py-spy/yappi profile of the acme pool
-found every prefork child parsing it again, on the clock of its first certificate). Run in a child
+The public suffix list costs about 26 ms of CPU to parse (a yappi profile of the acme pool found
+every prefork child parsing it again, on the clock of its first certificate). Run in a child
 process: starting a worker's setup in the test process would leave celery's state behind.
 """
 
