@@ -2,7 +2,8 @@
 (``certqueue.acme.client._EnvReadOnceSession``), and honours it as requests does.
 
 requests scans ``os.environ`` twice on every request to find proxies: 0.077 ms of CPU per request
-with 35 variables, timed on its own (a yappi profile had overcharged it at 2 ms). The environment of a running process does not change, so the answer is kept per host.
+with 35 variables, timed on its own (a yappi profile had overcharged it at 2 ms). The environment
+of a running process does not change, so the answer is kept per host.
 """
 
 from __future__ import annotations
