@@ -64,26 +64,18 @@ class _Nudger:
         return self._idle.wait(timeout)
 
     def _run(self) -> None:
-        # this thread's own broker connection, kept from nudge to nudge (a new one per nudge cost a
-        # TCP connect, kombu's channel setup and redis-py's metadata lookup each time, and every
-        # finished batch nudges); dropped after any error, made again next time
-        conn: Any = None
-        try:
-            while True:
-                self._wanted.wait()
-                self._wanted.clear()
-                if self._closed:
-                    self._idle.set()
-                    return
-                conn = self._send(conn)
-                if not self._wanted.is_set():
-                    self._idle.set()
-                time.sleep(MIN_INTERVAL)
-        finally:
-            _close_quietly(conn)
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closed:
+                self._idle.set()
+                return
+            self._send()
+            if not self._wanted.is_set():
+                self._idle.set()
+            time.sleep(MIN_INTERVAL)
 
-    def _send(self, conn: Any) -> Any:
-        """Send one nudge on ``conn`` (None: a new connection); the connection to keep, or None."""
+    def _send(self) -> None:
         try:
             if self._app_getter is not None:
                 app = self._app_getter()
@@ -92,25 +84,13 @@ class _Nudger:
 
                 app = app_for_sending()
             if self._closed:
-                return conn
-            for attempt in (1, 2):
-                fresh = conn is None
-                if fresh:
-                    conn = app.connection_for_write()
-                try:
-                    # gives up at once: with the broker down, kombu's default (up to 100
-                    # reconnects) would hold this thread for minutes and swallow later nudges
-                    conn.ensure_connection(max_retries=0, timeout=SEND_TIMEOUT)
-                    app.send_task(DISPATCH_TASK, queue="scan", retry=False, expires=300, connection=conn)
-                    break
-                except Exception:
-                    _close_quietly(conn)
-                    conn = None
-                    if fresh or attempt == 2:
-                        raise
-                    # a kept connection the broker dropped (a restart): once more on a new one
+                return
+            # a connection of its own that gives up at once: with the broker down, kombu's default
+            # (up to 100 reconnects) would hold this thread for minutes and swallow later nudges
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=0, timeout=SEND_TIMEOUT)
+                app.send_task(DISPATCH_TASK, queue="scan", retry=False, expires=300, connection=conn)
             self.sent += 1
-            return conn
         except Exception as exc:  # noqa: BLE001  (best effort by design: beat dispatches anyway)
             now = time.monotonic()
             if now - self._last_failure_logged > 30:
@@ -118,16 +98,6 @@ class _Nudger:
                 log.warning(
                     "dispatch nudge not sent (%s); beat's dispatch will pick the work up", type(exc).__name__
                 )
-            return None
-
-
-def _close_quietly(conn: Any) -> None:
-    if conn is None:
-        return
-    try:
-        conn.release()
-    except Exception as exc:  # noqa: BLE001  (a connection that is gone already)
-        log.debug("nudge: connection not closed cleanly (%s)", type(exc).__name__)
 
 
 _nudger = _Nudger()

@@ -14,10 +14,6 @@ from certqueue import nudge
 
 
 class _Conn:
-    def __init__(self) -> None:
-        self.released = False
-        self.broken = False  # the broker dropped it: the next publish on it fails
-
     def __enter__(self) -> _Conn:
         return self
 
@@ -27,27 +23,18 @@ class _Conn:
     def ensure_connection(self, **_kw: Any) -> None:
         return None
 
-    def release(self) -> None:
-        self.released = True
-
 
 class _App:
-    """Records what would have gone to the broker, and on which connection."""
+    """Records what would have gone to the broker."""
 
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
-        self.connections: list[_Conn] = []
         self.lock = threading.Lock()
 
     def connection_for_write(self) -> _Conn:
-        conn = _Conn()
-        self.connections.append(conn)
-        return conn
+        return _Conn()
 
     def send_task(self, name: str, **kw: Any) -> None:
-        conn = kw.get("connection")
-        if conn is not None and conn.broken:
-            raise ConnectionResetError("the broker closed this connection")
         with self.lock:
             self.sent.append({"name": name, **kw})
 
@@ -80,27 +67,6 @@ def test_a_burst_coalesces_and_the_last_request_is_sent(fast: None) -> None:
     n.request()  # after a quiet interval: a new message
     assert _wait_for(lambda: len(app.sent) == before + 1)
     n.close()
-
-
-def test_nudges_share_one_connection_and_a_dropped_one_is_replaced_at_once(fast: None) -> None:
-    """One broker connection per nudger thread, kept between nudges (not a new connection per
-    nudge); when the broker dropped it (a restart), the nudge goes out on a new one, not lost."""
-    app = _App()
-    n = nudge.nudger_for(lambda: app)
-    for _ in range(3):
-        n.request()
-        assert n.flush(5.0)
-        time.sleep(0.25)  # past the interval: each request is a message of its own
-    assert len(app.sent) == 3
-    assert len(app.connections) == 1
-    assert {id(m["connection"]) for m in app.sent} == {id(app.connections[0])}
-    app.connections[0].broken = True
-    n.request()
-    assert _wait_for(lambda: len(app.sent) == 4)
-    assert len(app.connections) == 2 and app.connections[0].released
-    assert app.sent[-1]["connection"] is app.connections[1]
-    n.close()
-    assert _wait_for(lambda: app.connections[1].released)
 
 
 def test_a_closed_nudger_drops_what_was_waiting_and_sends_nothing_more(fast: None) -> None:
