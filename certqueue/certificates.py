@@ -2,7 +2,7 @@
 externally issued certificates, storing issuances with their encrypted keys, and reading them back.
 
 Owns the creation of ``certificates`` rows and ``issuances`` rows. State changes go through
-``certqueue.lifecycle.states``.
+``certqueue.events``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from certqueue import issuers, solvers, validation
+from certqueue import events, issuers, solvers, validation
 from certqueue.acme.identifiers import check_ip_identifiers
 from certqueue.config import Settings, get_settings
 from certqueue.errors import InvalidInput, NotFound
 from certqueue.inventory import get, list_certificates  # noqa: F401  (public names, kept here)
-from certqueue.lifecycle import renewal, states
+from certqueue.lifecycle import renewal
 from certqueue.models import LIVE_STATES, Certificate, Issuance, State, utcnow
 
 if TYPE_CHECKING:  # the key and certificate stack (cryptography) is imported where a PEM is read:
@@ -262,7 +262,7 @@ def create_certificate(
         if existing is None:
             raise
         return existing, False
-    states.record(
+    events.record(
         session,
         cert.id,
         "requested",
@@ -368,7 +368,7 @@ def activate(
     # ask the CA's renewal information (if it has any) soon after activation; beat does the asking
     wants_ari = cert.auto_renew and not cert.external and bool(iss.ari_cert_id)
     cert.ari_next_check_at = (now or utcnow()) if wants_ari else None
-    states.transition(session, cert, State.ACTIVE, reason=reason, data={"serial": iss.serial})
+    events.transition(session, cert, State.ACTIVE, reason=reason, data={"serial": iss.serial})
 
 
 @dataclass(frozen=True)
@@ -456,10 +456,10 @@ def import_certificate(
         session.flush()
     except IntegrityError:
         raise InvalidInput("this certificate is already imported", field="certificate_pem") from None
-    states.record(session, cert.id, "imported", actor=actor, data={"serial": info.serial})
-    states.transition(session, cert, State.ISSUING, reason="imported", actor=actor)
+    events.record(session, cert.id, "imported", actor=actor, data={"serial": info.serial})
+    events.transition(session, cert, State.ISSUING, reason="imported", actor=actor)
     iss = store_issuance(session, cert, leaf + chain, key.encode() if key else None, settings=settings)
-    states.transition(session, cert, State.ISSUED, reason="imported", actor=actor)
+    events.transition(session, cert, State.ISSUED, reason="imported", actor=actor)
     cert.pending_issuance_id = iss.id
     return cert
 

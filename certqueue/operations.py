@@ -104,9 +104,9 @@ def request_revoke(session: Session, certificate_id: str, *, reason: str, actor:
             f"{cert.id} is {cert.state}; only an ACTIVE certificate can be revoked", reason="revoke:state"
         )
     intent = intents.record(session, "revoke", cert.id, {"reason": reason}, actor=actor)
-    from certqueue.lifecycle import states
+    from certqueue import events
 
-    states.record(session, cert.id, "revocation_requested", reason=reason, actor=actor)
+    events.record(session, cert.id, "revocation_requested", reason=reason, actor=actor)
     return intent
 
 
@@ -191,7 +191,7 @@ def delete_certificate(
     (None when nothing is to be removed)."""
     from sqlalchemy import delete
 
-    from certqueue.lifecycle import states
+    from certqueue import events
     from certqueue.removals import request_removal
 
     cert = certificates.get(session, certificate_id)
@@ -205,7 +205,7 @@ def delete_certificate(
     # the open work of the certificate ends with it; its removal is what is left
     intents.complete(session, cid, ("issue", "renew", "revoke", "propagate"), outcome="deleted")
     session.expunge(cert)
-    states.record(
+    events.record(
         session, cid, "deleted", actor=actor, reason="forced" if force else None, data={"state": was}
     )
     session.execute(

@@ -27,7 +27,7 @@ from typing import Any
 from celery import shared_task, signature
 from sqlalchemy import select
 
-from certqueue import certificates, failpoints, intents, operations, payloads, removals
+from certqueue import certificates, events, failpoints, intents, operations, payloads, removals
 from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
 from certqueue.config import get_settings
 from certqueue.db import lock_certificate, session_scope
@@ -173,15 +173,15 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
         return {"certificate_id": cid, "status": "answered", "state": cert.state}
     if cert.state == State.FAILED:
         cert.attempts = 0  # a new request: automation.retry_attempts counts afresh
-        states.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
+        events.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
     if cert.state == State.REQUESTED:
-        states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
+        events.transition(session, cert, State.ISSUING, reason="issue", actor="task")
     if cert.state == State.ACTIVE and purpose == "renew":
         force = bool(job.get("force"))
         if not force and (cert.renew_at is None or cert.renew_at > utcnow()):
             intents.complete(session, cert.id, ("renew",), outcome="not_due")
             return {"certificate_id": cert.id, "status": "not_due"}
-        states.transition(
+        events.transition(
             session,
             cert,
             State.RENEWING,
@@ -413,11 +413,11 @@ def _record_validation(
     iss = certificates.store_issuance(session, cert, fullchain, key_pem, order_url=order.order_url)
     _touch(cert)
     renewing = cert.state in states.RENEWAL_STATES
-    states.record(
+    events.record(
         session, cert.id, "renewal" if renewing else "issuance", reason="success", data={"serial": iss.serial}
     )
     if not renewing:
-        states.transition(session, cert, State.ISSUED, reason="issued", data={"serial": iss.serial})
+        events.transition(session, cert, State.ISSUED, reason="issued", data={"serial": iss.serial})
     cert.pending_issuance_id = iss.id
     has_regions = bool(certificates.regions_for(cert))
     if has_regions:
@@ -451,7 +451,7 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
             order.finished_at = utcnow()
             cleanup_challenges(ctx, order)
         cert.pending_issuance_id = None
-        states.transition(session, cert, State.ACTIVE, reason="renewal abandoned for revocation")
+        events.transition(session, cert, State.ACTIVE, reason="renewal abandoned for revocation")
     if cert.state != State.ACTIVE or cert.current_issuance is None or cert.external:
         # the request was checked when it was made; the certificate changed since
         raise PermanentError(f"{cert.id} is {cert.state}: nothing to revoke", reason="revoke:state")
@@ -474,8 +474,8 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     iss.revocation_reason = reason
     cert.renew_at = None
     cert.work_deadline = None
-    states.record(session, cert.id, "revocation", reason=reason, data={"serial": iss.serial})
-    states.transition(session, cert, State.REVOKED, reason=reason)
+    events.record(session, cert.id, "revocation", reason=reason, data={"serial": iss.serial})
+    events.transition(session, cert, State.REVOKED, reason=reason)
     intents.complete(session, cert.id, ("revoke", "renew", "propagate"), outcome="revoked")
     if removals.request_removal(session, cert.id, "revoke", actor="revocation") is not None:
         ctx.nudge = True
@@ -492,7 +492,7 @@ class RevokeTask(CertqueueTask):
         cid = args[0]["certificate_id"] if args and isinstance(args[0], dict) else None
         if cid:
             intents.complete(ctx.session, cid, ("revoke",), outcome=exc.reason, failed=True)
-            states.record(ctx.session, cid, "revocation", reason="failure", data={"reason": exc.reason})
+            events.record(ctx.session, cid, "revocation", reason="failure", data={"reason": exc.reason})
         return {"certificate_id": cid, "status": "failed", "reason": exc.reason}
 
     def on_park(self, ctx: StepContext, exc: Any, delay: float, *args: Any) -> Any:

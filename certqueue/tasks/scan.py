@@ -89,7 +89,7 @@ def _expire_step(ctx: StepContext) -> dict[str, Any]:
     """Every served certificate past its notAfter shows EXPIRED: ACTIVE ones (nothing more to do)
     and RENEWING ones, whose renewal goes on (``work_deadline`` stays set; see
     ``lifecycle.states.renewal_in_flight``)."""
-    from certqueue.lifecycle import states
+    from certqueue import events
 
     now = utcnow()
     stmt = (
@@ -110,7 +110,7 @@ def _expire_step(ctx: StepContext) -> dict[str, Any]:
             renewing += 1
         else:
             cert.work_deadline = None  # nothing is working on it (a region retry ends with it)
-        states.transition(
+        events.transition(
             ctx.session,
             cert,
             State.EXPIRED,

@@ -401,11 +401,11 @@ def test_an_issued_certificate_is_scheduled_for_renewal(settings: Settings) -> N
     with db.session_scope() as s:
         row = db.lock_certificate(s, cert.id)
         assert row is not None
-        from certqueue.lifecycle import states
+        from certqueue import events
 
-        states.transition(s, row, State.ISSUING)
+        events.transition(s, row, State.ISSUING)
         iss = store_issuance(s, row, cert_pem, key_pem)
-        states.transition(s, row, State.ISSUED)
+        events.transition(s, row, State.ISSUED)
         certificates.activate(s, row, iss, reason="issued")
     with db.session_scope(write=False) as s:
         row = s.get(Certificate, cert.id)
