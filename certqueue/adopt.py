@@ -23,11 +23,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, events, intents, issuers, validation
+from certqueue import certificates, events, issuers, validation
 from certqueue.config import Settings
 from certqueue.errors import InvalidInput, InvalidTransition
 from certqueue.inventory import list_certificates
-from certqueue.lifecycle import states
 from certqueue.models import LIVE_STATES, Certificate, State
 
 DEFAULT_CERTBOT_DIR = Path("/etc/letsencrypt")
@@ -379,13 +378,10 @@ def adopt(session: Session, p: Plan, *, actor: str, settings: Settings) -> tuple
     key = ext.key_pem.encode() if ext.key_pem else None
     iss = certificates.store_issuance(session, cert, ext.leaf_pem + ext.chain_pem, key, settings=settings)
     events.transition(session, cert, State.ISSUED, reason="adopted", actor=actor)
-    cert.pending_issuance_id = iss.id
-    has_regions = bool(certificates.regions_for(cert, settings))
-    if has_regions:
-        intents.record(session, "propagate", cert.id, actor=actor)
-    if states.active_on_issue(settings.multi_region.propagation_strategy, has_regions):
-        certificates.activate(session, cert, iss, reason="adopted", settings=settings)
-    return cert, has_regions
+    _active, propagating = certificates.issuance_in_hand(
+        session, cert, iss, reason="adopted", actor=actor, settings=settings
+    )
+    return cert, propagating is not None
 
 
 @dataclass

@@ -58,7 +58,6 @@ from certqueue.tasks.pipeline import (
     cleanup_challenges,
     fail_certificate,
     open_order,
-    order_key_aad,
     rate_limiter,
     start_order,
 )
@@ -398,7 +397,9 @@ def _record_validation(
         raise Wait(max(_poll_countdown(0), retry_after or 0))
     if status != "valid" or fullchain is None:
         raise PermanentError(f"unexpected order status {status}", reason="acme:orderStatus")
-    key_pem = certificates.keystore().decrypt(order.key_enc, order_key_aad(cert.id, order.csr_pem))
+    key_pem = certificates.keystore().decrypt(
+        order.key_enc, certificates.order_key_aad(cert.id, order.csr_pem)
+    )
     order.finished_at = utcnow()
     limiter = rate_limiter(session)
     validated_at = utcnow()
@@ -418,15 +419,13 @@ def _record_validation(
     )
     if not renewing:
         events.transition(session, cert, State.ISSUED, reason="issued", data={"serial": iss.serial})
-    cert.pending_issuance_id = iss.id
-    has_regions = bool(certificates.regions_for(cert))
-    if has_regions:
-        intents.record(session, "propagate", cert.id, actor="task")
-        ctx.nudge = True
-    if not states.active_on_issue(get_settings().multi_region.propagation_strategy, has_regions):
+    active, propagating = certificates.issuance_in_hand(
+        session, cert, iss, reason="renewed" if renewing else "issued", actor="task", settings=get_settings()
+    )
+    if propagating is not None or active:
+        ctx.nudge = True  # a propagation to dispatch, or capacity freed for the next order
+    if not active:
         return {"certificate_id": cert.id, "status": "issued", "serial": iss.serial}
-    certificates.activate(session, cert, iss, reason="renewed" if renewing else "issued")
-    ctx.nudge = True  # capacity freed: dispatch may start the next order
     return {"certificate_id": cert.id, "status": "active", "serial": iss.serial}
 
 

@@ -9,7 +9,6 @@ Owns ``orders``, ``challenges`` (their ACME side) and ``http01_tokens``; state c
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import random
 import secrets
@@ -259,10 +258,6 @@ def task(name: str, *args: Any, **options: Any) -> Signature:
 def _status_name(status: Any) -> str:
     """acme's Status constants print as ``Status(pending)``; the name is what we store."""
     return str(getattr(status, "name", status))
-
-
-def order_key_aad(certificate_id: str, csr_pem: str) -> bytes:
-    return f"orders:{certificate_id}:{hashlib.sha256(csr_pem.encode()).hexdigest()}:key".encode()
 
 
 def open_order(session: Session, certificate_id: str) -> Order | None:
@@ -601,7 +596,7 @@ def _prepare_order(
             account_id=account_id,
             purpose=purpose,
             csr_pem=csr,
-            key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)),
+            key_enc=certificates.keystore().encrypt(key_pem, certificates.order_key_aad(cert.id, csr)),
             order_url=None,
             order_json=None,
             status="creating",

@@ -26,7 +26,7 @@ from celery import chord, shared_task
 from sqlalchemy import select
 
 from certqueue import certificates, events, failpoints, intents, operations, payloads
-from certqueue.celery_app import region_queue
+from certqueue.brokerstate import region_queue
 from certqueue.config import get_settings
 from certqueue.db import is_postgres, lock_certificate
 from certqueue.errors import CertqueueError, InvalidTransition, NotFound

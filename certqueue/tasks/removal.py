@@ -19,7 +19,7 @@ from celery import chord, shared_task
 from sqlalchemy import select
 
 from certqueue import events, intents
-from certqueue.celery_app import region_queue
+from certqueue.brokerstate import region_queue
 from certqueue.config import get_settings
 from certqueue.db import is_postgres
 from certqueue.errors import CertqueueError

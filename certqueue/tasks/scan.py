@@ -225,7 +225,7 @@ def reconcile(self: CertqueueTask, _transient: int = 0) -> Any:
 def _drift_step(ctx: StepContext) -> dict[str, Any]:
     """One drift check per region, on the region's own queue (its pool holds the credentials);
     each goes on from the region's cursor (``certqueue.tasks.drift``)."""
-    from certqueue.celery_app import region_queue
+    from certqueue.brokerstate import region_queue
 
     regions = [r.name for r in get_settings().multi_region.regions]
     if regions:
