@@ -11,10 +11,11 @@ The graph for one certificate::
     intent (issue | renew)  --dispatch-->  certqueue.acme.start        [acme]
       create or resume the order (its URL committed before anything waits); HTTP-01 tokens written
       -> HTTP-01 only:  certqueue.acme.validate                         [acme]
-      -> with DNS-01:   chord([certqueue.dns.present | certqueue.dns.wait_visible] per name  [dns],
-                              certqueue.acme.validate)                  [acme]
+      -> with DNS-01:   certqueue.dns.present_all (every name; returns once all are visible)  [dns]
+                        | certqueue.acme.validate                       [acme]
     certqueue.acme.validate: answer challenges, poll the order (retry with countdown, never sleep),
-      finalize with the order's CSR, download, store encrypted -> ISSUED, clean up challenges, then
+      finalize with the order's CSR, download, store encrypted -> ISSUED, clean up challenges
+      (DNS-01: one certqueue.dns.cleanup_all [dns]), then
       a propagate intent (regions) or straight to ACTIVE when there are none.
     intent (revoke)  --dispatch-->  certqueue.acme.revoke               [acme]
 """

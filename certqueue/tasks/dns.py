@@ -1,17 +1,30 @@
 """The ``dns`` pool: DNS-01 present, wait until visible at every authoritative nameserver, clean up.
 
 Owns the DNS side of ``challenges`` rows (provider, handle, presented/visible/cleaned). The
-provider's handle is stored in the row, so any worker can clean up. Waiting for visibility is a
-retry with the provider's polling interval as countdown, until its propagation timeout; then the
-certificate's order fails with the stable reason ``dns:not_visible`` and the record is removed.
+provider's handle is stored in the row, so any worker can clean up.
+
+One task per certificate and step, whatever its number of names: ``certqueue.dns.present_all``
+presents every pending challenge of an order (each recorded in a short transaction of its own right
+after its provider call, so a retry never presents it twice), then checks visibility itself for a
+short bounded window (``IN_TASK_VISIBILITY_WINDOW``; a primary updated by RFC 2136 answers at
+once). What is still not visible is a retry with the provider's polling interval as countdown,
+until its propagation timeout; then the certificate's order fails with the stable reason
+``dns:not_visible`` and the records are removed. ``certqueue.dns.cleanup_all`` removes an order's
+records. The single-challenge tasks (``present``, ``wait_visible``, ``cleanup``) stay registered for
+messages sent before this layout, and share the same steps.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import shared_task
+from sqlalchemy import select, update
 
 from certqueue import events
 from certqueue.config import get_settings
@@ -118,8 +131,6 @@ def _wait_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict
     elapsed = (utcnow() - ch.updated_at).total_seconds() if ch.updated_at else 0.0
     presented_at = (ch.handle or {}).get("presented_at")
     if presented_at:
-        import datetime as dt
-
         elapsed = (utcnow() - dt.datetime.fromisoformat(presented_at)).total_seconds()
     if elapsed > timeout:
         raise PermanentError(
@@ -165,3 +176,177 @@ class CleanupTask(CertqueueTask):
 @shared_task(bind=True, base=CleanupTask, name="certqueue.dns.cleanup", ignore_result=True)
 def cleanup(self: CleanupTask, certificate_id: str, challenge_id: int, _transient: int = 0) -> Any:
     return self.run_step(_cleanup_step, certificate_id, challenge_id)
+
+
+# --- one task per certificate: every challenge of its order -------------------------------------
+
+#: seconds one run of ``present_all`` checks visibility itself before it asks to come back after the
+#: provider's polling interval (bounded: the dns pool's slots are not held while DNS propagates)
+IN_TASK_VISIBILITY_WINDOW = 3.0
+#: the first pause between two checks in that window (doubling, at most the polling interval)
+FIRST_PAUSE = 0.05
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A challenge's TXT record, read once (no ORM object outlives a commit in these steps)."""
+
+    id: int
+    provider: str
+    fqdn: str
+    value: str
+    presented_at: str | None
+
+
+def _challenges(ctx: StepContext, certificate_id: str, challenge_ids: Sequence[int]) -> list[Challenge]:
+    ids = [int(i) for i in challenge_ids]
+    return list(
+        ctx.session.execute(
+            select(Challenge)
+            .where(Challenge.id.in_(ids), Challenge.certificate_id == certificate_id)
+            .order_by(Challenge.id)
+        ).scalars()
+    )
+
+
+def _present_all_step(ctx: StepContext, certificate_id: str, challenge_ids: Sequence[int]) -> dict[str, Any]:
+    cert = ctx.session.get(Certificate, certificate_id)
+    if cert is None or not states.in_pipeline(cert.state, cert.work_deadline):
+        return {"certificate_id": certificate_id, "status": "noop"}
+    chs = _challenges(ctx, certificate_id, challenge_ids)
+    pending = [
+        (c.id, c.provider or "", c.dns_name or "", c.dns_value or "") for c in chs if c.status == "pending"
+    ]
+    waiting = [
+        _Record(
+            c.id,
+            c.provider or "",
+            (c.handle or {}).get("fqdn") or c.dns_name or "",
+            c.dns_value or "",
+            (c.handle or {}).get("presented_at"),
+        )
+        for c in chs
+        if c.status == "presented"
+    ]
+    _end_reads(ctx)
+    for ch_id, provider_name, name, value in pending:
+        provider = provider_for(provider_name)
+        fqdn = follow_cnames(name, resolver_config())
+        handle = provider.present(fqdn, value)
+        presented_at = utcnow().isoformat()
+        ctx.session.execute(
+            update(Challenge)
+            .where(Challenge.id == ch_id, Challenge.status == "pending")
+            .values(
+                status="presented",
+                handle={
+                    "fqdn": fqdn,
+                    "provider": provider.name,
+                    "presented_at": presented_at,
+                    "data": handle,
+                },
+                updated_at=utcnow(),
+            )
+        )
+        ctx.session.commit()  # recorded before the next provider call: a retry never presents it again
+        waiting.append(_Record(ch_id, provider_name, fqdn, value, presented_at))
+    _wait_all_visible(ctx, certificate_id, waiting)
+    return {"certificate_id": certificate_id, "status": "visible", "challenges": len(chs)}
+
+
+def _wait_all_visible(ctx: StepContext, certificate_id: str, waiting: list[_Record]) -> None:
+    """Check every record until all are visible (each marked as it is seen), for at most
+    ``IN_TASK_VISIBILITY_WINDOW``; then ``Wait`` for the polling interval, or fail past the
+    propagation timeout."""
+    deadline = time.monotonic() + IN_TASK_VISIBILITY_WINDOW
+    pause = FIRST_PAUSE
+    cfg, recursive = resolver_config(), get_settings().challenges.check_recursive
+    while waiting:
+        still: list[tuple[_Record, Any]] = []
+        for rec in waiting:
+            result = check_visible(rec.fqdn, rec.value, resolver_cfg=cfg, also_recursive=recursive)
+            if not result.visible:
+                still.append((rec, result))
+                continue
+            ctx.session.execute(
+                update(Challenge)
+                .where(Challenge.id == rec.id, Challenge.status == "presented")
+                .values(status="visible", updated_at=utcnow())
+            )
+            notes = result.notes()
+            if notes:  # addresses this worker cannot route, or that stayed silent beside one that answered
+                events.record(
+                    ctx.session,
+                    certificate_id,
+                    "dns_check",
+                    reason="partial",
+                    data={"challenge": rec.id, "notes": notes[:20]},
+                )
+        ctx.session.commit()
+        if not still:
+            return
+        interval = 0.0
+        for rec, result in still:
+            timeout, every = provider_for(rec.provider).timeout()
+            interval = max(interval, every)
+            began = dt.datetime.fromisoformat(rec.presented_at) if rec.presented_at else utcnow()
+            if (utcnow() - began).total_seconds() > timeout:
+                raise PermanentError(
+                    f"TXT record at {rec.fqdn} not visible at every authoritative nameserver "
+                    f"after {int(timeout)}s ({result.reason})",
+                    reason="dns:not_visible",
+                )
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Wait(interval)
+        time.sleep(min(pause, left, interval))
+        pause = min(pause * 2, interval)
+        waiting = [rec for rec, _ in still]
+
+
+@shared_task(bind=True, base=DnsTask, name="certqueue.dns.present_all", ignore_result=True)
+def present_all(self: DnsTask, certificate_id: str, challenge_ids: list[int], _transient: int = 0) -> Any:
+    """``(certificate_id, [challenge id, ...])``: present every pending challenge of the order and
+    return once every one is visible; chained before ``certqueue.acme.validate``."""
+    return self.run_step(_present_all_step, certificate_id, challenge_ids)
+
+
+def _cleanup_all_step(ctx: StepContext, certificate_id: str, challenge_ids: Sequence[int]) -> dict[str, Any]:
+    chs = _challenges(ctx, certificate_id, challenge_ids)
+    todo = [
+        (
+            c.id,
+            c.type,
+            c.provider or "",
+            (c.handle or {}).get("fqdn"),
+            c.dns_name or "",
+            c.dns_value or "",
+            (c.handle or {}).get("data"),
+        )
+        for c in chs
+        if c.status != "cleaned"
+    ]
+    _end_reads(ctx)
+    failed: dict[int, str] = {}
+    for ch_id, kind, provider_name, fqdn, name, value, data in todo:
+        error: str | None = None
+        if kind == "dns-01" and provider_name:
+            try:
+                provider = provider_for(provider_name)
+                # no handle: the present may have happened without its commit; find the name the same way
+                provider.cleanup(fqdn or follow_cnames(name, resolver_config()), value, data)
+            except PermanentError as exc:  # recorded; the reconciler reports it, nothing else fails
+                error = failed[ch_id] = exc.reason
+        values: dict[str, Any] = {"error": error} if error else {"status": "cleaned", "cleaned_at": utcnow()}
+        ctx.session.execute(update(Challenge).where(Challenge.id == ch_id).values(**values))
+        ctx.session.commit()  # each removal recorded before the next provider call
+    status = "cleanup_failed" if failed else "cleaned"
+    return {"certificate_id": certificate_id, "status": status, "failed": sorted(failed.values())}
+
+
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.dns.cleanup_all", ignore_result=True)
+def cleanup_all(
+    self: CertqueueTask, certificate_id: str, challenge_ids: list[int], _transient: int = 0
+) -> Any:
+    """``(certificate_id, [challenge id, ...])``: remove the order's DNS-01 records (idempotent)."""
+    return self.run_step(_cleanup_all_step, certificate_id, challenge_ids)

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from celery import chain, chord, signature
+from celery import chain, signature
 from celery.canvas import Signature
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -352,14 +352,14 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     _touch(cert)
     dns = [c for c in existing if c.type == "dns-01" and c.status in ("pending", "presented")]
     if dns:
-        header = [
+        # one dns task presents every name and returns once all are visible; then the acme pool
+        # validates (a chain: no chord counter, no stored result)
+        ctx.replace(
             chain(
-                task("certqueue.dns.present", cert.id, c.id),
-                task("certqueue.dns.wait_visible", cert.id, c.id),
+                task("certqueue.dns.present_all", cert.id, [c.id for c in dns]),
+                task("certqueue.acme.validate", cert.id),
             )
-            for c in dns
-        ]
-        ctx.replace(chord(header, task("certqueue.acme.validate", cert.id)))
+        )
     else:
         ctx.then(task("certqueue.acme.validate", cert.id))
     return {"certificate_id": cert.id, "order": order.id, "status": "ordered"}
@@ -752,6 +752,7 @@ def cleanup_challenges(ctx: StepContext, order: Order, chs: list[Challenge] | No
         chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
     types = {ch.type for ch in chs}  # tokens exist only for the order's own challenges
     now = utcnow()
+    dns: list[int] = []
     for ch in chs:  # before the deletes below flush them: one UPDATE per challenge
         if ch.status == "cleaned":
             continue
@@ -761,7 +762,9 @@ def cleanup_challenges(ctx: StepContext, order: Order, chs: list[Challenge] | No
             continue
         # DNS-01, even when no handle was recorded: a present whose commit was lost (a database
         # crash right after the provider call) still left a record, and cleanup is idempotent
-        ctx.then(task("certqueue.dns.cleanup", order.certificate_id, ch.id))
+        dns.append(ch.id)
+    if dns:  # one task removes the order's records
+        ctx.then(task("certqueue.dns.cleanup_all", order.certificate_id, dns))
     if "http-01" in types:
         session.execute(
             delete(Http01Token).where(

@@ -203,12 +203,15 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
         .scalars()
         .all()
     )
+    records: dict[str, list[int]] = {}
     for ch in leftovers:
         if ch.type == "dns-01":
-            ctx.then(task("certqueue.dns.cleanup", ch.certificate_id, ch.id))
+            records.setdefault(ch.certificate_id, []).append(ch.id)
         else:
             ch.status = "cleaned"
             ch.cleaned_at = now
+    for cid, ids in records.items():  # one dns task per certificate removes its records
+        ctx.then(task("certqueue.dns.cleanup_all", cid, ids))
     expired = delete(Http01Token).where(Http01Token.expires_at <= now)
     tokens = cast(CursorResult[Any], session.execute(expired))
     from certqueue import challenge_tokens

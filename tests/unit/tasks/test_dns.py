@@ -225,3 +225,178 @@ def test_a_clean_visible_check_writes_no_partial_check_event(
     assert _row(ch_id).status == "visible"
     with session_scope(write=False) as s:
         assert s.get_one(Certificate, cid).state == State.ISSUING  # the dns pool never moves the certificate
+
+
+# --- present_all / cleanup_all: every challenge of an order in one task --------------------------
+
+
+def _order_challenges(name: str, n: int, *, state: State = State.ISSUING) -> tuple[str, list[int], list[str]]:
+    """A certificate whose order has ``n`` DNS-01 challenges at the same record name (a wildcard and
+    its base name share one), each with its own value."""
+    cid, first, value = _challenge(name, state=state)
+    ids, values = [first], [value]
+    with session_scope() as s:
+        base = s.get_one(Challenge, first)
+        for _ in range(n - 1):
+            v = secrets.token_urlsafe(32)[:43]
+            ch = Challenge(
+                order_id=base.order_id,
+                certificate_id=cid,
+                identifier=f"*.{name.removeprefix('_acme-challenge.')}",
+                authz_url="https://ca/a2",
+                type="dns-01",
+                url="https://ca/c2",
+                dns_name=name,
+                dns_value=v,
+                provider="rfc2136",
+                status="pending",
+            )
+            s.add(ch)
+            s.flush()
+            ids.append(ch.id)
+            values.append(v)
+    return cid, ids, values
+
+
+class _CountingProvider:
+    """The real provider, counting its present calls; ``fail_on``: the call that raises (transient)."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.real = dns.provider_for("rfc2136")
+        self.name = self.real.name
+        self.presents = 0
+        self.fail_on = fail_on
+
+    def present(self, fqdn: str, value: str) -> Any:
+        self.presents += 1
+        if self.presents == self.fail_on:
+            from certqueue.errors import RetryableError
+
+            raise RetryableError("the nameserver refused the update", reason="dns:update")
+        return self.real.present(fqdn, value)
+
+    def cleanup(self, fqdn: str, value: str, handle: Any) -> None:
+        self.real.cleanup(fqdn, value, handle)
+
+    def timeout(self) -> tuple[float, float]:
+        return self.real.timeout()
+
+
+def test_present_all_presents_every_value_and_returns_once_all_are_visible(
+    settings: Settings, bind: BindServer, challenge_name: str
+) -> None:
+    cid, ids, values = _order_challenges(challenge_name, 2)
+    out = _step(dns._present_all_step, cid, ids)
+    assert out == {"certificate_id": cid, "status": "visible", "challenges": 2}
+    published = _txt(bind, challenge_name)
+    assert all(v in published for v in values)
+    for ch_id in ids:
+        row = _row(ch_id)
+        assert row.status == "visible"
+        assert row.handle is not None and row.handle["fqdn"] == challenge_name and row.handle["presented_at"]
+
+
+@pytest.mark.parametrize("state", [State.ACTIVE, State.FAILED])
+def test_present_all_does_nothing_for_a_certificate_no_longer_being_issued(
+    settings: Settings, bind: BindServer, challenge_name: str, state: State
+) -> None:
+    cid, ids, values = _order_challenges(challenge_name, 2, state=state)
+    assert _step(dns._present_all_step, cid, ids)["status"] == "noop"
+    assert [_row(i).status for i in ids] == ["pending", "pending"]
+    assert not any(v in _txt(bind, challenge_name) for v in values)
+
+
+def test_present_all_ignores_challenges_of_another_certificate(
+    settings: Settings, bind: BindServer, challenge_name: str
+) -> None:
+    _, ids, _ = _order_challenges(challenge_name, 1)
+    other, other_ids, _ = _order_challenges(f"_acme-challenge.o{secrets.token_hex(4)}.example.test", 1)
+    assert _step(dns._present_all_step, other, ids + other_ids)["challenges"] == 1
+    assert _row(ids[0]).status == "pending"
+
+
+def test_present_all_records_each_present_before_the_next_so_a_retry_presents_only_the_rest(
+    settings: Settings, bind: BindServer, challenge_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cid, ids, values = _order_challenges(challenge_name, 3)
+    failing = _CountingProvider(fail_on=2)
+    monkeypatch.setattr(dns, "provider_for", lambda _name: failing)
+    from certqueue.errors import RetryableError
+
+    with pytest.raises(RetryableError):
+        _step(dns._present_all_step, cid, ids)
+    assert [_row(i).status for i in ids] == ["presented", "pending", "pending"]
+    again = _CountingProvider()
+    monkeypatch.setattr(dns, "provider_for", lambda _name: again)
+    assert _step(dns._present_all_step, cid, ids)["status"] == "visible"
+    assert again.presents == 2  # the first was not presented a second time
+    assert [_row(i).status for i in ids] == ["visible"] * 3
+    assert all(v in _txt(bind, challenge_name) for v in values)
+
+
+def test_present_all_waits_in_the_task_then_asks_to_come_back_for_what_is_not_visible(
+    settings: Settings, bind: BindServer, challenge_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dns, "IN_TASK_VISIBILITY_WINDOW", 0.4)
+    cid, ids, _ = _order_challenges(challenge_name, 2)
+    _presented_without_record(cid, ids[1], challenge_name, ago=1)  # says presented; not in the zone
+    with pytest.raises(Wait) as info:
+        _step(dns._present_all_step, cid, ids)
+    assert info.value.countdown == pytest.approx(POLLING_INTERVAL)
+    # what was seen is kept (the Wait commits it); the missing one is checked again next time
+    assert [_row(i).status for i in ids] == ["visible", "presented"]
+
+
+def test_present_all_gives_up_after_the_propagation_timeout(
+    settings: Settings, bind: BindServer, challenge_name: str
+) -> None:
+    cid, ids, _ = _order_challenges(challenge_name, 2)
+    _presented_without_record(cid, ids[1], challenge_name, ago=PROPAGATION_TIMEOUT + 5)
+    with pytest.raises(PermanentError) as info:
+        _step(dns._present_all_step, cid, ids)
+    assert info.value.reason == "dns:not_visible"
+    assert challenge_name in info.value.message
+
+
+def test_cleanup_all_removes_every_value_and_marks_the_rows(
+    settings: Settings, bind: BindServer, challenge_name: str
+) -> None:
+    cid, ids, values = _order_challenges(challenge_name, 3)
+    _step(dns._present_all_step, cid, ids[:2])
+    dns.provider_for("rfc2136").present(challenge_name, values[2])  # presented, its commit lost
+    assert all(v in _txt(bind, challenge_name) for v in values)
+    out = _step(dns._cleanup_all_step, cid, ids)
+    assert out == {"certificate_id": cid, "status": "cleaned", "failed": []}
+    assert not any(v in _txt(bind, challenge_name) for v in values)
+    for ch_id in ids:
+        row = _row(ch_id)
+        assert row.status == "cleaned" and row.cleaned_at is not None
+
+
+def test_cleanup_all_records_a_permanent_failure_and_cleans_the_others(
+    settings: Settings, bind: BindServer, challenge_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cid, ids, values = _order_challenges(challenge_name, 2)
+    _step(dns._present_all_step, cid, ids)
+    real = dns.provider_for("rfc2136")
+
+    class Refusing(_CountingProvider):
+        def cleanup(self, fqdn: str, value: str, handle: Any) -> None:
+            if value == values[0]:
+                raise PermanentError("the zone refuses deletes", reason="dns:refused")
+            real.cleanup(fqdn, value, handle)
+
+    refusing = Refusing()
+    monkeypatch.setattr(dns, "provider_for", lambda _name: refusing)
+    out = _step(dns._cleanup_all_step, cid, ids)
+    assert out == {"certificate_id": cid, "status": "cleanup_failed", "failed": ["dns:refused"]}
+    first, second = _row(ids[0]), _row(ids[1])
+    assert (first.status, first.error) == ("visible", "dns:refused")  # left for the reconciler's report
+    assert (second.status, second.error) == ("cleaned", None)
+    assert values[1] not in _txt(bind, challenge_name)
+    # a cleaned row is not touched again
+    assert _step(dns._cleanup_all_step, cid, ids[1:]) == {
+        "certificate_id": cid,
+        "status": "cleaned",
+        "failed": [],
+    }

@@ -147,7 +147,7 @@ def test_a_first_issuance_that_fails_for_good_is_failed_with_its_order_and_inten
         assert s.get_one(Challenge, http).status == "cleaned"
         assert s.execute(select(Http01Token)).first() is None  # the token is no longer served
         assert s.get_one(Challenge, dns).status == "ready"  # removed by the dns pool:
-    assert _sent(ctx) == [("certqueue.dns.cleanup", (cid, dns))]
+    assert _sent(ctx) == [("certqueue.dns.cleanup_all", (cid, [dns]))]
     assert ("validation_error", "acme:rejectedIdentifier") in _events(cid)
     assert ("issuance", "failure") in _events(cid)
     assert _intents(cid) == [("issue", "failed")]
