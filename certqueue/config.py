@@ -325,11 +325,6 @@ class RegionSettings(BaseModel):
     #: a registered target plugin (entry point group ``certqueue.targets``; docs/plugins.md), or one
     #: of the guide's short names in ``TARGET_ALIASES``
     provider: str
-
-    @field_validator("provider")
-    @classmethod
-    def _registered_target(cls, v: str) -> str:
-        return _registered("certqueue.targets", "target provider", v, TARGET_ALIASES)
     #: a certificate is ACTIVE only when every required region has it
     required: bool = True
     #: remove the deployed copy (``Target.remove``) when the certificate is revoked: a revoked
@@ -338,6 +333,11 @@ class RegionSettings(BaseModel):
     #: remove the deployed copy when the certificate is deleted from the inventory: nothing would
     #: renew it any more, so it would expire where it is served, unwatched
     remove_on_delete: bool = True
+
+    @field_validator("provider")
+    @classmethod
+    def _registered_target(cls, v: str) -> str:
+        return _registered("certqueue.targets", "target provider", v, TARGET_ALIASES)
 
     @property
     def target(self) -> str:
