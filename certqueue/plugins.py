@@ -10,7 +10,7 @@ Owns no state. Two things every plugin shares are written here once:
   that name it (and, for an unknown one, list the known names).
 * the settings table: each plugin declares its settings as a tuple of ``Setting`` (key, accepted
   types, required, secret, environment-variable fallback, help); ``read_settings`` validates a
-  settings mapping against it, and the docs and ``secret_keys`` read the same table.
+  settings mapping against it, and the docs and their tests read the same table.
 
 This module imports nothing heavy: settings are read by every process, plugins only by the pools
 that use them.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from importlib import import_module
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -96,12 +95,6 @@ def load(group: str, name: str, *, base: type | None = None, key: str | None = N
     return cls
 
 
-def module_of(group: str, name: str) -> str:
-    """The module a plugin lives in, without importing it (for docs and error messages)."""
-    values = _candidates(group, name)
-    return values[0].partition(":")[0] if values else ""
-
-
 # --- settings tables ------------------------------------------------------------------------------
 
 
@@ -110,8 +103,8 @@ class Setting:
     """One key of a plugin's settings.
 
     ``types``: accepted Python types (``bool`` is never taken for a number unless listed);
-    ``required``: no default, missing is a ConfigError at construction; ``secret``: shown masked, never
-    logged (a pydantic ``SecretStr`` is accepted and unwrapped); ``env``: variables read, in order, when
+    ``required``: no default, missing is a ConfigError at construction; ``secret``: a credential, never
+    in a message (a pydantic ``SecretStr`` is accepted and unwrapped); ``env``: variables read, in order, when
     the key is absent from the settings (lego's names, so existing deployments carry over);
     ``default``: the value when absent (and no variable is set)."""
 
@@ -221,12 +214,3 @@ def table_of(group: str, name: str) -> Table:
     """The settings table of a registered plugin (imports it)."""
     cls = load(group, name)
     return tuple(getattr(cls, "settings", ()))
-
-
-def import_builtins(group: str) -> list[Any]:
-    """Every built-in plugin class of ``group`` (tests and docs)."""
-    out = []
-    for value in BUILTIN[group].values():
-        module, _, attr = value.partition(":")
-        out.append(getattr(import_module(module), attr))
-    return out
