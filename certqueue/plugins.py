@@ -18,7 +18,9 @@ that use them.
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -49,12 +51,29 @@ BUILTIN: dict[str, dict[str, str]] = {
 }
 
 
+@functools.lru_cache(maxsize=16)
+def _scan(group: str, path: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((ep.name, ep.value) for ep in entry_points(group=group))
+
+
+def installed(group: str) -> tuple[tuple[str, str], ...]:
+    """(name, ``module:attribute``) of every entry point of ``group``. Reading the metadata of every
+    installed distribution takes milliseconds and settings are validated again every few seconds,
+    so the answer is kept per ``sys.path``; ``rescan()`` forgets it."""
+    return _scan(group, tuple(sys.path))
+
+
+def rescan() -> None:
+    """Forget what ``installed`` found (a package was installed into the running process)."""
+    _scan.cache_clear()
+
+
 def registered(group: str) -> dict[str, str]:
     """name -> ``module:attribute`` of every plugin of ``group``: the built-ins and every entry point
     (two different objects under one name are refused when loaded)."""
     found = dict(BUILTIN.get(group, {}))
-    for ep in entry_points(group=group):
-        found.setdefault(ep.name, ep.value)
+    for name, value in installed(group):
+        found.setdefault(name, value)
     return found
 
 
@@ -63,7 +82,7 @@ def names(group: str) -> list[str]:
 
 
 def _candidates(group: str, name: str) -> list[str]:
-    values = [ep.value for ep in entry_points(group=group) if ep.name == name]
+    values = [value for n, value in installed(group) if n == name]
     if not values and name in BUILTIN.get(group, {}):
         values = [BUILTIN[group][name]]
     return sorted(set(values))

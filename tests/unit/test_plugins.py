@@ -43,11 +43,30 @@ def test_installed_metadata_registers_the_builtins() -> None:
 
 def test_builtins_work_without_metadata(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A checkout on sys.path with no installed distribution still finds the built-ins."""
-    monkeypatch.setattr(plugins, "entry_points", lambda group: [])
+    monkeypatch.setattr(plugins, "installed", lambda group: ())
     assert target_names() == ["aws_acm", "azure_keyvault", "gcp_certmanager", "local"]
     assert provider_names() == ["azure", "cloudflare", "rfc2136", "route53"]
     assert type(load_target("local", {"name": "x", "path": str(tmp_path)})).__name__ == "LocalFilesTarget"
     RegionSettings(name="x", provider="aws")  # the guide's short name still validates
+
+
+def test_installed_metadata_is_read_once_per_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = plugins.entry_points
+
+    def counting(group: str) -> Any:
+        calls.append(group)
+        return real(group=group)
+
+    monkeypatch.setattr(plugins, "entry_points", counting)
+    plugins.rescan()
+    for _ in range(3):
+        Settings(multi_region={"regions": [{"name": "a", "provider": "local", "path": "/x"}]})
+    assert calls == [plugins.TARGETS]
+    monkeypatch.syspath_prepend("/nonexistent-site")  # another path: read again
+    plugins.names(plugins.TARGETS)
+    assert calls == [plugins.TARGETS, plugins.TARGETS]
+    plugins.rescan()
 
 
 def test_unknown_name_lists_the_known_ones() -> None:
@@ -112,6 +131,7 @@ def inventory_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     monkeypatch.syspath_prepend(str(site))
     yield tmp_path
+    plugins.rescan()
     for name in [m for m in sys.modules if m.startswith("certqueue_inventory")]:
         del sys.modules[name]
 
@@ -178,6 +198,7 @@ def test_two_distributions_under_one_name_are_refused(inventory_dist: Path) -> N
     other.mkdir()
     (other / "METADATA").write_text("Metadata-Version: 2.1\nName: certqueue-rival\nVersion: 1.0\n")
     (other / "entry_points.txt").write_text("[certqueue.targets]\ninventory = certqueue_rival:Target\n")
+    plugins.rescan()  # installed into this running process
     with pytest.raises(ConfigError, match="registered more than once"):
         load_target("inventory", {"name": "x", "book": "/tmp/b"})
 
@@ -190,6 +211,7 @@ def test_a_class_of_the_wrong_kind_is_refused(inventory_dist: Path) -> None:
     (bad / "entry_points.txt").write_text(
         "[certqueue.targets]\nwrong = certqueue_inventory:TxtFileProvider\n"
     )
+    plugins.rescan()
     with pytest.raises(ConfigError, match="is not a Target"):
         load_target("wrong", {"name": "x"})
 
