@@ -186,10 +186,16 @@ class SolverSettings(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     type: Literal["http-01", "dns-01", "tls-alpn-01"] = "dns-01"
     #: the DNS provider plugin (dns-01 only): rfc2136, route53, cloudflare, azure or a third party's
+    #: (entry point group ``certqueue.dns_providers``; docs/plugins.md)
     provider: str | None = None
     #: the provider's settings (its own keys: docs/dns-providers.md); only the dns pool reads them
     config: dict[str, Any] = Field(default_factory=dict)
     selector: SolverSelector = Field(default_factory=SolverSelector)
+
+    @field_validator("provider")
+    @classmethod
+    def _registered_provider(cls, v: str | None) -> str | None:
+        return None if v is None else _registered("certqueue.dns_providers", "DNS provider", v)
 
     @model_validator(mode="after")
     def _complete(self) -> SolverSettings:
@@ -209,6 +215,8 @@ class ChallengeSettings(Section):
     #: where ``certqueue tlsalpn01`` listens (TLS-ALPN-01, RFC 8737; the CA connects to port 443)
     tls_alpn_port: int = Field(443, ge=1, le=65535)
     tls_alpn_host: str = "0.0.0.0"
+    #: the DNS provider plugin of dns-01 names no solver takes (entry point group
+    #: ``certqueue.dns_providers``); its settings are the section of that name below
     dns_provider: str | None = None
     #: recursive resolvers used for zone lookup ("ip" or "ip:port"); empty = system resolver
     dns_resolvers: list[str] = Field(default_factory=list)
@@ -219,6 +227,11 @@ class ChallengeSettings(Section):
     #: named solvers chosen per name by their selectors (certqueue.solvers); [] = the settings above
     solvers: list[SolverSettings] = Field(default_factory=list)
     #: per-provider settings sections: cloudflare, route53, azure, rfc2136 (extra keys)
+
+    @field_validator("dns_provider")
+    @classmethod
+    def _registered_provider(cls, v: str | None) -> str | None:
+        return v if not v else _registered("certqueue.dns_providers", "DNS provider", v)
 
     @model_validator(mode="after")
     def _solver_names(self) -> ChallengeSettings:
@@ -281,6 +294,24 @@ class AutomationSettings(Section):
     park_initial_seconds: float = Field(60, gt=0, le=3600)
 
 
+#: the guide's short names for built-in targets
+TARGET_ALIASES = {"aws": "aws_acm", "azure": "azure_keyvault", "gcp": "gcp_certmanager"}
+
+
+def _registered(group: str, what: str, name: str, aliases: Mapping[str, str] | None = None) -> str:
+    """``name`` when a plugin of ``group`` is registered under it (or under what ``aliases`` maps it
+    to); else a ValueError listing the known names. Reads entry-point metadata only: no plugin is
+    imported while settings load."""
+    from certqueue import plugins
+
+    aliases = aliases or {}
+    known = plugins.names(group)
+    if aliases.get(name, name) not in known:
+        shown = sorted({*known, *(a for a, t in aliases.items() if t in known)})
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(shown)}")
+    return name
+
+
 class RegionSettings(BaseModel):
     """One propagation target (the guide's ``multi_region.regions[]`` entry).
 
@@ -291,7 +322,9 @@ class RegionSettings(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    provider: Literal["aws", "aws_acm", "azure", "azure_keyvault", "gcp", "gcp_certmanager", "local"]
+    #: a registered target plugin (entry point group ``certqueue.targets``; docs/plugins.md), or one
+    #: of the guide's short names in ``TARGET_ALIASES``
+    provider: str
     #: a certificate is ACTIVE only when every required region has it
     required: bool = True
     #: remove the deployed copy (``Target.remove``) when the certificate is revoked: a revoked
@@ -301,11 +334,14 @@ class RegionSettings(BaseModel):
     #: renew it any more, so it would expire where it is served, unwatched
     remove_on_delete: bool = True
 
+    @field_validator("provider")
+    @classmethod
+    def _registered_target(cls, v: str) -> str:
+        return _registered("certqueue.targets", "target provider", v, TARGET_ALIASES)
+
     @property
     def target(self) -> str:
-        return {"aws": "aws_acm", "azure": "azure_keyvault", "gcp": "gcp_certmanager"}.get(
-            self.provider, self.provider
-        )
+        return TARGET_ALIASES.get(self.provider, self.provider)
 
     def target_settings(self) -> dict[str, Any]:
         data = dict(self.model_extra or {})

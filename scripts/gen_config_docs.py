@@ -204,7 +204,9 @@ REGIONS = """\
 
 Each entry is one deployment target. `provider` picks the target plugin (`aws` is `aws_acm`, `azure`
 is `azure_keyvault`, `gcp` is `gcp_certmanager`); every other key belongs to that plugin and is checked
-by it ([targets.md](targets.md)). Region names must be unique. From the environment the whole list is
+by it ([targets.md](targets.md)), except the deploy hook's (`deploy_hook`, `deploy_hook_shell`,
+`deploy_hook_timeout`: [targets.md](targets.md#deploy-hooks)), which any entry may carry. Region names
+must be unique. From the environment the whole list is
 one JSON value: `CERTQUEUE_MULTI_REGION__REGIONS='[{"name": "web1", "provider": "local", ...}]'`.
 
 | key | type | default | limits | description |
@@ -213,7 +215,8 @@ one JSON value: `CERTQUEUE_MULTI_REGION__REGIONS='[{"name": "web1", "provider": 
 
 REGION_DESCRIPTIONS = {
     "name": "the region's name, used by `--region`, certificate `targets` and worker queues",
-    "provider": "the target plugin",
+    "provider": "the target plugin: `local`, `aws_acm`, `azure_keyvault`, `gcp_certmanager` or any "
+    "registered one ([plugins.md](plugins.md)); an unknown name is refused, listing the known ones",
     "required": "a certificate becomes ACTIVE only when every required region has it",
     "remove_on_revoke": "remove the deployed copy (`Target.remove`) when the certificate is revoked",
     "remove_on_delete": "remove the deployed copy when the certificate is deleted from the inventory",

@@ -18,7 +18,7 @@ Settings::
     azure:
       subscription_id: 00000000-0000-0000-0000-000000000000
       resource_group: dns
-      zone_name: example.com        # optional: longest-suffix match over the group's zones otherwise
+      zone_name: example.com        # optional: else the zone the core lookup finds (SOA walk)
       tenant_id: 00000000-...
       client_id: 00000000-...
       client_secret: "<secret>"     # SecretStr or str
@@ -38,7 +38,6 @@ Errors: rejected credentials or 403 -> ``azure:auth`` (permanent); 429 -> ``azur
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar, NoReturn
 
 from azure.core.credentials import TokenCredential
@@ -53,70 +52,75 @@ from azure.core.exceptions import (
 from azure.mgmt.dns import DnsManagementClient
 from azure.mgmt.dns.models import RecordSet, TxtRecord
 
+from certqueue import plugins
 from certqueue.dns.base import DNSProvider, Handle
 from certqueue.errors import ConfigError, ProviderError
+from certqueue.plugins import Setting, secret_value
 
 NAME = "azure"
 
-_KEYS = {
-    "propagation_timeout",
-    "polling_interval",
-    "ttl",
-    "subscription_id",
-    "resource_group",
-    "zone_name",
-    "tenant_id",
-    "client_id",
-    "client_secret",
-    "use_default_credential",
-    "base_url",
-    "authority_host",
-    "connection_verify",
-    "timeout",
-    "max_retries",
-}
+SETTINGS: plugins.Table = (
+    Setting(
+        "subscription_id",
+        (str,),
+        "subscription of the DNS zones",
+        required=True,
+        env=("AZURE_SUBSCRIPTION_ID",),
+    ),
+    Setting(
+        "resource_group",
+        (str,),
+        "resource group of the DNS zones",
+        required=True,
+        env=("AZURE_RESOURCE_GROUP",),
+    ),
+    Setting("zone_name", (str,), "skip the zone lookup: write into this zone", env=("AZURE_ZONE_NAME",)),
+    Setting("tenant_id", (str,), "service principal: tenant", env=("AZURE_TENANT_ID",)),
+    Setting("client_id", (str,), "service principal: application (client) id", env=("AZURE_CLIENT_ID",)),
+    Setting(
+        "client_secret", (str,), "service principal: client secret", secret=True, env=("AZURE_CLIENT_SECRET",)
+    ),
+    Setting(
+        "use_default_credential",
+        (bool,),
+        "DefaultAzureCredential instead of a service principal",
+        default=False,
+    ),
+    Setting("base_url", (str,), "Resource Manager endpoint (sovereign clouds, tests)"),
+    Setting("authority_host", (str,), "Entra ID authority (sovereign clouds, tests)"),
+    Setting("connection_verify", (str, bool), "CA bundle path, or false (tests)"),
+    Setting("timeout", (int, float), "seconds per HTTP request", default=30.0),
+    Setting("max_retries", (int,), "SDK retries", default=3),
+)
 _CAS_ATTEMPTS = 5
-
-
-def _secret(value: Any) -> str:
-    return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
-
-
-def _int(value: Any, default: int) -> int:
-    """A count from settings; None or "" means the default (0 is a real value: no retries)."""
-    return default if value is None or value == "" else int(value)
 
 
 class AzureDNSProvider(DNSProvider):
     name: ClassVar[str] = NAME
     default_timeout: ClassVar[tuple[float, float]] = (180.0, 5.0)
 
-    def __init__(self, config: Mapping[str, Any], *, credential: TokenCredential | None = None) -> None:
-        """``credential`` overrides the one built from settings (any azure-core TokenCredential)."""
-        super().__init__(config)
-        for key in sorted(config):
-            if key not in _KEYS:
-                raise ConfigError(f"dns provider {NAME}: unknown setting {key!r}", key=f"{NAME}.{key}")
-        required = ["subscription_id", "resource_group"]
-        if credential is None and not config.get("use_default_credential"):
-            required += ["tenant_id", "client_id", "client_secret"]
-        for key in required:
-            if not _secret(config.get(key) or ""):
-                raise ConfigError(f"dns provider {NAME}: missing {key}", key=f"{NAME}.{key}")
-        self._rg = str(config["resource_group"])
-        self._zone = str(config["zone_name"]).rstrip(".").lower() if config.get("zone_name") else None
-        self._ttl = int(config.get("ttl") or 60)
-        timeout = float(config.get("timeout") or 30.0)
+    settings: ClassVar[plugins.Table] = SETTINGS
+
+    def configure(self, s: dict[str, Any]) -> None:
+        if not s["use_default_credential"]:
+            for key in ("tenant_id", "client_id", "client_secret"):
+                if not secret_value(s[key]):
+                    raise ConfigError(
+                        f"dns provider {NAME}: missing {key} (or set use_default_credential)",
+                        key=f"{NAME}.{key}",
+                    )
+        self._rg = str(s["resource_group"])
+        self._zone = str(s["zone_name"]).rstrip(".").lower() if s["zone_name"] else None
+        timeout = float(s["timeout"])
         transport: dict[str, Any] = {"connection_timeout": timeout, "read_timeout": timeout}
-        if config.get("connection_verify") is not None:
-            transport["connection_verify"] = config["connection_verify"]
-        if credential is None:
-            credential = _build_credential(config, transport)
-        client_kwargs: dict[str, Any] = {"retry_total": _int(config.get("max_retries"), 3), **transport}
-        if config.get("base_url"):
-            client_kwargs["base_url"] = str(config["base_url"])
-        self._client = DnsManagementClient(credential, str(config["subscription_id"]), **client_kwargs)
-        self.config.pop("client_secret", None)
+        if s["connection_verify"] is not None:
+            transport["connection_verify"] = s["connection_verify"]
+        client_kwargs: dict[str, Any] = {"retry_total": int(s["max_retries"]), **transport}
+        if s["base_url"]:
+            client_kwargs["base_url"] = str(s["base_url"])
+        self._client = DnsManagementClient(
+            _build_credential(s, transport), str(s["subscription_id"]), **client_kwargs
+        )
 
     def __repr__(self) -> str:
         return f"AzureDNSProvider(resource_group={self._rg!r}, zone={self._zone!r})"
@@ -125,12 +129,12 @@ class AzureDNSProvider(DNSProvider):
 
     def present(self, fqdn: str, value: str) -> Handle:
         name = _name(fqdn)
-        zone = self._zone or self._find_zone(name)
+        zone = self._zone or self.zone_of(name)
         relative = _relative(name, zone)
         for _ in range(_CAS_ATTEMPTS):
             current = self._get(zone, relative)
             if current is None:
-                new = RecordSet(ttl=self._ttl, txt_records=[TxtRecord(value=[value])])
+                new = RecordSet(ttl=self.ttl, txt_records=[TxtRecord(value=[value])])
                 if self._put(zone, relative, new, if_none_match="*"):
                     break
                 continue
@@ -138,7 +142,7 @@ class AzureDNSProvider(DNSProvider):
             if value in values:
                 break
             new = RecordSet(
-                ttl=current.ttl or self._ttl, txt_records=[TxtRecord(value=[v]) for v in [*values, value]]
+                ttl=current.ttl or self.ttl, txt_records=[TxtRecord(value=[v]) for v in [*values, value]]
             )
             if self._put(zone, relative, new, if_match=current.etag):
                 break
@@ -160,7 +164,7 @@ class AzureDNSProvider(DNSProvider):
     def cleanup(self, fqdn: str, value: str, handle: Handle | None) -> None:
         name = _name(fqdn)
         handle = handle or {}
-        zone = handle.get("zone") or self._zone or self._find_zone(name)
+        zone = handle.get("zone") or self._zone or self.zone_of(name)
         relative = handle.get("relative") or _relative(name, zone)
         for _ in range(_CAS_ATTEMPTS):
             current = self._get(zone, relative)
@@ -171,9 +175,7 @@ class AzureDNSProvider(DNSProvider):
                 return
             rest = [v for v in values if v != value]
             if rest:
-                new = RecordSet(
-                    ttl=current.ttl or self._ttl, txt_records=[TxtRecord(value=[v]) for v in rest]
-                )
+                new = RecordSet(ttl=current.ttl or self.ttl, txt_records=[TxtRecord(value=[v]) for v in rest])
                 done = self._put(zone, relative, new, if_match=current.etag)
             else:
                 done = self._delete(zone, relative, if_match=current.etag)
@@ -228,25 +230,8 @@ class AzureDNSProvider(DNSProvider):
         except AzureError as exc:
             _raise(exc, f"deleting TXT {relative}.{zone}")
 
-    def _find_zone(self, name: str) -> str:
-        best: str | None = None
-        try:
-            for zone in self._client.zones.list_by_resource_group(self._rg):
-                zname = str(zone.name).rstrip(".").lower()
-                if (name == zname or name.endswith("." + zname)) and (best is None or len(zname) > len(best)):
-                    best = zname
-        except AzureError as exc:
-            _raise(exc, f"listing DNS zones of resource group {self._rg}")
-        if best is None:
-            raise ProviderError(
-                NAME,
-                f"no DNS zone in resource group {self._rg} holds {name}",
-                reason=f"{NAME}:zone_not_found",
-            )
-        return best
 
-
-def _build_credential(config: Mapping[str, Any], transport: dict[str, Any]) -> TokenCredential:
+def _build_credential(config: dict[str, Any], transport: dict[str, Any]) -> TokenCredential:
     from azure.identity import ClientSecretCredential, DefaultAzureCredential
 
     kwargs: dict[str, Any] = dict(transport)
@@ -257,7 +242,10 @@ def _build_credential(config: Mapping[str, Any], transport: dict[str, Any]) -> T
     if config.get("use_default_credential") and not config.get("client_secret"):
         return DefaultAzureCredential(**kwargs)
     return ClientSecretCredential(
-        str(config["tenant_id"]), str(config["client_id"]), _secret(config["client_secret"]), **kwargs
+        str(config["tenant_id"]),
+        str(config["client_id"]),
+        secret_value(config["client_secret"]) or "",
+        **kwargs,
     )
 
 

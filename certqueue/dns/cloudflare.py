@@ -13,8 +13,8 @@ set the token also needs **Zone / Zone / Read** to find the zone by name.
 Settings::
 
     cloudflare:
-      api_token: "<token>"       # SecretStr or str; env CERTQUEUE_..._API_TOKEN
-      zone_id: "<32 hex>"        # optional: skips the zone lookup (walks up the labels otherwise)
+      api_token: "<token>"       # SecretStr or str; else env CLOUDFLARE_DNS_API_TOKEN / CF_DNS_API_TOKEN
+      zone_id: "<32 hex>"        # optional: else the account's zone named as the core lookup's zone
       ttl: 60                    # 1 means "automatic" to Cloudflare; 60 is its minimum otherwise
       base_url: "https://api.cloudflare.com/client/v4"   # optional; tests point it at a fake
       timeout: 30                # seconds per HTTP request
@@ -29,61 +29,51 @@ no zone -> ``cloudflare:zone_not_found``; other 4xx -> ``cloudflare:bad_request`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, ClassVar, NoReturn
 
 import cloudflare
 
+from certqueue import plugins
 from certqueue.dns.base import DNSProvider, Handle
-from certqueue.errors import ConfigError, ProviderError
+from certqueue.errors import ProviderError
+from certqueue.plugins import Setting, secret_value
 
 NAME = "cloudflare"
 
-_KEYS = {
-    "propagation_timeout",
-    "polling_interval",
-    "ttl",
-    "api_token",
-    "zone_id",
-    "base_url",
-    "timeout",
-    "max_retries",
-}
+SETTINGS: plugins.Table = (
+    Setting(
+        "api_token",
+        (str,),
+        "API token with Zone / DNS / Edit",
+        required=True,
+        secret=True,
+        env=("CLOUDFLARE_DNS_API_TOKEN", "CF_DNS_API_TOKEN"),
+    ),
+    Setting("zone_id", (str,), "skip the zone lookup: write into this zone (32 hex)"),
+    Setting("base_url", (str,), "API base URL (tests point it at a fake)"),
+    Setting("timeout", (int, float), "seconds per HTTP request", default=30.0),
+    Setting("max_retries", (int,), "SDK retries of 429, 5xx and connection errors", default=2),
+)
 _IDENTICAL_RECORD = 81058  # "An identical record already exists."
-
-
-def _secret(value: Any) -> str:
-    return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
-
-
-def _int(value: Any, default: int) -> int:
-    """A count from settings; None or "" means the default (0 is a real value: no retries)."""
-    return default if value is None or value == "" else int(value)
 
 
 class CloudflareProvider(DNSProvider):
     name: ClassVar[str] = NAME
     default_timeout: ClassVar[tuple[float, float]] = (120.0, 2.0)
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        super().__init__(config)
-        for key in sorted(config):
-            if key not in _KEYS:
-                raise ConfigError(f"dns provider {NAME}: unknown setting {key!r}", key=f"{NAME}.{key}")
-        token = _secret(config.get("api_token") or "")
-        if not token:
-            raise ConfigError(f"dns provider {NAME}: missing api_token", key=f"{NAME}.api_token")
-        self._zone_id: str | None = str(config["zone_id"]) if config.get("zone_id") else None
-        self._ttl = int(config.get("ttl") or 60)
+    settings: ClassVar[plugins.Table] = SETTINGS
+
+    def configure(self, s: dict[str, Any]) -> None:
+        self._zone_id: str | None = str(s["zone_id"]) if s["zone_id"] else None
         kwargs: dict[str, Any] = {
-            "api_token": token,
-            "timeout": float(config.get("timeout") or 30.0),
-            "max_retries": _int(config.get("max_retries"), 2),
+            "api_token": secret_value(s["api_token"]),
+            "timeout": float(s["timeout"]),
+            "max_retries": int(s["max_retries"]),
         }
-        if config.get("base_url"):
-            kwargs["base_url"] = str(config["base_url"])
+        if s["base_url"]:
+            kwargs["base_url"] = str(s["base_url"])
         self._client = cloudflare.Cloudflare(**kwargs)
-        self.config.pop("api_token", None)
 
     def __repr__(self) -> str:
         return f"CloudflareProvider(zone_id={self._zone_id!r})"
@@ -92,10 +82,10 @@ class CloudflareProvider(DNSProvider):
 
     def present(self, fqdn: str, value: str) -> Handle:
         name = _name(fqdn)
-        zone_id = self._zone_id or self._find_zone(name)
+        zone_id = self._zone_id or self._zone_id_for(name)
         try:
             record = self._client.dns.records.create(
-                zone_id=zone_id, type="TXT", name=name, content=value, ttl=self._ttl
+                zone_id=zone_id, type="TXT", name=name, content=value, ttl=self.ttl
             )
             record_id = record.id if record is not None else None
         except cloudflare.BadRequestError as exc:
@@ -116,7 +106,7 @@ class CloudflareProvider(DNSProvider):
     def cleanup(self, fqdn: str, value: str, handle: Handle | None) -> None:
         name = _name(fqdn)
         handle = handle or {}
-        zone_id = handle.get("zone_id") or self._zone_id or self._find_zone(name)
+        zone_id = handle.get("zone_id") or self._zone_id or self._zone_id_for(name)
         ids = (
             [handle["record_id"]]
             if handle.get("record_id")
@@ -142,18 +132,19 @@ class CloudflareProvider(DNSProvider):
         except cloudflare.APIError as exc:
             _raise(exc, f"listing TXT {name}")
 
-    def _find_zone(self, name: str) -> str:
-        labels = name.split(".")
-        for i in range(len(labels) - 1):
-            candidate = ".".join(labels[i:])
-            try:
-                zones = self._client.zones.list(name=candidate, per_page=5)
-            except cloudflare.APIError as exc:
-                _raise(exc, f"looking up zone {candidate}")
-            for zone in zones.result or []:
-                if zone.name == candidate:
-                    return str(zone.id)
-        raise ProviderError(NAME, f"no zone in this account holds {name}", reason=f"{NAME}:zone_not_found")
+    def _zone_id_for(self, name: str) -> str:
+        """The id of the account's zone named as the zone the core lookup finds."""
+        zone = self.zone_of(name)
+        try:
+            zones = self._client.zones.list(name=zone, per_page=5)
+        except cloudflare.APIError as exc:
+            _raise(exc, f"looking up zone {zone}")
+        for z in zones.result or []:
+            if z.name == zone:
+                return str(z.id)
+        raise ProviderError(
+            NAME, f"zone {zone} is not in this account (for {name})", reason=f"{NAME}:zone_not_found"
+        )
 
 
 def _name(fqdn: str) -> str:

@@ -12,12 +12,13 @@ Permissions on the server: the key may update TXT records under the zone, nothin
     zone "example.com" { type primary; file "..."; update-policy { grant certqueue zonesub TXT; }; };
 
 Settings (``nameserver`` is the primary's address, ``ip[:port]`` or ``host[:port]``; ``zone`` is
-optional, found by an SOA query to that server when absent)::
+optional, found by the core lookup (an SOA walk through ``challenges.dns_resolvers``) when absent;
+lego's ``RFC2136_*`` variables are read for keys the settings leave out)::
 
     rfc2136:
       nameserver: "192.0.2.53:53"
       tsig_key_name: certqueue
-      tsig_secret: "<base64>"          # SecretStr or str; env CERTQUEUE_..._TSIG_SECRET
+      tsig_secret: "<base64>"          # SecretStr or str; else env RFC2136_TSIG_SECRET
       tsig_algorithm: hmac-sha256
       zone: example.com                # optional
       ttl: 60
@@ -35,7 +36,6 @@ from __future__ import annotations
 import base64
 import binascii
 import socket
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import dns.exception
@@ -50,9 +50,11 @@ import dns.tsig
 import dns.tsigkeyring
 import dns.update
 
+from certqueue import plugins
 from certqueue.dns.base import DNSProvider, Handle
 from certqueue.dns.zones import parse_hostport
 from certqueue.errors import ConfigError, ProviderError
+from certqueue.plugins import Setting, secret_value
 
 NAME = "rfc2136"
 
@@ -62,9 +64,33 @@ _ALGORITHMS = {
     "hmac-sha384": dns.tsig.HMAC_SHA384,
     "hmac-sha512": dns.tsig.HMAC_SHA512,
 }
-_COMMON_KEYS = {"propagation_timeout", "polling_interval", "ttl"}
-_KEYS = _COMMON_KEYS | {"nameserver", "tsig_key_name", "tsig_secret", "tsig_algorithm", "zone", "timeout"}
-_REQUIRED = ("nameserver", "tsig_key_name", "tsig_secret")
+SETTINGS: plugins.Table = (
+    Setting(
+        "nameserver",
+        (str,),
+        "the primary's address, ip[:port] or host[:port]",
+        required=True,
+        env=("RFC2136_NAMESERVER",),
+    ),
+    Setting("tsig_key_name", (str,), "TSIG key name", required=True, env=("RFC2136_TSIG_KEY",)),
+    Setting(
+        "tsig_secret",
+        (str,),
+        "TSIG secret (base64)",
+        required=True,
+        secret=True,
+        env=("RFC2136_TSIG_SECRET",),
+    ),
+    Setting(
+        "tsig_algorithm",
+        (str,),
+        "hmac-sha256, hmac-sha512, hmac-sha384 or hmac-sha224",
+        default="hmac-sha256",
+        env=("RFC2136_TSIG_ALGORITHM",),
+    ),
+    Setting("zone", (str,), "skip the zone lookup: update this zone"),
+    Setting("timeout", (int, float), "seconds per DNS exchange", default=10.0),
+)
 
 
 class _TSIGKey(dns.tsig.Key):
@@ -74,54 +100,37 @@ class _TSIGKey(dns.tsig.Key):
         return f"<TSIG key {self.name} {self.algorithm} secret=***>"
 
 
-def _secret(value: Any) -> str:
-    return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
-
-
-def _check_settings(config: Mapping[str, Any]) -> None:
-    for key in sorted(config):
-        if key not in _KEYS:
-            raise ConfigError(f"dns provider {NAME}: unknown setting {key!r}", key=f"{NAME}.{key}")
-    for key in _REQUIRED:
-        if config.get(key) in (None, "") or not _secret(config[key]):
-            raise ConfigError(f"dns provider {NAME}: missing {key}", key=f"{NAME}.{key}")
-
-
 class RFC2136Provider(DNSProvider):
     name: ClassVar[str] = NAME
     default_timeout: ClassVar[tuple[float, float]] = (120.0, 2.0)
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        super().__init__(config)
-        _check_settings(config)
+    settings: ClassVar[plugins.Table] = SETTINGS
+
+    def configure(self, s: dict[str, Any]) -> None:
         try:
-            host, self._port = _split_nameserver(str(config["nameserver"]))
+            self._host, self._port = _split_nameserver(str(s["nameserver"]))
         except ValueError as exc:
             raise ConfigError(
                 f"dns provider {NAME}: nameserver must be host[:port]", key=f"{NAME}.nameserver"
             ) from exc
-        self._host = host
-        algorithm = str(config.get("tsig_algorithm") or "hmac-sha256").lower()
+        algorithm = str(s["tsig_algorithm"]).lower()
         if algorithm not in _ALGORITHMS:
             raise ConfigError(
                 f"dns provider {NAME}: tsig_algorithm must be one of {', '.join(_ALGORITHMS)}",
                 key=f"{NAME}.tsig_algorithm",
             )
-        secret = _secret(config["tsig_secret"])
         try:
-            raw = base64.b64decode(secret, validate=True)
+            raw = base64.b64decode(secret_value(s["tsig_secret"]) or "", validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ConfigError(
                 f"dns provider {NAME}: tsig_secret is not base64", key=f"{NAME}.tsig_secret"
             ) from exc
         if not raw:
             raise ConfigError(f"dns provider {NAME}: tsig_secret is empty", key=f"{NAME}.tsig_secret")
-        self._key = _TSIGKey(str(config["tsig_key_name"]), raw, _ALGORITHMS[algorithm])
-        self._zone = str(config["zone"]).rstrip(".").lower() if config.get("zone") else None
-        self._ttl = int(config.get("ttl") or 60)
-        self._timeout = float(config.get("timeout") or 10.0)
-        # the secret now lives only in the key object: drop it from the generic settings copy
-        self.config.pop("tsig_secret", None)
+        # the secret lives only in the key object
+        self._key = _TSIGKey(str(s["tsig_key_name"]), raw, _ALGORITHMS[algorithm])
+        self._zone = str(s["zone"]).rstrip(".").lower() if s["zone"] else None
+        self._timeout = float(s["timeout"])
 
     def __repr__(self) -> str:
         return f"RFC2136Provider(nameserver={self._host}:{self._port}, key={self._key.name})"
@@ -130,15 +139,15 @@ class RFC2136Provider(DNSProvider):
 
     def present(self, fqdn: str, value: str) -> Handle:
         name = _absolute(fqdn)
-        zone = self._zone or self._find_zone(name)
+        zone = self._zone or self.zone_of(fqdn)
         update = self._update(zone)
-        update.add(name, self._ttl, _txt(value))
+        update.add(name, self.ttl, _txt(value))
         self._send(update, fqdn)
         return {"provider": NAME, "zone": zone, "fqdn": name.to_text(omit_final_dot=True)}
 
     def cleanup(self, fqdn: str, value: str, handle: Handle | None) -> None:
         name = _absolute(fqdn)
-        zone = (handle or {}).get("zone") or self._zone or self._find_zone(name)
+        zone = (handle or {}).get("zone") or self._zone or self.zone_of(fqdn)
         update = self._update(zone)
         update.delete(name, _txt(value))  # one rdata; deleting an absent one is a no-op (RFC 2136 3.4.2.4)
         self._send(update, fqdn)
@@ -202,44 +211,6 @@ class RFC2136Provider(DNSProvider):
             )
         raise ProviderError(
             NAME, f"update of {fqdn} in zone {update.origin} refused: {text}", reason=f"{NAME}:refused"
-        )
-
-    def _find_zone(self, name: dns.name.Name) -> str:
-        """The zone the configured server is authoritative for, by SOA queries to it directly."""
-        address = self._address()
-        candidate = name
-        while len(candidate) > 1:
-            query = dns.message.make_query(candidate, dns.rdatatype.SOA)
-            try:
-                response = dns.query.udp_with_fallback(
-                    query, address, port=self._port, timeout=self._timeout
-                )[0]
-            except dns.exception.Timeout as exc:
-                raise ProviderError(
-                    NAME,
-                    f"SOA query to {self._host}:{self._port} timed out",
-                    retryable=True,
-                    reason=f"{NAME}:network",
-                ) from exc
-            except (OSError, dns.exception.DNSException) as exc:
-                raise ProviderError(
-                    NAME,
-                    f"SOA query to {self._host}:{self._port} failed: {type(exc).__name__}",
-                    retryable=True,
-                    reason=f"{NAME}:network",
-                ) from exc
-            if response.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-                # The apex answers SOA itself; a name below it carries the zone's SOA in authority.
-                for section in (response.answer, response.authority):
-                    for rrset in section:
-                        if rrset.rdtype == dns.rdatatype.SOA and candidate.is_subdomain(rrset.name):
-                            return rrset.name.to_text(omit_final_dot=True).lower()  # type: ignore[no-any-return]
-            candidate = candidate.parent()
-        raise ProviderError(
-            NAME,
-            f"{self._host} is not authoritative for any zone holding "
-            f"{name.to_text(omit_final_dot=True)}; set 'zone'",
-            reason=f"{NAME}:zone_not_found",
         )
 
 

@@ -14,7 +14,11 @@ that; a lost value shows up as "not visible" and the retry presents it again.
 Credentials: an access key (``access_key_id`` + ``secret_access_key``, optionally ``session_token``),
 or ``use_default_credentials: true`` for boto3's own chain (instance profile, IRSA, env, SSO).
 Permissions: ``deploy/iam/route53-dns01-policy.json`` (list zones, read record sets, get change, and
-change only TXT records named ``_acme-challenge.*``). Set ``hosted_zone_id`` to skip the zone search.
+change only TXT records named ``_acme-challenge.*``). The zone is found by the core lookup
+(``certqueue.dns.zones``) and matched by name to the account's public hosted zone; set
+``hosted_zone_id`` to skip both. Every key has its place in ``SETTINGS`` (environment fallbacks:
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``,
+``AWS_HOSTED_ZONE_ID``).
 
 Settings::
 
@@ -22,7 +26,8 @@ Settings::
       access_key_id: AKIA...
       secret_access_key: "<secret>"   # SecretStr or str
       region: us-east-1
-      hosted_zone_id: Z0123456789ABC   # optional; longest-suffix match over the account's zones otherwise
+      hosted_zone_id: Z0123456789ABC   # optional; else the public hosted zone named as the zone
+                                       # the core lookup finds (SOA walk)
       ttl: 60
       insync_timeout: 60               # seconds to wait for INSYNC in present (0: do not wait)
       endpoint_url: http://127.0.0.1:5000   # optional (moto in tests)
@@ -41,33 +46,50 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
 from typing import Any, ClassVar, NoReturn
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
+from certqueue import plugins
 from certqueue.dns.base import DNSProvider, Handle
 from certqueue.errors import ConfigError, ProviderError
+from certqueue.plugins import Setting, secret_value
 
 NAME = "route53"
 
-_KEYS = {
-    "propagation_timeout",
-    "polling_interval",
-    "ttl",
-    "access_key_id",
-    "secret_access_key",
-    "session_token",
-    "region",
-    "hosted_zone_id",
-    "endpoint_url",
-    "timeout",
-    "max_retries",
-    "insync_timeout",
-    "use_default_credentials",
-}
+_NUMBER = (int, float)
+SETTINGS: plugins.Table = (
+    Setting("access_key_id", (str,), "AWS access key id", secret=True, env=("AWS_ACCESS_KEY_ID",)),
+    Setting(
+        "secret_access_key", (str,), "AWS secret access key", secret=True, env=("AWS_SECRET_ACCESS_KEY",)
+    ),
+    Setting(
+        "session_token",
+        (str,),
+        "AWS session token (temporary credentials)",
+        secret=True,
+        env=("AWS_SESSION_TOKEN",),
+    ),
+    Setting(
+        "use_default_credentials",
+        (bool,),
+        "use boto3's own credential chain instead of a key",
+        default=False,
+    ),
+    Setting("region", (str,), "AWS region of the API endpoint", default="us-east-1", env=("AWS_REGION",)),
+    Setting(
+        "hosted_zone_id",
+        (str,),
+        "skip the zone lookup: write into this hosted zone",
+        env=("AWS_HOSTED_ZONE_ID",),
+    ),
+    Setting("endpoint_url", (str,), "API endpoint (moto in tests)"),
+    Setting("timeout", _NUMBER, "seconds per HTTP request", default=20.0),
+    Setting("max_retries", (int,), "botocore retries of throttling and 5xx", default=3),
+    Setting("insync_timeout", _NUMBER, "seconds present waits for INSYNC (0: do not wait)", default=60.0),
+)
 _AUTH_CODES = {
     "InvalidClientTokenId",
     "SignatureDoesNotMatch",
@@ -86,15 +108,6 @@ _TXT_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _INSYNC_POLL = 2.0
 
 
-def _secret(value: Any) -> str:
-    return str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
-
-
-def _int(value: Any, default: int) -> int:
-    """A count from settings; None or "" means the default (0 is a real value: no retries)."""
-    return default if value is None or value == "" else int(value)
-
-
 def _decode_txt(value: str) -> str:
     """``"abc" "def"`` -> ``abcdef`` (Route 53 returns TXT data in zone-file quoting)."""
     parts = _TXT_STRING.findall(value)
@@ -111,38 +124,32 @@ class Route53Provider(DNSProvider):
     name: ClassVar[str] = NAME
     default_timeout: ClassVar[tuple[float, float]] = (180.0, 5.0)
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        super().__init__(config)
-        for key in sorted(config):
-            if key not in _KEYS:
-                raise ConfigError(f"dns provider {NAME}: unknown setting {key!r}", key=f"{NAME}.{key}")
-        kwargs: dict[str, Any] = {"region_name": str(config.get("region") or "us-east-1")}
-        if not config.get("use_default_credentials"):
+    settings: ClassVar[plugins.Table] = SETTINGS
+
+    def configure(self, s: dict[str, Any]) -> None:
+        kwargs: dict[str, Any] = {"region_name": str(s["region"])}
+        if not s["use_default_credentials"]:
             for key in ("access_key_id", "secret_access_key"):
-                if not _secret(config.get(key) or ""):
+                if not secret_value(s[key]):
                     raise ConfigError(
                         f"dns provider {NAME}: missing {key} (or set use_default_credentials)",
                         key=f"{NAME}.{key}",
                     )
-            kwargs["aws_access_key_id"] = _secret(config["access_key_id"])
-            kwargs["aws_secret_access_key"] = _secret(config["secret_access_key"])
-            if config.get("session_token"):
-                kwargs["aws_session_token"] = _secret(config["session_token"])
-        timeout = float(config.get("timeout") or 20.0)
+            kwargs["aws_access_key_id"] = secret_value(s["access_key_id"])
+            kwargs["aws_secret_access_key"] = secret_value(s["secret_access_key"])
+            if s["session_token"]:
+                kwargs["aws_session_token"] = secret_value(s["session_token"])
+        timeout = float(s["timeout"])
         kwargs["config"] = botocore.config.Config(
             connect_timeout=timeout,
             read_timeout=timeout,
-            retries={"mode": "standard", "max_attempts": 1 + _int(config.get("max_retries"), 3)},
+            retries={"mode": "standard", "max_attempts": 1 + int(s["max_retries"])},
         )
-        if config.get("endpoint_url"):
-            kwargs["endpoint_url"] = str(config["endpoint_url"])
+        if s["endpoint_url"]:
+            kwargs["endpoint_url"] = str(s["endpoint_url"])
         self._client = boto3.session.Session().client("route53", **kwargs)
-        self._zone_id = _zone_id(str(config["hosted_zone_id"])) if config.get("hosted_zone_id") else None
-        self._ttl = int(config.get("ttl") or 60)
-        insync = config.get("insync_timeout")
-        self._insync_timeout = 60.0 if insync is None or insync == "" else float(insync)
-        for key in ("secret_access_key", "session_token"):
-            self.config.pop(key, None)
+        self._zone_id = _zone_id(str(s["hosted_zone_id"])) if s["hosted_zone_id"] else None
+        self._insync_timeout = float(s["insync_timeout"])
 
     def __repr__(self) -> str:
         return f"Route53Provider(hosted_zone_id={self._zone_id!r})"
@@ -151,17 +158,17 @@ class Route53Provider(DNSProvider):
 
     def present(self, fqdn: str, value: str) -> Handle:
         name = _name(fqdn)
-        zone_id = self._zone_id or self._find_zone(name)
+        zone_id = self._zone_id or self._hosted_zone(name)
         ttl, values = self._current(zone_id, name)
         change_id = None
         if value not in values:
-            change_id = self._change(zone_id, "UPSERT", name, ttl or self._ttl, [*values, value])
+            change_id = self._change(zone_id, "UPSERT", name, ttl or self.ttl, [*values, value])
             self._wait_insync(change_id)
         return {"provider": NAME, "hosted_zone_id": zone_id, "fqdn": name.rstrip("."), "change_id": change_id}
 
     def cleanup(self, fqdn: str, value: str, handle: Handle | None) -> None:
         name = _name(fqdn)
-        zone_id = (handle or {}).get("hosted_zone_id") or self._zone_id or self._find_zone(name)
+        zone_id = (handle or {}).get("hosted_zone_id") or self._zone_id or self._hosted_zone(name)
         for attempt in range(3):
             ttl, values = self._current(zone_id, name)
             if value not in values:
@@ -169,9 +176,9 @@ class Route53Provider(DNSProvider):
             rest = [v for v in values if v != value]
             try:
                 if rest:
-                    self._change(zone_id, "UPSERT", name, ttl or self._ttl, rest)
+                    self._change(zone_id, "UPSERT", name, ttl or self.ttl, rest)
                 else:  # DELETE must name the exact current values; a concurrent change makes it fail
-                    self._change(zone_id, "DELETE", name, ttl or self._ttl, values)
+                    self._change(zone_id, "DELETE", name, ttl or self.ttl, values)
                 return
             except ProviderError as exc:
                 if exc.reason != f"{NAME}:invalid_change" or attempt == 2:
@@ -190,7 +197,7 @@ class Route53Provider(DNSProvider):
         for rrset in resp.get("ResourceRecordSets", []):
             if _name(rrset["Name"]) == name and rrset["Type"] == "TXT" and "SetIdentifier" not in rrset:
                 values = [_decode_txt(r["Value"]) for r in rrset.get("ResourceRecords", [])]
-                return int(rrset.get("TTL", self._ttl)), values
+                return int(rrset.get("TTL", self.ttl)), values
         return None, []
 
     def _change(self, zone_id: str, action: str, name: str, ttl: int, values: list[str]) -> str:
@@ -225,26 +232,21 @@ class Route53Provider(DNSProvider):
                 return  # PENDING past the deadline is fine: the propagation check decides
             time.sleep(_INSYNC_POLL)
 
-    def _find_zone(self, name: str) -> str:
-        """The public hosted zone whose name is the longest suffix of ``name``."""
-        best: tuple[int, str] | None = None
+    def _hosted_zone(self, name: str) -> str:
+        """The id of the account's public hosted zone for the zone the core lookup finds."""
+        zone = _name(self.zone_of(name))
         try:
             for page in self._client.get_paginator("list_hosted_zones").paginate():
-                for zone in page.get("HostedZones", []):
-                    if zone.get("Config", {}).get("PrivateZone"):
-                        continue
-                    zname = _name(zone["Name"])
-                    if (name == zname or name.endswith("." + zname)) and (
-                        best is None or len(zname) > best[0]
-                    ):
-                        best = (len(zname), _zone_id(zone["Id"]))
+                for hz in page.get("HostedZones", []):
+                    if _name(hz["Name"]) == zone and not hz.get("Config", {}).get("PrivateZone"):
+                        return _zone_id(hz["Id"])
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             _raise(exc, "listing hosted zones")
-        if best is None:
-            raise ProviderError(
-                NAME, f"no public hosted zone holds {name.rstrip('.')}", reason=f"{NAME}:zone_not_found"
-            )
-        return best[1]
+        raise ProviderError(
+            NAME,
+            f"no public hosted zone {zone.rstrip('.')} in this account (for {name.rstrip('.')})",
+            reason=f"{NAME}:zone_not_found",
+        )
 
 
 def _name(fqdn: str) -> str:

@@ -212,3 +212,11 @@ def authoritative_nameservers(zone: str, resolver: Resolver) -> list[tuple[str, 
             f"no address for any nameserver of {_text(zname)}: {', '.join(_text(h) for h in hosts)}"
         )
     return sorted(result)
+
+
+def configured_resolver() -> Resolver:
+    """The resolver the settings name (``challenges.dns_resolvers`` and ``nameserver_port``)."""
+    from certqueue.config import get_settings
+
+    c = get_settings().challenges
+    return Resolver(nameservers=tuple(c.dns_resolvers), nameserver_port=c.nameserver_port)

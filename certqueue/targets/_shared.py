@@ -1,7 +1,7 @@
 """What every deployment target does the same way: read its settings, check a bundle, word errors.
 
-Owns no state. Each target module declares its settings as a table (name -> kind, default) and
-calls :func:`read_settings`; :func:`check_bundle` runs before anything is sent anywhere (moto does
+Owns no state. Each target module declares its settings as a table (``certqueue.plugins.Setting``)
+and calls :func:`read_settings`; :func:`check_bundle` runs before anything is sent anywhere (moto does
 not check that the key matches the certificate, real ACM and Key Vault do, and a target must fail
 the same way everywhere); :func:`safe_detail` strips anything PEM-shaped from remote error text
 before it goes into a message.
@@ -18,82 +18,35 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from certqueue import plugins
 from certqueue.errors import ConfigError, TargetError
+from certqueue.plugins import secret_value
 from certqueue.targets.base import Bundle
 
-#: keys every region entry may carry whatever its provider
+__all__ = [
+    "COMMON_KEYS",
+    "check_bundle",
+    "error",
+    "non_negative",
+    "read_settings",
+    "safe_detail",
+    "secret_value",
+]
+
+#: keys every region entry may carry whatever its provider (the deploy hook's are taken out before a
+#: target sees its settings: certqueue.targets.base.load_target)
 COMMON_KEYS = frozenset({"name", "provider"})
-
-_REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One setting of a target: accepted Python types and a default (``REQUIRED`` when none)."""
-
-    types: tuple[type, ...]
-    default: Any = _REQUIRED
-
-    @property
-    def required(self) -> bool:
-        return self.default is _REQUIRED
-
-
-REQUIRED = _REQUIRED
 
 
 def read_settings(
     target: str,
     config: Mapping[str, Any],
-    table: Mapping[str, Setting],
+    table: plugins.Table,
     aliases: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Validate ``config`` against ``table``; returns every key of ``table`` with defaults filled in.
-
-    Unknown keys, missing required keys and wrong types raise ConfigError naming the target and key.
-    ``aliases`` maps an accepted spelling to its canonical key (the guide writes both ``key_vault``
-    and ``key_vault_url``); giving both spellings is an error.
-    """
-    aliases = aliases or {}
-    where = f"target {target}"
-    values: dict[str, Any] = {}
-    for key, value in config.items():
-        canonical = aliases.get(key, key)
-        if key in COMMON_KEYS:
-            continue
-        if canonical not in table:
-            known = ", ".join(sorted(set(table) | set(aliases)))
-            raise ConfigError(f"unknown setting {key!r} for {where}; known: {known}", source=where, key=key)
-        if canonical in values:
-            raise ConfigError(
-                f"{where}: {key!r} given twice (as {canonical!r} and an alias)", source=where, key=key
-            )
-        spec = table[canonical]
-        # bool is an int: refuse True where a number is wanted
-        if value is not None and (
-            not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types)
-        ):
-            wanted = " or ".join(t.__name__ for t in spec.types)
-            raise ConfigError(
-                f"{where}: {key!r} must be {wanted}, not {type(value).__name__}", source=where, key=key
-            )
-        values[canonical] = value
-    for key, spec in table.items():
-        if values.get(key) is None:
-            if spec.required:
-                raise ConfigError(f"{where}: missing required setting {key!r}", source=where, key=key)
-            values[key] = spec.default
-    return values
-
-
-def secret_value(value: Any) -> str | None:
-    """The plain text of a secret given as pydantic ``SecretStr`` or ``str`` (None stays None)."""
-    if value is None:
-        return None
-    getter = getattr(value, "get_secret_value", None)
-    if callable(getter):
-        return str(getter())
-    return str(value)
+    """Validate ``config`` against the target's table (``certqueue.plugins.read_settings``); the
+    region's own keys are not the target's to check."""
+    return plugins.read_settings("target", target, config, table, ignore=COMMON_KEYS, aliases=aliases)
 
 
 def non_negative(target: str, settings: Mapping[str, Any], *keys: str) -> None:

@@ -16,9 +16,10 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from certqueue import plugins
 from certqueue.errors import ConfigError, TargetError
+from certqueue.plugins import Setting
 from certqueue.targets._shared import (
-    Setting,
     check_bundle,
     error,
     non_negative,
@@ -31,17 +32,19 @@ from certqueue.targets.base import Bundle, Target, leaf_fingerprint
 NAME = "aws_acm"
 TAG_CERTIFICATE_ID = "certqueue:certificate_id"
 
-SETTINGS = {
-    "region": Setting((str,), None),
-    "endpoint_url": Setting((str,), None),
-    "access_key_id": Setting((str,), None),
-    "secret_access_key": Setting((object,), None),  # str or SecretStr
-    "session_token": Setting((object,), None),
-    "tags": Setting((dict,), None),
-    "timeout": Setting((int, float), 30.0),
-    "max_retries": Setting((int,), 2),
-    "acm_enabled": Setting((bool,), True),  # the guide's flag; whether to deploy is the caller's decision
-}
+SETTINGS: plugins.Table = (
+    Setting("region", (str,), "AWS region of the ACM endpoint (the region entry's name when it is one)"),
+    Setting("endpoint_url", (str,), "API endpoint (moto in tests)"),
+    Setting("access_key_id", (str,), "AWS access key id (else boto3's own credential chain)", secret=True),
+    Setting("secret_access_key", (str,), "AWS secret access key", secret=True),
+    Setting("session_token", (str,), "AWS session token (temporary credentials)", secret=True),
+    Setting("tags", (dict,), "extra tags on the imported certificate"),
+    Setting("timeout", (int, float), "seconds per HTTP request", default=30.0),
+    Setting("max_retries", (int,), "botocore retries of throttling and 5xx", default=2),
+    Setting(
+        "acm_enabled", (bool,), "the guide's flag; whether to deploy is the caller's decision", default=True
+    ),
+)
 
 _AUTH_CODES = frozenset(
     {
@@ -85,6 +88,7 @@ T = TypeVar("T")
 
 class AWSACMTarget(Target):
     name = NAME
+    settings = SETTINGS
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

@@ -28,10 +28,11 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from certqueue import plugins
 from certqueue.errors import ConfigError, TargetError
+from certqueue.plugins import Setting
 from certqueue.targets._shared import (
     ParsedBundle,
-    Setting,
     check_bundle,
     error,
     non_negative,
@@ -43,22 +44,29 @@ from certqueue.targets.base import Bundle, Target
 
 NAME = "azure_keyvault"
 
-SETTINGS = {
-    "key_vault_url": Setting((str,), None),
-    "tenant_id": Setting((str,), None),
-    "client_id": Setting((str,), None),
-    "client_secret": Setting((object,), None),  # str or SecretStr
-    "credential": Setting((object,), None),  # an azure.core TokenCredential (tests, custom auth)
-    "certificate_name": Setting((str,), "{certificate_id}"),
-    "content_type": Setting((str,), "pem"),
-    "connection_verify": Setting((str, bool), None),
-    "authority_host": Setting((str,), None),
-    "purge": Setting((bool,), False),
-    "purge_wait_seconds": Setting((int, float), 30.0),
-    "tags": Setting((dict,), None),
-    "timeout": Setting((int, float), 30.0),
-    "max_retries": Setting((int,), 2),
-}
+SETTINGS: plugins.Table = (
+    Setting("key_vault_url", (str,), "https://<vault>.vault.azure.net (alias: key_vault)"),
+    Setting("tenant_id", (str,), "service principal: tenant"),
+    Setting("client_id", (str,), "service principal: application (client) id"),
+    Setting("client_secret", (str,), "service principal: client secret", secret=True),
+    Setting("credential", (object,), "an azure-core TokenCredential object (in-process tests, custom auth)"),
+    Setting("certificate_name", (str,), "Key Vault name, with {certificate_id}", default="{certificate_id}"),
+    Setting("content_type", (str,), "pem or pkcs12", default="pem"),
+    Setting("connection_verify", (str, bool), "CA bundle path, or false (tests)"),
+    Setting("authority_host", (str,), "Entra ID authority (sovereign clouds, tests)"),
+    Setting(
+        "purge", (bool,), "purge on remove (a soft-deleted certificate keeps its name taken)", default=False
+    ),
+    Setting(
+        "purge_wait_seconds",
+        (int, float),
+        "how long remove waits for the deletion before purging",
+        default=30.0,
+    ),
+    Setting("tags", (dict,), "extra tags on the certificate"),
+    Setting("timeout", (int, float), "seconds per HTTP request", default=30.0),
+    Setting("max_retries", (int,), "SDK retries", default=2),
+)
 ALIASES = {"key_vault": "key_vault_url"}
 
 _INVALID_NAME_CHARS = re.compile(r"[^0-9A-Za-z-]+")
@@ -75,6 +83,7 @@ def certificate_name_for(template: str, certificate_id: str) -> str:
 
 class AzureKeyVaultTarget(Target):
     name = NAME
+    settings = SETTINGS
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

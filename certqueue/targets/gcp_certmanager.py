@@ -19,26 +19,34 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from certqueue import plugins
 from certqueue.errors import ConfigError, TargetError
-from certqueue.targets._shared import Setting, check_bundle, error, non_negative, read_settings, safe_detail
+from certqueue.plugins import Setting
+from certqueue.targets._shared import check_bundle, error, non_negative, read_settings, safe_detail
 from certqueue.targets.base import Bundle, Target, leaf_fingerprint
 
 NAME = "gcp_certmanager"
 LABEL_CERTIFICATE_ID = "certqueue-certificate-id"
 
-SETTINGS = {
-    "project_id": Setting((str,), None),
-    "location": Setting((str,), "global"),
-    "api_endpoint": Setting((str,), None),
-    "credentials": Setting((object,), None),  # google.auth credentials; default: application default
-    "credentials_file": Setting((str,), None),  # a service account JSON key file
-    "anonymous": Setting((bool,), False),  # no credentials at all: for emulators and test servers only
-    "transport": Setting((str,), "rest"),
-    "labels": Setting((dict,), None),
-    "timeout": Setting((int, float), 30.0),
-    "operation_timeout": Setting((int, float), 120.0),
-    "max_retries": Setting((int,), 2),
-}
+SETTINGS: plugins.Table = (
+    Setting("project_id", (str,), "GCP project"),
+    Setting("location", (str,), "Certificate Manager location", default="global"),
+    Setting("api_endpoint", (str,), "API endpoint (tests)"),
+    Setting(
+        "credentials", (object,), "a google.auth credentials object; default: application default credentials"
+    ),
+    Setting("credentials_file", (str,), "a service account JSON key file"),
+    Setting(
+        "anonymous", (bool,), "no credentials at all: for emulators and test servers only", default=False
+    ),
+    Setting("transport", (str,), "rest or grpc", default="rest"),
+    Setting("labels", (dict,), "extra labels on the certificate"),
+    Setting("timeout", (int, float), "seconds per request", default=30.0),
+    Setting(
+        "operation_timeout", (int, float), "seconds a long-running operation is waited for", default=120.0
+    ),
+    Setting("max_retries", (int,), "retries of throttling and 5xx", default=2),
+)
 
 _ID_INVALID = re.compile(r"[^a-z0-9-]+")
 _LABEL_INVALID = re.compile(r"[^a-z0-9_-]+")
@@ -67,6 +75,7 @@ def _label_value(value: str) -> str:
 
 class GCPCertManagerTarget(Target):
     name = NAME
+    settings = SETTINGS
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

@@ -24,8 +24,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from certqueue import plugins
 from certqueue.errors import ConfigError
-from certqueue.targets._shared import REQUIRED, Setting, check_bundle, error, non_negative, read_settings
+from certqueue.plugins import Setting
+from certqueue.targets._shared import check_bundle, error, non_negative, read_settings
 from certqueue.targets.base import Bundle, Target, leaf_fingerprint
 
 NAME = "local"
@@ -33,20 +35,30 @@ CERT, CHAIN, FULLCHAIN, KEY = "cert.pem", "chain.pem", "fullchain.pem", "privkey
 RELOAD_PENDING = ".reload-pending"
 PUBLIC_MODE = 0o644
 
-SETTINGS = {
-    "path": Setting((str, os.PathLike), REQUIRED),
-    "reload_command": Setting((str, list, tuple), None),
-    "reload_timeout": Setting((int, float), 30.0),
-    "file_mode": Setting((int, str), 0o600),
-    "owner": Setting((str, int), None),
-    "group": Setting((str, int), None),
-}
+SETTINGS: plugins.Table = (
+    Setting(
+        "path",
+        (str, os.PathLike),
+        "absolute directory; each certificate gets <path>/<certificate_id>/",
+        required=True,
+    ),
+    Setting(
+        "reload_command",
+        (str, list, tuple),
+        "argv (or a string split like a shell would, never run by one) run after a change",
+    ),
+    Setting("reload_timeout", (int, float), "seconds the reload command may take", default=30.0),
+    Setting("file_mode", (int, str), "mode of privkey.pem (octal, no access for others)", default=0o600),
+    Setting("owner", (str, int), "user owning the files"),
+    Setting("group", (str, int), "group owning the files"),
+)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 
 
 class LocalFilesTarget(Target):
     name = NAME
+    settings = SETTINGS
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -121,6 +133,18 @@ class LocalFilesTarget(Target):
             raise error(
                 NAME, "io", f"cannot remove {directory}: {exc.strerror or type(exc).__name__}", retryable=True
             ) from exc
+
+    def hook_environment(self, ref: str) -> dict[str, str]:
+        """The four files' paths, and the directory as certbot's ``RENEWED_LINEAGE`` (it holds the
+        files under certbot's own names, so a certbot deploy hook finds them)."""
+        directory = self._owned(ref)
+        return {
+            "CERTQUEUE_CERT_PATH": str(directory / CERT),
+            "CERTQUEUE_CHAIN_PATH": str(directory / CHAIN),
+            "CERTQUEUE_FULLCHAIN_PATH": str(directory / FULLCHAIN),
+            "CERTQUEUE_KEY_PATH": str(directory / KEY),
+            "RENEWED_LINEAGE": str(directory),
+        }
 
     # -- files -----------------------------------------------------------------------------------
 

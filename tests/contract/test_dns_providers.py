@@ -32,6 +32,7 @@ from certqueue.dns.cloudflare import CloudflareProvider
 from certqueue.dns.propagation import check_visible, query_txt
 from certqueue.dns.rfc2136 import RFC2136Provider
 from certqueue.dns.route53 import Route53Provider
+from certqueue.dns.zones import Resolver
 from certqueue.errors import ConfigError, ProviderError
 from tests.fakes import FakeServer, Request, Response
 
@@ -70,10 +71,14 @@ class Case:
     read_values: Callable[[str], set[str]]  # the backend's TXT values at a name, read independently
     bad_credentials: Callable[[], dict[str, Any]]  # config whose credentials the backend rejects
     transient: Callable[[], dict[str, Any]]  # config (and backend state) for a failure that may pass
+    resolver: Resolver  # where the core zone lookup asks (BIND serves example.test)
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def provider(self, **overrides: Any) -> DNSProvider:
-        return CLASSES[self.name]({**self.config, **overrides})
+        return self.build({**self.config, **overrides})
+
+    def build(self, config: dict[str, Any]) -> DNSProvider:
+        return CLASSES[self.name](config, resolver=self.resolver)
 
 
 def _stub(case_cleanups: list[Callable[[], None]], status: int, code: str, message: str) -> str:
@@ -83,7 +88,7 @@ def _stub(case_cleanups: list[Callable[[], None]], status: int, code: str, messa
 
 
 @pytest.fixture(params=PROVIDERS)
-def case(request: pytest.FixtureRequest) -> Iterator[Case]:
+def case(request: pytest.FixtureRequest, bind_resolver: Resolver) -> Iterator[Case]:
     name = request.param
     if name == "rfc2136":
         bind: BindServer = request.getfixturevalue("bind")
@@ -105,6 +110,7 @@ def case(request: pytest.FixtureRequest) -> Iterator[Case]:
             transient=lambda: bind.provider_config(
                 nameserver=f"127.0.0.1:{free_port()}", zone="example.test", timeout=2
             ),
+            resolver=bind_resolver,
         )
     elif name == "route53":
         moto = request.getfixturevalue("dns_moto")
@@ -154,6 +160,7 @@ def case(request: pytest.FixtureRequest) -> Iterator[Case]:
                     cleanups, 503, "ServiceUnavailable", "Service is unavailable, try again later."
                 ),
             },
+            resolver=bind_resolver,
             cleanups=cleanups,
         )
     elif name == "cloudflare":
@@ -171,6 +178,7 @@ def case(request: pytest.FixtureRequest) -> Iterator[Case]:
             cf.values,
             bad_credentials=lambda: {**base, "api_token": "not-the-token"},
             transient=cf_transient,
+            resolver=bind_resolver,
         )
     else:
         az = request.getfixturevalue("azure_dns_api")
@@ -190,6 +198,7 @@ def case(request: pytest.FixtureRequest) -> Iterator[Case]:
             az_values,
             bad_credentials=lambda: {**base, "client_secret": "not-the-secret"},
             transient=az_transient,
+            resolver=bind_resolver,
         )
     try:
         yield c
@@ -298,7 +307,7 @@ def test_cleanup_of_a_value_never_presented(case: Case, challenge_name: str) -> 
 
 def test_bad_credentials_are_permanent_and_name_the_provider(case: Case, challenge_name: str) -> None:
     config = case.bad_credentials()
-    provider = CLASSES[case.name](config)
+    provider = case.build(config)
     with pytest.raises(ProviderError) as info:
         provider.present(challenge_name, _value())
     err = info.value
@@ -312,7 +321,7 @@ def test_bad_credentials_are_permanent_and_name_the_provider(case: Case, challen
 
 
 def test_transient_failure_is_retryable(case: Case, challenge_name: str) -> None:
-    provider = CLASSES[case.name](case.transient())
+    provider = case.build(case.transient())
     with pytest.raises(ProviderError) as info:
         provider.present(challenge_name, _value())
     assert info.value.retryable is True
@@ -321,18 +330,35 @@ def test_transient_failure_is_retryable(case: Case, challenge_name: str) -> None
     assert info.value.__cause__ is not None
 
 
-def test_missing_credential_is_a_config_error(case: Case) -> None:
+def test_missing_credential_is_a_config_error(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = next(s for s in CLASSES[case.name].settings if s.key == case.secret_key)
+    assert spec.secret
+    for var in spec.env:  # the environment fallback must not hide the missing key
+        monkeypatch.delenv(var, raising=False)
     config = {k: v for k, v in case.config.items() if k != case.secret_key}
     with pytest.raises(ConfigError) as info:
-        CLASSES[case.name](config)
+        case.build(config)
     assert case.name in str(info.value) and case.secret_key in str(info.value)
     with pytest.raises(ConfigError):
-        CLASSES[case.name]({**case.config, case.secret_key: ""})
+        case.build({**case.config, case.secret_key: ""})
+
+
+def test_credential_from_the_environment(
+    case: Case, challenge_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key left out of the settings is read from its variable (lego's names), and works."""
+    spec = next(s for s in CLASSES[case.name].settings if s.key == case.secret_key)
+    monkeypatch.setenv(spec.env[0], str(case.config[case.secret_key]))
+    provider = case.build({k: v for k, v in case.config.items() if k != case.secret_key})
+    value = _value()
+    handle = provider.present(challenge_name, value)
+    assert case.read_values(challenge_name) == {value}
+    provider.cleanup(challenge_name, value, handle)
 
 
 def test_unknown_setting_is_a_config_error(case: Case) -> None:
     with pytest.raises(ConfigError) as info:
-        CLASSES[case.name]({**case.config, "api_tokne": "typo"})
+        case.build({**case.config, "api_tokne": "typo"})
     assert case.name in str(info.value) and "api_tokne" in str(info.value)
 
 
@@ -367,13 +393,16 @@ def test_registry_lists_all_four() -> None:
 
 
 def test_load_provider_builds_each(case: Case) -> None:
-    provider = load_provider(case.name, case.config)
+    provider = load_provider(case.name, case.config, resolver=case.resolver)
     assert isinstance(provider, CLASSES[case.name])
     assert provider.name == case.name
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
-def test_load_provider_misconfigured(name: str) -> None:
+def test_load_provider_misconfigured(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for spec in CLASSES[name].settings:
+        for var in spec.env:
+            monkeypatch.delenv(var, raising=False)
     with pytest.raises(ConfigError) as info:
         load_provider(name, {})
     assert name in str(info.value)
@@ -389,26 +418,58 @@ def test_load_provider_unknown_name() -> None:
 # -- provider-specific behaviour behind the contract --------------------------------------------
 
 
-def test_rfc2136_zone_from_soa_or_settings_and_foreign_names(bind: BindServer, challenge_name: str) -> None:
+def test_rfc2136_zone_from_the_core_lookup_or_settings_and_foreign_names(
+    bind: BindServer, bind_resolver: Resolver, challenge_name: str
+) -> None:
     value = _value()
     explicit = RFC2136Provider(bind.provider_config(zone="example.test"))
     handle = explicit.present(challenge_name, value)
     assert handle["zone"] == "example.test"
-    found = RFC2136Provider(bind.provider_config())
-    found.cleanup(challenge_name, value, None)  # zone found by SOA query to the server
+    found = RFC2136Provider(bind.provider_config(), resolver=bind_resolver)
+    found.cleanup(challenge_name, value, None)  # zone found by the core lookup (SOA walk)
     assert query_txt(challenge_name, "127.0.0.1", bind.port, timeout=2)[0] == ()
 
     with pytest.raises(ProviderError) as info:
         found.present("_acme-challenge.www.not-served.test", value)
     assert info.value.reason == "rfc2136:zone_not_found" and not info.value.retryable
+    assert info.value.plugin == "rfc2136" and info.value.__cause__ is not None
     # the key may not write outside its zone: the server refuses, permanently
     with pytest.raises(ProviderError) as info:
         RFC2136Provider(bind.provider_config(zone="validation.test")).present(challenge_name, value)
     assert info.value.reason == "rfc2136:refused" and not info.value.retryable
 
 
+def test_zone_lookup_that_cannot_answer_is_retryable_and_names_the_provider(bind: BindServer) -> None:
+    nowhere = Resolver(nameservers=(f"127.0.0.1:{free_port()}",), timeout=0.3, lifetime=0.6)
+    provider = RFC2136Provider(bind.provider_config(), resolver=nowhere)
+    with pytest.raises(ProviderError) as info:
+        provider.present("_acme-challenge.www.example.test", "x")
+    assert info.value.retryable and info.value.reason == "rfc2136:zone_lookup_failed"
+    assert "rfc2136" in str(info.value) and info.value.__cause__ is not None
+
+
+def test_providers_use_the_core_zone_lookup(
+    monkeypatch: pytest.MonkeyPatch, bind: BindServer, bind_resolver: Resolver, challenge_name: str
+) -> None:
+    """No provider has a zone walk of its own: with the core lookup answering another zone, the
+    rfc2136 provider updates that zone (the server refuses it: the key may not write there)."""
+    import certqueue.dns.base as base
+
+    asked: list[str] = []
+
+    def elsewhere(fqdn: str, resolver: Resolver) -> str:
+        asked.append(fqdn)
+        return "validation.test"
+
+    monkeypatch.setattr(base, "find_zone", elsewhere)
+    with pytest.raises(ProviderError) as info:
+        RFC2136Provider(bind.provider_config(), resolver=bind_resolver).present(challenge_name, "x")
+    assert info.value.reason == "rfc2136:refused"
+    assert asked == [challenge_name]
+
+
 def test_rfc2136_unknown_key_name_is_auth(bind: BindServer, challenge_name: str) -> None:
-    provider = RFC2136Provider(bind.provider_config(tsig_key_name="someone-else"))
+    provider = RFC2136Provider(bind.provider_config(tsig_key_name="someone-else", zone="example.test"))
     with pytest.raises(ProviderError) as info:
         provider.present(challenge_name, _value())
     assert info.value.reason == "rfc2136:auth"
@@ -416,15 +477,15 @@ def test_rfc2136_unknown_key_name_is_auth(bind: BindServer, challenge_name: str)
 
 def test_rfc2136_hmac_sha512() -> None:
     with BindServer(algorithm="hmac-sha512", extra_zones=()) as server:
-        provider = RFC2136Provider(server.provider_config())
+        provider = RFC2136Provider(server.provider_config(zone="example.test"))
         provider.present("_acme-challenge.www.example.test", "sha512-value")
         assert query_txt("_acme-challenge.www.example.test", "127.0.0.1", server.port, timeout=2)[0] == (
             "sha512-value",
         )
         with pytest.raises(ProviderError) as info:  # the algorithm is part of the key
-            RFC2136Provider(server.provider_config(tsig_algorithm="hmac-sha256")).present(
-                "_acme-challenge.www.example.test", "x"
-            )
+            RFC2136Provider(
+                server.provider_config(tsig_algorithm="hmac-sha256", zone="example.test")
+            ).present("_acme-challenge.www.example.test", "x")
         assert info.value.reason == "rfc2136:auth"
 
 
@@ -439,7 +500,9 @@ def test_rfc2136_invalid_settings(bad: dict[str, str]) -> None:
     assert next(iter(bad)) in str(info.value)
 
 
-def test_route53_picks_the_longest_matching_zone(dns_moto: Any, route53_zone: str) -> None:
+def test_route53_writes_into_the_hosted_zone_of_the_zone_found(
+    dns_moto: Any, route53_zone: str, bind_resolver: Resolver
+) -> None:
     client = boto3.client(
         "route53",
         endpoint_url=dns_moto.endpoint_url,
@@ -447,19 +510,33 @@ def test_route53_picks_the_longest_matching_zone(dns_moto: Any, route53_zone: st
         aws_access_key_id="AKIDTESTING",
         aws_secret_access_key="testing",
     )
-    sub = client.create_hosted_zone(Name="sub.example.test.", CallerReference="sub")["HostedZone"]["Id"]
-    provider = Route53Provider(
-        {"access_key_id": "AKIDTESTING", "secret_access_key": "x", "endpoint_url": dns_moto.endpoint_url}
+    # BIND serves validation.test as a zone of its own; a private zone of that name is skipped
+    client.create_hosted_zone(
+        Name="validation.test.",
+        CallerReference="private",
+        HostedZoneConfig={"PrivateZone": True},
+        VPC={"VPCRegion": "us-east-1", "VPCId": "vpc-12345678"},
     )
-    handle = provider.present("_acme-challenge.www.sub.example.test", "in-sub")
-    assert handle["hosted_zone_id"] == sub.rsplit("/", 1)[-1]
+    public = client.create_hosted_zone(Name="validation.test.", CallerReference="v")["HostedZone"]["Id"]
+    provider = Route53Provider(
+        {"access_key_id": "AKIDTESTING", "secret_access_key": "x", "endpoint_url": dns_moto.endpoint_url},
+        resolver=bind_resolver,
+    )
+    handle = provider.present("_acme-challenge.www.validation.test", "in-validation")
+    assert handle["hosted_zone_id"] == public.rsplit("/", 1)[-1]
     assert handle["change_id"]
-    with pytest.raises(ProviderError) as info:
+    assert provider.present("_acme-challenge.www.example.test", "x")["hosted_zone_id"] == route53_zone
+    with pytest.raises(ProviderError) as info:  # no zone in DNS
         provider.present("_acme-challenge.elsewhere.test", "x")
     assert info.value.reason == "route53:zone_not_found"
 
 
-def test_cloudflare_zone_id_setting_skips_lookup(cloudflare_api: Any, challenge_name: str) -> None:
+def test_cloudflare_zone_id_setting_skips_lookup(
+    cloudflare_api: Any, challenge_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import certqueue.dns.base as base
+
+    monkeypatch.setattr(base, "find_zone", lambda *a: pytest.fail("zone looked up"))
     provider = CloudflareProvider(
         {
             "api_token": cloudflare_api.token,
@@ -473,9 +550,12 @@ def test_cloudflare_zone_id_setting_skips_lookup(cloudflare_api: Any, challenge_
     assert cloudflare_api.values(challenge_name) == {"direct"}
 
 
-def test_cloudflare_5xx_is_retryable(cloudflare_api: Any, challenge_name: str) -> None:
+def test_cloudflare_5xx_is_retryable(
+    cloudflare_api: Any, challenge_name: str, bind_resolver: Resolver
+) -> None:
     provider = CloudflareProvider(
-        {"api_token": cloudflare_api.token, "base_url": cloudflare_api.base_url, "max_retries": 0}
+        {"api_token": cloudflare_api.token, "base_url": cloudflare_api.base_url, "max_retries": 0},
+        resolver=bind_resolver,
     )
     cloudflare_api.fail_next(1, 502)
     with pytest.raises(ProviderError) as info:
@@ -484,15 +564,18 @@ def test_cloudflare_5xx_is_retryable(cloudflare_api: Any, challenge_name: str) -
     # the SDK's own retry absorbs a short blip when allowed to
     cloudflare_api.fail_next(1, 503, {"Retry-After": "0"})
     retrying = CloudflareProvider(
-        {"api_token": cloudflare_api.token, "base_url": cloudflare_api.base_url, "max_retries": 1}
+        {"api_token": cloudflare_api.token, "base_url": cloudflare_api.base_url, "max_retries": 1},
+        resolver=bind_resolver,
     )
     retrying.present(challenge_name, "after-blip")
     assert cloudflare_api.values(challenge_name) == {"after-blip"}
 
 
-def test_azure_concurrent_writer_is_not_lost(azure_dns_api: Any, challenge_name: str) -> None:
+def test_azure_concurrent_writer_is_not_lost(
+    azure_dns_api: Any, challenge_name: str, bind_resolver: Resolver
+) -> None:
     relative = challenge_name.removesuffix(".example.test")
-    provider = AzureDNSProvider(_azure_config(azure_dns_api))
+    provider = AzureDNSProvider(_azure_config(azure_dns_api), resolver=bind_resolver)
     provider.present(challenge_name, "ours")
     # between our GET and our PUT another worker adds its value: If-Match fails, we re-read, both stay
     azure_dns_api.race_next_write("example.test", relative, "theirs")
@@ -504,8 +587,9 @@ def test_azure_concurrent_writer_is_not_lost(azure_dns_api: Any, challenge_name:
     assert any(r.headers.get("if-match") for r in azure_dns_api.requests if r.method == "PUT")
 
 
-def test_azure_finds_zone_in_resource_group(azure_dns_api: Any) -> None:
-    provider = AzureDNSProvider(_azure_config(azure_dns_api))  # no zone_name: found by listing
+def test_azure_zone_from_the_core_lookup(azure_dns_api: Any, bind_resolver: Resolver) -> None:
+    # no zone_name: the core lookup finds example.test
+    provider = AzureDNSProvider(_azure_config(azure_dns_api), resolver=bind_resolver)
     handle = provider.present("_acme-challenge.example.test", "apex")
     assert handle["relative"] == "_acme-challenge"
     assert azure_dns_api.values("example.test", "_acme-challenge") == {"apex"}

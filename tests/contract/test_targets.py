@@ -213,10 +213,17 @@ def test_missing_setting_is_a_config_error(name: str, required: str) -> None:
     assert info.value.key == required and name in str(info.value)
 
 
-def test_wrong_type_is_a_config_error() -> None:
+@pytest.mark.parametrize("bad", ["three", True, [3]])
+def test_wrong_type_is_a_config_error(bad: Any) -> None:
     with pytest.raises(ConfigError) as info:
-        load_target("aws_acm", {"name": "us-east-1", "max_retries": "3"})
+        load_target("aws_acm", {"name": "us-east-1", "max_retries": bad})
     assert info.value.key == "max_retries"
+
+
+def test_a_number_written_as_text_is_read_as_one() -> None:
+    # what a single environment variable or ``--set key=value`` gives
+    target: Any = load_target("aws_acm", {"name": "us-east-1", "max_retries": "3", "timeout": "2.5"})
+    assert target.max_retries == 3 and target.timeout == 2.5
 
 
 def test_aws_region_defaults_to_the_entry_name() -> None:

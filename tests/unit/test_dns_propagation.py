@@ -57,7 +57,8 @@ def test_two_nameservers_value_on_one_only_is_not_visible(
 ) -> None:
     bind, fake, resolver = two_nameservers
     value = secrets.token_urlsafe(32)
-    RFC2136Provider(bind.provider_config()).present(CHALLENGE, value)  # BIND has it, ns2 does not
+    # BIND has it, ns2 does not
+    RFC2136Provider(bind.provider_config(), resolver=resolver).present(CHALLENGE, value)
     result = check_visible(CHALLENGE, value, resolver_cfg=resolver)
     assert not result.visible
     assert {(a.host, a.address) for a in result.answers} == {

@@ -35,9 +35,9 @@ Publish = Callable[[str, str], None]
 
 
 @pytest.fixture
-def publish(bind: BindServer) -> Iterator[Publish]:
+def publish(bind: BindServer, bind_resolver: Resolver) -> Iterator[Publish]:
     """Add a TXT value through the real rfc2136 provider; everything published is removed afterwards."""
-    provider = RFC2136Provider(bind.provider_config())
+    provider = RFC2136Provider(bind.provider_config(), resolver=bind_resolver)
     published: list[tuple[str, str]] = []
 
     def _publish(fqdn: str, value: str) -> None:
