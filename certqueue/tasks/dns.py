@@ -30,7 +30,7 @@ from certqueue import events
 from certqueue.config import get_settings
 from certqueue.dns.base import DNSProvider
 from certqueue.dns.propagation import check_visible
-from certqueue.dns.zones import Resolver, follow_cnames
+from certqueue.dns.zones import Resolver, configured_resolver, follow_cnames
 from certqueue.errors import CertqueueError, PermanentError
 from certqueue.lifecycle import states
 from certqueue.models import Certificate, Challenge, utcnow
@@ -41,8 +41,8 @@ log = logging.getLogger("certqueue.dns")
 
 
 def resolver_config() -> Resolver:
-    c = get_settings().challenges
-    return Resolver(nameservers=tuple(c.dns_resolvers), nameserver_port=c.nameserver_port)
+    """The resolver the settings name (the core's: ``dns.zones.configured_resolver``)."""
+    return configured_resolver()
 
 
 def provider_for(name: str) -> DNSProvider:
