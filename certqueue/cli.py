@@ -351,7 +351,7 @@ def _rate_limit_rules(settings: Any) -> list[dict[str, Any]]:
 @config.command("set")
 @click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
 def config_set(assignments: Sequence[str]) -> None:
-    """Store runtime overrides in the database; every worker sees them within seconds.
+    """Store runtime overrides (KEY=VALUE...) in the database; every worker sees them within seconds.
 
     VALUE is JSON (45, 0.5, true). Only thresholds and timers may change at runtime (automation.*,
     rate_limits counts and periods, monitoring.alert_threshold_days, ...: certqueue.runtime.RUNTIME_KEYS);
@@ -745,12 +745,15 @@ _dry_run_option = click.option(
 
 
 def _on_staging(req: Any) -> Any:
-    """``req`` ordered from its CA's staging directory."""
+    """``req`` ordered from its CA's staging directory, with no fallback (a fallback CA would issue
+    a trusted certificate the user did not ask for)."""
     import dataclasses
 
     from certqueue.cli_dryrun import staging_directory
 
-    return dataclasses.replace(req, directory_url=staging_directory(req.directory_url))
+    return dataclasses.replace(
+        req, directory_url=staging_directory(req.directory_url), fallback_directory_urls=[]
+    )
 
 
 def _dry_run(reqs: Sequence[Any], *, staging: bool, output: str) -> None:
@@ -1199,7 +1202,7 @@ def scan_cmd(limit: int | None, output: str) -> None:
 def export_cmd(
     certificate_id: str, fmt: str, out: Path, password_env: str | None, legacy: bool, force: bool
 ) -> None:
-    """Write a certificate's served issuance with its private key to OUT (mode 0600).
+    """Write CERTIFICATE_ID's served issuance with its private key to OUT (mode 0600).
 
     pem: the private key, the certificate and its chain in one file (what HAProxy and many servers
     load); pkcs12: a PFX bundle, encrypted with --password-env's password."""
@@ -1428,7 +1431,7 @@ def tokens_list(include_revoked: bool, output: str) -> None:
 @tokens.command("revoke")
 @click.argument("token_id")
 def tokens_revoke(token_id: str) -> None:
-    """Revoke a token (it stops working at once)."""
+    """Revoke TOKEN_ID (tok_...; `certqueue tokens list`): it stops working at once."""
     from certqueue.db import session_scope
     from certqueue.tokens import revoke_token
 

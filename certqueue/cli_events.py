@@ -92,7 +92,7 @@ def events_list(
 @click.argument("delivery_ids", nargs=-1, type=int)
 @click.option("--dead", is_flag=True, help="Every dead letter.")
 def events_redeliver(delivery_ids: Sequence[int], dead: bool) -> None:
-    """Send deliveries again (dead letters, or the given ids) with a fresh attempt count; the
+    """Send deliveries again (dead letters, or DELIVERY_IDS) with a fresh attempt count; the
     idempotency key stays the same, so a receiver that did get one drops the copy."""
     from certqueue import outbox
     from certqueue.db import session_scope
