@@ -966,6 +966,7 @@ def renew_cmd(
         return
     before: dict[str, int] = {}
     not_due: list[str] = []
+    asked = bool(certificate_ids)
     with session_scope() as s:  # one transaction: every request is recorded, or none
         if not certificate_ids:
             if force:
@@ -1000,7 +1001,9 @@ def renew_cmd(
             click.echo(f"{cid} is not due for renewal (use --force)")
         for cid in certificate_ids:
             click.echo(f"{cid} {'renewed' if renewed_ids is not None else 'renewal requested'}")
-        if renewed_ids is None:
+        if renewed_ids is None and not asked and not certificate_ids:
+            click.echo("no certificate is due for renewal")
+        elif renewed_ids is None:
             click.echo(f"renewal requested for {len(certificate_ids)} certificate(s)")
         else:
             click.echo(f"renewed {len(renewed_ids)} certificate(s)")

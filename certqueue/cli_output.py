@@ -187,6 +187,8 @@ class Column:
     names: bool = False
     #: an ISO timestamp: tables show it to the second, without the "T"
     when: bool = False
+    #: with ``when``: the table shows the day only (wide: to the second, tsv: the whole timestamp)
+    day: bool = False
     #: a terminal colour for a value (state colours)
     style: Mapping[str, str] | None = None
 
@@ -211,7 +213,7 @@ def _cell(column: Column, value: Any, output: str, terminal: bool) -> str:
         else:
             text = (names[0] if names else "") + (f" +{len(names) - 1}" if len(names) > 1 else "")
     elif column.when and isinstance(value, str):
-        text = value[:19].replace("T", " ")
+        text = value[:10] if column.day and output == "table" else value[:19].replace("T", " ")
     else:
         text = value_text(value)
     if terminal:
@@ -252,7 +254,7 @@ def render(
     table = Table(title=title)
     for i, c in enumerate(shown):
         if i == 0 or c.when or c.style:
-            # the id, states and times are kept whole on a terminal too: the other columns give way
+            # the id, state and times are kept whole on a terminal too: the other columns give way
             longest = max([len(c.header), *(len(_unmarked(row[i])) for row in rows)])
             table.add_column(c.header, no_wrap=True, min_width=longest)
         else:
@@ -277,14 +279,14 @@ def render(
 
 STATE_STYLES = {"ACTIVE": "green", "FAILED": "red", "REVOKED": "magenta", "EXPIRED": "red"}
 
-#: the inventory's columns: id, state, expiry, then names; wide adds the CA, challenge, renewal
-#: time and any deferral
+#: the inventory's columns: id, state, expiry (the day), then names, which fit 80 columns; wide adds
+#: the issuing CA's name, the CA (its directory's host), challenge, renewal time and any deferral
 CERTIFICATE_COLUMNS = (
     Column("id", "id"),
     Column("state", "state", style=STATE_STYLES),
-    Column("expires", "not_after", when=True),
+    Column("expires", "not_after", when=True, day=True),
     Column("names", "domains", names=True),
-    Column("issuer", "issuer_cn"),
+    Column("issuer", "issuer_cn", wide=True),
     Column("CA", "ca", wide=True),
     Column("challenge", "challenge_type", wide=True),
     Column("renew at", "renew_at", wide=True, when=True),
