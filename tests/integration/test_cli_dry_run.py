@@ -13,9 +13,7 @@ from typing import Any
 
 import pytest
 
-from certqueue import certificates
 from certqueue.db import session_scope
-from certqueue.lifecycle import states
 from certqueue.models import (
     Account,
     Certificate,
@@ -25,11 +23,10 @@ from certqueue.models import (
     Intent,
     Issuance,
     Order,
-    State,
     TlsAlpn01Token,
 )
-from tests.conftest_db import make_cert_pem
 from tests.conftest_stack import Pipeline, build_pipeline, teardown_pipeline
+from tests.unit.test_cli import active_certificate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -82,21 +79,8 @@ def test_a_dry_run_the_ca_refuses_exits_non_zero_with_its_error(ca: Pipeline) ->
     assert counts(ca) == {model.__tablename__: 0 for model in STORED}
 
 
-def _active(domains: tuple[str, ...]) -> str:
-    leaf, key = make_cert_pem(domains, days=90)
-    with session_scope() as s:
-        cert, _ = certificates.create_certificate(
-            s, certificates.CertificateRequest.build(domains=list(domains)), actor="test"
-        )
-        states.transition(s, cert, State.ISSUING)
-        iss = certificates.store_issuance(s, cert, leaf, key)
-        states.transition(s, cert, State.ISSUED)
-        certificates.activate(s, cert, iss, reason="test")
-        return cert.id
-
-
 def test_renew_dry_run_orders_the_certificates_names_and_changes_nothing(ca: Pipeline) -> None:
-    cid = _active(("renew.dry.example.test", "www.renew.dry.example.test"))
+    cid, _ = active_certificate(("renew.dry.example.test", "www.renew.dry.example.test"))
     before: dict[str, Any] = counts(ca)
     with session_scope(write=False) as s:
         c = s.get_one(Certificate, cid)
