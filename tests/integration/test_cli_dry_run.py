@@ -11,9 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.message
+import dns.query
+import dns.rdatatype
 import pytest
 
 from certqueue.db import session_scope
+from certqueue.devstack.bind import BindServer
 from certqueue.models import (
     Account,
     Certificate,
@@ -108,3 +112,78 @@ def test_staging_is_refused_for_a_ca_without_a_staging_twin(ca: Pipeline, tmp_pa
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "has no known staging directory: drop --staging" in lines[0], lines
     assert counts(ca) == before
+
+
+def test_a_stored_account_is_used_and_left_as_it_is(ca: Pipeline) -> None:
+    from certqueue.acme.accounts import client_for
+
+    with session_scope() as s:  # the account a first issuance would register
+        _client, account_id = client_for(s, ca.pebble.directory_url, "admin@example.test")
+    with session_scope(write=False) as s:
+        stored = s.get_one(Account, account_id)
+        was = (stored.account_url, stored.key_enc, stored.status)
+    before = counts(ca)
+    try:
+        r = ca.stack.cli("issue", "--dry-run", "account.dry.example.test", check=False)
+        assert r.returncode == 0, r.stderr
+        assert "throwaway account" not in r.stderr  # the stored one signed the order
+        assert ca.count(Account) == 1
+        with session_scope(write=False) as s:
+            stored = s.get_one(Account, account_id)
+            assert (stored.account_url, stored.key_enc, stored.status) == was
+        assert counts(ca) == before
+    finally:
+        from certqueue.acme.accounts import forget_account
+
+        forget_account(ca.pebble.directory_url, "admin@example.test")
+        with session_scope() as s:
+            s.delete(s.get_one(Account, account_id))
+
+
+# --- DNS-01: Pebble resolving through BIND, the TXT records written by RFC 2136 ----------------------
+
+
+@pytest.fixture(scope="module")
+def bind_server() -> Iterator[BindServer]:
+    with BindServer(zone="example.test") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dns_ca(tmp_path_factory: pytest.TempPathFactory, bind_server: BindServer) -> Iterator[Pipeline]:
+    env = {
+        "CERTQUEUE_CHALLENGES__DNS_PROVIDER": "rfc2136",
+        "CERTQUEUE_CHALLENGES__RFC2136": json.dumps(
+            bind_server.provider_config(propagation_timeout=20, polling_interval=0.3)
+        ),
+        "CERTQUEUE_CHALLENGES__DNS_RESOLVERS": json.dumps([bind_server.nameserver]),
+        "CERTQUEUE_CHALLENGES__NAMESERVER_PORT": str(bind_server.port),
+    }
+    p = build_pipeline(
+        tmp_path_factory.mktemp("dry-run-dns"),
+        backend="sqlite",
+        pools=(),
+        extra_env=env,
+        dns_server=bind_server.nameserver,
+    )
+    yield p
+    teardown_pipeline(p)
+
+
+def _txt(server: BindServer, name: str) -> list[str]:
+    q = dns.message.make_query(name, dns.rdatatype.TXT)
+    r = dns.query.udp(q, "127.0.0.1", port=server.port, timeout=2)
+    return [b"".join(rd.strings).decode() for rrset in r.answer for rd in rrset]
+
+
+def test_a_dns01_dry_run_presents_checks_and_removes_its_records(
+    dns_ca: Pipeline, bind_server: BindServer
+) -> None:
+    r = dns_ca.stack.cli(
+        "issue", "--dry-run", "*.wild.example.test", "wild.example.test", "--challenge", "dns-01", check=False
+    )
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "the CA issued a certificate" in r.stdout
+    # both names' TXT values were at BIND while the CA looked; none is left
+    assert _txt(bind_server, "_acme-challenge.wild.example.test.") == []
+    assert counts(dns_ca) == {model.__tablename__: 0 for model in STORED}

@@ -342,3 +342,33 @@ def test_render_keeps_every_value_whole_in_tsv(capsys: pytest.CaptureFixture[str
     ]
     cli_output.render(records, columns, "tsv")
     assert capsys.readouterr().out == "id\tnames\tnote\nx\ta.example,b.example\ttwo words here\n"
+
+
+@pytest.mark.parametrize(
+    ("configured", "twin"),
+    [
+        (None, LETS_ENCRYPT_STAGING),  # no CA configured: Let's Encrypt
+        ("https://acme-v02.api.letsencrypt.org/directory", LETS_ENCRYPT_STAGING),
+        (LETS_ENCRYPT_STAGING, LETS_ENCRYPT_STAGING),  # a staging directory is its own twin
+        ("https://dv.acme-v02.api.pki.goog/directory", "https://dv.acme-v02.test-api.pki.goog/directory"),
+        ("https://acme.zerossl.com/v2/DV90", None),
+        ("https://localhost:14000/dir", None),  # Pebble, a private CA
+    ],
+)
+def test_the_staging_twin_of_a_directory(configured: str | None, twin: str | None) -> None:
+    from certqueue.cli_dryrun import staging_twin
+
+    assert staging_twin(configured) == twin
+
+
+def test_show_prints_fields_then_tables(cli: Cli) -> None:
+    cid, _ = active_certificate(("show.example.com", "www.show.example.com"))
+    lines = cli.ok("show", cid).stdout.splitlines()
+    assert lines[:2] == [f"id: {cid}", "state: ACTIVE"]
+    assert "names: show.example.com, www.show.example.com" in lines
+    assert "issuances (1)" in lines and any(line.startswith("events (") for line in lines)
+    wide = cli.ok("show", cid, "-o", "wide").stdout.splitlines()
+    assert "challenge: http-01" in wide and "CA: acme-v02.api.letsencrypt.org" in wide
+    [header, row] = cli.ok("show", cid, "-o", "tsv").stdout.splitlines()
+    assert header.split("\t")[:4] == ["id", "state", "expires", "names"]
+    assert row.split("\t")[3] == "show.example.com,www.show.example.com"
