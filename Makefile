@@ -61,6 +61,9 @@ test-integration: install services
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	@# the layers (pyproject [tool.importlinter]): lifecycle pure, task modules independent, faces
+	@# call no task module, plugins import no ACME
+	$(VENV)/bin/lint-imports --no-cache
 
 ## make mutation: mutmut over the modules that decide (pyproject [tool.mutmut]), each mutant against the
 ## unit tests that reach it; report in var/mutation/report.txt. MUTANTS='certqueue.http01*' narrows it.

@@ -23,11 +23,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, intents, issuers, validation
+from certqueue import certificates, events, issuers, validation
 from certqueue.config import Settings
 from certqueue.errors import InvalidInput, InvalidTransition
 from certqueue.inventory import list_certificates
-from certqueue.lifecycle import states
 from certqueue.models import LIVE_STATES, Certificate, State
 
 DEFAULT_CERTBOT_DIR = Path("/etc/letsencrypt")
@@ -368,24 +367,21 @@ def adopt(session: Session, p: Plan, *, actor: str, settings: Settings) -> tuple
     if not created:  # the same names and key type: found above unless a request raced this one
         raise InvalidInput(f"{', '.join(p.request.domains)} is already managed ({cert.id})", field="domains")
     ext = p.external
-    states.record(
+    events.record(
         session,
         cert.id,
         "adopted",
         actor=actor,
         data={"source": p.candidate.source, "serial": ext.info.serial},
     )
-    states.transition(session, cert, State.ISSUING, reason="adopted", actor=actor)
+    events.transition(session, cert, State.ISSUING, reason="adopted", actor=actor)
     key = ext.key_pem.encode() if ext.key_pem else None
     iss = certificates.store_issuance(session, cert, ext.leaf_pem + ext.chain_pem, key, settings=settings)
-    states.transition(session, cert, State.ISSUED, reason="adopted", actor=actor)
-    cert.pending_issuance_id = iss.id
-    has_regions = bool(certificates.regions_for(cert, settings))
-    if has_regions:
-        intents.record(session, "propagate", cert.id, actor=actor)
-    if states.active_on_issue(settings.multi_region.propagation_strategy, has_regions):
-        certificates.activate(session, cert, iss, reason="adopted", settings=settings)
-    return cert, has_regions
+    events.transition(session, cert, State.ISSUED, reason="adopted", actor=actor)
+    _active, propagating = certificates.issuance_in_hand(
+        session, cert, iss, reason="adopted", actor=actor, settings=settings
+    )
+    return cert, propagating is not None
 
 
 @dataclass

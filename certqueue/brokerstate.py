@@ -1,5 +1,5 @@
-"""What the broker holds, read without Celery: the queues certqueue uses, the messages waiting in
-each, and the send time of the oldest.
+"""The broker, read without Celery: its URLs and transport options (``broker_urls``), the queues
+certqueue uses, the messages waiting in each, and the send time of the oldest.
 
 Read by ``certqueue status``, the metrics scrape and dispatch (the acme queue's depth bounds what
 it claims). It imports neither Celery nor the metrics stack, so a CLI command that shows queue
@@ -13,6 +13,8 @@ import json
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
+
+from certqueue import embedded_broker
 
 if TYPE_CHECKING:
     from certqueue.config import Settings
@@ -115,3 +117,27 @@ def queue_depths(settings: Settings) -> dict[str, int] | None:
     """Messages waiting per queue, or None when the broker cannot be reached (or is not supported)."""
     snap = broker_snapshot(settings, ages=False)
     return None if snap is None else snap[0]
+
+
+def broker_urls(settings: Settings) -> tuple[str, str, dict[str, Any]]:
+    """(broker url, result backend url, broker transport options)."""
+    url = settings.broker.url
+    opts: dict[str, Any] = {}
+    if embedded_broker.is_embedded(url):  # "", filesystem:// (kept working), certqueue-fs://
+        return embedded_broker.broker_urls(settings)
+    else:
+        opts = {"visibility_timeout": settings.broker.visibility_timeout}
+        if url.startswith(("redis", "rediss")):
+            opts.update(
+                {
+                    "socket_timeout": 15,
+                    "socket_connect_timeout": 5,
+                    "retry_on_timeout": True,
+                    "health_check_interval": 30,
+                    # kombu sets its BRPOP timeout from this (default 1 s); closing the channel at
+                    # a warm shutdown reads the BRPOP in flight, so this bounds an idle stop
+                    "polling_interval": 0.25,
+                }
+            )
+        backend = settings.broker.result_backend or (url if url.startswith(("redis", "rediss")) else "")
+    return url, backend, opts

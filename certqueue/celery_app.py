@@ -19,14 +19,15 @@ in Redis).
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
-from certqueue import embedded_broker
 from certqueue.brokerstate import SENT_AT_HEADER, queue_names
+from certqueue.brokerstate import broker_urls as broker_urls  # re-exported: its old home
 from certqueue.brokerstate import region_queue as region_queue  # re-exported: where workers look
 from certqueue.config import Settings, get_settings
 
@@ -36,30 +37,6 @@ PUBLIC_TASKS = ("certqueue.issue", "certqueue.renew", "certqueue.revoke", "certq
 MAX_COUNTDOWN = 900
 TASK_SOFT_TIME_LIMIT = 240
 TASK_TIME_LIMIT = 300
-
-
-def broker_urls(settings: Settings) -> tuple[str, str, dict[str, Any]]:
-    """(broker url, result backend url, broker transport options)."""
-    url = settings.broker.url
-    opts: dict[str, Any] = {}
-    if embedded_broker.is_embedded(url):  # "", filesystem:// (kept working), certqueue-fs://
-        return embedded_broker.broker_urls(settings)
-    else:
-        opts = {"visibility_timeout": settings.broker.visibility_timeout}
-        if url.startswith(("redis", "rediss")):
-            opts.update(
-                {
-                    "socket_timeout": 15,
-                    "socket_connect_timeout": 5,
-                    "retry_on_timeout": True,
-                    "health_check_interval": 30,
-                    # kombu sets its BRPOP timeout from this (default 1 s); closing the channel at
-                    # a warm shutdown reads the BRPOP in flight, so this bounds an idle stop
-                    "polling_interval": 0.25,
-                }
-            )
-        backend = settings.broker.result_backend or (url if url.startswith(("redis", "rediss")) else "")
-    return url, backend, opts
 
 
 def make_queues(settings: Settings) -> list[Queue]:
@@ -120,6 +97,18 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
+#: the modules whose tasks a worker runs, by name: the app is the root of the graph, and no task
+#: module imports it (or another task module); follow-ups are sent by task name
+TASK_MODULES = (
+    "certqueue.tasks.acme",
+    "certqueue.tasks.dns",
+    "certqueue.tasks.drift",
+    "certqueue.tasks.events",
+    "certqueue.tasks.propagate",
+    "certqueue.tasks.removal",
+    "certqueue.tasks.scan",
+)
+
 _stamping = False
 
 
@@ -153,14 +142,8 @@ def create_app(settings: Settings | None = None, *, tasks: bool = True) -> Celer
 
     connect_celery()
     install_celery_hooks()
-    import certqueue.tasks.acme
-    import certqueue.tasks.dns
-    import certqueue.tasks.drift
-    import certqueue.tasks.events
-    import certqueue.tasks.propagate
-    import certqueue.tasks.removal
-    import certqueue.tasks.scan  # noqa: F401
-
+    for name in TASK_MODULES:  # each registers its tasks (shared_task) as it is imported
+        importlib.import_module(name)
     return app
 
 

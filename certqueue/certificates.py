@@ -2,7 +2,7 @@
 externally issued certificates, storing issuances with their encrypted keys, and reading them back.
 
 Owns the creation of ``certificates`` rows and ``issuances`` rows. State changes go through
-``certqueue.lifecycle.states``.
+``certqueue.events``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from certqueue import issuers, solvers, validation
+from certqueue import events, intents, issuers, solvers, validation
 from certqueue.acme.identifiers import check_ip_identifiers
 from certqueue.config import Settings, get_settings
 from certqueue.errors import InvalidInput, NotFound
 from certqueue.inventory import get, list_certificates  # noqa: F401  (public names, kept here)
 from certqueue.lifecycle import renewal, states
-from certqueue.models import LIVE_STATES, Certificate, Issuance, State, utcnow
+from certqueue.models import LIVE_STATES, Certificate, Intent, Issuance, State, utcnow
 
 if TYPE_CHECKING:  # the key and certificate stack (cryptography) is imported where a PEM is read:
     # a request (the CLI's ``issue``, the API) needs none of it
@@ -49,7 +49,13 @@ def forget_keystores() -> None:
 
 
 def issuance_aad(certificate_id: str, fingerprint: str) -> bytes:
+    """What an issuance's encrypted key is bound to (AES-GCM associated data): its row, its cert."""
     return f"issuances:{certificate_id}:{fingerprint}:key".encode()
+
+
+def order_key_aad(certificate_id: str, csr_pem: str) -> bytes:
+    """What an order's encrypted key is bound to: its certificate and its CSR."""
+    return f"orders:{certificate_id}:{hashlib.sha256(csr_pem.encode()).hexdigest()}:key".encode()
 
 
 @dataclass
@@ -262,7 +268,7 @@ def create_certificate(
         if existing is None:
             raise
         return existing, False
-    states.record(
+    events.record(
         session,
         cert.id,
         "requested",
@@ -368,7 +374,32 @@ def activate(
     # ask the CA's renewal information (if it has any) soon after activation; beat does the asking
     wants_ari = cert.auto_renew and not cert.external and bool(iss.ari_cert_id)
     cert.ari_next_check_at = (now or utcnow()) if wants_ari else None
-    states.transition(session, cert, State.ACTIVE, reason=reason, data={"serial": iss.serial})
+    events.transition(session, cert, State.ACTIVE, reason=reason, data={"serial": iss.serial})
+
+
+def issuance_in_hand(
+    session: Session,
+    cert: Certificate,
+    iss: Issuance,
+    *,
+    reason: str,
+    actor: str,
+    settings: Settings | None = None,
+    strategy: str | None = None,
+) -> tuple[bool, Intent | None]:
+    """What follows a stored issuance, wherever it came from (the pipeline, an import, an adoption):
+    it is the one to deploy; a certificate with regions gets a propagate intent; it is served at once
+    when ``lifecycle.states.active_on_issue`` says so (``strategy``: the settings' propagation
+    strategy unless given), else when its regions hold it. Returns (ACTIVE now, the propagate intent
+    or None)."""
+    settings = settings or get_settings()
+    cert.pending_issuance_id = iss.id
+    has_regions = bool(regions_for(cert, settings))
+    intent = intents.record(session, "propagate", cert.id, actor=actor) if has_regions else None
+    if not states.active_on_issue(strategy or settings.multi_region.propagation_strategy, has_regions):
+        return False, intent
+    activate(session, cert, iss, reason=reason, settings=settings)
+    return True, intent
 
 
 @dataclass(frozen=True)
@@ -416,7 +447,7 @@ def read_external(
     return ExternalCertificate(leaf, chain, key, info, domains)
 
 
-def import_certificate(
+def store_external(
     session: Session,
     *,
     certificate_pem: str,
@@ -425,12 +456,13 @@ def import_certificate(
     targets: Sequence[str] = (),
     actor: str = "certqueue",
     settings: Settings | None = None,
-) -> Certificate:
-    """Import an externally issued certificate (the guide's manual EV case).
+) -> tuple[Certificate, Issuance]:
+    """Store an externally issued certificate (the guide's manual EV case) and its issuance: the
+    row goes REQUESTED -> ISSUING -> ISSUED at once. What follows (ACTIVE, or a propagation) is
+    ``issuance_in_hand``'s; ``operations.import_certificate`` is the whole import.
 
     It is monitored and propagated like any other, never renewed (there is no order to repeat); the
-    expiry alerts cover it. State goes REQUESTED -> ISSUING -> ISSUED at once, then ACTIVE after
-    propagation (or at once with no regions).
+    expiry alerts cover it.
     """
     settings = settings or get_settings()
     ext = read_external(certificate_pem, private_key_pem, chain_pem)
@@ -456,12 +488,11 @@ def import_certificate(
         session.flush()
     except IntegrityError:
         raise InvalidInput("this certificate is already imported", field="certificate_pem") from None
-    states.record(session, cert.id, "imported", actor=actor, data={"serial": info.serial})
-    states.transition(session, cert, State.ISSUING, reason="imported", actor=actor)
+    events.record(session, cert.id, "imported", actor=actor, data={"serial": info.serial})
+    events.transition(session, cert, State.ISSUING, reason="imported", actor=actor)
     iss = store_issuance(session, cert, leaf + chain, key.encode() if key else None, settings=settings)
-    states.transition(session, cert, State.ISSUED, reason="imported", actor=actor)
-    cert.pending_issuance_id = iss.id
-    return cert
+    events.transition(session, cert, State.ISSUED, reason="imported", actor=actor)
+    return cert, iss
 
 
 def _is_ip(name: str) -> bool:

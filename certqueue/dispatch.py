@@ -1,5 +1,6 @@
 """Dispatch: claim the work that may run now, and only that much. Owns the move of intents to
-``dispatched`` and of due ACTIVE certificates to RENEWING (with their RENEWING event).
+``dispatched`` and decides which due ACTIVE certificates move to RENEWING (the move and its events
+are written by ``certqueue.events.claim_renewals``).
 
 Inputs are gathered here (in-flight work per CA, the acme queue's depth including messages reserved
 or unacknowledged by workers, what is waiting); the decision is ``lifecycle.dispatch.claimable``;
@@ -14,14 +15,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from certqueue import intents
+from certqueue import events, intents
 from certqueue.config import Settings
 from certqueue.db import is_postgres
 from certqueue.lifecycle.dispatch import claimable, queue_room
-from certqueue.models import Certificate, Event, Intent, State
+from certqueue.models import Certificate, Intent, State
 
 log = logging.getLogger("certqueue.dispatch")
 
@@ -122,7 +123,8 @@ def claim_due(
 ) -> list[str]:
     """Move up to ``limit`` due ACTIVE certificates (of one CA, or any) to RENEWING; their ids.
 
-    One statement to find (index range scan, SKIP LOCKED), one to update, one for the events.
+    One statement to find (index range scan, SKIP LOCKED), then ``events.claim_renewals``: one to
+    update, one for the events.
     """
     if limit <= 0:
         return []
@@ -135,28 +137,7 @@ def claim_due(
     ids = list(session.execute(stmt).scalars())
     if not ids:
         return []
-    deadline = now + dt.timedelta(seconds=lease)
-    session.execute(
-        update(Certificate)
-        .where(Certificate.id.in_(ids), Certificate.state == State.ACTIVE)
-        .values(state=State.RENEWING, updated_at=now, work_deadline=deadline)
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(
-        insert(Event),
-        [
-            {
-                "certificate_id": i,
-                "at": now,
-                "actor": "scan",
-                "kind": "transition",
-                "from_state": "ACTIVE",
-                "to_state": "RENEWING",
-                "reason": "due",
-            }
-            for i in ids
-        ],
-    )
+    events.claim_renewals(session, ids, now, work_deadline=now + dt.timedelta(seconds=lease), actor="scan")
     return ids
 
 

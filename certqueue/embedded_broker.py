@@ -221,13 +221,3 @@ def _write_atomically(target: Path, staging: Path, data: bytes, *, fsync: bool) 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def __getattr__(name: str) -> Any:
-    """``Channel`` and ``Transport``, the kombu side (certqueue.embedded_transport), loaded on first
-    use: reading the folders (status, metrics) needs no kombu."""
-    if name in ("Channel", "Transport"):
-        from certqueue import embedded_transport
-
-        return getattr(embedded_transport, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -64,12 +64,11 @@ class RotationReport:
 def _tables() -> list[tuple[Any, Callable[[Any], bytes]]]:
     from certqueue.acme.accounts import account_aad, rollover_aad
     from certqueue.models import AccountKeyRollover
-    from certqueue.tasks.acme import order_key_aad
 
     return [
         (Issuance, lambda r: certificates.issuance_aad(r.certificate_id, r.fingerprint)),
         (Account, lambda r: account_aad(r.directory_url, r.contact)),
-        (Order, lambda r: order_key_aad(r.certificate_id, r.csr_pem)),
+        (Order, lambda r: certificates.order_key_aad(r.certificate_id, r.csr_pem)),
         (AccountKeyRollover, rollover_aad),
     ]
 

@@ -636,7 +636,7 @@ def _store_target(settings: Settings) -> tuple[str, str]:
     key = (settings.broker.url, str(settings.broker.filesystem_path))
     target = _targets.get(key)
     if target is None:
-        from certqueue.celery_app import broker_urls
+        from certqueue.brokerstate import broker_urls
 
         url, _backend, _opts = broker_urls(settings)
         if url.startswith(("redis://", "rediss://", "unix://")):
@@ -652,7 +652,7 @@ atexit.register(flush)
 
 
 def _read_store(settings: Settings) -> dict[str, dict[str, float]] | None:
-    from certqueue.celery_app import broker_urls
+    from certqueue.brokerstate import broker_urls
 
     url, _backend, _opts = broker_urls(settings)
     if url.startswith(("redis://", "rediss://", "unix://")):

@@ -7,7 +7,6 @@ order, challenge handles, deployment references) lives here, never in process me
 from __future__ import annotations
 
 import datetime as dt
-import enum
 from typing import Any
 
 from sqlalchemy import (
@@ -27,6 +26,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+# the states are values of the lifecycle; imported here under their old names (models.State, LIVE_STATES)
+from certqueue.lifecycle.states import LIVE_STATES as LIVE_STATES
+from certqueue.lifecycle.states import State as State
 
 # BIGINT primary keys on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY autoincrements)
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -54,23 +57,6 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-class State(enum.StrEnum):
-    """The guide's lifecycle states."""
-
-    REQUESTED = "REQUESTED"
-    ISSUING = "ISSUING"
-    ISSUED = "ISSUED"
-    ACTIVE = "ACTIVE"
-    RENEWING = "RENEWING"
-    REVOKED = "REVOKED"
-    EXPIRED = "EXPIRED"
-    FAILED = "FAILED"
-
-
-#: states in which a certificate row is "live" for de-duplication of requests
-LIVE_STATES = (State.REQUESTED, State.ISSUING, State.ISSUED, State.ACTIVE, State.RENEWING)
 
 
 class Base(DeclarativeBase):

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, intents, validation
+from certqueue import certificates, events, intents, validation
 from certqueue.config import Settings, get_settings
 from certqueue.errors import InvalidInput, InvalidTransition
 from certqueue.models import Certificate, Intent, State, utcnow
@@ -104,9 +105,7 @@ def request_revoke(session: Session, certificate_id: str, *, reason: str, actor:
             f"{cert.id} is {cert.state}; only an ACTIVE certificate can be revoked", reason="revoke:state"
         )
     intent = intents.record(session, "revoke", cert.id, {"reason": reason}, actor=actor)
-    from certqueue.lifecycle import states
-
-    states.record(session, cert.id, "revocation_requested", reason=reason, actor=actor)
+    events.record(session, cert.id, "revocation_requested", reason=reason, actor=actor)
     return intent
 
 
@@ -158,7 +157,7 @@ def import_certificate(
     """Import an external certificate: ACTIVE at once without regions, else ISSUED with a
     propagation intent (it becomes ACTIVE when its regions hold it)."""
     settings = settings or get_settings()
-    cert = certificates.import_certificate(
+    cert, iss = certificates.store_external(
         session,
         certificate_pem=certificate_pem,
         private_key_pem=private_key_pem,
@@ -167,13 +166,12 @@ def import_certificate(
         actor=actor,
         settings=settings,
     )
-    if not certificates.regions_for(cert, settings):
-        iss = session.get(certificates.Issuance, cert.pending_issuance_id)
-        if iss is None:  # import_certificate always sets it
-            raise RuntimeError("imported certificate has no issuance")
-        certificates.activate(session, cert, iss, reason="imported", settings=settings)
-        return cert, None
-    return cert, intents.record(session, "propagate", cert.id, actor=actor)
+    # an import with regions is served once they hold it, whatever the strategy: the guide's store
+    # waits for exactly that
+    _active, intent = certificates.issuance_in_hand(
+        session, cert, iss, reason="imported", actor=actor, settings=settings, strategy="sync"
+    )
+    return cert, intent
 
 
 def delete_certificate(
@@ -189,9 +187,6 @@ def delete_certificate(
     copies are removed from their targets (regions with ``remove_on_delete``, the default) through a
     remove intent recorded first, in the same transaction: it outlives the rows. Returns that intent
     (None when nothing is to be removed)."""
-    from sqlalchemy import delete
-
-    from certqueue.lifecycle import states
     from certqueue.removals import request_removal
 
     cert = certificates.get(session, certificate_id)
@@ -205,7 +200,7 @@ def delete_certificate(
     # the open work of the certificate ends with it; its removal is what is left
     intents.complete(session, cid, ("issue", "renew", "revoke", "propagate"), outcome="deleted")
     session.expunge(cert)
-    states.record(
+    events.record(
         session, cid, "deleted", actor=actor, reason="forced" if force else None, data={"state": was}
     )
     session.execute(

@@ -1,6 +1,6 @@
 """The outbox of lifecycle events. Owns ``event_deliveries``; nothing else writes it.
 
-``stage`` runs inside the transaction that writes an audit event (``certqueue.lifecycle.states``):
+``stage`` runs inside the transaction that writes an audit event (``certqueue.events``):
 an announced event gets one delivery row per subscriber that wants it, committed with the change
 itself or not at all. The delivery task (``certqueue.tasks.events``) then works in three steps, none
 holding a row lock across a remote call:

@@ -387,8 +387,8 @@ def rollover(account_id: int, *, key_type: str | None = None, actor: str = "cli"
     Orders in flight are unaffected (they belong to the account, not to the key); other processes
     pick the new key up when the CA first refuses the old one (``AcmeClient.key_source``).
     """
+    from certqueue import events
     from certqueue.db import session_scope
-    from certqueue.lifecycle import states
 
     settings = get_settings()
     ks = keystore(settings)
@@ -417,7 +417,7 @@ def rollover(account_id: int, *, key_type: str | None = None, actor: str = "cli"
         acct.key_type = new_type
         acct.key_changed_at = utcnow()
         row.status, row.key_enc, row.finished_at, row.error = "done", None, utcnow(), None
-        states.record(
+        events.record(
             s,
             None,
             "account",
@@ -432,8 +432,8 @@ def rollover(account_id: int, *, key_type: str | None = None, actor: str = "cli"
 def deactivate_account(account_id: int, *, actor: str = "cli") -> str:
     """Deactivate the account at its CA (for good), then mark it in the database. Certificates
     that use it fail their next ACME step with ``acme:accountDeactivated``."""
+    from certqueue import events
     from certqueue.db import session_scope
-    from certqueue.lifecycle import states
 
     settings = get_settings()
     with session_scope(write=False) as s:
@@ -446,7 +446,7 @@ def deactivate_account(account_id: int, *, actor: str = "cli") -> str:
     with session_scope() as s:
         acct = s.get_one(Account, account_id)
         acct.status, acct.deactivated_at = "deactivated", utcnow()
-        states.record(
+        events.record(
             s, None, "account", reason="deactivated", actor=actor[:128], data={"account": account_id}
         )
     forget_account(directory_url, contact)

@@ -1,7 +1,7 @@
-"""The lifecycle state machine of the guide. Owns ``certificates.state``; nothing else writes it.
-
-Only the guide's transitions are allowed. Every transition writes an ``events`` row in the same
-transaction, so the audit log and the state can never disagree.
+"""The lifecycle state machine of the guide, as values: the states, the transitions allowed between
+them, and what a state means for the pipeline. Pure: it imports nothing of the database, and it writes
+nothing. ``certqueue.events`` is the one writer of ``certificates.state`` and of ``events`` rows, and it
+refuses any move this table does not allow.
 
 A failed renewal goes RENEWING -> ACTIVE: the old issuance keeps serving (it never stopped) and the
 next attempt is scheduled; the event says why.
@@ -18,13 +18,24 @@ An event announced to subscribers (``certqueue.lifecycle.events_out``) is staged
 
 from __future__ import annotations
 
-from typing import Any
+import enum
 
-from sqlalchemy.orm import Session
 
-from certqueue import outbox
-from certqueue.errors import InvalidTransition
-from certqueue.models import Certificate, Event, State, utcnow
+class State(enum.StrEnum):
+    """The guide's lifecycle states."""
+
+    REQUESTED = "REQUESTED"
+    ISSUING = "ISSUING"
+    ISSUED = "ISSUED"
+    ACTIVE = "ACTIVE"
+    RENEWING = "RENEWING"
+    REVOKED = "REVOKED"
+    EXPIRED = "EXPIRED"
+    FAILED = "FAILED"
+
+
+#: states in which a certificate row is "live" for de-duplication of requests
+LIVE_STATES = (State.REQUESTED, State.ISSUING, State.ISSUED, State.ACTIVE, State.RENEWING)
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.REQUESTED: frozenset({State.ISSUING}),
@@ -77,50 +88,3 @@ def deployable(state: str | State, pending_issuance_id: int | None) -> bool:
     if State(state) in (State.REVOKED, State.FAILED):
         return False
     return State(state) != State.EXPIRED or pending_issuance_id is not None
-
-
-def transition(
-    session: Session,
-    cert: Certificate,
-    dst: State,
-    *,
-    reason: str | None = None,
-    actor: str = "certqueue",
-    data: dict[str, Any] | None = None,
-) -> Event:
-    """Move ``cert`` to ``dst`` and record the event, in the caller's transaction."""
-    src = State(cert.state)
-    if not can_transition(src, dst):
-        raise InvalidTransition(
-            f"{cert.id}: {src} -> {dst} is not allowed", reason=f"transition:{src}->{dst}"
-        )
-    cert.state = dst
-    cert.updated_at = utcnow()
-    ev = Event(
-        certificate_id=cert.id,
-        kind="transition",
-        from_state=src,
-        to_state=dst,
-        reason=reason,
-        actor=actor,
-        data=data,
-    )
-    session.add(ev)
-    outbox.stage(session, ev)  # subscribers hear of it in this same transaction (events out)
-    return ev
-
-
-def record(
-    session: Session,
-    certificate_id: str | None,
-    kind: str,
-    *,
-    reason: str | None = None,
-    actor: str = "certqueue",
-    data: dict[str, Any] | None = None,
-) -> Event:
-    """An event that is not a state change (renewal outcome, validation error, propagation)."""
-    ev = Event(certificate_id=certificate_id, kind=kind, reason=reason, actor=actor, data=data)
-    session.add(ev)
-    outbox.stage(session, ev)
-    return ev

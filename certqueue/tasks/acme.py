@@ -27,7 +27,7 @@ from typing import Any
 from celery import shared_task, signature
 from sqlalchemy import select
 
-from certqueue import certificates, failpoints, intents, operations, payloads, removals
+from certqueue import certificates, events, failpoints, intents, operations, payloads, removals
 from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
 from certqueue.config import get_settings
 from certqueue.db import lock_certificate, session_scope
@@ -58,7 +58,6 @@ from certqueue.tasks.pipeline import (
     cleanup_challenges,
     fail_certificate,
     open_order,
-    order_key_aad,
     rate_limiter,
     start_order,
 )
@@ -173,15 +172,15 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
         return {"certificate_id": cid, "status": "answered", "state": cert.state}
     if cert.state == State.FAILED:
         cert.attempts = 0  # a new request: automation.retry_attempts counts afresh
-        states.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
+        events.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
     if cert.state == State.REQUESTED:
-        states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
+        events.transition(session, cert, State.ISSUING, reason="issue", actor="task")
     if cert.state == State.ACTIVE and purpose == "renew":
         force = bool(job.get("force"))
         if not force and (cert.renew_at is None or cert.renew_at > utcnow()):
             intents.complete(session, cert.id, ("renew",), outcome="not_due")
             return {"certificate_id": cert.id, "status": "not_due"}
-        states.transition(
+        events.transition(
             session,
             cert,
             State.RENEWING,
@@ -398,7 +397,9 @@ def _record_validation(
         raise Wait(max(_poll_countdown(0), retry_after or 0))
     if status != "valid" or fullchain is None:
         raise PermanentError(f"unexpected order status {status}", reason="acme:orderStatus")
-    key_pem = certificates.keystore().decrypt(order.key_enc, order_key_aad(cert.id, order.csr_pem))
+    key_pem = certificates.keystore().decrypt(
+        order.key_enc, certificates.order_key_aad(cert.id, order.csr_pem)
+    )
     order.finished_at = utcnow()
     limiter = rate_limiter(session)
     validated_at = utcnow()
@@ -413,20 +414,18 @@ def _record_validation(
     iss = certificates.store_issuance(session, cert, fullchain, key_pem, order_url=order.order_url)
     _touch(cert)
     renewing = cert.state in states.RENEWAL_STATES
-    states.record(
+    events.record(
         session, cert.id, "renewal" if renewing else "issuance", reason="success", data={"serial": iss.serial}
     )
     if not renewing:
-        states.transition(session, cert, State.ISSUED, reason="issued", data={"serial": iss.serial})
-    cert.pending_issuance_id = iss.id
-    has_regions = bool(certificates.regions_for(cert))
-    if has_regions:
-        intents.record(session, "propagate", cert.id, actor="task")
-        ctx.nudge = True
-    if not states.active_on_issue(get_settings().multi_region.propagation_strategy, has_regions):
+        events.transition(session, cert, State.ISSUED, reason="issued", data={"serial": iss.serial})
+    active, propagating = certificates.issuance_in_hand(
+        session, cert, iss, reason="renewed" if renewing else "issued", actor="task", settings=get_settings()
+    )
+    if propagating is not None or active:
+        ctx.nudge = True  # a propagation to dispatch, or capacity freed for the next order
+    if not active:
         return {"certificate_id": cert.id, "status": "issued", "serial": iss.serial}
-    certificates.activate(session, cert, iss, reason="renewed" if renewing else "issued")
-    ctx.nudge = True  # capacity freed: dispatch may start the next order
     return {"certificate_id": cert.id, "status": "active", "serial": iss.serial}
 
 
@@ -451,7 +450,7 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
             order.finished_at = utcnow()
             cleanup_challenges(ctx, order)
         cert.pending_issuance_id = None
-        states.transition(session, cert, State.ACTIVE, reason="renewal abandoned for revocation")
+        events.transition(session, cert, State.ACTIVE, reason="renewal abandoned for revocation")
     if cert.state != State.ACTIVE or cert.current_issuance is None or cert.external:
         # the request was checked when it was made; the certificate changed since
         raise PermanentError(f"{cert.id} is {cert.state}: nothing to revoke", reason="revoke:state")
@@ -474,8 +473,8 @@ def _revoke_step(ctx: StepContext, payload: Any) -> dict[str, Any]:
     iss.revocation_reason = reason
     cert.renew_at = None
     cert.work_deadline = None
-    states.record(session, cert.id, "revocation", reason=reason, data={"serial": iss.serial})
-    states.transition(session, cert, State.REVOKED, reason=reason)
+    events.record(session, cert.id, "revocation", reason=reason, data={"serial": iss.serial})
+    events.transition(session, cert, State.REVOKED, reason=reason)
     intents.complete(session, cert.id, ("revoke", "renew", "propagate"), outcome="revoked")
     if removals.request_removal(session, cert.id, "revoke", actor="revocation") is not None:
         ctx.nudge = True
@@ -492,7 +491,7 @@ class RevokeTask(CertqueueTask):
         cid = args[0]["certificate_id"] if args and isinstance(args[0], dict) else None
         if cid:
             intents.complete(ctx.session, cid, ("revoke",), outcome=exc.reason, failed=True)
-            states.record(ctx.session, cid, "revocation", reason="failure", data={"reason": exc.reason})
+            events.record(ctx.session, cid, "revocation", reason="failure", data={"reason": exc.reason})
         return {"certificate_id": cid, "status": "failed", "reason": exc.reason}
 
     def on_park(self, ctx: StepContext, exc: Any, delay: float, *args: Any) -> Any:

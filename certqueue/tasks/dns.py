@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import shared_task
 
+from certqueue import events
 from certqueue.config import get_settings
 from certqueue.dns.base import DNSProvider
 from certqueue.dns.propagation import check_visible
@@ -106,7 +107,7 @@ def _wait_step(ctx: StepContext, certificate_id: str, challenge_id: int) -> dict
         ch.status = "visible"
         notes = result.notes()
         if notes:  # addresses this worker cannot route, or that stayed silent beside one that answered
-            states.record(
+            events.record(
                 ctx.session,
                 certificate_id,
                 "dns_check",

@@ -22,10 +22,9 @@ from typing import Any
 from celery import shared_task
 from sqlalchemy import select, update
 
-from certqueue import intents
+from certqueue import events, intents
 from certqueue.config import get_settings
 from certqueue.errors import CertqueueError
-from certqueue.lifecycle import states
 from certqueue.lifecycle.drift import advance, error_action, is_drift
 from certqueue.models import Certificate, Deployment, DriftCursor, State, utcnow
 from certqueue.targets.base import load_target
@@ -110,7 +109,7 @@ def _check_step(ctx: StepContext, region: str) -> dict[str, Any]:
         return {"region": region, "checked": checked, "drifted": 0, "overlap": True}
     for reason, e in sorted(errors.items()):
         log.warning("drift check in %s: %d error(s) %s", region, e["count"], reason)
-        states.record(
+        events.record(
             session,
             e["first"],
             "drift_error",
@@ -122,7 +121,7 @@ def _check_step(ctx: StepContext, region: str) -> dict[str, Any]:
         if d is None or d.status != "deployed":
             continue
         d.status = "pending"
-        states.record(session, cid, "drift", reason="drifted", data={"region": region})
+        events.record(session, cid, "drift", reason="drifted", data={"region": region})
         intents.record(session, "propagate", cid, {"regions": [region], "force": True}, actor="drift")
     if drifted:
         ctx.nudge = True

@@ -1,7 +1,7 @@
 """The ``events`` queue, driven by beat: lifecycle events out to subscribers, and the "expiring" scan.
 
 Owns nothing itself: the outbox rows belong to ``certqueue.outbox`` (claim, finish), the
-``expiring`` audit events to ``certqueue.lifecycle.states``. ``deliver`` runs three steps, each its
+``expiring`` audit events to ``certqueue.events``. ``deliver`` runs three steps, each its
 own transaction or none: claim a leased batch and commit; send it (webhooks over HTTP in threads,
 Celery subscribers published on the broker), holding no row lock; record every outcome.
 
@@ -22,12 +22,11 @@ from celery import shared_task
 from kombu import Queue
 from sqlalchemy import select
 
-from certqueue import outbox, webhooks
+from certqueue import events, outbox, webhooks
 from certqueue.config import EventsSettings, SubscriberSettings, get_settings
 from certqueue.db import session_scope
 from certqueue.errors import ConfigError
 from certqueue.health import expiring_threshold
-from certqueue.lifecycle import states
 from certqueue.models import Certificate, Event, Issuance, State, utcnow
 from certqueue.tasks.base import CertqueueTask, StepContext
 
@@ -166,7 +165,7 @@ def _expiring_step(ctx: StepContext) -> dict[str, Any]:
     for cid, iid, not_after in due:
         if f"issuance:{iid}" in seen:
             continue
-        states.record(
+        events.record(
             session,
             cid,
             "expiring",

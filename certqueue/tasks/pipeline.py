@@ -3,13 +3,12 @@ payload parsing, creating or resuming an ACME order, cleaning up challenges, rec
 failure (with CA fallback and renewal rescheduling), and naming follow-up tasks.
 
 Owns ``orders``, ``challenges`` (their ACME side) and ``http01_tokens``; state changes go through
-``certqueue.lifecycle.states`` and intents through ``certqueue.intents``.
+``certqueue.events`` and intents through ``certqueue.intents``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import random
 import secrets
@@ -21,7 +20,7 @@ from celery.canvas import Signature
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from certqueue import certificates, challenge_tokens, crypto, failpoints, intents, solvers
+from certqueue import certificates, challenge_tokens, crypto, events, failpoints, intents, solvers
 from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, ChallengeInfo, order_from_json, order_to_json
 from certqueue.acme.errors import IncompleteOrder
@@ -239,7 +238,7 @@ def defer_work(ctx: StepContext, cert: Certificate, until: dt.datetime, reason: 
         intent.status = "pending"
         intent.not_before = until
         intent.deadline = None
-    states.record(
+    events.record(
         session, cert.id, "deferred", reason=kind, data={"until": until.isoformat(), "why": reason[:256]}
     )
 
@@ -259,10 +258,6 @@ def task(name: str, *args: Any, **options: Any) -> Signature:
 def _status_name(status: Any) -> str:
     """acme's Status constants print as ``Status(pending)``; the name is what we store."""
     return str(getattr(status, "name", status))
-
-
-def order_key_aad(certificate_id: str, csr_pem: str) -> bytes:
-    return f"orders:{certificate_id}:{hashlib.sha256(csr_pem.encode()).hexdigest()}:key".encode()
 
 
 def open_order(session: Session, certificate_id: str) -> Order | None:
@@ -374,7 +369,7 @@ def _record_ordered(session: Session, cert: Certificate, order: Order, purpose: 
     """The certificate has an order at the CA: it waits for nothing else, and the event says so."""
     cert.next_attempt_at = None
     cert.waiting_reason = None
-    states.record(session, cert.id, "order", reason=purpose, data={"order": order.id, **data})
+    events.record(session, cert.id, "order", reason=purpose, data={"order": order.id, **data})
 
 
 def _find_unconfirmed(
@@ -601,7 +596,7 @@ def _prepare_order(
             account_id=account_id,
             purpose=purpose,
             csr_pem=csr,
-            key_enc=certificates.keystore().encrypt(key_pem, order_key_aad(cert.id, csr)),
+            key_enc=certificates.keystore().encrypt(key_pem, certificates.order_key_aad(cert.id, csr)),
             order_url=None,
             order_json=None,
             status="creating",
@@ -804,7 +799,7 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
             if order
             else []
         )
-        states.record(
+        events.record(
             session,
             cert.id,
             "validation_error",
@@ -814,11 +809,11 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
     if cert.state == State.REQUESTED:
         # the failure came before the task's first commit (e.g. account registration): the
         # issuance did start, and it is what failed
-        states.transition(session, cert, State.ISSUING, reason="issue", actor="task")
+        events.transition(session, cert, State.ISSUING, reason="issue", actor="task")
     nxt = next_ca(cert, exc)
     if nxt is not None and states.in_pipeline(cert.state, cert.work_deadline):
         # this CA failed for good: the same work starts again at the next CA (its own account)
-        states.record(
+        events.record(
             session, cert.id, "ca_fallback", reason=exc.reason, data={"from": cert.directory_url, "to": nxt}
         )
         cert.directory_url = nxt
@@ -834,9 +829,9 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
     if cert.state == State.ISSUING:
         cert.attempts += 1
         after = _after_failure("issue", cert.attempts)
-        states.record(session, cert.id, "issuance", reason="failure", data={"reason": exc.reason})
+        events.record(session, cert.id, "issuance", reason="failure", data={"reason": exc.reason})
         if after.give_up:
-            states.transition(session, cert, State.FAILED, reason=exc.reason)
+            events.transition(session, cert, State.FAILED, reason=exc.reason)
             intents.complete(session, cert.id, ("issue", "renew"), outcome=exc.reason, failed=True)
         else:
             retry_issuance(ctx, cert, after.delay, exc.reason)
@@ -846,8 +841,8 @@ def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError)
         cert.renew_at = utcnow() + dt.timedelta(seconds=delay)
         cert.next_attempt_at = cert.renew_at
         cert.pending_issuance_id = None
-        states.record(session, cert.id, "renewal", reason="failure", data={"reason": exc.reason})
-        states.transition(session, cert, State.ACTIVE, reason=f"renewal failed: {exc.reason}")
+        events.record(session, cert.id, "renewal", reason="failure", data={"reason": exc.reason})
+        events.transition(session, cert, State.ACTIVE, reason=f"renewal failed: {exc.reason}")
     elif expired_in_flight:
         end_expired_renewal(session, cert, exc.reason)
     return {"certificate_id": cert.id, "status": "failed", "reason": exc.reason}
@@ -883,7 +878,7 @@ def end_expired_renewal(session: Session, cert: Certificate, reason: str) -> Non
     cert.next_attempt_at = None
     cert.pending_issuance_id = None
     cert.work_deadline = None
-    states.record(session, cert.id, "renewal", reason="failure", data={"reason": reason, "expired": True})
+    events.record(session, cert.id, "renewal", reason="failure", data={"reason": reason, "expired": True})
     intents.complete(session, cert.id, ("renew",), outcome=reason, failed=True)
 
 
@@ -945,7 +940,7 @@ def park_certificate(
         intent.status = "pending"
         intent.not_before = resume
         intent.deadline = None
-    states.record(session, cert.id, "backoff", reason=exc.reason, data={"seconds": round(delay, 1)})
+    events.record(session, cert.id, "backoff", reason=exc.reason, data={"seconds": round(delay, 1)})
     ctx.wake(delay + 0.2)
     log.warning("%s: %s persists; parked for %.0fs", cert.id, exc.reason, delay)
     return {"certificate_id": cert.id, "status": "backing_off", "reason": exc.reason}

@@ -25,8 +25,8 @@ from typing import Any
 from celery import chord, shared_task
 from sqlalchemy import select
 
-from certqueue import certificates, failpoints, intents, operations, payloads
-from certqueue.celery_app import region_queue
+from certqueue import certificates, events, failpoints, intents, operations, payloads
+from certqueue.brokerstate import region_queue
 from certqueue.config import get_settings
 from certqueue.db import is_postgres, lock_certificate
 from certqueue.errors import CertqueueError, InvalidTransition, NotFound
@@ -170,7 +170,7 @@ class DeployTask(CertqueueTask):
             d.status = "failed"
             d.attempts += 1
             d.last_error = exc.reason
-        states.record(
+        events.record(
             ctx.session,
             certificate_id,
             "propagation",
@@ -244,7 +244,7 @@ def _deploy_step(ctx: StepContext, certificate_id: str, region: str, issuance_id
     d.attempts += 1
     d.last_error = None
     d.deployed_at = utcnow()
-    states.record(
+    events.record(
         session,
         certificate_id,
         "propagation",

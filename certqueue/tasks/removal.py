@@ -18,12 +18,11 @@ from typing import Any
 from celery import chord, shared_task
 from sqlalchemy import select
 
-from certqueue import intents
-from certqueue.celery_app import region_queue
+from certqueue import events, intents
+from certqueue.brokerstate import region_queue
 from certqueue.config import get_settings
 from certqueue.db import is_postgres
 from certqueue.errors import CertqueueError
-from certqueue.lifecycle import states
 from certqueue.lifecycle.removal import after_attempt
 from certqueue.models import Deployment, Intent, utcnow
 from certqueue.targets.base import load_target
@@ -53,7 +52,7 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
     known = {r.name for r in get_settings().multi_region.regions}
     gone = sorted(r for r in targets if r not in known)
     for region in gone:  # removed from the settings since: no worker holds its credentials
-        states.record(
+        events.record(
             ctx.session,
             intent.certificate_id,
             "removal",
@@ -103,10 +102,10 @@ def _remove_step(ctx: StepContext, intent_id: int, region: str) -> dict[str, Any
             d.fingerprint = None
             d.last_error = None
             d.updated_at = utcnow()
-        states.record(ctx.session, cid, "removal", reason="success", data={"region": region, "why": why})
+        events.record(ctx.session, cid, "removal", reason="success", data={"region": region, "why": why})
         return {"region": region, "status": "removed"}
     log.warning("removal of %s from %s failed: %s", cid, region, reason)
-    states.record(
+    events.record(
         ctx.session, cid, "removal", reason="failure", data={"region": region, "why": why, "reason": reason}
     )
     return {"region": region, "status": "failed", "reason": reason}

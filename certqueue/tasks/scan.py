@@ -89,7 +89,7 @@ def _expire_step(ctx: StepContext) -> dict[str, Any]:
     """Every served certificate past its notAfter shows EXPIRED: ACTIVE ones (nothing more to do)
     and RENEWING ones, whose renewal goes on (``work_deadline`` stays set; see
     ``lifecycle.states.renewal_in_flight``)."""
-    from certqueue.lifecycle import states
+    from certqueue import events
 
     now = utcnow()
     stmt = (
@@ -110,7 +110,7 @@ def _expire_step(ctx: StepContext) -> dict[str, Any]:
             renewing += 1
         else:
             cert.work_deadline = None  # nothing is working on it (a region retry ends with it)
-        states.transition(
+        events.transition(
             ctx.session,
             cert,
             State.EXPIRED,
@@ -225,7 +225,7 @@ def reconcile(self: CertqueueTask, _transient: int = 0) -> Any:
 def _drift_step(ctx: StepContext) -> dict[str, Any]:
     """One drift check per region, on the region's own queue (its pool holds the credentials);
     each goes on from the region's cursor (``certqueue.tasks.drift``)."""
-    from certqueue.celery_app import region_queue
+    from certqueue.brokerstate import region_queue
 
     regions = [r.name for r in get_settings().multi_region.regions]
     if regions:

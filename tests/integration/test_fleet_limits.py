@@ -179,7 +179,11 @@ def test_ari_window_sets_renewal_and_an_incident_renews_now_with_replaces(with_a
         assert (c.ari_window_start, c.ari_window_end) == (start, end)
         assert c.ari_explanation_url == "https://ca.test/why/1"
     shown = json.loads(p.stack.cli("show", cid, "--json").stdout)["ari_window"]
-    assert shown == {"start": start.isoformat(), "end": end.isoformat(), "explanation_url": "https://ca.test/why/1"}
+    assert shown == {
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "explanation_url": "https://ca.test/why/1",
+    }
     # an incident: the window is in the past, so renewal is due now; the new order replaces the old
     proxy.mark_incident(iss.ari_cert_id)
     with session_scope() as s:

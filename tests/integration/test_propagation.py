@@ -219,10 +219,14 @@ def test_drift_is_detected_and_redeployed(multi):
     assert sorted(result["regions"]) == sorted(REGIONS)  # one check per region, on its own queue
     with session_scope(write=False) as s:
         iss = s.get(Issuance, s.get(Certificate, cid).current_issuance_id)
+    # the files are written first, then the deployment row is recorded (the chord's body): wait for both
     multi.wait_for(
-        lambda: (edge_dir / "cert.pem").read_text().strip() == iss.cert_pem.strip(),
+        lambda: (
+            (edge_dir / "cert.pem").read_text().strip() == iss.cert_pem.strip()
+            and _deployments(cid)["edge"].attempts > before["edge"].attempts
+        ),
         timeout=60,
-        what="redeploy after drift",
+        what="redeploy after drift, recorded",
     )
     after = _deployments(cid)
     assert after["edge"].attempts == before["edge"].attempts + 1

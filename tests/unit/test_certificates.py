@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
-from certqueue import certificates, db
+from certqueue import certificates, db, operations
 from certqueue.certificates import CertificateRequest, create_certificate, decrypt_key, store_issuance
 from certqueue.config import Settings
 from certqueue.errors import InvalidInput
@@ -326,9 +326,9 @@ def test_import_of_a_fullchain_splits_the_leaf_from_its_chain(settings: Settings
     cert_pem, key_text = _signed_leaf(("full.example.com",), ca)
     fullchain = cert_pem + chain_pem
     with db.session_scope() as s:
-        cid = certificates.import_certificate(
+        cid = operations.import_certificate(
             s, certificate_pem=fullchain, private_key_pem=key_text, actor="pytest"
-        ).id
+        )[0].id
     with db.session_scope() as s:
         cert = s.get_one(Certificate, cid)
         iss = s.get_one(Issuance, cert.current_issuance_id or cert.pending_issuance_id)
@@ -336,7 +336,7 @@ def test_import_of_a_fullchain_splits_the_leaf_from_its_chain(settings: Settings
         assert iss.chain_pem.strip() == chain_pem.strip()
     other_pem, other_key = _signed_leaf(("twice.example.com",), ca)
     with pytest.raises(InvalidInput, match="fullchain") as err, db.session_scope() as s:
-        certificates.import_certificate(
+        certificates.store_external(
             s, certificate_pem=other_pem + chain_pem, private_key_pem=other_key, chain_pem=chain_pem
         )
     assert err.value.field == "chain_pem"
@@ -349,7 +349,7 @@ def test_import_is_external_and_never_renewed(settings: Settings) -> None:
     cert_pem, key_text = _signed_leaf(("ev.example.com", "www.ev.example.com"), ca)
     key_pem = key_text.encode()
     with db.session_scope() as s:
-        cert = certificates.import_certificate(
+        cert, _intent = operations.import_certificate(
             s,
             certificate_pem=cert_pem,
             private_key_pem=key_pem.decode(),
@@ -401,11 +401,11 @@ def test_an_issued_certificate_is_scheduled_for_renewal(settings: Settings) -> N
     with db.session_scope() as s:
         row = db.lock_certificate(s, cert.id)
         assert row is not None
-        from certqueue.lifecycle import states
+        from certqueue import events
 
-        states.transition(s, row, State.ISSUING)
+        events.transition(s, row, State.ISSUING)
         iss = store_issuance(s, row, cert_pem, key_pem)
-        states.transition(s, row, State.ISSUED)
+        events.transition(s, row, State.ISSUED)
         certificates.activate(s, row, iss, reason="issued")
     with db.session_scope(write=False) as s:
         row = s.get(Certificate, cert.id)
@@ -470,7 +470,7 @@ def test_import_refusals_write_nothing(settings: Settings, case: str, field: str
         kwargs["chain_pem"] = chain
     before = _counts()
     with pytest.raises(InvalidInput) as info, db.session_scope() as s:
-        certificates.import_certificate(s, **kwargs)
+        certificates.store_external(s, **kwargs)
     assert info.value.field == field, info.value
     assert "PRIVATE KEY" not in str(info.value)
     assert _counts() == before
@@ -479,11 +479,72 @@ def test_import_refusals_write_nothing(settings: Settings, case: str, field: str
 def test_importing_the_same_certificate_twice_is_refused(settings: Settings) -> None:
     cert_pem, key_pem = make_cert_pem(("twice.example.com",))
     with db.session_scope() as s:
-        certificates.import_certificate(s, certificate_pem=cert_pem, private_key_pem=key_pem.decode())
+        certificates.store_external(s, certificate_pem=cert_pem, private_key_pem=key_pem.decode())
     before = _counts()
     with pytest.raises(InvalidInput, match="already imported"), db.session_scope() as s:
-        certificates.import_certificate(s, certificate_pem=cert_pem, private_key_pem=key_pem.decode())
+        certificates.store_external(s, certificate_pem=cert_pem, private_key_pem=key_pem.decode())
     assert _counts() == before
     # the database is still usable afterwards (the failed flush did not poison the next session)
     with db.session_scope(write=False) as s:
         assert s.execute(text("SELECT count(*) FROM certificates")).scalar_one() == 1
+
+
+# --- issuance_in_hand: what follows a stored issuance, for the pipeline, import and adopt ---------
+
+# (targets, strategy) -> (ACTIVE now, a propagate intent recorded)
+IN_HAND = [
+    ([], "sync", True, False),
+    ([], "async", True, False),
+    (["web1"], "sync", False, True),
+    (["web1"], "async", True, True),
+]
+
+
+@pytest.mark.parametrize(("targets", "strategy", "active", "propagates"), IN_HAND)
+def test_an_issuance_in_hand_is_served_or_propagated_by_the_one_rule(
+    db_url: str,
+    settings_factory: Callable[..., Settings],
+    targets: list[str],
+    strategy: str,
+    active: bool,
+    propagates: bool,
+) -> None:
+    from certqueue.events import transition
+    from certqueue.models import Intent
+
+    regions = {"multi_region": {**REGIONS["multi_region"], "propagation_strategy": strategy}}
+    s_ = settings_factory(database_url=db_url, acme={"email": "ops@example.com"}, **regions)
+    leaf, key = make_cert_pem(("hand.example.com",), days=90)
+    with db.session_scope() as s:
+        cert, _ = create_certificate(
+            s, CertificateRequest.build(s_, domains=["hand.example.com"], targets=targets), actor="t"
+        )
+        transition(s, cert, State.ISSUING)
+        iss = store_issuance(s, cert, leaf, key)
+        transition(s, cert, State.ISSUED)
+        now_active, intent = certificates.issuance_in_hand(
+            s, cert, iss, reason="issued", actor="t", settings=s_
+        )
+        cid, iid = cert.id, iss.id
+    assert now_active is active and (intent is not None) is propagates
+    with db.session_scope(write=False) as s:
+        row = s.get_one(Certificate, cid)
+        assert row.state == (State.ACTIVE if active else State.ISSUED)
+        # served: the current issuance; waiting for its regions: the pending one
+        assert (row.current_issuance_id, row.pending_issuance_id) == ((iid, None) if active else (None, iid))
+        kinds = [i.kind for i in s.execute(select(Intent).where(Intent.certificate_id == cid)).scalars()]
+        assert kinds == (["propagate"] if propagates else [])
+
+
+def test_an_import_with_regions_waits_for_them_even_with_async_propagation(
+    db_url: str, settings_factory: Callable[..., Settings]
+) -> None:
+    regions = {"multi_region": {**REGIONS["multi_region"], "propagation_strategy": "async"}}
+    settings_factory(database_url=db_url, acme={"email": "ops@example.com"}, **regions)
+    leaf, key = make_cert_pem(("imp.example.com",), days=90)
+    with db.session_scope() as s:
+        cert, intent = operations.import_certificate(
+            s, certificate_pem=leaf, private_key_pem=key.decode(), targets=["web1"], actor="t"
+        )
+        assert intent is not None and intent.kind == "propagate"
+        assert cert.state == State.ISSUED and cert.pending_issuance_id is not None

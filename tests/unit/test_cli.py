@@ -24,13 +24,12 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlalchemy import func, select
 
-from certqueue import certificates, crypto
+from certqueue import certificates, crypto, events
 from certqueue.celery_app import lazy_app
 from certqueue.cli import main
 from certqueue.config import get_settings, set_settings
 from certqueue.db import dispose_all, session_scope
 from certqueue.keystore import generate_key_file
-from certqueue.lifecycle import states
 from certqueue.metrics import queue_depths
 from certqueue.models import ApiToken, Certificate, Event, RateBudget, RuntimeSetting, State, utcnow
 from certqueue.tokens import verify_token
@@ -148,9 +147,9 @@ def active_certificate(domains: tuple[str, ...] = ("active.example.com",)) -> tu
         cert, _ = certificates.create_certificate(
             s, certificates.CertificateRequest.build(domains=list(domains)), actor="test"
         )
-        states.transition(s, cert, State.ISSUING)
+        events.transition(s, cert, State.ISSUING)
         iss = certificates.store_issuance(s, cert, leaf, key)
-        states.transition(s, cert, State.ISSUED)
+        events.transition(s, cert, State.ISSUED)
         certificates.activate(s, cert, iss, reason="test")
         return cert.id, key
 

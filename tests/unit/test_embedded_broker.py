@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kombu import Connection, Exchange, Queue
 
-from certqueue import embedded_broker
+from certqueue import embedded_broker, embedded_transport
 from certqueue.celery_app import broker_urls
 from certqueue.config import BrokerSettings, Settings
 
@@ -72,7 +72,7 @@ def test_embedded_urls_map_to_the_safe_transport(tmp_path: Path, url: str) -> No
     got_url, backend, opts = broker_urls(_settings(tmp_path / "broker", url))
     assert got_url == "certqueue-fs://"
     assert Connection(got_url, transport_options=opts).transport_cls == embedded_broker.SCHEME
-    assert type(Connection(got_url, transport_options=opts).transport) is embedded_broker.Transport
+    assert type(Connection(got_url, transport_options=opts).transport) is embedded_transport.Transport
     assert opts["control_folder"].startswith(str(tmp_path))  # not ./control in the working directory
     assert backend == f"db+sqlite:///{tmp_path / 'celery-results.db'}?timeout=30"
 

@@ -15,10 +15,9 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from certqueue import metrics, migrate
+from certqueue import events, metrics, migrate
 from certqueue.config import load_settings, set_settings
 from certqueue.db import dispose_all, session_scope
-from certqueue.lifecycle import states
 from certqueue.models import Certificate, Deployment, Issuance, RateBudget, utcnow
 from tests.conftest_redis import process_redis_url
 
@@ -124,7 +123,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
             ("drift", {"region": "eu-west"}),
             ("drift_error", {"region": "eu-west", "count": 2}),
         ):
-            states.record(s, "cert_grafanaaaaaaaaaaaaa", kind, reason="success", data=data)
+            events.record(s, "cert_grafanaaaaaaaaaaaaa", kind, reason="success", data=data)
     metrics.observe("certqueue_task_duration_seconds", ["certqueue.grafana"], 0.1)
     metrics.observe_acme_request("https://ca.example.test/dir", "https://ca.example.test/new-order", 0.1)
     metrics.flush()

@@ -18,12 +18,11 @@ from sqlalchemy import insert, select
 from certqueue import certificates, db, keyrotation
 from certqueue import keystore as keyfile
 from certqueue.acme.accounts import account_aad
-from certqueue.certificates import issuance_aad
+from certqueue.certificates import issuance_aad, order_key_aad
 from certqueue.config import Settings
 from certqueue.errors import KeyStoreError
 from certqueue.keystore import KeyStore, rotate_key_file
 from certqueue.models import Account, Certificate, Issuance, Order, ProcessHeartbeat, utcnow
-from certqueue.tasks.acme import order_key_aad
 
 ISSUANCES = 2500
 ACCOUNTS = 20

@@ -18,11 +18,11 @@ import pytest
 from sqlalchemy import select
 
 from certqueue import db, keyrotation
+from certqueue.certificates import order_key_aad
 from certqueue.config import Settings
 from certqueue.errors import KeyStoreError
 from certqueue.keystore import KeyStore
 from certqueue.models import Certificate, Order, utcnow
-from certqueue.tasks.pipeline import order_key_aad
 
 CERT = "cert_retiretest0000001"
 

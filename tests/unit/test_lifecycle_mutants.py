@@ -12,9 +12,9 @@ import math
 import pytest
 from sqlalchemy import select
 
+from certqueue import events
 from certqueue.config import Settings
 from certqueue.db import session_scope
-from certqueue.lifecycle import states
 from certqueue.lifecycle.ari_policy import RenewalInfo
 from certqueue.lifecycle.backoff import backoff
 from certqueue.lifecycle.renewal import renew_at
@@ -107,8 +107,8 @@ def test_renewal_info_from_json_reads_retry_after(raw: object, expected: float |
 
 def test_record_stores_every_field_it_is_given(db_settings: Settings) -> None:
     with session_scope() as s:
-        states.record(s, "cert_x", "renewal", reason="due", actor="scan", data={"attempt": 2})
-        states.record(s, None, "validation_error")
+        events.record(s, "cert_x", "renewal", reason="due", actor="scan", data={"attempt": 2})
+        events.record(s, None, "validation_error")
     with session_scope(write=False) as s:
         rows = s.execute(select(Event).order_by(Event.id)).scalars().all()
         got = [(e.certificate_id, e.kind, e.reason, e.actor, e.data) for e in rows]
@@ -125,7 +125,7 @@ def test_transition_records_certqueue_as_the_default_actor(db_settings: Settings
     with session_scope() as s:
         cert = s.get(Certificate, "cert_t")
         assert cert is not None
-        states.transition(s, cert, State.ISSUING)
+        events.transition(s, cert, State.ISSUING)
     with session_scope(write=False) as s:
         (ev,) = s.execute(select(Event).where(Event.certificate_id == "cert_t")).scalars().all()
         assert (ev.from_state, ev.to_state, ev.actor) == ("REQUESTED", "ISSUING", "certqueue")

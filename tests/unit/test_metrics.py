@@ -24,11 +24,10 @@ from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from certqueue import __version__, certificates, metrics
+from certqueue import __version__, certificates, events, metrics
 from certqueue.config import Settings
 from certqueue.db import session_scope
 from certqueue.devstack.ports import free_port
-from certqueue.lifecycle import states
 from certqueue.models import Certificate, Deployment, Issuance, RateBudget, State, utcnow
 from tests.conftest_redis import process_redis_url
 
@@ -119,18 +118,18 @@ def test_fleet_and_events(db: Path, install: Callable[..., Settings]) -> None:
             ("issuance", "failure", 1),
         ):
             for _ in range(n):
-                states.record(s, a, kind, reason=reason)
+                events.record(s, a, kind, reason=reason)
         for typ, n in (("http-01", 2), ("dns-01", 1)):
             for _ in range(n):
-                states.record(s, a, "validation_error", reason="acme:unauthorized", data={"type": typ})
+                events.record(s, a, "validation_error", reason="acme:unauthorized", data={"type": typ})
         for region, reason, n in (
             ("eu-west", "success", 5),
             ("eu-west", "failure", 1),
             ("us-east", "success", 2),
         ):
             for _ in range(n):
-                states.record(s, a, "propagation", reason=reason, data={"region": region})
-        states.record(s, a, "transition", reason="noise")  # other kinds are not counted
+                events.record(s, a, "propagation", reason=reason, data={"region": region})
+        events.record(s, a, "transition", reason="noise")  # other kinds are not counted
         for cid, region, status, age_min in (
             (a, "eu-west", "deployed", 1),
             (b, "eu-west", "pending", 40),
@@ -500,12 +499,12 @@ def _fill_every_family(settings: Settings) -> None:
     """A certificate, events, a queued message and one latency of each kind: no family empty."""
     add(["lint.example.com"], State.ACTIVE, 30)
     with session_scope() as s:
-        states.record(s, None, "renewal", reason="success")
-        states.record(s, None, "propagation", reason="success", data={"region": "eu-west"})
-        states.record(s, None, "validation_error", reason="acme:x", data={"type": "dns-01"})
-        states.record(s, None, "removal", reason="success", data={"region": "eu-west", "why": "revoke"})
-        states.record(s, None, "drift", reason="drifted", data={"region": "eu-west"})
-        states.record(s, None, "drift_error", reason="aws_acm:auth", data={"region": "eu-west", "count": 3})
+        events.record(s, None, "renewal", reason="success")
+        events.record(s, None, "propagation", reason="success", data={"region": "eu-west"})
+        events.record(s, None, "validation_error", reason="acme:x", data={"type": "dns-01"})
+        events.record(s, None, "removal", reason="success", data={"region": "eu-west", "why": "revoke"})
+        events.record(s, None, "drift", reason="drifted", data={"region": "eu-west"})
+        events.record(s, None, "drift_error", reason="aws_acm:auth", data={"region": "eu-west", "count": 3})
     metrics.observe("certqueue_task_duration_seconds", ["certqueue.lint"], 0.02, settings)
     metrics.observe_acme_request("https://acme.example.test/dir", "https://acme.example.test/new-order", 0.03)
     metrics.flush(settings)

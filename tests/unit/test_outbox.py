@@ -11,13 +11,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from certqueue import outbox
+from certqueue import events, outbox
 from certqueue.certificates import CertificateRequest, create_certificate
 from certqueue.cli import main
 from certqueue.config import SubscriberSettings, load_settings
 from certqueue.db import session_scope
 from certqueue.errors import ConfigError, InvalidInput
-from certqueue.lifecycle import states
 from certqueue.models import Certificate, EventDelivery, State, utcnow
 
 HOOK = {"name": "hook", "kind": "webhook", "url": "http://127.0.0.1:9/h", "secret": "s3cret"}
@@ -45,8 +44,8 @@ def _rows() -> list[EventDelivery]:
 def test_announced_events_are_staged_per_subscriber_in_the_same_transaction(events_db: Any) -> None:
     with session_scope() as s:
         cert = _cert(s)  # "requested" is not announced
-        states.transition(s, cert, State.ISSUING, reason="issue")  # not announced
-        states.record(s, cert.id, "issuance", reason="success", data={"serial": "ab", "secret": "x"})
+        events.transition(s, cert, State.ISSUING, reason="issue")  # not announced
+        events.record(s, cert.id, "issuance", reason="success", data={"serial": "ab", "secret": "x"})
         cid = cert.id
     rows = _rows()
     assert [(r.subscriber, r.event_type) for r in rows] == [("hook", "issued")]  # svc wants revoked only
@@ -57,13 +56,13 @@ def test_announced_events_are_staged_per_subscriber_in_the_same_transaction(even
 
     with pytest.raises(RuntimeError), session_scope() as s:
         c = s.get(Certificate, cid)
-        states.transition(s, c, State.FAILED, reason="acme:rejectedIdentifier")
+        events.transition(s, c, State.FAILED, reason="acme:rejectedIdentifier")
         raise RuntimeError("rolled back")
     assert len(_rows()) == 1
 
     with session_scope() as s:
         c = s.get(Certificate, cid)
-        states.transition(s, c, State.FAILED, reason="acme:rejectedIdentifier")
+        events.transition(s, c, State.FAILED, reason="acme:rejectedIdentifier")
     failed = _rows()[-1]
     assert failed.event_type == "failed"
     assert failed.data == {"reason": "acme:rejectedIdentifier", "stage": "issue"}
@@ -73,15 +72,15 @@ def test_no_subscribers_no_rows(db_url: str, settings_factory: Any) -> None:
     settings_factory(database_url=db_url)
     with session_scope() as s:
         cert = _cert(s)
-        states.transition(s, cert, State.ISSUING)
-        states.transition(s, cert, State.FAILED, reason="x")
+        events.transition(s, cert, State.ISSUING)
+        events.transition(s, cert, State.FAILED, reason="x")
     assert _rows() == []
 
 
 def _stage_issued() -> str:
     with session_scope() as s:
         cert = _cert(s)
-        states.record(s, cert.id, "issuance", reason="success", data={"serial": "01"})
+        events.record(s, cert.id, "issuance", reason="success", data={"serial": "01"})
         return cert.id
 
 

@@ -11,11 +11,12 @@ import itertools
 import pytest
 from sqlalchemy import func, select
 
-from certqueue import db
+from certqueue import db, events
 from certqueue.config import Settings
 from certqueue.errors import InvalidTransition
+from certqueue.events import transition
 from certqueue.lifecycle import states
-from certqueue.lifecycle.states import TERMINAL, TRANSITIONS, can_transition, transition
+from certqueue.lifecycle.states import TERMINAL, TRANSITIONS, can_transition
 from certqueue.models import Certificate, Event, State
 
 S = State
@@ -198,11 +199,11 @@ def test_a_full_lifecycle_leaves_an_ordered_audit_trail(db_settings: Settings) -
             assert cert is not None
             transition(s, cert, dst)
     with db.session_scope() as s:
-        states.record(s, cid, "renewal", reason="not a state change")
-    events = _events(cid)
-    moves = [(e.from_state, e.to_state) for e in events if e.kind == "transition"]
+        events.record(s, cid, "renewal", reason="not a state change")
+    trail = _events(cid)
+    moves = [(e.from_state, e.to_state) for e in trail if e.kind == "transition"]
     assert moves == list(zip([S.REQUESTED, *path[:-1]], path, strict=True))
-    assert events[-1].kind == "renewal" and events[-1].from_state is None and events[-1].to_state is None
+    assert trail[-1].kind == "renewal" and trail[-1].from_state is None and trail[-1].to_state is None
     with db.session_scope() as s:
         cert = db.lock_certificate(s, cid)
         assert cert is not None

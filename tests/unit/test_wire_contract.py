@@ -412,18 +412,17 @@ def worker(
 
 
 def _active(name: str) -> str:
-    from certqueue import certificates
+    from certqueue import certificates, events
     from certqueue.db import session_scope
-    from certqueue.lifecycle import states
     from certqueue.models import State
     from tests.conftest_db import make_cert_pem
 
     leaf, key = make_cert_pem((name,), days=90)
     with session_scope() as s:
         cert, _ = certificates.create_certificate(s, CertificateRequest.build(domains=[name]), actor="test")
-        states.transition(s, cert, State.ISSUING)
+        events.transition(s, cert, State.ISSUING)
         iss = certificates.store_issuance(s, cert, leaf, key)
-        states.transition(s, cert, State.ISSUED)
+        events.transition(s, cert, State.ISSUED)
         certificates.activate(s, cert, iss, reason="test")
         return cert.id
 
