@@ -83,16 +83,19 @@ def _unmarked(text: str) -> str:
     return Text.from_markup(text).plain
 
 
-def _one_line(value: str) -> str:
-    return " ".join(_unmarked(value).split())  # one line per row, whatever a value holds
+def _one_line(value: str, *, markup: bool = True) -> str:
+    # one line per row, whatever a value holds
+    return " ".join((_unmarked(value) if markup else value).split())
 
 
 class PlainTable:
     """A table kept as text: drawn by rich on a terminal, printed as plain lines otherwise (its
     title, the column names, then one line per row, tab-separated, every value whole)."""
 
-    def __init__(self, title: str | None = None, **options: Any) -> None:
+    def __init__(self, title: str | None = None, *, markup: bool = True, **options: Any) -> None:
         self.title = title
+        #: False: the cells are data, printed as they are (a name or value holding "[x]" keeps it)
+        self.markup = markup
         self.options = options
         self.columns: list[tuple[str, dict[str, Any]]] = []
         self.rows: list[list[str]] = []
@@ -109,7 +112,8 @@ class PlainTable:
         click.echo("\t".join(_one_line(h) for h, _ in self.columns))
         for row in self.rows:
             # a cell drawn on several lines (every name in wide) is one comma-joined value here
-            click.echo("\t".join(_one_line(", ".join(cell.splitlines())) for cell in row))
+            cells = (", ".join(cell.splitlines()) for cell in row)
+            click.echo("\t".join(_one_line(cell, markup=self.markup) for cell in cells))
         click.echo("")
 
     def rich(self) -> Any:
@@ -123,9 +127,9 @@ class PlainTable:
         return table
 
 
-def Table(title: str | None = None, **options: Any) -> PlainTable:
+def Table(title: str | None = None, *, markup: bool = True, **options: Any) -> PlainTable:
     """A table for ``console.print`` (rich's Table options: title, show_lines, ...)."""
-    return PlainTable(title, **options)
+    return PlainTable(title, markup=markup, **options)
 
 
 console: Any = _LazyConsole()
@@ -251,7 +255,7 @@ def render(
     terminal = stdout_is_terminal()
     shown = [c for c in columns if output == "wide" or not c.wide]
     rows = [[_cell(c, r.get(c.key), output, terminal) for c in shown] for r in records]
-    table = Table(title=title)
+    table = Table(title=title, markup=terminal)  # on a terminal the cells are escaped (_cell)
     for i, c in enumerate(shown):
         if i == 0 or c.when or c.style:
             # the id, state and times are kept whole on a terminal too: the other columns give way

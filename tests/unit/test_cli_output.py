@@ -372,3 +372,15 @@ def test_show_prints_fields_then_tables(cli: Cli) -> None:
     [header, row] = cli.ok("show", cid, "-o", "tsv").stdout.splitlines()
     assert header.split("\t")[:4] == ["id", "state", "expires", "names"]
     assert row.split("\t")[3] == "show.example.com,www.show.example.com"
+
+
+def test_a_value_that_looks_like_markup_is_printed_as_it_is(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = [{"id": "x", "note": "[bold]not a style[/] [red]"}]
+    columns = [cli_output.Column("id", "id"), cli_output.Column("note", "note")]
+    cli_output.render(records, columns, "table", title="t")  # piped
+    assert capsys.readouterr().out.splitlines()[2] == "x\t[bold]not a style[/] [red]"
+    _on_a_terminal(monkeypatch)
+    cli_output.render(records, columns, "table", title="t")
+    assert "[bold]not a style[/] [red]" in click.unstyle(capsys.readouterr().out)
