@@ -307,14 +307,14 @@ def config_show(ctx: click.Context, output: str) -> None:
         ]
         print_tsv(records, [Column("key", "key"), Column("value", "value"), Column("source", "source")])
         return
-    table = Table(title="certqueue settings", show_lines=False)
+    table = Table(title="certqueue settings", show_lines=False, markup=False)
     table.add_column("key")
     table.add_column("value", overflow="fold")
     table.add_column("source", style="dim")
     for key, item in dump.items():
         table.add_row(key, json.dumps(item["value"], default=str), item["source"])
     cli_output.console.print(table)
-    limits = Table(title="client-side rate limits per CA", show_lines=False)
+    limits = Table(title="client-side rate limits per CA", show_lines=False, markup=False)
     for column in ("CA directory", "rules", "limits", "why"):
         limits.add_column(column, overflow="fold")
     for r in rules:
@@ -1341,7 +1341,7 @@ def status_cmd(ctx: click.Context, due_within: float, output: str) -> None:
         highlight=False,
     )
     if waiting:
-        wt = Table(title=f"waiting ({len(waiting)})")
+        wt = Table(title=f"waiting ({len(waiting)})", markup=False)
         for col in ("id", "names", "why"):
             wt.add_column(col, overflow="fold")
         for w in waiting:

@@ -122,8 +122,14 @@ class PlainTable:
         table = RichTable(title=self.title, **self.options)
         for header, options in self.columns:
             table.add_column(header, **options)
-        for row in self.rows:
-            table.add_row(*row)
+        if self.markup:
+            for row in self.rows:
+                table.add_row(*row)
+        else:
+            from rich.text import Text
+
+            for row in self.rows:
+                table.add_row(*(Text(cell) for cell in row))
         return table
 
 

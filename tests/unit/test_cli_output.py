@@ -384,3 +384,12 @@ def test_a_value_that_looks_like_markup_is_printed_as_it_is(
     _on_a_terminal(monkeypatch)
     cli_output.render(records, columns, "table", title="t")
     assert "[bold]not a style[/] [red]" in click.unstyle(capsys.readouterr().out)
+
+
+def test_config_show_prints_values_as_they_are(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CERTQUEUE_ACME__PROFILE", "[red]x")
+    for terminal in (False, True):
+        if terminal:
+            _on_a_terminal(monkeypatch)
+        text = click.unstyle(cli.ok("config", "show").stdout)
+        assert '"[red]x"' in text, text
