@@ -11,9 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dns.message
-import dns.query
-import dns.rdatatype
 import pytest
 
 from certqueue.db import session_scope
@@ -30,6 +27,7 @@ from certqueue.models import (
     TlsAlpn01Token,
 )
 from tests.conftest_stack import Pipeline, build_pipeline, teardown_pipeline
+from tests.integration.test_dns01 import _txt
 from tests.unit.test_cli import active_certificate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -168,12 +166,6 @@ def dns_ca(tmp_path_factory: pytest.TempPathFactory, bind_server: BindServer) ->
     )
     yield p
     teardown_pipeline(p)
-
-
-def _txt(server: BindServer, name: str) -> list[str]:
-    q = dns.message.make_query(name, dns.rdatatype.TXT)
-    r = dns.query.udp(q, "127.0.0.1", port=server.port, timeout=2)
-    return [b"".join(rd.strings).decode() for rrset in r.answer for rd in rrset]
 
 
 def test_a_dns01_dry_run_presents_checks_and_removes_its_records(
