@@ -572,7 +572,7 @@ def _ca_of(directory_url: str | None) -> str:
 @click.argument("certificate_id")
 @output_option
 def show_cmd(certificate_id: str, output: str) -> None:
-    """CERTIFICATE_ID (cert_...): one certificate with its issuances, deployments and recent events."""
+    """One certificate, CERTIFICATE_ID (cert_...), with its issuances, deployments and recent events."""
     from sqlalchemy import select
 
     from certqueue import inventory
