@@ -21,7 +21,34 @@ from typing import Any
 
 import click
 
-from certqueue import __version__
+from certqueue import (
+    __version__,
+    cli_accounts,
+    cli_adopt,
+    cli_events,
+    cli_issuers,
+    cli_output,
+    cli_responders,
+)
+from certqueue.cli_ops import cli_actor as _cli_actor
+from certqueue.cli_ops import nudge as _nudge
+from certqueue.cli_output import (
+    EXIT_DEFERRED,
+    EXIT_FAILED,
+    EXIT_INPUT,
+    EXIT_NOT_FOUND,
+    EXIT_TIMEOUT,
+    Column,
+    Table,
+    err_console,
+    output_option,
+    print_inventory,
+    print_tsv,
+    render,
+    waiting_text,
+)
+from certqueue.cli_output import fail as _fail
+from certqueue.cli_output import print_json as _print_json
 from certqueue.errors import (
     CertqueueError,
     ConfigError,
@@ -30,91 +57,6 @@ from certqueue.errors import (
     KeyStoreError,
     NotFound,
 )
-
-
-class _LazyConsole:
-    """A rich Console built on first use: a command that prints JSON (or nothing) does not import
-    rich, which costs every command tens of milliseconds."""
-
-    def __init__(self, **options: Any) -> None:
-        self._options = options
-        self._console: Any = None
-
-    def _get(self) -> Any:
-        if self._console is None:
-            from rich.console import Console
-
-            options = dict(self._options)
-            if not options.get("stderr") and not _stdout_is_terminal():
-                options.setdefault("soft_wrap", True)  # a line piped is one line, not folded at 80
-            self._console = Console(**options)
-        return self._console
-
-    def print(self, *objects: Any, **kwargs: Any) -> None:
-        """Tables print as tab-separated lines when stdout is not a terminal (a pipe, a file): every
-        value whole on its line, for grep, cut and awk, with no box drawing and no folding at 80
-        columns. A terminal gets the drawn table."""
-        if objects and not self._options.get("stderr") and not _stdout_is_terminal():
-            from rich.table import Table as RichTable
-
-            if all(isinstance(o, RichTable) for o in objects):
-                for table in objects:
-                    _print_plain_table(table)
-                return
-        self._get().print(*objects, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._get(), name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("_"):
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self._get(), name, value)
-
-
-def _stdout_is_terminal() -> bool:
-    try:
-        return sys.stdout.isatty()
-    except (AttributeError, ValueError):  # replaced or closed
-        return False
-
-
-def _plain(cell: Any) -> str:
-    from rich.text import Text
-
-    text = cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
-    return " ".join(text.split())  # one line per row, whatever a value holds
-
-
-def _print_plain_table(table: Any) -> None:
-    """A rich Table as lines: its title, the column names, then one line per row, tab-separated."""
-    columns = list(table.columns)
-    if table.title:
-        click.echo(_plain(table.title))
-    click.echo("\t".join(_plain(c.header) for c in columns))
-    for row in zip(*(list(c.cells) for c in columns), strict=True):
-        click.echo("\t".join(_plain(cell) for cell in row))
-    click.echo("")
-
-
-def Table(*args: Any, **kwargs: Any) -> Any:  # rich's class, imported when a table is drawn
-    from rich.table import Table as RichTable
-
-    return RichTable(*args, **kwargs)
-
-
-console: Any = _LazyConsole()
-err_console: Any = _LazyConsole(stderr=True)
-
-EXIT_FAILED, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_DEFERRED = 1, 2, 3, 4, 5
-
-
-def _fail(msg: str, code: int) -> None:
-    from rich.markup import escape  # a message is text: "certqueue[aws]" is not a style tag
-
-    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-    sys.exit(code)
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -129,12 +71,22 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.BadParameter as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            if exc.param is not None and isinstance(exc.param.type, click.File | click.Path):
+                # a file that is not there or cannot be read: one line, not click's usage page
+                _fail(f"{exc.format_message()} (check the path and that it is readable)", EXIT_INPUT)
+            raise
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except CertqueueError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            _fail(exc.message, _exit_code(exc))
+            message = exc.message
+            if isinstance(exc, NotFound):
+                message += _not_found_hint(ctx.invoked_subcommand)
+            _fail(message, _exit_code(exc))
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -143,7 +95,41 @@ class _Group(click.Group):
                 _fail(_no_schema_message(ctx), EXIT_INPUT)
             if isinstance(exc, ModuleNotFoundError):
                 _fail(_missing_module_message(exc), EXIT_INPUT)
+            if _unreachable_database(exc):
+                _fail(_unreachable_database_message(ctx, exc), EXIT_FAILED)
             _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", EXIT_FAILED)
+
+
+#: where a command's ids are listed, for "no such id" errors
+_LISTED_BY = {
+    "tokens": "certqueue tokens list",
+    "accounts": "certqueue accounts list",
+    "events": "certqueue events list",
+    "issuers": "certqueue issuers list",
+}
+
+
+def _not_found_hint(command: str | None) -> str:
+    where = _LISTED_BY.get(command or "", "certqueue list")
+    return f" (`{where}` shows what there is)"
+
+
+def _unreachable_database(exc: BaseException) -> bool:
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(exc, OperationalError) and not _no_schema(exc)
+
+
+def _unreachable_database_message(ctx: click.Context, exc: BaseException) -> str:
+    from certqueue.logsafe import mask_url_password
+
+    loaded = (ctx.obj or {}).get("loaded")
+    url = mask_url_password(loaded.settings.database.url) if loaded is not None else "the database"
+    detail = str(getattr(exc, "orig", exc)).strip().splitlines()  # the driver's first line says it
+    return (
+        f"cannot use {url}: {detail[0] if detail else type(exc).__name__} (is it running? point"
+        " --database / CERTQUEUE_DATABASE__URL at the right one)"
+    )
 
 
 def _no_schema(exc: BaseException) -> bool:
@@ -294,10 +280,6 @@ def _parse_value(v: str) -> Any:
         return v
 
 
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str, sort_keys=True))
-
-
 # --- config ---------------------------------------------------------------------------------------
 
 
@@ -307,25 +289,32 @@ def config() -> None:
 
 
 @config.command("show")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@output_option
 @click.pass_context
-def config_show(ctx: click.Context, as_json: bool) -> None:
+def config_show(ctx: click.Context, output: str) -> None:
     """The merged settings, secrets masked, with the layer each value came from."""
     from certqueue.config import masked_dump
 
     dump = masked_dump(ctx.obj["loaded"])
     rules = _rate_limit_rules(ctx.obj["loaded"].settings)
-    if as_json:
+    if output == "json":
         _print_json({**dump, "rate_limits.applied": {"value": rules, "source": "derived"}})
         return
-    table = Table(title="certqueue settings", show_lines=False)
+    if output == "tsv":  # the settings; the rate limits per CA are config show -o json's
+        records = [
+            {"key": key, "value": json.dumps(item["value"], default=str), "source": item["source"]}
+            for key, item in dump.items()
+        ]
+        print_tsv(records, [Column("key", "key"), Column("value", "value"), Column("source", "source")])
+        return
+    table = Table(title="certqueue settings", show_lines=False, markup=False)
     table.add_column("key")
     table.add_column("value", overflow="fold")
     table.add_column("source", style="dim")
     for key, item in dump.items():
         table.add_row(key, json.dumps(item["value"], default=str), item["source"])
-    console.print(table)
-    limits = Table(title="client-side rate limits per CA", show_lines=False)
+    cli_output.console.print(table)
+    limits = Table(title="client-side rate limits per CA", show_lines=False, markup=False)
     for column in ("CA directory", "rules", "limits", "why"):
         limits.add_column(column, overflow="fold")
     for r in rules:
@@ -333,7 +322,7 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
             ", ".join(f"{k} {v}" for k, v in r["limits"].items() if v) or "none (the CA's own answers only)"
         )
         limits.add_row(r["directory"], r["rules"], text, r["source"])
-    console.print(limits)
+    cli_output.console.print(limits)
 
 
 def _rate_limit_rules(settings: Any) -> list[dict[str, Any]]:
@@ -362,7 +351,7 @@ def _rate_limit_rules(settings: Any) -> list[dict[str, Any]]:
 @config.command("set")
 @click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
 def config_set(assignments: Sequence[str]) -> None:
-    """Store runtime overrides in the database; every worker sees them within seconds.
+    """Store runtime overrides (KEY=VALUE...) in the database; every worker sees them within seconds.
 
     VALUE is JSON (45, 0.5, true). Only thresholds and timers may change at runtime (automation.*,
     rate_limits counts and periods, monitoring.alert_threshold_days, ...: certqueue.runtime.RUNTIME_KEYS);
@@ -379,7 +368,7 @@ def config_set(assignments: Sequence[str]) -> None:
         changes[k.strip()] = _parse_value(v)
     stored = asyncio.run(update_config(changes, actor=_cli_actor()))
     for key, value in sorted(stored.items()):
-        console.print(f"{key} = {json.dumps(value)} [dim](runtime, database)[/]", highlight=False)
+        cli_output.console.print(f"{key} = {json.dumps(value)} [dim](runtime, database)[/]", highlight=False)
 
 
 @config.command("unset")
@@ -389,16 +378,7 @@ def config_unset(keys_: Sequence[str]) -> None:
     from certqueue.runtime import clear_override
 
     removed = sum(clear_override(k, actor=_cli_actor()) for k in keys_)
-    console.print(f"removed {removed} runtime override(s)")
-
-
-def _cli_actor() -> str:
-    import getpass
-
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return f"cli:uid{os.getuid()}"
+    cli_output.console.print(f"removed {removed} runtime override(s)")
 
 
 # --- database and keys ------------------------------------------------------------------------------
@@ -415,7 +395,7 @@ def db_upgrade() -> None:
     from certqueue.migrate import upgrade
 
     rev = upgrade()
-    console.print(f"database at revision [bold]{rev}[/]")
+    cli_output.console.print(f"database at revision [bold]{rev}[/]")
 
 
 @main.group()
@@ -442,14 +422,14 @@ def keys_generate(
     path = path or ctx.obj["loaded"].settings.storage.encryption_key_path
     assert path is not None
     if if_missing and path.exists():
-        console.print(f"key file {path} exists")
+        cli_output.console.print(f"key file {path} exists")
         return
     passphrase = os.environ.get(passphrase_env) if passphrase_env else None
     if passphrase_env and not passphrase:
         raise InvalidInput(f"environment variable {passphrase_env} is empty", field="passphrase")
     path.parent.mkdir(parents=True, exist_ok=True)
     kid = generate_key_file(path, passphrase=passphrase, overwrite=force)
-    console.print(f"wrote key file {path} (key id {kid}, mode 0600)")
+    cli_output.console.print(f"wrote key file {path} (key id {kid}, mode 0600)")
 
 
 @keys.command("rotate")
@@ -462,7 +442,7 @@ def keys_rotate(resume: bool) -> None:
     from certqueue.keyrotation import rotate
 
     rep = rotate(resume_only=resume)
-    console.print(
+    cli_output.console.print(
         f"active key {rep.new_kid or '(unchanged)'}; re-encrypted {rep.reencrypted} records; "
         f"old keys still in the file: {', '.join(rep.old_kids) or 'none'}"
         + ("; run `certqueue keys retire` once every process has loaded the new key" if rep.old_kids else "")
@@ -475,13 +455,15 @@ def keys_retire() -> None:
     from certqueue.keyrotation import retire
 
     removed = retire()
-    console.print(f"retired {', '.join(removed) or 'nothing (only the active key is in the file)'}")
+    cli_output.console.print(
+        f"retired {', '.join(removed) or 'nothing (only the active key is in the file)'}"
+    )
 
 
 @keys.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@output_option
 @click.pass_context
-def keys_status(ctx: click.Context, as_json: bool) -> None:
+def keys_status(ctx: click.Context, output: str) -> None:
     """The key file's keys, the keys rows are under, and the keyring each live process reports."""
     from certqueue.keyrotation import live_processes, remaining_kids, retire_blockers
     from certqueue.keystore import KeyStore
@@ -497,15 +479,22 @@ def keys_status(ctx: click.Context, as_json: bool) -> None:
         ],
         "retire_blocked_by": retire_blockers(store) if store.kids != {store.active_kid} else [],
     }
-    if as_json:
+    if output == "json":
         _print_json(data)
         return
-    console.print(f"active key {data['active']}; keys in the file: {', '.join(data['keys'])}")
-    console.print(f"rows are under: {', '.join(data['rows_under']) or 'none'}")
+    if output == "tsv":  # one line per key in the file
+        records = [
+            {"key": kid, "active": kid == data["active"], "rows_under": kid in data["rows_under"]}
+            for kid in data["keys"]
+        ]
+        print_tsv(records, [Column(k, k) for k in ("key", "active", "rows_under")])
+        return
+    cli_output.console.print(f"active key {data['active']}; keys in the file: {', '.join(data['keys'])}")
+    cli_output.console.print(f"rows are under: {', '.join(data['rows_under']) or 'none'}")
     for p in data["processes"]:
-        console.print(f"  {p['process']} ({p['role']}): {p['active_kid']}", highlight=False)
+        cli_output.console.print(f"  {p['process']} ({p['role']}): {p['active_kid']}", highlight=False)
     for why in data["retire_blocked_by"]:
-        console.print(f"[yellow]retire blocked:[/] {why}", highlight=False)
+        cli_output.console.print(f"[yellow]retire blocked:[/] {why}", highlight=False)
 
 
 # --- certificates -----------------------------------------------------------------------------------
@@ -545,76 +534,45 @@ def _waiting(c: Any) -> dict[str, Any] | None:
     return {"reason": c.waiting_reason, "until": until.isoformat() if until else None}
 
 
-def _waiting_text(w: dict[str, Any] | None) -> str:
-    if not w:
-        return ""
-    when = (w["until"] or "")[:16].replace("T", " ")
-    return f"{w['reason']}, resumes {when} UTC" if when else str(w["reason"])
-
-
-def _short_issuer(issuer: str | None) -> str:
-    if not issuer:
-        return ""
-    for part in issuer.split(","):
-        if part.strip().startswith("CN="):
-            return part.strip()[3:]
-    return issuer
-
-
-def print_inventory(rows: list[dict[str, Any]]) -> None:
-    table = Table(title=f"certificates ({len(rows)})")
-    table.add_column("id", no_wrap=True)
-    waiting = any(r.get("waiting") for r in rows)
-    for col in ("names", "state", "expires", "issuer", *(("waiting",) if waiting else ())):
-        table.add_column(col, overflow="fold")
-    styles = {"ACTIVE": "green", "FAILED": "red", "REVOKED": "magenta", "EXPIRED": "red"}
-    for r in rows:
-        names = ", ".join(r["domains"][:3]) + (
-            f" (+{len(r['domains']) - 3})" if len(r["domains"]) > 3 else ""
-        )
-        st = r["state"]
-        cells = [
-            r["id"],
-            names,
-            f"[{styles.get(st, 'yellow')}]{st}[/]",
-            (r["not_after"] or "")[:19].replace("T", " "),
-            _short_issuer(r["issuer"]),
-        ]
-        if waiting:
-            cells.append(_waiting_text(r.get("waiting")))
-        table.add_row(*cells)
-    console.print(table)
-
-
 @main.command("list")
-@click.option("--state", "states_in", multiple=True, help="Only these states.")
+@click.option("--state", "states_in", multiple=True, help="Only these states (repeatable).")
 @click.option("--domain", help="Only certificates naming this domain.")
 @click.option("--limit", default=100, show_default=True, help="At most this many certificates.")
 @click.option("--offset", default=0, help="Skip this many first (with --limit: pages).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_cmd(states_in: Sequence[str], domain: str | None, limit: int, offset: int, as_json: bool) -> None:
-    """The inventory."""
+@output_option
+def list_cmd(states_in: Sequence[str], domain: str | None, limit: int, offset: int, output: str) -> None:
+    """The inventory: id, state, expiry and names (-o wide: also the CA, challenge, renewal time and
+    any deferral)."""
     from certqueue import inventory
     from certqueue.db import session_scope
 
     with session_scope(write=False) as s:
-        rows = [
-            _cert_row(c)
-            for c in inventory.list_certificates(
-                s, states_in=[x.upper() for x in states_in] or None, domain=domain, limit=limit, offset=offset
-            )
-        ]
-    if as_json:
+        found = inventory.list_certificates(
+            s, states_in=[x.upper() for x in states_in] or None, domain=domain, limit=limit, offset=offset
+        )
+        rows = [_cert_row(c) for c in found]
+        cas = [_ca_of(c.directory_url) for c in found]
+    if output == "json":
         _print_json(rows)
     else:
-        print_inventory(rows)
+        print_inventory([{**r, "ca": ca} for r, ca in zip(rows, cas, strict=True)], output)
+
+
+def _ca_of(directory_url: str | None) -> str:
+    """A CA as its directory's host (a URL's path and any credentials stay out of tables)."""
+    from urllib.parse import urlsplit
+
+    if not directory_url:
+        return ""
+    parts = urlsplit(directory_url)
+    return parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else ""
 
 
 @main.command("show")
 @click.argument("certificate_id")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show_cmd(certificate_id: str, as_json: bool) -> None:
-    """One certificate with its issuances, deployments and recent events."""
+@output_option
+def show_cmd(certificate_id: str, output: str) -> None:
+    """One certificate, CERTIFICATE_ID (cert_...), with its issuances, deployments and recent events."""
     from sqlalchemy import select
 
     from certqueue import inventory
@@ -624,6 +582,7 @@ def show_cmd(certificate_id: str, as_json: bool) -> None:
     with session_scope(write=False) as s:
         c = inventory.get(s, certificate_id)
         data = _cert_row(c)
+        ca = _ca_of(c.directory_url)
         data["issuances"] = [
             {
                 "id": i.id,
@@ -659,10 +618,40 @@ def show_cmd(certificate_id: str, as_json: bool) -> None:
                 select(Event).where(Event.certificate_id == c.id).order_by(Event.id.desc()).limit(20)
             ).scalars()
         ]
-    if as_json:
-        _print_json(data)
+    _print_certificate(data, ca, output)
+
+
+def _print_certificate(data: dict[str, Any], ca: str, output: str) -> None:
+    """``show``: the certificate's fields, then its issuances, deployments and events."""
+    record = cli_output.certificate_record(data, ca)
+    if output in ("json", "tsv"):
+        render([record], cli_output.CERTIFICATE_COLUMNS, output, data=data)
         return
-    console.print_json(json.dumps(data, default=str))
+    wide = output == "wide"
+    for column in cli_output.CERTIFICATE_COLUMNS:
+        if column.wide and not wide:
+            continue
+        value = record.get(column.key)
+        text = ", ".join(value) if isinstance(value, list) else "" if value is None else str(value)
+        click.echo(f"{column.header}: {text}")
+    extra = ["serial", "last_error"] + (["external", "ari_window"] if wide else [])
+    for key in extra:
+        if data.get(key) is not None:
+            click.echo(f"{key.replace('_', ' ')}: {cli_output.value_text(data[key])}")
+    parts = [
+        (
+            "issuances",
+            ("id", "serial", "not_before", "not_after", "revoked", *(("fingerprint",) if wide else ())),
+        ),
+        ("deployments", ("region", "status", "ref", "attempts", "error")),
+        ("events", ("at", "kind", "from", "to", "reason")),
+    ]
+    for name, keys in parts:
+        if data[name]:
+            columns = [
+                Column(k.replace("_", " "), k, when=k in ("at", "not_before", "not_after")) for k in keys
+            ]
+            render(data[name], columns, output, title=f"{name} ({len(data[name])})")
 
 
 class Deferred(Exception):
@@ -702,11 +691,11 @@ def _wait_states(
                     c = s.get(Certificate, cid)
                     result[cid] = c.state if c else "MISSING"
                     w = _waiting(c) if c is not None else None
-                    if w and told.get(cid) != _waiting_text(w):
-                        told[cid] = _waiting_text(w)
+                    if w and told.get(cid) != waiting_text(w):
+                        told[cid] = waiting_text(w)
                         deferred.append((cid, w))
             for cid, w in deferred:
-                progress.console.print(f"{cid} waiting: {_waiting_text(w)}", style="yellow")
+                progress.console.print(f"{cid} waiting: {waiting_text(w)}", style="yellow")
                 if stop_on_defer:
                     raise Deferred(cid, w)
             finished = sum(1 for v in result.values() if done(v))
@@ -716,13 +705,59 @@ def _wait_states(
             time.sleep(0.2)
 
 
-def _nudge() -> None:
-    """The request is committed (durable); ask dispatch to run, waiting at most a second for the
-    broker (beat's dispatch picks the work up anyway)."""
-    from certqueue import nudge
+_ISSUED_COLUMNS = (
+    Column("certificate_id", "certificate_id"),
+    Column("created", "created"),
+    Column("state", "state"),
+)
 
-    nudge.nudge()
-    nudge.flush(1.0)
+
+_REVOKED_COLUMNS = (
+    Column("certificate_id", "certificate_id"),
+    Column("reason", "reason"),
+    Column("requested", "requested"),
+    Column("state", "state"),
+)
+
+
+def _answer(output: str, data: dict[str, Any], columns: Sequence[Column], text: str) -> None:
+    """A request's answer: ``data`` as JSON, one TSV record, or ``text`` (one plain line)."""
+    if output == "json":
+        _print_json(data)
+    elif output == "tsv":
+        print_tsv([data], columns)
+    else:
+        click.echo(text)
+
+
+_staging_option = click.option(
+    "--staging",
+    is_flag=True,
+    help="Use the CA's staging directory (Let's Encrypt staging for Let's Encrypt); a CA with no"
+    " known staging twin is refused.",
+)
+_dry_run_option = click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Run the whole ACME exchange now against the staging directory (or, for a CA without one,"
+    " the configured directory) with the configured challenge solver, and store nothing.",
+)
+
+
+def _on_staging(req: Any) -> Any:
+    """``req`` ordered from its CA's staging directory, with no fallback (a fallback CA would issue
+    a trusted certificate the user did not ask for)."""
+    import dataclasses
+
+    from certqueue.cli_dryrun import staging_directory
+
+    return dataclasses.replace(
+        req, directory_url=staging_directory(req.directory_url), fallback_directory_urls=[]
+    )
+
+
+def _dry_run(reqs: Sequence[Any], *, staging: bool, output: str) -> None:
+    _dry_run_renewals([None] * len(reqs), reqs, staging=staging, output=output)
 
 
 @main.command("issue")
@@ -758,7 +793,9 @@ def _nudge() -> None:
     " instead of waiting for it to resume.",
 )
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_staging_option
+@_dry_run_option
+@output_option
 def issue_cmd(
     domains: Sequence[str],
     from_file: Any,
@@ -773,16 +810,23 @@ def issue_cmd(
     wait: bool,
     exit_on_defer: bool,
     timeout: float,
-    as_json: bool,
+    staging: bool,
+    dry_run: bool,
+    output: str,
 ) -> None:
-    """Request a certificate for DOMAINS (one certificate, all names), or many with --from-file."""
+    """Request a certificate for DOMAINS (one certificate, all names), or many with --from-file.
+
+    With --dry-run nothing is requested: the order is run against the CA's staging directory now,
+    its challenges answered, and nothing is stored."""
     from certqueue import certificates
     from certqueue.db import session_scope
 
     if from_file is not None:
         if domains:
             raise InvalidInput("give DOMAINS or --from-file, not both", field="domains")
-        _issue_many(from_file.read(), as_json)
+        if staging or dry_run:
+            raise InvalidInput("--staging and --dry-run take DOMAINS, not --from-file", field="from_file")
+        _issue_many(from_file.read(), output)
         return
     if not domains:
         raise InvalidInput("give the names to certify, or --from-file", field="domains")
@@ -797,6 +841,11 @@ def issue_cmd(
         targets=list(targets),
         auto_renew=not no_auto_renew,
     )
+    if dry_run:
+        _dry_run([req], staging=staging, output=output)
+        return
+    if staging:
+        req = _on_staging(req)
     from certqueue import operations
 
     with session_scope() as s:
@@ -816,26 +865,19 @@ def issue_cmd(
             )
         except Deferred as d:
             out.update(state="DEFERRED", waiting=d.waiting)
-            if as_json:
-                _print_json(out)
-            else:
-                console.print(f"{cid} requested: deferred ({_waiting_text(d.waiting)})")
+            _answer(output, out, _ISSUED_COLUMNS, f"{cid} requested: deferred ({waiting_text(d.waiting)})")
             sys.exit(EXIT_DEFERRED)
         out["state"] = res[cid]
-    if as_json:
-        _print_json(out)
-    else:  # one plain line (scripts read it; no terminal styling to load)
-        click.echo(
-            f"{cid} {'requested' if created else 'already requested'}"
-            + (f": {out['state']}" if "state" in out else "")
-        )
+    # one plain line (scripts read it; no terminal styling to load)
+    text = f"{cid} {'requested' if created else 'already requested'}"
+    _answer(output, out, _ISSUED_COLUMNS, text + (f": {out['state']}" if "state" in out else ""))
     if wait and out.get("state") == "FAILED":
         sys.exit(EXIT_FAILED)
     if wait and out.get("state") not in ("ACTIVE", "FAILED", "REVOKED"):
         sys.exit(EXIT_TIMEOUT)
 
 
-def _issue_many(text: str, as_json: bool) -> None:
+def _issue_many(text: str, output: str) -> None:
     """``issue --from-file``: every good line in one transaction and one dispatch; bad lines
     reported with their numbers (nothing written for them), exit code 2 if there were any."""
     from certqueue import bulk, operations
@@ -853,16 +895,18 @@ def _issue_many(text: str, as_json: bool) -> None:
             ]
         if any(r["created"] for r in created_rows):
             _nudge()
-    if as_json:
-        _print_json(
-            {
-                "certificates": created_rows,
-                "errors": [{"line": b.line, "field": b.field, "message": b.message} for b in bad],
-            }
-        )
+    errors = [{"line": b.line, "field": b.field, "message": b.message} for b in bad]
+    if output == "json":
+        _print_json({"certificates": created_rows, "errors": errors})
+    elif output == "tsv":
+        print_tsv(created_rows, [Column(k, k) for k in ("line", "certificate_id", "created")])
+        for b in bad:
+            click.echo(f"line {b.line}: {b.message}", err=True)
     else:
         new = sum(1 for r in created_rows if r["created"])
-        console.print(f"{new} certificate(s) requested, {len(created_rows) - new} already requested")
+        cli_output.console.print(
+            f"{new} certificate(s) requested, {len(created_rows) - new} already requested"
+        )
         for b in bad:
             err_console.print(f"line {b.line}: {b.message}", highlight=False, soft_wrap=True)
     if bad:
@@ -874,23 +918,60 @@ def _issue_many(text: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Renew even if not due (only with ids).")
 @click.option("--wait/--no-wait", default=False, help="Wait until each is renewed (or FAILED).")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: float, as_json: bool) -> None:
-    """Renew certificates (due ones only unless --force); with no ids, every certificate that is due
-    (what beat's scan would claim next, now)."""
+@click.option(
+    "--staging",
+    is_flag=True,
+    help="With --dry-run: refuse a CA with no known staging directory instead of ordering from its"
+    " configured one.",
+)
+@_dry_run_option
+@output_option
+def renew_cmd(
+    certificate_ids: Sequence[str],
+    force: bool,
+    wait: bool,
+    timeout: float,
+    staging: bool,
+    dry_run: bool,
+    output: str,
+) -> None:
+    """Renew CERTIFICATE_IDS (due ones only unless --force); with no ids, every certificate that is
+    due (ACTIVE, renewed automatically, issued here, its renewal time reached: what beat's scan would
+    claim next), now. It prints what it asked to renew.
+
+    With --dry-run nothing is requested: each one is ordered now from its CA's staging directory with
+    its names, key type and challenges, and nothing is stored."""
     from sqlalchemy import func, select
 
-    from certqueue import certificates, dispatch, operations, validation
+    from certqueue import certificates, operations, validation
+    from certqueue.cli_ops import due_for_renewal
     from certqueue.db import session_scope
-    from certqueue.models import Issuance, utcnow
+    from certqueue.models import Issuance
 
+    if staging and not dry_run:
+        raise InvalidInput(
+            "renew --staging needs --dry-run: a staging certificate would replace the one served",
+            field="staging",
+        )
+    if dry_run:
+        if wait or force:
+            raise InvalidInput("--dry-run runs now: without --wait or --force", field="dry_run")
+        with session_scope(write=False) as s:
+            ids = list(certificate_ids) or due_for_renewal(s)
+            reqs = [_renewal_request(s, cid) for cid in ids]
+        if not reqs:
+            _answer(output, {"requested": [], "not_due": []}, (), "no certificate is due for renewal")
+            return
+        _dry_run_renewals(ids, reqs, staging=staging, output=output)
+        return
     before: dict[str, int] = {}
     not_due: list[str] = []
+    asked = bool(certificate_ids)
     with session_scope() as s:  # one transaction: every request is recorded, or none
         if not certificate_ids:
             if force:
                 raise InvalidInput("--force renews what is not due: name the certificates", field="force")
-            certificate_ids = dispatch.due_ids(s, utcnow())
+            certificate_ids = due_for_renewal(s)
         for cid in certificate_ids:
             validation.validate_certificate_id(cid)
             if wait:  # renewed = a new issuance
@@ -903,15 +984,26 @@ def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: 
     certificate_ids = [c for c in certificate_ids if c not in not_due]
 
     def report(renewed_ids: Sequence[str] | None = None) -> None:
-        if as_json:
-            out: dict[str, Any] = {"requested": list(certificate_ids), "not_due": not_due}
-            if renewed_ids is not None:
-                out["renewed"] = list(renewed_ids)
-            _print_json(out)
+        data: dict[str, Any] = {"requested": list(certificate_ids), "not_due": not_due}
+        if renewed_ids is not None:
+            data["renewed"] = list(renewed_ids)
+        if output == "json":
+            _print_json(data)
+            return
+        if output == "tsv":
+            records = [
+                {"certificate_id": c, "result": "renewed" if renewed_ids is not None else "requested"}
+                for c in certificate_ids
+            ] + [{"certificate_id": c, "result": "not due"} for c in not_due]
+            print_tsv(records, [Column("certificate_id", "certificate_id"), Column("result", "result")])
             return
         for cid in not_due:
             click.echo(f"{cid} is not due for renewal (use --force)")
-        if renewed_ids is None:
+        for cid in certificate_ids:
+            click.echo(f"{cid} {'renewed' if renewed_ids is not None else 'renewal requested'}")
+        if renewed_ids is None and not asked and not certificate_ids:
+            click.echo("no certificate is due for renewal")
+        elif renewed_ids is None:
             click.echo(f"renewal requested for {len(certificate_ids)} certificate(s)")
         else:
             click.echo(f"renewed {len(renewed_ids)} certificate(s)")
@@ -936,6 +1028,39 @@ def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: 
     report(certificate_ids)
 
 
+def _renewal_request(session: Any, certificate_id: str) -> Any:
+    """What renewing ``certificate_id`` would order: its names, key, challenges and CA."""
+    from certqueue import certificates, validation
+
+    validation.validate_certificate_id(certificate_id)
+    c = certificates.get(session, certificate_id)
+    if c.external:
+        raise InvalidInput(f"{c.id} was imported; renew it where it was issued", field="certificate_id")
+    return certificates.CertificateRequest(
+        domains=list(c.domains),
+        email=c.email,
+        key_type=c.key_type,
+        challenge_type=c.challenge_type,
+        challenge_map=dict(c.challenge_map or {}),
+        dns_provider=c.dns_provider,
+        profile=c.profile,
+        directory_url=c.directory_url,
+        organization=c.organization,
+        country=c.country,
+        state=c.state_province,
+        locality=c.locality,
+    )
+
+
+def _dry_run_renewals(ids: Sequence[str | None], reqs: Sequence[Any], *, staging: bool, output: str) -> None:
+    from certqueue.cli_dryrun import dry_run, report
+
+    results = [dry_run(r, staging=staging, certificate_id=cid) for cid, r in zip(ids, reqs, strict=True)]
+    report(results, output)
+    if any(not r.ok for r in results):
+        sys.exit(EXIT_FAILED)
+
+
 @main.command("revoke")
 @click.argument("certificate_id")
 @click.option(
@@ -946,33 +1071,27 @@ def renew_cmd(certificate_ids: Sequence[str], force: bool, wait: bool, timeout: 
 )
 @click.option("--wait/--no-wait", default=False, help="Wait until the CA has revoked it.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds --wait waits.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def revoke_cmd(certificate_id: str, reason: str, wait: bool, timeout: float, as_json: bool) -> None:
-    """Revoke a certificate at its CA (RFC 5280 reason name)."""
+@output_option
+def revoke_cmd(certificate_id: str, reason: str, wait: bool, timeout: float, output: str) -> None:
+    """Revoke CERTIFICATE_ID (cert_...) at its CA (RFC 5280 reason name)."""
     from certqueue import operations
     from certqueue.db import session_scope
 
     with session_scope() as s:
         intent = operations.request_revoke(s, certificate_id, reason=reason, actor="cli")
-    out: dict[str, Any] = {"certificate_id": certificate_id, "reason": reason}
+    answer: dict[str, Any] = {"certificate_id": certificate_id, "reason": reason}
     if intent is None:
-        out.update(requested=False, state="REVOKED")
-        if as_json:
-            _print_json(out)
-        else:
-            click.echo(f"{certificate_id} is already revoked")
+        answer.update(requested=False, state="REVOKED")
+        _answer(output, answer, _REVOKED_COLUMNS, f"{certificate_id} is already revoked")
         return
-    out.update(requested=True, job_id=f"intent-{intent.id}")
+    answer.update(requested=True, job_id=f"intent-{intent.id}")
     _nudge()
     if wait:
         res = _wait_states([certificate_id], lambda st: st == "REVOKED", timeout, "revoking")
         if res[certificate_id] != "REVOKED":
             _fail(f"{certificate_id} is {res[certificate_id]}", EXIT_TIMEOUT)
-        out["state"] = "REVOKED"
-    if as_json:
-        _print_json(out)
-    else:
-        click.echo(f"revocation of {certificate_id} requested ({reason})")
+        answer["state"] = "REVOKED"
+    _answer(output, answer, _REVOKED_COLUMNS, f"revocation of {certificate_id} requested ({reason})")
 
 
 @main.command("propagate")
@@ -981,12 +1100,12 @@ def revoke_cmd(certificate_id: str, reason: str, wait: bool, timeout: float, as_
     "--region", "regions", multiple=True, help="Only this region (repeatable; default: its regions)."
 )
 @click.option("--force", is_flag=True, help="Redeploy even where the current issuance is deployed.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@output_option
 @click.pass_context
 def propagate_cmd(
-    ctx: click.Context, certificate_id: str, regions: Sequence[str], force: bool, as_json: bool
+    ctx: click.Context, certificate_id: str, regions: Sequence[str], force: bool, output: str
 ) -> None:
-    """Deploy a certificate's current issuance to its regions."""
+    """Deploy CERTIFICATE_ID's (cert_...) current issuance to its regions."""
     from certqueue import operations
     from certqueue.db import session_scope
 
@@ -997,10 +1116,12 @@ def propagate_cmd(
         )
         job_id = f"intent-{intent.id}"
     _nudge()
-    if as_json:
-        _print_json({"certificate_id": certificate_id, "task_id": job_id, "regions": targets})
-    else:
-        console.print(f"propagation to {', '.join(targets)} requested (job {job_id})")
+    _answer(
+        output,
+        {"certificate_id": certificate_id, "task_id": job_id, "regions": targets},
+        [Column(k, k) for k in ("certificate_id", "task_id", "regions")],
+        f"propagation to {', '.join(targets)} requested (job {job_id})",
+    )
 
 
 @main.command("import")
@@ -1014,8 +1135,8 @@ def propagate_cmd(
 @click.option("--key", "key_file", type=click.File("r"), required=True, help="Its private key (PEM).")
 @click.option("--chain", "chain_file", type=click.File("r"), help="The issuer chain (PEM), if not in --cert.")
 @click.option("--region", "targets", multiple=True, help="Deploy to this region (repeatable).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence[str], as_json: bool) -> None:
+@output_option
+def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence[str], output: str) -> None:
     """Import an externally issued certificate: monitored and propagated, never renewed."""
     from certqueue import operations
     from certqueue.db import session_scope
@@ -1032,16 +1153,18 @@ def import_cmd(cert_file: Any, key_file: Any, chain_file: Any, targets: Sequence
         cid, state = cert.id, str(cert.state)
     if intent is not None:
         _nudge()
-    if as_json:
-        _print_json({"certificate_id": cid, "state": state, "regions": list(targets)})
-    else:
-        click.echo(f"imported {cid}")
+    _answer(
+        output,
+        {"certificate_id": cid, "state": state, "regions": list(targets)},
+        [Column(k, k) for k in ("certificate_id", "state", "regions")],
+        f"imported {cid}",
+    )
 
 
 @main.command("scan")
 @click.option("--limit", type=int, help="Claim at most this many due renewals.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def scan_cmd(limit: int | None, as_json: bool) -> None:
+@output_option
+def scan_cmd(limit: int | None, output: str) -> None:
     """Run dispatch now: claim pending requests and due renewals up to capacity (what beat does
     periodically), and mark expired certificates."""
     payload = [limit] if limit else []
@@ -1049,8 +1172,12 @@ def scan_cmd(limit: int | None, as_json: bool) -> None:
 
     due = app_for_sending().send_task("certqueue.scan.due", args=payload, queue="scan")
     expire = app_for_sending().send_task("certqueue.scan.expire", queue="scan")
-    if as_json:
-        _print_json({"queued": {"certqueue.scan.due": due.id, "certqueue.scan.expire": expire.id}})
+    queued = {"certqueue.scan.due": due.id, "certqueue.scan.expire": expire.id}
+    if output == "json":
+        _print_json({"queued": queued})
+    elif output == "tsv":
+        records = [{"task": name, "id": task_id} for name, task_id in queued.items()]
+        print_tsv(records, [Column("task", "task"), Column("id", "id")])
     else:
         click.echo("scan queued")
 
@@ -1078,7 +1205,7 @@ def scan_cmd(limit: int | None, as_json: bool) -> None:
 def export_cmd(
     certificate_id: str, fmt: str, out: Path, password_env: str | None, legacy: bool, force: bool
 ) -> None:
-    """Write a certificate's served issuance with its private key to OUT (mode 0600).
+    """Write CERTIFICATE_ID's served issuance with its private key to OUT (mode 0600).
 
     pem: the private key, the certificate and its chain in one file (what HAProxy and many servers
     load); pkcs12: a PFX bundle, encrypted with --password-env's password."""
@@ -1113,7 +1240,7 @@ def export_cmd(
             key, cert_pem, chain_pem or None, password, friendly_name=certificate_id, legacy=legacy
         )
     _write_private(out, data)
-    console.print(f"wrote {out} ({fmt}, serial {serial}, mode 0600)", highlight=False)
+    cli_output.console.print(f"wrote {out} ({fmt}, serial {serial}, mode 0600)", highlight=False)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -1136,9 +1263,9 @@ def _write_private(path: Path, data: bytes) -> None:
 
 @main.command("status")
 @click.option("--due-within", default=24.0, show_default=True, help="Hours: renewals due within this.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@output_option
 @click.pass_context
-def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
+def status_cmd(ctx: click.Context, due_within: float, output: str) -> None:
     """The fleet at a glance: certificates by state, renewals due soon, expiry health, rate-limit
     budgets and queue depths."""
     from sqlalchemy import func, select
@@ -1193,44 +1320,49 @@ def status_cmd(ctx: click.Context, due_within: float, as_json: bool) -> None:
         "queues": depths,
         "broker": "up" if depths is not None else "unreachable",
     }
-    if as_json:
+    if output == "json":
         _print_json(data)
+        return
+    if output == "tsv":  # the counts by state, then the due renewals (-o json has the rest)
+        records = [{"state": st, "count": n} for st, n in state_counts.items()]
+        records.append({"state": f"due within {due_within:g} h", "count": due})
+        print_tsv(records, [Column("state", "state"), Column("count", "count")])
         return
     table = Table(title="certificates by state")
     table.add_column("state")
     table.add_column("count", justify="right")
     for st, n in state_counts.items():
         table.add_row(st, str(n))
-    console.print(table)
-    console.print(
+    cli_output.console.print(table)
+    cli_output.console.print(
         f"renewals due within {due_within:g} h: {due}; health: {health['status']} "
         f"({health['expiring_soon']} expiring within {health['threshold_days']:g} days, "
         f"{health['expired']} expired)",
         highlight=False,
     )
     if waiting:
-        wt = Table(title=f"waiting ({len(waiting)})")
+        wt = Table(title=f"waiting ({len(waiting)})", markup=False)
         for col in ("id", "names", "why"):
             wt.add_column(col, overflow="fold")
         for w in waiting:
-            wt.add_row(w["id"], ", ".join(w["domains"][:3]), _waiting_text(w))
-        console.print(wt)
+            wt.add_row(w["id"], ", ".join(w["domains"][:3]), waiting_text(w))
+        cli_output.console.print(wt)
     if budgets:
         bt = Table(title="rate-limit budgets")
         for col in ("key", "used", "limit", "blocked until"):
             bt.add_column(col)
         for b in budgets:
             bt.add_row(b["key"], str(b["used"]), f"{b['limit']:g}", b["blocked_until"] or "")
-        console.print(bt)
+        cli_output.console.print(bt)
     if depths is None:
-        console.print("broker: unreachable")
+        cli_output.console.print("broker: unreachable")
     else:
         qt = Table(title="queues")
         qt.add_column("queue")
         qt.add_column("waiting", justify="right")
         for q, n in sorted(depths.items()):
             qt.add_row(q, str(n))
-        console.print(qt)
+        cli_output.console.print(qt)
 
 
 # --- API tokens --------------------------------------------------------------------------------------
@@ -1252,16 +1384,17 @@ def tokens() -> None:
     show_default=True,
     help="What the token may do (repeatable).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def tokens_create(name: str, scopes: Sequence[str], as_json: bool) -> None:
+@output_option
+def tokens_create(name: str, scopes: Sequence[str], output: str) -> None:
     """Create a token for NAME (who or what uses it). It is shown once; only its hash is stored."""
     from certqueue.db import session_scope
     from certqueue.tokens import create_token, normalize_scopes
 
     with session_scope() as s:
         token_id, plaintext = create_token(s, name, scopes)
-    if as_json:
-        _print_json({"id": token_id, "name": name, "scopes": normalize_scopes(scopes), "token": plaintext})
+    data = {"id": token_id, "name": name, "scopes": normalize_scopes(scopes), "token": plaintext}
+    if output in ("json", "tsv"):
+        render([data], [Column(k, k) for k in ("id", "name", "scopes", "token")], output, data=data)
         return
     err_console.print(f"token {token_id} ({', '.join(normalize_scopes(scopes))}); shown once, store it now:")
     click.echo(plaintext)
@@ -1269,8 +1402,8 @@ def tokens_create(name: str, scopes: Sequence[str], as_json: bool) -> None:
 
 @tokens.command("list")
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def tokens_list(include_revoked: bool, as_json: bool) -> None:
+@output_option
+def tokens_list(include_revoked: bool, output: str) -> None:
     """Tokens (never their values)."""
     from certqueue.db import session_scope
     from certqueue.tokens import list_tokens
@@ -1287,34 +1420,27 @@ def tokens_list(include_revoked: bool, as_json: bool) -> None:
             }
             for t in list_tokens(s, include_revoked=include_revoked)
         ]
-    if as_json:
-        _print_json(rows)
-        return
-    table = Table(title=f"API tokens ({len(rows)})")
-    for col in ("id", "name", "scopes", "created", "last used", "revoked"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r["id"],
-            r["name"],
-            ",".join(r["scopes"]),
-            r["created_at"][:19],
-            (r["last_used_at"] or "")[:19],
-            (r["revoked_at"] or "")[:19],
-        )
-    console.print(table)
+    columns = [
+        Column("id", "id"),
+        Column("name", "name"),
+        Column("scopes", "scopes"),
+        Column("created", "created_at", when=True),
+        Column("last used", "last_used_at", when=True),
+        Column("revoked", "revoked_at", when=True),
+    ]
+    render(rows, columns, output, title=f"API tokens ({len(rows)})")
 
 
 @tokens.command("revoke")
 @click.argument("token_id")
 def tokens_revoke(token_id: str) -> None:
-    """Revoke a token (it stops working at once)."""
+    """Revoke TOKEN_ID (tok_...; `certqueue tokens list`): it stops working at once."""
     from certqueue.db import session_scope
     from certqueue.tokens import revoke_token
 
     with session_scope() as s:
         revoke_token(s, token_id)
-    console.print(f"revoked {token_id}")
+    cli_output.console.print(f"revoked {token_id}")
 
 
 # --- processes --------------------------------------------------------------------------------------
@@ -1407,8 +1533,15 @@ def demo_cmd(keep: bool) -> None:
     sys.exit(code)
 
 
-# command groups kept in their own modules (they register themselves on ``main``)
-from certqueue import cli_accounts, cli_adopt, cli_events, cli_issuers, cli_responders  # noqa: E402, F401
+# command groups kept in their own modules, which import nothing from this one
+for _command in (
+    cli_accounts.accounts,
+    cli_adopt.adopt,
+    cli_events.events,
+    cli_issuers.issuers,
+    cli_responders.tlsalpn01_cmd,
+):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -7,18 +7,19 @@ from typing import Any
 
 import click
 
-from certqueue.cli import Table, _cli_actor, _print_json, console, main
+from certqueue.cli_ops import cli_actor as _cli_actor
+from certqueue.cli_output import Column, output_option, render
 from certqueue.logsafe import mask_url_password
 
 
-@main.group()
+@click.group()
 def accounts() -> None:
     """ACME accounts: one per CA directory and contact."""
 
 
 @accounts.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def accounts_list(as_json: bool) -> None:
+@output_option
+def accounts_list(output: str) -> None:
     """Every account with its URL at the CA, status, key type and last key change."""
     from sqlalchemy import func, select
 
@@ -50,24 +51,20 @@ def accounts_list(as_json: bool) -> None:
             }
             for a in s.execute(select(Account).order_by(Account.id)).scalars()
         ]
-    if as_json:
-        _print_json(rows)
-        return
-    table = Table(title=f"ACME accounts ({len(rows)})")
-    for col in ("id", "directory", "contact", "account URL", "status", "key", "key changed", "certs"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            str(r["id"]),
-            r["directory_url"],
-            r["contact"] or "",
-            r["account_url"] or "",
-            r["status"],
-            r["key_type"],
-            (r["key_changed_at"] or "")[:19],
-            str(r["certificates"]),
-        )
-    console.print(table)
+    columns = [
+        Column("id", "id"),
+        Column("directory", "directory_url"),
+        Column("contact", "contact"),
+        Column("account URL", "account_url"),
+        Column("status", "status"),
+        Column("key", "key_type"),
+        Column("key changed", "key_changed_at", when=True),
+        Column("certs", "certificates"),
+        Column("EAB kid", "eab_kid", wide=True),
+        Column("created", "created_at", wide=True, when=True),
+        Column("deactivated", "deactivated_at", wide=True, when=True),
+    ]
+    render(rows, columns, output, title=f"ACME accounts ({len(rows)})")
 
 
 @accounts.command("rollover")
@@ -77,8 +74,8 @@ def accounts_list(as_json: bool) -> None:
     type=click.Choice(["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]),
     help="Type of the new key (default: the current key's type).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def accounts_rollover(account_id: int, key_type: str | None, as_json: bool) -> None:
+@output_option
+def accounts_rollover(account_id: int, key_type: str | None, output: str) -> None:
     """Give ACCOUNT_ID a new key at its CA; the new key is stored encrypted. Running it again after
     a failure finishes the interrupted rollover. Orders in flight carry on."""
     from certqueue.acme.accounts import rollover
@@ -91,11 +88,11 @@ def accounts_rollover(account_id: int, key_type: str | None, as_json: bool) -> N
         "new_key_thumbprint": result.new_thumbprint,
         "resumed": result.resumed,
     }
-    if as_json:
-        _print_json(data)
+    if output in ("json", "tsv"):
+        render([data], [Column(k, k) for k in data], output, data=data)
         return
     how = "finished the interrupted rollover" if result.resumed else "rolled over"
-    console.print(f"account {account_id}: {how}; key {result.old_thumbprint} -> {result.new_thumbprint}")
+    click.echo(f"account {account_id}: {how}; key {result.old_thumbprint} -> {result.new_thumbprint}")
 
 
 @accounts.command("deactivate")
@@ -110,4 +107,4 @@ def accounts_deactivate(account_id: int, yes: bool) -> None:
     if not yes:
         raise InvalidInput("deactivation cannot be undone: add --yes", field="--yes")
     status = deactivate_account(account_id, actor=_cli_actor())
-    console.print(f"account {account_id}: {status}")
+    click.echo(f"account {account_id}: {status}")

@@ -8,10 +8,11 @@ from typing import Any
 
 import click
 
-from certqueue.cli import Table, _print_json, console, main
+from certqueue import cli_output
+from certqueue.cli_output import Column, output_option, render
 
 
-@main.group()
+@click.group()
 def events() -> None:
     """Lifecycle events out to subscribers (webhooks, Celery tasks)."""
 
@@ -28,14 +29,14 @@ def events() -> None:
     show_default=True,
     help="At most this many.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@output_option
 def events_list(
     status: str | None,
     dead: bool,
     subscriber: str | None,
     certificate_id: str | None,
     limit: int,
-    as_json: bool,
+    output: str,
 ) -> None:
     """Deliveries, newest first."""
     from sqlalchemy import select
@@ -70,35 +71,32 @@ def events_list(
             }
             for d in s.execute(stmt).scalars()
         ]
-    if as_json:
-        _print_json(rows)
-        return
-    table = Table(title=f"event deliveries ({len(rows)})")
-    for col in ("id", "subscriber", "type", "certificate", "status", "attempts", "last error", "occurred"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            str(r["id"]),
-            r["subscriber"],
-            r["type"],
-            r["certificate_id"] or "",
-            r["status"],
-            str(r["attempts"]),
-            r["last_error"] or "",
-            r["occurred_at"][:19],
-        )
-    console.print(table)
+    columns = [
+        Column("id", "id"),
+        Column("subscriber", "subscriber"),
+        Column("type", "type"),
+        Column("certificate", "certificate_id"),
+        Column("status", "status"),
+        Column("attempts", "attempts"),
+        Column("last error", "last_error"),
+        Column("occurred", "occurred_at", when=True),
+        Column("last status", "last_status", wide=True),
+        Column("next attempt", "next_attempt_at", wide=True, when=True),
+        Column("delivered", "delivered_at", wide=True, when=True),
+        Column("idempotency key", "idempotency_key", wide=True),
+    ]
+    render(rows, columns, output, title=f"event deliveries ({len(rows)})")
 
 
 @events.command("redeliver")
 @click.argument("delivery_ids", nargs=-1, type=int)
 @click.option("--dead", is_flag=True, help="Every dead letter.")
 def events_redeliver(delivery_ids: Sequence[int], dead: bool) -> None:
-    """Send deliveries again (dead letters, or the given ids) with a fresh attempt count; the
+    """Send deliveries again (dead letters, or DELIVERY_IDS) with a fresh attempt count; the
     idempotency key stays the same, so a receiver that did get one drops the copy."""
     from certqueue import outbox
     from certqueue.db import session_scope
 
     with session_scope() as s:
         n = outbox.redeliver(s, ids=list(delivery_ids) or None, dead=dead)
-    console.print(f"{n} deliveries due again")
+    cli_output.console.print(f"{n} deliveries due again")

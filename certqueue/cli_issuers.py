@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from certqueue.cli import Table, _print_json, console, main
+from certqueue.cli_output import Column, output_option, print_tsv, render
+from certqueue.cli_output import print_json as _print_json
 
 
 def _rows(settings: Any, only: str | None = None) -> list[dict[str, Any]]:
@@ -54,46 +55,48 @@ def _rows(settings: Any, only: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
-@main.group()
+@click.group()
 def issuers() -> None:
     """Named ACME issuers (the acme: section is the issuer "default")."""
 
 
 @issuers.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@output_option
 @click.pass_context
-def issuers_list(ctx: click.Context, as_json: bool) -> None:
+def issuers_list(ctx: click.Context, output: str) -> None:
     """Every issuer with its directory, contact, EAB key id, account URL and account status."""
     rows = _rows(ctx.obj["loaded"].settings)
-    if as_json:
-        _print_json(rows)
-        return
-    table = Table(title=f"issuers ({len(rows)})")
-    for col in ("name", "directory", "contact", "EAB kid", "account URL", "status", "fallback", "certs"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r["name"],
-            r["directory_url"],
-            r["contact"] or "",
-            r["eab_kid"] or "",
-            r["account_url"] or "",
-            r["account_status"],
-            ", ".join(r["fallback"]),
-            str(r["certificates"]),
-        )
-    console.print(table)
+    columns = [
+        Column("name", "name"),
+        Column("directory", "directory_url"),
+        Column("contact", "contact"),
+        Column("EAB kid", "eab_kid"),
+        Column("account URL", "account_url"),
+        Column("status", "account_status"),
+        Column("fallback", "fallback"),
+        Column("certs", "certificates"),
+        Column("profile", "profile", wide=True),
+        Column("key type", "key_type", wide=True),
+        Column("account key type", "account_key_type", wide=True),
+        Column("preferred chain", "preferred_chain", wide=True),
+        Column("rate limits", "rate_limits", wide=True),
+    ]
+    render(rows, columns, output, title=f"issuers ({len(rows)})")
 
 
 @issuers.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@output_option
 @click.pass_context
-def issuers_show(ctx: click.Context, name: str, as_json: bool) -> None:
-    """One issuer: every setting (the EAB HMAC key never) and its account."""
+def issuers_show(ctx: click.Context, name: str, output: str) -> None:
+    """NAME (an issuer of `certqueue issuers list`): every setting (the EAB HMAC key never) and its
+    account."""
     (row,) = _rows(ctx.obj["loaded"].settings, name)
-    if as_json:
+    if output == "json":
         _print_json(row)
-        return
-    for key, value in row.items():
-        console.print(f"[bold]{key}[/]: {value if value not in (None, []) else '-'}", highlight=False)
+    elif output == "tsv":
+        print_tsv([row], [Column(k, k) for k in row])
+    else:
+        for key, value in row.items():
+            shown = ", ".join(value) if isinstance(value, list) else value
+            click.echo(f"{key}: {shown if shown not in (None, '') else '-'}")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import click
 
-from certqueue.cli import err_console, main
+from certqueue.cli_output import err_console
 
 
-@main.command("tlsalpn01")
+@click.command("tlsalpn01")
 @click.option("--host", default=None, help="Address to bind (challenges.tls_alpn_host).")
 @click.option("--port", type=int, default=None, help="Port (challenges.tls_alpn_port; the CA uses 443).")
 @click.pass_context

@@ -35,7 +35,7 @@ def _wait(label: str, check: Any, timeout: float = 120.0) -> None:
 def run_demo(keep: bool = False, workdir: Path | None = None) -> int:
     from certqueue import certificates
     from certqueue.celery_app import lazy_app
-    from certqueue.cli import print_inventory
+    from certqueue.cli_output import print_inventory
     from certqueue.config import load_settings, set_settings
     from certqueue.db import dispose_all, session_scope
     from certqueue.devstack.pebble import ChallTestSrv, PebbleServer

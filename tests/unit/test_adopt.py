@@ -325,13 +325,9 @@ def test_adopt_certbot_stores_active_renewable_certificates_and_names_the_bad_li
     assert "https://other-ca.test/dir is no configured issuer's directory" in r.stderr
     lines = r.stdout.splitlines()  # piped: the table as tab-separated lines
     assert lines[0] == "adopted (2 of 4)"
-    assert lines[1].split("\t") == ["id", "names", "expires", "challenge", "CA"]
-    assert lines[2].split("\t")[1:] == [
-        "example.com, www.example.com",
-        lines[2].split("\t")[2],
-        "http-01",
-        "letsencrypt",
-    ]
+    # id, expiry, then names (the first and +N; -o wide has every one), then how it renews
+    assert lines[1].split("\t") == ["id", "expires", "names", "challenge", "CA"]
+    assert lines[2].split("\t")[2:] == ["example.com +1", "http-01", "letsencrypt"]
     assert lines[3].split("\t")[3:] == ["dns-01 (cloudflare)", "default"]
 
     assert rows(Certificate) == 2 and rows(Issuance) == 2
