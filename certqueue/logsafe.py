@@ -16,12 +16,15 @@ import binascii
 import logging
 import re
 
+from certqueue.settings_keys import SECRET_NAME_PATTERN
+
 _PEM_KEY = re.compile(
     r"-----BEGIN (?:[A-Z ]+ )?PRIVATE KEY-----.*?(?:-----END (?:[A-Z ]+ )?PRIVATE KEY-----|$)", re.DOTALL
 )
+#: a bearer token, or the value after ``name=`` / ``"name": `` where the name holds a secret word
+#: (``certqueue.settings_keys.SECRET_WORDS``, the list ``config show`` masks by)
 _SECRETS = re.compile(
-    r"(?i)(authorization:\s*bearer\s+|\b\"?(?:api_token|access_token|token|client_secret|secret_access_key|"
-    r"tsig_secret|hmac_key|eab_hmac_key|password|secret)\"?\s*[:=]\s*\"?)([^\s\"',}&\[]+)"
+    r"(?i)(authorization:\s*bearer\s+|" + SECRET_NAME_PATTERN + r"\"?\s*[:=]\s*\"?)([^\s\"',}&\[]+)"
 )
 #: scheme://user:PASSWORD@host; the user part may be empty (redis://:pw@host)
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@'\"]*:)([^\s@/'\"]+)(@)")
