@@ -479,7 +479,7 @@ def test_validate_pem_private_key_normalizes_to_pkcs8() -> None:
 
 
 def test_validate_pem_kinds_and_errors(tmp_path: object) -> None:
-    from certqueue.devstack.tls import make_server_tls
+    from devstack.tls import make_server_tls
 
     files = make_server_tls(tmp_path / "tls")  # type: ignore[operator]
     fullchain = files.cert.read_text()
