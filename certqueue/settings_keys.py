@@ -160,24 +160,21 @@ def canonical(data: Mapping[str, Any]) -> dict[str, Any]:
     unwrapped and ``lets_encrypt`` merged into ``acme`` (the unwrapped top level and ``acme`` win)."""
     out = dict(data)
     if WRAPPER in out:
-        inner = out.pop(WRAPPER)
-        if inner is None:
-            inner = {}
-        if not isinstance(inner, Mapping):
-            raise ConfigError(f"{WRAPPER} must be a mapping", key=WRAPPER)
-        out = deep_merge(inner, out)
+        out = deep_merge(_section(out.pop(WRAPPER), WRAPPER), out)
     for alias, name in SECTION_ALIASES.items():
         if alias in out:
-            section = out.pop(alias)
-            if section is None:
-                section = {}
-            if not isinstance(section, Mapping):
-                raise ConfigError(f"{alias} must be a mapping", key=alias)
-            mine = out.get(name)
-            out[name] = deep_merge(section, mine) if isinstance(mine, Mapping) else section
-            if mine is not None and not isinstance(mine, Mapping):
-                raise ConfigError(f"{name} must be a mapping", key=name)
+            section = _section(out.pop(alias), alias)
+            out[name] = deep_merge(section, _section(out.get(name), name))
     return out
+
+
+def _section(value: Any, key: str) -> Mapping[str, Any]:
+    """A section's mapping (none given: empty); anything else is a ``ConfigError`` naming it."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a mapping", key=key)
+    return value
 
 
 def canonical_key(key: str) -> str:
