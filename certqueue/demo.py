@@ -35,7 +35,7 @@ def _wait(label: str, check: Any, timeout: float = 120.0) -> None:
 #: why ``certqueue demo`` cannot run from an installed wheel (one line, through the CLI's error path)
 NO_CHECKOUT = (
     "certqueue demo runs from a source checkout: its test servers (devstack/) are not installed; "
-    "clone the repository and run `make demo` there"
+    "run `make demo` at the root of a clone of the repository"
 )
 
 
