@@ -32,6 +32,8 @@ _FULL_STOPS: Final = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."}
 _COUNTRY = re.compile(r"[A-Z]{2}")
 #: upper bounds from RFC 5280 Appendix A (ub-organization-name etc.)
 _SUBJECT_FIELD_MAX: Final = {"organization": 64, "state": 128, "locality": 128}
+
+
 # --- domains ------------------------------------------------------------------------------------
 
 
@@ -161,6 +163,9 @@ def _show(value: str, limit: int = 80) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
+# --- key types ----------------------------------------------------------------------------------
+
+
 def validate_key_size(n: int) -> int:
     """An RSA key size: 2048, 3072 or 4096."""
     if isinstance(n, bool) or not isinstance(n, int) or n not in KEY_SIZES:
@@ -196,6 +201,9 @@ def key_type_from(key_size: int | None = None, key_type: str | None = None) -> s
     if key_size is not None:
         return f"rsa{validate_key_size(key_size)}"
     return DEFAULT_KEY_TYPE
+
+
+# --- subject fields -----------------------------------------------------------------------------
 
 
 def validate_country(c: str) -> str:
