@@ -242,5 +242,12 @@ def mask_secrets(value: Any) -> Any:
 
 
 #: a key name (in free text) that contains a secret word: ``certqueue.logsafe`` redacts what follows
-#: ``name=`` or ``"name":`` in a log record
-SECRET_NAME_PATTERN = r"\b[\w\-]*?(?:" + "|".join(re.escape(w) for w in SECRET_WORDS) + r")[\w\-]*"
+#: ``name=`` or ``"name":`` in a log record. A name is letters, digits, ``_`` and ``-`` (a header
+#: such as ``X-Api-Key``: ``-`` stands for ``_`` in the words), matched only from its first
+#: character with a lookahead: linear in the text's length (a scan that could start inside a name,
+#: at every ``-`` of ``a-a-a-...``, is quadratic)
+SECRET_NAME_PATTERN = (
+    r"(?<![\w\-])(?=[\w\-]*?(?:"
+    + "|".join(re.escape(w).replace("_", "[_-]") for w in SECRET_WORDS)
+    + r"))[\w\-]+"
+)
