@@ -25,7 +25,8 @@ services:
 ## deploy them, renew one, revoke one, show the inventory, stop everything
 demo: install
 	scripts/services install
-	$(VENV)/bin/certqueue demo
+	@# `python -m` from the checkout's root: the demo's test servers (devstack/) are not installed
+	$(PY) -m certqueue demo
 
 ## make test: lint, type-check, then every test (unit, contract, integration on the real servers)
 ## in TEST_JOBS processes (one test file per process at a time: a module's stack stays in one), then

@@ -35,7 +35,7 @@ from bench import peers
 from bench.cq_issue import run_certqueue_timed
 from bench.env import build_stack
 from bench.report import CaseResult, RunReport
-from certqueue.devstack.bind import BindError, BindServer
+from devstack.bind import BindError, BindServer
 
 log = logging.getLogger("bench")
 

@@ -26,10 +26,10 @@ from certqueue import certificates
 from certqueue.celery_app import lazy_app
 from certqueue.config import load_settings, set_settings
 from certqueue.db import dispose_all
-from certqueue.devstack.pebble import ChallTestSrv, PebbleServer
-from certqueue.devstack.ports import free_port
-from certqueue.devstack.stack import Stack
 from certqueue.keystore import generate_key_file
+from devstack.pebble import ChallTestSrv, PebbleServer
+from devstack.ports import free_port
+from devstack.stack import Stack
 
 INSTRUMENT_DIR = Path(__file__).resolve().parent / "instrument"
 

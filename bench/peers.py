@@ -33,8 +33,8 @@ from bench.diag import case_dir, copy_logs
 from bench.env import start_pebble
 from bench.procs import CpuMeter, stop_process, tree_cpu
 from bench.report import CaseResult
-from certqueue.devstack.pebble import ChallTestSrv, PebbleServer
-from certqueue.devstack.ports import free_port
+from devstack.pebble import ChallTestSrv, PebbleServer
+from devstack.ports import free_port
 
 log = logging.getLogger("bench")
 

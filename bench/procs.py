@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from certqueue.devstack.ports import free_port, wait_tcp
+from devstack.ports import free_port, wait_tcp
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PG_ADMIN = os.environ.get("CERTQUEUE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -27,10 +27,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -42,24 +42,22 @@ from pydantic import (
     model_validator,
 )
 
+from certqueue import settings_keys
 from certqueue.errors import ConfigError
 from certqueue.logsafe import mask_url_password
+from certqueue.settings_keys import (  # re-exported: the key grammar's home is certqueue.settings_keys
+    ENV_PREFIX as ENV_PREFIX,
+)
+from certqueue.settings_keys import (
+    ENV_RESERVED as ENV_RESERVED,
+)
+from certqueue.settings_keys import (
+    ENV_RESERVED_PREFIXES as ENV_RESERVED_PREFIXES,
+)
 
 _log = logging.getLogger("certqueue.config")
-
-ENV_PREFIX = "CERTQUEUE_"
-#: environment variables with this prefix that are not settings keys
-#: prefixes of variables for tests, benchmarks and tools, never settings
-ENV_RESERVED_PREFIXES = ("CERTQUEUE_REQUIRE_", "CERTQUEUE_TEST_", "CERTQUEUE_CHAOS_", "CERTQUEUE_BENCH_")
-ENV_RESERVED = {
-    "CERTQUEUE_BEAT_CHILD",
-    "CERTQUEUE_WORKER_CHILD",
-    "CERTQUEUE_SETTINGS_DIR",
-    "CERTQUEUE_HOME",
-    "CERTQUEUE_FAILPOINTS",
-    "CERTQUEUE_REQUIRE_POSTGRES",
-    "CERTQUEUE_RUNTIME_TTL_SECONDS",
-}
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -725,12 +723,18 @@ def _unwrap(data: Any, source: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping", source=source)
-    if "certificate_management" in data:  # the guide's wrapper
-        inner = data.pop("certificate_management") or {}
-        if not isinstance(inner, dict):
-            raise ConfigError("certificate_management must be a mapping", source=source)
-        data = {**inner, **data}
-    return _rename_aliases(_drop_guide_only_keys(data, source))
+    # the guide's wrapper and section name (certqueue.settings_keys.canonical)
+    return _drop_guide_only_keys(_in_layer(settings_keys.canonical, data, source), source)
+
+
+def _in_layer(step: Callable[[_In], _Out], data: _In, source: str) -> _Out:
+    """``step(data)``, a grammar error naming the layer it came from."""
+    try:
+        result = step(data)
+    except ConfigError as exc:
+        where = f" (at {exc.key})" if exc.key else ""
+        raise ConfigError(exc.message.removesuffix(where), source=source, key=exc.key) from None
+    return result
 
 
 def _drop_guide_only_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -763,29 +767,10 @@ def _drop_guide_only_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
     return data
 
 
-def _rename_aliases(data: dict[str, Any]) -> dict[str, Any]:
-    if "lets_encrypt" in data:
-        le = data.pop("lets_encrypt")
-        data["acme"] = _deep_merge(le or {}, data.get("acme") or {})
-    return data
-
-
-def _deep_merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
-    out = dict(low)
-    for k, v in high.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaves of a nested mapping (``settings_keys.flatten``; a non-mapping is one leaf)."""
     if isinstance(data, dict) and data:
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
+        return settings_keys.flatten(data, prefix)
     return {prefix: data}
 
 
@@ -813,28 +798,34 @@ def _parse_env_value(raw: str) -> Any:
 
 
 def read_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """CERTQUEUE_<SECTION>__<KEY>[__<SUBKEY>] -> nested dict, and key -> variable name."""
-    data: dict[str, Any] = {}
+    """CERTQUEUE_<SECTION>__<KEY>[__<SUBKEY>] -> nested dict, and key -> variable name
+    (the environment form of ``certqueue.settings_keys``)."""
+    flat: dict[str, Any] = {}
     names: dict[str, str] = {}
     sections = set(Settings.model_fields)
-    for var, raw in environ.items():
-        if not var.startswith(ENV_PREFIX) or var in ENV_RESERVED or var.startswith(ENV_RESERVED_PREFIXES):
+    for var in sorted(environ):
+        if not settings_keys.is_settings_var(var):
             continue
-        path = [p.lower() for p in var[len(ENV_PREFIX) :].split("__")]
-        if path[0] == "lets_encrypt":
-            path[0] = "acme"
-        if path[0] not in sections or any(not p for p in path):
+        source = f"environment variable {var}"
+        key = _in_layer(settings_keys.key_from_env, var, source)
+        if key.split(".", 1)[0] not in sections:
             hint = ""
-            if "__" not in var:
+            if settings_keys.ENV_SEPARATOR not in var:
                 hint = " (use a double underscore between levels, e.g. CERTQUEUE_ACME__STAGING)"
-            raise ConfigError(f"unknown setting{hint}", source=f"environment variable {var}")
-        node = data
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError("conflicting variables", source=f"environment variable {var}")
-        node[path[-1]] = _parse_env_value(raw)
-        names[".".join(path)] = f"env {var}"
+            raise ConfigError(f"unknown setting{hint}", source=source)
+        flat[key] = _parse_env_value(environ[var])
+        names[key] = f"env {var}"
+    try:
+        # a JSON object is a value: its own keys are not split at dots
+        data = settings_keys.unflatten(flat, split_values=False)
+    except ConfigError as exc:
+        clash = sorted(
+            v for k, v in names.items() if exc.key and (k == exc.key or k.startswith(exc.key + "."))
+        )
+        raise ConfigError(
+            "conflicting variables: one sets a value, another a key below it",
+            source=", ".join(n.removeprefix("env ") for n in clash) or "environment",
+        ) from None
     return data, names
 
 
@@ -858,12 +849,12 @@ def load_settings(
         path = directory / fname
         files.append((str(path), read_yaml(path)))
     env_data, env_names = read_env(environ)
-    override_data = _rename_aliases(_undot(dict(overrides))) if overrides else {}
+    override_data = _in_layer(settings_keys.normalize, dict(overrides), "override") if overrides else {}
     if runtime is None and runtime_from_database:
         runtime = _runtime_from_database([*files, ("env", env_data), ("override", override_data)])
     layers = list(files)
     if runtime:
-        layers.append((RUNTIME_LAYER, _rename_aliases(_undot(dict(runtime)))))
+        layers.append((RUNTIME_LAYER, _in_layer(settings_keys.normalize, dict(runtime), RUNTIME_LAYER)))
     layers.append(("env", env_data))
     if override_data:
         layers.append(("override", override_data))
@@ -871,7 +862,7 @@ def load_settings(
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, data in layers:
-        merged = _deep_merge(merged, data)
+        merged = settings_keys.deep_merge(merged, data)
         for key in _leaves(data):
             # re-insert so that insertion order follows the layers (highest last; see _error_source)
             sources.pop(key, None)
@@ -894,26 +885,15 @@ def _runtime_from_database(layers: list[tuple[str, dict[str, Any]]]) -> dict[str
     """The database's runtime overrides, found through the database URL the other layers give."""
     merged: dict[str, Any] = {}
     for _name, data in layers:
-        merged = _deep_merge(merged, data)
+        merged = settings_keys.deep_merge(merged, data)
     raw = (merged.get("database") or {}).get("url") if isinstance(merged.get("database"), dict) else None
     try:
         url = DatabaseSettings(url=raw).url if raw else DatabaseSettings().url
     except ValidationError:
         return {}  # the full validation below reports the bad URL
-    from certqueue.runtime import read_runtime_layer
+    from certqueue.runtime_layer import read_runtime_layer
 
     return read_runtime_layer(url)
-
-
-def _undot(data: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        parts = k.split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _undot(v) if isinstance(v, dict) else v
-    return out
 
 
 def _source_for(key: str, sources: dict[str, str]) -> str:
@@ -952,8 +932,8 @@ def masked_dump(loaded: LoadedSettings) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     dumped = _leaves(loaded.settings.model_dump(mode="python", by_alias=True))
     for key, value in sorted(dumped.items()):
-        if isinstance(value, SecretStr) or _looks_secret(key):
-            shown: Any = "**********" if value else value
+        if isinstance(value, SecretStr) or settings_keys.is_secret_key(key):
+            shown: Any = settings_keys.SECRET_MASK if value else value
         elif isinstance(value, Path):
             shown = str(value)
         else:
@@ -962,17 +942,9 @@ def masked_dump(loaded: LoadedSettings) -> dict[str, dict[str, Any]]:
     return out
 
 
-_SECRET_WORDS = ("secret", "password", "token", "hmac", "private_key", "access_key")
-
-
-def _looks_secret(key: str) -> bool:
-    last = key.rsplit(".", 1)[-1].lower()
-    return any(w in last for w in _SECRET_WORDS)
-
-
 def _jsonable(v: Any) -> Any:
     if isinstance(v, SecretStr):
-        return "**********"
+        return settings_keys.SECRET_MASK
     if isinstance(v, Path):
         return str(v)
     if isinstance(v, str):
@@ -980,7 +952,10 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, list | tuple):
         return [_jsonable(x) for x in v]
     if isinstance(v, dict):
-        return {k: ("**********" if _looks_secret(k) and x else _jsonable(x)) for k, x in v.items()}
+        return {
+            k: (settings_keys.SECRET_MASK if settings_keys.is_secret_key(k) and x else _jsonable(x))
+            for k, x in v.items()
+        }
     return v
 
 

@@ -30,15 +30,15 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
 
-from certqueue.errors import InvalidInput
-from certqueue.validation import (  # key types are checked there (no cryptography needed)
+from certqueue.csr_fields import (  # checked there, without cryptography (validation re-exports them)
     DEFAULT_KEY_TYPE,
     key_type_from,
     normalize_domains,
     validate_country,
     validate_subject_field,
 )
-from certqueue.validation import KEY_TYPES as KEY_TYPES  # re-exported
+from certqueue.csr_fields import KEY_TYPES as KEY_TYPES  # re-exported
+from certqueue.errors import InvalidInput
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from certqueue.config import get_settings
 from certqueue.models import Certificate
-from certqueue.runtime import sqlite_file
+from certqueue.runtime_layer import sqlite_file
 
 log = logging.getLogger("certqueue.db")
 _lock = threading.Lock()

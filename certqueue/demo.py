@@ -32,15 +32,28 @@ def _wait(label: str, check: Any, timeout: float = 120.0) -> None:
     raise TimeoutError(f"timed out: {label}")
 
 
+#: why ``certqueue demo`` cannot run from an installed wheel (one line, through the CLI's error path)
+NO_CHECKOUT = (
+    "certqueue demo runs from a source checkout: its test servers (devstack/) are not installed; "
+    "run `make demo` at the root of a clone of the repository"
+)
+
+
 def run_demo(keep: bool = False, workdir: Path | None = None) -> int:
+    from certqueue.errors import CertqueueError
+
+    try:
+        # the checkout's root on sys.path (`make demo` runs `python -m certqueue demo` from there)
+        from devstack.pebble import ChallTestSrv, PebbleServer
+        from devstack.ports import free_port
+        from devstack.stack import Stack
+    except ImportError:
+        raise CertqueueError(NO_CHECKOUT) from None
     from certqueue import certificates
     from certqueue.celery_app import lazy_app
     from certqueue.cli_output import print_inventory
     from certqueue.config import load_settings, set_settings
     from certqueue.db import dispose_all, session_scope
-    from certqueue.devstack.pebble import ChallTestSrv, PebbleServer
-    from certqueue.devstack.ports import free_port
-    from certqueue.devstack.stack import Stack
     from certqueue.keystore import generate_key_file
     from certqueue.models import Certificate, Issuance
 
@@ -53,7 +66,7 @@ def run_demo(keep: bool = False, workdir: Path | None = None) -> int:
     bind = None
     try:
         try:
-            from certqueue.devstack.bind import BindServer
+            from devstack.bind import BindServer
 
             bind = BindServer(zone="example.test").start()
             cleanups.append(bind.stop)

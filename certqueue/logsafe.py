@@ -16,15 +16,20 @@ import binascii
 import logging
 import re
 
+from certqueue.settings_keys import SECRET_NAME_PATTERN
+
 _PEM_KEY = re.compile(
     r"-----BEGIN (?:[A-Z ]+ )?PRIVATE KEY-----.*?(?:-----END (?:[A-Z ]+ )?PRIVATE KEY-----|$)", re.DOTALL
 )
+#: a bearer token, or the value after ``name=`` / ``"name": `` where the name holds a secret word
+#: (``certqueue.settings_keys.SECRET_WORDS``, the list ``config show`` masks by)
 _SECRETS = re.compile(
-    r"(?i)(authorization:\s*bearer\s+|\b\"?(?:api_token|access_token|token|client_secret|secret_access_key|"
-    r"tsig_secret|hmac_key|eab_hmac_key|password|secret)\"?\s*[:=]\s*\"?)([^\s\"',}&\[]+)"
+    r"(?i)(authorization:\s*bearer\s+|" + SECRET_NAME_PATTERN + r"\"?\s*[:=]\s*\"?)([^\s\"',}&\[]+)"
 )
-#: scheme://user:PASSWORD@host; the user part may be empty (redis://:pw@host)
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@'\"]*:)([^\s@/'\"]+)(@)")
+#: scheme://user:PASSWORD@host; the user part may be empty (redis://:pw@host). The scheme starts
+#: where no scheme character stands before it (not at a word boundary: in ``a-a-a-...`` every ``-``
+#: is one, and scanning on from each was quadratic in the line's length)
+_URL_PASSWORD = re.compile(r"(?i)(?<![a-z0-9+.\-])([a-z][a-z0-9+.\-]*://[^\s:/@'\"]*:)([^\s@/'\"]+)(@)")
 #: certqueue's own API tokens, wherever they appear (a query string in an access log line)
 _API_TOKEN = re.compile(r"\bcqt_[A-Za-z0-9_-]{20,}")
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")

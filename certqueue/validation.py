@@ -1,34 +1,70 @@
 """Input validation: every value that comes from a user or another service is checked here.
 
-Owns the rules for domain names (IDNA 2008 with UTS #46 mapping, LDH labels, wildcards only as the
-whole leftmost label and never over a public suffix, IPs only when asked, at most 100 names), contact
-emails, certificate ids, PEM input, RSA key sizes (2048 bits at least, imports included), imported
-chains (each certificate signed by the next), DNS provider names (registered plugins only), country
-codes, subject fields and revocation reasons. Each check returns the
-normalized value or raises ``InvalidInput`` with ``field`` set, before anything is written.
+Owns the rules for contact emails, certificate ids, PEM input, RSA key sizes of imports (2048 bits
+at least), imported chains (each certificate signed by the next), DNS provider names (registered
+plugins only) and revocation reasons; the rules for a certificate request's own fields (domain
+names, key types, country codes, subject fields) are in ``certqueue.csr_fields`` and importable
+from here. Each check returns the normalized value or raises ``InvalidInput`` with ``field`` set,
+before anything is written.
+
+The PEM checks parse through ``certqueue.crypto``, which imports ``certqueue.csr_fields`` and never
+this module (no import cycle).
 
 Messages quote the offending name or address (user input, not secret) but never PEM contents.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import secrets
-import threading
-from collections.abc import Iterable
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
-import idna
-
+from certqueue.csr_fields import (  # re-exported: a certificate request's own fields
+    DEFAULT_KEY_TYPE as DEFAULT_KEY_TYPE,
+)
+from certqueue.csr_fields import (
+    KEY_SIZES as KEY_SIZES,
+)
+from certqueue.csr_fields import (
+    KEY_TYPES as KEY_TYPES,
+)
+from certqueue.csr_fields import (
+    MAX_LABEL_LENGTH as MAX_LABEL_LENGTH,
+)
+from certqueue.csr_fields import (
+    MAX_NAME_LENGTH as MAX_NAME_LENGTH,
+)
+from certqueue.csr_fields import (
+    MAX_NAMES as MAX_NAMES,
+)
+from certqueue.csr_fields import (
+    _show,
+)
+from certqueue.csr_fields import (
+    key_type_from as key_type_from,
+)
+from certqueue.csr_fields import (
+    normalize_domain as normalize_domain,
+)
+from certqueue.csr_fields import (
+    normalize_domains as normalize_domains,
+)
+from certqueue.csr_fields import (
+    public_suffixes as public_suffixes,
+)
+from certqueue.csr_fields import (
+    validate_country as validate_country,
+)
+from certqueue.csr_fields import (
+    validate_key_size as validate_key_size,
+)
+from certqueue.csr_fields import (
+    validate_subject_field as validate_subject_field,
+)
 from certqueue.errors import InvalidInput
 
-MAX_NAMES: Final = 100
-MAX_NAME_LENGTH: Final = 253
-MAX_LABEL_LENGTH: Final = 63
 MAX_EMAIL_LENGTH: Final = 254
 MAX_PEM_LENGTH: Final = 256 * 1024
-KEY_SIZES: Final = (2048, 3072, 4096)
 #: the smallest RSA key accepted anywhere, imports included (NIST SP 800-131A, CA/B Forum)
 MIN_RSA_BITS: Final = 2048
 DNS_PROVIDER_GROUP: Final = "certqueue.dns_providers"
@@ -38,10 +74,7 @@ _CERT_ID = re.compile(r"cert_[a-z0-9]{16,32}")
 _CERT_ID_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lowercased
 _CERT_ID_LENGTH: Final = 20  # 100 random bits
 
-_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
-_FULL_STOPS: Final = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
-_COUNTRY = re.compile(r"[A-Z]{2}")
 
 #: RFC 5280 CRLReason names and codes (7 is unused)
 REVOCATION_REASONS: Final[dict[str, int]] = {
@@ -58,139 +91,8 @@ REVOCATION_REASONS: Final[dict[str, int]] = {
 }
 _REASON_LOOKUP: Final = {name.lower(): code for name, code in REVOCATION_REASONS.items()}
 
-#: upper bounds from RFC 5280 Appendix A (ub-organization-name etc.)
-_SUBJECT_FIELD_MAX: Final = {"organization": 64, "state": 128, "locality": 128}
 
 PemKind = Literal["certificate", "private_key", "csr", "chain"]
-
-
-# --- domains ------------------------------------------------------------------------------------
-
-
-def normalize_domains(
-    names: Iterable[str], *, allow_ip: bool = False, max_names: int = MAX_NAMES
-) -> list[str]:
-    """Validate and normalize the names of one certificate.
-
-    Each name goes through ``normalize_domain``; duplicates (after normalization) are dropped, the
-    first occurrence keeping its place. The result is non-empty and holds at most ``max_names``.
-    """
-    if isinstance(names, str | bytes):
-        raise InvalidInput("domains must be a list of names, not a single string", field="domains")
-    out: dict[str, None] = {}
-    for name in names:
-        out[normalize_domain(name, allow_ip=allow_ip)] = None
-        if len(out) > max_names:
-            raise InvalidInput(f"at most {max_names} names per certificate", field="domains")
-    if not out:
-        raise InvalidInput("at least one domain name is required", field="domains")
-    return list(out)
-
-
-def normalize_domain(name: str, *, allow_ip: bool = False) -> str:
-    """One name in the form certqueue stores and sends to the CA: A-labels, lowercase, no final dot.
-
-    ``*.example.com`` is allowed (a wildcard is the whole leftmost label, over at least two labels);
-    IP addresses only with ``allow_ip`` (returned in canonical text form).
-    """
-    if not isinstance(name, str):
-        raise InvalidInput(f"a domain name must be text, not {type(name).__name__}", field="domains")
-    shown = _show(name)
-    if not name or name.isspace():
-        raise InvalidInput("empty domain name", field="domains")
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise InvalidInput(f"{shown}: whitespace or control characters in a domain name", field="domains")
-    ip = _parse_ip(name)
-    if ip is not None:
-        if not allow_ip:
-            raise InvalidInput(f"{shown}: IP addresses are not allowed here", field="domains")
-        return ip
-    # UTS #46 maps these full stops to "."; do it first so the final-dot rule sees them
-    dotted = name.translate(_FULL_STOPS)
-    wildcard = dotted.startswith("*.")
-    base = dotted[2:] if wildcard else dotted
-    if base.endswith("."):
-        base = base[:-1]
-    if "*" in base:
-        raise InvalidInput(
-            f"{shown}: a wildcard must be the whole leftmost label (*.example.com)", field="domains"
-        )
-    ascii_name = _to_ascii(base, shown)
-    labels = ascii_name.split(".")
-    if len(labels) < 2:
-        raise InvalidInput(f"{shown}: a domain name needs at least two labels", field="domains")
-    for label in labels:
-        if not label:
-            raise InvalidInput(f"{shown}: empty label", field="domains")
-        if len(label) > MAX_LABEL_LENGTH:
-            raise InvalidInput(f"{shown}: label longer than {MAX_LABEL_LENGTH} octets", field="domains")
-        if not _LDH_LABEL.fullmatch(label):
-            raise InvalidInput(
-                f"{shown}: labels hold letters, digits and inner hyphens only", field="domains"
-            )
-        if label[2:4] == "--" and not label.startswith("xn--"):
-            raise InvalidInput(
-                f"{shown}: hyphens in the third and fourth positions are reserved", field="domains"
-            )
-    if labels[-1].isdigit():
-        raise InvalidInput(f"{shown}: the last label cannot be all digits", field="domains")
-    if wildcard and public_suffixes().is_public(ascii_name):
-        raise InvalidInput(
-            f"{shown}: a wildcard over a public suffix would cover every registrant under it",
-            field="domains",
-        )
-    result = f"*.{ascii_name}" if wildcard else ascii_name
-    if len(result) > MAX_NAME_LENGTH:
-        raise InvalidInput(f"{shown}: longer than {MAX_NAME_LENGTH} characters", field="domains")
-    return result
-
-
-_psl_lock = threading.Lock()
-_psl: Any = None
-
-
-def public_suffixes() -> Any:
-    """The public suffix list bundled with ``publicsuffixlist`` (ICANN and private sections): one
-    per process, shared by name checks and the rate limiter's registered domains. Parsing it costs
-    about 26 ms of CPU, so a worker builds it before it forks its pool processes
-    (``certqueue.workers``): each would otherwise parse it again on its first certificate."""
-    global _psl
-    if _psl is None:
-        with _psl_lock:
-            if _psl is None:
-                from publicsuffixlist import PublicSuffixList
-
-                _psl = PublicSuffixList()
-    return _psl
-
-
-def _to_ascii(name: str, shown: str) -> str:
-    """IDNA 2008 (UTS #46 non-transitional mapping) to A-labels, lowercase."""
-    if name.isascii():
-        lowered = name.lower()
-        # A-labels must decode to a valid U-label; plain LDH labels are checked by the caller
-        if not any(label.startswith("xn--") for label in lowered.split(".")):
-            return lowered
-    try:
-        return idna.encode(name, uts46=True, std3_rules=True, transitional=False).decode("ascii")
-    except idna.IDNAError as exc:
-        raise InvalidInput(
-            f"{shown}: not a valid internationalized domain name ({exc})", field="domains"
-        ) from None
-    except UnicodeError:
-        raise InvalidInput(f"{shown}: not a valid internationalized domain name", field="domains") from None
-
-
-def _parse_ip(name: str) -> str | None:
-    candidate = name[1:-1] if name.startswith("[") and name.endswith("]") else name
-    try:
-        return ipaddress.ip_address(candidate).compressed
-    except ValueError:
-        return None
-
-
-def _show(value: str, limit: int = 80) -> str:
-    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 # --- other fields -------------------------------------------------------------------------------
@@ -235,43 +137,6 @@ def validate_certificate_id(s: str) -> str:
             f"{shown} is not a certificate id (cert_ and 16 to 32 of a-z, 0-9)", field="certificate_id"
         )
     return s
-
-
-def validate_key_size(n: int) -> int:
-    """An RSA key size: 2048, 3072 or 4096."""
-    if isinstance(n, bool) or not isinstance(n, int) or n not in KEY_SIZES:
-        raise InvalidInput(
-            f"key_size must be one of {', '.join(map(str, KEY_SIZES))}, not {n!r}", field="key_size"
-        )
-    return n
-
-
-KEY_TYPES: Final = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
-#: the guide's default (``key_size: 2048``)
-DEFAULT_KEY_TYPE: Final = "rsa2048"
-
-
-def key_type_from(key_size: int | None = None, key_type: str | None = None) -> str:
-    """The key type for the guide's ``key_size`` and/or an explicit ``key_type``.
-
-    ``key_type`` wins when given; a ``key_size`` that contradicts it is an error (``key_size`` only
-    applies to RSA). Neither given: ``DEFAULT_KEY_TYPE``.
-    """
-    if key_type is not None:
-        kt = key_type.strip().lower() if isinstance(key_type, str) else key_type
-        if kt not in KEY_TYPES:
-            raise InvalidInput(
-                f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}", field="key_type"
-            )
-        if key_size is not None:
-            if not kt.startswith("rsa"):
-                raise InvalidInput(f"key_size applies to RSA keys only, not {kt}", field="key_size")
-            if f"rsa{validate_key_size(key_size)}" != kt:
-                raise InvalidInput(f"key_size {key_size} contradicts key type {kt}", field="key_size")
-        return str(kt)
-    if key_size is not None:
-        return f"rsa{validate_key_size(key_size)}"
-    return DEFAULT_KEY_TYPE
 
 
 def validate_dns_provider(name: str) -> str:
@@ -328,28 +193,6 @@ def validate_import(certificate_pem: str, private_key_pem: str | None, chain_pem
         subject = issuer
 
 
-def validate_country(c: str) -> str:
-    """A two-letter country code (ISO 3166-1 alpha-2 shape); lowercase input is upper-cased."""
-    value = c.strip().upper() if isinstance(c, str) else ""
-    if not _COUNTRY.fullmatch(value):
-        raise InvalidInput(f"country must be two letters (like US), not {c!r}", field="country")
-    return value
-
-
-def validate_subject_field(value: str, *, field: str) -> str:
-    """A certificate subject field (organization, state, locality): printable text within the
-    RFC 5280 upper bound. Surrounding whitespace is stripped."""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{field} must be text", field=field)
-    stripped = value.strip()
-    limit = _SUBJECT_FIELD_MAX.get(field, 64)
-    if not stripped or len(stripped) > limit:
-        raise InvalidInput(f"{field} must be 1 to {limit} characters", field=field)
-    if any(not ch.isprintable() for ch in stripped):
-        raise InvalidInput(f"{field} holds control characters", field=field)
-    return stripped
-
-
 def revocation_reason_code(name: str) -> int:
     """The RFC 5280 CRLReason code for a reason name (``keyCompromise`` -> 1). Case, ``_`` and ``-``
     are ignored, so ``key_compromise`` works too."""
@@ -368,7 +211,7 @@ def validate_pem(text: str | bytes, kind: PemKind) -> str:
     key, returned as PKCS#8; csr: one request whose signature verifies. Text outside the PEM blocks
     (``Bag Attributes`` from openssl) is dropped, line endings become ``\\n``.
     """
-    from certqueue import crypto  # crypto imports this module: import here, not at the top
+    from certqueue import crypto  # here, not at the top: commands that check no PEM skip its import
 
     if isinstance(text, str | bytes | bytearray) and len(text) > MAX_PEM_LENGTH:
         raise InvalidInput(f"PEM input larger than {MAX_PEM_LENGTH} bytes", field=kind)

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from certqueue.config import _SECRET_WORDS, ENV_PREFIX, RegionSettings, Settings  # noqa: E402
+from certqueue.config import ENV_PREFIX, RegionSettings, Settings  # noqa: E402
+from certqueue.settings_keys import SECRET_WORDS  # noqa: E402
 
 SETTINGS_YAML = ROOT / "settings" / "certqueue.yaml"
 DOC = ROOT / "docs" / "configuration.md"
@@ -225,7 +226,7 @@ REGION_DESCRIPTIONS = {
 
 def render() -> str:
     comments = yaml_comments(SETTINGS_YAML.read_text())
-    words = [f"`{w}`" for w in _SECRET_WORDS]
+    words = [f"`{w}`" for w in SECRET_WORDS]
     out = [INTRO.replace("{secret_words}", ", ".join(words[:-1]) + f" or {words[-1]}")]
     top = [[*_row([], n, f, comments)] for n, f in Settings.model_fields.items() if not _is_section(f)]
     if top:

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import pytest
 
-from certqueue import brokerstate, certificates, config, db, failpoints, metrics, nudge, runtime
+from certqueue import brokerstate, certificates, config, db, failpoints, metrics, nudge, runtime_layer
 from certqueue.acme import accounts
 from certqueue.acme import client as acme_client
 from certqueue.celery_app import lazy_app
@@ -60,12 +60,7 @@ def reset_process_caches() -> None:
     certificates.forget_keystores()
     pipeline_tasks._limiter_cache.clear()
     lazy_app.reset()
-    with runtime._lock:
-        for engine in runtime._engines.values():
-            engine.dispose()
-        runtime._engines.clear()
-        runtime._last_good.clear()
-        runtime._retry_after.clear()
+    runtime_layer.dispose()
     with brokerstate._redis_lock:
         for client in brokerstate._redis_clients.values():
             client.close()

@@ -2,7 +2,7 @@
 
 A plugin module: register it with ``-p tests.conftest_dns`` or ``pytest_plugins = ["tests.conftest_dns"]``.
 
-* ``bind`` (session): a real ``named`` (certqueue.devstack.bind.BindServer) with zones ``example.test``
+* ``bind`` (session): a real ``named`` (devstack.bind.BindServer) with zones ``example.test``
   (apex, ``ns`` and wildcard A 127.0.0.1) and ``validation.test``, a TSIG key for TXT updates, and the
   CNAME fixtures below for delegated-validation tests.
 * ``bind_resolver`` (session): a ``certqueue.dns.zones.Resolver`` that asks that BIND for everything.
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from certqueue.devstack.bind import BindServer
-from certqueue.devstack.moto import MotoServer
 from certqueue.dns.zones import Resolver
+from devstack.bind import BindServer
+from devstack.moto import MotoServer
 from tests.fakes.azure_dns_api import FakeAzureDNSAPI
 from tests.fakes.cloudflare_api import FakeCloudflareAPI
 

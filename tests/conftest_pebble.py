@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from certqueue.devstack.pebble import ChallTestSrv, PebbleServer
-from certqueue.devstack.ports import free_port
+from devstack.pebble import ChallTestSrv, PebbleServer
+from devstack.ports import free_port
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 

@@ -3,10 +3,11 @@ certqueue's own processes (http01 responder, worker pools) as subprocesses. No e
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,15 +16,15 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import func, select
 
-from certqueue import certificates
+from certqueue import certificates, settings_keys
 from certqueue.celery_app import lazy_app
 from certqueue.config import load_settings, set_settings
 from certqueue.db import dispose_all, session_scope
-from certqueue.devstack.pebble import ChallTestSrv, PebbleServer
-from certqueue.devstack.ports import free_port
-from certqueue.devstack.stack import Stack
 from certqueue.keystore import generate_key_file
 from certqueue.models import Certificate, Order
+from devstack.pebble import ChallTestSrv, PebbleServer
+from devstack.ports import free_port
+from devstack.stack import Stack
 from tests.conftest_redis import CLAIMABLE, REDIS_HOST, NoFreeRedisDatabase, RedisClaim, claim_redis_db
 
 PG_PORT = int(os.environ.get("CERTQUEUE_TEST_PG_PORT", "5432"))
@@ -81,10 +82,7 @@ class Pipeline:
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def install_settings(self) -> None:
-        set_settings(load_settings(environ=self.env, directory=self.stack.workdir / "settings").settings)
-        dispose_all()
-        certificates.forget_keystores()
-        lazy_app.reset()
+        install_stack_settings(self.env)
 
     def request(self, domains: list[str], **kw: Any) -> str:
         with session_scope() as s:
@@ -136,6 +134,69 @@ class Pipeline:
             return int(s.execute(select(func.count()).select_from(model).where(*where)).scalar_one())
 
 
+#: a test CA's budgets: far above Let's Encrypt's, so the limiter runs without deferring
+TEST_CA_BUDGETS = {
+    "rate_limits.certificates_per_registered_domain": "1000000",
+    "rate_limits.duplicate_certificates": "10000",
+    "rate_limits.new_orders_per_account": "1000000",
+}
+
+
+def stack_env(
+    tmp: Path,
+    *,
+    database_url: str | None = None,
+    broker_url: str | None = None,
+    state_dir: str = "var",
+    acme: tuple[str, str] | None = None,
+    email: str = "admin@example.test",
+    http_port: int | None = None,
+    regions: list[dict[str, Any]] | None = None,
+    log_level: str = "DEBUG",
+    settings: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The ``CERTQUEUE_*`` environment of a test stack rooted at ``tmp`` (the one place tests build
+    it; issue 16): ``tmp/settings`` (made here), a new master key at ``tmp/master.key``, the database
+    and broker (SQLite and the file broker under ``tmp/<state_dir>`` unless URLs are given), the CA
+    ``acme = (directory URL, CA bundle)`` with the test CA's budgets, the HTTP-01 port, local-files
+    or other ``regions``, and further ``settings`` as dotted keys (``"automation.batch_size": "5"``).
+    """
+    (tmp / "settings").mkdir(parents=True, exist_ok=True)
+    key = tmp / "master.key"
+    if not key.exists():
+        generate_key_file(key)
+    state = tmp / state_dir
+    values: dict[str, str] = {
+        "storage.encryption_key_path": str(key),
+        "database.url": database_url or f"sqlite:///{state / 'certqueue.db'}",
+        "logging.level": log_level,
+    }
+    if broker_url:
+        values["broker.url"] = broker_url
+    else:
+        values["broker.filesystem_path"] = str(state / "broker")
+    if acme is not None:
+        values.update({"acme.directory_url": acme[0], "acme.ca_bundle": acme[1], "acme.email": email})
+        values.update(TEST_CA_BUDGETS)
+    if http_port is not None:
+        values.update({"challenges.http_port": str(http_port), "challenges.http_host": "127.0.0.1"})
+    if regions is not None:
+        values.update({"multi_region.enabled": "true", "multi_region.regions": json.dumps(regions)})
+    values.update(settings or {})
+    env = {"CERTQUEUE_SETTINGS_DIR": str(tmp / "settings")}
+    env.update({settings_keys.env_var(k): v for k, v in values.items()})
+    return env
+
+
+def install_stack_settings(env: Mapping[str, str]) -> None:
+    """This test process uses the stack's settings (its own settings and engines, key stores and
+    Celery app built afresh from them)."""
+    set_settings(load_settings(environ=env, directory=Path(env["CERTQUEUE_SETTINGS_DIR"])).settings)
+    dispose_all()
+    certificates.forget_keystores()
+    lazy_app.reset()
+
+
 def build_pipeline(
     tmp: Path,
     *,
@@ -149,9 +210,6 @@ def build_pipeline(
 ) -> Pipeline:
     """Start everything; the caller must call ``teardown_pipeline``."""
     cleanups: list[Callable[[], None]] = []
-    (tmp / "settings").mkdir(parents=True, exist_ok=True)
-    key = tmp / "master.key"
-    generate_key_file(key)
     dns = ChallTestSrv().start()
     cleanups.append(dns.stop)
     http_port = free_port()
@@ -160,27 +218,10 @@ def build_pipeline(
     ).start()
     cleanups.append(peb.stop)
     directory_url, ca_bundle = acme_front(peb) if acme_front else (peb.directory_url, str(peb.ca_bundle))
-    env = {
-        "CERTQUEUE_SETTINGS_DIR": str(tmp / "settings"),
-        "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
-        "CERTQUEUE_ACME__DIRECTORY_URL": directory_url,
-        "CERTQUEUE_ACME__CA_BUNDLE": ca_bundle,
-        "CERTQUEUE_ACME__EMAIL": "admin@example.test",
-        "CERTQUEUE_CHALLENGES__HTTP_PORT": str(http_port),
-        "CERTQUEUE_CHALLENGES__HTTP_HOST": "127.0.0.1",
-        # a test CA: budgets far above Let's Encrypt's, so the limiter runs without deferring
-        "CERTQUEUE_RATE_LIMITS__CERTIFICATES_PER_REGISTERED_DOMAIN": "1000000",
-        "CERTQUEUE_RATE_LIMITS__DUPLICATE_CERTIFICATES": "10000",
-        "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "1000000",
-        # the CA's refusals are final at once unless a test asks for automation.retry_attempts
-        "CERTQUEUE_AUTOMATION__RETRY_ATTEMPTS": "0",
-        "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": "0.05",
-        "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": "2",
-        "CERTQUEUE_LOGGING__LEVEL": "DEBUG",
-    }
     redis_db = None
+    database_url = broker_url = None
     if backend == "postgres":
-        url, drop = create_pg_database()
+        database_url, drop = create_pg_database()
         cleanups.append(drop)
         try:
             claim = _take_redis_db()
@@ -188,22 +229,26 @@ def build_pipeline(
             redis_db, broker_url = claim.db, claim.url
         except NoFreeRedisDatabase:
             # every database of the machine's Redis is in use by live pipelines: a private one
-            from certqueue.devstack.servers import PrivateRedis
+            from devstack.servers import PrivateRedis
 
             private = PrivateRedis().start()
             cleanups.append(private.stop)
             redis_db, broker_url = 0, private.url
         redis_lib.Redis.from_url(broker_url).flushdb()
-        env["CERTQUEUE_DATABASE__URL"] = url
-        env["CERTQUEUE_BROKER__URL"] = broker_url
-    else:
-        env["CERTQUEUE_DATABASE__URL"] = f"sqlite:///{tmp / 'var' / 'certqueue.db'}"
-        env["CERTQUEUE_BROKER__FILESYSTEM_PATH"] = str(tmp / "var" / "broker")
-    if regions is not None:
-        import json
-
-        env["CERTQUEUE_MULTI_REGION__ENABLED"] = "true"
-        env["CERTQUEUE_MULTI_REGION__REGIONS"] = json.dumps(regions)
+    env = stack_env(
+        tmp,
+        database_url=database_url,
+        broker_url=broker_url,
+        acme=(directory_url, ca_bundle),
+        http_port=http_port,
+        regions=regions,
+        settings={
+            # the CA's refusals are final at once unless a test asks for automation.retry_attempts
+            "automation.retry_attempts": "0",
+            "automation.poll_initial_seconds": "0.05",
+            "automation.poll_max_seconds": "2",
+        },
+    )
     env.update(extra_env or {})
     stack = Stack(workdir=tmp, env=env)
     cleanups.append(stack.stop_all)

@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
-from certqueue.devstack.moto import MotoServer
-from certqueue.devstack.ports import free_port
 from certqueue.targets.base import Bundle, Target, leaf_fingerprint
+from devstack.moto import MotoServer
+from devstack.ports import free_port
 from tests.fakes.azure_keyvault_api import FakeKeyVault, StaticTokenCredential
 from tests.fakes.gcp_certmanager_api import FakeCertificateManager
 

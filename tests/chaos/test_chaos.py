@@ -36,15 +36,15 @@ from sqlalchemy import func, select, update
 
 from certqueue import certificates, crypto
 from certqueue.celery_app import lazy_app
-from certqueue.config import load_settings, set_settings
+from certqueue.config import set_settings
 from certqueue.db import dispose_all, session_scope
-from certqueue.devstack.bind import BindServer
-from certqueue.devstack.pebble import PebbleServer
-from certqueue.devstack.ports import free_port
-from certqueue.devstack.servers import PrivatePostgres, PrivateRedis
-from certqueue.devstack.stack import Stack
-from certqueue.keystore import generate_key_file
 from certqueue.models import Certificate, Challenge, Deployment, Event, Http01Token, Issuance, Order, utcnow
+from devstack.bind import BindServer
+from devstack.pebble import PebbleServer
+from devstack.ports import free_port
+from devstack.servers import PrivatePostgres, PrivateRedis
+from devstack.stack import Stack
+from tests.conftest_stack import install_stack_settings, stack_env
 from tests.fakes.acme_counting_proxy import CountingProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
@@ -239,50 +239,36 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chaos]:
             proxy = CountingProxy(pebble.directory_url, pebble.ca_bundle, tmp_path / "proxy").start()
             cleanups.append(proxy.stop)
             directory_url, ca_bundle = proxy.directory_url, str(proxy.combined_ca_bundle)
-        key = tmp_path / "master.key"
-        generate_key_file(key)
         edge = tmp_path / "edge"
-        (tmp_path / "settings").mkdir()
-        env = {
-            "CERTQUEUE_SETTINGS_DIR": str(tmp_path / "settings"),
-            "CERTQUEUE_DATABASE__URL": pg.url,
-            "CERTQUEUE_BROKER__URL": redis.url,
-            "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
-            "CERTQUEUE_ACME__DIRECTORY_URL": directory_url,
-            "CERTQUEUE_ACME__CA_BUNDLE": ca_bundle,
-            "CERTQUEUE_ACME__EMAIL": "chaos@example.test",
-            "CERTQUEUE_CHALLENGES__HTTP_PORT": str(http_port),
-            "CERTQUEUE_CHALLENGES__HTTP_HOST": "127.0.0.1",
-            # a test CA: budgets far above Let's Encrypt's, so the limiter runs without deferring
-            "CERTQUEUE_RATE_LIMITS__CERTIFICATES_PER_REGISTERED_DOMAIN": "1000000",
-            "CERTQUEUE_RATE_LIMITS__DUPLICATE_CERTIFICATES": "10000",
-            "CERTQUEUE_RATE_LIMITS__NEW_ORDERS_PER_ACCOUNT": "1000000",
-            "CERTQUEUE_CHALLENGES__RFC2136": json.dumps(
-                bind.provider_config(propagation_timeout=60, polling_interval=0.3)
-            ),
-            "CERTQUEUE_CHALLENGES__DNS_RESOLVERS": json.dumps([bind.nameserver]),
-            "CERTQUEUE_CHALLENGES__NAMESERVER_PORT": str(bind.port),
-            "CERTQUEUE_AUTOMATION__POLL_INITIAL_SECONDS": "0.1",
-            "CERTQUEUE_AUTOMATION__POLL_MAX_SECONDS": "2",
-            "CERTQUEUE_AUTOMATION__STUCK_AFTER_SECONDS": "12",
-            # the cases that expect FAILED expect it from the CA's first refusal
-            "CERTQUEUE_AUTOMATION__RETRY_ATTEMPTS": "0",
-            # a killed worker's hold on its orders runs out this soon (steps here take a few seconds)
-            "CERTQUEUE_AUTOMATION__ORDER_LEASE_SECONDS": "30",
-            "CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS": "2",
-            "CERTQUEUE_MULTI_REGION__ENABLED": "true",
-            "CERTQUEUE_MULTI_REGION__REGIONS": json.dumps(
-                [{"name": "edge", "provider": "local", "path": str(edge)}]
-            ),
-            "CERTQUEUE_LOGGING__LEVEL": "INFO",
-        }
+        env = stack_env(
+            tmp_path,
+            database_url=pg.url,
+            broker_url=redis.url,
+            acme=(directory_url, ca_bundle),
+            email="chaos@example.test",
+            http_port=http_port,
+            regions=[{"name": "edge", "provider": "local", "path": str(edge)}],
+            log_level="INFO",
+            settings={
+                "challenges.rfc2136": json.dumps(
+                    bind.provider_config(propagation_timeout=60, polling_interval=0.3)
+                ),
+                "challenges.dns_resolvers": json.dumps([bind.nameserver]),
+                "challenges.nameserver_port": str(bind.port),
+                "automation.poll_initial_seconds": "0.1",
+                "automation.poll_max_seconds": "2",
+                "automation.stuck_after_seconds": "12",
+                # the cases that expect FAILED expect it from the CA's first refusal
+                "automation.retry_attempts": "0",
+                # a killed worker's hold on its orders runs out this soon (steps here take a few seconds)
+                "automation.order_lease_seconds": "30",
+                "automation.scan_interval_seconds": "2",
+            },
+        )
         stack = Stack(workdir=tmp_path, env=env)
         cleanups.append(stack.stop_all)
         stack.cli("db", "upgrade")
-        set_settings(load_settings(environ=env, directory=tmp_path / "settings").settings)
-        dispose_all()
-        certificates.forget_keystores()
-        lazy_app.reset()
+        install_stack_settings(env)
         stack.start_http01(http_port)
         acme_env = (
             {"CERTQUEUE_FAILPOINTS": params["acme_failpoints"]} if params.get("acme_failpoints") else None

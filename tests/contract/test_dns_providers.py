@@ -24,8 +24,6 @@ import boto3
 import pytest
 from pydantic import SecretStr
 
-from certqueue.devstack.bind import BindServer
-from certqueue.devstack.ports import free_port
 from certqueue.dns.azure import AzureDNSProvider
 from certqueue.dns.base import DNSProvider, load_provider, provider_names
 from certqueue.dns.cloudflare import CloudflareProvider
@@ -34,6 +32,8 @@ from certqueue.dns.rfc2136 import RFC2136Provider
 from certqueue.dns.route53 import Route53Provider
 from certqueue.dns.zones import Resolver
 from certqueue.errors import ConfigError, ProviderError
+from devstack.bind import BindServer
+from devstack.ports import free_port
 from tests.fakes import FakeServer, Request, Response
 
 PROVIDERS = ["rfc2136", "route53", "cloudflare", "azure"]

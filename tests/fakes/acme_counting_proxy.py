@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from certqueue.devstack.tls import make_server_tls
+from devstack.tls import make_server_tls
 
 COUNTS_PATH = "/counts"
 _UPSTREAM_TIMEOUT = 30.0

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from certqueue.devstack.tls import make_server_tls
+from devstack.tls import make_server_tls
 from tests.fakes import FakeServer, Request, Response
 
 RENEWAL_INFO_PATH = "/renewal-info"

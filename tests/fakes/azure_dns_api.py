@@ -1,7 +1,7 @@
 """A fake of Azure DNS (ARM, api-version 2018-05-01) plus a fake Entra ID token endpoint, over HTTPS.
 
 The SDK refuses bearer tokens over plain HTTP, so this fake serves TLS with a throwaway CA from
-``certqueue.devstack.tls.make_server_tls``; clients trust it with ``connection_verify=<ca.pem>``.
+``devstack.tls.make_server_tls``; clients trust it with ``connection_verify=<ca.pem>``.
 
 ARM calls implemented, under ``/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network``:
 ``GET dnsZones`` (list by resource group), ``GET dnsZones/{zone}``, ``GET dnsZones/{zone}/TXT`` (list by
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from certqueue.devstack.tls import make_server_tls
+from devstack.tls import make_server_tls
 from tests.fakes import FakeServer, Request, Response
 
 _ARM = re.compile(

@@ -40,7 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from certqueue.devstack.tls import make_server_tls
+from devstack.tls import make_server_tls
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 PEM_TYPE = "application/x-pem-file"

@@ -36,8 +36,8 @@ from certqueue.acme.client import (
     order_to_json,
 )
 from certqueue.acme.errors import map_exception, parse_retry_after, problem_from_error
-from certqueue.devstack.pebble import PebbleServer
 from certqueue.errors import InvalidInput, PermanentError, RateLimited, RetryableError
+from devstack.pebble import PebbleServer
 from tests.conftest_pebble import Http01Responder, PebbleStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import requests
 
-from certqueue.devstack.ports import free_port
+from devstack.ports import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # Playwright adds --headless and --user-data-dir itself

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,9 @@ from tests.conftest_db import make_cert_pem
 pytestmark = [pytest.mark.integration, pytest.mark.packaging]
 
 REPO = Path(__file__).resolve().parents[2]
-#: what the wheel is built from (pyproject's readme and license-files, and the package)
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "certqueue")
+#: what the wheel is built from (pyproject's readme and license-files, the package, and devstack/
+#: beside it as in the checkout: the packaging settings, not its absence, keep it out)
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "certqueue", "devstack")
 #: pip's words for "the index is not reachable" (not for a dependency that does not exist)
 OFFLINE = re.compile(
     r"NewConnectionError|Max retries exceeded|Temporary failure in name resolution|"
@@ -48,6 +50,7 @@ class Installed:
     venv: Path
     home: Path  # an empty working directory, outside the checkout
     env: dict[str, str]
+    wheel_files: list[str]  # every file in the wheel
 
     @property
     def python(self) -> Path:
@@ -122,9 +125,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     _pip([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)], env, tmp)
     wheels = list(dist.glob("certqueue-*.whl"))
     assert len(wheels) == 1, wheels
+    with zipfile.ZipFile(wheels[0]) as whl:
+        (tmp / "wheel-files.txt").write_text("\n".join(whl.namelist()))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], env=env, check=True, timeout=300)
     _pip([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheels[0])], env, home)
-    return Installed(venv=venv, home=home, env=env)
+    return Installed(venv=venv, home=home, env=env, wheel_files=(tmp / "wheel-files.txt").read_text().split())
 
 
 def test_the_checkout_is_out_of_reach(installed: Installed) -> None:
@@ -135,6 +140,30 @@ def test_the_checkout_is_out_of_reach(installed: Installed) -> None:
     assert not [p for p in path if p and Path(p).resolve().is_relative_to(REPO)], path
     pth = [f.read_text() for f in installed.venv.glob("lib/python*/site-packages/*.pth")]
     assert not [t for t in pth if str(REPO) in t], pth  # no editable install behind it
+
+
+def test_no_devstack_module_is_in_the_wheel(installed: Installed) -> None:
+    """The test and demo servers (Pebble, BIND, moto, fake clouds) stay in the checkout (issue 16)."""
+    assert any(f.startswith("certqueue/") for f in installed.wheel_files)
+    shipped = [f for f in installed.wheel_files if "devstack" in f.lower()]
+    assert not shipped, shipped
+    tops = {f.split("/", 1)[0] for f in installed.wheel_files if not f.startswith("certqueue-")}
+    assert tops == {"certqueue"}, tops
+    found = installed.probe(
+        "import importlib.util, json;"
+        "print(json.dumps([m for m in ('devstack', 'certqueue.devstack') if importlib.util.find_spec(m)]))"
+    )
+    assert found == []
+
+
+def test_demo_from_the_wheel_says_to_use_a_checkout(installed: Installed) -> None:
+    """``certqueue demo`` needs the test servers of a checkout: one line saying so, nothing started
+    and nothing written."""
+    r = installed.run("demo")
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "checkout" in r.stderr and "make demo" in r.stderr, r.stderr
+    assert list(installed.home.glob("var*")) == [], list(installed.home.iterdir())
 
 
 def test_help_lists_the_commands(installed: Installed) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from certqueue.db import session_scope
-from certqueue.devstack.bind import BindServer
 from certqueue.models import (
     Account,
     Certificate,
@@ -26,6 +25,7 @@ from certqueue.models import (
     Order,
     TlsAlpn01Token,
 )
+from devstack.bind import BindServer
 from tests.conftest_stack import Pipeline, build_pipeline, teardown_pipeline
 from tests.integration.test_dns01 import _txt
 from tests.unit.test_cli import active_certificate

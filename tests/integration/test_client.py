@@ -15,8 +15,8 @@ from sqlalchemy import select
 
 from certqueue.client import CertqueueClient
 from certqueue.db import session_scope
-from certqueue.devstack.pebble import PebbleServer
 from certqueue.models import Certificate, Deployment, Issuance
+from devstack.pebble import PebbleServer
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 
 pytestmark = pytest.mark.integration

@@ -24,9 +24,9 @@ from sqlalchemy import select
 from certqueue import tokens
 from certqueue.api.app import create_app
 from certqueue.db import session_scope
-from certqueue.devstack.ports import free_port
-from certqueue.devstack.servers import PrivateRedis
 from certqueue.models import Certificate, Deployment, Event, Intent, Order
+from devstack.ports import free_port
+from devstack.servers import PrivateRedis
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 
 pytestmark = [pytest.mark.timeout(600)]

@@ -22,10 +22,10 @@ import pytest
 
 from bench.embedded_broker import run as broker_run
 from certqueue.celery_app import lazy_app
-from certqueue.config import load_settings, set_settings
+from certqueue.config import set_settings
 from certqueue.db import dispose_all
-from certqueue.devstack.stack import Stack
-from certqueue.keystore import generate_key_file
+from devstack.stack import Stack
+from tests.conftest_stack import install_stack_settings, stack_env
 
 pytestmark = pytest.mark.integration
 
@@ -46,22 +46,12 @@ def test_stress_every_message_exactly_once() -> None:
 def embedded(tmp_path: Path) -> Iterator[Stack]:
     """The embedded default (SQLite, the file broker) with no CA: enough for a worker to run tasks.
     Its state lives under ``state/``, and the processes run in ``tmp_path``, which has no ``var/``."""
-    (tmp_path / "settings").mkdir()
-    key = tmp_path / "master.key"
-    generate_key_file(key)
-    env = {
-        "CERTQUEUE_SETTINGS_DIR": str(tmp_path / "settings"),
-        "CERTQUEUE_DATABASE__URL": f"sqlite:///{tmp_path / 'state' / 'certqueue.db'}",
-        "CERTQUEUE_BROKER__FILESYSTEM_PATH": str(tmp_path / "state" / "broker"),
-        "CERTQUEUE_AUTOMATION__SCAN_INTERVAL_SECONDS": "1",
-        "CERTQUEUE_STORAGE__ENCRYPTION_KEY_PATH": str(key),
-        "CERTQUEUE_LOGGING__LEVEL": "INFO",
-    }
+    env = stack_env(
+        tmp_path, state_dir="state", log_level="INFO", settings={"automation.scan_interval_seconds": "1"}
+    )
     stack = Stack(workdir=tmp_path, env=env)
     stack.cli("db", "upgrade")
-    set_settings(load_settings(environ=env, directory=tmp_path / "settings").settings)
-    dispose_all()
-    lazy_app.reset()
+    install_stack_settings(env)
     lazy_app.get()  # builds the app: creates the broker folders
     try:
         yield stack

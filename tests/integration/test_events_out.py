@@ -21,8 +21,8 @@ import redis as redis_lib
 from sqlalchemy import select
 
 from certqueue.db import session_scope
-from certqueue.devstack.ports import free_port
 from certqueue.models import Event, EventDelivery
+from devstack.ports import free_port
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 from tests.fakes.webhook_receiver import WebhookReceiver
 

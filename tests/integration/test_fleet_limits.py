@@ -237,7 +237,7 @@ def two_cas(tmp_path) -> Iterator[tuple[Pipeline, str, str]]:
     """The primary CA requires external account binding (none is configured: it refuses us for
     good); the pipeline's own Pebble is the fallback."""
     _require_services()
-    from certqueue.devstack.pebble import PebbleServer
+    from devstack.pebble import PebbleServer
 
     started: list[PebbleServer] = []
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from certqueue.devstack.ports import free_port
+from devstack.ports import free_port
 from tests import conftest_stack
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 from tests.integration.test_api_browser import chromium

@@ -37,13 +37,13 @@ from certqueue import (
 )
 from certqueue.api.routes_health import certificate_health
 from certqueue.db import session_scope
-from certqueue.devstack.bind import BindServer
-from certqueue.devstack.moto import MotoServer
 from certqueue.errors import InvalidInput, InvalidTransition, NotFound
 from certqueue.manager import OperationFailed
 from certqueue.metrics import render_metrics
 from certqueue.models import Certificate as Row
 from certqueue.models import Deployment, Issuance
+from devstack.bind import BindServer
+from devstack.moto import MotoServer
 from tests.conftest_db import make_cert_pem
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 

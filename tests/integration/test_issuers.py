@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from certqueue import crypto
 from certqueue.db import session_scope
-from certqueue.devstack.pebble import PebbleServer
 from certqueue.models import Account, Certificate, Event, Issuance, Order
+from devstack.pebble import PebbleServer
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 
 pytestmark = pytest.mark.integration

@@ -25,10 +25,10 @@ from sqlalchemy.engine import make_url
 from certqueue import certificates, crypto
 from certqueue.acme.accounts import account_aad
 from certqueue.db import session_scope
-from certqueue.devstack.bind import BindServer
-from certqueue.devstack.moto import MotoServer
-from certqueue.devstack.ports import free_port
 from certqueue.models import Account, Event, Issuance, RuntimeSetting
+from devstack.bind import BindServer
+from devstack.moto import MotoServer
+from devstack.ports import free_port
 from tests.conftest_stack import (
     Pipeline,
     build_pipeline,

@@ -15,8 +15,8 @@ import redis
 from sqlalchemy import select
 
 from certqueue.db import session_scope
-from certqueue.devstack.moto import MotoServer
 from certqueue.models import Certificate, Deployment, Event, Issuance
+from devstack.moto import MotoServer
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 from tests.fakes.azure_keyvault_api import FakeKeyVault
 from tests.fakes.gcp_certmanager_api import FakeCertificateManager

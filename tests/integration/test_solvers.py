@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from certqueue import crypto
 from certqueue.db import session_scope
-from certqueue.devstack.bind import BindServer
 from certqueue.models import Certificate, Challenge, Issuance
+from devstack.bind import BindServer
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 
 pytestmark = pytest.mark.integration

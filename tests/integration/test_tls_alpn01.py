@@ -12,8 +12,8 @@ from cryptography import x509
 
 from certqueue import crypto
 from certqueue.db import session_scope
-from certqueue.devstack.ports import free_port
 from certqueue.models import Certificate, Challenge, Issuance, TlsAlpn01Token
+from devstack.ports import free_port
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 from tests.fakes.tcp_balancer import TcpBalancer
 

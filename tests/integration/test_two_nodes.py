@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import select
 
 from certqueue.db import session_scope
-from certqueue.devstack.stack import Stack
 from certqueue.models import Certificate, Deployment, Issuance
+from devstack.stack import Stack
 from tests.conftest_stack import Pipeline, build_pipeline, services_available, teardown_pipeline
 
 pytestmark = pytest.mark.integration

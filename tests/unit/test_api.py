@@ -28,7 +28,6 @@ from certqueue.api.app import create_app
 from certqueue.celery_app import lazy_app
 from certqueue.config import Settings, load_settings, set_settings
 from certqueue.db import dispose_all, session_scope
-from certqueue.devstack.ports import free_port
 from certqueue.intents import OPEN
 from certqueue.keystore import generate_key_file
 from certqueue.models import (
@@ -42,6 +41,7 @@ from certqueue.models import (
     State,
     utcnow,
 )
+from devstack.ports import free_port
 from tests.conftest import skip_unless_required
 from tests.conftest_db import BACKENDS, create_pg_database, drop_pg_database, pg_sqlalchemy_url
 from tests.conftest_redis import process_redis_url

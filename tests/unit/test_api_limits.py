@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from certqueue.devstack.ports import free_port
 from certqueue.keystore import generate_key_file
+from devstack.ports import free_port
 
 BIG = 200 * 1024 * 1024
 CHUNK = 256 * 1024

@@ -25,13 +25,13 @@ from certqueue.acme.ari import (
     renewal_info_url,
 )
 from certqueue.certificates import _ari_cert_id
-from certqueue.devstack.ports import free_port
 from certqueue.lifecycle.ari_policy import (
     RenewalInfo,
     choose_renewal_time,
     clamp_retry_after,
     next_ari_check,
 )
+from devstack.ports import free_port
 from tests.fakes import FakeServer, Request, Response
 
 NOW = dt.datetime(2030, 3, 1, 12, 0, tzinfo=dt.UTC)

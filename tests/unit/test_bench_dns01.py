@@ -1,4 +1,4 @@
-"""DNS-01 case plumbing (bench/dns01.py, certqueue/devstack/bind.py's zone file) and the storm
+"""DNS-01 case plumbing (bench/dns01.py, devstack/bind.py's zone file) and the storm
 profile's per-renewal counts (bench/storm.py): pure parts, no server started."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.dns01 import AUTH_ADDRESS, UNSHARE, Authority
 from bench.storm import profile_counts
-from certqueue.devstack.bind import BindServer, _zone_file
+from devstack.bind import BindServer, _zone_file
 
 
 def test_zone_ns_record_points_at_the_listen_address():

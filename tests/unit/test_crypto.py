@@ -517,7 +517,7 @@ def test_verify_chain_input_errors(pki: tuple[Issuer, Issuer], leaf_key: crypto.
 
 def test_verify_chain_on_devstack_tls(tmp_path: Path) -> None:
     """The loopback TLS files other tests trust must pass the same verifier."""
-    from certqueue.devstack.tls import make_server_tls
+    from devstack.tls import make_server_tls
 
     files = make_server_tls(tmp_path)
     leaf, *rest = crypto.split_pem_chain(files.cert.read_text())

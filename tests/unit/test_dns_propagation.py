@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from certqueue.devstack.bind import BindServer
 from certqueue.dns.propagation import check_visible, route_error
 from certqueue.dns.rfc2136 import RFC2136Provider
 from certqueue.dns.zones import Resolver
+from devstack.bind import BindServer
 from tests.fakes.dns_authority import FakeAuthority, Records
 
 ROOT = Path(__file__).resolve().parents[2]

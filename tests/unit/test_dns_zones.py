@@ -15,8 +15,6 @@ import dns.message
 import dns.query
 import pytest
 
-from certqueue.devstack.bind import BindServer
-from certqueue.devstack.ports import free_tcp_udp_port
 from certqueue.dns.propagation import check_visible
 from certqueue.dns.rfc2136 import RFC2136Provider
 from certqueue.dns.zones import (
@@ -30,6 +28,8 @@ from certqueue.dns.zones import (
     parse_hostport,
 )
 from certqueue.errors import PermanentError, RetryableError
+from devstack.bind import BindServer
+from devstack.ports import free_tcp_udp_port
 
 Publish = Callable[[str, str], None]
 

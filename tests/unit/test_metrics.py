@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from certqueue import __version__, certificates, events, metrics
 from certqueue.config import Settings
 from certqueue.db import session_scope
-from certqueue.devstack.ports import free_port
 from certqueue.models import Certificate, Deployment, Issuance, RateBudget, State, utcnow
+from devstack.ports import free_port
 from tests.conftest_redis import process_redis_url
 
 NOW = utcnow().replace(microsecond=0)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from certqueue.devstack.ports import free_port
+from devstack.ports import free_port
 
 CERTQUEUE = str(Path(sys.executable).with_name("certqueue"))
 STOP_DEADLINE = 10.0

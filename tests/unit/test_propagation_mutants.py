@@ -30,10 +30,10 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from certqueue.devstack.ports import free_tcp_udp_port
 from certqueue.dns import propagation
 from certqueue.dns.propagation import VisibleResult, check_visible, query_txt
 from certqueue.dns.zones import Resolver
+from devstack.ports import free_tcp_udp_port
 
 ZONE = "multi.test"
 NAME = f"_acme-challenge.www.{ZONE}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from certqueue import config, runtime
+from certqueue import config, runtime, runtime_layer
 from certqueue.config import Settings, configure, get_settings, load_settings, set_settings
 from certqueue.db import session_scope
 from certqueue.errors import ConfigError
@@ -217,7 +217,7 @@ def test_an_unreachable_server_keeps_the_last_values_and_backs_off(pg_url: str, 
     assert runtime.read_runtime_layer(dead) == {}
     assert runtime.read_runtime_layer(dead) == {}  # backing off: no second connect attempt
     assert time.monotonic() - started < runtime.CONNECT_TIMEOUT_SECONDS + 1
-    runtime._last_good[dead] = {"automation": {"renewal_threshold_days": 40}}
+    runtime_layer._last_good[dead] = {"automation": {"renewal_threshold_days": 40}}
     assert runtime.read_runtime_layer(dead) == {"automation": {"renewal_threshold_days": 40}}
 
 

@@ -479,7 +479,7 @@ def test_validate_pem_private_key_normalizes_to_pkcs8() -> None:
 
 
 def test_validate_pem_kinds_and_errors(tmp_path: object) -> None:
-    from certqueue.devstack.tls import make_server_tls
+    from devstack.tls import make_server_tls
 
     files = make_server_tls(tmp_path / "tls")  # type: ignore[operator]
     fullchain = files.cert.read_text()
@@ -532,3 +532,17 @@ def test_unknown_dns_providers_are_refused() -> None:
     assert validate_dns_provider("rfc2136") == "rfc2136"
     with pytest.raises(InvalidInput, match="unknown DNS provider 'nosuchdns'; known: azure, cloudflare"):
         validate_dns_provider("nosuchdns")
+
+
+def test_request_field_rules_are_one_copy_importable_from_validation_and_crypto() -> None:
+    """The rules crypto needs live in certqueue.csr_fields (no crypto <-> validation cycle, issue
+    16); validation and crypto hand out the same objects, so every old import path still works."""
+    from certqueue import crypto, csr_fields, validation
+
+    names = ["normalize_domains", "normalize_domain", "public_suffixes", "key_type_from",
+             "validate_key_size", "validate_country", "validate_subject_field", "KEY_TYPES",
+             "KEY_SIZES", "DEFAULT_KEY_TYPE", "MAX_NAMES", "MAX_NAME_LENGTH", "MAX_LABEL_LENGTH"]  # fmt: skip
+    for name in names:
+        assert getattr(validation, name) is getattr(csr_fields, name), name
+    assert crypto.KEY_TYPES is csr_fields.KEY_TYPES
+    assert validation.public_suffixes() is csr_fields.public_suffixes()

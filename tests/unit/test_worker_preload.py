@@ -17,18 +17,18 @@ from pathlib import Path
 def test_the_public_suffix_list_is_built_before_the_pool_forks(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
-        import certqueue.validation as validation
+        import certqueue.csr_fields as csr_fields
         import certqueue.workers as workers
 
         seen = {}
 
         def fake_celery(app, argv):  # where celery would fork the pool
-            seen["psl"] = validation._psl is not None
+            seen["psl"] = csr_fields._psl is not None
             return 0
 
         workers._celery_exit_code = fake_celery
         workers._exit_after_shutdown = lambda code: None
-        assert validation._psl is None
+        assert csr_fields._psl is None
         workers._run_worker_now(
             workers.pool_spec("acme", []), "acme", [], concurrency=1, loglevel=None, hostname=None
         )
@@ -40,7 +40,7 @@ def test_the_public_suffix_list_is_built_before_the_pool_forks(tmp_path: Path) -
             def privatesuffix(self, name):
                 return "marked.example"
 
-        validation._psl = Marked()  # the rate limiter reads the same list, not one of its own
+        csr_fields._psl = Marked()  # the rate limiter reads the same list, not one of its own
         print("shared:", registered_domain("www.example.co.uk") == "marked.example")
         """
     )

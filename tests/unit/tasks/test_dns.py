@@ -16,12 +16,12 @@ import pytest
 from certqueue.certificates import CertificateRequest, create_certificate
 from certqueue.config import Settings
 from certqueue.db import session_scope
-from certqueue.devstack.bind import BindServer
 from certqueue.dns.propagation import query_txt
 from certqueue.errors import PermanentError
 from certqueue.models import Certificate, Challenge, Event, Order, State, utcnow
 from certqueue.tasks import dns
 from certqueue.tasks.base import StepContext, Wait
+from devstack.bind import BindServer
 
 PROPAGATION_TIMEOUT = 20.0
 POLLING_INTERVAL = 0.3

@@ -37,7 +37,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 
-from certqueue.devstack.ports import free_tcp_udp_port
+from devstack.ports import free_tcp_udp_port
 
 NAMED = "/usr/sbin/named"
 TSIG_KEYGEN = "/usr/sbin/tsig-keygen"

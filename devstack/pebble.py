@@ -5,7 +5,7 @@ package's binaries (``/usr/bin/pebble``, ``/usr/bin/pebble-challtestsrv``, versi
 this module relies on are in ``TEST-SERVERS.md``:
 
 * the package ships no certificate for Pebble's HTTPS listener: one is made per run with
-  :func:`certqueue.devstack.tls.make_server_tls`, and :attr:`PebbleServer.ca_bundle` is the file a
+  :func:`devstack.tls.make_server_tls`, and :attr:`PebbleServer.ca_bundle` is the file a
   client must trust;
 * ``PEBBLE_VA_NOSLEEP=1`` and ``PEBBLE_AUTHZREUSE=0`` by default, for fast and deterministic runs;
   callers may override any variable (``PEBBLE_WFE_NONCEREJECT`` for fault injection);
@@ -34,8 +34,8 @@ from typing import Any
 
 import requests
 
-from certqueue.devstack.ports import free_port, free_tcp_udp_port, wait_tcp
-from certqueue.devstack.tls import make_server_tls
+from devstack.ports import free_port, free_tcp_udp_port, wait_tcp
+from devstack.tls import make_server_tls
 
 PEBBLE_BIN = "/usr/bin/pebble"
 CHALLTESTSRV_BIN = "/usr/bin/pebble-challtestsrv"

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from certqueue.devstack.ports import free_port, wait_tcp
+from devstack.ports import free_port, wait_tcp
 
 
 def _pg_bin(name: str) -> str:
