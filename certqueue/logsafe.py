@@ -109,3 +109,13 @@ def install_uvicorn() -> None:
     for name in UVICORN_LOGGERS:
         install(logging.getLogger(name))
     install()
+
+
+_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|$)", re.S)
+
+
+def safe_detail(text: object, limit: int = 200) -> str:
+    """Remote error text fit for a message: PEM blocks removed, one line, bounded length."""
+    cleaned = _PEM_BLOCK.sub("[pem removed]", str(text or ""))
+    cleaned = " ".join(cleaned.split())
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."

@@ -140,10 +140,11 @@ def validate_certificate_id(s: str) -> str:
 
 
 def validate_dns_provider(name: str) -> str:
-    """A DNS provider registered as a plugin (entry point group ``certqueue.dns_providers``)."""
-    from importlib.metadata import entry_points
+    """A DNS provider registered as a plugin (entry point group ``certqueue.dns_providers``, with the
+    built-ins' fallback when package metadata is missing: ``certqueue.plugins``)."""
+    from certqueue import plugins
 
-    known = sorted(ep.name for ep in entry_points(group=DNS_PROVIDER_GROUP))
+    known = plugins.names(DNS_PROVIDER_GROUP)
     if not isinstance(name, str) or name not in known:
         shown = _show(name) if isinstance(name, str) else type(name).__name__
         raise InvalidInput(f"unknown DNS provider {shown}; known: {', '.join(known)}", field="dns_provider")

@@ -11,23 +11,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from certqueue import runtime
+from certqueue import runtime, settings_keys
 from certqueue.config import LETS_ENCRYPT_PRODUCTION, LETS_ENCRYPT_STAGING, Settings, get_settings
 from certqueue.errors import ConfigError
-
-
-def _merge(low: dict[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(low)
-    for k, v in high.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def with_overrides(settings: Settings, changes: Mapping[str, Any]) -> Settings:
     """``settings`` with dotted ``changes`` applied, validated (``ConfigError`` naming the key)."""
     if not changes:
         return settings
-    merged = _merge(settings.model_dump(), runtime.unflatten(dict(changes)))
+    merged = settings_keys.deep_merge(settings.model_dump(), settings_keys.unflatten(dict(changes)))
     try:
         return Settings(**merged)
     except ValidationError as exc:

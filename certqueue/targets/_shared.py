@@ -9,7 +9,6 @@ before it goes into a message.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from certqueue import plugins
 from certqueue.errors import ConfigError, TargetError
+from certqueue.logsafe import safe_detail as safe_detail  # shared with the deploy hooks
 from certqueue.plugins import secret_value
 from certqueue.targets.base import Bundle
 
@@ -108,16 +108,6 @@ def check_bundle(target: str, bundle: Bundle) -> ParsedBundle:
             reason=f"{target}:key_mismatch",
         )
     return ParsedBundle(leaf=leaf, chain=chain, key=key)
-
-
-_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|$)", re.S)
-
-
-def safe_detail(text: object, limit: int = 200) -> str:
-    """Remote error text fit for a message: PEM blocks removed, one line, bounded length."""
-    cleaned = _PEM_BLOCK.sub("[pem removed]", str(text or ""))
-    cleaned = " ".join(cleaned.split())
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
 
 
 def error(

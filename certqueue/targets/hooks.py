@@ -32,6 +32,7 @@ from typing import Any
 
 from certqueue import plugins
 from certqueue.errors import ConfigError, TargetError
+from certqueue.logsafe import safe_detail
 from certqueue.plugins import Setting
 
 log = logging.getLogger("certqueue.targets.hooks")
@@ -148,7 +149,6 @@ def environment(
 
 
 def _excerpt(output: bytes | str | None) -> str:
-    from certqueue.targets._shared import safe_detail
 
     text = output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
     return safe_detail(text, OUTPUT_LIMIT)
