@@ -1,6 +1,6 @@
 """The harness's arithmetic: interleaved repetitions, median and spread, ratios, per-certificate costs.
 
-Kept free of I/O so it is unit-tested on its own (``tests/unit/test_bench_stats.py``).
+Kept free of I/O so it is unit-tested on its own (``tests/unit/bench/test_bench_stats.py``).
 
 * :func:`interleave` orders the runs A B C A B C ...: the machine's load drifts during a run, and
   running each contender's repetitions back to back would hand one contender the quiet minutes.

@@ -28,7 +28,7 @@ from certqueue.models import (
 from devstack.bind import BindServer
 from tests.conftest_stack import Pipeline, build_pipeline, teardown_pipeline
 from tests.integration.test_dns01 import _txt
-from tests.unit.test_cli import active_certificate
+from tests.unit.cli.test_cli import active_certificate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -37,7 +37,7 @@ def bind_server() -> Iterator[BindServer]:
             "mixed IN A 127.0.0.1",
             # delegated validation: the challenge name is a CNAME to a name only certqueue writes
             # (same zone: an authoritative-only BIND does not chase CNAMEs across zones the way the
-            # CA's recursive resolver does; crossing zones is covered by tests/unit/test_dns_zones.py)
+            # CA's recursive resolver does; crossing zones is covered by tests/unit/dns/test_dns_zones.py)
             "_acme-challenge.delegated CNAME delegated.acme-validation.example.test.",
         ]
     }

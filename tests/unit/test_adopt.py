@@ -25,7 +25,7 @@ from certqueue.lifecycle import renewal
 from certqueue.models import Certificate, Event, Intent, Issuance, State
 from tests.conftest_db import make_cert_pem
 from tests.unit.test_certificates import _ca, _signed_leaf
-from tests.unit.test_cli import Cli, cli_session, rows
+from tests.unit.cli.test_cli import Cli, cli_session, rows
 
 LE = "https://acme-v02.api.letsencrypt.org/directory"
 PEBBLE = "https://pebble.test:14000/dir"
@@ -286,7 +286,7 @@ def test_plan_refuses_wildcards_without_dns01_expired_and_mismatched_certificate
 
 @pytest.fixture
 def cli(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
-    """tests/unit/test_cli.py's CLI on ``db_url`` (SQLite and PostgreSQL), renewal jitter off."""
+    """tests/unit/cli/test_cli.py's CLI on ``db_url`` (SQLite and PostgreSQL), renewal jitter off."""
     yield from cli_session(
         tmp_path,
         db_url,

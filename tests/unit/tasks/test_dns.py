@@ -215,7 +215,7 @@ def test_a_clean_visible_check_writes_no_partial_check_event(
     settings: Settings, bind: BindServer, challenge_name: str
 ) -> None:
     """A ``dns_check`` event is for a partial check only (an address skipped or silent beside one
-    that answered: tests/unit/test_dns_propagation.py builds those); every address answered here."""
+    that answered: tests/unit/dns/test_dns_propagation.py builds those); every address answered here."""
     cid, ch_id, _ = _challenge(challenge_name)
     _step(dns._present_step, cid, ch_id)
     _step(dns._wait_step, cid, ch_id)

@@ -137,7 +137,7 @@ def test_pyspy_summary_of_collapsed_stacks():
     assert s["top_inclusive_certqueue"][0][0] == "step (certqueue/tasks/acme.py:7)"
 
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_quick_run_completes_and_writes_json(tmp_path):

@@ -28,7 +28,7 @@ from certqueue.dns.zones import Resolver
 from devstack.bind import BindServer
 from tests.fakes.dns_authority import FakeAuthority, Records
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TWO = "twons.test"
 CHALLENGE = f"_acme-challenge.www.{TWO}"
 
@@ -154,7 +154,7 @@ def without_ipv6() -> dict[str, Any]:
     probe = subprocess.run([unshare, "-rn", "true"], capture_output=True, timeout=10)
     if probe.returncode != 0:
         pytest.skip(f"cannot create a network namespace here: {probe.stderr.decode().strip()}")
-    code = "import tests.unit.test_dns_propagation as t; t.netns_main()"
+    code = "import tests.unit.dns.test_dns_propagation as t; t.netns_main()"
     proc = subprocess.run(
         [unshare, "-rn", "sh", "-c", f'{ip} link set lo up && exec "$0" -c "$1"', sys.executable, code],
         capture_output=True,

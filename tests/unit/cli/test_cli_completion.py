@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tests.conftest import skip_unless_required
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPT = Path(sys.executable).with_name("certqueue")
 #: what the installed script does (setuptools' console-script wrapper), for a tree without it
 AS_SCRIPT = "import sys; sys.argv[0] = 'certqueue'; from certqueue.__main__ import run; sys.exit(run())"
