@@ -24,8 +24,8 @@ from certqueue.errors import InvalidInput
 from certqueue.lifecycle import renewal
 from certqueue.models import Certificate, Event, Intent, Issuance, State
 from tests.conftest_db import make_cert_pem
-from tests.unit.test_certificates import _ca, _signed_leaf
 from tests.unit.cli.test_cli import Cli, cli_session, rows
+from tests.unit.test_certificates import _ca, _signed_leaf
 
 LE = "https://acme-v02.api.letsencrypt.org/directory"
 PEBBLE = "https://pebble.test:14000/dir"

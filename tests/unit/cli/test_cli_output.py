@@ -21,7 +21,14 @@ from certqueue.cli import main
 from certqueue.config import LETS_ENCRYPT_STAGING
 from certqueue.db import session_scope
 from certqueue.models import Certificate, Intent, utcnow
-from tests.unit.cli.test_cli import Cli, active_certificate, assert_one_line_error, cli_session, import_file, rows
+from tests.unit.cli.test_cli import (
+    Cli,
+    active_certificate,
+    assert_one_line_error,
+    cli_session,
+    import_file,
+    rows,
+)
 
 LONG = "a-name-long-enough-to-be-folded-in-a-drawn-table.example.com"
 
