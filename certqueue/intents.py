@@ -48,13 +48,18 @@ def record(
     if kind not in KINDS:
         raise ValueError(f"unknown intent kind {kind!r}")
     now = utcnow()
-    open_ = list(
-        session.execute(
-            select(Intent)
-            .where(Intent.certificate_id == certificate_id, Intent.kind == kind, Intent.status.in_(OPEN))
-            .order_by(Intent.id)
-        ).scalars()
+    stmt = (
+        select(Intent)
+        .where(Intent.certificate_id == certificate_id, Intent.kind == kind, Intent.status.in_(OPEN))
+        .order_by(Intent.id)
     )
+    if is_postgres(session):
+        # locked: a pending intent that dispatch is claiming right now is seen as dispatched once
+        # the claim commits, so a request that changes its parameters becomes an intent of its own
+        # instead of being merged into one whose parameters were already read (a forced
+        # propagation was lost that way: test_guide_api's forced redeploy never ran)
+        stmt = stmt.with_for_update()
+    open_ = list(session.execute(stmt).scalars())
     pending = next((i for i in open_ if i.status == "pending"), None)
     if pending is not None:
         if params:

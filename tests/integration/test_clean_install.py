@@ -200,7 +200,9 @@ def test_db_upgrade_then_import_and_list(installed: Installed) -> None:
     assert rows[imported["certificate_id"]]["domains"] == ["shop.example.com", "www.shop.example.com"]
     assert rows[imported["certificate_id"]]["external"] is True
     r = installed.run("--database", db, "list", env=key_env)  # piped: plain tab-separated lines
-    assert f"{imported['certificate_id']}\tshop.example.com" in r.stdout, r.stdout
+    # id, state, expiry, then the first name and how many more
+    assert f"{imported['certificate_id']}\tACTIVE\t" in r.stdout, r.stdout
+    assert "\tshop.example.com +1\n" in r.stdout, r.stdout
 
 
 def _metadata(installed: Installed) -> dict[str, Any]:

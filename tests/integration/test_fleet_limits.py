@@ -86,7 +86,7 @@ def test_lets_encrypt_rules_forced_on_for_the_test_ca_defer_the_51st_new_certifi
     p.wait_for(
         lambda: (
             p.count(Certificate, Certificate.state == "ACTIVE") == 50
-            and p.count(Event, Event.kind == "deferred") >= 1
+            and p.count(Event, Event.kind == "deferred", Event.reason == "rate_limited") >= 1
         ),
         timeout=240,
         what="50 issued and one deferred",
@@ -94,7 +94,13 @@ def test_lets_encrypt_rules_forced_on_for_the_test_ca_defer_the_51st_new_certifi
     with session_scope(write=False) as s:
         waiting = s.execute(select(Certificate).where(Certificate.state != "ACTIVE")).scalars().all()
         assert len(waiting) == 1 and waiting[0].id in ids
-        (deferred,) = s.execute(select(Event).where(Event.kind == "deferred")).scalars().all()
+        # a burst may also meet the in-flight cap for a few seconds (a "capacity" deferral, by design:
+        # two dispatch runs can each see room); the budget's deferral is the 51st's alone
+        (deferred,) = (
+            s.execute(select(Event).where(Event.kind == "deferred", Event.reason == "rate_limited"))
+            .scalars()
+            .all()
+        )
         assert deferred.certificate_id == waiting[0].id and deferred.reason == "rate_limited"
         until = dt.datetime.fromisoformat(deferred.data["until"])
         assert started + dt.timedelta(minutes=200) < until < utcnow() + dt.timedelta(minutes=203)

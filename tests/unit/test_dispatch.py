@@ -255,3 +255,54 @@ def test_queue_room_bounds_dispatch(settings: Settings, monkeypatch: pytest.Monk
                 s, CertificateRequest.build(domains=[f"q{i}.example.com"], directory_url=CA_A), actor="api"
             )
     assert _run().intents == 1
+
+
+def test_a_request_made_while_dispatch_claims_its_intent_gets_an_intent_of_its_own(
+    settings: Settings,
+) -> None:
+    """Dispatch has locked and marked the pending intent (its parameters read); a request that
+    changes them (``force``) arrives before that commits. It must wait for the claim and then
+    record an intent of its own, not merge ``force`` into the claimed one, which would be lost."""
+    import threading
+    import time
+
+    cid = _cert("race.example.com", state=State.ACTIVE)
+    _served(cid)
+    with session_scope() as s:
+        first = intents.record(s, "propagate", cid, actor="t").id
+    claimed, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def dispatcher() -> None:
+        try:
+            with session_scope() as s:
+                rows = intents.claim(s, utcnow(), kinds=("propagate",), limit=10, lease_seconds=60)
+                assert [r.id for r in rows] == [first]
+                claimed.set()
+                release.wait(10)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+            claimed.set()
+
+    got: dict[str, int] = {}
+
+    def requester() -> None:
+        with session_scope() as s:
+            got["id"] = intents.record(s, "propagate", cid, {"force": True}, actor="t").id
+
+    d = threading.Thread(target=dispatcher)
+    d.start()
+    assert claimed.wait(10) and not errors, errors
+    r = threading.Thread(target=requester)
+    r.start()
+    time.sleep(0.5)  # the request is now waiting for the claim's commit
+    assert "id" not in got
+    release.set()
+    d.join(10)
+    r.join(10)
+    assert not errors, errors
+    assert got["id"] != first
+    with session_scope(write=False) as s:
+        new = s.get_one(Intent, got["id"])
+        assert (new.status, new.params) == ("pending", {"force": True})
+        assert s.get_one(Intent, first).params == {}
