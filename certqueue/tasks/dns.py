@@ -10,8 +10,8 @@ short bounded window (``IN_TASK_VISIBILITY_WINDOW``; a primary updated by RFC 21
 once). What is still not visible is a retry with the provider's polling interval as countdown,
 until its propagation timeout; then the certificate's order fails with the stable reason
 ``dns:not_visible`` and the records are removed. ``certqueue.dns.cleanup_all`` removes an order's
-records. The single-challenge tasks (``present``, ``wait_visible``, ``cleanup``) stay registered for
-messages sent before this layout, and share the same steps.
+records. The single-challenge tasks (``present``, ``wait_visible``, ``cleanup``) and their steps stay
+registered for messages sent before this layout; nothing sends them any more.
 """
 
 from __future__ import annotations
@@ -229,9 +229,11 @@ def _present_all_step(ctx: StepContext, certificate_id: str, challenge_ids: Sequ
         if c.status == "presented"
     ]
     _end_reads(ctx)
+    providers = {n: provider_for(n) for n in {p[1] for p in pending}}  # each built once
+    cfg = resolver_config()
     for ch_id, provider_name, name, value in pending:
-        provider = provider_for(provider_name)
-        fqdn = follow_cnames(name, resolver_config())
+        provider = providers[provider_name]
+        fqdn = follow_cnames(name, cfg)
         handle = provider.present(fqdn, value)
         presented_at = utcnow().isoformat()
         ctx.session.execute(
@@ -261,6 +263,8 @@ def _wait_all_visible(ctx: StepContext, certificate_id: str, waiting: list[_Reco
     deadline = time.monotonic() + IN_TASK_VISIBILITY_WINDOW
     pause = FIRST_PAUSE
     cfg, recursive = resolver_config(), get_settings().challenges.check_recursive
+    # (propagation timeout, polling interval) per provider, read once for the whole wait
+    limits = {name: provider_for(name).timeout() for name in {rec.provider for rec in waiting}}
     while waiting:
         still: list[tuple[_Record, Any]] = []
         for rec in waiting:
@@ -287,7 +291,7 @@ def _wait_all_visible(ctx: StepContext, certificate_id: str, waiting: list[_Reco
             return
         interval = 0.0
         for rec, result in still:
-            timeout, every = provider_for(rec.provider).timeout()
+            timeout, every = limits[rec.provider]
             interval = max(interval, every)
             began = dt.datetime.fromisoformat(rec.presented_at) if rec.presented_at else utcnow()
             if (utcnow() - began).total_seconds() > timeout:
