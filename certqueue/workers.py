@@ -264,7 +264,7 @@ def _run_beat_now(*, loglevel: str | None = None) -> None:
         app.conf.redbeat_lock_timeout = 60
         app.conf.beat_max_loop_interval = 10
         app.conf.redbeat_key_prefix = "certqueue:redbeat:"
-        argv += ["-S", "redbeat.RedBeatScheduler"]
+        argv += ["-S", "certqueue.beat_scheduler.Scheduler"]  # RedBeat that notices a lost schedule
     else:
         # beside the embedded broker's folder (var/ by default): a relative "var/..." failed in a
         # working directory without var/ (beat then exited at every start, as in the demo)
