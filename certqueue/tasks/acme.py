@@ -22,20 +22,23 @@ The graph for one certificate::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from celery import shared_task, signature
 from sqlalchemy import select
 
 from certqueue import certificates, events, failpoints, intents, operations, payloads, removals
+from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
 from certqueue.config import get_settings
-from certqueue.db import lock_certificate, session_scope
+from certqueue.db import is_postgres, lock_certificate, lock_certificates, session_scope
 from certqueue.errors import InvalidInput, InvalidTransition, NotFound, PermanentError
 from certqueue.lifecycle import failure, states
 from certqueue.lifecycle.backoff import backoff
-from certqueue.models import Certificate, Challenge, State, utcnow
+from certqueue.models import Certificate, Challenge, Order, State, utcnow
 from certqueue.tasks.base import (
     CertqueueTask,
     StepContext,
@@ -48,19 +51,28 @@ from certqueue.tasks.base import (
     send_nudges,
 )
 from certqueue.tasks.pipeline import (
+    OPEN_ORDER,
     Deferred,
     Handoff,
     OrderLease,
     PipelineTask,
+    _challenge_type_for,
     _client,
+    _place_order,
+    _Placing,
+    _prepare_order,
+    _record_ordered,
     _status_name,
     _touch,
     answerable,
+    build_challenges,
     cleanup_challenges,
     fail_certificate,
+    give_back_lease,
     open_order,
     rate_limiter,
     start_order,
+    write_challenges,
 )
 
 log = logging.getLogger("certqueue.acme")
@@ -171,23 +183,10 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
         # its request was answered already (another start's order, which then failed or finished):
         # a second message for it must not order again; work still in flight is resumed
         return {"certificate_id": cid, "status": "answered", "state": cert.state}
-    if cert.state == State.FAILED:
-        cert.attempts = 0  # a new request: automation.retry_attempts counts afresh
-        events.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
-    if cert.state == State.REQUESTED:
-        events.transition(session, cert, State.ISSUING, reason="issue", actor="task")
-    if cert.state == State.ACTIVE and purpose == "renew":
-        force = bool(job.get("force"))
-        if not force and (cert.renew_at is None or cert.renew_at > utcnow()):
-            intents.complete(session, cert.id, ("renew",), outcome="not_due")
-            return {"certificate_id": cert.id, "status": "not_due"}
-        events.transition(
-            session,
-            cert,
-            State.RENEWING,
-            reason=job.get("reason") or ("forced" if force else "due"),
-            actor="task",
-        )
+    if cert.state == State.ACTIVE and purpose == "renew" and not _renewal_due(cert, job):
+        intents.complete(session, cert.id, ("renew",), outcome="not_due")
+        return {"certificate_id": cert.id, "status": "not_due"}
+    _enter(session, cert, job)
     if states.in_pipeline(cert.state, cert.work_deadline):
         if cert.pending_issuance_id is not None:
             # issued already; what is left is propagation
@@ -214,6 +213,28 @@ def _start_step(ctx: StepContext, job: dict[str, Any]) -> dict[str, Any]:
         intents.record(session, "propagate", cert.id, actor="task")
         ctx.nudge = True
     return {"certificate_id": cert.id, "status": "noop", "state": cert.state}
+
+
+def _renewal_due(cert: Certificate, job: dict[str, Any]) -> bool:
+    return bool(job.get("force")) or (cert.renew_at is not None and cert.renew_at <= utcnow())
+
+
+def _enter(session: Any, cert: Certificate, job: dict[str, Any]) -> None:
+    """The start step's transitions into the pipeline: FAILED -> REQUESTED (a new request),
+    REQUESTED -> ISSUING, and ACTIVE -> RENEWING for a renewal (the caller checked it is due)."""
+    if cert.state == State.FAILED:
+        cert.attempts = 0  # a new request: automation.retry_attempts counts afresh
+        events.transition(session, cert, State.REQUESTED, reason="retry", actor="task")
+    if cert.state == State.REQUESTED:
+        events.transition(session, cert, State.ISSUING, reason="issue", actor="task")
+    if cert.state == State.ACTIVE and (job.get("purpose") or "issue") == "renew":
+        events.transition(
+            session,
+            cert,
+            State.RENEWING,
+            reason=job.get("reason") or ("forced" if job.get("force") else "due"),
+            actor="task",
+        )
 
 
 def _answered(session: Any, intent_id: Any) -> bool:
@@ -649,25 +670,31 @@ def _issue_one(task: CertqueueTask, job: dict[str, Any], window: float) -> str:
             return str(out.get("status"))
         return _validate_in_task(task, cid, window, ctx.handoff)
     except Exception as exc:  # noqa: BLE001  (mapped to the policy below, per certificate)
-        kind = classify(exc)
-        decision = decide(kind_of(kind), retries=0, retry_after=getattr(kind, "retry_after", None))
-        log.info("batch: %s: %s; handing it to the single-certificate steps", cid, kind.reason)
-        if decision.action is failure.Action.FAIL:
-            with session_scope() as session:
-                pctx = StepContext(session=session, task=task)
-                fail_certificate(pctx, cid, kind)
-            _send_after(pctx)
-            return "failed"
-        # transient (or a key-store error, which stops the worker there): the single step resumes
-        try:
-            signature("certqueue.acme.start", args=(job,), immutable=True).apply_async(
-                countdown=decision.delay if decision.action is failure.Action.RETRY else 0
-            )
-        except Exception as send_exc:  # noqa: BLE001  (the broker is down too: its deadline resumes it)
-            log.warning(
-                "batch: %s not handed off (%s); the reconciler resumes it", cid, type(send_exc).__name__
-            )
-        return "handed_off"
+        return _hand_off(task, job, exc)
+
+
+def _hand_off(task: CertqueueTask, job: dict[str, Any], exc: Exception) -> str:
+    """A batch's error for one certificate, mapped to the policy table: a permanent one fails it
+    here; any other hands it to the single-certificate steps (``certqueue.acme.start``, which
+    resumes its order), whose failure handling (quick retries, parking, fallback) applies."""
+    cid = job["certificate_id"]
+    kind = classify(exc)
+    decision = decide(kind_of(kind), retries=0, retry_after=getattr(kind, "retry_after", None))
+    log.info("batch: %s: %s; handing it to the single-certificate steps", cid, kind.reason)
+    if decision.action is failure.Action.FAIL:
+        with session_scope() as session:
+            pctx = StepContext(session=session, task=task)
+            fail_certificate(pctx, cid, kind)
+        _send_after(pctx)
+        return "failed"
+    # transient (or a key-store error, which stops the worker there): the single step resumes
+    try:
+        signature("certqueue.acme.start", args=(job,), immutable=True).apply_async(
+            countdown=decision.delay if decision.action is failure.Action.RETRY else 0
+        )
+    except Exception as send_exc:  # noqa: BLE001  (the broker is down too: its deadline resumes it)
+        log.warning("batch: %s not handed off (%s); the reconciler resumes it", cid, type(send_exc).__name__)
+    return "handed_off"
 
 
 #: threads of one batch on SQLite: its one writer is held only for the steps' short transactions
@@ -683,13 +710,238 @@ def _batch_concurrency() -> int:
     return n
 
 
+# --- a batch's new HTTP-01 orders, started together ---------------------------------------------
+#
+# The common case of a batch (a new order for a certificate whose names all prove by HTTP-01) is
+# started in three phases instead of three transactions per certificate: the whole batch's
+# transitions and order rows in one transaction (one lock statement, multi-row INSERTs), then the
+# newOrders concurrently (each URL committed the moment the CA answers, as always), then the whole
+# batch's challenges, tokens and answered intents in one transaction. Validation follows per
+# certificate, in the batch's threads, with the order's lease handed over. Anything else (an order
+# to resume, DNS-01 or TLS-ALPN-01 names, a request answered already, an external certificate)
+# takes ``_issue_one``, the single-certificate start step.
+
+
+@dataclass
+class _Start:
+    """A certificate whose new order the batch places with the others."""
+
+    job: dict[str, Any]
+    cid: str
+    purpose: str
+    directory_url: str
+    email: str | None
+    placing: _Placing
+    token: str
+    res: Any = None
+    client: AcmeClient | None = None
+    #: set once this certificate is settled by a phase (deferred, superseded, handed off, failed)
+    outcome: str | None = None
+
+
+def _joins_batch(cert: Certificate | None, job: dict[str, Any], closed: set[int], ordering: set[str]) -> bool:
+    """Whether ``cert`` gets a new order in the batch's shared phases (else ``_issue_one``)."""
+    if cert is None or cert.external or cert.pending_issuance_id is not None or cert.id in ordering:
+        return False
+    intent = job.get("intent")
+    if isinstance(intent, int) and not isinstance(intent, bool) and intent in closed:
+        return False
+    if any(_challenge_type_for(cert, name) != "http-01" for name in cert.domains):
+        return False
+    if cert.state in (State.REQUESTED, State.FAILED, State.ISSUING):
+        return True
+    if cert.state == State.RENEWING:
+        return states.in_pipeline(cert.state, cert.work_deadline)
+    if cert.state == State.ACTIVE and (job.get("purpose") or "issue") == "renew":
+        return _renewal_due(cert, job) and states.in_pipeline(State.RENEWING, cert.work_deadline)
+    return False
+
+
+def _prepare_together(
+    task: CertqueueTask, jobs: list[dict[str, Any]], outcomes: dict[str, int]
+) -> tuple[list[_Start], list[dict[str, Any]]]:
+    """Phase 1, one transaction: lock the batch, enter the pipeline and write the new orders'
+    rows (leased, charged to the budgets). Returns the starts and the jobs left to ``_issue_one``;
+    any error leaves the whole batch to it, with nothing written and the budgets given back."""
+    ids = [j.get("certificate_id") for j in jobs]
+    ids_ok = [i for i in ids if isinstance(i, str)]
+    starts: list[_Start] = []
+    rest: list[dict[str, Any]] = []
+    deferred = 0
+    shared_budget = False
+    now = utcnow()
+    try:
+        with session_scope() as session:
+            ctx = StepContext(session=session, task=task)
+            # budgets kept outside this transaction (Redis, or PostgreSQL's own) are given back
+            # by hand when it rolls back; SQLite's live in it and roll back with it
+            shared_budget = rate_limiter(session) is rate_limiter()
+            certs = lock_certificates(session, ids_ok)
+            ordering = set(
+                session.execute(
+                    select(Order.certificate_id).where(
+                        Order.certificate_id.in_(ids_ok), Order.status.in_(OPEN_ORDER)
+                    )
+                ).scalars()
+            )
+            closed = intents.closed_among(session, [j.get("intent") for j in jobs])
+            in_flight: dict[str, int] = {}
+            seen: set[str] = set()
+            for job in jobs:
+                cid = job.get("certificate_id")
+                cert = certs.get(cid) if isinstance(cid, str) else None
+                if cert is None or cid in seen or not _joins_batch(cert, job, closed, ordering):
+                    rest.append(job)
+                    if isinstance(cid, str):
+                        seen.add(cid)
+                    continue
+                seen.add(cert.id)
+                _enter(session, cert, job)
+                purpose = "issue" if cert.state == State.ISSUING else "renew"
+                client, account_id = _client(session, cert)
+                try:
+                    placing = _prepare_order(
+                        ctx, cert, client, account_id, purpose, in_flight=in_flight, flush=False
+                    )
+                except Deferred:
+                    deferred += 1  # written: the certificate waits for its budget (committed below)
+                    continue
+                assert placing.order.lease_token is not None
+                token = placing.order.lease_token
+                starts.append(_Start(job, cert.id, purpose, cert.directory_url, cert.email, placing, token))
+            failpoints.hit("batch.prepare")
+        _send_after(ctx)
+    except Exception as exc:  # noqa: BLE001  (nothing was written: each certificate goes alone)
+        log.info("batch: the shared start failed (%s); each certificate starts alone", type(exc).__name__)
+        if shared_budget:
+            limiter = rate_limiter()
+            for st in starts:
+                limiter.release(st.placing.keys, now)
+        return [], list(jobs)
+    if deferred:
+        outcomes["deferred"] = outcomes.get("deferred", 0) + deferred
+    return starts, rest
+
+
+def _place_one(task: CertqueueTask, st: _Start) -> None:
+    """Phase 2, in a batch thread: the newOrder (its URL committed as the CA answers) and, when the
+    CA sent none, the order's authorizations."""
+    try:
+        with session_scope() as session:
+            ctx = StepContext(session=session, task=task)
+            client, _ = client_for(session, st.directory_url, st.email)
+            lease = OrderLease(ctx, st.cid, st.placing.order.id, st.token)
+            try:
+                res = _place_order(ctx, client, st.placing, lease)
+                if not res.authorizations:
+                    res = client.refresh_order(res)
+            except Deferred:
+                st.outcome = "deferred"  # the order is closed and the certificate waits (committed)
+            except BaseException:
+                lease.release()
+                raise
+        _send_after(ctx)
+        if st.outcome is None:
+            st.res, st.client = res, client
+    except Exception as exc:  # noqa: BLE001  (per certificate: the policy table)
+        st.outcome = _hand_off(task, st.job, exc)
+
+
+def _record_together(task: CertqueueTask, placed: list[_Start]) -> list[tuple[_Start, Handoff]]:
+    """Phase 3, one transaction: lock the batch again, and write every placed order's state, its
+    challenges and HTTP-01 tokens (served from this commit on) and its answered intents. The lease
+    stays each order's, handed over to its validation. An error gives every lease back and hands
+    each certificate to the single steps (its order's URL is stored: they resume it)."""
+    settings = get_settings()
+    out: list[tuple[_Start, Handoff]] = []
+    if not placed:
+        return out
+    try:
+        with session_scope() as session:
+            stmt = (
+                select(Certificate, Order)
+                .join(Order, Order.certificate_id == Certificate.id)
+                .where(Order.id.in_([st.placing.order.id for st in placed]))
+                .order_by(Certificate.id)
+                .execution_options(populate_existing=True)
+            )
+            if is_postgres(session):
+                stmt = stmt.with_for_update(of=Certificate)
+            rows = {order.id: (cert, order) for cert, order in session.execute(stmt).tuples()}
+            built_all: list[tuple[Challenge, str]] = []
+            recorded: list[tuple[_Start, Certificate, Order, list[Challenge]]] = []
+            for st in placed:
+                row = rows.get(st.placing.order.id)
+                if row is None or row[1].lease_token != st.token or row[0].id != st.cid:
+                    st.outcome = "superseded"  # closed or taken over while the CA answered
+                    continue
+                cert, order = row
+                assert st.client is not None
+                order.order_json = order_to_json(st.res)
+                _record_ordered(session, cert, order, st.purpose)
+                built = build_challenges(cert, st.client, order, st.res, settings)
+                built_all.extend(built)
+                _touch(cert)
+                recorded.append((st, cert, order, [ch for ch, _ in built]))
+            write_challenges(session, built_all, settings)
+            ordered = [st.cid for st, *_ in recorded]
+            intents.complete_many(session, ordered, ("issue", "renew"), outcome="ordered")
+            for st, cert, order, chs in recorded:
+                assert st.client is not None
+                handoff = Handoff(
+                    order_id=order.id,
+                    token=st.token,
+                    client=st.client,
+                    res=st.res,
+                    to_answer=answerable(chs),
+                    csr_pem=order.csr_pem,
+                    preferred_chain=cert.preferred_chain,
+                )
+                out.append((st, handoff))
+            failpoints.hit("batch.record")
+    except Exception as exc:  # noqa: BLE001  (per certificate below)
+        log.info("batch: recording the orders failed (%s); each certificate goes alone", type(exc).__name__)
+        for st in placed:
+            if st.outcome is None:
+                with session_scope() as session:
+                    give_back_lease(session, Order, st.placing.order.id, st.token)
+                st.outcome = _hand_off(task, st.job, exc)
+        return []
+    return out
+
+
+def _validate_handed(task: CertqueueTask, st: _Start, handoff: Handoff, window: float) -> str:
+    """Phases 4 and 5, in a batch thread: validate the order in this task, with this thread's own
+    client (the one that placed it may be busy on another thread)."""
+    try:
+        with session_scope(write=False) as session:
+            client, _ = client_for(session, st.directory_url, st.email)
+        return _validate_in_task(task, st.cid, window, dataclasses.replace(handoff, client=client))
+    except Exception as exc:  # noqa: BLE001  (per certificate: the policy table)
+        return _hand_off(task, st.job, exc)
+
+
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.acme.issue_batch", ignore_result=True)
 def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int = 0) -> Any:
     """``[{"certificate_id": ..., "purpose": ..., "intent": id}, ...]``: start every order and
     validate the HTTP-01 ones here, concurrently (one thread and ACME client per certificate, at most
     ``automation.batch_concurrency``). Idempotent: a redelivered batch resumes the same orders."""
     window = get_settings().automation.validation_window_seconds
+    concurrency = _batch_concurrency()
     outcomes: dict[str, int] = {}
-    for outcome in batch_map(lambda job: _issue_one(self, job, window), jobs, _batch_concurrency()):
+    starts, rest = _prepare_together(self, jobs, outcomes)
+    batch_map(lambda st: _place_one(self, st), starts, concurrency)
+    handed = _record_together(self, [st for st in starts if st.outcome is None])
+    for st in starts:
+        if st.outcome is not None:
+            outcomes[st.outcome] = outcomes.get(st.outcome, 0) + 1
+    work: list[Any] = [*handed, *rest]
+
+    def run(item: Any) -> str:
+        if isinstance(item, tuple):
+            return _validate_handed(self, item[0], item[1], window)
+        return _issue_one(self, item, window)
+
+    for outcome in batch_map(run, work, concurrency):
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     return {"certificates": len(jobs), "outcomes": outcomes}

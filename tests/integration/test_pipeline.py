@@ -7,9 +7,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from celery import _state as celery_state
 from sqlalchemy import select
 
 from certqueue import certificates, crypto
+from certqueue.celery_app import lazy_app
 from certqueue.db import session_scope
 from certqueue.models import Certificate, Challenge, Event, Http01Token, Issuance
 
@@ -381,6 +383,127 @@ def test_a_batch_validates_its_new_order_without_reading_or_leasing_it_again(pg_
         assert {c.status for c in chs} == {"cleaned"}
     assert pg_pipeline.count(Http01Token, Http01Token.certificate_id == cid) == 0
     _verify(pg_pipeline, cid, ["handoff.example.test", "www.handoff.example.test"])
+
+
+def _run_batch_counted(pg_pipeline, jobs: list[dict]) -> tuple[dict, list[tuple[str, object]]]:
+    """``issue_batch`` in this process (the acme worker stopped meanwhile), every SQL statement
+    it sends recorded."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from certqueue.tasks.acme import issue_batch
+
+    statements: list[tuple[str, object]] = []
+    lock = threading.Lock()
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        with lock:
+            statements.append((" ".join(statement.split()), parameters))
+
+    # what the batch sends goes to the pipeline's broker, as from a worker (the current app's)
+    previous = celery_state.get_current_app()
+    lazy_app.get().set_current()
+    pg_pipeline.stack.stop("worker-acme")
+    try:
+        event.listen(Engine, "before_cursor_execute", record)
+        try:
+            out = issue_batch.run(jobs)
+        finally:
+            event.remove(Engine, "before_cursor_execute", record)
+    finally:
+        previous.set_current()
+        pg_pipeline.stack.start_worker("acme")
+    return out, statements
+
+
+def _new_certificates(prefix: str, n: int) -> list[str]:
+    ids = []
+    with session_scope() as s:
+        for i in range(n):
+            req = certificates.CertificateRequest.build(
+                domains=[f"{prefix}{i}.example.test", f"www.{prefix}{i}.example.test"]
+            )
+            cert, _ = certificates.create_certificate(s, req, actor="test")
+            ids.append(cert.id)
+    return ids
+
+
+def _count(statements: list[tuple[str, object]], prefix: str) -> int:
+    return sum(1 for sql, _ in statements if sql.startswith(prefix))
+
+
+def _cert_locks(statements: list[tuple[str, object]]) -> int:
+    return sum(
+        1
+        for sql, _ in statements
+        if sql.startswith("SELECT") and "FROM certificates" in sql and "FOR UPDATE" in sql
+    )
+
+
+def test_a_batch_starts_its_new_orders_together(pg_pipeline):
+    """Four new HTTP-01 certificates and one unknown id in one batch: the four are started in two
+    shared transactions (their rows locked by one statement in each, their orders, challenges and
+    tokens written by one INSERT each for the whole batch), then validated one by one; the unknown
+    id takes the single-certificate start and is reported gone."""
+    ids = _new_certificates("together", 4)
+    jobs = [{"certificate_id": cid, "purpose": "issue"} for cid in ids]
+    jobs.insert(2, {"certificate_id": "cert_aaaaaaaaaaaaaaaaaaaa", "purpose": "issue"})
+    out, statements = _run_batch_counted(pg_pipeline, jobs)
+    assert out == {"certificates": 5, "outcomes": {"active": 4, "gone": 1}}, out
+    for i, cid in enumerate(ids):
+        assert pg_pipeline.state(cid) == "ACTIVE"
+        assert len(pg_pipeline.orders(cid)) == 1
+        _verify(pg_pipeline, cid, [f"together{i}.example.test", f"www.together{i}.example.test"])
+    # one INSERT of the four orders, one of their eight challenges, one of their tokens
+    assert _count(statements, "INSERT INTO orders") == 1
+    assert _count(statements, "INSERT INTO challenges") == 1
+    assert _count(statements, "INSERT INTO http01_tokens") == 1
+    # the batch's two shared locks, each validation's write-back, the unknown id's own start
+    assert _cert_locks(statements) == 2 + 4 + 1
+    # the open orders at the CA counted once for the batch, not once per certificate
+    assert _count(statements, "SELECT count(*)") <= 1
+    # their issue requests answered by one UPDATE
+    with session_scope(write=False) as s:
+        from certqueue.models import Intent
+
+        open_ = s.execute(select(Intent).where(Intent.certificate_id.in_(ids), Intent.status != "done"))
+        assert open_.scalars().all() == []
+
+
+def test_a_batch_whose_shared_start_fails_starts_each_certificate_alone(pg_pipeline, monkeypatch):
+    """The shared first transaction fails after every order was prepared: it is rolled back
+    (nothing of it written) and each certificate is started on its own, once."""
+    from certqueue import failpoints
+
+    monkeypatch.setattr(failpoints, "_points", {"batch.prepare": "error"})
+    ids = _new_certificates("alone", 2)
+    out, statements = _run_batch_counted(
+        pg_pipeline, [{"certificate_id": c, "purpose": "issue"} for c in ids]
+    )
+    assert out == {"certificates": 2, "outcomes": {"active": 2}}, out
+    for cid in ids:
+        assert pg_pipeline.state(cid) == "ACTIVE"
+        assert len(pg_pipeline.orders(cid)) == 1  # the rolled-back rows left nothing behind
+    # the shared transaction failed before its one flush; then each certificate's own start
+    assert _count(statements, "INSERT INTO orders") == 2
+    assert _cert_locks(statements) == 1 + 2 * 3  # the shared lock; each start, write-back, validation
+
+
+def test_a_batch_whose_record_fails_hands_each_placed_order_to_the_single_steps(pg_pipeline, monkeypatch):
+    """The CA created the orders and their URLs are stored, then the shared write of the
+    challenges fails: each lease is given back and each certificate handed to
+    ``certqueue.acme.start``, which resumes the same order (none is ordered twice)."""
+    from certqueue import failpoints
+
+    monkeypatch.setattr(failpoints, "_points", {"batch.record": "error"})
+    ids = _new_certificates("handed", 2)
+    out, _ = _run_batch_counted(pg_pipeline, [{"certificate_id": c, "purpose": "issue"} for c in ids])
+    assert out == {"certificates": 2, "outcomes": {"handed_off": 2}}, out
+    for cid in ids:
+        pg_pipeline.wait_state(cid, "ACTIVE", timeout=90)
+        (order,) = pg_pipeline.orders(cid)  # resumed, not ordered again
+        assert order.order_url and order.lease_token is None
+    assert pg_pipeline.count(Http01Token, Http01Token.certificate_id.in_(ids)) == 0
 
 
 def test_embedded_default_pipeline(embedded_pipeline):
