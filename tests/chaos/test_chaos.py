@@ -500,6 +500,19 @@ def _unconfirmed_at_ca(c: Chaos) -> int:
     return int(created) - int(stored)
 
 
+def _wait_dead(pids: list[int], timeout: float = 5.0) -> None:
+    """Until every one of ``pids`` is gone or a zombie (SIGKILL is delivered, not yet reaped)."""
+
+    def dead(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return True
+
+    _await(lambda: all(dead(p) for p in pids), timeout=timeout, what=f"processes {pids} dead")
+
+
 def _found_at_ca(c: Chaos) -> int:
     """Orders whose newOrder was never confirmed (the kill landed between the CA's answer and the
     commit of the URL) and that were found again in the account's order list."""
@@ -540,10 +553,14 @@ def test_sigkill_in_the_middle_of_a_batch_orders_once_at_the_ca(chaos: Chaos):
     kills += 1
     # the new pool processes hold their first orders between the CA's answer and the commit
     _await(lambda: _unconfirmed_at_ca(chaos) >= 1, timeout=180, what="orders the CA created, URL not stored")
-    unconfirmed = _unconfirmed_at_ca(chaos)
     killed_with_orders_open += _orders_waiting_to_finalize(chaos)
-    assert chaos.stack.kill_children("worker-acme"), "no acme pool process to kill"
+    killed = chaos.stack.kill_children("worker-acme")
+    assert killed, "no acme pool process to kill"
     kills += 1
+    # counted once the pool processes are dead: an order between the CA's answer and its commit at
+    # the count before the kill may have been committed by then (it then needs no finding)
+    _wait_dead(killed)
+    unconfirmed = _unconfirmed_at_ca(chaos)
     driver.finish(timeout=180)
     assert len(chaos.ids) == N
     chaos.wait_settled(timeout=400)
