@@ -22,8 +22,8 @@ The graph for one certificate::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -330,53 +330,96 @@ def _validate_step(ctx: StepContext, certificate_id: str, handoff: Handoff | Non
         preferred_chain = cert.preferred_chain
         lease = OrderLease.take(ctx, cert, order)
     try:
-        # -- the CA, with no lock held ----------------------------------------------------------
-        for _ch_id, info in to_answer:
-            client.answer_challenge(info)
-        body, retry_after = _order_status(client, res)
-        status = _status_name(body.status)
-        if status == "pending" and to_answer:
-            res, status, retry_after = _await_leaving(client, res, "pending", VALIDATION_WAIT_SECONDS)
-            body = res.body
-        authz = None
-        fullchain = None
-        if status == "invalid":
-            authz = client.poll_authorizations(res)
-        elif status != "pending":
-            res = res.update(body=body)
-            failpoints.hit("validate.before_finalize")
-            if status == "ready":
-                res = client.finalize(res, csr_pem.encode())
-                status = _status_name(res.body.status)
-            if status == "processing":
-                res, status, retry_after = _await_leaving(client, res, "processing", FINALIZE_WAIT_SECONDS)
-            if status == "valid":
-                fullchain, _alternatives = client.fetch_certificate(res, preferred_chain)
+        ans = _ask_ca(client, res, to_answer, csr_pem, preferred_chain)
         # -- the answers, with the certificate locked again --------------------------------------
         got = lease.reacquire()
         if got is None:
             return {"certificate_id": certificate_id, "status": "superseded"}
         cert, order = got
-        OrderLease.finish(order)
-        order.polls += 1
-        answered = {ch_id for ch_id, _ in to_answer}
-        # issued in this step: the answered challenges are valid at once (one write, not two)
-        done = status == "valid" and fullchain is not None
         with session.no_autoflush:  # the order's changes go out with the rest, in one UPDATE
             chs = list(session.execute(select(Challenge).where(Challenge.order_id == order.id)).scalars())
-        for ch in chs:
-            if ch.id in answered and ch.status in ("presented", "visible"):
-                ch.status = "valid" if done else "answered"
-        if not done:
-            _touch(cert)  # issued: the certificate is written once, by what the issuance changes
-        if not states.in_pipeline(cert.state, cert.work_deadline):
-            return {"certificate_id": cert.id, "status": "noop"}
-        return _record_validation(ctx, cert, order, chs, res, status, retry_after, authz, fullchain, settings)
+        return _write_answer(ctx, cert, order, chs, to_answer, ans, settings)
     except (Wait, Deferred):
         raise
     except BaseException:
         lease.release()
         raise
+
+
+@dataclass
+class _Answer:
+    """What the CA said of an order in one validation step."""
+
+    res: Any
+    status: str
+    retry_after: float | None
+    authz: Any
+    fullchain: str | None
+
+    @property
+    def issued(self) -> bool:
+        return self.status == "valid" and self.fullchain is not None
+
+
+def _ask_ca(
+    client: AcmeClient,
+    res: Any,
+    to_answer: list[tuple[int, Any]],
+    csr_pem: str,
+    preferred_chain: str | None,
+) -> _Answer:
+    """The CA half of a validation step (no lock held, no database): answer the challenges, wait a
+    moment for the order to leave ``pending``, finalize, wait a moment for it to leave
+    ``processing``, download."""
+    for _ch_id, info in to_answer:
+        client.answer_challenge(info)
+    body, retry_after = _order_status(client, res)
+    status = _status_name(body.status)
+    if status == "pending" and to_answer:
+        res, status, retry_after = _await_leaving(client, res, "pending", VALIDATION_WAIT_SECONDS)
+        body = res.body
+    authz = None
+    fullchain = None
+    if status == "invalid":
+        authz = client.poll_authorizations(res)
+    elif status != "pending":
+        res = res.update(body=body)
+        failpoints.hit("validate.before_finalize")
+        if status == "ready":
+            res = client.finalize(res, csr_pem.encode())
+            status = _status_name(res.body.status)
+        if status == "processing":
+            res, status, retry_after = _await_leaving(client, res, "processing", FINALIZE_WAIT_SECONDS)
+        if status == "valid":
+            fullchain, _alternatives = client.fetch_certificate(res, preferred_chain)
+    return _Answer(res, status, retry_after, authz, fullchain)
+
+
+def _write_answer(
+    ctx: StepContext,
+    cert: Certificate,
+    order: Any,
+    chs: list[Challenge],
+    to_answer: list[tuple[int, Any]],
+    ans: _Answer,
+    settings: Any,
+) -> dict[str, Any]:
+    """The database half, with the certificate locked again and the order still this step's: the
+    lease ends, the answered challenges are marked, and what the CA said is recorded."""
+    OrderLease.finish(order)
+    order.polls += 1
+    answered = {ch_id for ch_id, _ in to_answer}
+    # issued in this step: the answered challenges are valid at once (one write, not two)
+    for ch in chs:
+        if ch.id in answered and ch.status in ("presented", "visible"):
+            ch.status = "valid" if ans.issued else "answered"
+    if not ans.issued:
+        _touch(cert)  # issued: the certificate is written once, by what the issuance changes
+    if not states.in_pipeline(cert.state, cert.work_deadline):
+        return {"certificate_id": cert.id, "status": "noop"}
+    return _record_validation(
+        ctx, cert, order, chs, ans.res, ans.status, ans.retry_after, ans.authz, ans.fullchain, settings
+    )
 
 
 def _record_validation(
@@ -847,15 +890,18 @@ def _place_one(task: CertqueueTask, st: _Start) -> None:
         st.outcome = _hand_off(task, st.job, exc)
 
 
-def _record_together(task: CertqueueTask, placed: list[_Start]) -> list[tuple[_Start, Handoff]]:
+def _record_together(
+    task: CertqueueTask, placed: list[_Start]
+) -> tuple[list[tuple[_Start, Handoff]], list[dict[str, Any]]]:
     """Phase 3, one transaction: lock the batch again, and write every placed order's state, its
     challenges and HTTP-01 tokens (served from this commit on) and its answered intents. The lease
-    stays each order's, handed over to its validation. An error gives every lease back and hands
-    each certificate to the single steps (its order's URL is stored: they resume it)."""
+    stays each order's, handed over to its validation. An error gives every lease back and leaves
+    each certificate to the single start step (``_issue_one``: its order's URL is stored, so it
+    resumes it, and a certificate's own error is then that certificate's alone)."""
     settings = get_settings()
     out: list[tuple[_Start, Handoff]] = []
     if not placed:
-        return out
+        return out, []
     try:
         with session_scope() as session:
             stmt = (
@@ -899,24 +945,112 @@ def _record_together(task: CertqueueTask, placed: list[_Start]) -> list[tuple[_S
                 )
                 out.append((st, handoff))
             failpoints.hit("batch.record")
-    except Exception as exc:  # noqa: BLE001  (per certificate below)
+    except Exception as exc:  # noqa: BLE001  (each certificate goes alone)
         log.info("batch: recording the orders failed (%s); each certificate goes alone", type(exc).__name__)
         for st in placed:
-            if st.outcome is None:
-                with session_scope() as session:
-                    give_back_lease(session, Order, st.placing.order.id, st.token)
-                st.outcome = _hand_off(task, st.job, exc)
-        return []
-    return out
+            st.outcome = None  # what the failed transaction decided is undone with it
+            _give_back(st.placing.order.id, st.token)
+        return [], [st.job for st in placed]
+    return out, []
 
 
-def _validate_handed(task: CertqueueTask, st: _Start, handoff: Handoff, window: float) -> str:
-    """Phases 4 and 5, in a batch thread: validate the order in this task, with this thread's own
-    client (the one that placed it may be busy on another thread)."""
+def _give_back(order_id: int, token: str) -> None:
+    with session_scope() as session:
+        give_back_lease(session, Order, order_id, token)
+
+
+@dataclass
+class _Asked:
+    """A handed-over order whose validation the batch runs with the others."""
+
+    st: _Start
+    handoff: Handoff
+    ans: _Answer | None = None
+
+
+def _ask_one(task: CertqueueTask, item: _Asked) -> None:
+    """Phase 4, in a batch thread, with this thread's own client (the one that placed the order
+    may be busy on another thread): the CA half of the validation step. An error gives the lease
+    back and hands the certificate to the single steps, as in ``_validate_step``."""
+    st, h = item.st, item.handoff
     try:
         with session_scope(write=False) as session:
             client, _ = client_for(session, st.directory_url, st.email)
-        return _validate_in_task(task, st.cid, window, dataclasses.replace(handoff, client=client))
+        item.ans = _ask_ca(client, h.res, h.to_answer, h.csr_pem, h.preferred_chain)
+    except Exception as exc:  # noqa: BLE001  (per certificate: the policy table)
+        _give_back(h.order_id, h.token)
+        st.outcome = _hand_off(task, st.job, exc)
+
+
+def _write_together(task: CertqueueTask, asked: list[_Asked]) -> list[_Start]:
+    """Phase 5, one transaction: lock the batch again (one statement), read every order's challenges
+    (one more) and record each issued one (``_write_answer``). An order the CA has not issued yet
+    has its answered challenges and poll written and is returned, to go on alone
+    (``_validate_in_task``); so is everything, with its lease given back, when the shared write
+    fails."""
+    settings = get_settings()
+    issued = [a for a in asked if a.ans is not None]
+    later: list[_Start] = []
+    if not issued:
+        return later
+    try:
+        with session_scope() as session:
+            ctx = StepContext(session=session, task=task)
+            order_ids = [a.handoff.order_id for a in issued]
+            stmt = (
+                select(Certificate, Order)
+                .join(Order, Order.certificate_id == Certificate.id)
+                .where(Order.id.in_(order_ids))
+                .order_by(Certificate.id)
+                .execution_options(populate_existing=True)
+            )
+            if is_postgres(session):
+                stmt = stmt.with_for_update(of=Certificate)
+            rows = {order.id: (cert, order) for cert, order in session.execute(stmt).tuples()}
+            by_order: dict[int, list[Challenge]] = {}
+            for ch in session.execute(select(Challenge).where(Challenge.order_id.in_(order_ids))).scalars():
+                by_order.setdefault(ch.order_id, []).append(ch)
+            for a in issued:
+                assert a.ans is not None
+                row = rows.get(a.handoff.order_id)
+                if row is None or row[1].lease_token != a.handoff.token or row[0].id != a.st.cid:
+                    a.st.outcome = "superseded"
+                    continue
+                cert, order = row
+                if not a.ans.issued:
+                    # not issued yet (or rejected): its answers written here, the rest done alone
+                    OrderLease.finish(order)
+                    order.polls += 1
+                    answered = {ch_id for ch_id, _ in a.handoff.to_answer}
+                    for ch in by_order.get(order.id, []):
+                        if ch.id in answered and ch.status in ("presented", "visible"):
+                            ch.status = "answered"
+                    _touch(cert)
+                    later.append(a.st)
+                    continue
+                out = _write_answer(
+                    ctx, cert, order, by_order.get(order.id, []), a.handoff.to_answer, a.ans, settings
+                )
+                a.st.outcome = str(out.get("status"))
+            failpoints.hit("batch.write")
+        _send_after(ctx)
+    except Exception as exc:  # noqa: BLE001  (each certificate goes alone)
+        log.info(
+            "batch: recording the validations failed (%s); each certificate goes alone", type(exc).__name__
+        )
+        later = []
+        for a in issued:
+            a.st.outcome = None
+            _give_back(a.handoff.order_id, a.handoff.token)
+            later.append(a.st)
+    return later
+
+
+def _validate_alone(task: CertqueueTask, st: _Start, window: float) -> str:
+    """A batch's certificate whose validation goes on alone: the single validation step, in this
+    task for what is left of the window, then through the broker."""
+    try:
+        return _validate_in_task(task, st.cid, window)
     except Exception as exc:  # noqa: BLE001  (per certificate: the policy table)
         return _hand_off(task, st.job, exc)
 
@@ -929,17 +1063,22 @@ def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int
     window = get_settings().automation.validation_window_seconds
     concurrency = _batch_concurrency()
     outcomes: dict[str, int] = {}
+    started = time.monotonic()
     starts, rest = _prepare_together(self, jobs, outcomes)
     batch_map(lambda st: _place_one(self, st), starts, concurrency)
-    handed = _record_together(self, [st for st in starts if st.outcome is None])
+    handed, again = _record_together(self, [st for st in starts if st.outcome is None])
+    asked = [_Asked(st, h) for st, h in handed]
+    batch_map(lambda a: _ask_one(self, a), asked, concurrency)
+    later = _write_together(self, asked)
     for st in starts:
         if st.outcome is not None:
             outcomes[st.outcome] = outcomes.get(st.outcome, 0) + 1
-    work: list[Any] = [*handed, *rest]
+    left = max(window - (time.monotonic() - started), 0.0)
+    work: list[Any] = [*later, *rest, *again]
 
     def run(item: Any) -> str:
-        if isinstance(item, tuple):
-            return _validate_handed(self, item[0], item[1], window)
+        if isinstance(item, _Start):
+            return _validate_alone(self, item, left)
         return _issue_one(self, item, window)
 
     for outcome in batch_map(run, work, concurrency):

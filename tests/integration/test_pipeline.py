@@ -442,9 +442,9 @@ def _cert_locks(statements: list[tuple[str, object]]) -> int:
 
 def test_a_batch_starts_its_new_orders_together(pg_pipeline):
     """Four new HTTP-01 certificates and one unknown id in one batch: the four are started in two
-    shared transactions (their rows locked by one statement in each, their orders, challenges and
-    tokens written by one INSERT each for the whole batch), then validated one by one; the unknown
-    id takes the single-certificate start and is reported gone."""
+    shared transactions and their issuances recorded in a third (their rows locked by one statement
+    in each; their orders, challenges and tokens written by one INSERT each for the whole batch);
+    the unknown id takes the single-certificate start and is reported gone."""
     ids = _new_certificates("together", 4)
     jobs = [{"certificate_id": cid, "purpose": "issue"} for cid in ids]
     jobs.insert(2, {"certificate_id": "cert_aaaaaaaaaaaaaaaaaaaa", "purpose": "issue"})
@@ -458,8 +458,11 @@ def test_a_batch_starts_its_new_orders_together(pg_pipeline):
     assert _count(statements, "INSERT INTO orders") == 1
     assert _count(statements, "INSERT INTO challenges") == 1
     assert _count(statements, "INSERT INTO http01_tokens") == 1
-    # the batch's two shared locks, each validation's write-back, the unknown id's own start
-    assert _cert_locks(statements) == 2 + 4 + 1
+    # the batch's three shared locks (Pebble validates at once: no order is left to go on alone),
+    # and the unknown id's own start
+    assert _cert_locks(statements) == 3 + 1
+    # the four orders' challenges read once, by the shared write-back
+    assert _count(statements, "SELECT challenges.") == 1
     # the open orders at the CA counted once for the batch, not once per certificate
     assert _count(statements, "SELECT count(*)") <= 1
     # their issue requests answered by one UPDATE
@@ -489,21 +492,46 @@ def test_a_batch_whose_shared_start_fails_starts_each_certificate_alone(pg_pipel
     assert _cert_locks(statements) == 1 + 2 * 3  # the shared lock; each start, write-back, validation
 
 
-def test_a_batch_whose_record_fails_hands_each_placed_order_to_the_single_steps(pg_pipeline, monkeypatch):
+def test_a_batch_whose_record_fails_starts_each_placed_order_alone(pg_pipeline, monkeypatch):
     """The CA created the orders and their URLs are stored, then the shared write of the
-    challenges fails: each lease is given back and each certificate handed to
-    ``certqueue.acme.start``, which resumes the same order (none is ordered twice)."""
+    challenges fails: it is rolled back, each lease is given back, and each certificate takes the
+    single start step in the same task, which resumes the same order (none is ordered twice)."""
     from certqueue import failpoints
 
     monkeypatch.setattr(failpoints, "_points", {"batch.record": "error"})
     ids = _new_certificates("handed", 2)
-    out, _ = _run_batch_counted(pg_pipeline, [{"certificate_id": c, "purpose": "issue"} for c in ids])
-    assert out == {"certificates": 2, "outcomes": {"handed_off": 2}}, out
+    out, statements = _run_batch_counted(
+        pg_pipeline, [{"certificate_id": c, "purpose": "issue"} for c in ids]
+    )
+    assert out == {"certificates": 2, "outcomes": {"active": 2}}, out
     for cid in ids:
-        pg_pipeline.wait_state(cid, "ACTIVE", timeout=90)
+        assert pg_pipeline.state(cid) == "ACTIVE"
         (order,) = pg_pipeline.orders(cid)  # resumed, not ordered again
         assert order.order_url and order.lease_token is None
+    assert _count(statements, "INSERT INTO orders") == 1  # the shared one; the resumes add none
     assert pg_pipeline.count(Http01Token, Http01Token.certificate_id.in_(ids)) == 0
+
+
+def test_a_batch_whose_shared_write_back_fails_validates_each_certificate_alone(pg_pipeline, monkeypatch):
+    """The CA issued every order, then the shared write of the issuances fails: it is rolled back,
+    every lease is given back, and each certificate's validation runs alone (the order is valid at
+    the CA: it is downloaded and stored), once."""
+    from certqueue import failpoints
+
+    monkeypatch.setattr(failpoints, "_points", {"batch.write": "error"})
+    ids = _new_certificates("written", 2)
+    out, statements = _run_batch_counted(
+        pg_pipeline, [{"certificate_id": c, "purpose": "issue"} for c in ids]
+    )
+    assert out == {"certificates": 2, "outcomes": {"active": 2}}, out
+    for i, cid in enumerate(ids):
+        assert pg_pipeline.state(cid) == "ACTIVE"
+        (order,) = pg_pipeline.orders(cid)
+        assert order.lease_token is None
+        assert pg_pipeline.count(Issuance, Issuance.certificate_id == cid) == 1
+        _verify(pg_pipeline, cid, [f"written{i}.example.test", f"www.written{i}.example.test"])
+    # the failed shared write-back, then each validation's own read and write-back
+    assert _cert_locks(statements) == 3 + 2 * 2
 
 
 def test_embedded_default_pipeline(embedded_pipeline):

@@ -2,9 +2,9 @@
 (``run_step`` with a pushed request), on a real database (SQLite and PostgreSQL). They never call a
 CA: they record an intent for dispatch, or refuse the request (the job fails, nothing is written).
 
-Not here: the batch issuance against a CA (``issue_batch``, ``start``, ``validate``), which the lead
-is rewriting (bulk SQL per batch); Pebble covers it in tests/integration/test_pipeline.py and the
-chaos tests.
+Not here: the batch issuance against a CA (``issue_batch``, ``start``, ``validate``); Pebble covers
+it in tests/integration/test_pipeline.py (the shared phases' statements counted, each shared phase
+failed on purpose) and the chaos tests.
 """
 
 from __future__ import annotations
