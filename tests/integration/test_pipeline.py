@@ -473,16 +473,23 @@ def test_a_batch_starts_its_new_orders_together(pg_pipeline):
         assert open_.scalars().all() == []
 
 
-def test_a_batch_whose_shared_start_fails_starts_each_certificate_alone(pg_pipeline, monkeypatch):
-    """The shared first transaction fails after every order was prepared: it is rolled back
-    (nothing of it written) and each certificate is started on its own, once."""
+def _batch_failing_at(pg_pipeline, monkeypatch, point: str, prefix: str):
+    """Two new certificates through ``issue_batch`` with the failpoint ``point`` raising in this
+    process: their ids, the batch's answer and its statements."""
     from certqueue import failpoints
 
-    monkeypatch.setattr(failpoints, "_points", {"batch.prepare": "error"})
-    ids = _new_certificates("alone", 2)
+    monkeypatch.setattr(failpoints, "_points", {point: "error"})
+    ids = _new_certificates(prefix, 2)
     out, statements = _run_batch_counted(
         pg_pipeline, [{"certificate_id": c, "purpose": "issue"} for c in ids]
     )
+    return ids, out, statements
+
+
+def test_a_batch_whose_shared_start_fails_starts_each_certificate_alone(pg_pipeline, monkeypatch):
+    """The shared first transaction fails after every order was prepared: it is rolled back
+    (nothing of it written) and each certificate is started on its own, once."""
+    ids, out, statements = _batch_failing_at(pg_pipeline, monkeypatch, "batch.prepare", "alone")
     assert out == {"certificates": 2, "outcomes": {"active": 2}}, out
     for cid in ids:
         assert pg_pipeline.state(cid) == "ACTIVE"
@@ -496,13 +503,7 @@ def test_a_batch_whose_record_fails_starts_each_placed_order_alone(pg_pipeline, 
     """The CA created the orders and their URLs are stored, then the shared write of the
     challenges fails: it is rolled back, each lease is given back, and each certificate takes the
     single start step in the same task, which resumes the same order (none is ordered twice)."""
-    from certqueue import failpoints
-
-    monkeypatch.setattr(failpoints, "_points", {"batch.record": "error"})
-    ids = _new_certificates("handed", 2)
-    out, statements = _run_batch_counted(
-        pg_pipeline, [{"certificate_id": c, "purpose": "issue"} for c in ids]
-    )
+    ids, out, statements = _batch_failing_at(pg_pipeline, monkeypatch, "batch.record", "handed")
     assert out == {"certificates": 2, "outcomes": {"active": 2}}, out
     for cid in ids:
         assert pg_pipeline.state(cid) == "ACTIVE"
@@ -516,13 +517,7 @@ def test_a_batch_whose_shared_write_back_fails_validates_each_certificate_alone(
     """The CA issued every order, then the shared write of the issuances fails: it is rolled back,
     every lease is given back, and each certificate's validation runs alone (the order is valid at
     the CA: it is downloaded and stored), once."""
-    from certqueue import failpoints
-
-    monkeypatch.setattr(failpoints, "_points", {"batch.write": "error"})
-    ids = _new_certificates("written", 2)
-    out, statements = _run_batch_counted(
-        pg_pipeline, [{"certificate_id": c, "purpose": "issue"} for c in ids]
-    )
+    ids, out, statements = _batch_failing_at(pg_pipeline, monkeypatch, "batch.write", "written")
     assert out == {"certificates": 2, "outcomes": {"active": 2}}, out
     for i, cid in enumerate(ids):
         assert pg_pipeline.state(cid) == "ACTIVE"
