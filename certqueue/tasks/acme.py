@@ -815,6 +815,12 @@ def _prepare_together(
     now = utcnow()
     try:
         with session_scope() as session:
+            # the batch's accounts first, in a transaction of their own: a first use registers the
+            # account and commits, which must not commit half of the phase below
+            accounts = select(Certificate.directory_url, Certificate.email).where(Certificate.id.in_(ids_ok))
+            for directory_url, email in session.execute(accounts.distinct()).tuples():
+                client_for(session, directory_url, email)
+        with session_scope() as session:
             ctx = StepContext(session=session, task=task)
             # budgets kept outside this transaction (Redis, or PostgreSQL's own) are given back
             # by hand when it rolls back; SQLite's live in it and roll back with it
