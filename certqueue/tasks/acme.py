@@ -1061,6 +1061,12 @@ def _validate_alone(task: CertqueueTask, st: _Start, window: float) -> str:
         return _hand_off(task, st.job, exc)
 
 
+def _phased() -> bool:
+    """Whether a batch starts and validates its new HTTP-01 orders together
+    (``automation.batch_phases``), or each certificate alone (``_issue_one``)."""
+    return bool(get_settings().automation.batch_phases)
+
+
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.acme.issue_batch", ignore_result=True)
 def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int = 0) -> Any:
     """``[{"certificate_id": ..., "purpose": ..., "intent": id}, ...]``: start every order and
@@ -1069,6 +1075,10 @@ def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int
     window = get_settings().automation.validation_window_seconds
     concurrency = _batch_concurrency()
     outcomes: dict[str, int] = {}
+    if not _phased():
+        for outcome in batch_map(lambda job: _issue_one(self, job, window), jobs, concurrency):
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        return {"certificates": len(jobs), "outcomes": outcomes}
     started = time.monotonic()
     starts, rest = _prepare_together(self, jobs, outcomes)
     batch_map(lambda st: _place_one(self, st), starts, concurrency)

@@ -386,12 +386,18 @@ def test_a_batch_validates_its_new_order_without_reading_or_leasing_it_again(pg_
 
 
 def _run_batch_counted(pg_pipeline, jobs: list[dict]) -> tuple[dict, list[tuple[str, object]]]:
-    """``issue_batch`` in this process (the acme worker stopped meanwhile), every SQL statement
-    it sends recorded."""
+    """``issue_batch`` with its shared phases (``automation.batch_phases``) in this process (the
+    acme worker stopped meanwhile), every SQL statement it sends recorded."""
+    from unittest import mock
+
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    from certqueue.tasks.acme import issue_batch
+    from certqueue.tasks import acme as acme_tasks
+
+    def issue_batch_run(jobs: list[dict]) -> dict:
+        with mock.patch.object(acme_tasks, "_phased", lambda: True):
+            return acme_tasks.issue_batch.run(jobs)
 
     statements: list[tuple[str, object]] = []
     lock = threading.Lock()
@@ -407,7 +413,7 @@ def _run_batch_counted(pg_pipeline, jobs: list[dict]) -> tuple[dict, list[tuple[
     try:
         event.listen(Engine, "before_cursor_execute", record)
         try:
-            out = issue_batch.run(jobs)
+            out = issue_batch_run(jobs)
         finally:
             event.remove(Engine, "before_cursor_execute", record)
     finally:
