@@ -11,8 +11,8 @@ no scan, no reconcile. The chaos suite's Redis restart caught exactly that on a 
 (every certificate left REQUESTED).
 
 So each tick first checks, in one pipelined round trip, that every static entry is still in
-Redis, and writes the missing ones again (with no last run: they are due at once, and every
-periodic task is safe to run early).
+Redis, and when any is missing writes the schedule again as RedBeat does at start (a lost entry
+has no last run: it is due at once, and every periodic task is safe to run early).
 """
 
 from __future__ import annotations
@@ -52,6 +52,5 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]
                 "y" if len(lost) == 1 else "ies",
                 ", ".join(lost),
             )
-            self.update_from_dict({name: conf.schedule[name] for name in lost})
-            client.sadd(conf.statics_key, *names)
+            self.setup_schedule()  # RedBeat's own start-up write: each entry's last run kept where known
         return lost

@@ -160,7 +160,6 @@ def complete(
 ) -> int:
     """Close the certificate's open intents of ``kinds`` (only those up to intent ``up_to`` when
     given: a request made after the work was planned is not covered by it); returns how many."""
-    now = utcnow()
     where = [
         Intent.certificate_id == certificate_id,
         Intent.kind.in_(list(kinds)),
@@ -168,6 +167,12 @@ def complete(
     ]
     if up_to is not None:
         where.append(Intent.id <= up_to)
+    return _close(session, where, outcome=outcome, failed=failed)
+
+
+def _close(session: Session, where: list[Any], *, outcome: str, failed: bool = False) -> int:
+    """Close the open intents ``where`` selects, in one UPDATE; returns how many."""
+    now = utcnow()
     res = session.execute(
         update(Intent)
         .where(*where)
@@ -184,14 +189,8 @@ def complete_many(
     ids = list(certificate_ids)
     if not ids:
         return 0
-    now = utcnow()
-    res = session.execute(
-        update(Intent)
-        .where(Intent.certificate_id.in_(ids), Intent.kind.in_(list(kinds)), Intent.status.in_(OPEN))
-        .values(status="done", outcome=outcome[:512], finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    return int(getattr(res, "rowcount", 0) or 0)
+    where = [Intent.certificate_id.in_(ids), Intent.kind.in_(list(kinds)), Intent.status.in_(OPEN)]
+    return _close(session, where, outcome=outcome)
 
 
 def closed_among(session: Session, intent_ids: Iterable[Any]) -> set[int]:

@@ -124,6 +124,14 @@ class Stack:
     def all_logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted((self.workdir / "logs").glob("*.log")))
 
+    def log_tails(self, chars: int = 2000) -> str:
+        """The end of every process's log, each under its name (a failure shows what each part was
+        doing, not only the end of the last file)."""
+        return "\n".join(
+            f"--- {p.stem} ---\n{p.read_text(errors='replace')[-chars:]}"
+            for p in sorted((self.workdir / "logs").glob("*.log"))
+        )
+
     def direct_children(self, name: str) -> list[int]:
         """The processes ``name`` started itself (a supervisor's: the one worker process)."""
         return _children_of(self.procs[name].pid)

@@ -34,7 +34,7 @@ from certqueue import certificates, events, failpoints, intents, operations, pay
 from certqueue.acme.accounts import client_for
 from certqueue.acme.client import AcmeClient, order_from_json, order_to_json
 from certqueue.config import get_settings
-from certqueue.db import is_postgres, lock_certificate, lock_certificates, session_scope
+from certqueue.db import lock_certificate, lock_certificates, session_scope
 from certqueue.errors import InvalidInput, InvalidTransition, NotFound, PermanentError
 from certqueue.lifecycle import failure, states
 from certqueue.lifecycle.backoff import backoff
@@ -395,6 +395,21 @@ def _ask_ca(
     return _Answer(res, status, retry_after, authz, fullchain)
 
 
+def _note_answers(
+    cert: Certificate, order: Any, chs: list[Challenge], to_answer: list[tuple[int, Any]], ans: _Answer
+) -> None:
+    """The step's lease on the order ends, its poll is counted and its answered challenges marked."""
+    OrderLease.finish(order)
+    order.polls += 1
+    answered = {ch_id for ch_id, _ in to_answer}
+    # issued in this step: the answered challenges are valid at once (one write, not two)
+    for ch in chs:
+        if ch.id in answered and ch.status in ("presented", "visible"):
+            ch.status = "valid" if ans.issued else "answered"
+    if not ans.issued:
+        _touch(cert)  # issued: the certificate is written once, by what the issuance changes
+
+
 def _write_answer(
     ctx: StepContext,
     cert: Certificate,
@@ -406,15 +421,7 @@ def _write_answer(
 ) -> dict[str, Any]:
     """The database half, with the certificate locked again and the order still this step's: the
     lease ends, the answered challenges are marked, and what the CA said is recorded."""
-    OrderLease.finish(order)
-    order.polls += 1
-    answered = {ch_id for ch_id, _ in to_answer}
-    # issued in this step: the answered challenges are valid at once (one write, not two)
-    for ch in chs:
-        if ch.id in answered and ch.status in ("presented", "visible"):
-            ch.status = "valid" if ans.issued else "answered"
-    if not ans.issued:
-        _touch(cert)  # issued: the certificate is written once, by what the issuance changes
+    _note_answers(cert, order, chs, to_answer, ans)
     if not states.in_pipeline(cert.state, cert.work_deadline):
         return {"certificate_id": cert.id, "status": "noop"}
     return _record_validation(
@@ -839,12 +846,13 @@ def _prepare_together(
             for job in jobs:
                 cid = job.get("certificate_id")
                 cert = certs.get(cid) if isinstance(cid, str) else None
-                if cert is None or cid in seen or not _joins_batch(cert, job, closed, ordering):
+                joins = cert is not None and cid not in seen and _joins_batch(cert, job, closed, ordering)
+                if isinstance(cid, str):
+                    seen.add(cid)
+                if not joins:
                     rest.append(job)
-                    if isinstance(cid, str):
-                        seen.add(cid)
                     continue
-                seen.add(cert.id)
+                assert cert is not None
                 _enter(session, cert, job)
                 purpose = "issue" if cert.state == State.ISSUING else "renew"
                 client, account_id = _client(session, cert)
@@ -910,21 +918,14 @@ def _record_together(
         return out, []
     try:
         with session_scope() as session:
-            stmt = (
-                select(Certificate, Order)
-                .join(Order, Order.certificate_id == Certificate.id)
-                .where(Order.id.in_([st.placing.order.id for st in placed]))
-                .order_by(Certificate.id)
-                .execution_options(populate_existing=True)
+            rows = OrderLease.reacquire_many(
+                session, [(st.cid, st.placing.order.id, st.token) for st in placed]
             )
-            if is_postgres(session):
-                stmt = stmt.with_for_update(of=Certificate)
-            rows = {order.id: (cert, order) for cert, order in session.execute(stmt).tuples()}
             built_all: list[tuple[Challenge, str]] = []
             recorded: list[tuple[_Start, Certificate, Order, list[Challenge]]] = []
             for st in placed:
                 row = rows.get(st.placing.order.id)
-                if row is None or row[1].lease_token != st.token or row[0].id != st.cid:
+                if row is None:
                     st.outcome = "superseded"  # closed or taken over while the CA answered
                     continue
                 cert, order = row
@@ -1003,35 +1004,22 @@ def _write_together(task: CertqueueTask, asked: list[_Asked]) -> list[_Start]:
         with session_scope() as session:
             ctx = StepContext(session=session, task=task)
             order_ids = [a.handoff.order_id for a in issued]
-            stmt = (
-                select(Certificate, Order)
-                .join(Order, Order.certificate_id == Certificate.id)
-                .where(Order.id.in_(order_ids))
-                .order_by(Certificate.id)
-                .execution_options(populate_existing=True)
+            rows = OrderLease.reacquire_many(
+                session, [(a.st.cid, a.handoff.order_id, a.handoff.token) for a in issued]
             )
-            if is_postgres(session):
-                stmt = stmt.with_for_update(of=Certificate)
-            rows = {order.id: (cert, order) for cert, order in session.execute(stmt).tuples()}
             by_order: dict[int, list[Challenge]] = {}
             for ch in session.execute(select(Challenge).where(Challenge.order_id.in_(order_ids))).scalars():
                 by_order.setdefault(ch.order_id, []).append(ch)
             for a in issued:
                 assert a.ans is not None
                 row = rows.get(a.handoff.order_id)
-                if row is None or row[1].lease_token != a.handoff.token or row[0].id != a.st.cid:
+                if row is None:
                     a.st.outcome = "superseded"
                     continue
                 cert, order = row
                 if not a.ans.issued:
                     # not issued yet (or rejected): its answers written here, the rest done alone
-                    OrderLease.finish(order)
-                    order.polls += 1
-                    answered = {ch_id for ch_id, _ in a.handoff.to_answer}
-                    for ch in by_order.get(order.id, []):
-                        if ch.id in answered and ch.status in ("presented", "visible"):
-                            ch.status = "answered"
-                    _touch(cert)
+                    _note_answers(cert, order, by_order.get(order.id, []), a.handoff.to_answer, a.ans)
                     later.append(a.st)
                     continue
                 out = _write_answer(

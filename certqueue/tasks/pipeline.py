@@ -123,6 +123,29 @@ class OrderLease:
         return cert, order
 
     @staticmethod
+    def reacquire_many(
+        session: Session, leases: list[tuple[str, int, str]]
+    ) -> dict[int, tuple[Certificate, Order]]:
+        """:meth:`reacquire` for a batch's ``(certificate id, order id, token)`` leases in one
+        statement (the certificates locked in id order): by order id, the ones still this
+        batch's."""
+        stmt = (
+            select(Certificate, Order)
+            .join(Order, Order.certificate_id == Certificate.id)
+            .where(Order.id.in_([order_id for _, order_id, _ in leases]))
+            .order_by(Certificate.id)
+            .execution_options(populate_existing=True)
+        )
+        if is_postgres(session):
+            stmt = stmt.with_for_update(of=Certificate)
+        rows = {order.id: (cert, order) for cert, order in session.execute(stmt).tuples()}
+        return {
+            order_id: rows[order_id]
+            for cid, order_id, token in leases
+            if order_id in rows and rows[order_id][1].lease_token == token and rows[order_id][0].id == cid
+        }
+
+    @staticmethod
     def finish(order: Order) -> None:
         order.lease_token = None
         order.lease_until = None

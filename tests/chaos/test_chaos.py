@@ -135,7 +135,7 @@ class Chaos:
         raise AssertionError(
             f"{len(bad)} certificates did not settle: {dict(list(bad.items())[:10])}"
             f" (all states: {dict(collections.Counter(st.get(i) for i in self.ids))})\n"
-            f"{_log_tails(self.stack)}"
+            f"{self.stack.log_tails()}"
         )
 
 
@@ -330,15 +330,6 @@ def _in_background(fn: Callable[[], None]) -> Driver:
     driver.thread = threading.Thread(target=run, daemon=True, name="chaos-driver")
     driver.thread.start()
     return driver
-
-
-def _log_tails(stack: Stack, chars: int = 2000) -> str:
-    """The end of every process's log (beat's and each worker's, not only the last file's): a case
-    that did not settle shows what each part was doing."""
-    return "\n".join(
-        f"--- {p.stem} ---\n{p.read_text(errors='replace')[-chars:]}"
-        for p in sorted((stack.workdir / "logs").glob("*.log"))
-    )
 
 
 def _await(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -681,6 +672,6 @@ def test_beat_started_twice_renews_each_certificate_once(chaos: Chaos):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not renewed():
         time.sleep(0.5)
-    assert renewed(), _log_tails(chaos.stack)
+    assert renewed(), chaos.stack.log_tails()
     _wait_cleanups(chaos)
     print(f"chaos beat x2: {audit(chaos, purposes=('issue', 'renew'))}")
