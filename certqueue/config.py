@@ -277,9 +277,9 @@ class AutomationSettings(Section):
     #: certificates of one batch worked on at once (threads, each with its own ACME client)
     batch_concurrency: int = Field(8, ge=1, le=64)
     #: start and validate a batch's new HTTP-01 orders in shared transactions (about 0.49x of the
-    #: bare acme library instead of 0.35x); off until the test CA's deadlock under its burst of
-    #: newOrders is dealt with (docs/performance.md, "The phased batch")
-    batch_phases: bool = False
+    #: bare acme library instead of 0.35x; docs/performance.md, "The phased batch"); false runs
+    #: each certificate of a batch through the single-certificate steps
+    batch_phases: bool = True
     #: how long a batch polls the CA for a validation inside the task before the certificate waits
     #: with a countdown instead (seconds)
     validation_window_seconds: float = Field(10, ge=0, le=60)

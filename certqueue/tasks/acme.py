@@ -763,13 +763,16 @@ def _batch_concurrency() -> int:
 # --- a batch's new HTTP-01 orders, started together ---------------------------------------------
 #
 # The common case of a batch (a new order for a certificate whose names all prove by HTTP-01) is
-# started in three phases instead of three transactions per certificate: the whole batch's
-# transitions and order rows in one transaction (one lock statement, multi-row INSERTs), then the
-# newOrders concurrently (each URL committed the moment the CA answers, as always), then the whole
-# batch's challenges, tokens and answered intents in one transaction. Validation follows per
-# certificate, in the batch's threads, with the order's lease handed over. Anything else (an order
-# to resume, DNS-01 or TLS-ALPN-01 names, a request answered already, an external certificate)
-# takes ``_issue_one``, the single-certificate start step.
+# started and validated in phases instead of several transactions per certificate: (1) the whole
+# batch's transitions and order rows in one transaction (one lock statement, multi-row INSERTs);
+# (2) the newOrders concurrently, each URL committed the moment the CA answers; (3) their
+# authorizations, read only once every order is placed (``AcmeClient.fetch_authorizations``);
+# (4) the whole batch's challenges, tokens and answered intents in one transaction; (5) the CA half
+# of validation concurrently (answer, poll, finalize, download); (6) every issued certificate
+# written in one transaction. An order the CA has not issued by then goes on alone in the batch's
+# threads (``_validate_in_task``). Anything else (an order to resume, DNS-01 or TLS-ALPN-01 names, a
+# request answered already, an external certificate) takes ``_issue_one``, the single-certificate
+# start step.
 
 
 @dataclass
@@ -881,17 +884,16 @@ def _prepare_together(
 
 
 def _place_one(task: CertqueueTask, st: _Start) -> None:
-    """Phase 2, in a batch thread: the newOrder (its URL committed as the CA answers) and, when the
-    CA sent none, the order's authorizations."""
+    """Phase 2, in a batch thread: the newOrder, its URL committed as the CA answers. Its
+    authorizations are read in the next phase, once every order of the batch is placed
+    (``AcmeClient.fetch_authorizations`` says why)."""
     try:
         with session_scope() as session:
             ctx = StepContext(session=session, task=task)
             client, _ = client_for(session, st.directory_url, st.email)
             lease = OrderLease(ctx, st.cid, st.placing.order.id, st.token)
             try:
-                res = _place_order(ctx, client, st.placing, lease)
-                if not res.authorizations:
-                    res = client.refresh_order(res)
+                res = _place_order(ctx, client, st.placing, lease, fetch_authorizations=False)
             except Deferred:
                 st.outcome = "deferred"  # the order is closed and the certificate waits (committed)
             except BaseException:
@@ -904,10 +906,23 @@ def _place_one(task: CertqueueTask, st: _Start) -> None:
         st.outcome = _hand_off(task, st.job, exc)
 
 
+def _read_one(task: CertqueueTask, st: _Start) -> None:
+    """Phase 3, in a batch thread, with this thread's own client: the placed order's
+    authorizations. An error gives the lease back and hands the certificate to the single steps,
+    which resume the order by its stored URL."""
+    try:
+        with session_scope(write=False) as session:
+            client, _ = client_for(session, st.directory_url, st.email)
+        st.res, st.client = client.fetch_authorizations(st.res), client
+    except Exception as exc:  # noqa: BLE001  (per certificate: the policy table)
+        _give_back(st.placing.order.id, st.token)
+        st.outcome = _hand_off(task, st.job, exc)
+
+
 def _record_together(
     task: CertqueueTask, placed: list[_Start]
 ) -> tuple[list[tuple[_Start, Handoff]], list[dict[str, Any]]]:
-    """Phase 3, one transaction: lock the batch again, and write every placed order's state, its
+    """Phase 4, one transaction: lock the batch again, and write every placed order's state, its
     challenges and HTTP-01 tokens (served from this commit on) and its answered intents. The lease
     stays each order's, handed over to its validation. An error gives every lease back and leaves
     each certificate to the single start step (``_issue_one``: its order's URL is stored, so it
@@ -976,7 +991,7 @@ class _Asked:
 
 
 def _ask_one(task: CertqueueTask, item: _Asked) -> None:
-    """Phase 4, in a batch thread, with this thread's own client (the one that placed the order
+    """Phase 5, in a batch thread, with this thread's own client (the one that placed the order
     may be busy on another thread): the CA half of the validation step. An error gives the lease
     back and hands the certificate to the single steps, as in ``_validate_step``."""
     st, h = item.st, item.handoff
@@ -990,7 +1005,7 @@ def _ask_one(task: CertqueueTask, item: _Asked) -> None:
 
 
 def _write_together(task: CertqueueTask, asked: list[_Asked]) -> list[_Start]:
-    """Phase 5, one transaction: lock the batch again (one statement), read every order's challenges
+    """Phase 6, one transaction: lock the batch again (one statement), read every order's challenges
     (one more) and record each issued one (``_write_answer``). An order the CA has not issued yet
     has its answered challenges and poll written and is returned, to go on alone
     (``_validate_in_task``); so is everything, with its lease given back, when the shared write
@@ -1070,6 +1085,7 @@ def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int
     started = time.monotonic()
     starts, rest = _prepare_together(self, jobs, outcomes)
     batch_map(lambda st: _place_one(self, st), starts, concurrency)
+    batch_map(lambda st: _read_one(self, st), [st for st in starts if st.outcome is None], concurrency)
     handed, again = _record_together(self, [st for st in starts if st.outcome is None])
     asked = [_Asked(st, h) for st, h in handed]
     batch_map(lambda a: _ask_one(self, a), asked, concurrency)

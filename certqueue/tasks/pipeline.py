@@ -683,10 +683,18 @@ def _prepare_order(
     )
 
 
-def _place_order(ctx: StepContext, client: AcmeClient, placing: _Placing, lease: OrderLease) -> Any:
+def _place_order(
+    ctx: StepContext,
+    client: AcmeClient,
+    placing: _Placing,
+    lease: OrderLease,
+    *,
+    fetch_authorizations: bool = True,
+) -> Any:
     """Ask the CA for the order (no lock held). Its URL is committed as soon as the CA answers, so a
     redelivered step finds it and resumes instead of ordering again. A ``rateLimited`` answer sets
-    the budget from its Retry-After and defers the certificate."""
+    the budget from its Retry-After and defers the certificate. ``fetch_authorizations=False``
+    returns the order without its authorizations (``AcmeClient.fetch_authorizations``)."""
     session = ctx.session
     limiter = rate_limiter()
     now = utcnow()
@@ -752,6 +760,7 @@ def _place_order(ctx: StepContext, client: AcmeClient, placing: _Placing, lease:
             replaces=placing.replaces,
             on_already_replaced=charge_as_renewal,
             on_created=store_url,
+            fetch_authorizations=fetch_authorizations,
         )
     except IncompleteOrder as exc:
         return exc.order  # the order exists at the CA and its URL is stored: resume, never order again
