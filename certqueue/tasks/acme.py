@@ -13,6 +13,9 @@ The graph for one certificate::
       -> HTTP-01 only:  certqueue.acme.validate                         [acme]
       -> with DNS-01:   certqueue.dns.present_all (every name; returns once all are visible)  [dns]
                         | certqueue.acme.validate                       [acme]
+    certqueue.acme.issue_batch: the same for many certificates, new HTTP-01 orders started and
+      validated together; new DNS-01 orders together through certqueue.dns.present_batch [dns]
+      -> certqueue.acme.validate_batch [acme] -> certqueue.dns.cleanup_batch [dns]
     certqueue.acme.validate: answer challenges, poll the order (retry with countdown, never sleep),
       finalize with the order's CSR, download, store encrypted -> ISSUED, clean up challenges
       (DNS-01: one certqueue.dns.cleanup_all [dns]), then
@@ -615,13 +618,17 @@ def status(self: CertqueueTask, payload: Any, _transient: int = 0) -> Any:
 # --- batches: many certificates per task, validated inside it ------------------------------------------
 
 
-def _send_after(ctx: StepContext) -> None:
+def _send_after(ctx: StepContext, cleanups: list[dict[str, Any]] | None = None) -> None:
     """What a committed step asked for: its follow-ups, its replacement (a chord: sent as it is,
     since a batch does not replace itself), and a nudge. The step is committed: a broker that is
     down loses only the messages, and the certificate's deadline has the reconciler resend them,
-    so a failed send never fails the certificate."""
+    so a failed send never fails the certificate. ``cleanups`` collects the DNS-01 cleanups
+    instead of sending them, for one ``certqueue.dns.cleanup_batch``."""
     try:
         for sig in ctx.follow_ups:
+            if cleanups is not None and sig.task == "certqueue.dns.cleanup_all":
+                cleanups.append({"certificate_id": sig.args[0], "challenges": list(sig.args[1])})
+                continue
             bound(sig, ctx.task.app).apply_async()
         if ctx.replacement is not None:
             bound(ctx.replacement, ctx.task.app).apply_async()
@@ -630,10 +637,17 @@ def _send_after(ctx: StepContext) -> None:
     send_nudges(ctx)
 
 
-def _validate_in_task(task: CertqueueTask, cid: str, window: float, handoff: Handoff | None = None) -> str:
+def _validate_in_task(
+    task: CertqueueTask,
+    cid: str,
+    window: float,
+    handoff: Handoff | None = None,
+    cleanups: list[dict[str, Any]] | None = None,
+) -> str:
     """Answer, poll, finalize and download inside this task for at most ``window`` seconds; a
     straggler is handed to ``certqueue.acme.validate`` with a countdown (never an unbounded wait).
-    ``handoff``: what the start step left for the first run (its lease, the order, the challenges).
+    ``handoff``: what the start step left for the first run (its lease, the order, the challenges);
+    ``cleanups``: where the DNS-01 cleanups go instead of being sent (``_send_after``).
 
     Between two runs of the step, only the CA is asked whether the order moved (one POST-as-GET,
     no database, no lock); the step runs again, and writes, when it did."""
@@ -652,7 +666,7 @@ def _validate_in_task(task: CertqueueTask, cid: str, window: float, handoff: Han
                 wait = w  # commit what the step wrote (answered challenges, poll count)
             finally:
                 handoff = None  # the first run only: the lease is given back or finished by now
-        _send_after(ctx)
+        _send_after(ctx, cleanups)
         if wait is None:
             return str(out.get("status"))
         if probe is None:
@@ -799,7 +813,7 @@ def _joins_batch(cert: Certificate | None, job: dict[str, Any], closed: set[int]
     intent = job.get("intent")
     if isinstance(intent, int) and not isinstance(intent, bool) and intent in closed:
         return False
-    if any(_challenge_type_for(cert, name) != "http-01" for name in cert.domains):
+    if any(_challenge_type_for(cert, name) not in ("http-01", "dns-01") for name in cert.domains):
         return False
     if cert.state in (State.REQUESTED, State.FAILED, State.ISSUING):
         return True
@@ -921,16 +935,19 @@ def _read_one(task: CertqueueTask, st: _Start) -> None:
 
 def _record_together(
     task: CertqueueTask, placed: list[_Start]
-) -> tuple[list[tuple[_Start, Handoff]], list[dict[str, Any]]]:
+) -> tuple[list[tuple[_Start, Handoff]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Phase 4, one transaction: lock the batch again, and write every placed order's state, its
     challenges and HTTP-01 tokens (served from this commit on) and its answered intents. The lease
-    stays each order's, handed over to its validation. An error gives every lease back and leaves
-    each certificate to the single start step (``_issue_one``: its order's URL is stored, so it
-    resumes it, and a certificate's own error is then that certificate's alone)."""
+    stays each order's, handed over to its validation; an order with DNS-01 records to present
+    finishes its lease and is returned as an item of ``certqueue.dns.present_batch`` instead. An
+    error gives every lease back and leaves each certificate to the single start step
+    (``_issue_one``: its order's URL is stored, so it resumes it, and a certificate's own error is
+    then that certificate's alone). Returns the handoffs, the jobs left alone and the DNS items."""
     settings = get_settings()
     out: list[tuple[_Start, Handoff]] = []
+    dns_items: list[dict[str, Any]] = []
     if not placed:
-        return out, []
+        return out, [], dns_items
     try:
         with session_scope() as session:
             rows = OrderLease.reacquire_many(
@@ -956,6 +973,12 @@ def _record_together(
             intents.complete_many(session, ordered, ("issue", "renew"), outcome="ordered")
             for st, cert, order, chs in recorded:
                 assert st.client is not None
+                dns = [ch.id for ch in chs if ch.type == "dns-01"]
+                if dns:
+                    OrderLease.finish(order)  # the dns pool presents next; validation resumes the order
+                    dns_items.append({"job": st.job, "challenges": dns})
+                    st.outcome = "presenting"
+                    continue
                 handoff = Handoff(
                     order_id=order.id,
                     token=st.token,
@@ -972,8 +995,19 @@ def _record_together(
         for st in placed:
             st.outcome = None  # what the failed transaction decided is undone with it
             _give_back(st.placing.order.id, st.token)
-        return [], [st.job for st in placed]
-    return out, []
+        return [], [st.job for st in placed], []
+    return out, [], dns_items
+
+
+def _present_together(task: CertqueueTask, items: list[dict[str, Any]]) -> None:
+    """The batch's DNS-01 orders (recorded): one ``certqueue.dns.present_batch`` for all of them.
+    A broker that is down loses only the message: the certificates' deadlines resume them."""
+    if not items:
+        return
+    try:
+        bound(signature("certqueue.dns.present_batch", args=(items,), immutable=True), task.app).apply_async()
+    except Exception as exc:  # noqa: BLE001  (committed work: the reconciler resumes it)
+        log.warning("batch: the DNS-01 batch not sent (%s); the reconciler resumes it", type(exc).__name__)
 
 
 def _give_back(order_id: int, token: str) -> None:
@@ -1055,13 +1089,15 @@ def _write_together(task: CertqueueTask, asked: list[_Asked]) -> list[_Start]:
     return later
 
 
-def _validate_alone(task: CertqueueTask, st: _Start, window: float) -> str:
+def _validate_alone(
+    task: CertqueueTask, job: dict[str, Any], window: float, cleanups: list[dict[str, Any]] | None = None
+) -> str:
     """A batch's certificate whose validation goes on alone: the single validation step, in this
     task for what is left of the window, then through the broker."""
     try:
-        return _validate_in_task(task, st.cid, window)
+        return _validate_in_task(task, job["certificate_id"], window, cleanups=cleanups)
     except Exception as exc:  # noqa: BLE001  (per certificate: the policy table)
-        return _hand_off(task, st.job, exc)
+        return _hand_off(task, job, exc)
 
 
 def _phased() -> bool:
@@ -1086,7 +1122,8 @@ def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int
     starts, rest = _prepare_together(self, jobs, outcomes)
     batch_map(lambda st: _place_one(self, st), starts, concurrency)
     batch_map(lambda st: _read_one(self, st), [st for st in starts if st.outcome is None], concurrency)
-    handed, again = _record_together(self, [st for st in starts if st.outcome is None])
+    handed, again, dns_items = _record_together(self, [st for st in starts if st.outcome is None])
+    _present_together(self, dns_items)
     asked = [_Asked(st, h) for st, h in handed]
     batch_map(lambda a: _ask_one(self, a), asked, concurrency)
     later = _write_together(self, asked)
@@ -1098,9 +1135,31 @@ def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int
 
     def run(item: Any) -> str:
         if isinstance(item, _Start):
-            return _validate_alone(self, item, left)
+            return _validate_alone(self, item.job, left)
         return _issue_one(self, item, window)
 
     for outcome in batch_map(run, work, concurrency):
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return {"certificates": len(jobs), "outcomes": outcomes}
+
+
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.acme.validate_batch", ignore_result=True)
+def validate_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int = 0) -> Any:
+    """``[{"certificate_id": ..., ...}, ...]``, sent by ``certqueue.dns.present_batch`` once their
+    DNS-01 records are visible: each certificate validated here, concurrently (answer, poll the CA
+    for a bounded window, finalize, download, store); a straggler goes on with
+    ``certqueue.acme.validate`` and a countdown, an error to the single steps by the policy."""
+    window = get_settings().automation.validation_window_seconds
+    outcomes: dict[str, int] = {}
+    cleanups: list[dict[str, Any]] = []  # appended to from the batch's threads (list.append is atomic)
+    for outcome in batch_map(
+        lambda job: _validate_alone(self, job, window, cleanups), jobs, _batch_concurrency()
+    ):
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    if cleanups:
+        try:
+            sig = signature("certqueue.dns.cleanup_batch", args=(cleanups,), immutable=True)
+            bound(sig, self.app).apply_async()
+        except Exception as exc:  # noqa: BLE001  (the records stay: the reconciler's sweep removes them)
+            log.warning("batch: the DNS-01 cleanups not sent (%s)", type(exc).__name__)
     return {"certificates": len(jobs), "outcomes": outcomes}

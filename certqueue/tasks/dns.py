@@ -10,8 +10,12 @@ short bounded window (``IN_TASK_VISIBILITY_WINDOW``; a primary updated by RFC 21
 once). What is still not visible is a retry with the provider's polling interval as countdown,
 until its propagation timeout; then the certificate's order fails with the stable reason
 ``dns:not_visible`` and the records are removed. ``certqueue.dns.cleanup_all`` removes an order's
-records. The single-challenge tasks (``present``, ``wait_visible``, ``cleanup``) and their steps stay
-registered for messages sent before this layout; nothing sends them any more.
+records. ``certqueue.dns.present_batch`` does the same for a batch's new orders in one task (every
+record presented, then all checked together), sends one ``certqueue.acme.validate_batch`` for the
+certificates whose records are all visible and the others on alone (``present_all`` | validate);
+``certqueue.dns.cleanup_batch`` removes many orders' records. The single-challenge tasks
+(``present``, ``wait_visible``, ``cleanup``) and their steps stay registered for messages sent
+before this layout; nothing sends them any more.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from certqueue import events
 from certqueue.config import get_settings
@@ -34,8 +40,8 @@ from certqueue.dns.zones import Resolver, configured_resolver, follow_cnames
 from certqueue.errors import CertqueueError, PermanentError
 from certqueue.lifecycle import states
 from certqueue.models import Certificate, Challenge, utcnow
-from certqueue.tasks.base import CertqueueTask, StepContext, Wait
-from certqueue.tasks.pipeline import PipelineTask
+from certqueue.tasks.base import CertqueueTask, StepContext, Wait, classify
+from certqueue.tasks.pipeline import PipelineTask, present_then_validate, task
 
 log = logging.getLogger("certqueue.dns")
 
@@ -191,6 +197,7 @@ FIRST_PAUSE = 0.05
 class _Record:
     """A challenge's TXT record, read once (no ORM object outlives a commit in these steps)."""
 
+    certificate_id: str
     id: int
     provider: str
     fqdn: str
@@ -209,16 +216,20 @@ def _challenges(ctx: StepContext, certificate_id: str, challenge_ids: Sequence[i
     )
 
 
-def _present_all_step(ctx: StepContext, certificate_id: str, challenge_ids: Sequence[int]) -> dict[str, Any]:
-    cert = ctx.session.get(Certificate, certificate_id)
-    if cert is None or not states.in_pipeline(cert.state, cert.work_deadline):
-        return {"certificate_id": certificate_id, "status": "noop"}
-    chs = _challenges(ctx, certificate_id, challenge_ids)
-    pending = [
-        (c.id, c.provider or "", c.dns_name or "", c.dns_value or "") for c in chs if c.status == "pending"
+def _pending(chs: Sequence[Challenge]) -> list[tuple[str, int, str, str, str]]:
+    """The challenges still to present: (certificate, id, provider, record name, value)."""
+    return [
+        (c.certificate_id, c.id, c.provider or "", c.dns_name or "", c.dns_value or "")
+        for c in chs
+        if c.status == "pending"
     ]
-    waiting = [
+
+
+def _presented(chs: Sequence[Challenge]) -> list[_Record]:
+    """The challenges presented already (a redelivered task), waiting to be seen."""
+    return [
         _Record(
+            c.certificate_id,
             c.id,
             c.provider or "",
             (c.handle or {}).get("fqdn") or c.dns_name or "",
@@ -228,10 +239,16 @@ def _present_all_step(ctx: StepContext, certificate_id: str, challenge_ids: Sequ
         for c in chs
         if c.status == "presented"
     ]
-    _end_reads(ctx)
-    providers = {n: provider_for(n) for n in {p[1] for p in pending}}  # each built once
+
+
+def _present(
+    ctx: StepContext, providers: dict[str, DNSProvider], todo: Sequence[tuple[str, int, str, str, str]]
+) -> list[_Record]:
+    """Present each record of ``todo``, each recorded (committed) right after its provider call, so
+    a retry never presents it again; a provider's error is raised with the earlier ones recorded."""
     cfg = resolver_config()
-    for ch_id, provider_name, name, value in pending:
+    out: list[_Record] = []
+    for cid, ch_id, provider_name, name, value in todo:
         provider = providers[provider_name]
         fqdn = follow_cnames(name, cfg)
         handle = provider.present(fqdn, value)
@@ -251,7 +268,50 @@ def _present_all_step(ctx: StepContext, certificate_id: str, challenge_ids: Sequ
             )
         )
         ctx.session.commit()  # recorded before the next provider call: a retry never presents it again
-        waiting.append(_Record(ch_id, provider_name, fqdn, value, presented_at))
+        out.append(_Record(cid, ch_id, provider_name, fqdn, value, presented_at))
+    return out
+
+
+def _check_once(ctx: StepContext, waiting: Sequence[_Record]) -> list[tuple[_Record, Any]]:
+    """Every record of ``waiting`` asked for once; the visible ones are marked so (one UPDATE) and
+    committed. Returns the others, each with what its check found."""
+    cfg, recursive = resolver_config(), get_settings().challenges.check_recursive
+    still: list[tuple[_Record, Any]] = []
+    seen: list[int] = []
+    for rec in waiting:
+        result = check_visible(rec.fqdn, rec.value, resolver_cfg=cfg, also_recursive=recursive)
+        if not result.visible:
+            still.append((rec, result))
+            continue
+        seen.append(rec.id)
+        notes = result.notes()
+        if notes:  # addresses this worker cannot route, or that stayed silent beside one that answered
+            events.record(
+                ctx.session,
+                rec.certificate_id,
+                "dns_check",
+                reason="partial",
+                data={"challenge": rec.id, "notes": notes[:20]},
+            )
+    if seen:
+        ctx.session.execute(
+            update(Challenge)
+            .where(Challenge.id.in_(seen), Challenge.status == "presented")
+            .values(status="visible", updated_at=utcnow())
+        )
+    ctx.session.commit()
+    return still
+
+
+def _present_all_step(ctx: StepContext, certificate_id: str, challenge_ids: Sequence[int]) -> dict[str, Any]:
+    cert = ctx.session.get(Certificate, certificate_id)
+    if cert is None or not states.in_pipeline(cert.state, cert.work_deadline):
+        return {"certificate_id": certificate_id, "status": "noop"}
+    chs = _challenges(ctx, certificate_id, challenge_ids)
+    pending, waiting = _pending(chs), _presented(chs)
+    _end_reads(ctx)
+    providers = {n: provider_for(n) for n in {p[2] for p in pending}}  # each built once
+    waiting.extend(_present(ctx, providers, pending))
     _wait_all_visible(ctx, certificate_id, waiting)
     return {"certificate_id": certificate_id, "status": "visible", "challenges": len(chs)}
 
@@ -262,31 +322,10 @@ def _wait_all_visible(ctx: StepContext, certificate_id: str, waiting: list[_Reco
     propagation timeout."""
     deadline = time.monotonic() + IN_TASK_VISIBILITY_WINDOW
     pause = FIRST_PAUSE
-    cfg, recursive = resolver_config(), get_settings().challenges.check_recursive
     # (propagation timeout, polling interval) per provider, read once for the whole wait
     limits = {name: provider_for(name).timeout() for name in {rec.provider for rec in waiting}}
     while waiting:
-        still: list[tuple[_Record, Any]] = []
-        for rec in waiting:
-            result = check_visible(rec.fqdn, rec.value, resolver_cfg=cfg, also_recursive=recursive)
-            if not result.visible:
-                still.append((rec, result))
-                continue
-            ctx.session.execute(
-                update(Challenge)
-                .where(Challenge.id == rec.id, Challenge.status == "presented")
-                .values(status="visible", updated_at=utcnow())
-            )
-            notes = result.notes()
-            if notes:  # addresses this worker cannot route, or that stayed silent beside one that answered
-                events.record(
-                    ctx.session,
-                    certificate_id,
-                    "dns_check",
-                    reason="partial",
-                    data={"challenge": rec.id, "notes": notes[:20]},
-                )
-        ctx.session.commit()
+        still = _check_once(ctx, waiting)
         if not still:
             return
         interval = 0.0
@@ -354,3 +393,110 @@ def cleanup_all(
 ) -> Any:
     """``(certificate_id, [challenge id, ...])``: remove the order's DNS-01 records (idempotent)."""
     return self.run_step(_cleanup_all_step, certificate_id, challenge_ids)
+
+
+# --- many certificates in one task: a batch's DNS-01 records ------------------------------------
+
+
+class DnsBatchTask(CertqueueTask):
+    """A batch fails no certificate itself: whatever one of them cannot get past here goes on
+    alone (``present_all``, whose failure handling is that certificate's); an error of the whole
+    batch (its database) retries it, then leaves the certificates to their deadlines."""
+
+    abstract = True
+
+
+def _present_batch_step(ctx: StepContext, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Present every pending record of the batch's orders (each committed after its provider
+    call), then check them all together for at most ``IN_TASK_VISIBILITY_WINDOW``. The certificates
+    whose records are all visible are validated together (one ``certqueue.acme.validate_batch``);
+    one whose provider failed, or whose records are not visible yet, goes on alone
+    (``present_all`` | ``validate``: it presents only what is left, and waits, retries or fails
+    there by the certificate's own policy)."""
+    jobs: dict[str, dict[str, Any]] = {}
+    wanted: dict[str, set[int]] = {}
+    for item in items:
+        job, ids = dict(item["job"]), [int(i) for i in item["challenges"]]
+        jobs[str(job["certificate_id"])], wanted[str(job["certificate_id"])] = job, set(ids)
+    certs = ctx.session.execute(select(Certificate).where(Certificate.id.in_(list(jobs)))).scalars()
+    in_pipeline = {c.id for c in certs if states.in_pipeline(c.state, c.work_deadline)}
+    live = [cid for cid in jobs if cid in in_pipeline]  # in the batch's order
+    all_ids = [i for cid in live for i in wanted[cid]]
+    chs = [
+        c  # a certificate's own challenges only, and only the ones its item names
+        for c in ctx.session.execute(
+            select(Challenge).where(Challenge.id.in_(all_ids)).order_by(Challenge.id)
+        ).scalars()
+        if c.certificate_id in in_pipeline and c.id in wanted[c.certificate_id]
+    ]
+    pending, waiting = _pending(chs), _presented(chs)
+    _end_reads(ctx)
+    providers = {n: provider_for(n) for n in {p[2] for p in pending}}  # each built once
+    alone: set[str] = set()
+    by_cert: dict[str, list[tuple[str, int, str, str, str]]] = {}
+    for p in pending:
+        by_cert.setdefault(p[0], []).append(p)
+    for cid, todo in by_cert.items():
+        try:
+            waiting.extend(_present(ctx, providers, todo))
+        except (SQLAlchemyError, SoftTimeLimitExceeded):
+            raise  # the whole batch's trouble: it is retried (what was presented is recorded)
+        except Exception as exc:  # noqa: BLE001  (this certificate's provider or CNAME: it goes on alone)
+            ctx.session.rollback()
+            log.info("dns batch: %s: %s; it goes on alone", cid, classify(exc).reason)
+            alone.add(cid)
+    waiting = [rec for rec in waiting if rec.certificate_id not in alone]
+    deadline = time.monotonic() + IN_TASK_VISIBILITY_WINDOW
+    pause = FIRST_PAUSE
+    every = max((provider_for(n).timeout()[1] for n in {rec.provider for rec in waiting}), default=1.0)
+    while waiting:
+        waiting = [rec for rec, _ in _check_once(ctx, waiting)]
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            break
+        time.sleep(min(pause, left, every))
+        pause = min(pause * 2, every)
+    alone |= {rec.certificate_id for rec in waiting}
+    ready = [jobs[cid] for cid in live if cid not in alone]
+    for cid in live:
+        if cid in alone:
+            ctx.then(present_then_validate(cid, sorted(wanted[cid])))
+    if ready:
+        ctx.then(task("certqueue.acme.validate_batch", ready))
+    return {"certificates": len(items), "validate": len(ready), "alone": len(alone)}
+
+
+@shared_task(bind=True, base=DnsBatchTask, name="certqueue.dns.present_batch", ignore_result=True)
+def present_batch(self: DnsBatchTask, items: list[dict[str, Any]], _transient: int = 0) -> Any:
+    """``[{"job": {"certificate_id": ..., ...}, "challenges": [id, ...]}, ...]``: the DNS-01 records
+    of a batch's new orders, presented and checked together; then one
+    ``certqueue.acme.validate_batch`` for the certificates whose records are all visible."""
+    return self.run_step(_present_batch_step, items)
+
+
+def _cleanup_batch_step(ctx: StepContext, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every item's records removed as ``cleanup_all`` removes one order's (each removal committed
+    before the next provider call). A certificate whose provider fails transiently is retried alone
+    (``cleanup_all``); the others are done."""
+    done = failed = 0
+    for item in items:
+        cid, ids = str(item["certificate_id"]), [int(i) for i in item["challenges"]]
+        try:
+            out = _cleanup_all_step(ctx, cid, ids)
+        except (SQLAlchemyError, SoftTimeLimitExceeded):
+            raise  # the whole batch's trouble: it is retried (what was removed is recorded)
+        except Exception as exc:  # noqa: BLE001  (this certificate's provider: it is retried alone)
+            ctx.session.rollback()
+            log.info("dns cleanup batch: %s: %s; retried alone", cid, classify(exc).reason)
+            ctx.then(task("certqueue.dns.cleanup_all", cid, ids))
+            continue
+        done += 1
+        failed += out["status"] == "cleanup_failed"
+    return {"certificates": len(items), "cleaned": done - failed, "cleanup_failed": failed}
+
+
+@shared_task(bind=True, base=DnsBatchTask, name="certqueue.dns.cleanup_batch", ignore_result=True)
+def cleanup_batch(self: DnsBatchTask, items: list[dict[str, Any]], _transient: int = 0) -> Any:
+    """``[{"certificate_id": ..., "challenges": [id, ...]}, ...]``: many orders' DNS-01 records
+    removed in one task (idempotent)."""
+    return self.run_step(_cleanup_batch_step, items)

@@ -272,6 +272,15 @@ def task(name: str, *args: Any, **options: Any) -> Signature:
     return sig.set(**options) if options else sig
 
 
+def present_then_validate(certificate_id: str, challenge_ids: list[int]) -> Signature:
+    """One certificate's DNS-01 records: a dns task presents every one and returns once all are
+    visible, then the acme pool validates (a chain: no chord counter, no stored result)."""
+    return chain(
+        task("certqueue.dns.present_all", certificate_id, challenge_ids),
+        task("certqueue.acme.validate", certificate_id),
+    )
+
+
 # --- payloads -----------------------------------------------------------------------------------
 
 
@@ -375,14 +384,7 @@ def start_order(ctx: StepContext, cert: Certificate, purpose: str) -> dict[str, 
     _touch(cert)
     dns = [c for c in existing if c.type == "dns-01" and c.status in ("pending", "presented")]
     if dns:
-        # one dns task presents every name and returns once all are visible; then the acme pool
-        # validates (a chain: no chord counter, no stored result)
-        ctx.replace(
-            chain(
-                task("certqueue.dns.present_all", cert.id, [c.id for c in dns]),
-                task("certqueue.acme.validate", cert.id),
-            )
-        )
+        ctx.replace(present_then_validate(cert.id, [c.id for c in dns]))
     else:
         ctx.then(task("certqueue.acme.validate", cert.id))
     return {"certificate_id": cert.id, "order": order.id, "status": "ordered"}

@@ -210,8 +210,9 @@ def _reconcile_step(ctx: StepContext) -> dict[str, Any]:
         else:
             ch.status = "cleaned"
             ch.cleaned_at = now
-    for cid, ids in records.items():  # one dns task per certificate removes its records
-        ctx.then(task("certqueue.dns.cleanup_all", cid, ids))
+    if records:  # one dns task removes them all
+        items = [{"certificate_id": cid, "challenges": ids} for cid, ids in records.items()]
+        ctx.then(task("certqueue.dns.cleanup_batch", items))
     expired = delete(Http01Token).where(Http01Token.expires_at <= now)
     tokens = cast(CursorResult[Any], session.execute(expired))
     from certqueue import challenge_tokens

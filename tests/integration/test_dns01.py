@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from certqueue import crypto
+from certqueue.celery_app import lazy_app
 from certqueue.db import session_scope
 from certqueue.models import Certificate, Challenge, Event, Issuance
 from devstack.bind import BindServer
@@ -124,6 +125,38 @@ def test_cname_delegated_validation(dns_pipeline, bind_server):
         what="dns cleanup",
     )
     assert _txt(bind_server, "delegated.acme-validation.example.test") == []
+
+
+def test_a_batch_of_dns01_certificates_goes_through_the_dns_pool_together(dns_pipeline, bind_server):
+    """Eight wildcard certificates requested in one transaction are claimed as one acme batch:
+    their orders are placed together, their records presented and checked by one dns task, and
+    they are validated and cleaned up in batches too; no single-certificate DNS task runs."""
+    from certqueue import operations
+    from certqueue.certificates import CertificateRequest
+
+    tag = os.urandom(3).hex()
+    names = [f"b{i}{tag}.example.test" for i in range(8)]
+    with session_scope() as s:
+        reqs = [CertificateRequest.build(domains=[f"*.{n}", n], challenge_type="dns-01") for n in names]
+        cids = [c.id for c, _ in operations.request_issue_many(s, reqs, actor="test")]
+    lazy_app.get().send_task("certqueue.scan.dispatch", queue="scan")  # claimed together
+    for cid in cids:
+        dns_pipeline.wait_state(cid, "ACTIVE", timeout=120)
+    dns_pipeline.wait_for(
+        lambda: (
+            dns_pipeline.count(Challenge, Challenge.certificate_id.in_(cids), Challenge.status != "cleaned")
+            == 0
+        ),
+        what="dns cleanup",
+    )
+    for n in names:
+        assert _txt(bind_server, f"_acme-challenge.{n}") == []
+    logs = dns_pipeline.stack.all_logs()
+    for batched in ("present_batch", "validate_batch", "cleanup_batch"):
+        assert f"certqueue.{'acme' if batched == 'validate_batch' else 'dns'}.{batched}[" in logs, batched
+    # every DNS-01 certificate of this module went through the batches
+    for alone in ("certqueue.dns.present_all[", "certqueue.dns.cleanup_all["):
+        assert alone not in logs, alone
 
 
 def test_record_never_visible_fails_with_reason_and_is_cleaned_up(tmp_path_factory, bind_server):

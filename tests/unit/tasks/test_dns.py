@@ -400,3 +400,154 @@ def test_cleanup_all_records_a_permanent_failure_and_cleans_the_others(
         "status": "cleaned",
         "failed": [],
     }
+
+
+# --- present_batch / cleanup_batch: many certificates' records in one task -----------------------
+
+
+def _batch_step(
+    step: Callable[..., dict[str, Any]], items: list[dict[str, Any]]
+) -> tuple[dict[str, Any], Any]:
+    with session_scope() as s:
+        ctx = StepContext(session=s, task=None)  # type: ignore[arg-type]
+        return step(ctx, items), ctx
+
+
+def _followups(ctx: StepContext) -> list[Any]:
+    """What the step asked to send: a task's (name, args), a chain's list of those."""
+    out: list[Any] = []
+    for sig in ctx.follow_ups:
+        if sig.task == "celery.chain":
+            out.append([(t.task, tuple(t.args)) for t in sig.tasks])
+        else:
+            out.append((sig.task, tuple(sig.args)))
+    return out
+
+
+def _batch_of(names: list[str], n: int = 2) -> list[tuple[dict[str, Any], list[int], list[str]]]:
+    """One order per name, with ``n`` DNS-01 challenges each: (job, challenge ids, values)."""
+    out = []
+    for name in names:
+        cid, ids, values = _order_challenges(name, n)
+        out.append(({"certificate_id": cid, "purpose": "issue"}, ids, values))
+    return out
+
+
+def _items(batch: list[tuple[dict[str, Any], list[int], list[str]]]) -> list[dict[str, Any]]:
+    return [{"job": job, "challenges": ids} for job, ids, _ in batch]
+
+
+def test_present_batch_presents_every_certificate_and_validates_them_in_one_task(
+    settings: Settings, bind: BindServer, challenge_name: str
+) -> None:
+    names = [challenge_name.replace("challenge.t", f"challenge.b{i}") for i in range(3)]
+    batch = _batch_of(names)
+    out, ctx = _batch_step(dns._present_batch_step, _items(batch))
+    assert out == {"certificates": 3, "validate": 3, "alone": 0}
+    # one validate batch for all three, nothing per certificate
+    assert _followups(ctx) == [("certqueue.acme.validate_batch", ([job for job, _, _ in batch],))]
+    for (job, ids, values), name in zip(batch, names, strict=True):
+        assert [_row(i).status for i in ids] == ["visible", "visible"]
+        assert all(v in _txt(bind, name) for v in values)
+
+
+def test_present_batch_sends_a_certificate_whose_provider_fails_on_alone(
+    settings: Settings, bind: BindServer, challenge_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [challenge_name.replace("challenge.t", f"challenge.f{i}") for i in range(3)]
+    batch = _batch_of(names)
+    failing = _CountingProvider(fail_on=4)  # the second certificate's second record
+    monkeypatch.setattr(dns, "provider_for", lambda _name: failing)
+    out, ctx = _batch_step(dns._present_batch_step, _items(batch))
+    assert out == {"certificates": 3, "validate": 2, "alone": 1}
+    (first, _, _), (second, second_ids, _), (third, _, _) = batch
+    assert _followups(ctx) == [
+        [
+            ("certqueue.dns.present_all", (second["certificate_id"], second_ids)),
+            ("certqueue.acme.validate", (second["certificate_id"],)),
+        ],
+        ("certqueue.acme.validate_batch", ([first, third],)),
+    ]
+    # what it presented before the failure is recorded: present_all presents only the rest
+    assert [_row(i).status for i in second_ids] == ["presented", "pending"]
+    assert failing.presents == 6
+
+
+def test_present_batch_sends_a_certificate_not_visible_in_its_window_on_alone(
+    settings: Settings, bind: BindServer, challenge_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dns, "IN_TASK_VISIBILITY_WINDOW", 0.4)
+    names = [challenge_name.replace("challenge.t", f"challenge.w{i}") for i in range(2)]
+    batch = _batch_of(names)
+    (seen, _, _), (unseen, unseen_ids, _) = batch
+    _presented_without_record(unseen["certificate_id"], unseen_ids[1], names[1], ago=1)
+    out, ctx = _batch_step(dns._present_batch_step, _items(batch))
+    assert out == {"certificates": 2, "validate": 1, "alone": 1}
+    assert _followups(ctx) == [
+        [
+            ("certqueue.dns.present_all", (unseen["certificate_id"], unseen_ids)),
+            ("certqueue.acme.validate", (unseen["certificate_id"],)),
+        ],
+        ("certqueue.acme.validate_batch", ([seen],)),
+    ]
+    assert [_row(i).status for i in unseen_ids] == ["visible", "presented"]
+
+
+def test_present_batch_leaves_out_certificates_no_longer_issued_and_foreign_challenges(
+    settings: Settings, bind: BindServer, challenge_name: str
+) -> None:
+    names = [challenge_name.replace("challenge.t", f"challenge.n{i}") for i in range(2)]
+    batch = _batch_of(names)
+    (live, live_ids, _), (done, done_ids, _) = batch
+    with session_scope() as s:
+        s.get_one(Certificate, done["certificate_id"]).state = State.ACTIVE
+    # the live certificate's item also names the other one's challenges: they are not its own
+    items = [{"job": live, "challenges": live_ids + done_ids}, {"job": done, "challenges": done_ids}]
+    out, ctx = _batch_step(dns._present_batch_step, items)
+    assert out == {"certificates": 2, "validate": 1, "alone": 0}
+    assert _followups(ctx) == [("certqueue.acme.validate_batch", ([live],))]
+    assert [_row(i).status for i in done_ids] == ["pending", "pending"]
+    assert [_row(i).status for i in live_ids] == ["visible", "visible"]
+
+
+def test_present_batch_again_presents_nothing_twice(
+    settings: Settings, bind: BindServer, challenge_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [challenge_name.replace("challenge.t", f"challenge.r{i}") for i in range(2)]
+    batch = _batch_of(names)
+    _batch_step(dns._present_batch_step, _items(batch))
+    again = _CountingProvider()
+    monkeypatch.setattr(dns, "provider_for", lambda _name: again)
+    out, _ = _batch_step(dns._present_batch_step, _items(batch))  # a redelivered message
+    assert out["validate"] == 2 and again.presents == 0
+
+
+def test_cleanup_batch_removes_every_order_and_retries_a_failing_one_alone(
+    settings: Settings, bind: BindServer, challenge_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [challenge_name.replace("challenge.t", f"challenge.c{i}") for i in range(3)]
+    batch = _batch_of(names)
+    _batch_step(dns._present_batch_step, _items(batch))
+    real = dns.provider_for("rfc2136")
+    (_, _, _), (flaky, flaky_ids, flaky_values), (_, _, _) = batch
+
+    class Flaky(_CountingProvider):
+        def cleanup(self, fqdn: str, value: str, handle: Any) -> None:
+            if value == flaky_values[0]:
+                from certqueue.errors import RetryableError
+
+                raise RetryableError("the nameserver refused the update", reason="dns:update")
+            real.cleanup(fqdn, value, handle)
+
+    flaky_provider = Flaky()
+    monkeypatch.setattr(dns, "provider_for", lambda _name: flaky_provider)
+    items = [{"certificate_id": job["certificate_id"], "challenges": ids} for job, ids, _ in batch]
+    out, ctx = _batch_step(dns._cleanup_batch_step, items)
+    assert out == {"certificates": 3, "cleaned": 2, "cleanup_failed": 0}
+    assert _followups(ctx) == [("certqueue.dns.cleanup_all", (flaky["certificate_id"], flaky_ids))]
+    for (job, ids, values), name in zip(batch, names, strict=True):
+        if job is flaky:
+            assert flaky_values[1] in _txt(bind, name)  # not reached: cleanup_all removes it
+            continue
+        assert [_row(i).status for i in ids] == ["cleaned", "cleaned"]
+        assert not any(v in _txt(bind, name) for v in values)

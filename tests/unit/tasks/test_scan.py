@@ -286,7 +286,7 @@ def test_reconcile_cleans_up_challenges_of_finished_orders(settings: Settings, o
     out, ctx = _step(scan._reconcile_step)
     assert out["cleanups"] == 2
     # a DNS record is removed by the dns queue (the provider call); an HTTP-01 token only needs marking
-    assert _sent(ctx) == [("certqueue.dns.cleanup_all", (cid, [dns]))]
+    assert _sent(ctx) == [("certqueue.dns.cleanup_batch", ([{"certificate_id": cid, "challenges": [dns]}],))]
     status, cleaned_at = _challenge_row(http)
     assert status == "cleaned"
     assert cleaned_at is not None
