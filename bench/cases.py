@@ -31,8 +31,8 @@ class Contender:
     run: Callable[[], CaseResult]
 
 
-def certqueue_http(args: argparse.Namespace, procs: int, children: int) -> CaseResult:
-    name = f"certqueue {procs}x{children}"
+def certqueue_http(args: argparse.Namespace, procs: int, children: int, intake: str = "tasks") -> CaseResult:
+    name = f"certqueue {procs}x{children}" + (" bulk intake" if intake == "bulk" else "")
     cs = build_stack(instrument=False, case=name)
     try:
         cs.start_workers("acme", procs, children)
@@ -47,11 +47,16 @@ def certqueue_http(args: argparse.Namespace, procs: int, children: int) -> CaseR
             warmup=procs * children,
             timeout=args.case_timeout,
             stall=args.stall,
+            intake=intake,
         )
         result.note = (
             "full pipeline: PostgreSQL + Redis, prefork acme pool "
             f"({procs} worker processes x {children} children), http01 responder; uninstrumented, "
-            "queue filled before the start barrier"
+            + (
+                "rows and issue intents written in one transaction inside the window (the bulk API's way)"
+                if intake == "bulk"
+                else "one certqueue.issue task per certificate, queue filled before the start barrier"
+            )
         )
         return result
     finally:
@@ -69,15 +74,17 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
     n, seq = args.n, args.sequential_n
     budget = args.case_timeout
     if "issue" in todo:
+        intakes = ["tasks", "bulk"] if args.cq_intake == "both" else [args.cq_intake]
         for procs, children in args.layouts:
-            out.append(
-                Contender(
-                    f"certqueue {procs}x{children}",
-                    "http-01",
-                    n,
-                    functools.partial(certqueue_http, args, procs, children),
+            for intake in intakes:
+                out.append(
+                    Contender(
+                        f"certqueue {procs}x{children}" + (" bulk intake" if intake == "bulk" else ""),
+                        "http-01",
+                        n,
+                        functools.partial(certqueue_http, args, procs, children, intake),
+                    )
                 )
-            )
     if "bare" in todo:
         configs = [(1, 1), (1, 8), (2, 8)]
         for same in args.layouts:  # certqueue's own total concurrency

@@ -77,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="acme pool layouts to run, PROCESSESxCHILDREN (celery main processes x prefork children)",
     )
     ap.add_argument(
+        "--cq-intake",
+        choices=("tasks", "bulk", "both"),
+        default="both",
+        help="how certqueue's HTTP-01 cases get their requests: one certqueue.issue task each, "
+        "the bulk API's one transaction of rows and intents, or both (each its own contender)",
+    )
+    ap.add_argument(
         "--storm-scan-interval",
         type=float,
         default=None,

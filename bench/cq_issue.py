@@ -128,6 +128,17 @@ def send_issue(ids: list[str]) -> None:
             )
 
 
+def bulk_request(reqs: list[certificates.CertificateRequest]) -> list[str]:
+    """What the bulk API does: every row and its issue intent in one transaction, then a nudge."""
+    from certqueue import nudge, operations
+
+    with session_scope() as s:
+        ids = [c.id for c, _ in operations.request_issue_many(s, reqs, actor="bench")]
+    nudge.nudge()
+    nudge.flush()
+    return ids
+
+
 def count_state(ids: list[str], state: str) -> int:
     with session_scope(write=False) as s:
         return int(
@@ -336,6 +347,7 @@ def run_certqueue_timed(
     warmup: int,
     timeout: float,
     stall: float,
+    intake: str = "tasks",
 ) -> CaseResult:
     """An uninstrumented throughput run with a start barrier.
 
@@ -345,6 +357,11 @@ def run_certqueue_timed(
     consume again (``add_consumer``): the bench's own ``send_task`` calls are outside the window, as
     the bare loop's queue is filled before its clock. Wall time runs from that barrier to the last
     ACTIVE transition (from the events table); no task events are consumed by the bench.
+
+    ``intake="bulk"``: the requests come the way ``POST /v1/certificates/bulk`` and
+    ``certqueue issue --from-file`` send them instead: the clock starts first, then all ``n`` rows
+    and their issue intents are written in one transaction (in the bench process) and dispatch is
+    nudged; no ``certqueue.issue`` task runs, and the rows' and intents' writing is inside the window.
     """
     from bench.procs import SystemMeter
 
@@ -354,16 +371,26 @@ def run_certqueue_timed(
         send_issue(wids)
         wait_all(wids, timeout=min(timeout, 180), stall=stall)
     app = lazy_app.get()
-    dest = [f"{w}@{socket.gethostname()}" for w in cs.workers if "acme" in w]
-    app.control.cancel_consumer("acme", destination=dest, reply=True, timeout=10)
-    ids = create_requests([domains_for(str(i)) for i in range(n)], **request_kw)
-    send_issue(ids)
     meter = SystemMeter(cs)
-    meter.start()
-    result.loadavg_before = os.getloadavg()
-    t0_wall = dt.datetime.now(dt.UTC)
-    t0 = time.monotonic()
-    app.control.add_consumer("acme", destination=dest, reply=True, timeout=10)
+    if intake == "bulk":
+        reqs = [
+            certificates.CertificateRequest.build(domains=domains_for(str(i)), **request_kw) for i in range(n)
+        ]
+        meter.start()
+        result.loadavg_before = os.getloadavg()
+        t0_wall = dt.datetime.now(dt.UTC)
+        t0 = time.monotonic()
+        ids = bulk_request(reqs)
+    else:
+        dest = [f"{w}@{socket.gethostname()}" for w in cs.workers if "acme" in w]
+        app.control.cancel_consumer("acme", destination=dest, reply=True, timeout=10)
+        ids = create_requests([domains_for(str(i)) for i in range(n)], **request_kw)
+        send_issue(ids)
+        meter.start()
+        result.loadavg_before = os.getloadavg()
+        t0_wall = dt.datetime.now(dt.UTC)
+        t0 = time.monotonic()
+        app.control.add_consumer("acme", destination=dest, reply=True, timeout=10)
     done, status, _polls = wait_all(ids, timeout=timeout, stall=stall, poll=1.0)
     wall_poll = time.monotonic() - t0
     result.loadavg_after = os.getloadavg()

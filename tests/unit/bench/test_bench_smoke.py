@@ -194,6 +194,52 @@ def test_quick_run_completes_and_writes_json(tmp_path):
     assert (artifacts / "bare-acme-1x8" / "logs" / "pebble.log").exists()
 
 
+def test_both_intakes_are_contenders_of_their_own():
+    from bench.cases import contenders
+
+    args = parse_args(["--quick", "--cases", "issue", "--cq-layouts", "2x4"])
+    assert args.cq_intake == "both"
+    assert [c.name for c in contenders(args)] == ["certqueue 2x4", "certqueue 2x4 bulk intake"]
+    args = parse_args(["--quick", "--cases", "issue", "--cq-layouts", "2x4", "--cq-intake", "tasks"])
+    assert [c.name for c in contenders(args)] == ["certqueue 2x4"]
+
+
+def test_the_bulk_intake_case_issues_every_certificate(tmp_path):
+    """certqueue's HTTP-01 case with the bulk API's intake (rows and intents in one transaction,
+    no certqueue.issue task): every certificate is issued. Nothing about speed is asserted."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--cases",
+            "issue",
+            "--cq-intake",
+            "bulk",
+            "--cq-layouts",
+            "1x2",
+            "-n",
+            "6",
+            "--stall",
+            "90",
+            "--no-charts",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    (case,) = data["cases"]
+    assert case["name"] == "certqueue 1x2 bulk intake"
+    assert (case["status"], case["ok"], case["n"]) == ("ok", [6], 6), proc.stdout[-2000:]
+    assert case["runs"][0]["extra"]["orders"] == 6  # one order per certificate
+
+
 def test_the_scan_case_runs_against_the_current_pipeline():
     """The due-scan case imports the pipeline's own claim and message shapes: a rename there must
     fail here, not in a two-hour ``make bench`` (the full run of 2026-12-02 met exactly that).
