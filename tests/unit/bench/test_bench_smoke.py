@@ -140,25 +140,16 @@ def test_pyspy_summary_of_collapsed_stacks():
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_quick_run_completes_and_writes_json(tmp_path):
-    """A real ``--quick`` run of tiny cases: it must finish and write JSON with the stable keys.
-    Nothing about speed is asserted."""
+def _quick_run(tmp_path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``python -m bench --quick ARGS`` writing into ``tmp_path``; it must end (0, or 1 for a case
+    that is not ok)."""
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "bench",
             "--quick",
-            "--cases",
-            "bare,storm",
-            "-n",
-            "4",
-            "--sequential-n",
-            "2",
-            "--storm",
-            "6",
-            "--storm-scan-interval",
-            "2",
+            *args,
             "--stall",
             "90",
             "--no-charts",
@@ -171,6 +162,27 @@ def test_quick_run_completes_and_writes_json(tmp_path):
         timeout=600,
     )
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    return proc
+
+
+def test_quick_run_completes_and_writes_json(tmp_path):
+    """A real ``--quick`` run of tiny cases: it must finish and write JSON with the stable keys.
+    Nothing about speed is asserted."""
+    proc = _quick_run(
+        tmp_path,
+        [
+            "--cases",
+            "bare,storm",
+            "-n",
+            "4",
+            "--sequential-n",
+            "2",
+            "--storm",
+            "6",
+            "--storm-scan-interval",
+            "2",
+        ],
+    )
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     data = json.loads(files[0].read_text())
@@ -207,32 +219,7 @@ def test_both_intakes_are_contenders_of_their_own():
 def test_the_bulk_intake_case_issues_every_certificate(tmp_path):
     """certqueue's HTTP-01 case with the bulk API's intake (rows and intents in one transaction,
     no certqueue.issue task): every certificate is issued. Nothing about speed is asserted."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--cases",
-            "issue",
-            "--cq-intake",
-            "bulk",
-            "--cq-layouts",
-            "1x2",
-            "-n",
-            "6",
-            "--stall",
-            "90",
-            "--no-charts",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    proc = _quick_run(tmp_path, ["--cases", "issue", "--cq-intake", "bulk", "--cq-layouts", "1x2", "-n", "6"])
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     (case,) = data["cases"]
     assert case["name"] == "certqueue 1x2 bulk intake"
