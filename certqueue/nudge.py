@@ -2,8 +2,9 @@
 
 A request is durable when its intent commits; the nudge only shortens the wait until dispatch
 claims it (beat's heartbeat claims it anyway). So the nudge is sent from a background thread,
-coalesced (many requests in a burst give one message), and a broker that is down costs a log line,
-never the request: the API answers as soon as the transaction commits.
+coalesced (many requests in a burst give one message; with a Redis broker, across every process
+too: ``fleet_wait``), and a broker that is down costs a log line, never the request: the API
+answers as soon as the transaction commits.
 
 Short-lived processes (the CLI) call :func:`flush` with a small timeout before exiting.
 """
@@ -26,6 +27,40 @@ DISPATCH_TASK = "certqueue.scan.dispatch"
 MIN_INTERVAL = 1.0
 #: the longest one nudge may wait for the broker (seconds); beat's dispatch heartbeat covers the rest
 SEND_TIMEOUT = 2.0
+#: with a Redis broker, when the fleet last sent a nudge (a wall-clock time, expiring after
+#: ``MIN_INTERVAL``): every process's nudges coalesce into about one a second, not one per process
+FLEET_KEY = "certqueue:nudge:sent_at"
+
+
+def _redis_of(app: Any) -> Any | None:
+    """The Redis client of ``app``'s broker, or None (another broker, or no configuration)."""
+    conf = getattr(app, "conf", None)
+    url = getattr(conf, "broker_url", None) if conf is not None else None
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://")):
+        return None
+    from certqueue.brokerstate import redis_client
+
+    return redis_client(url.split(";", 1)[0])
+
+
+def fleet_wait(client: Any, requested_at: float) -> float | None:
+    """Whether this process sends its nudge, asked of the broker's Redis: None, send now (the
+    fleet's slot is this one's, or Redis did not answer: best effort sends); 0.0, another process
+    sent one after ``requested_at`` (the dispatch it starts finds this request's work: nothing to
+    send); else the seconds until the slot is free again (the other nudge came before this request,
+    so it may not cover it)."""
+    import redis
+
+    try:
+        now = time.time()
+        if client.set(FLEET_KEY, repr(now), nx=True, px=int(MIN_INTERVAL * 1000)):
+            return None
+        raw, pttl = client.pipeline().get(FLEET_KEY).pttl(FLEET_KEY).execute()
+        if raw is not None and float(raw) >= requested_at:
+            return 0.0
+        return max(int(pttl or 0), 10) / 1000.0
+    except (redis.RedisError, ValueError):
+        return None
 
 
 class _Nudger:
@@ -39,7 +74,10 @@ class _Nudger:
         self._pid = 0
         self._last_failure_logged = 0.0
         self._closed = False
+        self._requested_at = 0.0
         self.sent = 0
+        #: nudges left unsent because another process's (sent after the request) covered them
+        self.covered = 0
 
     def close(self) -> None:
         """Send nothing more (a nudge still waiting for its interval is dropped)."""
@@ -56,6 +94,7 @@ class _Nudger:
                 self._idle = threading.Event()
                 self._thread = threading.Thread(target=self._run, name="certqueue-nudge", daemon=True)
                 self._thread.start()
+            self._requested_at = time.time()
             self._idle.clear()
             self._wanted.set()
 
@@ -85,6 +124,17 @@ class _Nudger:
                 app = app_for_sending()
             if self._closed:
                 return
+            fleet = _redis_of(app)
+            if fleet is not None:
+                wait = fleet_wait(fleet, self._requested_at)
+                while wait and not self._closed:
+                    time.sleep(wait)
+                    wait = fleet_wait(fleet, self._requested_at)
+                if wait == 0.0:
+                    self.covered += 1
+                    return
+                if self._closed:
+                    return
             # a connection of its own that gives up at once: with the broker down, kombu's default
             # (up to 100 reconnects) would hold this thread for minutes and swallow later nudges
             with app.connection_for_write() as conn:

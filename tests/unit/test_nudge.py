@@ -134,3 +134,59 @@ def test_a_delayed_nudge_is_covered_only_by_one_due_at_or_just_after_it(
     assert _wait_for(lambda: len(app.sent) == 2)
     time.sleep(0.2)
     assert [round(m["countdown"], 1) for m in app.sent] == [4.0, 4.4]
+
+
+# --- across processes: one nudge a second for the whole fleet (a Redis broker) ----------------------
+
+
+class _RedisApp(_App):
+    """An app whose broker is a real Redis database (what the fleet's coalescing asks)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.conf = type("Conf", (), {"broker_url": url})()
+
+
+def test_fleet_wait_gives_the_slot_to_one_process_and_covers_only_requests_before_its_send(redis_db) -> None:
+    client = redis_db.client()
+    before = time.time()
+    assert nudge.fleet_wait(client, before) is None  # the slot is this one's: send
+    # another process whose request came before that send: the dispatch it starts covers it
+    assert nudge.fleet_wait(client, before) == 0.0
+    # a request after that send is not covered: wait for the slot (at most one interval), then send
+    later = time.time() + 0.001
+    wait = nudge.fleet_wait(client, later)
+    assert wait is not None and 0 < wait <= nudge.MIN_INTERVAL
+    time.sleep(wait + 0.05)
+    assert nudge.fleet_wait(client, later) is None
+
+
+def test_fleet_wait_sends_when_redis_does_not_answer() -> None:
+    import redis
+
+    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, socket_timeout=0.2)
+    assert nudge.fleet_wait(down, time.time()) is None  # best effort: the nudge goes out
+
+
+def test_two_processes_bursts_give_about_one_message_a_second_and_lose_no_request(
+    fast: None, redis_db
+) -> None:
+    apps = [_RedisApp(redis_db.url), _RedisApp(redis_db.url)]
+    nudgers = [nudge.nudger_for(lambda app=app: app) for app in apps]
+    try:
+        for _ in range(30):
+            for n in nudgers:
+                n.request()
+        assert all(n.flush(5.0) for n in nudgers)
+        total = sum(len(a.sent) for a in apps)
+        # alone, each would send its first and its trailing nudge (4); together they share the slot
+        assert 1 <= total <= 3, total
+        assert sum(n.covered for n in nudgers) >= 1
+        # a request after everything was sent is never lost: a message follows it
+        time.sleep(0.3)
+        sent_before = total
+        nudgers[1].request()
+        assert _wait_for(lambda: sum(len(a.sent) for a in apps) == sent_before + 1)
+    finally:
+        for n in nudgers:
+            n.close()
