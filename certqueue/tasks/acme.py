@@ -999,15 +999,16 @@ def _record_together(
     return out, [], dns_items
 
 
-def _present_together(task: CertqueueTask, items: list[dict[str, Any]]) -> None:
-    """The batch's DNS-01 orders (recorded): one ``certqueue.dns.present_batch`` for all of them.
-    A broker that is down loses only the message: the certificates' deadlines resume them."""
+def _send_batch(task: CertqueueTask, name: str, items: list[dict[str, Any]]) -> None:
+    """One message of task ``name`` for all of ``items`` (committed work), none when there are none.
+    A broker that is down loses only the message: the reconciler resumes the certificates past their
+    deadlines and sweeps the DNS records of finished orders."""
     if not items:
         return
     try:
-        bound(signature("certqueue.dns.present_batch", args=(items,), immutable=True), task.app).apply_async()
+        bound(signature(name, args=(items,), immutable=True), task.app).apply_async()
     except Exception as exc:  # noqa: BLE001  (committed work: the reconciler resumes it)
-        log.warning("batch: the DNS-01 batch not sent (%s); the reconciler resumes it", type(exc).__name__)
+        log.warning("batch: %s not sent (%s); the reconciler resumes it", name, type(exc).__name__)
 
 
 def _give_back(order_id: int, token: str) -> None:
@@ -1123,7 +1124,7 @@ def issue_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: int
     batch_map(lambda st: _place_one(self, st), starts, concurrency)
     batch_map(lambda st: _read_one(self, st), [st for st in starts if st.outcome is None], concurrency)
     handed, again, dns_items = _record_together(self, [st for st in starts if st.outcome is None])
-    _present_together(self, dns_items)
+    _send_batch(self, "certqueue.dns.present_batch", dns_items)
     asked = [_Asked(st, h) for st, h in handed]
     batch_map(lambda a: _ask_one(self, a), asked, concurrency)
     later = _write_together(self, asked)
@@ -1156,10 +1157,5 @@ def validate_batch(self: CertqueueTask, jobs: list[dict[str, Any]], _transient: 
         lambda job: _validate_alone(self, job, window, cleanups), jobs, _batch_concurrency()
     ):
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
-    if cleanups:
-        try:
-            sig = signature("certqueue.dns.cleanup_batch", args=(cleanups,), immutable=True)
-            bound(sig, self.app).apply_async()
-        except Exception as exc:  # noqa: BLE001  (the records stay: the reconciler's sweep removes them)
-            log.warning("batch: the DNS-01 cleanups not sent (%s)", type(exc).__name__)
+    _send_batch(self, "certqueue.dns.cleanup_batch", cleanups)
     return {"certificates": len(jobs), "outcomes": outcomes}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,22 +316,47 @@ def _present_all_step(ctx: StepContext, certificate_id: str, challenge_ids: Sequ
     return {"certificate_id": certificate_id, "status": "visible", "challenges": len(chs)}
 
 
+def _check_in_window(
+    ctx: StepContext,
+    waiting: Sequence[_Record],
+    interval: Callable[[list[tuple[_Record, Any]]], float],
+    judge: Callable[[list[tuple[_Record, Any]]], None] | None = None,
+) -> list[tuple[_Record, Any]]:
+    """Check the records (``_check_once``) until all are visible or ``IN_TASK_VISIBILITY_WINDOW``
+    has passed, pausing from ``FIRST_PAUSE``, doubling, at most ``interval(still)``; ``judge(still)``
+    runs after every round that left some (it may raise). Returns what is still not visible."""
+    deadline = time.monotonic() + IN_TASK_VISIBILITY_WINDOW
+    pause = FIRST_PAUSE
+    still: list[tuple[_Record, Any]] = []
+    while waiting:
+        still = _check_once(ctx, waiting)
+        if not still:
+            return []
+        if judge is not None:
+            judge(still)
+        every = interval(still)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return still
+        time.sleep(min(pause, left, every))
+        pause = min(pause * 2, every)
+        waiting = [rec for rec, _ in still]
+    return still
+
+
 def _wait_all_visible(ctx: StepContext, certificate_id: str, waiting: list[_Record]) -> None:
     """Check every record until all are visible (each marked as it is seen), for at most
     ``IN_TASK_VISIBILITY_WINDOW``; then ``Wait`` for the polling interval, or fail past the
     propagation timeout."""
-    deadline = time.monotonic() + IN_TASK_VISIBILITY_WINDOW
-    pause = FIRST_PAUSE
     # (propagation timeout, polling interval) per provider, read once for the whole wait
     limits = {name: provider_for(name).timeout() for name in {rec.provider for rec in waiting}}
-    while waiting:
-        still = _check_once(ctx, waiting)
-        if not still:
-            return
-        interval = 0.0
+
+    def interval(still: list[tuple[_Record, Any]]) -> float:
+        return max((limits[rec.provider][1] for rec, _ in still), default=0.0)
+
+    def judge(still: list[tuple[_Record, Any]]) -> None:
         for rec, result in still:
-            timeout, every = limits[rec.provider]
-            interval = max(interval, every)
+            timeout = limits[rec.provider][0]
             began = dt.datetime.fromisoformat(rec.presented_at) if rec.presented_at else utcnow()
             if (utcnow() - began).total_seconds() > timeout:
                 raise PermanentError(
@@ -339,12 +364,10 @@ def _wait_all_visible(ctx: StepContext, certificate_id: str, waiting: list[_Reco
                     f"after {int(timeout)}s ({result.reason})",
                     reason="dns:not_visible",
                 )
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Wait(interval)
-        time.sleep(min(pause, left, interval))
-        pause = min(pause * 2, interval)
-        waiting = [rec for rec, _ in still]
+
+    still = _check_in_window(ctx, waiting, interval, judge)
+    if still:
+        raise Wait(interval(still))
 
 
 @shared_task(bind=True, base=DnsTask, name="certqueue.dns.present_all", ignore_result=True)
@@ -398,14 +421,6 @@ def cleanup_all(
 # --- many certificates in one task: a batch's DNS-01 records ------------------------------------
 
 
-class DnsBatchTask(CertqueueTask):
-    """A batch fails no certificate itself: whatever one of them cannot get past here goes on
-    alone (``present_all``, whose failure handling is that certificate's); an error of the whole
-    batch (its database) retries it, then leaves the certificates to their deadlines."""
-
-    abstract = True
-
-
 def _present_batch_step(ctx: StepContext, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Present every pending record of the batch's orders (each committed after its provider
     call), then check them all together for at most ``IN_TASK_VISIBILITY_WINDOW``. The certificates
@@ -446,17 +461,8 @@ def _present_batch_step(ctx: StepContext, items: Sequence[dict[str, Any]]) -> di
             log.info("dns batch: %s: %s; it goes on alone", cid, classify(exc).reason)
             alone.add(cid)
     waiting = [rec for rec in waiting if rec.certificate_id not in alone]
-    deadline = time.monotonic() + IN_TASK_VISIBILITY_WINDOW
-    pause = FIRST_PAUSE
     every = max((provider_for(n).timeout()[1] for n in {rec.provider for rec in waiting}), default=1.0)
-    while waiting:
-        waiting = [rec for rec, _ in _check_once(ctx, waiting)]
-        left = deadline - time.monotonic()
-        if not waiting or left <= 0:
-            break
-        time.sleep(min(pause, left, every))
-        pause = min(pause * 2, every)
-    alone |= {rec.certificate_id for rec in waiting}
+    alone |= {rec.certificate_id for rec, _ in _check_in_window(ctx, waiting, lambda _still: every)}
     ready = [jobs[cid] for cid in live if cid not in alone]
     for cid in live:
         if cid in alone:
@@ -466,11 +472,14 @@ def _present_batch_step(ctx: StepContext, items: Sequence[dict[str, Any]]) -> di
     return {"certificates": len(items), "validate": len(ready), "alone": len(alone)}
 
 
-@shared_task(bind=True, base=DnsBatchTask, name="certqueue.dns.present_batch", ignore_result=True)
-def present_batch(self: DnsBatchTask, items: list[dict[str, Any]], _transient: int = 0) -> Any:
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.dns.present_batch", ignore_result=True)
+def present_batch(self: CertqueueTask, items: list[dict[str, Any]], _transient: int = 0) -> Any:
     """``[{"job": {"certificate_id": ..., ...}, "challenges": [id, ...]}, ...]``: the DNS-01 records
     of a batch's new orders, presented and checked together; then one
-    ``certqueue.acme.validate_batch`` for the certificates whose records are all visible."""
+    ``certqueue.acme.validate_batch`` for the certificates whose records are all visible. The batch
+    fails no certificate itself: one that cannot get past here goes on alone (``present_all``,
+    whose failure handling is that certificate's); an error of the whole batch (its database)
+    retries it, then leaves the certificates to their deadlines."""
     return self.run_step(_present_batch_step, items)
 
 
@@ -495,8 +504,8 @@ def _cleanup_batch_step(ctx: StepContext, items: Sequence[dict[str, Any]]) -> di
     return {"certificates": len(items), "cleaned": done - failed, "cleanup_failed": failed}
 
 
-@shared_task(bind=True, base=DnsBatchTask, name="certqueue.dns.cleanup_batch", ignore_result=True)
-def cleanup_batch(self: DnsBatchTask, items: list[dict[str, Any]], _transient: int = 0) -> Any:
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.dns.cleanup_batch", ignore_result=True)
+def cleanup_batch(self: CertqueueTask, items: list[dict[str, Any]], _transient: int = 0) -> Any:
     """``[{"certificate_id": ..., "challenges": [id, ...]}, ...]``: many orders' DNS-01 records
     removed in one task (idempotent)."""
     return self.run_step(_cleanup_batch_step, items)

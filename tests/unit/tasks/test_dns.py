@@ -259,13 +259,15 @@ def _order_challenges(name: str, n: int, *, state: State = State.ISSUING) -> tup
 
 
 class _CountingProvider:
-    """The real provider, counting its present calls; ``fail_on``: the call that raises (transient)."""
+    """The real provider, counting its present calls; ``fail_on``: the call that raises (transient);
+    ``cleanup_fails``: the error that the removal of a value raises instead."""
 
-    def __init__(self, fail_on: int | None = None) -> None:
+    def __init__(self, fail_on: int | None = None, cleanup_fails: dict[str, Exception] | None = None) -> None:
         self.real = dns.provider_for("rfc2136")
         self.name = self.real.name
         self.presents = 0
         self.fail_on = fail_on
+        self.cleanup_fails = cleanup_fails or {}
 
     def present(self, fqdn: str, value: str) -> Any:
         self.presents += 1
@@ -276,6 +278,8 @@ class _CountingProvider:
         return self.real.present(fqdn, value)
 
     def cleanup(self, fqdn: str, value: str, handle: Any) -> None:
+        if value in self.cleanup_fails:
+            raise self.cleanup_fails[value]
         self.real.cleanup(fqdn, value, handle)
 
     def timeout(self) -> tuple[float, float]:
@@ -378,15 +382,9 @@ def test_cleanup_all_records_a_permanent_failure_and_cleans_the_others(
 ) -> None:
     cid, ids, values = _order_challenges(challenge_name, 2)
     _step(dns._present_all_step, cid, ids)
-    real = dns.provider_for("rfc2136")
-
-    class Refusing(_CountingProvider):
-        def cleanup(self, fqdn: str, value: str, handle: Any) -> None:
-            if value == values[0]:
-                raise PermanentError("the zone refuses deletes", reason="dns:refused")
-            real.cleanup(fqdn, value, handle)
-
-    refusing = Refusing()
+    refusing = _CountingProvider(
+        cleanup_fails={values[0]: PermanentError("the zone refuses deletes", reason="dns:refused")}
+    )
     monkeypatch.setattr(dns, "provider_for", lambda _name: refusing)
     out = _step(dns._cleanup_all_step, cid, ids)
     assert out == {"certificate_id": cid, "status": "cleanup_failed", "failed": ["dns:refused"]}
@@ -528,18 +526,14 @@ def test_cleanup_batch_removes_every_order_and_retries_a_failing_one_alone(
     names = [challenge_name.replace("challenge.t", f"challenge.c{i}") for i in range(3)]
     batch = _batch_of(names)
     _batch_step(dns._present_batch_step, _items(batch))
-    real = dns.provider_for("rfc2136")
     (_, _, _), (flaky, flaky_ids, flaky_values), (_, _, _) = batch
+    from certqueue.errors import RetryableError
 
-    class Flaky(_CountingProvider):
-        def cleanup(self, fqdn: str, value: str, handle: Any) -> None:
-            if value == flaky_values[0]:
-                from certqueue.errors import RetryableError
-
-                raise RetryableError("the nameserver refused the update", reason="dns:update")
-            real.cleanup(fqdn, value, handle)
-
-    flaky_provider = Flaky()
+    flaky_provider = _CountingProvider(
+        cleanup_fails={
+            flaky_values[0]: RetryableError("the nameserver refused the update", reason="dns:update")
+        }
+    )
     monkeypatch.setattr(dns, "provider_for", lambda _name: flaky_provider)
     items = [{"certificate_id": job["certificate_id"], "challenges": ids} for job, ids, _ in batch]
     out, ctx = _batch_step(dns._cleanup_batch_step, items)
