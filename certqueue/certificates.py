@@ -294,8 +294,10 @@ def store_issuance(
     *,
     order_url: str | None = None,
     settings: Settings | None = None,
+    flush: bool = True,
 ) -> Issuance:
-    """Parse, check and store an issued certificate with its private key encrypted."""
+    """Parse, check and store an issued certificate with its private key encrypted. ``flush=False``:
+    added, its id given at the caller's next flush (a batch stores many, then flushes once)."""
     from certqueue import crypto
 
     pems = crypto.split_pem_chain(fullchain_pem)
@@ -325,7 +327,8 @@ def store_issuance(
         ari_cert_id=_ari_cert_id(info),
     )
     session.add(iss)
-    session.flush()
+    if flush:
+        session.flush()
     return iss
 
 

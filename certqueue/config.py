@@ -716,6 +716,11 @@ class LoadedSettings:
     recipe: dict[str, Any] | None = None
     #: ``time.monotonic()`` when loaded (``get_settings`` re-reads a recipe after the runtime TTL)
     loaded_at: float = 0.0
+    #: the layers these were built from (``load_settings(previous=...)``: unchanged layers keep the
+    #: settings as they are instead of validating them again)
+    fingerprint: str = ""
+    #: ``runtime_ttl()`` when loaded: how long these stand before ``get_settings`` re-reads them
+    ttl: float = 5.0
 
 
 def settings_dir() -> Path:
@@ -840,8 +845,13 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     runtime: Mapping[str, Any] | None = None,
     runtime_from_database: bool = False,
+    previous: LoadedSettings | None = None,
 ) -> LoadedSettings:
     """Merge every layer and validate. ``overrides`` may be nested or use dotted keys.
+
+    ``previous``: settings loaded before with the same arguments; when no layer changed since, they
+    are returned again (with a new ``loaded_at``) instead of being validated anew: the periodic
+    re-read of ``get_settings`` costs a read of each layer, not a rebuild.
 
     The runtime layer is ``runtime`` when given; else, with ``runtime_from_database``, the overrides
     stored in the database that the other layers name (``certqueue.runtime.read_runtime_layer``:
@@ -862,6 +872,15 @@ def load_settings(
     layers.append(("env", env_data))
     if override_data:
         layers.append(("override", override_data))
+    fingerprint = json.dumps(layers, sort_keys=True, default=repr)
+    if previous is not None and previous.fingerprint == fingerprint:
+        return LoadedSettings(
+            settings=previous.settings,
+            sources=previous.sources,
+            loaded_at=time.monotonic(),
+            fingerprint=fingerprint,
+            ttl=runtime_ttl(),
+        )
 
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -879,7 +898,13 @@ def load_settings(
     # by alias: the keys a user writes (logging.json), so each matches the layer that set it
     full = _leaves(settings.model_dump(mode="json", by_alias=True))
     resolved = {k: _source_for(k, sources) for k in full}
-    return LoadedSettings(settings=settings, sources=resolved, loaded_at=time.monotonic())
+    return LoadedSettings(
+        settings=settings,
+        sources=resolved,
+        loaded_at=time.monotonic(),
+        fingerprint=fingerprint,
+        ttl=runtime_ttl(),
+    )
 
 
 RUNTIME_LAYER = "runtime (database)"
@@ -977,8 +1002,8 @@ def runtime_ttl() -> float:
         return 5.0
 
 
-def _load_recipe(recipe: dict[str, Any]) -> LoadedSettings:
-    loaded = load_settings(**recipe, runtime_from_database=True)
+def _load_recipe(recipe: dict[str, Any], previous: LoadedSettings | None = None) -> LoadedSettings:
+    loaded = load_settings(**recipe, runtime_from_database=True, previous=previous)
     loaded.recipe = recipe
     return loaded
 
@@ -1010,10 +1035,10 @@ def get_settings(reload: bool = False) -> Settings:
         recipe = cached.recipe if cached is not None and cached.recipe is not None else _DEFAULT_RECIPE
         _cached = cached = _load_recipe(dict(recipe))
         return cached.settings
-    if cached.recipe is not None and time.monotonic() - cached.loaded_at > runtime_ttl():
+    if cached.recipe is not None and time.monotonic() - cached.loaded_at > cached.ttl:
         if _reload_lock.acquire(blocking=False):  # one thread re-reads; the others use what is there
             try:
-                fresh = _load_recipe(cached.recipe)
+                fresh = _load_recipe(cached.recipe, previous=cached)
                 if _cached is cached:  # not replaced meanwhile (set_settings, configure)
                     _cached = fresh
                 return fresh.settings

@@ -41,7 +41,7 @@ from certqueue.db import lock_certificate, lock_certificates, session_scope
 from certqueue.errors import InvalidInput, InvalidTransition, NotFound, PermanentError
 from certqueue.lifecycle import failure, states
 from certqueue.lifecycle.backoff import backoff
-from certqueue.models import Certificate, Challenge, Order, State, utcnow
+from certqueue.models import Certificate, Challenge, Issuance, Order, State, utcnow
 from certqueue.tasks.base import (
     CertqueueTask,
     StepContext,
@@ -70,6 +70,7 @@ from certqueue.tasks.pipeline import (
     answerable,
     build_challenges,
     cleanup_challenges,
+    delete_http01_tokens,
     fail_certificate,
     give_back_lease,
     open_order,
@@ -421,14 +422,37 @@ def _write_answer(
     to_answer: list[tuple[int, Any]],
     ans: _Answer,
     settings: Any,
+    iss: Issuance | None = None,
 ) -> dict[str, Any]:
     """The database half, with the certificate locked again and the order still this step's: the
-    lease ends, the answered challenges are marked, and what the CA said is recorded."""
+    lease ends, the answered challenges are marked, and what the CA said is recorded. ``iss``: the
+    issuance ``_stores_issuance`` said this answer stores, added already (a batch's)."""
     _note_answers(cert, order, chs, to_answer, ans)
     if not states.in_pipeline(cert.state, cert.work_deadline):
         return {"certificate_id": cert.id, "status": "noop"}
     return _record_validation(
-        ctx, cert, order, chs, ans.res, ans.status, ans.retry_after, ans.authz, ans.fullchain, settings
+        ctx, cert, order, chs, ans.res, ans.status, ans.retry_after, ans.authz, ans.fullchain, settings, iss
+    )
+
+
+def _stores_issuance(cert: Certificate, ans: _Answer) -> bool:
+    """Whether ``_write_answer`` stores an issuance for this answer (its status and certificate)."""
+    return (
+        ans.status == "valid"
+        and ans.fullchain is not None
+        and states.in_pipeline(cert.state, cert.work_deadline)
+    )
+
+
+def _new_issuance(
+    session: Any, cert: Certificate, order: Any, fullchain: str, *, flush: bool = True
+) -> Issuance:
+    """The issued certificate stored with the order's key, decrypted and encrypted again for it."""
+    key_pem = certificates.keystore().decrypt(
+        order.key_enc, certificates.order_key_aad(cert.id, order.csr_pem)
+    )
+    return certificates.store_issuance(
+        session, cert, fullchain, key_pem, order_url=order.order_url, flush=flush
     )
 
 
@@ -443,8 +467,10 @@ def _record_validation(
     authz: Any,
     fullchain: str | None,
     settings: Any,
+    iss: Issuance | None = None,
 ) -> dict[str, Any]:
-    """Write what the CA answered (the certificate is locked): wait, fail, or store the issuance."""
+    """Write what the CA answered (the certificate is locked): wait, fail, or store the issuance
+    (``iss``: stored already, by a batch that added its issuances together)."""
     session = ctx.session
     if status == "pending":
         if (
@@ -472,9 +498,6 @@ def _record_validation(
         raise Wait(max(_poll_countdown(0), retry_after or 0))
     if status != "valid" or fullchain is None:
         raise PermanentError(f"unexpected order status {status}", reason="acme:orderStatus")
-    key_pem = certificates.keystore().decrypt(
-        order.key_enc, certificates.order_key_aad(cert.id, order.csr_pem)
-    )
     order.finished_at = utcnow()
     limiter = rate_limiter(session)
     validated_at = utcnow()
@@ -486,7 +509,8 @@ def _record_validation(
     # the order's challenges and tokens first, then the issuance: store_issuance flushes (its id is
     # needed below), and whatever is changed before it is then written once
     cleanup_challenges(ctx, order, chs)
-    iss = certificates.store_issuance(session, cert, fullchain, key_pem, order_url=order.order_url)
+    if iss is None:
+        iss = _new_issuance(session, cert, order, fullchain)
     _touch(cert)
     renewing = cert.state in states.RENEWAL_STATES
     events.record(
@@ -1051,8 +1075,9 @@ def _write_together(task: CertqueueTask, asked: list[_Asked]) -> list[_Start]:
     if not issued:
         return later
     try:
-        with session_scope() as session:
-            ctx = StepContext(session=session, task=task)
+        with session_scope() as session, session.no_autoflush:
+            # the batch's own flushes only: its issuances together (their ids), then the commit
+            ctx = StepContext(session=session, task=task, token_orders=[])
             order_ids = [a.handoff.order_id for a in issued]
             rows = OrderLease.reacquire_many(
                 session, [(a.st.cid, a.handoff.order_id, a.handoff.token) for a in issued]
@@ -1060,6 +1085,14 @@ def _write_together(task: CertqueueTask, asked: list[_Asked]) -> list[_Start]:
             by_order: dict[int, list[Challenge]] = {}
             for ch in session.execute(select(Challenge).where(Challenge.order_id.in_(order_ids))).scalars():
                 by_order.setdefault(ch.order_id, []).append(ch)
+            stored: dict[int, Issuance] = {}
+            for a in issued:
+                assert a.ans is not None
+                row = rows.get(a.handoff.order_id)
+                if row is not None and a.ans.issued and _stores_issuance(row[0], a.ans):
+                    assert a.ans.fullchain is not None
+                    stored[row[1].id] = _new_issuance(session, row[0], row[1], a.ans.fullchain, flush=False)
+            session.flush()  # one multi-row INSERT: the issuances' ids
             for a in issued:
                 assert a.ans is not None
                 row = rows.get(a.handoff.order_id)
@@ -1073,9 +1106,17 @@ def _write_together(task: CertqueueTask, asked: list[_Asked]) -> list[_Start]:
                     later.append(a.st)
                     continue
                 out = _write_answer(
-                    ctx, cert, order, by_order.get(order.id, []), a.handoff.to_answer, a.ans, settings
+                    ctx,
+                    cert,
+                    order,
+                    by_order.get(order.id, []),
+                    a.handoff.to_answer,
+                    a.ans,
+                    settings,
+                    stored.get(order.id),
                 )
                 a.st.outcome = str(out.get("status"))
+            delete_http01_tokens(session, ctx.token_orders or [])
             failpoints.hit("batch.write")
         _send_after(ctx)
     except Exception as exc:  # noqa: BLE001  (each certificate goes alone)

@@ -78,6 +78,10 @@ class StepContext:
     hand_over: bool = False
     handoff: Any = None
 
+    #: a batch's shared transaction: the orders whose HTTP-01 tokens go, deleted once for all of
+    #: them by the batch (``delete_http01_tokens``); None: each step deletes its order's own
+    token_orders: list[int] | None = None
+
     def wake(self, seconds: float) -> None:
         self.wake_after = seconds if self.wake_after is None else min(self.wake_after, seconds)
 

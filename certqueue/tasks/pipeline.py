@@ -17,7 +17,7 @@ from typing import Any, Literal, cast
 
 from celery import chain, signature
 from celery.canvas import Signature
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from certqueue import certificates, challenge_tokens, crypto, events, failpoints, intents, solvers
@@ -685,6 +685,16 @@ def _prepare_order(
     )
 
 
+#: the order's URL, stored by the step that holds its lease (a Core statement, compiled once: one
+#: of these per order, committed on its own as the CA answers)
+_ORDERS = cast(Table, Order.__table__)
+_STORE_ORDER_URL = (
+    update(_ORDERS)
+    .where(_ORDERS.c.id == bindparam("oid"), _ORDERS.c.lease_token == bindparam("lease"))
+    .values(order_url=bindparam("url"), order_json=bindparam("body"), status=bindparam("status_"))
+)
+
+
 def _place_order(
     ctx: StepContext,
     client: AcmeClient,
@@ -727,19 +737,17 @@ def _place_order(
 
         failpoints.hit("order.created")  # the chaos suite's kill between the CA's answer and the commit
         values = {
-            "order_url": res.uri,
-            "order_json": order_to_json(res),
-            "status": _status_name(res.body.status),
+            "oid": placing.order.id,
+            "lease": lease.token,
+            "url": res.uri,
+            "body": order_to_json(res),
+            "status_": _status_name(res.body.status),
         }
         give_up = time.monotonic() + 0.75 * get_settings().automation.order_lease_seconds
         pause = 0.25
         while True:
             try:
-                session.execute(
-                    update(Order)
-                    .where(Order.id == placing.order.id, Order.lease_token == lease.token)
-                    .values(**values)
-                )
+                session.execute(_STORE_ORDER_URL, values)
                 session.commit()
                 return
             except DBAPIError as exc:
@@ -840,13 +848,24 @@ def cleanup_challenges(ctx: StepContext, order: Order, chs: list[Challenge] | No
     if dns:  # one task removes the order's records
         ctx.then(task("certqueue.dns.cleanup_all", order.certificate_id, dns))
     if "http-01" in types:
-        session.execute(
-            delete(Http01Token).where(
-                Http01Token.challenge_id.in_(select(Challenge.id).where(Challenge.order_id == order.id))
-            )
-        )
+        if ctx.token_orders is not None:
+            ctx.token_orders.append(order.id)  # the batch deletes them, with the others'
+        else:
+            delete_http01_tokens(session, [order.id])
     if "tls-alpn-01" in types:
         challenge_tokens.remove_tls_alpn01(session, order.id)
+
+
+def delete_http01_tokens(session: Session, order_ids: list[int]) -> None:
+    """The HTTP-01 tokens of these orders' challenges, gone (one DELETE, none for no orders)."""
+    if order_ids:
+        session.execute(
+            delete(Http01Token)
+            .where(
+                Http01Token.challenge_id.in_(select(Challenge.id).where(Challenge.order_id.in_(order_ids)))
+            )
+            .execution_options(synchronize_session=False)
+        )
 
 
 def fail_certificate(ctx: StepContext, certificate_id: str, exc: CertqueueError) -> dict[str, Any]:

@@ -449,7 +449,8 @@ def _cert_locks(statements: list[tuple[str, object]]) -> int:
 def test_a_batch_starts_its_new_orders_together(pg_pipeline):
     """Four new HTTP-01 certificates and one unknown id in one batch: the four are started in two
     shared transactions and their issuances recorded in a third (their rows locked by one statement
-    in each; their orders, challenges and tokens written by one INSERT each for the whole batch);
+    in each; their orders, challenges, tokens and issuances written by one INSERT each for the whole
+    batch);
     the unknown id takes the single-certificate start and is reported gone."""
     ids = _new_certificates("together", 4)
     jobs = [{"certificate_id": cid, "purpose": "issue"} for cid in ids]
@@ -467,8 +468,11 @@ def test_a_batch_starts_its_new_orders_together(pg_pipeline):
     # the batch's three shared locks (Pebble validates at once: no order is left to go on alone),
     # and the unknown id's own start
     assert _cert_locks(statements) == 3 + 1
-    # the four orders' challenges read once, by the shared write-back
+    # the four orders' challenges read once, by the shared write-back, which stores their four
+    # issuances with one INSERT and deletes their tokens with one DELETE
     assert _count(statements, "SELECT challenges.") == 1
+    assert _count(statements, "INSERT INTO issuances") == 1
+    assert _count(statements, "DELETE FROM http01_tokens") == 1
     # the open orders at the CA counted once for the batch, not once per certificate
     assert _count(statements, "SELECT count(*)") <= 1
     # their issue requests answered by one UPDATE

@@ -221,6 +221,14 @@ def test_an_unreachable_server_keeps_the_last_values_and_backs_off(pg_url: str, 
     assert runtime.read_runtime_layer(dead) == {"automation": {"renewal_threshold_days": 40}}
 
 
+def _age_settings(seconds: float) -> None:
+    """Make the process's settings ``seconds`` older (their TTL is read when they are loaded)."""
+    from certqueue import config
+
+    assert config._cached is not None
+    config._cached.loaded_at -= seconds
+
+
 def test_configured_processes_see_changes_within_the_ttl(
     db_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,10 +239,17 @@ def test_configured_processes_see_changes_within_the_ttl(
     with session_scope() as s:
         runtime.set_overrides(s, {"automation.renewal_threshold_days": 50})
     assert get_settings().automation.renewal_threshold_days == 30  # within the TTL: cached
-    monkeypatch.setenv("CERTQUEUE_RUNTIME_TTL_SECONDS", "0")
+    before = get_settings()
+    _age_settings(3601)  # the TTL (read when they were loaded) has passed
     assert get_settings().automation.renewal_threshold_days == 50
+    assert get_settings() is not before
+    # a re-read that finds every layer as it was keeps the settings object (nothing validated again)
+    kept = get_settings()
+    _age_settings(3601)
+    assert get_settings() is kept
     # a re-read that fails keeps the settings in force
     (tmp_path / "settings" / "local.yaml").write_text("automation: [not, a, mapping\n")
+    _age_settings(3601)
     assert get_settings().automation.renewal_threshold_days == 50
     (tmp_path / "settings" / "local.yaml").unlink()
     # settings installed as they are never change behind the installer's back
