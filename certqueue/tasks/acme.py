@@ -15,6 +15,8 @@ The graph for one certificate::
                         | certqueue.acme.validate                       [acme]
     certqueue.acme.issue_batch: the same for many certificates, new HTTP-01 orders started and
       validated together; new DNS-01 orders together through certqueue.dns.present_batch [dns]
+      (over several zones: a chord of certqueue.dns.present_zone, one per zone, whose body
+      certqueue.dns.presented_batch sends the validate batch)
       -> certqueue.acme.validate_batch [acme] -> certqueue.dns.cleanup_batch [dns]
     certqueue.acme.validate: answer challenges, poll the order (retry with countdown, never sleep),
       finalize with the order's CSR, download, store encrypted -> ISSUED, clean up challenges

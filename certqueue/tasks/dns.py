@@ -12,7 +12,10 @@ until its propagation timeout; then the certificate's order fails with the stabl
 ``dns:not_visible`` and the records are removed. ``certqueue.dns.cleanup_all`` removes an order's
 records. ``certqueue.dns.present_batch`` does the same for a batch's new orders in one task (every
 record presented, then all checked together), sends one ``certqueue.acme.validate_batch`` for the
-certificates whose records are all visible and the others on alone (``present_all`` | validate);
+certificates whose records are all visible and the others on alone (``present_all`` | validate).
+A batch whose records are in several zones (by provider and registered domain) is a chord instead:
+one ``certqueue.dns.present_zone`` per zone, side by side on the dns pool, each reporting which
+certificates are ready; its body ``certqueue.dns.presented_batch`` sends the validate batch;
 ``certqueue.dns.cleanup_batch`` removes many orders' records. The single-challenge tasks
 (``present``, ``wait_visible``, ``cleanup``) and their steps stay registered for messages sent
 before this layout; nothing sends them any more.
@@ -27,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from celery import shared_task
+from celery import chord, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -421,13 +424,90 @@ def cleanup_all(
 # --- many certificates in one task: a batch's DNS-01 records ------------------------------------
 
 
+def _zone_of(name: str) -> str:
+    """The zone a record is grouped by: the registered domain of its name (public suffix list). A
+    zone delegated below it, or a CNAME into another zone, only makes a group coarser: the groups
+    decide what runs side by side, never what is presented."""
+    from certqueue.validation import public_suffixes
+
+    base = name.lower().rstrip(".").removeprefix("_acme-challenge.").removeprefix("*.")
+    return str(public_suffixes().privatesuffix(base) or base)
+
+
+def _by_zone(ctx: StepContext, items: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The batch's items split by (provider, zone) of their records (one SELECT): a certificate with
+    records in two zones is in both groups, each with its records there. A certificate none of whose
+    records is found goes with the first group (which then finds nothing to present for it)."""
+    wanted = {str(it["job"]["certificate_id"]): [int(i) for i in it["challenges"]] for it in items}
+    all_ids = [i for ids in wanted.values() for i in ids]
+    rows = ctx.session.execute(
+        select(Challenge.id, Challenge.certificate_id, Challenge.provider, Challenge.dns_name).where(
+            Challenge.id.in_(all_ids)
+        )
+    ).tuples()
+    zone: dict[int, tuple[str, str]] = {}
+    for ch_id, cid, provider, name in rows:
+        if ch_id in wanted.get(cid, ()):
+            zone[ch_id] = (provider or "", _zone_of(name or ""))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    homeless: list[dict[str, Any]] = []
+    for it in items:
+        cid = str(it["job"]["certificate_id"])
+        mine: dict[tuple[str, str], list[int]] = {}
+        for ch_id in wanted[cid]:
+            if ch_id in zone:
+                mine.setdefault(zone[ch_id], []).append(ch_id)
+        if not mine:
+            homeless.append({"job": it["job"], "challenges": wanted[cid]})
+        for key, ids in mine.items():
+            groups.setdefault(key, []).append({"job": it["job"], "challenges": ids})
+    out = [groups[key] for key in sorted(groups)]
+    if homeless:
+        out = [homeless + out[0], *out[1:]] if out else [homeless]
+    return out
+
+
 def _present_batch_step(ctx: StepContext, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Present every pending record of the batch's orders (each committed after its provider
-    call), then check them all together for at most ``IN_TASK_VISIBILITY_WINDOW``. The certificates
-    whose records are all visible are validated together (one ``certqueue.acme.validate_batch``);
-    one whose provider failed, or whose records are not visible yet, goes on alone
-    (``present_all`` | ``validate``: it presents only what is left, and waits, retries or fails
-    there by the certificate's own policy)."""
+    """A batch's records in one zone (and one provider): presented and checked here, then one
+    ``certqueue.acme.validate_batch`` (``_present_together``). In several: this task replaces
+    itself with a chord, one ``certqueue.dns.present_zone`` per zone side by side on the dns pool,
+    whose body (``certqueue.dns.presented_batch``) sends the one validate batch once all answered."""
+    groups = _by_zone(ctx, items)
+    if len(groups) > 1:
+        _end_reads(ctx)
+        header = [present_zone.si(group) for group in groups]
+        ctx.replace(chord(header, presented_batch.s(list(items))))
+        return {"certificates": len(items), "zones": len(groups)}
+    ready, alone, _gone, jobs, wanted = _present_together(ctx, items)
+    return _send_on(ctx, items, ready, alone, jobs, wanted)
+
+
+def _send_on(
+    ctx: StepContext,
+    items: Sequence[dict[str, Any]],
+    ready: list[str],
+    alone: set[str],
+    jobs: dict[str, dict[str, Any]],
+    wanted: dict[str, set[int]],
+) -> dict[str, Any]:
+    """One validate batch for the ready certificates; each one left alone to ``present_all`` |
+    ``validate`` (it presents only what is left, and waits, retries or fails by its own policy)."""
+    for cid in jobs:
+        if cid in alone:
+            ctx.then(present_then_validate(cid, sorted(wanted[cid])))
+    if ready:
+        ctx.then(task("certqueue.acme.validate_batch", [jobs[cid] for cid in ready]))
+    return {"certificates": len(items), "validate": len(ready), "alone": len(alone)}
+
+
+def _present_together(
+    ctx: StepContext, items: Sequence[dict[str, Any]]
+) -> tuple[list[str], set[str], set[str], dict[str, dict[str, Any]], dict[str, set[int]]]:
+    """Present every pending record of the items' orders (each committed after its provider call),
+    then check them all together for at most ``IN_TASK_VISIBILITY_WINDOW``. Returns the certificates
+    whose records are all visible (in the items' order), those whose provider failed or whose
+    records are not visible yet (to go on alone), those no longer being issued, and each
+    certificate's job and challenge ids."""
     jobs: dict[str, dict[str, Any]] = {}
     wanted: dict[str, set[int]] = {}
     for item in items:
@@ -463,13 +543,10 @@ def _present_batch_step(ctx: StepContext, items: Sequence[dict[str, Any]]) -> di
     waiting = [rec for rec in waiting if rec.certificate_id not in alone]
     every = max((provider_for(n).timeout()[1] for n in {rec.provider for rec in waiting}), default=1.0)
     alone |= {rec.certificate_id for rec, _ in _check_in_window(ctx, waiting, lambda _still: every)}
-    ready = [jobs[cid] for cid in live if cid not in alone]
-    for cid in live:
-        if cid in alone:
-            ctx.then(present_then_validate(cid, sorted(wanted[cid])))
-    if ready:
-        ctx.then(task("certqueue.acme.validate_batch", ready))
-    return {"certificates": len(items), "validate": len(ready), "alone": len(alone)}
+    ready = [cid for cid in live if cid not in alone]
+    gone = set(jobs) - set(live)
+    live_jobs = {cid: jobs[cid] for cid in live}
+    return ready, alone, gone, live_jobs, wanted
 
 
 @shared_task(bind=True, base=CertqueueTask, name="certqueue.dns.present_batch", ignore_result=True)
@@ -481,6 +558,61 @@ def present_batch(self: CertqueueTask, items: list[dict[str, Any]], _transient: 
     whose failure handling is that certificate's); an error of the whole batch (its database)
     retries it, then leaves the certificates to their deadlines."""
     return self.run_step(_present_batch_step, items)
+
+
+def _present_zone_step(ctx: StepContext, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    ready, alone, gone, _jobs, _wanted = _present_together(ctx, items)
+    return {"ready": ready, "alone": sorted(alone), "gone": sorted(gone)}
+
+
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.dns.present_zone")
+def present_zone(self: CertqueueTask, items: list[dict[str, Any]], _transient: int = 0) -> Any:
+    """A chord header of ``present_batch``: the items' records in one zone presented and checked
+    together; returns which certificates are ready, which go on alone and which are gone (the
+    body decides: a certificate is ready when every zone of its records says so). Sends nothing."""
+    return self.run_step(_present_zone_step, items)
+
+
+def _presented_batch_step(ctx: StepContext, results: Any, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The chord body: a certificate is validated with the batch when every zone that holds its
+    records found them visible; one that any zone left alone, or whose zone's answer is missing
+    (its task backed off), goes on alone; one that is no longer being issued is left."""
+    answers = [r for r in (results if isinstance(results, list) else []) if isinstance(r, dict)]
+    ready_in: dict[str, int] = {}
+    alone: set[str] = set()
+    gone: set[str] = set()
+    for r in answers:
+        for cid in r.get("ready") or ():
+            ready_in[str(cid)] = ready_in.get(str(cid), 0) + 1
+        alone |= {str(c) for c in r.get("alone") or ()}
+        gone |= {str(c) for c in r.get("gone") or ()}
+    groups = {str(it["job"]["certificate_id"]): 0 for it in items}
+    for group in _by_zone(ctx, items):
+        for it in group:
+            groups[str(it["job"]["certificate_id"])] += 1
+    jobs: dict[str, dict[str, Any]] = {}
+    wanted: dict[str, set[int]] = {}
+    ready: list[str] = []
+    for it in items:
+        cid = str(it["job"]["certificate_id"])
+        if cid in gone or cid in jobs:
+            continue
+        jobs[cid], wanted[cid] = dict(it["job"]), {int(i) for i in it["challenges"]}
+        if cid not in alone and ready_in.get(cid, 0) >= groups[cid]:
+            ready.append(cid)
+        else:
+            alone.add(cid)
+    _end_reads(ctx)
+    return _send_on(ctx, items, ready, alone & set(jobs), jobs, wanted)
+
+
+@shared_task(bind=True, base=CertqueueTask, name="certqueue.dns.presented_batch", ignore_result=True)
+def presented_batch(
+    self: CertqueueTask, results: Any, items: list[dict[str, Any]], _transient: int = 0
+) -> Any:
+    """The body of ``present_batch``'s chord: ``results`` are its ``present_zone`` answers, ``items``
+    the batch's; one ``certqueue.acme.validate_batch`` for the certificates ready in every zone."""
+    return self.run_step(_presented_batch_step, results, items)
 
 
 def _cleanup_batch_step(ctx: StepContext, items: Sequence[dict[str, Any]]) -> dict[str, Any]:

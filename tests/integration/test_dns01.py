@@ -159,6 +159,30 @@ def test_a_batch_of_dns01_certificates_goes_through_the_dns_pool_together(dns_pi
         assert alone not in logs, alone
 
 
+def test_a_batch_over_two_zones_presents_each_zone_side_by_side(dns_pipeline, bind_server):
+    """Four certificates of one batch, two in each of BIND's zones: their records are presented by
+    a chord of one ``present_zone`` per zone, whose body sends the one validate batch."""
+    from certqueue import operations
+    from certqueue.certificates import CertificateRequest
+
+    tag = os.urandom(3).hex()
+    names = [f"z{i}{tag}.{'example' if i % 2 else 'validation'}.test" for i in range(4)]
+    with session_scope() as s:
+        reqs = [CertificateRequest.build(domains=[n], challenge_type="dns-01") for n in names]
+        cids = [c.id for c, _ in operations.request_issue_many(s, reqs, actor="test")]
+    lazy_app.get().send_task("certqueue.scan.dispatch", queue="scan")  # claimed together
+    for cid in cids:
+        dns_pipeline.wait_state(cid, "ACTIVE", timeout=120)
+    logs = dns_pipeline.stack.all_logs()
+    assert logs.count("certqueue.dns.present_zone[") >= 2 * logs.count("certqueue.dns.presented_batch[") > 0
+    assert "certqueue.dns.present_all[" not in logs
+    with session_scope(write=False) as s:
+        for cid in cids:
+            cert = s.get_one(Certificate, cid)
+            iss = s.get_one(Issuance, cert.current_issuance_id)
+            assert list(crypto.cert_info(iss.cert_pem).names) == cert.domains
+
+
 def test_record_never_visible_fails_with_reason_and_is_cleaned_up(tmp_path_factory, bind_server):
     """The provider writes to a second BIND that is not the zone's authoritative server, so the
     record never becomes visible: the order fails after the provider's timeout, and the record

@@ -520,6 +520,130 @@ def test_present_batch_again_presents_nothing_twice(
     assert out["validate"] == 2 and again.presents == 0
 
 
+def _two_zones(challenge_name: str, tag: str) -> tuple[str, str]:
+    """A record name in the primary zone and one in BIND's second zone (``validation.test``)."""
+    first = challenge_name.replace("challenge.t", f"challenge.{tag}")
+    return first, first.replace(".example.test", ".validation.test")
+
+
+def _header_and_body(ctx: StepContext) -> tuple[list[tuple[str, Any]], tuple[str, tuple[Any, ...]]]:
+    sig = ctx.replacement
+    assert sig is not None and sig.task == "celery.chord", sig
+    header = [(t.task, tuple(t.args)) for t in sig.tasks]
+    return header, (sig.body.task, tuple(sig.body.args))
+
+
+def test_present_batch_over_two_zones_is_a_chord_of_one_present_per_zone(
+    settings: Settings, bind: BindServer, challenge_name: str
+) -> None:
+    names = _two_zones(challenge_name, "z")
+    batch = _batch_of(list(names))
+    items = _items(batch)
+    out, ctx = _batch_step(dns._present_batch_step, items)
+    assert out == {"certificates": 2, "zones": 2}
+    header, body = _header_and_body(ctx)
+    (job_a, ids_a, _), (job_b, ids_b, _) = batch
+    # sorted by (provider, zone): example.test, then validation.test
+    assert header == [
+        ("certqueue.dns.present_zone", ([{"job": job_a, "challenges": ids_a}],)),
+        ("certqueue.dns.present_zone", ([{"job": job_b, "challenges": ids_b}],)),
+    ]
+    assert body == ("certqueue.dns.presented_batch", (items,))
+    assert ctx.follow_ups == []  # nothing else sent, nothing presented yet: the zones do that
+    assert [_row(i).status for i in ids_a + ids_b] == ["pending"] * 4
+    # each zone presents its own records; the body validates both in one batch
+    results = [_batch_step(dns._present_zone_step, args[0])[0] for _, args in header]
+    assert results == [
+        {"ready": [job_a["certificate_id"]], "alone": [], "gone": []},
+        {"ready": [job_b["certificate_id"]], "alone": [], "gone": []},
+    ]
+    for (_, ids, values), name in zip(batch, names, strict=True):
+        assert [_row(i).status for i in ids] == ["visible", "visible"]
+        assert all(v in _txt(bind, name) for v in values)
+    with session_scope() as s:
+        bctx = StepContext(session=s, task=None)  # type: ignore[arg-type]
+        out = dns._presented_batch_step(bctx, results, items)
+    assert out == {"certificates": 2, "validate": 2, "alone": 0}
+    assert _followups(bctx) == [("certqueue.acme.validate_batch", ([job_a, job_b],))]
+
+
+def test_a_certificate_with_records_in_two_zones_is_ready_only_when_both_are(
+    settings: Settings, bind: BindServer, challenge_name: str
+) -> None:
+    """One certificate's records in both zones, a second one in the first only: the first
+    certificate is in both zones' items; a zone that backed off (its answer is not a report) sends
+    it on alone, while the second, ready in its only zone, is validated."""
+    names = _two_zones(challenge_name, "m")
+    both, ids_both, _ = _order_challenges(names[0], 1)
+    with session_scope() as s:
+        base = s.get_one(Challenge, ids_both[0])
+        other = Challenge(
+            order_id=base.order_id,
+            certificate_id=both,
+            identifier=names[1].removeprefix("_acme-challenge."),
+            authz_url="https://ca/a3",
+            type="dns-01",
+            url="https://ca/c3",
+            dns_name=names[1],
+            dns_value=secrets.token_urlsafe(32)[:43],
+            provider="rfc2136",
+            status="pending",
+        )
+        s.add(other)
+        s.flush()
+        ids_both.append(other.id)
+    single, ids_single, _ = _order_challenges(names[0].replace(".m", ".n", 1), 1)
+    job_both = {"certificate_id": both, "purpose": "issue"}
+    job_single = {"certificate_id": single, "purpose": "issue"}
+    items = [{"job": job_both, "challenges": ids_both}, {"job": job_single, "challenges": ids_single}]
+    _, ctx = _batch_step(dns._present_batch_step, items)
+    header, _ = _header_and_body(ctx)
+    assert header == [
+        (
+            "certqueue.dns.present_zone",
+            (
+                [
+                    {"job": job_both, "challenges": [ids_both[0]]},
+                    {"job": job_single, "challenges": ids_single},
+                ],
+            ),
+        ),
+        ("certqueue.dns.present_zone", ([{"job": job_both, "challenges": [ids_both[1]]}],)),
+    ]
+    first = _batch_step(dns._present_zone_step, header[0][1][0])[0]
+    assert first == {"ready": [both, single], "alone": [], "gone": []}
+    backed_off = {"status": "backing_off", "reason": "db"}  # the second zone's task parked
+    with session_scope() as s:
+        bctx = StepContext(session=s, task=None)  # type: ignore[arg-type]
+        out = dns._presented_batch_step(bctx, [first, backed_off], items)
+    assert out == {"certificates": 2, "validate": 1, "alone": 1}
+    assert _followups(bctx) == [
+        [
+            ("certqueue.dns.present_all", (both, sorted(ids_both))),
+            ("certqueue.acme.validate", (both,)),
+        ],
+        ("certqueue.acme.validate_batch", ([job_single],)),
+    ]
+
+
+def test_the_chord_body_leaves_out_certificates_no_longer_issued(
+    settings: Settings, bind: BindServer, challenge_name: str
+) -> None:
+    names = _two_zones(challenge_name, "g")
+    batch = _batch_of(list(names))
+    items = _items(batch)
+    (job_a, _, _), (job_b, _, _) = batch
+    results = [
+        {"ready": [job_a["certificate_id"]], "alone": [], "gone": []},
+        {"ready": [], "alone": [], "gone": [job_b["certificate_id"]]},
+    ]
+    with session_scope() as s:
+        bctx = StepContext(session=s, task=None)  # type: ignore[arg-type]
+        out = dns._presented_batch_step(bctx, results, items)
+    assert out == {"certificates": 2, "validate": 1, "alone": 0}
+    assert _followups(bctx) == [("certqueue.acme.validate_batch", ([job_a],))]
+
+
 def test_cleanup_batch_removes_every_order_and_retries_a_failing_one_alone(
     settings: Settings, bind: BindServer, challenge_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
