@@ -533,6 +533,13 @@ def _header_and_body(ctx: StepContext) -> tuple[list[tuple[str, Any]], tuple[str
     return header, (sig.body.task, tuple(sig.body.args))
 
 
+def _body(results: list[Any], items: list[dict[str, Any]]) -> tuple[dict[str, Any], StepContext]:
+    """The chord body's step on the zones' ``results``: its answer and what it asked to send."""
+    with session_scope() as s:
+        ctx = StepContext(session=s, task=None)  # type: ignore[arg-type]
+        return dns._presented_batch_step(ctx, results, items), ctx
+
+
 def test_present_batch_over_two_zones_is_a_chord_of_one_present_per_zone(
     settings: Settings, bind: BindServer, challenge_name: str
 ) -> None:
@@ -560,9 +567,7 @@ def test_present_batch_over_two_zones_is_a_chord_of_one_present_per_zone(
     for (_, ids, values), name in zip(batch, names, strict=True):
         assert [_row(i).status for i in ids] == ["visible", "visible"]
         assert all(v in _txt(bind, name) for v in values)
-    with session_scope() as s:
-        bctx = StepContext(session=s, task=None)  # type: ignore[arg-type]
-        out = dns._presented_batch_step(bctx, results, items)
+    out, bctx = _body(results, items)
     assert out == {"certificates": 2, "validate": 2, "alone": 0}
     assert _followups(bctx) == [("certqueue.acme.validate_batch", ([job_a, job_b],))]
 
@@ -613,9 +618,7 @@ def test_a_certificate_with_records_in_two_zones_is_ready_only_when_both_are(
     first = _batch_step(dns._present_zone_step, header[0][1][0])[0]
     assert first == {"ready": [both, single], "alone": [], "gone": []}
     backed_off = {"status": "backing_off", "reason": "db"}  # the second zone's task parked
-    with session_scope() as s:
-        bctx = StepContext(session=s, task=None)  # type: ignore[arg-type]
-        out = dns._presented_batch_step(bctx, [first, backed_off], items)
+    out, bctx = _body([first, backed_off], items)
     assert out == {"certificates": 2, "validate": 1, "alone": 1}
     assert _followups(bctx) == [
         [
@@ -637,9 +640,7 @@ def test_the_chord_body_leaves_out_certificates_no_longer_issued(
         {"ready": [job_a["certificate_id"]], "alone": [], "gone": []},
         {"ready": [], "alone": [], "gone": [job_b["certificate_id"]]},
     ]
-    with session_scope() as s:
-        bctx = StepContext(session=s, task=None)  # type: ignore[arg-type]
-        out = dns._presented_batch_step(bctx, results, items)
+    out, bctx = _body(results, items)
     assert out == {"certificates": 2, "validate": 1, "alone": 0}
     assert _followups(bctx) == [("certqueue.acme.validate_batch", ([job_a],))]
 
