@@ -4,12 +4,21 @@ Any number of replicas can run (behind port 80 or the fleet's load balancer): to
 acme worker are visible to all of them, because the database is the only place they live. Answers
 only well-formed tokens that exist and have not expired; everything else is 404.
 
+A CA asks for one token several times within a second (Pebble and Let's Encrypt validate from
+several perspectives: three requests per challenge): a token found is kept in a small per-process
+cache for :data:`FOUND_TTL_SECONDS` (never past its row's expiry), so those requests cost one
+database round trip, a plain Core statement on a pooled connection. A key authorization is public
+(it is what the responder serves to anyone who asks), so answering it a few seconds after its row
+was deleted discloses nothing; a token not found is never cached, so a token written a moment ago
+is served at once.
+
 SIGTERM and SIGINT stop it at once (:func:`serve_until_stopped`): as PID 1 in a container a process
 without a handler ignores SIGTERM, and every ``docker stop`` would wait for the kill.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 import signal
@@ -19,9 +28,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 
-from sqlalchemy import select
+from sqlalchemy import Engine, bindparam, select
 
-from certqueue.db import session_scope
+from certqueue.db import get_engine
 from certqueue.models import Http01Token, utcnow
 
 log = logging.getLogger("certqueue.http01")
@@ -30,16 +39,62 @@ PREFIX = "/.well-known/acme-challenge/"
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,256}")  # fullmatch: "$" would accept a trailing newline
 
 
+#: how long a token found stays answered from this process's memory (its row's expiry still counts)
+FOUND_TTL_SECONDS = 5.0
+#: at most this many tokens in the cache; past it, the ones whose time is up are dropped, then all
+FOUND_MAX = 4096
+
+_LOOKUP = select(Http01Token.key_authorization, Http01Token.expires_at).where(
+    Http01Token.token == bindparam("token")
+)
+#: token -> (key authorization, the row's expiry, monotonic time the entry ends)
+_found: dict[str, tuple[str, dt.datetime, float]] = {}
+_found_lock = threading.Lock()
+
+
 def lookup(token: str) -> str | None:
     if not TOKEN_RE.fullmatch(token):
         return None
-    with session_scope(write=False) as s:
-        row = s.execute(
-            select(Http01Token.key_authorization, Http01Token.expires_at).where(Http01Token.token == token)
-        ).first()
-    if row is None or row.expires_at <= utcnow():
+    hit = _found.get(token)
+    if hit is not None and hit[2] > time.monotonic():
+        key_authorization, expires_at, _ = hit
+    else:
+        with _reader().connect() as conn:
+            row = conn.execute(_LOOKUP, {"token": token}).first()
+        if row is None:
+            _found.pop(token, None)
+            return None
+        key_authorization, expires_at = str(row.key_authorization), row.expires_at
+        _remember(token, key_authorization, expires_at)
+    if expires_at <= utcnow():
         return None
-    return str(row.key_authorization)
+    return key_authorization
+
+
+def _reader() -> Engine:
+    """The read engine; on PostgreSQL in autocommit, so a lookup is one round trip (no BEGIN and
+    ROLLBACK around its SELECT)."""
+    engine = get_engine(write=False)
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
+
+
+def _remember(token: str, key_authorization: str, expires_at: dt.datetime) -> None:
+    now = time.monotonic()
+    with _found_lock:
+        if len(_found) >= FOUND_MAX:
+            for old in [t for t, (_, _, until) in _found.items() if until <= now]:
+                del _found[old]
+            if len(_found) >= FOUND_MAX:
+                _found.clear()
+        _found[token] = (key_authorization, expires_at, now + FOUND_TTL_SECONDS)
+
+
+def forget_found() -> None:
+    """Empty the cache of tokens found (tests, and a responder whose database was replaced)."""
+    with _found_lock:
+        _found.clear()
 
 
 #: pauses between lookups of one request when the database fails (a connection limit reached, a
@@ -60,6 +115,9 @@ def _lookup_retrying(token: str) -> str | None:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "certqueue-http01"
     sys_version = ""
+    #: the answer's status line, headers and body buffered and sent in one write when the request
+    #: ends (the default, unbuffered, costs a send per part)
+    wbufsize = 8192
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -88,7 +146,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, fmt: str, *args: object) -> None:
-        log.debug("%s %s", self.address_string(), fmt % args)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s", self.address_string(), fmt % args)
 
 
 class Http01Server(ThreadingHTTPServer):

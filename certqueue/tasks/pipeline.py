@@ -17,7 +17,7 @@ from typing import Any, Literal, cast
 
 from celery import chain, signature
 from celery.canvas import Signature
-from sqlalchemy import Table, bindparam, delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from certqueue import certificates, challenge_tokens, crypto, events, failpoints, intents, solvers
@@ -487,27 +487,64 @@ def build_challenges(
     return out
 
 
+_CHALLENGES = cast(Table, Challenge.__table__)
+_HTTP01_TOKENS = cast(Table, Http01Token.__table__)
+#: the built challenges' rows, their ids returned in the rows' order (one multi-row INSERT)
+_INSERT_CHALLENGES = insert(_CHALLENGES).returning(_CHALLENGES.c.id, sort_by_parameter_order=True)
+_CHALLENGE_COLUMNS = (
+    "order_id", "certificate_id", "identifier", "authz_url", "type", "url", "token", "dns_name",
+    "dns_value", "provider", "status",
+)  # fmt: skip
+
+
 def write_challenges(session: Session, built: list[tuple[Challenge, str]], settings: Any) -> None:
     """Insert built challenges (of one order or of many: one multi-row INSERT either way, its ids
-    returned), then their HTTP-01 and TLS-ALPN-01 tokens (written at the next flush)."""
+    returned and set on the built objects), then their HTTP-01 tokens (one more). Core statements,
+    not the ORM's unit of work: the built challenges are read afterwards (their ids, types and
+    statuses), never changed through the session. An order with TLS-ALPN-01 names takes the ORM's
+    way, which its tokens' writer needs (``challenge_tokens.present_tls_alpn01``)."""
     if not built:
         return
     expires = utcnow() + dt.timedelta(seconds=settings.automation.order_timeout_seconds + 600)
-    session.add_all([ch for ch, _ in built])
-    session.flush()  # the challenges' ids, for their tokens
-    for ch, key_authorization in built:
-        if ch.type == "http-01":
-            session.add(
-                Http01Token(
-                    token=ch.token,
-                    key_authorization=key_authorization,
-                    certificate_id=ch.certificate_id,
-                    challenge_id=ch.id,
-                    expires_at=expires,
+    if any(ch.type == "tls-alpn-01" for ch, _ in built):
+        session.add_all([ch for ch, _ in built])
+        session.flush()  # the challenges' ids, for their tokens
+        for ch, key_authorization in built:
+            if ch.type == "http-01":
+                session.add(
+                    Http01Token(
+                        token=ch.token,
+                        key_authorization=key_authorization,
+                        certificate_id=ch.certificate_id,
+                        challenge_id=ch.id,
+                        expires_at=expires,
+                    )
                 )
+            elif ch.type == "tls-alpn-01":
+                challenge_tokens.present_tls_alpn01(session, ch, key_authorization, expires)
+        return
+    now = utcnow()
+    rows = []
+    for ch, _ in built:
+        row = {name: getattr(ch, name) for name in _CHALLENGE_COLUMNS}
+        row.update(created_at=now, updated_at=now)
+        rows.append(row)
+    ids = session.execute(_INSERT_CHALLENGES, rows).scalars().all()
+    tokens = []
+    for (ch, key_authorization), ch_id in zip(built, ids, strict=True):
+        ch.id, ch.created_at, ch.updated_at = ch_id, now, now
+        if ch.type == "http-01":
+            tokens.append(
+                {
+                    "token": ch.token,
+                    "key_authorization": key_authorization,
+                    "certificate_id": ch.certificate_id,
+                    "challenge_id": ch_id,
+                    "expires_at": expires,
+                }
             )
-        elif ch.type == "tls-alpn-01":
-            challenge_tokens.present_tls_alpn01(session, ch, key_authorization, expires)
+    if tokens:
+        session.execute(insert(_HTTP01_TOKENS), tokens)
 
 
 _limiter_cache: dict[str, RateLimiter] = {}

@@ -9,13 +9,15 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
 from certqueue import http01
 from certqueue.config import Settings
-from certqueue.db import session_scope
+from certqueue.db import get_engine, session_scope
 from certqueue.models import Http01Token, utcnow
 
 GOOD = "tok_" + "A" * 12 + "-_z9"  # 20 characters of the base64url alphabet
@@ -23,6 +25,14 @@ KEY_AUTH = GOOD + ".thumbprint-of-the-account-key"
 
 Store = Callable[..., None]
 Get = Callable[[str], tuple[int, str, bytes]]
+
+
+@pytest.fixture(autouse=True)
+def _no_found_tokens() -> Iterator[None]:
+    """Each test starts with the responder's cache of found tokens empty (GOOD is in many)."""
+    http01.forget_found()
+    yield
+    http01.forget_found()
 
 
 @pytest.fixture
@@ -135,6 +145,74 @@ def test_tokens_at_the_length_limits_are_served(store: Store, length: int) -> No
     token = "a" * length
     store(token)
     assert http01.lookup(token) == KEY_AUTH
+
+
+@contextmanager
+def _lookups_counted() -> Iterator[list[str]]:
+    """The responder's SQL statements on the tokens table while in the block."""
+    seen: list[str] = []
+    engine = get_engine(write=False)
+
+    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        if "http01_tokens" in statement:
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def test_a_token_asked_for_again_within_seconds_costs_no_second_lookup(store: Store, get: Get) -> None:
+    """The CA's three requests for one challenge (one per perspective): one database round trip."""
+    store(GOOD)
+    with _lookups_counted() as seen:
+        for _ in range(3):
+            assert get(http01.PREFIX + GOOD)[::2] == (200, KEY_AUTH.encode())
+    assert len(seen) == 1
+
+
+def test_a_found_token_is_looked_up_again_once_its_seconds_are_up(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deleted row is still answered from the cache within FOUND_TTL_SECONDS (a key authorization
+    is public), and no longer after it; the row's own expiry holds within the cache too."""
+    store(GOOD)
+    clock = [1000.0]
+    monkeypatch.setattr(http01.time, "monotonic", lambda: clock[0])
+    assert http01.lookup(GOOD) == KEY_AUTH
+    with session_scope() as s:
+        s.query(Http01Token).filter_by(token=GOOD).delete()
+    clock[0] += http01.FOUND_TTL_SECONDS - 0.5
+    assert http01.lookup(GOOD) == KEY_AUTH
+    clock[0] += 1.0
+    assert http01.lookup(GOOD) is None
+
+
+def test_a_token_not_found_is_not_remembered(store: Store) -> None:
+    """A token written a moment after a miss is served at once: misses are never cached."""
+    assert http01.lookup(GOOD) is None
+    store(GOOD)
+    assert http01.lookup(GOOD) == KEY_AUTH
+
+
+def test_the_cache_of_found_tokens_is_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past FOUND_MAX entries the ones whose time is up go first, then the whole cache."""
+    monkeypatch.setattr(http01, "FOUND_MAX", 3)
+    clock = [0.0]
+    monkeypatch.setattr(http01.time, "monotonic", lambda: clock[0])
+    tokens = [f"tok{i}" + "A" * 16 for i in range(5)]
+    for t in tokens:
+        store(t)
+    http01.lookup(tokens[0])
+    clock[0] += http01.FOUND_TTL_SECONDS + 1  # tokens[0]'s entry is now over
+    http01.lookup(tokens[1])
+    http01.lookup(tokens[2])
+    http01.lookup(tokens[3])  # full: the over entry goes
+    assert set(http01._found) == set(tokens[1:4])
+    http01.lookup(tokens[4])  # full of live entries: all go
+    assert set(http01._found) == {tokens[4]}
 
 
 def test_health_and_other_paths(get: Get, caplog: pytest.LogCaptureFixture) -> None:
