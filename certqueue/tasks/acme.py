@@ -933,7 +933,9 @@ def _place_one(task: CertqueueTask, st: _Start) -> None:
             client, _ = client_for(session, st.directory_url, st.email)
             lease = OrderLease(ctx, st.cid, st.placing.order.id, st.token)
             try:
-                res = _place_order(ctx, client, st.placing, lease, fetch_authorizations=False)
+                res = _place_order(
+                    ctx, client, st.placing, lease, fetch_authorizations=False, row_committed=True
+                )
             except Deferred:
                 st.outcome = "deferred"  # the order is closed and the certificate waits (committed)
             except BaseException:

@@ -33,7 +33,7 @@ from certqueue.acme.ratelimit import (
     rate_limiter_for,
 )
 from certqueue.config import get_settings
-from certqueue.db import is_postgres, lock_certificate
+from certqueue.db import get_engine, is_postgres, lock_certificate
 from certqueue.errors import CertqueueError, PermanentError, RateLimited
 from certqueue.lifecycle import states
 from certqueue.lifecycle.failure import MAX_RATE_LIMIT_BLOCK, clamp_retry_after
@@ -739,12 +739,19 @@ def _place_order(
     lease: OrderLease,
     *,
     fetch_authorizations: bool = True,
+    row_committed: bool = False,
 ) -> Any:
     """Ask the CA for the order (no lock held). Its URL is committed as soon as the CA answers, so a
     redelivered step finds it and resumes instead of ordering again. A ``rateLimited`` answer sets
     the budget from its Retry-After and defers the certificate. ``fetch_authorizations=False``
-    returns the order without its authorizations (``AcmeClient.fetch_authorizations``)."""
+    returns the order without its authorizations (``AcmeClient.fetch_authorizations``).
+
+    ``row_committed``: the order's row was committed before (a batch's first phase) and ``ctx``'s
+    session has written nothing; on PostgreSQL the URL is then stored by one autocommit statement
+    on a connection of its own (one round trip instead of BEGIN, UPDATE and COMMIT). Otherwise the
+    session stores it and commits whatever it holds with it (the row itself, in the single step)."""
     session = ctx.session
+    apart = row_committed and is_postgres(session)
     limiter = rate_limiter()
     now = utcnow()
     keys = placing.keys
@@ -784,11 +791,16 @@ def _place_order(
         pause = 0.25
         while True:
             try:
-                session.execute(_STORE_ORDER_URL, values)
-                session.commit()
+                if apart:
+                    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                        conn.execute(_STORE_ORDER_URL, values)
+                else:
+                    session.execute(_STORE_ORDER_URL, values)
+                    session.commit()
                 return
             except DBAPIError as exc:
-                session.rollback()
+                if not apart:
+                    session.rollback()
                 if time.monotonic() + pause > give_up:
                     raise
                 log.warning(

@@ -8,6 +8,7 @@ import http.client
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -213,6 +214,145 @@ def test_the_cache_of_found_tokens_is_bounded(store: Store, monkeypatch: pytest.
     assert set(http01._found) == set(tokens[1:4])
     http01.lookup(tokens[4])  # full of live entries: all go
     assert set(http01._found) == {tokens[4]}
+
+
+def _raw(port: int, data: bytes, *, wait: float = 10.0) -> bytes:
+    """Send ``data`` as is and read the whole answer (b"" when the server hangs up unanswered)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(4096):
+            out += chunk
+        return out
+
+
+@pytest.fixture
+def served(db_settings: Settings) -> Iterator[http01.Http01Server]:
+    srv, thread = http01.start_in_thread("127.0.0.1", 0)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+def test_head_gets_the_headers_and_no_body(store: Store, served: http01.Http01Server) -> None:
+    store(GOOD)
+    port = served.server_address[1]
+    out = _raw(port, f"HEAD {http01.PREFIX}{GOOD} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert f"Content-Length: {len(KEY_AUTH)}".encode() in head and body == b""
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"POST /.well-known/acme-challenge/x HTTP/1.1\r\n\r\n", b"501"),
+        (b"GET\r\n\r\n", b"400"),  # no target, no version
+        (b"GET / FTP/1.0\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1 extra\r\n\r\n", b"400"),
+    ],
+)
+def test_other_methods_and_malformed_request_lines_are_refused(
+    served: http01.Http01Server, request_bytes: bytes, status: bytes
+) -> None:
+    out = _raw(served.server_address[1], request_bytes)
+    assert out.startswith(b"HTTP/1.0 " + status + b" "), out
+
+
+def test_a_client_that_never_finishes_its_request_is_disconnected(
+    served: http01.Http01Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http01.Http01Server, "REQUEST_TIMEOUT_SECONDS", 0.3)
+    assert _raw(served.server_address[1], b"GET /health HTTP/1.1\r\nHost: x\r\n", wait=5) == b""
+
+
+def test_a_request_head_over_the_limit_is_disconnected_unanswered(served: http01.Http01Server) -> None:
+    long_head = b"GET /health HTTP/1.1\r\nX-Pad: " + b"a" * (http01.Http01Server.MAX_REQUEST_HEAD + 10)
+    assert _raw(served.server_address[1], long_head + b"\r\n\r\n") == b""
+    # and the server goes on answering
+    assert _raw(served.server_address[1], b"GET /health HTTP/1.0\r\n\r\n").endswith(b"\r\n\r\nok\n")
+
+
+def test_a_slow_lookup_does_not_hold_up_the_other_requests(
+    store: Store, served: http01.Http01Server, get: Get, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token whose lookup hangs (the database slow) is waited for on the lookup threads: the
+    health check and a token in the cache are answered meanwhile, from the event loop."""
+    store(GOOD)
+    assert http01.lookup(GOOD) == KEY_AUTH  # now in the cache
+    release = threading.Event()
+    real = http01._lookup_retrying
+
+    def slow(token: str) -> str | None:
+        release.wait(20)
+        return real(token)
+
+    monkeypatch.setattr(http01, "_lookup_retrying", slow)
+    port = served.server_address[1]
+    answers: list[bytes] = []
+    other = "C" * 20
+    waiting = threading.Thread(
+        target=lambda: answers.append(_raw(port, f"GET {http01.PREFIX}{other} HTTP/1.0\r\n\r\n".encode()))
+    )
+    waiting.start()
+    try:
+        assert _raw(port, b"GET /health HTTP/1.0\r\n\r\n", wait=5).endswith(b"ok\n")
+        assert _raw(port, f"GET {http01.PREFIX}{GOOD} HTTP/1.0\r\n\r\n".encode(), wait=5).endswith(
+            KEY_AUTH.encode()
+        )
+        assert answers == []  # the slow one is still waiting
+    finally:
+        release.set()
+        waiting.join(timeout=20)
+    assert answers and answers[0].startswith(b"HTTP/1.0 404 ")
+
+
+def test_requests_for_a_token_while_its_lookup_is_in_flight_share_that_lookup(
+    store: Store, served: http01.Http01Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CA's three perspectives ask for a token at the same moment, before any answer is in the
+    cache: one database lookup serves all three."""
+    store(GOOD)
+    release = threading.Event()
+    calls: list[str] = []
+    real = http01._lookup_retrying
+
+    def held(token: str) -> str | None:
+        calls.append(token)
+        release.wait(20)
+        return real(token)
+
+    monkeypatch.setattr(http01, "_lookup_retrying", held)
+    port = served.server_address[1]
+    answers: list[bytes] = []
+    ask = f"GET {http01.PREFIX}{GOOD} HTTP/1.0\r\n\r\n".encode()
+    askers = [threading.Thread(target=lambda: answers.append(_raw(port, ask))) for _ in range(3)]
+    for t in askers:
+        t.start()
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # the other two requests arrive while the first lookup is held
+    release.set()
+    for t in askers:
+        t.join(timeout=20)
+    assert calls == [GOOD]
+    assert len(answers) == 3 and all(a.endswith(b"\r\n\r\n" + KEY_AUTH.encode()) for a in answers)
+
+
+def test_a_shutdown_before_the_server_runs_stops_it_at_once(db_settings: Settings) -> None:
+    """``shutdown`` may come before ``serve_forever`` has started (a signal at start-up): it
+    returns, and ``serve_forever`` then returns at once instead of serving forever."""
+    srv = http01.serve("127.0.0.1", 0)
+    srv.shutdown()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    srv.server_close()
 
 
 def test_health_and_other_paths(get: Get, caplog: pytest.LogCaptureFixture) -> None:
