@@ -142,7 +142,8 @@ class Http01Server:
     REQUEST_TIMEOUT_SECONDS = 10.0
     #: a longer request head (request line and headers) is disconnected unanswered
     MAX_REQUEST_HEAD = 16384
-    LOOKUP_THREADS = 16
+    #: lookups at once: within the process's pool of ``database.pool_size`` connections (5)
+    LOOKUP_THREADS = 4
 
     def __init__(self, server_address: tuple[str, int]) -> None:
         host, port = server_address
