@@ -110,6 +110,16 @@ class _NewOrder(messages.NewOrder):
 KEY_REFUSED_CODES = frozenset({"malformed", "unauthorized"})
 
 
+class _NoHttpAuth(requests.auth.AuthBase):
+    """ACME requests carry their own authentication (the JWS signature): no HTTP credential is
+    added to them. Set as the session's ``auth``, it also stops requests from looking for one in
+    ``~/.netrc`` on every request (an ``expanduser`` and a ``stat`` each: about 1% of the acme
+    workers' samples)."""
+
+    def __call__(self, r: Any) -> Any:
+        return r
+
+
 class _EnvReadOnceSession(requests.Session):
     """A ``requests.Session`` that reads the proxy and CA-bundle environment once per host, not on
     every request. requests' own ``merge_environment_settings`` scans ``os.environ`` twice per
@@ -122,6 +132,7 @@ class _EnvReadOnceSession(requests.Session):
 
     def __init__(self) -> None:
         super().__init__()
+        self.auth = _NoHttpAuth()
         self._env_proxies: dict[tuple[str, str, str | None], dict[str, str]] = {}
         self._env_bundle: str | bool | None = False  # False: not read yet
 

@@ -66,3 +66,52 @@ def test_the_client_network_uses_it_with_acme_s_adapter() -> None:
     # the adapter acme mounted (its retries) is the one requests go through
     assert net.session.get_adapter("https://acme.example.org/") is net.session.adapters["https://"]
     assert type(net.session.adapters["https://"]).__name__ == "HTTPAdapter"
+
+
+def test_no_http_credential_is_sent_and_netrc_is_not_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """ACME requests are signed (JWS): a ``~/.netrc`` entry for the CA's host is neither looked up
+    on each request nor sent, where plain requests would send it as Basic auth."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen: list[str | None] = []
+
+    class Echo(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            return
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    srv = HTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/acme/order/1"
+        lookups: list[object] = []
+        real = requests.sessions.get_netrc_auth
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            lookups.append(args)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(requests.sessions, "get_netrc_auth", counting)
+        with requests.Session() as plain:
+            plain.get(url, timeout=10)
+        assert seen[-1] is not None and seen[-1].startswith("Basic ") and len(lookups) == 1
+        s = _EnvReadOnceSession()
+        for _ in range(3):
+            assert s.get(url, timeout=10).status_code == 204
+        assert seen[1:] == [None, None, None]
+        assert len(lookups) == 1  # only plain requests' own lookup
+    finally:
+        srv.shutdown()
+        srv.server_close()
