@@ -166,6 +166,23 @@ def goroutine_summary(dump: str) -> dict[str, Any]:
     return {"goroutines": sum(states.values()), "by_state": states, "top_waits": top}
 
 
+#: Pebble 2.4.0's memory-store lock cycle (TEST-SERVERS.md, docs/performance.md): nearly every
+#: goroutine waits on a mutex, and none of them gets it again
+DEADLOCK_MIN_GOROUTINES = 50
+DEADLOCK_SHARE = 0.8
+
+
+def pebble_deadlocked(summary: dict[str, Any] | None) -> bool:
+    """Whether a goroutine summary (:func:`goroutine_summary`) shows Pebble deadlocked: at least
+    ``DEADLOCK_MIN_GOROUTINES`` goroutines, ``DEADLOCK_SHARE`` of them waiting on a mutex
+    (``semacquire``). An idle or merely busy Pebble has a few goroutines in ``IO wait`` instead."""
+    if not summary:
+        return False
+    total = int(summary.get("goroutines") or 0)
+    waiting = int((summary.get("by_state") or {}).get("semacquire", 0))
+    return total >= DEADLOCK_MIN_GOROUTINES and waiting >= DEADLOCK_SHARE * total
+
+
 def redis_depths(url: str) -> dict[str, Any]:
     import redis as redis_lib
 

@@ -120,6 +120,8 @@ class RunReport:
     #: load average before and after each single case (throughput runs keep theirs per repetition)
     loadavg: dict[str, Any] = field(default_factory=dict)
     stamp: str = field(default_factory=lambda: dt.datetime.now().strftime("%Y-%m-%d-%H%M%S"))
+    #: runs left out of the table because the test CA deadlocked (each run once more in its place)
+    discarded: list[CaseResult] = field(default_factory=list)
 
     def case(self, name: str) -> CaseResult | None:
         return next((c for c in self.cases if c.name == name), None)
@@ -164,6 +166,10 @@ class RunReport:
             "ratios": self.ratios(rows),
             "sections": self.sections,
             "loadavg": self.loadavg,
+            "discarded_runs": [
+                {**r.summary(), "rep": r.rep, "why": "Pebble 2.4.0 deadlocked (its goroutine dump)"}
+                for r in self.discarded
+            ],
         }
 
     def write(self, directory: Path = RESULTS_DIR, stamp: str | None = None) -> Path:
