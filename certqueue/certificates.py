@@ -300,12 +300,13 @@ def store_issuance(
     added, its id given at the caller's next flush (a batch stores many, then flushes once)."""
     from certqueue import crypto
 
-    pems = crypto.split_pem_chain(fullchain_pem)
-    if not pems:
+    parsed = crypto.load_certificates(fullchain_pem)  # parsed once: the checks below take the leaf
+    if not parsed:
         raise InvalidInput("no certificate in the chain", field="certificate_pem")
+    pems = [crypto.cert_to_pem(c) for c in parsed]
     leaf_pem, chain = pems[0], "".join(pems[1:])
-    info = crypto.cert_info(leaf_pem)
-    if key_pem is not None and not crypto.key_matches_certificate(key_pem, leaf_pem):
+    info = crypto.cert_info(parsed[0])
+    if key_pem is not None and not crypto.key_matches_certificate(key_pem, parsed[0]):
         raise InvalidInput("the private key does not match the certificate", field="private_key_pem")
     key_enc = (
         keystore(settings).encrypt(key_pem, issuance_aad(cert.id, info.fingerprint_sha256))

@@ -263,13 +263,18 @@ def cert_info(pem: str | bytes | x509.Certificate) -> CertInfo:
     )
 
 
-def key_matches_certificate(key_pem: str | bytes, cert_pem: str | bytes) -> bool:
-    """True when the private key is the one for the leaf (first certificate) of ``cert_pem``.
+def key_matches_certificate(key_pem: str | bytes, cert_pem: str | bytes | x509.Certificate) -> bool:
+    """True when the private key is the one for the leaf (first certificate) of ``cert_pem`` (or
+    for ``cert_pem`` itself, parsed already).
 
     Targets check this before deploying: moto's ACM does not, and a mismatched pair is an outage.
     """
     key = load_private_key(key_pem)
-    cert = load_certificates(cert_pem, field="certificate")[0]
+    cert = (
+        cert_pem
+        if isinstance(cert_pem, x509.Certificate)
+        else load_certificates(cert_pem, field="certificate")[0]
+    )
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
 
