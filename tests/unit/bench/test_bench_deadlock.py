@@ -15,7 +15,7 @@ import pytest
 
 from bench import cli, diag
 from bench.cases import Contender
-from bench.report import CaseResult
+from bench.report import CaseResult, RunReport
 
 DATA = Path(__file__).parent / "data"
 
@@ -42,22 +42,16 @@ def test_an_idle_or_busy_pebble_is_not_a_deadlock(summary: dict[str, Any] | None
     assert not diag.pebble_deadlocked(summary)
 
 
-def _args(reps: int) -> argparse.Namespace:
-    sizes = {"n": 10, "dns_n": 1, "latency_n": 1, "scan_rows": 1, "storm": 1}
-    return argparse.Namespace(
-        case_list=["issue"], layouts=[(2, 4)], cq_env_map={}, reps=reps, out=None, **sizes
-    )
-
-
-def test_a_deadlocked_run_is_kept_apart_and_run_again(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    outcomes = iter([True, False, False])  # round 1 deadlocks, its rerun and round 2 do not
+def _run(
+    stuck_runs: list[bool], reps: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[RunReport, int]:
+    """``cli.run`` over one fake contender whose runs deadlock as ``stuck_runs`` says (the last
+    value repeats): the report, and how many runs were made."""
     calls: list[int] = []
 
     def run_once() -> CaseResult:
+        stuck = stuck_runs[min(len(calls), len(stuck_runs) - 1)]
         calls.append(1)
-        stuck = next(outcomes)
         r = CaseResult(name="certqueue 2x4", group="http-01", n=10, ok=3 if stuck else 10)
         r.status = "stalled" if stuck else "ok"
         r.wall_s = 1.0
@@ -70,8 +64,19 @@ def test_a_deadlocked_run_is_kept_apart_and_run_again(
         cases, "contenders", lambda args: [Contender("certqueue 2x4", "http-01", 10, run_once)]
     )
     monkeypatch.setattr(diag, "ROOT", tmp_path)
-    report = cli.run(_args(reps=2))
-    assert len(calls) == 3
+    sizes = {"n": 10, "dns_n": 1, "latency_n": 1, "scan_rows": 1, "storm": 1}
+    args = argparse.Namespace(
+        case_list=["issue"], layouts=[(2, 4)], cq_env_map={}, reps=reps, out=None, **sizes
+    )
+    return cli.run(args), len(calls)
+
+
+def test_a_deadlocked_run_is_kept_apart_and_run_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # round 1 deadlocks, its rerun and round 2 do not
+    report, calls = _run([True, False, False], 2, monkeypatch, tmp_path)
+    assert calls == 3
     assert [c.status for c in report.cases] == ["ok", "ok"] and [c.rep for c in report.cases] == [0, 1]
     (gone,) = report.discarded
     assert gone.status == "stalled" and gone.rep == 0
@@ -84,23 +89,7 @@ def test_a_run_that_deadlocks_every_time_is_reported_as_stalled(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """After DEADLOCK_RERUNS more tries the last run stands, stalled: the table never hides it."""
-    calls: list[int] = []
-
-    def run_once() -> CaseResult:
-        calls.append(1)
-        r = CaseResult(name="certqueue 2x4", group="http-01", n=10, ok=3)
-        r.status = "stalled"
-        r.wall_s = 1.0
-        r.extra["pebble_deadlock"] = True
-        return r
-
-    from bench import cases
-
-    monkeypatch.setattr(
-        cases, "contenders", lambda args: [Contender("certqueue 2x4", "http-01", 10, run_once)]
-    )
-    monkeypatch.setattr(diag, "ROOT", tmp_path)
-    report = cli.run(_args(reps=1))
-    assert len(calls) == 1 + cli.DEADLOCK_RERUNS
+    report, calls = _run([True], 1, monkeypatch, tmp_path)
+    assert calls == 1 + cli.DEADLOCK_RERUNS
     assert [c.status for c in report.cases] == ["stalled"]
     assert len(report.discarded) == cli.DEADLOCK_RERUNS
