@@ -5,27 +5,40 @@ challenges are presented, removed when it finishes, read by every ``certqueue tl
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.orm import Session
 
-from certqueue.models import Challenge, TlsAlpn01Token
+from certqueue.models import Challenge, TlsAlpn01Token, utcnow
+
+_TOKENS = cast(Table, TlsAlpn01Token.__table__)
 
 
-def present_tls_alpn01(session: Session, ch: Challenge, key_authorization: str, expires: dt.datetime) -> None:
-    """Make ``ch`` answerable by the responders (in the caller's transaction; ``ch`` is flushed)."""
-    session.add(
-        TlsAlpn01Token(
-            token=str(ch.token),
-            identifier=ch.identifier,
-            key_authorization=key_authorization,
-            certificate_id=ch.certificate_id,
-            challenge_id=ch.id,
-            expires_at=expires,
-        )
+def present_tls_alpn01(
+    session: Session, presented: list[tuple[Challenge, str]], expires: dt.datetime
+) -> None:
+    """Make the challenges answerable by the responders, in the caller's transaction: one
+    multi-row INSERT of their tokens. Each challenge has its id (it is written) and its key
+    authorization beside it; it is ``presented`` already (``pipeline.build_challenges``)."""
+    if not presented:
+        return
+    now = utcnow()
+    session.execute(
+        insert(_TOKENS),
+        [
+            {
+                "token": str(ch.token),
+                "identifier": ch.identifier,
+                "key_authorization": key_authorization,
+                "certificate_id": ch.certificate_id,
+                "challenge_id": ch.id,
+                "created_at": now,
+                "expires_at": expires,
+            }
+            for ch, key_authorization in presented
+        ],
     )
-    ch.status = "presented"
 
 
 def remove_tls_alpn01(session: Session, order_id: int) -> None:

@@ -499,30 +499,12 @@ _CHALLENGE_COLUMNS = (
 
 def write_challenges(session: Session, built: list[tuple[Challenge, str]], settings: Any) -> None:
     """Insert built challenges (of one order or of many: one multi-row INSERT either way, its ids
-    returned and set on the built objects), then their HTTP-01 tokens (one more). Core statements,
-    not the ORM's unit of work: the built challenges are read afterwards (their ids, types and
-    statuses), never changed through the session. An order with TLS-ALPN-01 names takes the ORM's
-    way, which its tokens' writer needs (``challenge_tokens.present_tls_alpn01``)."""
+    returned and set on the built objects), then their HTTP-01 and TLS-ALPN-01 tokens (one more
+    each). Core statements, not the ORM's unit of work: the built challenges are read afterwards
+    (their ids, types and statuses), never changed through the session."""
     if not built:
         return
     expires = utcnow() + dt.timedelta(seconds=settings.automation.order_timeout_seconds + 600)
-    if any(ch.type == "tls-alpn-01" for ch, _ in built):
-        session.add_all([ch for ch, _ in built])
-        session.flush()  # the challenges' ids, for their tokens
-        for ch, key_authorization in built:
-            if ch.type == "http-01":
-                session.add(
-                    Http01Token(
-                        token=ch.token,
-                        key_authorization=key_authorization,
-                        certificate_id=ch.certificate_id,
-                        challenge_id=ch.id,
-                        expires_at=expires,
-                    )
-                )
-            elif ch.type == "tls-alpn-01":
-                challenge_tokens.present_tls_alpn01(session, ch, key_authorization, expires)
-        return
     now = utcnow()
     rows = []
     for ch, _ in built:
@@ -531,6 +513,7 @@ def write_challenges(session: Session, built: list[tuple[Challenge, str]], setti
         rows.append(row)
     ids = session.execute(_INSERT_CHALLENGES, rows).scalars().all()
     tokens = []
+    tls_alpn: list[tuple[Challenge, str]] = []
     for (ch, key_authorization), ch_id in zip(built, ids, strict=True):
         ch.id, ch.created_at, ch.updated_at = ch_id, now, now
         if ch.type == "http-01":
@@ -543,8 +526,11 @@ def write_challenges(session: Session, built: list[tuple[Challenge, str]], setti
                     "expires_at": expires,
                 }
             )
+        elif ch.type == "tls-alpn-01":
+            tls_alpn.append((ch, key_authorization))
     if tokens:
         session.execute(insert(_HTTP01_TOKENS), tokens)
+    challenge_tokens.present_tls_alpn01(session, tls_alpn, expires)
 
 
 _limiter_cache: dict[str, RateLimiter] = {}
