@@ -59,20 +59,26 @@ _found_lock = threading.Lock()
 def lookup(token: str) -> str | None:
     if not TOKEN_RE.fullmatch(token):
         return None
-    hit = _found.get(token)
-    if hit is not None and hit[2] > time.monotonic():
-        key_authorization, expires_at, _ = hit
-    else:
+    hit = _live_entry(token)
+    if hit is None:
         with _reader().connect() as conn:
             row = conn.execute(_LOOKUP, {"token": token}).first()
         if row is None:
             _found.pop(token, None)
             return None
-        key_authorization, expires_at = str(row.key_authorization), row.expires_at
-        _remember(token, key_authorization, expires_at)
-    if expires_at <= utcnow():
-        return None
-    return key_authorization
+        hit = _remember(token, str(row.key_authorization), row.expires_at)
+    return _served(hit)
+
+
+def _live_entry(token: str) -> tuple[str, dt.datetime, float] | None:
+    """The cache's entry for ``token`` while its seconds last (its row may have expired)."""
+    hit = _found.get(token)
+    return hit if hit is not None and hit[2] > time.monotonic() else None
+
+
+def _served(entry: tuple[str, dt.datetime, float]) -> str | None:
+    """The entry's key authorization, unless its row has expired."""
+    return entry[0] if entry[1] > utcnow() else None
 
 
 def _reader() -> Engine:
@@ -84,7 +90,7 @@ def _reader() -> Engine:
     return engine
 
 
-def _remember(token: str, key_authorization: str, expires_at: dt.datetime) -> None:
+def _remember(token: str, key_authorization: str, expires_at: dt.datetime) -> tuple[str, dt.datetime, float]:
     now = time.monotonic()
     with _found_lock:
         if len(_found) >= FOUND_MAX:
@@ -92,7 +98,8 @@ def _remember(token: str, key_authorization: str, expires_at: dt.datetime) -> No
                 del _found[old]
             if len(_found) >= FOUND_MAX:
                 _found.clear()
-        _found[token] = (key_authorization, expires_at, now + FOUND_TTL_SECONDS)
+        entry = _found[token] = (key_authorization, expires_at, now + FOUND_TTL_SECONDS)
+    return entry
 
 
 def forget_found() -> None:
@@ -258,10 +265,8 @@ class Http01Server:
 
 def _cached(token: str) -> str | None:
     """The key authorization of a token found within the last seconds and not expired, if any."""
-    hit = _found.get(token)
-    if hit is None or hit[2] <= time.monotonic() or hit[1] <= utcnow():
-        return None
-    return hit[0]
+    hit = _live_entry(token)
+    return _served(hit) if hit is not None else None
 
 
 _date: tuple[int, str] = (0, "")
