@@ -17,7 +17,7 @@ from typing import Any, Literal, cast
 
 from celery import chain, signature
 from celery.canvas import Signature
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Engine, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from certqueue import certificates, challenge_tokens, crypto, events, failpoints, intents, solvers
@@ -33,7 +33,7 @@ from certqueue.acme.ratelimit import (
     rate_limiter_for,
 )
 from certqueue.config import get_settings
-from certqueue.db import get_engine, is_postgres, lock_certificate
+from certqueue.db import is_postgres, lock_certificate
 from certqueue.errors import CertqueueError, PermanentError, RateLimited
 from certqueue.lifecycle import states
 from certqueue.lifecycle.failure import MAX_RATE_LIMIT_BLOCK, clamp_retry_after
@@ -778,7 +778,8 @@ def _place_order(
         while True:
             try:
                 if apart:
-                    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    engine = cast(Engine, session.get_bind())  # the session's own database
+                    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                         conn.execute(_STORE_ORDER_URL, values)
                 else:
                     session.execute(_STORE_ORDER_URL, values)
