@@ -396,12 +396,11 @@ def run_certqueue_timed(
     result.loadavg_after = os.getloadavg()
     cpu = meter.stop()
     if status in ("stalled", "timeout") and cs.artifacts is not None:
-        from bench.diag import pebble_deadlocked as diag_deadlocked
-        from bench.diag import stall_snapshot
+        from bench.diag import pebble_deadlocked, stall_snapshot
 
         snap = stall_snapshot(cs, cs.artifacts, why=f"{status}: {done}/{n} active")
         result.extra["stall_snapshot"] = {k: snap.get(k) for k in ("db", "queues", "ca_orders")}
-        result.extra["pebble_deadlock"] = diag_deadlocked(snap.get("pebble_goroutines"))
+        result.extra["pebble_deadlock"] = pebble_deadlocked(snap.get("pebble_goroutines"))
     lat, last_active = latencies(ids)
     result.ok = done
     result.status = status
