@@ -54,10 +54,23 @@ def store(db_settings: Settings) -> Store:
 
 
 @pytest.fixture
-def get(db_settings: Settings) -> Iterator[Get]:
-    """GET a path from a real responder on a free port: (status, content type, body)."""
+def served(db_settings: Settings) -> Iterator[http01.Http01Server]:
+    """A real responder on a free port, serving in its thread until the test ends."""
     srv, thread = http01.start_in_thread("127.0.0.1", 0)
-    port = srv.server_address[1]
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    # checked after the shutdown (a failing check must not leave it running): a named daemon
+    # thread, so the responder never keeps a stopping process alive
+    assert thread.daemon and thread.name == "http01"
+
+
+@pytest.fixture
+def get(served: http01.Http01Server) -> Get:
+    """GET a path from the real responder: (status, content type, body)."""
+    port = served.server_address[1]
 
     def fetch(path: str) -> tuple[int, str, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -70,16 +83,9 @@ def get(db_settings: Settings) -> Iterator[Get]:
         finally:
             conn.close()
 
-    # serving before the test starts (a thread that does not serve would hang the shutdown below)
+    # serving before the test starts (a thread that does not serve would hang the shutdown)
     assert fetch("/health")[0] == 200
-    yield fetch
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
-    assert not thread.is_alive()
-    # checked after the shutdown (a failing check must not leave it running): a named daemon
-    # thread, so the responder never keeps a stopping process alive
-    assert thread.daemon and thread.name == "http01"
+    return fetch
 
 
 def test_a_stored_live_token_is_served_with_its_key_authorization(store: Store, get: Get) -> None:
@@ -228,15 +234,6 @@ def _raw(port: int, data: bytes, *, wait: float = 10.0) -> bytes:
         return out
 
 
-@pytest.fixture
-def served(db_settings: Settings) -> Iterator[http01.Http01Server]:
-    srv, thread = http01.start_in_thread("127.0.0.1", 0)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
-
-
 def test_head_gets_the_headers_and_no_body(store: Store, served: http01.Http01Server) -> None:
     store(GOOD)
     port = served.server_address[1]
@@ -277,7 +274,7 @@ def test_a_request_head_over_the_limit_is_disconnected_unanswered(served: http01
 
 
 def test_a_slow_lookup_does_not_hold_up_the_other_requests(
-    store: Store, served: http01.Http01Server, get: Get, monkeypatch: pytest.MonkeyPatch
+    store: Store, served: http01.Http01Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A token whose lookup hangs (the database slow) is waited for on the lookup threads: the
     health check and a token in the cache are answered meanwhile, from the event loop."""
